@@ -1,0 +1,159 @@
+"""The one config tree of coca_jax, built from a variant's numbers.
+
+Config files under `configs/` call `coca_config(...)` with the numbers of one row of
+Table 1 of the CoCa paper (arXiv 2205.01917) and may change any leaf afterwards. Every
+default a test or the demo relies on lives here or in those files.
+
+Config-file argument (`--config=configs/base.py:ARG`): comma-separated switches
+  bf16      compute in bfloat16 (params and optimizer state stay float32)
+  f32       compute in float32 (the default)
+  parallel  poolers in "parallel" mode instead of the paper's "cascade"
+  res576    the paper's final high-resolution epoch: 576px images, same patch size
+"""
+
+import ml_collections
+
+from coca_jax.data import config as data_config
+
+# Logical axis -> mesh axes. FSDP shards `embed` over "fsdp"; tensor parallelism shards
+# `mlp`, `heads` and `vocab` over "tensor"; the batch is split over ("data", "fsdp").
+# Unlisted logical names (and `None`) are replicated.
+SHARDING_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+    ("layers", None),
+    ("queries", None),
+    ("patch", None),
+    ("norm", None),
+)
+
+SWITCHES = ("bf16", "f32", "parallel", "res576")
+
+
+def coca_config(
+    *,
+    width: int,
+    heads: int,
+    vision_layers: int,
+    vision_mlp: int,
+    unimodal_layers: int,
+    multimodal_layers: int,
+    text_mlp: int,
+    image_size: int = 288,
+    patch_size: int = 18,
+    vocab_size: int = 64_000,
+    max_text_len: int = 64,
+    caption_queries: int = 256,
+    arg: str | None = None,
+) -> ml_collections.ConfigDict:
+  """Returns the full config for one CoCa variant; `arg` holds the switches above."""
+  c = ml_collections.ConfigDict()
+
+  # ---- model (Table 1; hidden width and heads are shared by encoder and decoder) ----
+  c.model = m = ml_collections.ConfigDict()
+  m.width = width
+  m.heads = heads
+  m.embed_dim = width  # width of the shared contrastive embedding space
+  m.dtype = "float32"  # compute dtype; params are always float32
+  m.remat_policy = "nothing_saveable"  # see coca_jax/models/layers.py REMAT_POLICIES
+  m.scan_layers = True
+  m.layer_norm_eps = 1e-6
+  m.vision = ml_collections.ConfigDict(
+      dict(
+          image_size=image_size,
+          patch_size=patch_size,
+          layers=vision_layers,
+          mlp_dim=vision_mlp,
+          pos_embedding="learned",  # "learned" or "sincos"
+      )
+  )
+  m.pooler = ml_collections.ConfigDict(
+      dict(contrastive_queries=1, caption_queries=caption_queries, mode="cascade")
+  )
+  m.text = ml_collections.ConfigDict(
+      dict(
+          vocab_size=vocab_size,
+          max_len=max_text_len,
+          unimodal_layers=unimodal_layers,
+          multimodal_layers=multimodal_layers,
+          mlp_dim=text_mlp,
+      )
+  )
+  # Learnable temperature tau, stored as log(1/tau) and clipped so that
+  # tau stays in [1/100, 1] (CLIP's clip of the logit scale at 100).
+  m.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.01, max=1.0))
+
+  # ---- loss (Section 3.3: L = lambda_con * L_con + lambda_cap * L_cap) ----
+  c.loss = ml_collections.ConfigDict(dict(contrastive_weight=1.0, caption_weight=2.0))
+
+  # ---- optimizer (Section 4.1: Adafactor, beta1 0.9, beta2 0.999, wd 0.01) ----
+  c.optim = ml_collections.ConfigDict(
+      dict(
+          lr=8e-4,
+          warmup_fraction=0.02,
+          decay="linear",  # "linear" or "cosine", to end_lr_fraction * lr
+          end_lr_fraction=0.0,
+          beta1=0.9,
+          beta2=0.999,
+          weight_decay=0.01,
+          # Substrings of parameter paths that get no weight decay.
+          no_decay=("bias", "scale", "temperature", "pos_embedding", "cls_embedding"),
+          update_clip=1.0,  # Adafactor's update clipping threshold
+          grad_clip_norm=0.0,  # global-norm gradient clipping; 0 disables
+          factored_min_dim=128,
+      )
+  )
+
+  # ---- training loop ----
+  c.train = ml_collections.ConfigDict(
+      dict(
+          steps=500_000,
+          seed=0,
+          grad_accum_steps=1,
+          log_every=100,
+          eval_every=5_000,
+          eval_steps=10,
+          checkpoint_every=1_000,
+          keep_checkpoints=3,
+          export_dtype="bfloat16",
+          # Device peak FLOP/s for MFU when the device kind is not in the table of
+          # coca_jax/flops.py; 0 means "look it up".
+          peak_flops=0.0,
+      )
+  )
+
+  # ---- data ----
+  c.data = data_config.get_config()
+  c.data.global_batch_size = 65_536
+  # One source of truth: the pipeline reads the model's image size and text length.
+  c.data.image_size = m.vision.get_ref("image_size")
+  c.data.max_text_len = m.text.get_ref("max_len")
+
+  # ---- mesh and sharding ----
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.sharding_rules = SHARDING_RULES
+
+  # ---- evaluation (issue "evaluation"; periodic evals during training) ----
+  c.eval = ml_collections.ConfigDict()
+
+  _apply_switches(c, arg)
+  return c
+
+
+def _apply_switches(c: ml_collections.ConfigDict, arg: str | None) -> None:
+  for switch in filter(None, (arg or "").split(",")):
+    if switch == "bf16":
+      c.model.dtype = "bfloat16"
+    elif switch == "f32":
+      c.model.dtype = "float32"
+    elif switch == "parallel":
+      c.model.pooler.mode = "parallel"
+    elif switch == "res576":
+      c.model.vision.image_size = 576
+    else:
+      raise ValueError(f"unknown config switch {switch!r}; known: {', '.join(SWITCHES)}")
