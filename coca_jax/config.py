@@ -28,6 +28,7 @@ SHARDING_RULES = (
     ("length", None),
     ("layers", None),
     ("queries", None),
+    ("joint", None),
     ("patch", None),
     ("norm", None),
 )
@@ -44,6 +45,7 @@ def coca_config(
     unimodal_layers: int,
     multimodal_layers: int,
     text_mlp: int,
+    embed_dim: int,
     image_size: int = 288,
     patch_size: int = 18,
     vocab_size: int = 64_000,
@@ -58,7 +60,7 @@ def coca_config(
   c.model = m = ml_collections.ConfigDict()
   m.width = width
   m.heads = heads
-  m.embed_dim = width  # width of the shared contrastive embedding space
+  m.embed_dim = embed_dim  # width of the joint image-text embedding space
   m.dtype = "float32"  # compute dtype; params are always float32
   m.remat_policy = "nothing_saveable"  # see coca_jax/models/layers.py REMAT_POLICIES
   m.scan_layers = True

@@ -1,0 +1,71 @@
+"""CoCa's losses (Section 3.3): pure functions of arrays.
+
+Legend: B global batch, E joint embedding width, T text length, V vocabulary.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from coca_jax import sharding
+
+
+def contrastive_logits(image_embedding: jax.Array, text_embedding: jax.Array, temperature) -> jax.Array:
+  """[B, E] x [B, E] -> [B, B] float32 logits image_i . text_j / tau.
+
+  Under a mesh both embeddings are sharded over the batch; the text side is
+  constrained to be replicated so GSPMD all-gathers the (small) text embeddings and
+  every image is scored against every text of the GLOBAL batch. Images are never
+  gathered.
+  """
+  text_embedding = sharding.constrain(text_embedding, (None, None))
+  logits = jnp.einsum(
+      "ie,je->ij", image_embedding, text_embedding, preferred_element_type=jnp.float32
+  )
+  return sharding.constrain(logits / temperature, ("batch", None))
+
+
+def contrastive_loss(image_embedding, text_embedding, temperature) -> tuple[jax.Array, jax.Array]:
+  """Symmetric InfoNCE: mean of image->text and text->image softmax cross-entropy.
+
+  Pair i is (image i, text i); every other example of the batch is a negative.
+  Returns (loss scalar, image->text top-1 accuracy scalar).
+  """
+  logits = contrastive_logits(image_embedding, text_embedding, temperature)
+  labels = jnp.arange(logits.shape[0])
+  image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
+  return 0.5 * (image_to_text + text_to_image), accuracy
+
+
+def captioning_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
+  """Next-token cross-entropy, averaged over real tokens of the whole batch.
+
+  logits [B, T, V] float32; labels, mask [B, T]. The sum over all unmasked tokens is
+  divided by their count (token-level mean, as in T5X), so long captions weigh more
+  than short ones and padding counts for nothing.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict]:
+  """L = contrastive_weight * L_con + caption_weight * L_cap (1.0 and 2.0 in the paper).
+
+  Args:
+    outputs: `CoCa.__call__` outputs.
+    batch: {"text": {"labels", "mask": [B, T]}, ...}.
+    loss_config: `config.loss`.
+  Returns:
+    (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"}).
+  """
+  con, accuracy = contrastive_loss(
+      outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
+  )
+  cap = captioning_loss(outputs["logits"], batch["text"]["labels"], batch["text"]["mask"])
+  loss = loss_config.contrastive_weight * con + loss_config.caption_weight * cap
+  return loss, dict(
+      loss=loss, contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy
+  )

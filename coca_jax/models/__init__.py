@@ -1,0 +1,1 @@
+"""Flax NNX modules of CoCa; math lives in pure functions (layers, losses, decode)."""

@@ -1,0 +1,109 @@
+"""The CoCa model (Yu et al. 2022, arXiv 2205.01917).
+
+Legend: B batch, H/W image size, N image tokens, Q caption-pooler queries (256 in the
+paper), T text length, D width, E joint embedding width, V vocabulary.
+
+    image -> ViT -> tokens [B,N,D] -> caption pooler -> caption tokens [B,Q,D]
+                                        -> contrastive pooler ("cascade": reads the
+                                           caption tokens; "parallel": reads [B,N,D])
+                                        -> [B,1,D] -> projection -> image embedding [B,E]
+    text  -> unimodal decoder (+[CLS]) -> [CLS] -> projection -> text embedding [B,E]
+          -> multimodal decoder (cross-attends caption tokens) -> logits [B,T,V]
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from coca_jax.models import layers
+from coca_jax.models.pooler import AttentionalPooler
+from coca_jax.models.text import TextDecoder
+from coca_jax.models.vit import VisionEncoder
+
+POOLER_MODES = ("cascade", "parallel")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), eps * eps))
+
+
+class CoCa(nnx.Module):
+  """Image encoder, two attentional poolers, text decoder, learnable temperature."""
+
+  def __init__(self, model_config, *, rngs: nnx.Rngs):
+    cfg = model_config
+    if cfg.pooler.mode not in POOLER_MODES:
+      raise ValueError(f"config.model.pooler.mode={cfg.pooler.mode!r}; use one of {POOLER_MODES}")
+    dtype = jnp.dtype(cfg.dtype)
+    width, heads, eps = cfg.width, cfg.heads, cfg.layer_norm_eps
+    self.pooler_mode = cfg.pooler.mode
+    self.vision = VisionEncoder(cfg, rngs=rngs)
+    self.caption_pooler = AttentionalPooler(
+        cfg.pooler.caption_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+    )
+    self.contrastive_pooler = AttentionalPooler(
+        cfg.pooler.contrastive_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+    )
+    self.image_projection = layers.Dense(
+        width, cfg.embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, use_bias=False, f32_output=True
+    )
+    self.text = TextDecoder(cfg, rngs=rngs)
+    self.text_projection = layers.Dense(
+        width, cfg.embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, use_bias=False, f32_output=True
+    )
+    t = cfg.temperature
+    if not 0 < t.min <= t.init <= t.max:
+      raise ValueError(f"config.model.temperature needs 0 < min <= init <= max, got {dict(t)}")
+    # Stored as log(1/tau) (CLIP's logit scale) so the optimizer moves it multiplicatively.
+    self.log_inv_temperature = nnx.Param(jnp.asarray(np.log(1.0 / t.init), jnp.float32), out_sharding=())
+    self.log_inv_temperature_range = (float(np.log(1.0 / t.max)), float(np.log(1.0 / t.min)))
+
+  def temperature(self) -> jax.Array:
+    """tau, a float32 scalar in [config min, config max]."""
+    low, high = self.log_inv_temperature_range
+    return jnp.exp(-jnp.clip(self.log_inv_temperature[...], low, high))
+
+  def encode_image(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """image [B, H, W, 3] -> (L2-normalised image embedding [B, E] f32, caption tokens [B, Q, D])."""
+    tokens = self.vision(image)
+    caption_tokens = self.caption_pooler(tokens)
+    pooled = self.contrastive_pooler(caption_tokens if self.pooler_mode == "cascade" else tokens)
+    # With more than one contrastive query (an ablation of the paper) average them.
+    image_embedding = self.image_projection(pooled.mean(axis=1))
+    return l2_normalize(image_embedding), caption_tokens
+
+  def encode_text(self, text_ids: jax.Array, text_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """ids, mask [B, T] -> (L2-normalised text embedding [B, E] f32, unimodal tokens [B, T, D])."""
+    text_tokens, cls = self.text.unimodal_forward(text_ids, text_mask)
+    return l2_normalize(self.text_projection(cls)), text_tokens
+
+  def caption_logits(self, unimodal_tokens, caption_tokens, text_mask) -> jax.Array:
+    """Multimodal decoder: -> next-token logits [B, T, V] float32."""
+    return self.text.multimodal_forward(unimodal_tokens, caption_tokens, text_mask)
+
+  def __call__(self, batch: dict) -> dict:
+    """batch: {"image": [B,H,W,3], "text": {"ids", "mask": [B,T]}} -> model outputs.
+
+    Returns {"image_embedding": [B,E], "text_embedding": [B,E], "logits": [B,T,V],
+    "temperature": scalar}.
+    """
+    image_embedding, caption_tokens = self.encode_image(batch["image"])
+    text_embedding, unimodal_tokens = self.encode_text(batch["text"]["ids"], batch["text"]["mask"])
+    logits = self.caption_logits(unimodal_tokens, caption_tokens, batch["text"]["mask"])
+    return dict(
+        image_embedding=image_embedding,
+        text_embedding=text_embedding,
+        logits=logits,
+        temperature=self.temperature(),
+    )
+
+
+def build(model_config, seed: int = 0) -> CoCa:
+  """Constructs CoCa with sharding names recorded as metadata, not applied eagerly.
+
+  Shardings are applied by `coca_jax.sharding` from the abstract state, so the same
+  constructor serves eval_shape, single-device tests and sharded initialisation.
+  """
+  with nnx.use_eager_sharding(False):
+    return CoCa(model_config, rngs=nnx.Rngs(seed))

@@ -1,0 +1,281 @@
+"""Transformer building blocks: dense, attention (self / cross / causal, KV cache), MLP.
+
+Legend: B batch, T query length, S key length, D width, H heads, K head width
+(D = H * K), F MLP width, L stacked layers.
+
+Parameters are float32 and carry logical axis names (`embed`, `heads`, `kv`, `mlp`,
+`norm`, `layers`); `coca_jax.sharding` maps them to mesh axes. Computation runs in the
+configured `dtype`; softmax, norms and the attention logits run in float32.
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from coca_jax import sharding
+
+# Remat policies for the scanned layer stacks (MaxText's names). "none" keeps every
+# activation (fastest, most memory); "nothing_saveable" recomputes the whole layer in
+# the backward pass (least memory).
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None, ...]) -> nnx.Param:
+  """A float32 parameter carrying its logical axis names."""
+  if len(shape) != len(names):
+    raise ValueError(f"parameter shape {shape} and logical names {names} differ in rank")
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names)
+
+
+def fan_in_out_init(in_axis, out_axis):
+  """Glorot-uniform initialiser for kernels whose fan-in/out span several axes."""
+  return nnx.initializers.variance_scaling(
+      1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
+  )
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis of x: [..., I] -> [..., O]."""
+
+  def __init__(self, in_dim, out_dim, names, *, dtype, rngs, use_bias=True, f32_output=False):
+    self.kernel = param(rngs, fan_in_out_init(0, 1), (in_dim, out_dim), names)
+    self.bias = param(rngs, nnx.initializers.zeros, (out_dim,), names[1:]) if use_bias else None
+    self.dtype = dtype
+    self.f32_output = f32_output
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    out_dtype = jnp.float32 if self.f32_output else self.dtype
+    y = jnp.einsum(
+        "...i,io->...o",
+        x.astype(self.dtype),
+        self.kernel[...].astype(self.dtype),
+        preferred_element_type=out_dtype,
+    )
+    if self.bias is not None:
+      y = y + self.bias[...].astype(out_dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis, computed in float32, returned in `dtype`."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",))
+    self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",))
+    self.eps = eps
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    y = (x - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def dot_product_attention(q, k, v, mask):
+  """Multi-head attention weights applied to values.
+
+  Args:
+    q: [B, T, H, K] queries.
+    k: [B, S, H, K] keys.
+    v: [B, S, H, K] values.
+    mask: bool, broadcastable to [B, H, T, S]; True where a query may attend a key,
+      or None for no mask. Every query row must allow at least one key.
+  Returns:
+    [B, T, H, K] in the dtype of v.
+  """
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bthk,bshk->bhts", q, k, preferred_element_type=jnp.float32) * scale
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhts,bshk->bthk", weights, v)
+
+
+def causal_mask(query_len: int, key_len: int, query_offset=0) -> jax.Array:
+  """[1, 1, T, S] bool: query t (at absolute position offset + t) sees keys <= it."""
+  q_pos = jnp.arange(query_len)[:, None] + query_offset
+  k_pos = jnp.arange(key_len)[None, :]
+  return (k_pos <= q_pos)[None, None]
+
+
+class Attention(nnx.Module):
+  """Multi-head attention with separate query and key/value inputs.
+
+  Self-attention passes the same tokens twice; cross-attention passes the image tokens
+  as `kv_inputs`. `project_kv` is public so decoding can compute image-side keys and
+  values once per image and keep text-side keys and values in a cache.
+  """
+
+  def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+    if width % heads:
+      raise ValueError(f"width={width} is not divisible by heads={heads}")
+    head_dim = width // heads
+    qkv_init = fan_in_out_init(0, (1, 2))
+    self.query = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
+    self.key = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
+    self.value = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
+    self.query_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
+    self.key_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
+    self.value_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
+    self.out = param(rngs, fan_in_out_init((0, 1), 2), (heads, head_dim, width), ("heads", "kv", "embed"))
+    self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
+    self.dtype = dtype
+
+  def _project(self, x, kernel, bias):
+    y = jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel[...].astype(self.dtype))
+    return y + bias[...].astype(self.dtype)
+
+  def project_kv(self, kv_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, S, D] -> keys, values [B, S, H, K]."""
+    return (
+        self._project(kv_inputs, self.key, self.key_bias),
+        self._project(kv_inputs, self.value, self.value_bias),
+    )
+
+  def attend(self, inputs: jax.Array, keys, values, mask) -> jax.Array:
+    """Queries from inputs [B, T, D] attend given keys/values [B, S, H, K] -> [B, T, D]."""
+    q = self._project(inputs, self.query, self.query_bias)
+    out = dot_product_attention(q, keys, values, mask)
+    y = jnp.einsum("bthk,hkd->btd", out, self.out[...].astype(self.dtype))
+    return y + self.out_bias[...].astype(self.dtype)
+
+  def __call__(self, inputs: jax.Array, kv_inputs: jax.Array, mask=None) -> jax.Array:
+    return self.attend(inputs, *self.project_kv(kv_inputs), mask)
+
+
+class Mlp(nnx.Module):
+  """Two-layer GELU MLP: [..., D] -> [..., F] -> [..., D]."""
+
+  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+    self.up = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
+    self.down = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jax.nn.gelu(self.up(x))
+    h = sharding.constrain(h, ("batch", "length", "mlp"))
+    return self.down(h)
+
+
+class Block(nnx.Module):
+  """Pre-LayerNorm transformer block: self-attention, optional cross-attention, MLP.
+
+  With `cross_attention=True` this is a multimodal decoder layer (Section 3.2 of the
+  paper): the text attends to the captioning pooler's outputs after self-attention.
+  """
+
+  def __init__(self, width, heads, mlp_dim, *, cross_attention: bool, eps, dtype, rngs):
+    self.self_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+    self.self_attention = Attention(width, heads, dtype=dtype, rngs=rngs)
+    if cross_attention:
+      self.cross_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+      self.cross_attention = Attention(width, heads, dtype=dtype, rngs=rngs)
+    else:
+      self.cross_norm = self.cross_attention = None
+    self.mlp_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, mask=None, context=None, cache=None):
+    """One layer.
+
+    Args:
+      x: [B, T, D] tokens.
+      mask: self-attention mask, broadcastable to [B, H, T, S]; S = T without a cache,
+        S = cache length with one.
+      context: cross-attention keys/values: either [B, N, D] tokens, or a precomputed
+        (keys, values) pair of [B, N, H, K] from `Attention.project_kv`.
+      cache: None, or a dict with "key"/"value" [B, S, H, K] and "index" (scalar int32,
+        position of x[:, 0]); the new keys/values are written at `index`.
+    Returns:
+      (x [B, T, D], new cache or None).
+    """
+    h = self.self_norm(x)
+    keys, values = self.self_attention.project_kv(h)
+    if cache is not None:
+      index = cache["index"]
+      keys = jax.lax.dynamic_update_slice_in_dim(cache["key"], keys.astype(cache["key"].dtype), index, 1)
+      values = jax.lax.dynamic_update_slice_in_dim(cache["value"], values.astype(cache["value"].dtype), index, 1)
+      cache = dict(key=keys, value=values, index=index)
+    x = x + self.self_attention.attend(h, keys, values, mask)
+    if self.cross_attention is not None:
+      if context is None:
+        raise ValueError("a cross-attention block needs `context` (the image tokens)")
+      h = self.cross_norm(x)
+      if isinstance(context, tuple):
+        x = x + self.cross_attention.attend(h, *context, None)
+      else:
+        x = x + self.cross_attention(h, context)
+    x = x + self.mlp(self.mlp_norm(x))
+    return sharding.constrain(x, ("batch", "length", "embed")), cache
+
+
+class LayerStack(nnx.Module):
+  """`num_layers` identical blocks with stacked parameters, run with `lax.scan`.
+
+  Every parameter gains a leading `layers` axis, so compile time does not grow with
+  depth (as in MaxText). Each scanned layer is rematerialised by `remat_policy`.
+  """
+
+  def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, remat_policy: str, rngs):
+    if remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"config.model.remat_policy={remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(layer_rngs):
+      return make_layer(layer_rngs)
+
+    self.layers = create(rngs)
+    self.num_layers = num_layers
+    self.remat_policy = remat_policy
+
+  def __call__(self, x, mask=None, context=None, cache=None):
+    """Runs every layer over x [B, T, D].
+
+    `context` as in `Block`; a precomputed (keys, values) context has a leading layer
+    axis: [L, B, N, H, K] each. `cache` has "key"/"value" [L, B, S, H, K] and a scalar
+    "index". Returns (x [B, T, D], new cache or None).
+    """
+    graphdef, layer_params = nnx.split(self.layers)
+    per_layer_context = context if isinstance(context, tuple) else None
+    shared_context = None if isinstance(context, tuple) else context
+
+    def body(h, scanned):
+      params, layer_context, layer_cache = scanned
+      layer = nnx.merge(graphdef, params)
+      if layer_cache is not None:
+        layer_cache = dict(layer_cache, index=cache["index"])
+      h, new_cache = layer(h, mask, layer_context if layer_context is not None else shared_context, layer_cache)
+      if new_cache is not None:
+        new_cache = dict(key=new_cache["key"], value=new_cache["value"])
+      return h, new_cache
+
+    policy = REMAT_POLICIES[self.remat_policy]
+    if self.remat_policy != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+    layer_cache = None if cache is None else dict(key=cache["key"], value=cache["value"])
+    x, new_cache = jax.lax.scan(body, x, (layer_params, per_layer_context, layer_cache))
+    if new_cache is not None:
+      new_cache = dict(new_cache, index=cache["index"] + x.shape[1])
+    return x, new_cache
+
+  def precompute_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention keys/values of every layer for fixed image tokens [B, N, D].
+
+    Returns ([L, B, N, H, K], [L, B, N, H, K]); decoding computes them once per image.
+    """
+    graphdef, layer_params = nnx.split(self.layers)
+
+    def project(params):
+      layer = nnx.merge(graphdef, params)
+      return layer.cross_attention.project_kv(context)
+
+    return jax.lax.map(project, layer_params)

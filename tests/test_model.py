@@ -1,0 +1,141 @@
+"""CoCa model: shapes, parameter counts vs Table 1, causality, [CLS] and pooler wiring."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from coca_jax import params as params_lib
+from coca_jax.models import coca
+from configs import base, coca as coca_cfg, large, tiny
+
+B, T = 3, 8
+
+
+def tiny_batch(seed=0, lengths=(8, 5, 2)):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, 64, size=(B, T)).astype(np.int32)
+  mask = (np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.int32)
+  ids = np.where(mask == 1, ids, 0)
+  image = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
+  return dict(image=jnp.asarray(image), text=dict(ids=jnp.asarray(ids), mask=jnp.asarray(mask), labels=jnp.asarray(ids)))
+
+
+@pytest.fixture(scope="module")
+def model():
+  return coca.build(tiny.get_config().model, seed=0)
+
+
+def test_public_method_shapes(model):
+  batch = tiny_batch()
+  image_embedding, caption_tokens = model.encode_image(batch["image"])
+  assert image_embedding.shape == (B, 16) and image_embedding.dtype == jnp.float32
+  assert caption_tokens.shape == (B, 8, 32)  # 8 caption queries in the tiny config
+  text_embedding, unimodal_tokens = model.encode_text(batch["text"]["ids"], batch["text"]["mask"])
+  assert text_embedding.shape == (B, 16) and unimodal_tokens.shape == (B, T, 32)
+  np.testing.assert_allclose(np.linalg.norm(image_embedding, axis=-1), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(text_embedding, axis=-1), 1.0, rtol=1e-5)
+  out = model(batch)
+  assert out["logits"].shape == (B, T, 64) and out["logits"].dtype == jnp.float32
+  np.testing.assert_allclose(float(out["temperature"]), 0.07, rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  m = coca.build(tiny.get_config("bf16").model)
+  leaves = jax.tree.leaves(nnx.state(m, nnx.Param))
+  assert all(x.dtype == jnp.float32 for x in leaves)
+  out = m(tiny_batch())
+  assert out["logits"].dtype == jnp.float32
+  assert out["image_embedding"].dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+    "config_module, total, encoder, decoder",
+    [(base, 383e6, 86e6, 297e6), (large, 787e6, 303e6, 484e6)],
+)
+def test_param_counts_match_table_1(config_module, total, encoder, decoder):
+  counts = params_lib.count(config_module.get_config().model)
+  assert abs(counts["total"] - total) / total < 0.015, counts
+  assert abs(counts["image_encoder"] - encoder) / encoder < 0.02, counts
+  assert abs(counts["text_decoder"] - decoder) / decoder < 0.02, counts
+
+
+def test_param_counts_of_the_2b_model():
+  counts = params_lib.count(coca_cfg.get_config().model)
+  assert 1.0e9 <= counts["image_encoder"] < 1.1e9, counts
+  assert 1.1e9 <= counts["text_decoder"] < 1.2e9, counts
+  assert 2.1e9 <= counts["total"] < 2.25e9, counts
+  assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_caption_logits_are_causal(model):
+  batch = tiny_batch()
+  t = 4
+  changed = jax.tree.map(lambda x: x, batch)
+  changed["text"]["ids"] = batch["text"]["ids"].at[0, t].set((batch["text"]["ids"][0, t] + 7) % 64)
+  before, after = model(batch), model(changed)
+  np.testing.assert_allclose(before["logits"][0, :t], after["logits"][0, :t], atol=1e-5)
+  assert np.abs(before["logits"][0, t:] - after["logits"][0, t:]).max() > 1e-4
+  _, uni_before = model.encode_text(batch["text"]["ids"], batch["text"]["mask"])
+  _, uni_after = model.encode_text(changed["text"]["ids"], changed["text"]["mask"])
+  np.testing.assert_allclose(uni_before[0, :t], uni_after[0, :t], atol=1e-5)
+  assert np.abs(uni_before[0, t] - uni_after[0, t]).max() > 1e-4
+
+
+def test_cls_sees_every_real_token_and_no_padding(model):
+  batch = tiny_batch()
+  ids, mask = batch["text"]["ids"], batch["text"]["mask"]
+  reference, _ = model.encode_text(ids, mask)
+  length = 5  # example 1 has 5 real tokens
+  for t in range(length):
+    emb, _ = model.encode_text(ids.at[1, t].set((ids[1, t] + 5) % 64), mask)
+    assert np.abs(emb[1] - reference[1]).max() > 1e-5, f"[CLS] ignores real token {t}"
+  for t in range(length, T):
+    emb, _ = model.encode_text(ids.at[1, t].set(17), mask)
+    np.testing.assert_allclose(emb[1], reference[1], atol=1e-6, err_msg=f"[CLS] sees padding {t}")
+
+
+def test_text_embedding_does_not_depend_on_the_image(model):
+  batch = tiny_batch()
+  other = dict(batch, image=batch["image"] * -2.0 + 1.0)
+  a, b = model(batch), model(other)
+  np.testing.assert_array_equal(a["text_embedding"], b["text_embedding"])
+  assert np.abs(a["image_embedding"] - b["image_embedding"]).max() > 1e-4
+  assert np.abs(a["logits"] - b["logits"]).max() > 1e-4
+
+
+@pytest.mark.parametrize("mode", ["cascade", "parallel"])
+def test_pooler_wiring(mode):
+  config = tiny.get_config("parallel" if mode == "parallel" else None)
+  m = coca.build(config.model)
+  image = tiny_batch()["image"]
+  embedding, caption_tokens = m.encode_image(image)
+  assert embedding.shape == (B, 16) and caption_tokens.shape == (B, 8, 32)
+  # Perturb the captioning pooler: in cascade the contrastive pooler reads its output.
+  m.caption_pooler.queries[...] = m.caption_pooler.queries[...] + 1.0
+  perturbed, _ = m.encode_image(image)
+  if mode == "cascade":
+    assert np.abs(perturbed - embedding).max() > 1e-4
+  else:
+    np.testing.assert_array_equal(perturbed, embedding)
+
+
+def test_patch_size_must_divide_image_size():
+  config = tiny.get_config()
+  config.model.vision.patch_size = 5
+  with pytest.raises(ValueError, match=r"patch_size=5 does not divide image_size=16"):
+    coca.build(config.model)
+
+
+def test_unknown_remat_policy_is_a_config_error():
+  config = tiny.get_config()
+  config.model.remat_policy = "everything"
+  with pytest.raises(ValueError, match="remat_policy"):
+    coca.build(config.model)
+
+
+def test_temperature_is_clipped():
+  m = coca.build(tiny.get_config().model)
+  m.log_inv_temperature[...] = jnp.float32(np.log(1000.0))
+  np.testing.assert_allclose(float(m.temperature()), 0.01, rtol=1e-5)
