@@ -14,6 +14,7 @@ Config-file argument (`--config=configs/base.py:ARG`): comma-separated switches
 import ml_collections
 
 from coca_jax.data import config as data_config
+from coca_jax.evaluate import config as eval_config
 
 # Logical axis -> mesh axes. FSDP shards `embed` over "fsdp"; tensor parallelism shards
 # `mlp`, `heads` and `vocab` over "tensor"; the batch is split over ("data", "fsdp").
@@ -140,8 +141,8 @@ def coca_config(
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.sharding_rules = SHARDING_RULES
 
-  # ---- evaluation (issue "evaluation"; periodic evals during training) ----
-  c.eval = ml_collections.ConfigDict()
+  # ---- evaluation: what runs every train.eval_every steps and on exports ----
+  c.eval = eval_config.get_config()
 
   _apply_switches(c, arg)
   return c
