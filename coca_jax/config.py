@@ -22,6 +22,8 @@ from coca_jax.evaluate import config as eval_config
 SHARDING_RULES = (
     ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
+    # Activations are split over the batch only; their width stays whole.
+    ("activation_embed", None),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("vocab", "tensor"),

@@ -214,7 +214,7 @@ class Block(nnx.Module):
       else:
         x = x + self.cross_attention(h, context)
     x = x + self.mlp(self.mlp_norm(x))
-    return sharding.constrain(x, ("batch", "length", "embed")), cache
+    return sharding.constrain(x, ("batch", "length", "activation_embed")), cache
 
 
 class LayerStack(nnx.Module):

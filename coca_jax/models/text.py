@@ -52,10 +52,13 @@ class TextDecoder(nnx.Module):
     """ids [B, T] int32 at positions offset.. -> [B, T, D] token + position embeddings."""
     if ids.shape[1] > self.max_len:
       raise ValueError(f"text of length {ids.shape[1]} exceeds config.model.text.max_len={self.max_len}")
-    tokens = jnp.take(self.token_embedding[...], ids, axis=0)
+    # FSDP: gather the table's width shards before the lookup (as XLA does for matmul
+    # weights); a lookup into a width-sharded table forces a full rematerialisation.
+    table = sharding.constrain(self.token_embedding[...], ("vocab", "activation_embed"))
+    tokens = jnp.take(table, ids, axis=0)
     positions = jax.lax.dynamic_slice_in_dim(self.pos_embedding[...], offset, ids.shape[1], 0)
     x = (tokens + positions[None]).astype(self.dtype)
-    return sharding.constrain(x, ("batch", "length", "embed"))
+    return sharding.constrain(x, ("batch", "length", "activation_embed"))
 
   def unimodal_forward(self, ids: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
     """ids, mask [B, T] -> (text tokens [B, T, D], normed [CLS] output [B, D])."""

@@ -71,7 +71,9 @@ class VisionEncoder(nnx.Module):
           rngs, nnx.initializers.normal(0.02), (self.grid**2, width), ("length", "embed")
       )
     elif cfg.pos_embedding == "sincos":
-      self.pos_embedding = nnx.Variable(sincos_2d(self.grid, width))
+      # A constant, not a parameter: it is rebuilt from the config, never checkpointed.
+      self.pos_embedding = None
+      self.width = width
     else:
       raise ValueError(f"config.model.vision.pos_embedding={cfg.pos_embedding!r}; use 'learned' or 'sincos'")
     self.blocks = layers.LayerStack(
@@ -91,7 +93,11 @@ class VisionEncoder(nnx.Module):
     if image.shape[1:3] != (expected, expected):
       raise ValueError(f"image of shape {image.shape} does not match config image_size={expected}")
     x = self.patch_embedding(patchify(image, self.patch_size))
-    x = x + self.pos_embedding[...].astype(x.dtype)[None]
-    x = sharding.constrain(x, ("batch", "length", "embed"))
+    if self.pos_embedding is None:
+      positions = jnp.asarray(sincos_2d(self.grid, self.width))
+    else:
+      positions = self.pos_embedding[...]
+    x = x + positions.astype(x.dtype)[None]
+    x = sharding.constrain(x, ("batch", "length", "activation_embed"))
     x, _ = self.blocks(x)
     return self.norm(x)

@@ -1,0 +1,63 @@
+"""The train state: a plain pytree {params, opt_state, step}, created already sharded.
+
+One abstract copy (`jax.eval_shape` of the init) gives the shardings, the jitted init's
+`out_shardings` and the Orbax restore target; no full replica of the parameters is ever
+materialised on one device.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from coca_jax import sharding
+from coca_jax.models import coca
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+  """What is known about the state before any array exists."""
+
+  graphdef: nnx.GraphDef  # the model's structure; params merge into it
+  abstract: dict  # ShapeDtypeStruct tree of the state
+  shardings: dict  # NamedSharding tree of the state
+
+
+def _init_fn(model_config, optimizer, seed):
+  def init():
+    model = coca.build(model_config, seed)
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros([], jnp.int32))
+
+  return init
+
+
+def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+  """Abstract state and shardings for `config` on `mesh`."""
+  abstract_model = nnx.eval_shape(lambda: coca.build(config.model))
+  graphdef = nnx.split(abstract_model)[0]
+  abstract = jax.eval_shape(_init_fn(config.model, optimizer, config.train.seed))
+  param_specs = sharding.param_specs(abstract_model, config.sharding_rules)
+  specs = dict(
+      params=param_specs,
+      opt_state=sharding.like_params_specs(abstract["opt_state"], abstract["params"], param_specs),
+      step=jax.sharding.PartitionSpec(),
+  )
+  shardings = sharding.named(mesh, specs)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
+
+
+def create(config, optimizer: optax.GradientTransformation, state_layout: StateLayout, mesh: Mesh) -> dict:
+  """Initialises the state directly into its shardings."""
+  init = jax.jit(_init_fn(config.model, optimizer, config.train.seed), out_shardings=state_layout.shardings)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(config.sharding_rules):
+    return init()
+
+
+def model_from_params(graphdef: nnx.GraphDef, params: dict) -> coca.CoCa:
+  """A CoCa module whose parameters are `params` (a nested dict of arrays)."""
+  return nnx.merge(graphdef, params)
