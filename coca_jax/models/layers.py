@@ -110,6 +110,9 @@ def causal_mask(query_len: int, key_len: int, query_offset=0) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head attention with separate query and key/value inputs.
 
+  Keys carry no bias: softmax over keys is invariant to it, so its gradient is only
+  rounding noise (which Adafactor's normalised first steps would amplify).
+
   Self-attention passes the same tokens twice; cross-attention passes the image tokens
   as `kv_inputs`. `project_kv` is public so decoding can compute image-side keys and
   values once per image and keep text-side keys and values in a cache.
@@ -124,20 +127,19 @@ class Attention(nnx.Module):
     self.key = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
     self.value = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
     self.query_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
-    self.key_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
     self.value_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
     self.out = param(rngs, fan_in_out_init((0, 1), 2), (heads, head_dim, width), ("heads", "kv", "embed"))
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
     self.dtype = dtype
 
-  def _project(self, x, kernel, bias):
+  def _project(self, x, kernel, bias=None):
     y = jnp.einsum("bsd,dhk->bshk", x.astype(self.dtype), kernel[...].astype(self.dtype))
-    return y + bias[...].astype(self.dtype)
+    return y if bias is None else y + bias[...].astype(self.dtype)
 
   def project_kv(self, kv_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, S, D] -> keys, values [B, S, H, K]."""
     return (
-        self._project(kv_inputs, self.key, self.key_bias),
+        self._project(kv_inputs, self.key),
         self._project(kv_inputs, self.value, self.value_bias),
     )
 

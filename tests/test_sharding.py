@@ -1,0 +1,152 @@
+"""The same step on 1 device and on 8 forced host devices under several meshes."""
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from coca_jax import losses, optim, sharding, state as state_lib, step as step_lib
+from configs import tiny
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+def host_batch(seed=0, batch=8):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(3, 64, (batch, 8)).astype(np.int32)
+  lengths = rng.integers(2, 9, batch)
+  mask = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
+  return dict(
+      image=rng.normal(size=(batch, 16, 16, 3)).astype(np.float32),
+      text=dict(ids=ids * mask, labels=np.roll(ids, -1, 1) * mask, mask=mask),
+  )
+
+
+def configured(mesh_shape, **train):
+  c = tiny.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh_shape
+  for k, v in train.items():
+    c.train[k] = v
+  return c
+
+
+def setup(config):
+  devices = jax.devices()[: int(np.prod([config.mesh.data, config.mesh.fsdp, config.mesh.tensor]))]
+  mesh = sharding.make_mesh(config.mesh, devices)
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  state = state_lib.create(config, optimizer, layout, mesh)
+  return mesh, layout, state, step_lib.make_train_step(config, optimizer, schedule, layout)
+
+
+def run_three_steps(config):
+  """Three steps on fixed batches; also counts how often the loss is traced."""
+  traces = []
+  real_total_loss = losses.total_loss
+
+  def counting_total_loss(*args, **kwargs):
+    traces.append(1)
+    return real_total_loss(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(losses, "total_loss", counting_total_loss)
+    mesh, _, state, train_step = setup(config)
+    metrics = []
+    for seed in (0, 1, 2):
+      state, m = train_step(state, sharding.global_batch(host_batch(seed), mesh, config.sharding_rules))
+      metrics.append(jax.device_get(m))
+  assert len(traces) == 1, "the train step was traced more than once"
+  return jax.device_get(state["params"]), metrics
+
+
+@pytest.fixture(scope="module")
+def single_device_run():
+  return run_three_steps(configured((1, 1, 1)))
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES[1:])
+def test_meshes_agree_with_a_single_device(mesh_shape, single_device_run):
+  params, metrics = run_three_steps(configured(mesh_shape))
+  ref_params, ref_metrics = single_device_run
+  for got, want in zip(metrics, ref_metrics):
+    for key in ("loss", "contrastive_loss", "captioning_loss", "grad_norm"):
+      np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=f"{key} on mesh {mesh_shape}")
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+
+
+def test_params_and_optimizer_state_are_sharded_by_the_rules():
+  config = configured((2, 2, 2))
+  config.optim.factored_min_dim = 4
+  _, layout, state, _ = setup(config)
+  params = state["params"]
+  assert params["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+  assert params["text"]["token_embedding"].sharding.spec == P("tensor", "fsdp")
+  assert params["vision"]["blocks"]["layers"]["self_attention"]["query"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert params["log_inv_temperature"].sharding.spec == P()
+  factored = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "v_row")) if hasattr(s, "v_row")][0]
+  # The [L, D, F] kernel's row statistics drop F, its column statistics drop D.
+  up_row = factored.v_row["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"]
+  up_col = factored.v_col["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"]
+  assert up_row.shape == (1, 32) and up_row.sharding.spec == P(None, "fsdp")
+  assert up_col.shape == (1, 64) and up_col.sharding.spec == P(None, "tensor")
+  # Every leaf really is spread: no param is fully replicated when a rule shards it.
+  assert len(params["text"]["token_embedding"].addressable_shards) == 8
+  assert params["text"]["token_embedding"].addressable_shards[0].data.shape == (32, 16)
+
+
+def test_contrastive_loss_uses_the_global_batch():
+  config = configured((8, 1, 1))
+  mesh = sharding.make_mesh(config.mesh)
+  rng = np.random.default_rng(0)
+  img = rng.normal(size=(16, 4)).astype(np.float32)
+  txt = rng.normal(size=(16, 4)).astype(np.float32)
+  img /= np.linalg.norm(img, axis=1, keepdims=True)
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  batch = sharding.global_batch(dict(img=img, txt=txt), mesh, config.sharding_rules)
+  assert len(batch["img"].addressable_shards) == 8
+
+  @jax.jit
+  def sharded_loss(b):
+    from flax import nnx
+
+    with nnx.logical_axis_rules(config.sharding_rules):
+      return losses.contrastive_loss(b["img"], b["txt"], 0.1)[0]
+
+  with jax.set_mesh(mesh):
+    got = float(sharded_loss(batch))
+  logits = img @ txt.T / 0.1
+  lse_rows = np.log(np.exp(logits).sum(1))
+  lse_cols = np.log(np.exp(logits).sum(0))
+  want = 0.5 * ((lse_rows - np.diag(logits)).mean() + (lse_cols - np.diag(logits)).mean())
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  # Per-device losses (negatives from 2 examples only) would differ a lot.
+  assert abs(got - want) < 1e-4
+
+
+def test_gradient_accumulation_matches_the_full_batch_captioning_gradient():
+  # With A micro-batches the captioning loss (a token mean) is unchanged when every
+  # micro-batch has the same token count; compare on an all-ones mask.
+  full, accum = configured((2, 2, 2)), configured((2, 2, 2), grad_accum_steps=2)
+  for c in (full, accum):
+    c.loss.contrastive_weight = 0.0
+  batch = host_batch(0)
+  batch["text"]["mask"][:] = 1
+  results = []
+  for c in (full, accum):
+    mesh, _, state, train_step = setup(c)
+    state, m = train_step(state, sharding.global_batch(batch, mesh, c.sharding_rules))
+    results.append((jax.device_get(m), jax.device_get(state["params"])))
+  np.testing.assert_allclose(results[0][0]["captioning_loss"], results[1][0]["captioning_loss"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results[0][1], results[1][1])
+
+
+def test_mesh_errors_name_the_sizes():
+  c = tiny.get_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 3, 1, 1
+  with pytest.raises(ValueError, match=r"data=3, fsdp=1, tensor=1.*8 are present"):
+    sharding.make_mesh(c.mesh)
+  c.mesh.data, c.mesh.fsdp = 3, -1
+  with pytest.raises(ValueError, match="does not divide the 8 devices"):
+    sharding.make_mesh(c.mesh)
+  c.mesh.data = 2
+  assert sharding.mesh_shape(c.mesh, 8) == (2, 4, 1)
