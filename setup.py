@@ -17,6 +17,7 @@ INSTALL_REQUIRES = [
     "seqio==0.0.20",
     "sentencepiece==0.2.3",
     "clu==0.0.12",
+    "tensorboard==2.21.0",  # clu's summary writer imports it; tensorflow-cpu does not bring it
     # TFDS declares it only for Python < 3.9 but its dataset store path needs it.
     "importlib_resources",
     "pillow",

@@ -134,6 +134,9 @@ def coca_config(
 
   # ---- data ----
   c.data = data_config.get_config()
+  # "mixture": the seqio mixture of coca_jax/data; "synthetic": random batches of the
+  # right shapes (benchmarks, AOT, trainer tests).
+  c.data.source = "mixture"
   c.data.global_batch_size = 65_536
   # One source of truth: the pipeline reads the model's image size and text length.
   c.data.image_size = m.vision.get_ref("image_size")

@@ -51,7 +51,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
 
 def logical_to_spec(logical_axes, rules) -> PartitionSpec:
   """Maps logical axis names to a mesh PartitionSpec; an unknown name is an error."""
-  table = dict(rules)
+  # Rules read back from JSON (config.json) hold lists where the config has tuples.
+  table = {name: tuple(axes) if isinstance(axes, list) else axes for name, axes in rules}
   mesh_axes = []
   for name in logical_axes:
     if name is not None and name not in table:
@@ -130,3 +131,22 @@ def global_batch(host_batch, mesh: Mesh, rules):
   """
   shardings = named(mesh, batch_specs(host_batch, rules))
   return jax.tree.map(jax.make_array_from_process_local_data, shardings, host_batch)
+
+
+def host_data_shard(mesh: Mesh, rules, global_batch_size: int) -> tuple[int, int]:
+  """(shard_index, num_shards) of the rows this process feeds, from the batch sharding.
+
+  Processes whose devices hold the same batch rows (e.g. tensor parallelism across
+  hosts) get the same shard index and read the same data: the index is the data-replica
+  index, not the process index.
+  """
+  spec = logical_to_spec(("batch",), rules)
+  indices = NamedSharding(mesh, spec).addressable_devices_indices_map((global_batch_size,))
+  rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in indices.values()})
+  start, stop = rows[0][0], rows[-1][1]
+  if any(b[0] != a[1] for a, b in zip(rows, rows[1:])) and len(rows) > 1:
+    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}")
+  local = stop - start
+  if global_batch_size % local:
+    raise ValueError(f"global batch {global_batch_size} is not a multiple of the local batch {local}")
+  return start // local, global_batch_size // local

@@ -1,0 +1,38 @@
+"""Synthetic batches in the training batch format, for benchmarks and trainer tests.
+
+Selected by `config.data.source="synthetic"`. Batch k of shard s is a pure function of
+(seed, k, s), so resuming at step k is free and exact.
+"""
+
+from typing import Iterator
+
+import numpy as np
+
+
+def batch(seed: int, step: int, shard_index: int, local_batch_size: int, image_size: int, max_text_len: int, vocab_size: int) -> dict:
+  """One host batch: {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}}."""
+  rng = np.random.default_rng((seed, step, shard_index))
+  tokens = rng.integers(3, vocab_size, (local_batch_size, max_text_len)).astype(np.int32)
+  lengths = rng.integers(1, max_text_len, local_batch_size)  # real tokens incl. EOS
+  positions = np.arange(max_text_len)[None]
+  mask = (positions < lengths[:, None]).astype(np.int32)
+  labels = np.where(positions == lengths[:, None] - 1, 1, tokens) * mask  # EOS = 1
+  ids = np.concatenate([np.zeros((local_batch_size, 1), np.int32), labels[:, :-1]], axis=1)  # BOS = 0
+  image = rng.standard_normal((local_batch_size, image_size, image_size, 3), np.float32)
+  return dict(image=image, text=dict(ids=ids, labels=labels, mask=mask))
+
+
+def batches(config, *, shard_index: int, local_batch_size: int, start_step: int = 0) -> Iterator[dict]:
+  """Endless host batches from `start_step` on, shaped by `config.model` and `config.data`."""
+  step = start_step
+  while True:
+    yield batch(
+        config.data.seed,
+        step,
+        shard_index,
+        local_batch_size,
+        config.model.vision.image_size,
+        config.data.max_text_len,
+        config.model.text.vocab_size,
+    )
+    step += 1

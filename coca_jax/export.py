@@ -1,0 +1,124 @@
+"""Export: the parameters alone, as a standalone Orbax checkpoint the inference API loads.
+
+    python -m coca_jax.export --workdir=DIR [--step=N] --output=DIR [--dtype=bfloat16]
+
+Layout of an export directory:
+    params/       Orbax checkpoint of the model parameters (nested dict of arrays)
+    config.json   the full config of the run
+    vocab.model   the SentencePiece vocabulary (when the run had one)
+An existing export at the output path is replaced only after the new one is complete.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from etils import epath
+from flax import nnx
+
+from coca_jax import checkpoint, optim, sharding, state as state_lib
+from coca_jax.models import coca
+
+CONFIG_FILE = "config.json"
+VOCAB_FILE = "vocab.model"
+
+
+def read_config(path) -> ml_collections.ConfigDict:
+  """Reads a config.json written by training or export."""
+  path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f"no config at {path}")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def write(params: dict, config: ml_collections.ConfigDict, output_dir: str, dtype: str, vocab_file: str | None) -> None:
+  """Writes an export of `params` (nested dict of arrays) to `output_dir`."""
+  output = epath.Path(output_dir)
+  staging = output.parent / f".{output.name}.partial"
+  if jax.process_index() == 0 and staging.exists():
+    staging.rmtree()
+  cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(staging / "params", cast)
+  checkpointer.wait_until_finished()
+  if jax.process_index() != 0:
+    return
+  (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  if vocab_file and epath.Path(vocab_file).exists():
+    epath.Path(vocab_file).copy(staging / VOCAB_FILE)
+  if output.exists():
+    old = output.parent / f".{output.name}.old"
+    if old.exists():
+      old.rmtree()
+    output.rename(old)
+    staging.rename(output)
+    old.rmtree()
+  else:
+    staging.rename(output)
+  logging.info("Exported %s parameters to %s", dtype, output)
+
+
+def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
+  """Loads an export: (CoCa with float32 params, config). Errors name the missing path."""
+  export = epath.Path(export_dir)
+  if not (export / "params").exists():
+    raise FileNotFoundError(f"{export} is not a coca_jax export: {export / 'params'} is missing")
+  config = read_config(export / CONFIG_FILE)
+  abstract_model = nnx.eval_shape(lambda: coca.build(config.model))
+  graphdef, abstract_params = nnx.split(abstract_model)
+  stored = ocp.StandardCheckpointer().metadata(export / "params")
+  stored = getattr(stored, "item_metadata", stored)
+  replicated = jax.sharding.NamedSharding(
+      jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec()
+  )
+  target = jax.tree.map(
+      lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=replicated),
+      abstract_params.to_pure_dict(),
+      dict(stored),
+  )
+  params = ocp.StandardCheckpointer().restore(export / "params", target)
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  return nnx.merge(graphdef, params), config
+
+
+def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
+  """Exports the params of a training checkpoint; returns the exported step."""
+  config = read_config(epath.Path(workdir) / CONFIG_FILE)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
+  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  mngr = checkpoint.manager(workdir, config.train, read_only=True)
+  step = mngr.latest_step() if step is None else step
+  if step is None or step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints")
+  state, _ = checkpoint.restore(mngr, layout, step)
+  write(state["params"], config, output, dtype, vocab_file_of(config))
+  return step
+
+
+def vocab_file_of(config) -> str | None:
+  """The SentencePiece model file of a run's config, if it names one."""
+  path = config.data.get("vocab_path", "")
+  return os.fspath(path) if path else None
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.workdir or not f.output:
+    raise app.UsageError("--workdir and --output are required")
+  step = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
+  print(json.dumps(dict(step=step, output=f.output, dtype=f.dtype)))
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: the trainer imports this module and has its own flags.
+  flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
+  flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
+  flags.DEFINE_string("output", None, "Export directory to write.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Dtype of exported params.")
+  app.run(main)

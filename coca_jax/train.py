@@ -1,0 +1,212 @@
+"""Trains CoCa: config -> mesh -> data -> state (restore or init) -> loop -> export.
+
+    python -m coca_jax.train --config=configs/demo.py --workdir=/tmp/coca_demo
+    python -m coca_jax.train --config=configs/base.py:bf16 --workdir=gs://bucket/run1 \\
+        --config.optim.lr=5e-4 --config.data.global_batch_size=4096
+
+Workdir layout: config.json, checkpoints/<step>/, TensorBoard events, eval/, export/.
+A restart with the same workdir resumes from the latest complete checkpoint. SIGTERM
+(TPU VM preemption) saves a checkpoint at the next step boundary and exits 0.
+"""
+
+import json
+import logging as std_logging
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from clu import metric_writers
+from etils import epath
+from ml_collections import config_flags
+
+from coca_jax import checkpoint, export, flops, multihost, optim, sharding, state as state_lib, step as step_lib
+from coca_jax.data import synthetic
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, export.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+
+class Preemption:
+  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: checkpointing at the next step boundary")
+    self.requested = True
+
+  def reached(self, mngr, step: int) -> bool:
+    # Multi-host: Orbax/JAX agree on a common step; single host: our flag.
+    return self.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
+
+
+def input_batches(config, mesh, start_step: int):
+  """Host-local batches from `start_step` on; each process reads only its data shard."""
+  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  local_batch = config.data.global_batch_size // num_shards
+  logging.info("data shard %d of %d, local batch %d", shard_index, num_shards, local_batch)
+  if config.data.source == "synthetic":
+    return synthetic.batches(config, shard_index=shard_index, local_batch_size=local_batch, start_step=start_step)
+  from coca_jax.data import pipeline, prepare  # TensorFlow is imported only when needed
+
+  prepare.ensure_demo_data(config.data)
+  return pipeline.train_batches(
+      config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch, start_step=start_step
+  )
+
+
+def log_memory(compiled) -> None:
+  memory = compiled.memory_analysis()
+  if memory is None:
+    return
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+  logging.info(
+      "per-device memory of the train step: %s",
+      ", ".join(f"{f.replace('_size_in_bytes', '')} {getattr(memory, f, 0) / 2**20:.1f} MiB" for f in fields),
+  )
+
+
+class Throughput:
+  """examples/s, steps/s, MFU and ETA between two log points."""
+
+  def __init__(self, config, start_step: int):
+    self.examples_per_step = config.data.global_batch_size
+    self.flops_per_step = flops.train_flops_per_example(config.model) * self.examples_per_step
+    peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
+    self.peak_total = None if peak is None else peak * jax.device_count()
+    self.total_steps = config.train.steps
+    self.last_time, self.last_step = time.time(), start_step
+
+  def measure(self, step: int) -> dict:
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    out = dict(steps_per_s=steps_per_s, examples_per_s=steps_per_s * self.examples_per_step)
+    if self.peak_total:
+      out["mfu"] = steps_per_s * self.flops_per_step / self.peak_total
+    out["eta_s"] = (self.total_steps - step) / max(steps_per_s, 1e-9)
+    return out
+
+
+def console_line(step: int, total: int, metrics: dict, speed: dict) -> str:
+  mfu = f" mfu {speed['mfu'] * 100:.1f}%" if "mfu" in speed else ""
+  return (
+      f"step {step}/{total} loss {metrics['loss']:.4f} (con {metrics['contrastive_loss']:.4f}"
+      f" cap {metrics['captioning_loss']:.4f}) acc {metrics['contrastive_accuracy']:.3f}"
+      f" tau {metrics['temperature']:.4f} lr {metrics['learning_rate']:.2e}"
+      f" | {speed['examples_per_s']:.1f} ex/s {speed['steps_per_s']:.2f} steps/s{mfu}"
+      f" eta {speed['eta_s'] / 60:.1f} min"
+  )
+
+
+def check_finite(metrics: dict, step: int, mngr) -> None:
+  """Stops before a non-finite state can be checkpointed (param_norm is of the new params)."""
+  bad = [k for k in ("loss", "param_norm") if not np.isfinite(metrics[k])]
+  if bad:
+    last = mngr.latest_step()
+    raise FloatingPointError(
+        f"{bad[0]} is {metrics[bad[0]]} at step {step}; stopping. The last good checkpoint "
+        f"({'none' if last is None else f'step {last}'}) is left as it was."
+    )
+
+
+def train(config, workdir: str) -> dict:
+  """Runs training in `workdir`; returns the last fetched metrics."""
+  workdir_path = epath.Path(workdir)
+  if jax.process_index() == 0:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+  logging.info("config:\n%s", config)
+
+  mesh = sharding.make_mesh(config.mesh)
+  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"]))
+  logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
+
+  mngr = checkpoint.manager(workdir, config.train)
+  restored = checkpoint.restore(mngr, layout)
+  if restored is None:
+    state = state_lib.create(config, optimizer, layout, mesh)
+    start_step = 0
+  else:
+    state, data_position = restored
+    start_step = int(data_position["step"])
+    logging.info("resumed from checkpoint step %d", start_step)
+
+  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  batches = input_batches(config, mesh, start_step)
+  first = sharding.global_batch(next(batches), mesh, config.sharding_rules)
+  with jax.set_mesh(mesh):
+    compiled_step = train_step.jitted.lower(layout.abstract, first).compile()
+  log_memory(compiled_step)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  preemption = Preemption()
+  speed = Throughput(config, start_step)
+  metrics, fetched = None, {}
+  step = start_step
+  batch = first
+  while step < config.train.steps:
+    state, metrics = compiled_step(state, batch)
+    step += 1
+    preempted = preemption.reached(mngr, step)
+    last = step == config.train.steps
+    saving = last or preempted or step % config.train.checkpoint_every == 0
+    if saving or step % config.train.log_every == 0:
+      fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      check_finite(fetched, step, mngr)
+      if step % config.train.log_every == 0 or last:
+        rates = speed.measure(step)
+        logging.info("%s", console_line(step, config.train.steps, fetched, rates))
+        writer.write_scalars(step, {**fetched, **rates})
+    if saving:
+      checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
+    if preempted:
+      logging.warning("preempted: checkpoint at step %d written; exiting", step)
+      break
+    if not last:
+      batch = sharding.global_batch(next(batches), mesh, config.sharding_rules)
+
+  mngr.wait_until_finished()
+  writer.flush()
+  if step == config.train.steps:
+    export.write(state["params"], config, str(workdir_path / "export"), config.train.export_dtype, export.vocab_file_of(config))
+  mngr.close()
+  return dict(fetched, step=step)
+
+
+def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
+  """Log filter: Orbax logs every save's internals at INFO; keep its warnings and errors."""
+  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  logging.get_absl_handler().addFilter(quiet_orbax_info)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  try:
+    final = train(_CONFIG.value, _WORKDIR.value)
+  except FloatingPointError as e:
+    logging.error("%s", e)
+    print(str(e), file=sys.stderr)
+    sys.exit(1)
+  if jax.process_index() == 0:
+    print(json.dumps(final))
+
+
+if __name__ == "__main__":
+  app.run(main)
