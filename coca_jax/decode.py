@@ -1,0 +1,436 @@
+"""Caption decoding: greedy, sampling (temperature, top-k, top-p) and beam search.
+
+Legend: B batch (images), K beams, L decode length (tokens generated, EOS included),
+P prefix length, V vocabulary, N caption-pooler queries, S cache length (= L).
+
+Every method is one `lax.while_loop` over positions 0..L-1 around a *step function*
+`step(ids [B], cache, context) -> (logits [B, V] float32, cache)`:
+
+  * `cache` changes every step (the decoder's self-attention keys/values and the write
+    index); beam search reorders it when beams are re-ranked.
+  * `context` is fixed for the whole loop (the image side of cross-attention, its keys
+    and values projected ONCE per image by `precompute_context`); beam search only
+    repeats it per beam.
+
+`cached_step_model` builds the step function of a CoCa model from its KV cache;
+`recompute_step_model` is the same function by full recompute (the whole prefix through
+both decoder stacks every step), kept as the reference and the benchmark baseline.
+
+Token conventions (coca_jax.data): the decoder input starts with BOS = 0 (the pad id),
+EOS = 1. Input position 0 is BOS and position i > 0 is the token chosen at step i - 1;
+step i chooses output token i. Outputs are [B, L]: (prefix), generated tokens, EOS, then
+pad 0. A prefix ("VQA as a prefix", Section 4.3 of the paper) is forced token by token:
+while i < prefix_length the output is the prefix token, and the loop goes on from there.
+
+Nothing here indexes across the batch: gathers are within an example (beams of one
+image), so a batch sharded over ("data", "fsdp") stays sharded through the loop.
+"""
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BOS_ID = 0
+EOS_ID = 1
+PAD_ID = 0
+METHODS = ("greedy", "beam", "sample")
+
+# A very negative score for impossible hypotheses; finite, so sums and divisions of it
+# never make NaN (-inf - -inf would).
+NEG = -1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+  """How to decode; frozen (hashable) so it can be a static argument of jit.
+
+  max_length: tokens to generate at most, EOS included (<= config.model.text.max_len).
+  length_penalty: GNMT's alpha for beam search, score = log p / ((5 + len) / 6)^alpha.
+  temperature / top_k / top_p: sampling only; top_k=0 and top_p=1.0 disable the filter.
+  """
+
+  method: str = "greedy"
+  max_length: int = 32
+  beam_size: int = 4
+  length_penalty: float = 0.6
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"decode method={self.method!r}; use one of {METHODS}")
+    if self.max_length < 1:
+      raise ValueError(f"decode max_length={self.max_length} must be >= 1")
+    if self.method == "beam" and self.beam_size < 1:
+      raise ValueError(f"decode beam_size={self.beam_size} must be >= 1")
+    if self.method == "sample" and (self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0):
+      raise ValueError(
+          f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got temperature="
+          f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+      )
+
+  @classmethod
+  def from_config(cls, decode_config, **overrides) -> "DecodeOptions":
+    """From `config.eval.decode` (a ConfigDict or dict), with keyword overrides."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(decode_config).items() if k in fields}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+class StepModel(NamedTuple):
+  """A decoder as the loops see it.
+
+  step: (ids [B] int32, cache, context) -> (logits [B, V] float32, new cache).
+  cache / context: pytrees; `*_batch_axes` give each leaf's batch axis (a pytree with
+    the cache's structure, or a prefix of it; None for a leaf shared by the batch, like
+    the write index).
+  """
+
+  step: Callable[..., tuple[jax.Array, Any]]
+  cache: Any
+  context: Any
+  cache_batch_axes: Any
+  context_batch_axes: Any
+
+
+class DecodeOutput(NamedTuple):
+  """tokens: [B, L] int32 (prefix, generated, EOS, pad 0); scores: [B] float32, the
+  sum of log-probabilities of the generated (non-forced) tokens, divided by the length
+  penalty for beam search."""
+
+  tokens: jax.Array
+  scores: jax.Array
+
+
+# ---------------------------------------------------------------------------------------
+# Step functions of a CoCa model.
+
+
+def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> StepModel:
+  """Step function with KV caches; cross-attention keys/values projected once here.
+
+  caption_tokens: [B, N, D] from `model.encode_image`.
+  """
+  graphdef, state = nnx.split(model)
+  text = model.text
+  cache = text.init_cache(caption_tokens.shape[0], max_length)
+  context = text.multimodal.precompute_context(caption_tokens)  # 2 x [Lm, B, N, H, K]
+
+  def step(ids, cache, context):
+    decoder = nnx.merge(graphdef, state).text
+    logits, cache = decoder.decode_step(ids[:, None], cache, context)
+    return logits[:, 0], cache
+
+  stack_axes = dict(key=1, value=1, index=None)  # key/value: [layers, B, S, H, K]
+  return StepModel(
+      step=step,
+      cache=cache,
+      context=context,
+      cache_batch_axes=dict(unimodal=stack_axes, multimodal=stack_axes),
+      context_batch_axes=(1, 1),
+  )
+
+
+def recompute_step_model(model, caption_tokens: jax.Array, max_length: int) -> StepModel:
+  """Step function without caches: every step runs the whole text so far through both
+  decoder stacks (padded to L, so shapes are fixed) and re-projects the image tokens."""
+  graphdef, state = nnx.split(model)
+  batch = caption_tokens.shape[0]
+  cache = dict(ids=jnp.zeros((batch, max_length), jnp.int32), index=jnp.int32(0))
+
+  def step(ids, cache, context):
+    coca = nnx.merge(graphdef, state)
+    index = cache["index"]
+    buffer = jax.lax.dynamic_update_slice_in_dim(cache["ids"], ids[:, None], index, 1)
+    # Positions after `index` are masked; causality means they cannot change position
+    # `index` anyway, so this equals running the unpadded prefix.
+    mask = jnp.broadcast_to(jnp.arange(max_length)[None] <= index, buffer.shape).astype(jnp.int32)
+    _, unimodal_tokens = coca.encode_text(buffer, mask)
+    logits = coca.caption_logits(unimodal_tokens, context, mask)
+    logits = jax.lax.dynamic_index_in_dim(logits, index, 1, keepdims=False)
+    return logits, dict(ids=buffer, index=index + 1)
+
+  return StepModel(step, cache, caption_tokens, dict(ids=0, index=None), 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """Sets logits outside the top-k / nucleus (top-p) sets to NEG.
+
+  logits: [B, V] float32. top_k: keep the k largest (0: all). top_p: keep the smallest
+  set of most likely tokens whose probability reaches p (the most likely token is always
+  kept, so p -> 0 is greedy). Returns [B, V].
+  """
+  if top_k and top_k < logits.shape[-1]:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, NEG, logits)
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Probability mass strictly before each sorted token; keep while it is below p.
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    # The smallest kept logit is the threshold (ties at it are kept too).
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < threshold, NEG, logits)
+  return logits
+
+
+def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
+  """GNMT's ((5 + length) / 6) ** alpha (Wu et al. 2016, eq. 14); 1 when alpha = 0."""
+  return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
+
+
+def _prefix_table(prefix, prefix_length, batch: int, max_length: int):
+  """-> prefix [B, L] int32 padded with PAD_ID, prefix_length [B] int32."""
+  if prefix is None:
+    return jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch,), jnp.int32)
+  prefix = jnp.asarray(prefix, jnp.int32)
+  if prefix.shape[1] > max_length:
+    raise ValueError(f"prefix of length {prefix.shape[1]} exceeds decode max_length={max_length}")
+  if prefix_length is None:
+    prefix_length = jnp.sum(prefix != PAD_ID, axis=1)
+  prefix = jnp.pad(prefix, ((0, 0), (0, max_length - prefix.shape[1])))
+  return prefix, jnp.asarray(prefix_length, jnp.int32)
+
+
+def _map_batch(fn, tree, axes):
+  """fn(leaf, batch_axis) over leaves with a batch axis; leaves with axis None pass."""
+
+  def apply(axis, subtree):
+    return jax.tree.map(lambda x: x if axis is None else fn(x, axis), subtree)
+
+  return jax.tree.map(apply, axes, tree, is_leaf=lambda a: a is None)
+
+
+def _repeat_beams(x, axis, beams):
+  """Batch axis B -> B*K, batch-major (row b*K + k is beam k of example b)."""
+  return jnp.repeat(x, beams, axis=axis)
+
+
+def _gather_beams(x, axis, origin):
+  """Reorders beams within each example: x with a B*K axis, origin [B, K] -> same shape."""
+  batch, beams = origin.shape
+  shape = x.shape
+  x = x.reshape(shape[:axis] + (batch, beams) + shape[axis + 1 :])
+  index = origin.reshape((1,) * axis + (batch, beams) + (1,) * (x.ndim - axis - 2))
+  x = jnp.take_along_axis(x, index, axis=axis + 1)
+  return x.reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding loops.
+
+
+def sample_loop(
+    step_model: StepModel,
+    *,
+    batch: int,
+    max_length: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    rng: jax.Array | None = None,
+    prefix=None,
+    prefix_length=None,
+) -> DecodeOutput:
+  """Greedy decoding (temperature 0) or ancestral sampling, one token per iteration.
+
+  Each example stops at its first EOS (later outputs are pad); the loop ends when every
+  example has stopped or after `max_length` tokens.
+  """
+  greedy = temperature == 0.0
+  if not greedy and rng is None:
+    raise ValueError("sampling (temperature > 0) needs an rng key")
+  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length)
+
+  def cond(carry):
+    i, _, _, done, _, _ = carry
+    return (i < max_length) & ~jnp.all(done)
+
+  def body(carry):
+    i, inputs, tokens, done, scores, cache = carry
+    logits, cache = step_model.step(inputs, cache, step_model.context)
+    if greedy:
+      chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+      filtered = filter_logits(logits / temperature, top_k, top_p)
+      chosen = jax.random.categorical(jax.random.fold_in(rng, i), filtered).astype(jnp.int32)
+    forced = i < prefix_length
+    chosen = jnp.where(forced, prefix[:, i], chosen)
+    chosen = jnp.where(done, PAD_ID, chosen)
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
+    scores = scores + jnp.where(done | forced, 0.0, chosen_log_prob)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], i, 1)
+    done = done | (chosen == EOS_ID)
+    return i + 1, chosen, tokens, done, scores, cache
+
+  init = (
+      jnp.int32(0),
+      jnp.full((batch,), BOS_ID, jnp.int32),
+      jnp.full((batch, max_length), PAD_ID, jnp.int32),
+      jnp.zeros((batch,), bool),
+      jnp.zeros((batch,), jnp.float32),
+      step_model.cache,
+  )
+  _, _, tokens, _, scores, _ = jax.lax.while_loop(cond, body, init)
+  return DecodeOutput(tokens, scores)
+
+
+def beam_search_loop(
+    step_model: StepModel,
+    *,
+    batch: int,
+    max_length: int,
+    beam_size: int,
+    alpha: float = 0.6,
+    prefix=None,
+    prefix_length=None,
+) -> DecodeOutput:
+  """Beam search keeping K hypotheses per example, finished ones included.
+
+  A hypothesis that has produced EOS stays in the beam with its final score and competes
+  with the extensions of the live ones; hypotheses are ranked by log p / penalty(len).
+  With K = 1 this is exactly greedy decoding (the single best token each step), and an
+  example stops when all its K hypotheses have finished. Live hypotheses become finished
+  at max_length. Returns the best hypothesis per example.
+  """
+  k = beam_size
+  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length)
+  cache = _map_batch(lambda x, a: _repeat_beams(x, a, k), step_model.cache, step_model.cache_batch_axes)
+  context = _map_batch(lambda x, a: _repeat_beams(x, a, k), step_model.context, step_model.context_batch_axes)
+
+  def cond(carry):
+    i, finished = carry[0], carry[4]
+    return (i < max_length) & ~jnp.all(finished)
+
+  def body(carry):
+    i, inputs, seqs, log_probs, finished, lengths, cache = carry
+    logits, cache = step_model.step(inputs.reshape(batch * k), cache, context)
+    vocab = logits.shape[-1]
+    token_log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
+    forced = (i < prefix_length)[:, None, None]
+    is_forced_token = jnp.arange(vocab)[None, None, :] == prefix[:, i][:, None, None]
+    token_log_probs = jnp.where(forced, jnp.where(is_forced_token, 0.0, NEG), token_log_probs)
+
+    # Candidates: V extensions of every live hypothesis, and each finished one as is.
+    extended = log_probs[:, :, None] + token_log_probs  # [B, K, V]
+    extended = jnp.where(finished[:, :, None], 2 * NEG, extended)
+    kept = jnp.where(finished, log_probs, 2 * NEG)  # [B, K]
+    candidate_scores = jnp.concatenate(
+        [
+            (extended / length_penalty(i + 1, alpha)).reshape(batch, k * vocab),
+            kept / length_penalty(lengths, alpha),
+        ],
+        axis=1,
+    )
+    _, best = jax.lax.top_k(candidate_scores, k)  # [B, K]; ties go to extensions
+    is_kept = best >= k * vocab
+    origin = jnp.where(is_kept, best - k * vocab, best // vocab)
+    token = jnp.where(is_kept, PAD_ID, best % vocab).astype(jnp.int32)
+
+    seqs = jnp.take_along_axis(seqs, origin[:, :, None], axis=1)
+    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], i, 2)
+    extended_scores = jnp.take_along_axis(extended.reshape(batch, k * vocab), jnp.minimum(best, k * vocab - 1), axis=1)
+    log_probs = jnp.where(is_kept, jnp.take_along_axis(log_probs, origin, axis=1), extended_scores)
+    lengths = jnp.where(is_kept, jnp.take_along_axis(lengths, origin, axis=1), i + 1)
+    finished = is_kept | (token == EOS_ID) | (i + 1 == max_length)
+    cache = _map_batch(lambda x, a: _gather_beams(x, a, origin), cache, step_model.cache_batch_axes)
+    return i + 1, token, seqs, log_probs, finished, lengths, cache
+
+  # Only beam 0 is live at the start, so the first step does not pick K copies of the
+  # same token.
+  init_log_probs = jnp.where(jnp.arange(k)[None] == 0, 0.0, NEG) * jnp.ones((batch, 1))
+  init = (
+      jnp.int32(0),
+      jnp.full((batch, k), BOS_ID, jnp.int32),
+      jnp.full((batch, k, max_length), PAD_ID, jnp.int32),
+      init_log_probs,
+      jnp.zeros((batch, k), bool),
+      jnp.zeros((batch, k), jnp.int32),
+      cache,
+  )
+  _, _, seqs, log_probs, _, lengths, _ = jax.lax.while_loop(cond, body, init)
+  final = log_probs / length_penalty(jnp.maximum(lengths, 1), alpha)
+  best = jnp.argmax(final, axis=1)
+  tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
+  return DecodeOutput(tokens, jnp.take_along_axis(final, best[:, None], axis=1)[:, 0])
+
+
+def run_loop(step_model: StepModel, options: DecodeOptions, *, batch: int, rng=None, prefix=None, prefix_length=None):
+  """Dispatches to the loop named by options.method."""
+  if options.method == "beam":
+    return beam_search_loop(
+        step_model,
+        batch=batch,
+        max_length=options.max_length,
+        beam_size=options.beam_size,
+        alpha=options.length_penalty,
+        prefix=prefix,
+        prefix_length=prefix_length,
+    )
+  sampling = options.method == "sample"
+  return sample_loop(
+      step_model,
+      batch=batch,
+      max_length=options.max_length,
+      temperature=options.temperature if sampling else 0.0,
+      top_k=options.top_k if sampling else 0,
+      top_p=options.top_p if sampling else 1.0,
+      rng=rng,
+      prefix=prefix,
+      prefix_length=prefix_length,
+  )
+
+
+# ---------------------------------------------------------------------------------------
+# Model-level entry points.
+
+
+def generate(
+    model,
+    images: jax.Array,
+    options: DecodeOptions,
+    *,
+    prefix=None,
+    prefix_length=None,
+    rng: jax.Array | None = None,
+    cached: bool = True,
+) -> DecodeOutput:
+  """Captions a batch of images with a CoCa model (traceable; jit it, or use `jit_generate`).
+
+  images: [B, H, W, 3] float32, preprocessed. prefix: [B, P] int32 tokens (no BOS) to
+  continue, padded with 0; prefix_length: [B] (default: count of non-pad tokens).
+  cached=False decodes by full recompute (the reference / benchmark baseline).
+  """
+  max_len = model.text.max_len
+  if options.max_length > max_len:
+    raise ValueError(f"decode max_length={options.max_length} exceeds config.model.text.max_len={max_len}")
+  _, caption_tokens = model.encode_image(images)
+  make = cached_step_model if cached else recompute_step_model
+  step_model = make(model, caption_tokens, options.max_length)
+  return run_loop(step_model, options, batch=images.shape[0], rng=rng, prefix=prefix, prefix_length=prefix_length)
+
+
+def jit_generate(graphdef: nnx.GraphDef, options: DecodeOptions, *, cached: bool = True):
+  """-> jitted fn(params, images, prefix=None, prefix_length=None, rng=None) -> DecodeOutput.
+
+  params: the model's `nnx.State` (or its pure dict). Shardings follow the inputs: put
+  images sharded over the batch (and params as trained) and the loop keeps them so.
+  """
+
+  @jax.jit
+  def fn(params, images, prefix=None, prefix_length=None, rng=None):
+    model = nnx.merge(graphdef, params)
+    return generate(model, images, options, prefix=prefix, prefix_length=prefix_length, rng=rng, cached=cached)
+
+  return fn
