@@ -30,7 +30,10 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
       read_only=read_only,
   )
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints", options=options, item_names=("state", "data")
+      epath.Path(workdir) / "checkpoints",
+      options=options,
+      # Handlers named up front so a fresh manager can read item metadata before restoring.
+      item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()),
   )
 
 

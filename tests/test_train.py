@@ -1,0 +1,183 @@
+"""The trainer end to end on the tiny config: overrides, kill/resume, SIGTERM, NaN,
+restore onto another mesh, export, resolution change."""
+
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from coca_jax import checkpoint, export, optim, sharding, state as state_lib, train
+from configs import tiny
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OVERRIDES = dict(data=dict(source="synthetic"), train=dict(checkpoint_every=3, log_every=3, export_dtype="float32"))
+
+
+def tiny_config(steps, **sections):
+  c = tiny.get_config()
+  for section, values in [*OVERRIDES.items(), *sections.items()]:
+    for k, v in values.items():
+      c[section][k] = v
+  c.train.steps = steps
+  return c
+
+
+def cli(workdir, steps, *extra):
+  args = [sys.executable, "-m", "coca_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+          f"--config.train.steps={steps}"]
+  for section, values in OVERRIDES.items():
+    args += [f"--config.{section}.{k}={v}" for k, v in values.items()]
+  return args + list(extra)
+
+
+def run(args, timeout=300):
+  return subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def restore_params(workdir, config, step=None, mesh_shape=(1, 8, 1)):
+  config = ml_collections.ConfigDict(config)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  state, data = checkpoint.restore(checkpoint.manager(str(workdir), config.train, read_only=True), layout, step)
+  return state, data, layout
+
+
+def wait_for(predicate, timeout, proc=None):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if predicate():
+      return True
+    if proc is not None and proc.poll() is not None:
+      return predicate()
+    time.sleep(0.05)
+  return False
+
+
+def latest_step(workdir):
+  steps = [int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+  return max(steps, default=None)
+
+
+def test_unknown_or_mistyped_override_fails_before_compiling(tmp_path):
+  result = run(cli(tmp_path, 2, "--config.optim.lrr=1"), timeout=120)
+  assert result.returncode != 0 and "lrr" in result.stderr
+  result = run(cli(tmp_path, 2, "--config.optim.lr=fast"), timeout=120)
+  assert result.returncode != 0 and "lr" in result.stderr and "fast" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 60-step run on mesh (8, 1, 1)."""
+  workdir = tmp_path_factory.mktemp("reference")
+  config = tiny_config(60, mesh=dict(data=8, fsdp=1, tensor=1))
+  final = train.train(config, str(workdir))
+  return workdir, config, final
+
+
+def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(tmp_path, reference_run):
+  ref_dir, ref_config, _ = reference_run
+  mesh_flags = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]
+  proc = subprocess.Popen(cli(tmp_path, 60, *mesh_flags), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), "no checkpoint was written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+  finally:
+    proc.kill()
+  killed_at = latest_step(tmp_path)
+  assert killed_at < 60, "the run finished before it could be killed"
+  result = run(cli(tmp_path, 60, *mesh_flags))
+  assert result.returncode == 0, result.stderr[-3000:]
+  resumed = re.search(r"resumed from checkpoint step (\d+)", result.stderr)
+  assert resumed and int(resumed.group(1)) >= killed_at
+  state, data, _ = restore_params(tmp_path, ref_config, mesh_shape=(8, 1, 1))
+  ref_state, _, _ = restore_params(ref_dir, ref_config, mesh_shape=(8, 1, 1))
+  assert data["step"] == 60 and int(state["step"]) == 60
+  # Same program, same batches, same devices: bitwise equal on CPU.
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), jax.device_get(ref_state["params"]))
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
+  proc = subprocess.Popen(cli(tmp_path, 100_000), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), "no checkpoint was written"
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-3000:]
+  stopped = re.search(r"preempted: checkpoint at step (\d+)", err)
+  assert stopped, err[-3000:]
+  assert latest_step(tmp_path) == int(stopped.group(1))
+
+
+def test_restore_onto_another_mesh_and_export(tmp_path, reference_run):
+  ref_dir, config, _ = reference_run
+  on_8, _, _ = restore_params(ref_dir, config, mesh_shape=(8, 1, 1))
+  on_222, _, layout = restore_params(ref_dir, config, mesh_shape=(2, 2, 2))
+  kernel = on_222["params"]["text"]["multimodal"]["layers"]["mlp"]["up"]["kernel"]
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(on_8), jax.device_get(on_222))
+
+  # The end of training exported float32 params; loading them gives the same embeddings.
+  model, export_config = export.load_model(str(ref_dir / "export"))
+  assert export_config.model.width == config.model.width
+  trained = state_lib.model_from_params(layout.graphdef, jax.device_get(on_8["params"]))
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  ids = rng.integers(3, 64, (2, 8)).astype(np.int32)
+  mask = np.ones((2, 8), np.int32)
+  np.testing.assert_allclose(model.encode_image(image)[0], trained.encode_image(image)[0], atol=1e-6)
+  np.testing.assert_allclose(model.encode_text(ids, mask)[0], trained.encode_text(ids, mask)[0], atol=1e-6)
+
+  # The export CLI writes bfloat16 by default.
+  out = tmp_path / "exported"
+  result = run([sys.executable, "-m", "coca_jax.export", f"--workdir={ref_dir}", f"--output={out}", "--step=30"])
+  assert result.returncode == 0, result.stderr[-3000:]
+  bf16_model, _ = export.load_model(str(out))
+  np.testing.assert_allclose(bf16_model.encode_image(image)[0], model.encode_image(image)[0], atol=0.1)
+
+
+def test_export_of_a_missing_dir_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match=str(tmp_path / "params")):
+    export.load_model(str(tmp_path))
+
+
+def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
+  train.train(tiny_config(3), str(tmp_path))
+  good, _, _ = restore_params(tmp_path, tiny_config(3))
+  exploding = tiny_config(12, optim=dict(lr=1e9))
+  with pytest.raises(FloatingPointError, match=r"at step \d+"):
+    train.train(exploding, str(tmp_path))
+  assert latest_step(tmp_path) == 3
+  again, _, _ = restore_params(tmp_path, tiny_config(3))
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(good["params"]), jax.device_get(again["params"]))
+
+
+def test_resolution_change_on_resume_resamples_position_embeddings(tmp_path):
+  low = tiny_config(3)
+  low.model.vision.image_size = 32
+  train.train(low, str(tmp_path))
+  before, _, _ = restore_params(tmp_path, low)
+  high = tiny_config(6)
+  high.model.vision.image_size = 48
+  restored, data, _ = restore_params(tmp_path, high)
+  old = np.asarray(before["params"]["vision"]["pos_embedding"]).reshape(8, 8, -1)
+  new = np.asarray(restored["params"]["vision"]["pos_embedding"]).reshape(12, 12, -1)
+  assert data["step"] == 3
+  # Bilinear resampling keeps the grid's mean and its corner regions' values close.
+  np.testing.assert_allclose(new.mean((0, 1)), old.mean((0, 1)), atol=0.01)
+  np.testing.assert_allclose(new[0, 0], old[0, 0], atol=0.05)
+  final = train.train(high, str(tmp_path))
+  assert final["step"] == 6 and np.isfinite(final["loss"])
