@@ -1,0 +1,41 @@
+"""The demo: a small CoCa trained on the real offline demo mixture on a laptop CPU.
+
+Same code as the paper's variants, smaller numbers: 32px images (emoji and
+Fashion-MNIST), a 4-layer ViT, 2 + 2 decoder layers, a ~1k SentencePiece vocabulary.
+`python -m coca_jax.train --config=configs/demo.py --workdir=/tmp/coca_demo` prepares the
+data on first use (npm / apt packages, no other download) and trains in minutes.
+"""
+
+from coca_jax import config as config_lib
+
+
+def get_config(arg=None):
+  c = config_lib.coca_config(
+      width=128,
+      heads=4,
+      vision_layers=4,
+      vision_mlp=512,
+      unimodal_layers=2,
+      multimodal_layers=2,
+      text_mlp=512,
+      embed_dim=128,
+      image_size=32,
+      patch_size=4,
+      vocab_size=1024,  # >= the demo vocabulary's size (data.demo_vocab_size)
+      max_text_len=24,
+      caption_queries=32,
+      arg=arg,
+  )
+  c.model.remat_policy = "none"  # small activations; recomputation would only cost time
+  c.data.global_batch_size = 64
+  c.optim.lr = 1e-3
+  c.optim.warmup_fraction = 0.05
+  c.optim.decay = "cosine"
+  c.optim.factored_min_dim = 128
+  c.train.steps = 400
+  c.train.log_every = 25
+  c.train.checkpoint_every = 100
+  c.train.eval_every = 200
+  c.train.keep_checkpoints = 2
+  c.train.export_dtype = "float32"
+  return c
