@@ -1,0 +1,166 @@
+"""The evaluation suite the trainer runs every `config.train.eval_every` steps.
+
+    metrics = evaluate.run(model, config, step=step, workdir=workdir, writer=writer)
+
+Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale):
+  zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble
+  retrieval/image_to_text_r{1,5,10}         emoji validation images vs captions
+  retrieval/text_to_image_r{1,5,10}
+  captioning/cider, captioning/bleu4        emoji validation, decoded per config.eval.decode
+  frozen/accuracy, frozen/train_accuracy    fresh pooler + classifier on frozen tokens
+"""
+
+import functools
+import json
+import os
+import time
+
+import numpy as np
+
+from coca_jax import decode
+from coca_jax.evaluate import captioning, datasets as datasets_lib, encoders, frozen, retrieval, zero_shot
+
+EVALS = ("zero_shot", "retrieval", "captioning", "frozen")
+
+
+def enabled_evals(eval_config) -> list[str]:
+  names = [n.strip() for n in str(eval_config.evals).split(",") if n.strip()]
+  unknown = sorted(set(names) - set(EVALS))
+  if unknown:
+    raise ValueError(f"config.eval.evals names unknown evals {unknown}; known: {', '.join(EVALS)}")
+  return names
+
+
+def decode_options(config, **overrides) -> decode.DecodeOptions:
+  """config.eval.decode (+ overrides); max_length 0 or beyond the model means
+  config.model.text.max_len."""
+  max_len = config.model.text.max_len
+  requested = overrides.pop("max_length", None) or config.eval.decode.max_length
+  max_length = min(requested, max_len) if requested else max_len
+  return decode.DecodeOptions.from_config(config.eval.decode, max_length=max_length, **overrides)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_sets(config_json: str):
+  import ml_collections
+
+  return datasets_lib.load(ml_collections.ConfigDict(json.loads(config_json)))
+
+
+def run(model, config, *, step: int, workdir: str | None = None, writer=None, datasets=None, vocab=None) -> dict[str, float]:
+  """Runs the evals named in config.eval.evals; returns {name: value}.
+
+  model: a CoCa module (possibly with sharded params). writer: a clu metric writer, or
+  None; scalars go to it as "eval/<name>" at `step`. workdir: where the caption gallery
+  goes (<workdir>/eval/captions_<step>.html); None skips it. datasets: an
+  `EvalSets` (default: loaded once through the data package). vocab: SentencePiece
+  processor or seqio vocabulary (default: config.data.vocab_path).
+  """
+  names = enabled_evals(config.eval)
+  if not names:
+    return {}
+  eval_config = config.eval
+  if datasets is None:
+    datasets = _cached_sets(config.to_json_best_effort())
+  if vocab is None:
+    vocab = encoders.load_vocab(config.data.vocab_path)
+  encoder = encoders.Encoders(model, eval_config.batch_size)
+  max_len = config.model.text.max_len
+  n = eval_config.num_examples
+
+  def embed_texts(texts):
+    return encoder.embed_texts(*encoders.tokenize(vocab, texts, max_len))
+
+  metrics, timings = {}, {}
+  for name in names:
+    start = time.time()
+    if name == "zero_shot":
+      data = _require(datasets.classification, name).take(n)
+      classifier = zero_shot.class_embeddings(embed_texts, data.class_names, eval_config.zero_shot.templates)
+      result = zero_shot.evaluate(encoder.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k)
+    elif name == "retrieval":
+      data = _require(datasets.alt_text, name).take(n)
+      texts, owner = data.flat_texts()
+      similarity = encoder.embed_images(data.images) @ embed_texts(texts).T
+      result = retrieval.recall_at_k(similarity, owner, eval_config.retrieval.recall_at)
+    elif name == "captioning":
+      data = _require(datasets.alt_text, name).take(n)
+      tokens, _ = encoder.caption(data.images, decode_options(config), seed=eval_config.decode.seed)
+      predictions = encoders.detokenize(vocab, tokens)
+      result = captioning.score(predictions, data.captions)
+      if workdir:
+        shown = eval_config.captioning.gallery_size
+        captioning.write_gallery(
+            os.path.join(workdir, "eval", f"captions_{step}.html"),
+            data.images[:shown],
+            predictions[:shown],
+            data.captions[:shown],
+            title=f"{data.name} captions at step {step} (CIDEr-D {result['cider']:.3f})",
+        )
+    else:  # frozen
+      data = _require(datasets.classification, "frozen").take(n)
+      result = _frozen_eval(encoder, data, config)
+    metrics.update({f"{name}/{k}": v for k, v in result.items()})
+    timings[f"{name}/seconds"] = time.time() - start
+  if writer is not None:
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in {**metrics, **timings}.items()})
+    writer.flush()
+  return metrics
+
+
+def _require(dataset, eval_name):
+  if dataset is None:
+    raise ValueError(f"eval {eval_name!r} is enabled but its dataset was not provided")
+  return dataset
+
+
+def _frozen_eval(encoder: encoders.Encoders, data: datasets_lib.ClassificationSet, config) -> dict[str, float]:
+  cfg = config.eval.frozen
+  order = np.random.default_rng(cfg.seed).permutation(len(data.labels))
+  cut = int(len(order) * cfg.train_fraction)
+  if not 0 < cut < len(order):
+    raise ValueError(f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of {len(order)}")
+  tokens = encoder.image_tokens(data.images)
+  train, test = order[:cut], order[cut:]
+  return frozen.train_and_score(
+      tokens[train],
+      data.labels[train],
+      tokens[test],
+      data.labels[test],
+      num_classes=len(data.class_names),
+      heads=config.model.heads,
+      lr=cfg.lr,
+      steps=cfg.steps,
+      batch_size=cfg.batch_size,
+      weight_decay=cfg.weight_decay,
+      seed=cfg.seed,
+  )
+
+
+def chance_levels(config, datasets: datasets_lib.EvalSets) -> dict[str, float]:
+  """What a random model scores on the same metrics and splits."""
+  n = config.eval.num_examples
+  chance = {}
+  if datasets.classification is not None:
+    classes = len(datasets.classification.class_names)
+    for k, v in zero_shot.chance(classes, config.eval.zero_shot.top_k).items():
+      chance[f"zero_shot/{k}"] = v
+    chance["frozen/accuracy"] = chance["frozen/train_accuracy"] = 1.0 / classes
+  if datasets.alt_text is not None:
+    data = datasets.alt_text.take(n)
+    _, owner = data.flat_texts()
+    for k, v in retrieval.chance(owner, len(data.captions), config.eval.retrieval.recall_at).items():
+      chance[f"retrieval/{k}"] = v
+  return chance
+
+
+def report(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
+  """A table of metrics with chance levels beside them ("-" where none is defined:
+  CIDEr-D and BLEU-4 have no meaningful chance level)."""
+  chance = chance or {}
+  width = max([len(k) for k in metrics] + [6])
+  lines = [f"{'metric':<{width}}  {'value':>8}  {'chance':>8}"]
+  for key in sorted(metrics):
+    level = chance.get(key)
+    lines.append(f"{key:<{width}}  {metrics[key]:>8.4f}  {'-' if level is None else f'{level:.4f}':>8}")
+  return "\n".join(lines)

@@ -1,0 +1,40 @@
+"""Zero-shot classification (Section 4.2): class names x prompt templates -> classifier.
+
+Legend: N images, C classes, P prompt templates, E joint embedding width.
+
+Each class is the mean of its P prompt embeddings, re-normalised (CLIP's prompt
+ensemble); an image's prediction ranks the classes by cosine similarity.
+"""
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
+  return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
+
+
+def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+  """embed_texts: list of N strings -> [N, E] embeddings. Returns [C, E], unit norm."""
+  prompts = [template.format(name) for name in class_names for template in templates]
+  embeddings = np.asarray(embed_texts(prompts)).reshape(len(class_names), len(templates), -1)
+  return l2_normalize(l2_normalize(embeddings).mean(axis=1))
+
+
+def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """scores [N, C], labels [N] int -> {"top{k}": fraction whose label is among the k
+  highest scores}. Ties are broken toward the lower class index (stable sort)."""
+  order = np.argsort(-scores, axis=1, kind="stable")
+  rank = np.argmax(order == np.asarray(labels)[:, None], axis=1)  # 0 = best
+  return {f"top{k}": float(np.mean(rank < k)) for k in ks}
+
+
+def evaluate(image_embeddings: np.ndarray, labels: np.ndarray, classifier: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """image_embeddings [N, E] (unit), labels [N], classifier [C, E] -> top-k accuracies."""
+  return top_k_accuracy(image_embeddings @ classifier.T, labels, ks)
+
+
+def chance(num_classes: int, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+  """Accuracy of a uniformly random ranking: k / C."""
+  return {f"top{k}": min(k, num_classes) / num_classes for k in ks}

@@ -1,0 +1,199 @@
+"""Evaluators: retrieval and zero-shot metrics on hand-worked cases, CIDEr-D against an
+independent implementation, and the whole suite on a tiny model."""
+
+import collections
+import io
+import math
+import os
+
+import numpy as np
+import pytest
+import sentencepiece
+
+from coca_jax import evaluate
+from coca_jax.evaluate import captioning, datasets, retrieval, zero_shot
+from coca_jax.models import coca
+from configs import tiny
+
+
+# ---- retrieval
+
+
+def test_identity_similarity_gives_perfect_recall():
+  metrics = retrieval.recall_at_k(np.eye(5), np.arange(5), ks=(1, 5))
+  assert all(v == 1.0 for v in metrics.values()), metrics
+
+
+def test_known_permutation_gives_known_recall():
+  # Image i's most similar text is text perm[i]; the true text of image i is text i.
+  # perm fixes 0 and 1 only -> image->text R@1 = 2/4; with scores 1 (perm) and 0.5
+  # (true text), the true text is 2nd for the other images -> R@2 = 1.
+  perm = np.array([0, 1, 3, 2])
+  similarity = np.zeros((4, 4))
+  similarity[np.arange(4), np.arange(4)] = 0.5
+  similarity[np.arange(4), perm] = 1.0
+  metrics = retrieval.recall_at_k(similarity, np.arange(4), ks=(1, 2))
+  assert metrics["image_to_text_r1"] == 0.5
+  assert metrics["image_to_text_r2"] == 1.0
+  # Text 3's best image is image 2 (score 1) then image 3 (0.5): same counts.
+  assert metrics["text_to_image_r1"] == 0.5
+  assert metrics["text_to_image_r2"] == 1.0
+
+
+def test_several_captions_per_image():
+  # Image 0 owns texts 0 and 1, image 1 owns text 2.
+  owner = np.array([0, 0, 1])
+  similarity = np.array(
+      [
+          [0.1, 0.9, 0.5],  # image 0: best text 1 (its own) -> hit at 1
+          [0.8, 0.4, 0.3],  # image 1: texts 0 and 1, then text 2 (own) -> 3rd
+      ]
+  )
+  metrics = retrieval.recall_at_k(similarity, owner, ks=(1, 2, 3))
+  assert metrics["image_to_text_r1"] == 0.5 and metrics["image_to_text_r2"] == 0.5
+  assert metrics["image_to_text_r3"] == 1.0
+  # texts: 0 -> best image 1 (miss at 1); 1 -> image 0 (hit); 2 -> image 0 (miss at 1).
+  assert metrics["text_to_image_r1"] == pytest.approx(1 / 3)
+  assert metrics["text_to_image_r2"] == 1.0
+
+
+def test_retrieval_chance_levels():
+  chance = retrieval.chance(np.arange(10), 10, ks=(1, 5))
+  assert chance["text_to_image_r1"] == pytest.approx(0.1)
+  assert chance["image_to_text_r5"] == pytest.approx(0.5)  # one caption among 10, 5 draws
+
+
+# ---- zero-shot
+
+
+def test_top_k_accuracy_by_hand():
+  scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
+  labels = np.array([1, 1, 0])  # ranks: 0, 1, 2
+  assert zero_shot.top_k_accuracy(scores, labels, ks=(1, 2, 3)) == {"top1": 1 / 3, "top2": 2 / 3, "top3": 1.0}
+
+
+def test_prompt_ensemble_is_mean_of_normalised_then_normalised():
+  vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 1.0], "a dog": [1.0, 0.0], "the dog": [2.0, 0.0]}
+  classifier = zero_shot.class_embeddings(
+      lambda texts: np.asarray([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"]
+  )
+  np.testing.assert_allclose(classifier, [[math.sqrt(0.5), math.sqrt(0.5)], [1.0, 0.0]], rtol=1e-6)
+  images = np.array([[0.0, 1.0], [1.0, 0.0]])
+  assert zero_shot.evaluate(images, np.array([0, 1]), classifier, ks=(1,)) == {"top1": 1.0}
+
+
+# ---- captioning
+
+
+def cider_d_by_hand(candidates, references, sigma=6.0):
+  """CIDEr-D (Vedantam et al. 2015, as in the COCO toolkit) from its definition:
+  tf-idf n-gram vectors (idf over the references of the corpus), counts of the candidate
+  clipped by the reference's, Gaussian penalty on the length difference, x10, averaged
+  over references, n-gram orders 1..4 and images. Inputs are already-normalised text."""
+
+  def grams(sentence, n):
+    words = sentence.split()
+    return collections.Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+  document_frequency = collections.Counter()
+  for refs in references:
+    document_frequency.update({g for r in refs for n in range(1, 5) for g in grams(r, n)})
+  log_images = math.log(len(references))
+
+  def tfidf(sentence, n):
+    return {g: c * (log_images - math.log(max(1, document_frequency[g]))) for g, c in grams(sentence, n).items()}
+
+  per_image = []
+  for candidate, refs in zip(candidates, references):
+    per_ref = []
+    for ref in refs:
+      orders = []
+      for n in range(1, 5):
+        vc, vr = tfidf(candidate, n), tfidf(ref, n)
+        norm_c = math.sqrt(sum(v * v for v in vc.values()))
+        norm_r = math.sqrt(sum(v * v for v in vr.values()))
+        dot = sum(min(v, vr.get(g, 0.0)) * vr.get(g, 0.0) for g, v in vc.items())
+        cosine = dot / (norm_c * norm_r) if norm_c and norm_r else 0.0
+        delta = len(candidate.split()) - len(ref.split())
+        orders.append(cosine * math.exp(-(delta**2) / (2 * sigma**2)))
+      per_ref.append(10.0 * sum(orders) / 4)
+    per_image.append(sum(per_ref) / len(per_ref))
+  return sum(per_image) / len(per_image)
+
+
+def test_cider_matches_an_independent_implementation():
+  predictions = ["A red heart!", "a blue star", "Smiling face, with sunglasses."]
+  references = [
+      ["a red heart", "red heart symbol", "a heart that is red"],
+      ["a green star", "blue star shape"],
+      ["smiling face with sunglasses", "a cool smiling face", "face with sunglasses"],
+  ]
+  expected = cider_d_by_hand(
+      ["a red heart", "a blue star", "smiling face with sunglasses"], references
+  )
+  scores = captioning.score(predictions, references)
+  assert scores["cider"] == pytest.approx(expected, rel=1e-9)
+  assert expected > 0.5  # the example is not degenerate
+  assert 0 < scores["bleu4"] < 1
+
+
+def test_bleu4_of_an_exact_match_is_one():
+  scores = captioning.score(["a cat on a red mat"], [["a cat on a red mat"]])
+  assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_normalize_matches_ptb_style_for_plain_text():
+  assert captioning.normalize("A Cat's hat, on   a MAT.") == "a cat's hat on a mat"
+
+
+# ---- the whole suite on a tiny model
+
+
+class RecordingWriter:
+  def __init__(self):
+    self.scalars = {}
+
+  def write_scalars(self, step, scalars):
+    self.scalars.update({(step, k): v for k, v in scalars.items()})
+
+  def flush(self):
+    pass
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  sentences = ["a photo of a class " + c for c in "abcdefghij"] + ["red green blue smiling face cat dog flag heart star"]
+  model = io.BytesIO()
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences * 10), model_writer=model, vocab_size=64,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+  )
+  return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+
+
+def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
+  config = tiny.get_config()
+  config.eval.evals = "zero_shot,retrieval,captioning,frozen"
+  config.eval.batch_size = 16
+  config.eval.num_examples = 24
+  config.eval.frozen.steps = 5
+  config.eval.frozen.batch_size = 8
+  config.eval.captioning.gallery_size = 4
+  model = coca.build(config.model, seed=0)
+  sets = datasets.synthetic(config.model.vision.image_size, num_examples=40)
+  writer = RecordingWriter()
+  metrics = evaluate.run(model, config, step=7, workdir=str(tmp_path), writer=writer, datasets=sets, vocab=vocab)
+  expected = {
+      "zero_shot/top1", "zero_shot/top5", "captioning/cider", "captioning/bleu4",
+      "frozen/accuracy", "frozen/train_accuracy",
+  } | {f"retrieval/{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
+  assert set(metrics) == expected
+  assert all(0.0 <= v <= 10.0 and np.isfinite(v) for v in metrics.values()), metrics
+  assert (7, "eval/zero_shot/top1") in writer.scalars
+  gallery = tmp_path / "eval" / "captions_7.html"
+  page = gallery.read_text()
+  assert page.count("data:image/png;base64,") == 4 and sets.alt_text.captions[0][0] in page
+  chance = evaluate.chance_levels(config, sets)
+  assert chance["zero_shot/top1"] == pytest.approx(0.1)
+  text = evaluate.report(metrics, chance)
+  assert "zero_shot/top1" in text and "0.1000" in text
