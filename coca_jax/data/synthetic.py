@@ -1,7 +1,8 @@
 """Synthetic batches in the training batch format, for benchmarks and trainer tests.
 
-Selected by `config.data.source="synthetic"`. Batch k of shard s is a pure function of
-(seed, k, s), so resuming at step k is free and exact.
+Selected by `config.data.source="synthetic"`. Row r of global batch k is a pure function
+of (seed, k, r): resuming at step k is free and exact, and any split of the global batch
+into host shards yields the same global batch (single- vs multi-process runs agree).
 """
 
 from typing import Iterator
@@ -10,15 +11,19 @@ import numpy as np
 
 
 def batch(seed: int, step: int, shard_index: int, local_batch_size: int, image_size: int, max_text_len: int, vocab_size: int) -> dict:
-  """One host batch: {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}}."""
-  rng = np.random.default_rng((seed, step, shard_index))
-  tokens = rng.integers(3, vocab_size, (local_batch_size, max_text_len)).astype(np.int32)
-  lengths = rng.integers(1, max_text_len, local_batch_size)  # real tokens incl. EOS
+  """Rows [shard_index * b, (shard_index + 1) * b) of global batch `step`, b = local_batch_size.
+
+  Returns {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}}.
+  """
+  rows = range(shard_index * local_batch_size, (shard_index + 1) * local_batch_size)
+  rngs = [np.random.default_rng((seed, step, row)) for row in rows]
+  tokens = np.stack([rng.integers(3, vocab_size, max_text_len) for rng in rngs]).astype(np.int32)
+  lengths = np.array([rng.integers(1, max_text_len) for rng in rngs])  # real tokens incl. EOS
+  image = np.stack([rng.standard_normal((image_size, image_size, 3), np.float32) for rng in rngs])
   positions = np.arange(max_text_len)[None]
   mask = (positions < lengths[:, None]).astype(np.int32)
   labels = np.where(positions == lengths[:, None] - 1, 1, tokens) * mask  # EOS = 1
   ids = np.concatenate([np.zeros((local_batch_size, 1), np.int32), labels[:, :-1]], axis=1)  # BOS = 0
-  image = rng.standard_normal((local_batch_size, image_size, image_size, 3), np.float32)
   return dict(image=image, text=dict(ids=ids, labels=labels, mask=mask))
 
 
