@@ -1,0 +1,44 @@
+"""Zero-shot classification of images with an exported CoCa.
+
+    python -m coca_jax.classify --export=DIR --classes="cat,dog" img.png [img2.png ...]
+
+Prints one line per image: `<path>\t<best class>\t<probability>\t<class=prob,...>`. A
+missing or unreadable image prints `<path>\tERROR: <reason>` on stderr; the others are
+still classified, and the exit status is 1 when any image failed.
+"""
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
+flags.DEFINE_string("classes", None, "Comma-separated class names.")
+flags.DEFINE_multi_string("template", None, "Prompt template with {} (repeatable; default: config.eval).")
+flags.DEFINE_integer("batch_size", 32, "Jitted batch size.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  paths = argv[1:]
+  classes = [c.strip() for c in (FLAGS.classes or "").split(",") if c.strip()]
+  if not FLAGS.export or not paths or not classes:
+    raise app.UsageError('usage: python -m coca_jax.classify --export=DIR --classes="a,b" IMAGE [IMAGE ...]')
+  from coca_jax import inference
+
+  model = inference.load(FLAGS.export, batch_size=FLAGS.batch_size)
+  pixels, failures = model.read_images(paths, errors="collect")
+  result = model.classify(pixels, classes, FLAGS.template) if len(pixels) else None
+  row = 0
+  for index, path in enumerate(paths):
+    if index in failures:
+      print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)
+      continue
+    probabilities = result.probabilities[row]
+    ranked = ",".join(f"{classes[c]}={probabilities[c]:.4f}" for c in probabilities.argsort()[::-1])
+    print(f"{path}\t{result.labels[row]}\t{probabilities.max():.4f}\t{ranked}", flush=True)
+    row += 1
+  return 1 if failures else 0
+
+
+if __name__ == "__main__":
+  app.run(main)

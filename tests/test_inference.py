@@ -1,0 +1,152 @@
+"""Inference API and CLIs on an export of the tiny config (random init)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import sentencepiece
+from flax import nnx
+from PIL import Image
+
+from coca_jax import export, inference
+from coca_jax.models import coca
+from configs import tiny
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("export")
+  sentences = ["a photo of a red heart", "a smiling face", "a green flag", "a blue star", "a cat", "a dog"]
+  sentencepiece.SentencePieceTrainer.train(
+      sentence_iterator=iter(sentences * 20), model_prefix=str(root / "sp"), vocab_size=64,
+      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+  )
+  config = tiny.get_config()
+  config.unlock()
+  config.data.source = "synthetic"  # the evaluate CLI then uses synthetic eval sets
+  config.data.vocab_path = str(root / "sp.model")
+  config.eval.num_examples = 16
+  config.eval.batch_size = 8
+  model = coca.build(config.model, seed=0)
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  export.write(params, config, str(root / "export"), "float32", str(root / "sp.model"))
+  return str(root / "export")
+
+
+@pytest.fixture(scope="module")
+def loaded(export_dir):
+  return inference.load(export_dir, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+  root = tmp_path_factory.mktemp("images")
+  rng = np.random.default_rng(0)
+  paths = []
+  for i in range(3):
+    path = root / f"img{i}.png"
+    Image.fromarray(rng.integers(0, 255, (20 + 4 * i, 24, 3), dtype=np.uint8)).save(path)
+    paths.append(str(path))
+  (root / "broken.png").write_bytes(b"not a png at all")
+  return paths, str(root / "broken.png"), str(root / "missing.png")
+
+
+def test_preprocess_resizes_the_short_side_and_centre_crops():
+  # 16 x 48 image: left, middle, right thirds in three colours; the 16-pixel crop of a
+  # 16 x 48 image keeps exactly the middle third.
+  image = np.zeros((16, 48, 3), np.uint8)
+  image[:, :16] = (255, 0, 0)
+  image[:, 16:32] = (0, 255, 0)
+  image[:, 32:] = (0, 0, 255)
+  out = inference.preprocess(image, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  assert out.shape == (16, 16, 3) and out.dtype == np.float32
+  np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to([-1.0, 1.0, -1.0], (16, 12, 3)), atol=1e-6)
+
+
+def test_images_as_paths_pil_or_arrays_agree(loaded, image_files):
+  paths, _, _ = image_files
+  as_pil = [Image.open(p) for p in paths]
+  as_arrays = [np.asarray(Image.open(p)) for p in paths]
+  by_path = loaded.embed_images(paths)
+  assert by_path.shape == (3, 16)
+  np.testing.assert_allclose(loaded.embed_images(as_pil), by_path, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(loaded.embed_images(as_arrays), by_path, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.linalg.norm(by_path, axis=1), 1.0, rtol=1e-5)
+
+
+def test_padding_the_last_batch_does_not_change_results(loaded, image_files):
+  paths, _, _ = image_files
+  five = paths + paths[:2]  # batch size 4: one full batch, one padded
+  embeddings = loaded.embed_images(five)
+  np.testing.assert_allclose(embeddings[3:], embeddings[:2], rtol=1e-5, atol=1e-6)
+  captions = loaded.caption(five)
+  assert len(captions) == 5 and captions[3:] == captions[:2]
+  assert loaded.caption(five, method="beam", beam_size=2)[3:] == loaded.caption(paths[:2], method="beam", beam_size=2)
+
+
+def test_classify_and_embed_texts(loaded, image_files):
+  paths, _, _ = image_files
+  result = loaded.classify(paths, ["cat", "dog", "red heart"])
+  assert len(result.labels) == 3 and result.probabilities.shape == (3, 3)
+  np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-5)
+  assert result.labels == [["cat", "dog", "red heart"][i] for i in result.probabilities.argmax(1)]
+  assert loaded.embed_texts(["a cat", "a dog"]).shape == (2, 16)
+
+
+def test_caption_with_a_prefix_continues_it(loaded, image_files):
+  paths, _, _ = image_files
+  with_prefix = loaded.caption(paths, prefix="a cat")  # 2-3 tokens of the tiny vocabulary
+  assert len(with_prefix) == 3 and all(isinstance(c, str) for c in with_prefix)
+
+
+def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
+  paths, broken, missing = image_files
+  with pytest.raises(inference.ImageError, match="missing.png"):
+    loaded.embed_images([paths[0], missing])
+  pixels, failures = loaded.read_images([paths[0], broken, missing, paths[1]], errors="collect")
+  assert len(pixels) == 2 and set(failures) == {1, 2}
+  assert "broken.png" in failures[1] and "missing.png" in failures[2]
+  with pytest.raises(FileNotFoundError, match="params"):
+    inference.load(str(tmp_path))
+
+
+def run_cli(module, *args):
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run(
+      [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+  )
+
+
+def test_caption_and_classify_cli(export_dir, image_files):
+  paths, broken, missing = image_files
+  out = run_cli("coca_jax.caption", f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1])
+  assert out.returncode == 1, out.stderr
+  lines = out.stdout.strip().splitlines()
+  assert [line.split("\t")[0] for line in lines] == [paths[0], paths[1]]
+  assert f"{missing}\tERROR" in out.stderr and f"{broken}\tERROR" in out.stderr
+  out = run_cli("coca_jax.classify", f"--export={export_dir}", "--classes=cat,dog", paths[0])
+  assert out.returncode == 0, out.stderr
+  path, label, probability, _ = out.stdout.strip().split("\t")
+  assert path == paths[0] and label in ("cat", "dog") and 0.5 <= float(probability) <= 1.0
+
+
+def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path):
+  out = run_cli(
+      "coca_jax.evaluate",
+      f"--export={export_dir}",
+      "--config=configs/tiny.py",
+      "--config.eval.evals=zero_shot,retrieval,captioning",
+      "--config.eval.num_examples=16",
+      "--config.eval.batch_size=8",
+      f"--workdir={tmp_path}",
+  )
+  assert out.returncode == 0, out.stderr[-3000:]
+  metrics = json.loads(out.stdout.strip().splitlines()[-1])
+  assert "zero_shot/top1" in metrics and "captioning/cider" in metrics and "retrieval/text_to_image_r1" in metrics
+  assert "chance" in out.stdout
+  assert (tmp_path / "eval" / "captions_0.html").exists()
