@@ -9,6 +9,7 @@ A restart with the same workdir resumes from the latest complete checkpoint. SIG
 (TPU VM preemption) saves a checkpoint at the next step boundary and exits 0.
 """
 
+import itertools
 import json
 import logging as std_logging
 import signal
@@ -62,6 +63,42 @@ def input_batches(config, mesh, start_step: int):
   return pipeline.train_batches(
       config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch, start_step=start_step
   )
+
+
+def held_out_batches(config, mesh):
+  """Up to config.train.eval_steps host batches of the held-out split."""
+  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  local_batch = config.data.global_batch_size // num_shards
+  if config.data.source == "synthetic":
+    # Batches the training run never sees: a different seed.
+    rows = synthetic.batches(
+        config, shard_index=shard_index, local_batch_size=local_batch, start_step=0, seed=config.data.seed + 1
+    )
+  else:
+    from coca_jax.data import pipeline
+
+    rows = pipeline.eval_batches(config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch)
+  return itertools.islice(rows, config.train.eval_steps)
+
+
+def evaluate_state(config, state, layout, eval_step, mesh, *, step: int, workdir: str, writer) -> dict:
+  """Held-out losses, then the eval suite of config.eval (zero-shot, retrieval, ...)."""
+  totals, count = {}, 0
+  for host_batch in held_out_batches(config, mesh):
+    terms = jax.device_get(eval_step(state, sharding.global_batch(host_batch, mesh, config.sharding_rules)))
+    totals = {k: totals.get(k, 0.0) + float(v) for k, v in terms.items()}
+    count += 1
+  metrics = {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
+  writer.write_scalars(step, metrics)
+  if config.eval.evals:
+    from coca_jax import evaluate
+
+    model = state_lib.model_from_params(layout.graphdef, state["params"])
+    with jax.set_mesh(mesh):
+      suite = evaluate.run(model, config, step=step, workdir=workdir if jax.process_index() == 0 else None, writer=writer)
+    metrics.update({f"eval/{k}": v for k, v in suite.items()})
+  logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+  return metrics
 
 
 def log_memory(compiled) -> None:
@@ -145,6 +182,7 @@ def train(config, workdir: str) -> dict:
     logging.info("resumed from checkpoint step %d", start_step)
 
   train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  eval_step = step_lib.make_eval_step(config, layout)
   batches = input_batches(config, mesh, start_step)
   first = sharding.global_batch(next(batches), mesh, config.sharding_rules)
   with jax.set_mesh(mesh):
@@ -154,7 +192,7 @@ def train(config, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = Preemption()
   speed = Throughput(config, start_step)
-  metrics, fetched = None, {}
+  metrics, fetched, evaluated = None, {}, {}
   step = start_step
   batch = first
   while step < config.train.steps:
@@ -172,6 +210,8 @@ def train(config, workdir: str) -> dict:
         writer.write_scalars(step, {**fetched, **rates})
     if saving:
       checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
+    if config.train.eval_every and (step % config.train.eval_every == 0 or last):
+      evaluated = evaluate_state(config, state, layout, eval_step, mesh, step=step, workdir=workdir, writer=writer)
     if preempted:
       logging.warning("preempted: checkpoint at step %d written; exiting", step)
       break
@@ -183,7 +223,14 @@ def train(config, workdir: str) -> dict:
   if step == config.train.steps:
     export.write(state["params"], config, str(workdir_path / "export"), config.train.export_dtype, export.vocab_file_of(config))
   mngr.close()
-  return dict(fetched, step=step)
+  if evaluated and config.eval.evals and jax.process_index() == 0:
+    from coca_jax import evaluate
+    from coca_jax.evaluate import datasets
+
+    suite = {k.removeprefix("eval/"): v for k, v in evaluated.items()}
+    chance = evaluate.chance_levels(config, datasets.load(config))
+    logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
+  return dict(fetched, step=step, **evaluated)
 
 
 def quiet_orbax_info(record: std_logging.LogRecord) -> bool:

@@ -25,4 +25,9 @@ def get_config(arg=None):
   c.train.steps = 20
   c.train.log_every = 5
   c.train.checkpoint_every = 5
+  c.train.eval_every = 0  # tests that need evaluation turn it on
+  c.train.eval_steps = 2
+  c.eval.evals = ""
+  c.eval.batch_size = 8
+  c.eval.num_examples = 16
   return c

@@ -143,7 +143,7 @@ def test_restore_onto_another_mesh_and_export(tmp_path, reference_run):
 
   # The export CLI writes bfloat16 by default.
   out = tmp_path / "exported"
-  result = run([sys.executable, "-m", "coca_jax.export", f"--workdir={ref_dir}", f"--output={out}", "--step=30"])
+  result = run([sys.executable, "-m", "coca_jax.export", f"--workdir={ref_dir}", f"--output={out}", f"--step={latest_step(ref_dir)}"])
   assert result.returncode == 0, result.stderr[-3000:]
   bf16_model, _ = export.load_model(str(out))
   np.testing.assert_allclose(bf16_model.encode_image(image)[0], model.encode_image(image)[0], atol=0.1)
@@ -179,5 +179,8 @@ def test_resolution_change_on_resume_resamples_position_embeddings(tmp_path):
   # Bilinear resampling keeps the grid's mean and its corner regions' values close.
   np.testing.assert_allclose(new.mean((0, 1)), old.mean((0, 1)), atol=0.01)
   np.testing.assert_allclose(new[0, 0], old[0, 0], atol=0.05)
+  # Continue at 48px with the periodic held-out evaluation on.
+  high.train.eval_every = 3
   final = train.train(high, str(tmp_path))
   assert final["step"] == 6 and np.isfinite(final["loss"])
+  assert np.isfinite(final["eval/loss"]) and np.isfinite(final["eval/captioning_loss"])

@@ -27,12 +27,12 @@ def batch(seed: int, step: int, shard_index: int, local_batch_size: int, image_s
   return dict(image=image, text=dict(ids=ids, labels=labels, mask=mask))
 
 
-def batches(config, *, shard_index: int, local_batch_size: int, start_step: int = 0) -> Iterator[dict]:
+def batches(config, *, shard_index: int, local_batch_size: int, start_step: int = 0, seed: int | None = None) -> Iterator[dict]:
   """Endless host batches from `start_step` on, shaped by `config.model` and `config.data`."""
   step = start_step
   while True:
     yield batch(
-        config.data.seed,
+        config.data.seed if seed is None else seed,
         step,
         shard_index,
         local_batch_size,

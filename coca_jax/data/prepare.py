@@ -1,0 +1,128 @@
+"""Builds the offline demo data: `python -m coca_jax.data.prepare [--data_dir=DIR]`.
+
+1. fetches the raw packages with their registries' clients (`npm pack`, `apt-get
+   download` + `dpkg-deb -x`, or the installed /usr/share/datasets files) into
+   `<data_dir>/raw`;
+2. builds the TFDS datasets `coca_fashion_mnist` and `coca_emoji` into
+   `<data_dir>/tfds` (coca_jax/data/builders.py, manual_dir = the raw files);
+3. trains the SentencePiece vocabulary on the training texts into
+   `<data_dir>/vocab/coca_demo.model`.
+
+Idempotent: finished parts are kept and a second run does nothing. `data_dir` defaults
+to $COCA_JAX_DATA or ~/.cache/coca_jax. The trainer runs this on first use of the demo.
+"""
+
+import itertools
+import logging
+import os
+
+from absl import app, flags
+
+from coca_jax.data import config as config_lib, raw
+
+VOCAB_FILE = os.path.join("vocab", "coca_demo.model")
+DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.0.0")
+
+
+def paths(data_dir: str = "") -> dict:
+  """The demo's folders and files under `data_dir` ("" = the default)."""
+  root = data_dir or config_lib.default_data_dir()
+  return dict(root=root, raw=os.path.join(root, "raw"), tfds=os.path.join(root, "tfds"), vocab=os.path.join(root, VOCAB_FILE))
+
+
+def _dataset_dir(tfds_dir: str, name_version: str) -> str:
+  name, version = name_version.split(":")
+  return os.path.join(tfds_dir, name, version)
+
+
+def is_prepared(data_dir: str = "") -> bool:
+  p = paths(data_dir)
+  built = all(os.path.exists(os.path.join(_dataset_dir(p["tfds"], d), "dataset_info.json")) for d in DEMO_DATASETS)
+  return built and os.path.exists(p["vocab"])
+
+
+def jft_texts(templates, label_names) -> list[str]:
+  """Every JFT-style text one example's labels can produce: templates x name orders."""
+  return [t.format(", ".join(order)) for t in templates for order in itertools.permutations(label_names)]
+
+
+def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) -> dict:
+  """Runs the three steps above, skipping finished ones; returns `paths(data_dir)`."""
+  import tensorflow_datasets as tfds
+
+  from coca_jax.data import builders, vocab
+
+  tfds.disable_progress_bar()
+  p = paths(data_dir)
+  print(f"[prepare] demo data under {p['root']}", flush=True)
+  print("[prepare] 1/3 raw packages (npm pack, apt-get download)", flush=True)
+  fetched = raw.fetch(p["raw"])
+  manual_dirs = dict(coca_fashion_mnist=fetched["fashion_mnist"], coca_emoji=p["raw"])
+  for builder_cls in (builders.CocaFashionMnist, builders.CocaEmoji):
+    builder = builder_cls(data_dir=p["tfds"])
+    if os.path.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+      print(f"[prepare] 2/3 {builder.name}: already built", flush=True)
+      continue
+    print(f"[prepare] 2/3 building TFDS {builder.name} into {p['tfds']}", flush=True)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dirs[builder.name], verify_ssl=False),
+    )
+    splits = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
+    print(f"[prepare]     {builder.name}: {splits}", flush=True)
+  if os.path.exists(p["vocab"]):
+    print(f"[prepare] 3/3 vocabulary: already at {p['vocab']}", flush=True)
+  else:
+    print(f"[prepare] 3/3 training a {vocab_size}-piece SentencePiece vocabulary", flush=True)
+    defaults = config_lib.get_config()
+    texts = [r["caption"] for r in raw.emoji_records(fetched) if r["split"] == "train"]
+    for names in raw.FASHION_MNIST_CLASSES:
+      texts += jft_texts(defaults.jft_style.templates, names)
+    vocab.train(texts, p["vocab"], vocab_size)
+    print(f"[prepare]     {len(texts)} texts -> {p['vocab']}", flush=True)
+  print("[prepare] done", flush=True)
+  return p
+
+
+def uses_demo_data(data_config) -> bool:
+  """Whether the config reads the demo's TFDS datasets from the default location."""
+  return (
+      data_config.jft_style.tfds_name in DEMO_DATASETS
+      and not data_config.jft_style.tfds_data_dir
+      and not data_config.alt_text.tfds_data_dir
+  )
+
+
+def ensure_demo_data(data_config) -> None:
+  """Prepares the demo data on first use and fills in the config's derived paths
+  (`data_dir`, `vocab_path`), so config.json and exports name the real files."""
+  if not data_config.data_dir:
+    data_config.data_dir = config_lib.default_data_dir()
+  p = paths(data_config.data_dir)
+  if uses_demo_data(data_config) and not is_prepared(data_config.data_dir):
+    if not data_config.prepare_demo:
+      raise FileNotFoundError(
+          f"demo data missing under {p['root']} and config.data.prepare_demo is off; run "
+          f"`python -m coca_jax.data.prepare --data_dir={p['root']}`"
+      )
+    prepare(data_config.data_dir)
+  if not data_config.vocab_path:
+    data_config.vocab_path = p["vocab"]
+  if not os.path.exists(data_config.vocab_path):
+    raise FileNotFoundError(f"config.data.vocab_path: no SentencePiece model at {data_config.vocab_path!r}")
+
+
+def main(argv):
+  del argv
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    prepare(flags.FLAGS.data_dir, flags.FLAGS.vocab_size)
+  except raw.MissingClientError as e:
+    raise SystemExit(f"[prepare] {e}") from e
+
+
+if __name__ == "__main__":
+  # Flags are defined only when run as a program, so importing this module from the
+  # trainer adds none.
+  flags.DEFINE_string("data_dir", "", "Output folder ('' = $COCA_JAX_DATA or ~/.cache/coca_jax).")
+  flags.DEFINE_integer("vocab_size", config_lib.DEMO_VOCAB_SIZE, "SentencePiece pieces (at most).")
+  app.run(main)
