@@ -1,8 +1,14 @@
 """Adafactor with momentum, update clipping and decoupled weight decay (Section 4.1).
 
 The paper trains with Adafactor, beta1 = 0.9, beta2 = 0.999 and decoupled weight decay
-0.01. Our reading of beta2 = 0.999, as in "Scaling Vision Transformers" (Zhai et al.
-2021): Adafactor's step-dependent second-moment decay 1 - t^-0.8, capped at 0.999. A
+0.01. Weight decay is decoupled as in AdamW (Loshchilov & Hutter 2019) and PyTorch's
+AdamW: it bypasses the gradient and Adafactor's scaling and clipping, and shrinks each
+decayed parameter by lr(t) * 0.01 per step. (Scaling by the schedule's multiplier alone,
+without the peak lr, would shrink parameters by up to 1% per step: e^-2500 over the
+paper's 500k steps, which no run could mean.)
+
+Our reading of beta2 = 0.999, as in "Scaling Vision Transformers" (Zhai et al. 2021):
+Adafactor's step-dependent second-moment decay 1 - t^-0.8, capped at 0.999. A
 constant 0.999 from step 1 would need bias correction (Adafactor has none): the
 step-dependent rate is Adafactor's own way of averaging the first steps without bias,
 and the cap makes the long-run decay the paper's 0.999.
@@ -41,11 +47,12 @@ def decay_mask(params, no_decay: tuple[str, ...]):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def decoupled_weight_decay(rate: float, multiplier: optax.Schedule, mask) -> optax.GradientTransformation:
-  """Adds -rate * multiplier(step) * param to the (already scaled) update, where masked in.
+def decoupled_weight_decay(rate: float, learning_rate: optax.Schedule, mask) -> optax.GradientTransformation:
+  """Adds -rate * learning_rate(step) * param to the (already scaled) update, where masked in.
 
-  optax.add_decayed_weights takes no schedule and would be scaled by the learning rate
-  if placed before it; decoupled decay follows the schedule's multiplier only.
+  optax.add_decayed_weights placed earlier in the chain would be rescaled by Adafactor's
+  clipping and momentum; this runs last, on the final update, so the decay is exactly
+  rate * lr(t) * param.
   """
 
   def init(params):
@@ -53,7 +60,7 @@ def decoupled_weight_decay(rate: float, multiplier: optax.Schedule, mask) -> opt
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params):
-    factor = rate * multiplier(state.count)
+    factor = rate * learning_rate(state.count)
     updates = jax.tree.map(
         lambda u, p, m: u - factor * p if m else u, updates, params, mask(params) if callable(mask) else mask
     )
@@ -66,6 +73,10 @@ def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransf
   """Returns (optimizer, learning-rate schedule) from `config.optim`."""
   cfg = optim_config
   multiplier = lr_multiplier(cfg, total_steps)
+
+  def schedule(step):
+    return cfg.lr * multiplier(step)
+
   beta2_cap = cfg.beta2
 
   def second_moment_decay(step, exponent):
@@ -83,10 +94,8 @@ def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransf
       ),
       optax.clip_by_block_rms(cfg.update_clip),
       optax.ema(cfg.beta1, debias=False),  # momentum on the clipped update
-      optax.scale_by_learning_rate(lambda step: cfg.lr * multiplier(step)),
+      optax.scale_by_learning_rate(schedule),
   ]
   if cfg.weight_decay > 0:
-    parts.append(
-        decoupled_weight_decay(cfg.weight_decay, multiplier, lambda p: decay_mask(p, tuple(cfg.no_decay)))
-    )
-  return optax.chain(*parts), lambda step: cfg.lr * multiplier(step)
+    parts.append(decoupled_weight_decay(cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))))
+  return optax.chain(*parts), schedule

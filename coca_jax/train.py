@@ -57,12 +57,23 @@ def input_batches(config, mesh, start_step: int):
   logging.info("data shard %d of %d, local batch %d", shard_index, num_shards, local_batch)
   if config.data.source == "synthetic":
     return synthetic.batches(config, shard_index=shard_index, local_batch_size=local_batch, start_step=start_step)
-  from coca_jax.data import pipeline, prepare  # TensorFlow is imported only when needed
+  from coca_jax.data import pipeline  # TensorFlow is imported only when needed
 
-  prepare.ensure_demo_data(config.data)
   return pipeline.train_batches(
       config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch, start_step=start_step
   )
+
+
+def prepare_data(config) -> None:
+  """Checks the data source; builds the demo data on first use and resolves its paths
+  into the config (so config.json and the export name the vocabulary)."""
+  if config.data.source not in ("mixture", "synthetic"):
+    raise ValueError(f"config.data.source={config.data.source!r}; expected 'mixture' or 'synthetic'")
+  if config.data.source == "mixture":
+    from coca_jax.data import pipeline, prepare
+
+    prepare.ensure_demo_data(config.data)
+    pipeline.check_vocab(config)
 
 
 def held_out_batches(config, mesh):
@@ -159,6 +170,7 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
+  prepare_data(config)
   if jax.process_index() == 0:
     workdir_path.mkdir(parents=True, exist_ok=True)
     (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))

@@ -41,8 +41,8 @@ def test_decoupled_weight_decay_on_zero_gradient():
   for step in range(7):
     updates, state = optimizer.update(zeros, state, params)
     new = optax.apply_updates(params, updates)
-    lr_mult = min(step / 10, 1.0)  # warmup over 10% of 100 steps
-    np.testing.assert_allclose(new["dense"]["kernel"], params["dense"]["kernel"] * (1 - lr_mult * 0.01), rtol=1e-6)
+    lr_mult = min(step / 10, 1.0)  # warmup over 10% of 100 steps; peak lr 0.5
+    np.testing.assert_allclose(new["dense"]["kernel"], params["dense"]["kernel"] * (1 - 0.5 * lr_mult * 0.01), rtol=1e-6)
     np.testing.assert_array_equal(new["dense"]["bias"], params["dense"]["bias"])  # masked out
     params = new
 

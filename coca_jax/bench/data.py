@@ -1,0 +1,54 @@
+"""Input pipeline throughput: examples/s of the seqio mixture alone, host-local batches.
+
+    python -m coca_jax.bench data [--config=configs/demo.py] [--batches=100] [--warmup=10]
+
+Reads the training mixture of the config (the prepared demo data by default; prepares
+it on first use) exactly as the trainer does, one host shard of the whole batch, and
+times `--batches` batches after `--warmup` (which absorb the shuffle buffer fill and
+tf.data's autotuning). Prints a table and a final JSON line; asserts nothing about time.
+Compare with `python -m coca_jax.bench step --config=configs/demo.py`: the pipeline
+must deliver more examples/s than the train step consumes.
+"""
+
+import argparse
+import importlib.util
+import json
+import time
+
+from coca_jax.data import pipeline, prepare
+
+
+def load_config(path: str):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def measure(data_config, batch_size: int, batches: int, warmup: int) -> dict:
+  iterator = pipeline.train_batches(data_config, shard_index=0, num_shards=1, local_batch_size=batch_size)
+  for _ in range(warmup):
+    next(iterator)
+  start = time.perf_counter()
+  for _ in range(batches):
+    next(iterator)
+  seconds = time.perf_counter() - start
+  return dict(batch=batch_size, batches=batches, seconds=seconds, examples_per_s=batches * batch_size / seconds)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m coca_jax.bench data", description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/demo.py")
+  parser.add_argument("--batches", type=int, default=100)
+  parser.add_argument("--warmup", type=int, default=10)
+  args = parser.parse_args(argv)
+  config = load_config(args.config)
+  prepare.ensure_demo_data(config.data)
+  result = measure(config.data, config.data.global_batch_size, args.batches, args.warmup)
+  print(f"{'config':<20} {'batch':>6} {'batches':>8} {'seconds':>8} {'examples/s':>11}")
+  print(f"{args.config:<20} {result['batch']:>6} {result['batches']:>8} {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}")
+  print(json.dumps(dict(bench="data", config=args.config, **result)))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,274 @@
+"""The seqio data pipeline on small datasets the tests build: a Fashion-MNIST-format
+TFDS dataset (through the real builder) and TFRecord alt-text shards."""
+
+import gzip
+import io
+import os
+
+import numpy as np
+import pytest
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from coca_jax.data import builders, config as data_config_lib, pipeline, prepare, preprocess, raw, tasks, vocab
+
+N_TRAIN, N_TEST, N_CAPTIONS = 300, 40, 60
+MAX_LEN, SIZE = 12, 16
+
+
+def write_idx(path, array):
+  header = bytes([0, 0, 8, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+  with gzip.open(path, "wb") as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def png(array) -> bytes:
+  out = io.BytesIO()
+  Image.fromarray(array).save(out, format="PNG")
+  return out.getvalue()
+
+
+def caption(i: int) -> str:
+  return f"emoji number {i} with a {['red', 'green', 'blue'][i % 3]} face"
+
+
+def write_alt_text(path, rows):
+  with tf.io.TFRecordWriter(path) as writer:
+    for image_bytes, text in rows:
+      feature = dict(
+          image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+          caption=tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
+      )
+      writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  """Fashion-MNIST-format idx files -> the real TFDS builder; colour RGBA PNGs with
+  unique captions -> TFRecord shards; a small SentencePiece vocabulary."""
+  root = tmp_path_factory.mktemp("data")
+  rng = np.random.default_rng(0)
+  idx = root / "idx"
+  idx.mkdir()
+  for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+    images_file, labels_file = raw.FASHION_MNIST_FILES[split]
+    write_idx(idx / images_file, rng.integers(0, 256, (n, 28, 28)))
+    write_idx(idx / labels_file, np.arange(n) % 10)
+  builder = builders.CocaFashionMnist(data_dir=str(root / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(idx)))
+
+  colour = lambda: rng.integers(0, 256, (20, 24, 4)).astype(np.uint8)  # non-square RGBA
+  rows = [(png(colour()), caption(i)) for i in range(N_CAPTIONS)]
+  write_alt_text(str(root / "alt-00000-of-00002.tfrecord"), rows[: N_CAPTIONS // 2])
+  write_alt_text(str(root / "alt-00001-of-00002.tfrecord"), rows[N_CAPTIONS // 2 :])
+  texts = [c for _, c in rows] + prepare.jft_texts(data_config_lib.get_config().jft_style.templates, ("t-shirt", "clothing"))
+  texts += [f"{a} {b}" for a, b in raw.FASHION_MNIST_CLASSES]
+  vocab.train(texts, str(root / "vocab.model"), 120)
+  return root
+
+
+def make_config(root, **rates):
+  c = data_config_lib.get_config()
+  c.data_dir = str(root)
+  c.vocab_path = str(root / "vocab.model")
+  c.image_size = SIZE
+  c.max_text_len = MAX_LEN
+  c.shuffle_buffer = 64
+  c.image.flip = True
+  c.jft_style.eval_split = "test"
+  c.alt_text.files = str(root / "alt-*.tfrecord")
+  if rates:
+    c.rates = rates
+  return c
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def is_grey(images):
+  """[B, S, S, 3] -> [B] bool: Fashion-MNIST rows are grey (R = G = B)."""
+  return np.abs(images - images[..., :1]).max(axis=(1, 2, 3)) < 1e-6
+
+
+@pytest.mark.parametrize("jft_rate", [0.5, 0.25])
+def test_mixture_proportions_within_three_points(data_dir, jft_rate):
+  config = make_config(data_dir, jft_style=jft_rate, alt_text=1 - jft_rate)
+  batches = take(pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=100), 20)
+  grey = np.concatenate([is_grey(b["image"]) for b in batches])
+  assert len(grey) == 2000
+  assert abs(grey.mean() - jft_rate) < 0.03, grey.mean()
+
+
+def test_batch_contract(data_dir):
+  config = make_config(data_dir)
+  batch = next(pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=8))
+  assert set(batch) == {"image", "text"} and set(batch["text"]) == {"ids", "labels", "mask"}
+  assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
+  for key in ("ids", "labels", "mask"):
+    assert batch["text"][key].shape == (8, MAX_LEN) and batch["text"][key].dtype == np.int32
+  ids, labels, mask = batch["text"]["ids"], batch["text"]["labels"], batch["text"]["mask"]
+  assert (ids[:, 0] == 0).all()  # BOS
+  np.testing.assert_array_equal(ids[:, 1:] * mask[:, 1:], labels[:, :-1] * mask[:, 1:])  # shifted by one
+  lengths = mask.sum(1)
+  for row, n in enumerate(lengths):
+    assert mask[row, :n].all() and not mask[row, n:].any()  # a prefix of ones
+    assert labels[row, n - 1] == 1 and (labels[row, : n - 1] > 1).all()  # tokens then EOS
+    assert not labels[row, n:].any() and not ids[row, n:].any()  # padding is 0
+  # Mean 0.5 / std 0.5: pixels in [-1, 1]; images are not constant.
+  assert np.isfinite(batch["image"]).all()
+  assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+  assert batch["image"].std(axis=(1, 2, 3)).min() > 0.01
+
+
+def test_jft_text_is_a_prompt_of_shuffled_label_names(data_dir):
+  config = make_config(data_dir, jft_style=1.0, alt_text=0.0)
+  tasks.register(config)
+  task = seqio.get_mixture_or_task("jft_style")
+  texts = {row["text_pretokenized"].decode() for row in task.get_dataset(None, "train", shuffle=False, num_epochs=1, use_cached=False).take(100).as_numpy_iterator()}
+  templates = config.jft_style.templates
+  for text in texts:
+    assert any(text.startswith(t.split("{}")[0]) for t in templates), text
+  # Both orders of the two label names occur ("t-shirt, clothing" and "clothing, t-shirt").
+  assert any("t-shirt, clothing" in t for t in texts) and any("clothing, t-shirt" in t for t in texts)
+
+
+def shard_captions(config, index, num_shards):
+  tasks.register(config)
+  task = seqio.get_mixture_or_task("alt_text_eval")
+  ds = task.get_dataset(None, "validation", shuffle=False, num_epochs=1, use_cached=False, shard_info=seqio.ShardInfo(index, num_shards))
+  return [row["text_pretokenized"].decode() for row in ds.as_numpy_iterator()]
+
+
+@pytest.mark.parametrize("num_shards", [2, 3])
+def test_host_shards_are_disjoint_and_cover_the_data(data_dir, num_shards):
+  config = make_config(data_dir)
+  shards = [shard_captions(config, i, num_shards) for i in range(num_shards)]
+  flat = [c for s in shards for c in s]
+  assert len(flat) == len(set(flat)) == N_CAPTIONS
+  assert set(flat) == {caption(i) for i in range(N_CAPTIONS)}
+
+
+def test_resume_at_step_k_equals_the_uninterrupted_sequence(data_dir):
+  config = make_config(data_dir)
+  kwargs = dict(shard_index=1, num_shards=2, local_batch_size=8)
+  full = take(pipeline.train_batches(config, **kwargs), 6)
+  resumed = take(pipeline.train_batches(config, start_step=4, **kwargs), 2)
+  for a, b in zip(full[4:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+  # Another seed gives another sequence.
+  config.seed = 1
+  other = take(pipeline.train_batches(config, **kwargs), 1)
+  assert not np.array_equal(other[0]["image"], full[0]["image"])
+
+
+def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_dir):
+  good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(5)]
+  bad_png = png(np.zeros((8, 8, 3), np.uint8))[:30]  # truncated: header only
+  rows = good[:2] + [(bad_png, "broken image"), (good[2][0], "  "), (b"not an image", "junk")] + good[2:]
+  write_alt_text(str(tmp_path / "bad.tfrecord"), rows)
+  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.alt_text.files = str(tmp_path / "bad.tfrecord")
+  before = pipeline.bad_data_counts()
+  captions = shard_captions(config, 0, 1)
+  after = pipeline.bad_data_counts()
+  assert captions == [f"good {i}" for i in range(5)]
+  assert after.get(preprocess.UNDECODABLE, 0) - before.get(preprocess.UNDECODABLE, 0) == 2
+  assert after.get(preprocess.EMPTY_TEXT, 0) - before.get(preprocess.EMPTY_TEXT, 0) == 1
+
+
+def test_decode_rgb_composites_alpha_on_white_and_expands_grey():
+  rgba = np.zeros((2, 2, 4), np.uint8)
+  rgba[0, 0] = (255, 0, 0, 255)  # opaque red
+  rgba[0, 1] = (0, 0, 255, 0)  # fully transparent blue -> white
+  rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black -> mid grey
+  out = preprocess.decode_rgb(png(rgba))
+  assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+  np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
+  np.testing.assert_array_equal(out[0, 1], (255, 255, 255))
+  np.testing.assert_allclose(out[1, 0], (127, 127, 127), atol=1)
+  grey = preprocess.decode_rgb(png(np.full((3, 5), 77, np.uint8)))
+  assert grey.shape == (3, 5, 3) and (grey == 77).all()
+
+
+def test_eval_image_center_crops_the_shorter_side():
+  # A 4x8 image whose left and right quarters are black, middle white: the center
+  # crop of the resized 16x32 image is the white middle.
+  image = np.zeros((4, 8, 3), np.uint8)
+  image[:, 2:6] = 255
+  ds = tf.data.Dataset.from_tensors(dict(image=tf.constant(image)))
+  out = next(preprocess.eval_image(ds, size=16, mean=(0.0,) * 3, std=(1.0,) * 3).as_numpy_iterator())["image"]
+  assert out.shape == (16, 16, 3)
+  assert out[:, 2:-2].min() > 0.95
+
+
+def test_emoji_split_keeps_skin_tones_of_one_emoji_together():
+  base = "1F44B"
+  tones = [f"{base}-{t}" for t in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")]
+  assert {raw.emoji_split(c) for c in [base] + tones} == {raw.emoji_split(base)}
+  splits = [raw.emoji_split(f"{0x1F300 + i:X}") for i in range(2000)]
+  assert 0.05 < splits.count("validation") / len(splits) < 0.15
+
+
+def test_missing_client_names_the_command(tmp_path, monkeypatch):
+  monkeypatch.setenv("PATH", str(tmp_path))  # no npm on PATH
+  with pytest.raises(raw.MissingClientError, match="npm pack emojibase-data@17.0.0"):
+    raw.npm_tarball(str(tmp_path / "cache"), "emojibase-data@17.0.0")
+
+
+def test_vocab_larger_than_the_model_is_a_config_error(data_dir):
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.data.vocab_path = str(data_dir / "vocab.model")
+  config.model.text.vocab_size = 50
+  with pytest.raises(ValueError, match="config.model.text.vocab_size=50"):
+    pipeline.check_vocab(config)
+
+
+@pytest.mark.skipif(not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)")
+def test_prepared_demo_data_and_eval_sets():
+  from coca_jax.data import eval_sets
+  from configs import demo
+
+  config = demo.get_config()
+  config.eval.num_examples = 50
+  prepare.ensure_demo_data(config.data)
+  classes = eval_sets.classification(config)
+  assert classes["class_names"][:2] == ["t-shirt", "trousers"] and len(classes["class_names"]) == 10
+  assert len(classes["images"]) == 50 and classes["images"][0].shape == (32, 32, 3)
+  captions = eval_sets.alt_text(config)
+  assert len(captions["images"]) == 50 and all(len(c) == 1 and c[0] for c in captions["captions"])
+  assert len({c[0] for c in captions["captions"]}) == 50
+  # Demo vocabulary: pad/EOS/unk as the model expects, under the model's vocab size.
+  sp = seqio.SentencePieceVocabulary(config.data.vocab_path)
+  assert sp.pad_id == 0 and sp.eos_id == 1 and sp.unk_id == 2 and sp.vocab_size <= config.model.text.vocab_size
+  assert os.path.exists(os.path.join(prepare.paths()["tfds"], "coca_emoji", "1.0.0", "dataset_info.json"))
+
+
+def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_path):
+  """The trainer end to end on seqio data: held-out losses and the eval suite run at
+  eval steps, the export carries the vocabulary, config.json names it."""
+  import json
+
+  from coca_jax import train
+  from configs import tiny
+
+  config = tiny.get_config()
+  data = make_config(data_dir)
+  for key in ("data_dir", "vocab_path", "shuffle_buffer"):
+    config.data[key] = data[key]
+  config.data.alt_text.files = data.alt_text.files
+  config.model.text.vocab_size = 128
+  config.train.update(steps=4, eval_every=2, checkpoint_every=2, export_dtype="float32")
+  config.eval.update(evals="zero_shot,retrieval,captioning", num_examples=16)
+  final = train.train(config, str(tmp_path))
+  assert final["step"] == 4 and np.isfinite(final["eval/loss"])
+  assert 0.0 <= final["eval/zero_shot/top1"] <= final["eval/zero_shot/top5"] <= 1.0
+  assert 0.0 <= final["eval/retrieval/image_to_text_r1"] <= 1.0 and final["eval/captioning/cider"] >= 0.0
+  assert (tmp_path / "eval" / "captions_4.html").exists()
+  assert (tmp_path / "export" / "vocab.model").read_bytes() == (data_dir / "vocab.model").read_bytes()
+  assert json.loads((tmp_path / "config.json").read_text())["data"]["vocab_path"] == str(data_dir / "vocab.model")
