@@ -16,11 +16,13 @@ import os
 import time
 
 import numpy as np
+from absl import logging
 
 from coca_jax import decode
 from coca_jax.evaluate import captioning, datasets as datasets_lib, encoders, frozen, retrieval, zero_shot
 
 EVALS = ("zero_shot", "retrieval", "captioning", "frozen")
+SAMPLE_CAPTIONS = 4  # logged at each captioning eval
 
 
 def enabled_evals(eval_config) -> list[str]:
@@ -88,6 +90,8 @@ def run(model, config, *, step: int, workdir: str | None = None, writer=None, da
       tokens, _ = encoder.caption(data.images, decode_options(config), seed=eval_config.decode.seed)
       predictions = encoders.detokenize(vocab, tokens)
       result = captioning.score(predictions, data.captions)
+      for prediction, references in list(zip(predictions, data.captions))[:SAMPLE_CAPTIONS]:
+        logging.info("sample caption at step %d: %r (reference: %r)", step, prediction, references[0])
       if workdir:
         shown = eval_config.captioning.gallery_size
         captioning.write_gallery(
