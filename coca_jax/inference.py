@@ -10,9 +10,9 @@ Legend: N images/texts, H/W model image size, C classes, E joint embedding width
 Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4], uint8 0..255 or
 float 0..1). They are preprocessed like the eval split of the data pipeline: converted to
 RGB (transparent pixels composited over white, greyscale replicated), shorter side
-resized to the model's image size (bicubic), centre-cropped to a square, scaled to
-[0, 1], then normalised with config.data.image_mean / image_std (default 0.5 / 0.5, i.e.
-[-1, 1]). Inputs are processed in fixed-size batches (the last one padded), so each
+resized to the model's image size (bilinear with antialiasing, as tf.image.resize in the
+pipeline), centre-cropped to a square, scaled to [0, 1], then normalised with
+config.data.image.mean / std (default 0.5 / 0.5, i.e. [-1, 1]). Inputs are processed in fixed-size batches (the last one padded), so each
 function compiles once.
 """
 
@@ -69,7 +69,7 @@ def preprocess(image_uint8: np.ndarray, image_size: int, mean=DEFAULT_MEAN, std=
   image = Image.fromarray(image_uint8)
   scale = image_size / min(image.size)
   width, height = max(image_size, round(image.size[0] * scale)), max(image_size, round(image.size[1] * scale))
-  image = image.resize((width, height), Image.BICUBIC)
+  image = image.resize((width, height), Image.BILINEAR)
   left, top = (width - image_size) // 2, (height - image_size) // 2
   image = image.crop((left, top, left + image_size, top + image_size))
   pixels = np.asarray(image, np.float32) / 255.0
@@ -92,8 +92,9 @@ class Model:
     self.vocab = vocab
     self.image_size = config.model.vision.image_size
     self.max_text_len = config.model.text.max_len
-    self.mean = tuple(config.data.get("image_mean", DEFAULT_MEAN))
-    self.std = tuple(config.data.get("image_std", DEFAULT_STD))
+    image_config = config.data.get("image", {})
+    self.mean = tuple(image_config.get("mean", DEFAULT_MEAN))
+    self.std = tuple(image_config.get("std", DEFAULT_STD))
     self.temperature = float(model.temperature())
     self._encoders = encoders.Encoders(model, batch_size)
 
