@@ -1,5 +1,6 @@
 """Multi-process start-up: `jax.distributed.initialize()` once, when the run spans processes."""
 
+import importlib.util
 import os
 
 import jax
@@ -7,10 +8,13 @@ from absl import logging
 
 
 def _cluster_detected() -> bool:
-  """True on a multi-host TPU VM slice or a multi-task SLURM job (JAX auto-detects both)."""
+  """True on a TPU VM (libtpu installed) or in a multi-task SLURM job: JAX's own
+  auto-detection then finds the peers (TPU VM metadata, SLURM variables). On a TPU VM
+  the worker list lives in the instance metadata, not always in the environment, so the
+  presence of libtpu decides; on a single-host TPU VM initialize() finds one process."""
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  return len(tpu_hosts) > 1 or slurm_tasks > 1
+  return len(tpu_hosts) > 1 or slurm_tasks > 1 or importlib.util.find_spec("libtpu") is not None
 
 
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:

@@ -1,0 +1,274 @@
+"""Training throughput of coca_jax vs open_clip's CoCa (PyTorch), same model size, this CPU.
+
+    python -m coca_jax.bench open_clip [--width=256] [--batch_size=32] [--steps=20] [--no_install]
+
+Both sides train the same shapes from random init on synthetic data (no downloads):
+width D=256, 4 heads, ViT 4 layers MLP 1024 on 64x64 images in 8x8 patches (64 tokens),
+2 unimodal + 2 multimodal decoder layers MLP 1024, vocabulary 4096, text length 32,
+64 caption queries, joint embedding 256, batch 32, float32, no rematerialisation. A
+training example/s counts forward + backward + optimizer step; compilation (JAX) and
+warm-up steps are excluded; the median (and best) step time of `--steps` timed steps is
+reported. The sides run one after the other (never together: they would share the cores),
+each with every core of the machine (torch.set_num_threads(os.cpu_count()); XLA's CPU
+backend uses all cores). The ratio is coca_jax / open_clip. Other work on the machine
+skews it (torch's OpenMP threads suffer more from a busy core than XLA's pool): the load
+average is printed before each side, run it on an otherwise idle machine. Prints a table
+and a final JSON line; asserts nothing about time.
+
+open_clip runs in its own virtualenv, `.bench-venv` at the repository root (ignored by
+git), so the project's environment never sees torch. Without it the script creates it
+(unless --no_install) with the project's Python 3.11, printing the command:
+    python3.11 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.14.1 \\
+        torchvision==0.29.1 open-clip-torch==3.3.0
+(pip takes torch and torchvision from this machine's local wheel store; 5.5 GB). The
+PyTorch side is coca_jax/bench/_open_clip_worker.py, run there as a subprocess that
+prints one JSON line; the JAX side runs in this process with the trainer's own step.
+
+The two models are the same size, not the same architecture (parameter counts printed):
+- open_clip's vision tower has one 256-query (here `caption_queries`) attentional pooler;
+  its token 0 goes to the contrastive loss and all tokens to the decoder. coca_jax has the
+  paper's two poolers, a 1-query contrastive pooler reading the caption pooler ("cascade").
+- open_clip's multimodal layers are two residual blocks each (self-attention + MLP, then
+  cross-attention + MLP): two MLPs per layer where coca_jax (and the paper) has one.
+- open_clip's ViT has a class token and a pre-LayerNorm; its pooler output is
+  `embed_dim` wide (the benchmark sets embed_dim = width so the decoder sees D-wide tokens
+  on both sides).
+- open_clip's text input is [BOS, l1..lT] (T + 1 ids, so its caption loss covers T tokens
+  like coca_jax's); its unimodal tower sees T + 2 positions with [CLS], coca_jax's T + 1.
+- Optimizer: torch AdamW (open_clip's training default) vs coca_jax's Adafactor with
+  decoupled weight decay (the paper's); Adafactor keeps factored second moments.
+- Loss: open_clip's CoCaLoss (CLIP loss + 2 x caption cross-entropy) vs coca_jax's total
+  loss (same weights; coca_jax also computes contrastive accuracy and norms as metrics).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from coca_jax import config as config_lib
+from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax.data import synthetic
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("_open_clip_worker.py")
+BENCH_VENV = REPO_ROOT / ".bench-venv"
+# What LIBRARY_FACTS.md records as installing together on Python 3.11 here.
+BENCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0")
+
+
+def bench_config(args):
+  """coca_jax's config for the benchmark model: configs/*.py's builder, benchmark numbers."""
+  config = config_lib.coca_config(
+      width=args.width,
+      heads=args.heads,
+      vision_layers=args.vision_layers,
+      vision_mlp=4 * args.width,
+      unimodal_layers=args.unimodal_layers,
+      multimodal_layers=args.multimodal_layers,
+      # open_clip's decoder tower always uses MLP ratio 4.
+      text_mlp=4 * args.width,
+      embed_dim=args.width,
+      image_size=args.image_size,
+      patch_size=args.patch_size,
+      vocab_size=args.vocab_size,
+      max_text_len=args.text_len,
+      caption_queries=args.caption_queries,
+  )
+  config.model.remat_policy = "none"  # open_clip does not recompute activations by default
+  config.data.source = "synthetic"
+  config.data.global_batch_size = args.batch_size
+  config.train.steps = args.warmup_steps + args.steps
+  config.optim.lr = 1e-4
+  config.eval.evals = ""
+  return config
+
+
+def worker_spec(config, args) -> dict:
+  m = config.model
+  return dict(
+      width=m.width,
+      heads=m.heads,
+      embed_dim=m.embed_dim,
+      image_size=m.vision.image_size,
+      patch_size=m.vision.patch_size,
+      vision_layers=m.vision.layers,
+      vision_mlp=m.vision.mlp_dim,
+      unimodal_layers=m.text.unimodal_layers,
+      multimodal_layers=m.text.multimodal_layers,
+      text_mlp=m.text.mlp_dim,
+      vocab_size=m.text.vocab_size,
+      max_text_len=m.text.max_len,
+      caption_queries=m.pooler.caption_queries,
+      contrastive_weight=config.loss.contrastive_weight,
+      caption_weight=config.loss.caption_weight,
+      lr=config.optim.lr,
+      threads=args.threads,
+      warmup_steps=args.warmup_steps,
+      steps=args.steps,
+  )
+
+
+def install_command(venv: Path) -> list[list[str]]:
+  return [
+      [sys.executable, "-m", "venv", str(venv)],
+      [str(venv / "bin" / "pip"), "install", *BENCH_PACKAGES],
+  ]
+
+
+def ensure_bench_venv(venv: Path, install: bool) -> Path:
+  """The benchmark venv's python, creating the venv when missing (5.5 GB: torch is a CUDA build)."""
+  python = venv / "bin" / "python"
+  if python.exists() and subprocess.run([python, "-c", "import open_clip"], capture_output=True).returncode == 0:
+    return python
+  commands = install_command(venv)
+  shown = " && ".join(" ".join(c) for c in commands)
+  if not install:
+    raise SystemExit(f"open_clip is not installed in {venv}; create it with\n  {shown}")
+  print(f"creating the benchmark virtualenv {venv} (once):\n  {shown}", flush=True)
+  for command in commands:
+    subprocess.run(command, check=True)
+  return python
+
+
+def run_open_clip(python: Path, spec: dict, batch: dict) -> dict:
+  with tempfile.TemporaryDirectory(prefix="coca_bench_") as tmp:
+    batch_file = Path(tmp) / "batch.npz"
+    np.savez(batch_file, image=batch["image"], ids=batch["text"]["ids"], labels=batch["text"]["labels"])
+    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+    result = subprocess.run(
+        # -P: the worker's own folder must not shadow the open_clip package with this file.
+        [python, "-P", str(WORKER), json.dumps(spec), str(batch_file)], capture_output=True, text=True, env=env
+    )
+  if result.returncode != 0:
+    raise RuntimeError(f"open_clip worker failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run_coca_jax(config, args, batch: dict) -> dict:
+  """Median step time of coca_jax's jitted train step (the trainer's own step function)."""
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"]))
+  state = state_lib.create(config, optimizer, layout, mesh)
+  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  global_batch = sharding.global_batch(batch, mesh, config.sharding_rules)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = train_step.jitted.lower(layout.abstract, global_batch).compile()
+  compile_s = time.perf_counter() - start
+
+  def timed_step(state):
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+      state, metrics = compiled(state, global_batch)
+    jax.block_until_ready(state)
+    return state, metrics, time.perf_counter() - start
+
+  for _ in range(args.warmup_steps):
+    state, metrics, _ = timed_step(state)
+  first_loss = float(metrics["loss"])
+  times = []
+  for _ in range(args.steps):
+    state, metrics, seconds = timed_step(state)
+    times.append(seconds)
+  step_s = float(np.median(times))
+  return dict(
+      params=params,
+      step_s=step_s,
+      best_step_s=float(np.min(times)),
+      examples_per_s=args.batch_size / step_s,
+      steps=args.steps,
+      compile_s=compile_s,
+      first_loss=first_loss,
+      last_loss=float(metrics["loss"]),
+      jax=jax.__version__,
+      device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+  )
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog="python -m coca_jax.bench open_clip",
+      description=__doc__.splitlines()[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument("--width", type=int, default=256)
+  parser.add_argument("--heads", type=int, default=4)
+  parser.add_argument("--vision_layers", type=int, default=4)
+  parser.add_argument("--unimodal_layers", type=int, default=2)
+  parser.add_argument("--multimodal_layers", type=int, default=2)
+  parser.add_argument("--image_size", type=int, default=64)
+  parser.add_argument("--patch_size", type=int, default=8)
+  parser.add_argument("--text_len", type=int, default=32)
+  parser.add_argument("--vocab_size", type=int, default=4096)
+  parser.add_argument("--caption_queries", type=int, default=64)
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--warmup_steps", type=int, default=2)
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
+  parser.add_argument("--bench_venv", type=Path, default=BENCH_VENV)
+  parser.add_argument("--no_install", action="store_true", help="fail with the install command instead of installing")
+  parser.add_argument("--skip_open_clip", action="store_true", help="time coca_jax only")
+  args = parser.parse_args(argv)
+  if args.warmup_steps < 1 or args.steps < 1:
+    parser.error("--warmup_steps and --steps must be at least 1")
+
+  config = bench_config(args)
+  m = config.model
+  batch = synthetic.batch(0, 0, 0, args.batch_size, m.vision.image_size, m.text.max_len, m.text.vocab_size)
+  tokens = (m.vision.image_size // m.vision.patch_size) ** 2
+  print(
+      f"model: width {m.width}, {m.heads} heads, ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
+      f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
+      f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
+      f"text {m.text.max_len}, {m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
+      f"{args.threads} threads",
+      flush=True,
+  )
+  results = {}
+  if not args.skip_open_clip:
+    python = ensure_bench_venv(args.bench_venv, install=not args.no_install)
+    print(f"open_clip: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
+    results["open_clip"] = run_open_clip(python, worker_spec(config, args), batch)
+  print(f"coca_jax: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
+  results["coca_jax"] = run_coca_jax(config, args, batch)
+
+  model_flops = flops.train_flops_per_example(config.model)
+  header = (
+      f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} {'loss first->last':>17}  versions"
+  )
+  print(header)
+  print("-" * len(header))
+  for side, r in results.items():
+    versions = f"torch {r['torch']}, open_clip {r['open_clip']}" if side == "open_clip" else f"jax {r['jax']}, {r['device']}"
+    print(
+        f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} {r['examples_per_s']:>11.1f} "
+        f"{r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
+    )
+  summary = dict(
+      bench="open_clip",
+      batch_size=args.batch_size,
+      coca_jax_model_gflops_per_example=model_flops / 1e9,
+      **{side: r for side, r in results.items()},
+  )
+  if "open_clip" in results:
+    ratio = results["coca_jax"]["examples_per_s"] / results["open_clip"]["examples_per_s"]
+    best_ratio = results["open_clip"]["best_step_s"] / results["coca_jax"]["best_step_s"]
+    summary["ratio_coca_jax_over_open_clip"] = ratio
+    summary["ratio_best_steps"] = best_ratio
+    print(f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), {best_ratio:.2f}x (best steps)")
+  print(json.dumps(summary))
+  return summary
+
+
+if __name__ == "__main__":
+  main()
