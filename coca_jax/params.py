@@ -10,13 +10,12 @@ import json
 
 import jax
 import numpy as np
-from absl import app
+from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
 from coca_jax.models import coca
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 
 # Top-level CoCa attribute -> the component it counts toward (the paper's Table 1 split).
 COMPONENTS = {
@@ -52,18 +51,20 @@ def count(model_config) -> dict[str, int]:
 
 def main(argv):
   del argv
-  by_path = count_by_path(_CONFIG.value.model)
+  by_path = count_by_path(flags.FLAGS.config.model)
   groups: dict[str, int] = {}
   for path, n in by_path.items():
     key = "/".join(path.split("/")[:2])
     groups[key] = groups.get(key, 0) + n
   for key, n in sorted(groups.items()):
     print(f"{key:40s} {n:>15,d}")
-  counts = count(_CONFIG.value.model)
+  counts = count(flags.FLAGS.config.model)
   for key, n in counts.items():
     print(f"{key:40s} {n:>15,d}  ({n / 1e6:.1f}M)")
   print(json.dumps(counts))
 
 
 if __name__ == "__main__":
+  # Defined only when run as a program: importing this module registers no flags.
+  config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
   app.run(main)

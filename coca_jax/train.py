@@ -26,11 +26,15 @@ from ml_collections import config_flags
 from coca_jax import checkpoint, export, flops, multihost, optim, sharding, state as state_lib, step as step_lib
 from coca_jax.data import synthetic
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, export.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+
+def define_flags() -> None:
+  """The command line; defined only when run as a program, so that importing this module
+  (tests, other entry points) registers no absl flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, export.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+  flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
 class Preemption:
@@ -254,11 +258,14 @@ def main(argv):
   logging.get_absl_handler().addFilter(quiet_orbax_info)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not _WORKDIR.value:
+  f = flags.FLAGS
+  if not f.workdir:
     raise app.UsageError("--workdir is required")
-  multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if f.config is None:
+    raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
+  multihost.initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:
-    final = train(_CONFIG.value, _WORKDIR.value)
+    final = train(f.config, f.workdir)
   except FloatingPointError as e:
     logging.error("%s", e)
     print(str(e), file=sys.stderr)
@@ -268,4 +275,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
