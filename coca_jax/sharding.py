@@ -8,7 +8,6 @@ or to None (replicated). Nothing else in the code names a mesh axis.
 import math
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -40,13 +39,12 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   Axis types are Auto (GSPMD propagation): with Explicit axes a scanned stack of
   sharded weights fails the scan carry type check (see LIBRARY_FACTS.md).
   """
-  devices = jax.devices() if devices is None else devices
+  devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  if devices is jax.devices() or list(devices) == list(jax.devices()):
-    return jax.make_mesh(shape, MESH_AXES, axis_types=auto)
-  # Devices of a compile-only topology (AOT) or a chosen subset.
-  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+  # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU), also
+  # for the devices of a compile-only topology (AOT).
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
 
 
 def logical_to_spec(logical_axes, rules) -> PartitionSpec:

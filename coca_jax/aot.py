@@ -1,0 +1,299 @@
+"""Compile report: the real train step, lowered and compiled for a device set it never runs on.
+
+    python -m coca_jax.aot --config=configs/coca.py:bf16 --topology=v4:8x8x16 \\
+        --config.mesh.data=8 --config.mesh.fsdp=128
+    python -m coca_jax.aot --config=configs/tiny.py --cpu_devices=8
+
+`--topology=GEN:AxBxC` compiles for a TPU slice from this machine, with no TPU: libtpu
+(`pip install -e ".[tpu]"`) describes the slice's chips and XLA compiles for them.
+Names count chips: v4:8x8x16 is 1,024 v4 chips (Cloud TPU calls it v4-2048, counting
+TensorCores); v4 and v5p chips are one "megacore" device each, as on a TPU VM.
+`--cpu_devices=N` compiles for N forced host CPU devices instead (no libtpu needed).
+
+Prints per-device memory (arguments, outputs, temporaries, generated code), XLA's FLOPs
+and bytes accessed, the model FLOPs by formula (coca_jax/flops.py), the memory of one
+device and whether the step fits in it, then one JSON line with the same numbers.
+The state, mesh, shardings and step are the trainer's own (coca_jax.state, .step,
+.sharding), so a step that compiles and fits here compiles and fits in `train`.
+"""
+
+import json
+import os
+import re
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags
+from jax._src import xla_bridge
+from ml_collections import config_flags
+
+from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax.data import synthetic
+
+
+GIB = 2**30
+
+# HBM per chip in GiB (vendors' data sheets), matched as substrings of `device_kind`,
+# most specific first. A device is a chip, or a TensorCore where a chip shows several.
+HBM_GIB_PER_CHIP = (
+    ("TPU v6 lite", 32),  # v6e (Trillium)
+    ("TPU v5 lite", 16),  # v5e
+    ("TPU v5p", 95),
+    ("TPU v5", 95),  # v5p reports "TPU v5"
+    ("TPU v4", 32),
+    ("H200", 141),
+    ("H100", 80),
+    ("A100-SXM4-80GB", 80),
+    ("A100 80GB", 80),
+    ("A100", 40),
+)
+
+# libtpu's generation names -> extra arguments of its topology description. v4 and v5p
+# chips hold two TensorCores; "megacore" shows each chip as one device, as a TPU VM does.
+TPU_GENERATIONS = {
+    "v4": dict(chip_config_name="megacore"),
+    "v5p": dict(chip_config_name="megacore"),
+    "v5e": {},
+    "v6e": {},
+}
+
+MEMORY_FIELDS = {
+    "arguments": "argument_size_in_bytes",
+    "outputs": "output_size_in_bytes",
+    "aliased": "alias_size_in_bytes",  # outputs written into donated arguments
+    "temps": "temp_size_in_bytes",
+    "generated_code": "generated_code_size_in_bytes",
+}
+
+
+class TopologyError(ValueError):
+  """A --topology that cannot be compiled for (bad name, or libtpu missing)."""
+
+
+class MeshError(ValueError):
+  """A config.mesh that does not divide the batch or a parameter."""
+
+
+def topology_devices(name: str) -> list:
+  """The compile-only devices of TPU slice `name` ("v4:8x8x16"), described by libtpu."""
+  match = re.fullmatch(r"(v\w+):(\d+(?:x\d+){1,2})", name)
+  if not match:
+    raise TopologyError(f"--topology={name!r} is not GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16)")
+  generation = match.group(1)
+  if generation not in TPU_GENERATIONS:
+    raise TopologyError(
+        f"--topology={name!r}: unknown TPU generation {generation!r}; known: {', '.join(TPU_GENERATIONS)}"
+    )
+  if xla_bridge.get_tpu_library_path() is None:
+    raise TopologyError(
+        f"--topology={name!r} needs libtpu to describe the slice, and it is not installed: "
+        'pip install -e ".[tpu]" (or pass --cpu_devices=N to compile for host CPU devices)'
+    )
+  from jax.experimental import topologies
+
+  try:
+    return list(topologies.get_topology_desc(name, "tpu", **TPU_GENERATIONS[generation]).devices)
+  except Exception as e:  # libtpu's own words on a shape it does not know
+    raise TopologyError(f"--topology={name!r}: libtpu cannot describe this slice: {e}") from e
+
+
+def use_cpu_devices(count: int) -> list:
+  """`count` host CPU devices; must run before JAX starts its backends, or find them so."""
+  if not xla_bridge.backends_are_initialized():
+    # Takes precedence over any --xla_force_host_platform_device_count in XLA_FLAGS.
+    jax.config.update("jax_platforms", "cpu")
+    jax.config.update("jax_num_cpu_devices", count)
+  devices = jax.devices()
+  if len(devices) != count or devices[0].platform != "cpu":
+    raise ValueError(
+        f"--cpu_devices={count}, but JAX already started with {len(devices)} {devices[0].platform} device(s)"
+    )
+  return devices
+
+
+def devices_per_chip(devices) -> int:
+  """Devices that share one chip (TPU devices know their chip's coordinates)."""
+  coords = getattr(devices[0], "coords", None)
+  if coords is None:
+    return 1
+  return sum(1 for d in devices if getattr(d, "coords", None) == coords)
+
+
+def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | None, str]:
+  """(bytes of memory one device may use, where the number comes from)."""
+  kind = devices[0].device_kind
+  if hbm_gib_override > 0:
+    return int(hbm_gib_override * GIB) // devices_per_chip(devices), "--hbm_gib"
+  for name, gib in HBM_GIB_PER_CHIP:
+    if name in kind:
+      return gib * GIB // devices_per_chip(devices), f"{kind}: {gib} GiB HBM per chip"
+  if devices[0].platform == "cpu":
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // len(devices), f"host RAM {host / GIB:.0f} GiB shared by {len(devices)} CPU devices"
+  return None, f"{kind}: memory unknown, pass --hbm_gib"
+
+
+def abstract_batch(config, mesh) -> dict:
+  """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
+  m = config.model
+  row = synthetic.batch(0, 0, 0, 1, m.vision.image_size, config.data.max_text_len, m.text.vocab_size)
+  shardings = sharding.named(mesh, sharding.batch_specs(row, config.sharding_rules))
+  size = config.data.global_batch_size
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=s), row, shardings)
+
+
+def batch_shards(mesh, rules) -> int:
+  """How many ways the batch axis is split over the mesh."""
+  axes = sharding.logical_to_spec(("batch",), rules)[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+  return int(np.prod([mesh.shape[a] for a in axes]))
+
+
+def check_divisible(params, shardings, mesh_config) -> None:
+  """Names the first parameter whose sharded dimension the mesh does not divide."""
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), named_sharding in zip(flat_params, jax.tree.leaves(shardings)):
+    for dim, (size, axes) in enumerate(zip(leaf.shape, named_sharding.spec)):
+      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+      ways = int(np.prod([named_sharding.mesh.shape[a] for a in axes]))
+      if size % ways:
+        raise MeshError(
+            f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({size}) is split "
+            f"over mesh axes {axes} = {ways} ways, which does not divide it; choose config.mesh "
+            f"(now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
+        )
+
+
+def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0) -> dict:
+  """Compiles config's train step for `devices` (not run) and returns the compile report."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  shards = batch_shards(mesh, config.sharding_rules)
+  accum = config.train.grad_accum_steps
+  global_batch = config.data.global_batch_size
+  if global_batch % (shards * accum):
+    raise MeshError(
+        f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
+        f"config.train.grad_accum_steps={accum}"
+    )
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  check_divisible(layout.abstract["params"], layout.shardings["params"], config.mesh)
+  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    lowered = train_step.jitted.lower(layout.abstract, abstract_batch(config, mesh))
+    lowered_s = time.perf_counter() - start
+    compiled = lowered.compile()
+  compile_s = time.perf_counter() - start - lowered_s
+
+  stats = compiled.memory_analysis()
+  memory = {key: int(getattr(stats, field, 0) or 0) for key, field in MEMORY_FIELDS.items()}
+  # Live at once: arguments, outputs not written into donated arguments, temporaries, code.
+  memory["total"] = (
+      memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temps"] + memory["generated_code"]
+  )
+  costs = compiled.cost_analysis()
+  costs = (costs[0] if costs else {}) if isinstance(costs, (list, tuple)) else (costs or {})
+  hbm_bytes, hbm_source = memory_per_device(devices, hbm_gib)
+  flops_per_example = flops.train_flops_per_example(config.model)
+  return dict(
+      topology=topology or f"{devices[0].platform}:{len(devices)}",
+      device_kind=devices[0].device_kind,
+      devices=len(devices),
+      chips=len(devices) // devices_per_chip(devices),
+      mesh=dict(mesh.shape),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"])),
+      dtype=config.model.dtype,
+      remat_policy=config.model.remat_policy,
+      global_batch=global_batch,
+      grad_accum_steps=accum,
+      micro_batch_per_shard=global_batch // (shards * accum),
+      memory_per_device=memory,
+      xla_flops_per_device=float(costs.get("flops", -1.0)),
+      xla_bytes_accessed_per_device=float(costs.get("bytes accessed", -1.0)),
+      model_flops_per_example=flops_per_example,
+      model_flops_per_step=flops_per_example * global_batch,
+      hbm_bytes=hbm_bytes,
+      hbm_source=hbm_source,
+      fits=None if hbm_bytes is None else bool(memory["total"] <= hbm_bytes),
+      lower_s=round(lowered_s, 2),
+      compile_s=round(compile_s, 2),
+  )
+
+
+def table(rep: dict) -> str:
+  """The report as aligned lines for a terminal."""
+
+  def gib(n: int) -> str:
+    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+  memory = rep["memory_per_device"]
+  fits = {True: "yes", False: "NO", None: "unknown"}[rep["fits"]]
+  chips = f" ({rep['chips']} chips)" if rep["device_kind"].startswith("TPU") else ""
+  per_step = rep["model_flops_per_step"]
+  hbm = rep["hbm_source"] if rep["hbm_bytes"] is None else f"{gib(rep['hbm_bytes'])} ({rep['hbm_source']})"
+  rows = [
+      ("target", f"{rep['topology']}: {rep['devices']} x {rep['device_kind']}" + chips),
+      ("mesh", ", ".join(f"{k}={v}" for k, v in rep["mesh"].items())),
+      ("parameters", f"{rep['params']:,} ({rep['params'] / 1e6:,.1f}M)"),
+      ("compute dtype / remat", f"{rep['dtype']} / {rep['remat_policy']}"),
+      (
+          "batch",
+          f"{rep['global_batch']:,} global = {rep['grad_accum_steps']} accumulation step(s) of "
+          f"{rep['micro_batch_per_shard']:,} per batch shard",
+      ),
+      *((f"memory: {k}", gib(v)) for k, v in memory.items() if k != "total"),
+      ("memory: total per device", gib(memory["total"])),
+      ("memory available", hbm),
+      ("fits", fits),
+      # XLA's cost analysis counts a while loop's body once: scanned layers and gradient
+      # accumulation are undercounted, so the model FLOPs below are the ones to use.
+      ("XLA FLOPs per device", f"{rep['xla_flops_per_device']:.4g} (loop bodies counted once)"),
+      ("XLA bytes accessed per device", f"{rep['xla_bytes_accessed_per_device']:.4g}"),
+      ("model FLOPs per example", f"{rep['model_flops_per_example']:.4g}"),
+      ("model FLOPs per step", f"{per_step:.4g} ({per_step / rep['devices']:.4g} per device)"),
+      ("lower / compile time", f"{rep['lower_s']:.1f} s / {rep['compile_s']:.1f} s"),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def define_flags() -> None:
+  """The command line; defined only when run as a program (importing registers nothing)."""
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
+  flags.DEFINE_string(
+      "topology", None, "TPU slice to compile for, GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16); needs libtpu."
+  )
+  flags.DEFINE_integer("cpu_devices", None, "Compile for this many forced host CPU devices instead.")
+  flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip in GiB, for a device kind not in HBM_GIB_PER_CHIP.")
+
+
+def main(argv):
+  f = flags.FLAGS
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if (f.topology is None) == (f.cpu_devices is None):
+    raise app.UsageError("pass exactly one of --topology=GEN:AxBxC or --cpu_devices=N")
+  if f.topology is not None:
+    # Compile-only: JAX itself runs on the host CPU; libtpu only describes the slice.
+    if not xla_bridge.backends_are_initialized():
+      jax.config.update("jax_platforms", "cpu")
+    try:
+      devices = topology_devices(f.topology)
+    except TopologyError as e:
+      sys.exit(f"error: {e}")
+  else:
+    devices = use_cpu_devices(f.cpu_devices)
+  try:
+    rep = report(f.config, devices, topology=f.topology, hbm_gib=f.hbm_gib)
+  except MeshError as e:
+    sys.exit(f"error: {e}")
+  print(table(rep))
+  print(json.dumps(rep))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

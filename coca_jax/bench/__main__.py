@@ -1,0 +1,38 @@
+"""Runs one benchmark: `python -m coca_jax.bench NAME [args]`, NAME one of BENCHMARKS.
+
+    python -m coca_jax.bench step --config=configs/tiny.py --steps=5
+    python -m coca_jax.bench decode --batch_sizes=1,32
+    python -m coca_jax.bench NAME --help
+"""
+
+import importlib
+import sys
+
+# Name -> what it measures; each is coca_jax/bench/NAME.py with main(argv).
+BENCHMARKS = {
+    "step": "train-step throughput, model FLOP/s and MFU",
+    "decode": "KV-cached vs recomputing greedy decoding",
+    "data": "input pipeline throughput",
+    "open_clip": "training throughput vs open_clip's CoCa (PyTorch)",
+}
+
+
+def usage() -> str:
+  lines = ["usage: python -m coca_jax.bench NAME [args]", "", "benchmarks:"]
+  lines += [f"  {name:<10} {what}" for name, what in BENCHMARKS.items()]
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+  if not argv or argv[0] in ("-h", "--help"):
+    print(usage())
+    sys.exit(0 if argv else 2)
+  name, rest = argv[0], argv[1:]
+  if name not in BENCHMARKS:
+    print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}\n\n{usage()}", file=sys.stderr)
+    sys.exit(2)
+  importlib.import_module(f"coca_jax.bench.{name}").main(rest)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])

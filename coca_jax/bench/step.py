@@ -1,0 +1,178 @@
+"""Train-step throughput: examples/s, step time, model FLOP/s and MFU of the real train step.
+
+    python -m coca_jax.bench step --config=configs/tiny.py [--batch=N] [--steps=N] [--warmup=N]
+    python -m coca_jax.bench step --config=configs/base.py --base_width --batch=8 --steps=3
+    python -m coca_jax.bench step --config=configs/base.py --config.model.remat_policy=none ...
+
+The step is the trainer's (coca_jax.step on the config's mesh over all local devices,
+state donated); batches are synthetic (coca_jax/data/synthetic.py), made and placed on
+the devices before the clock starts, so input is not measured. Compilation is excluded
+(timed on its own), then `--warmup` steps run before `--steps` timed steps; the host
+waits only after the last. Model FLOPs come from coca_jax/flops.py (rematerialisation
+not counted); MFU needs the device's peak, from the table there or
+`--config.train.peak_flops` (this 2-core CPU reaches about 130e9 on float32 matmuls).
+Prints a table and a final JSON line; asserts nothing about time.
+
+`--base_width` keeps the config's width and heads (Base: 768, 12 heads, MLP 3072,
+vocabulary 64k, 256 caption queries, text length 64) but only 2 vision layers and 1 + 1
+decoder layers at 224px / patch 16, so that a Base-width step runs on a laptop CPU.
+Overrides `--config.KEY=VALUE` apply after it, as in `python -m coca_jax.train`.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax.data import synthetic
+
+PROG = "python -m coca_jax.bench step"
+
+
+def load_config(config_args: list[str]):
+  """The config of `--config=FILE[:ARG]` plus `--config.KEY=VALUE` overrides, as absl parses them."""
+  flag_values = flags.FlagValues()
+  argv = [PROG, *config_args]
+  holder = config_flags.DEFINE_config_file("config", None, "Config file.", flag_values, lock_config=True, sys_argv=argv)
+  try:
+    flag_values(argv)
+  except (flags.Error, AttributeError, KeyError) as e:  # a misspelt key fails here, before compiling
+    raise SystemExit(f"{PROG}: bad --config argument in {config_args}: {type(e).__name__} {e}") from e
+  if holder.value is None:
+    raise SystemExit(f"{PROG}: --config=configs/FILE.py is required")
+  return holder.value
+
+
+# --base_width: few layers at 224px / patch 16; width, heads, MLPs, vocabulary and text
+# length stay the config's.
+BASE_WIDTH = {
+    "model.vision.layers": 2,
+    "model.vision.image_size": 224,
+    "model.vision.patch_size": 16,
+    "model.text.unimodal_layers": 1,
+    "model.text.multimodal_layers": 1,
+}
+
+
+def overridden_keys(config_args: list[str]) -> set[str]:
+  """{"model.width", ...} of the `--config.KEY=VALUE` arguments."""
+  keys = (a.lstrip("-").split("=")[0] for a in config_args)
+  return {k.removeprefix("config.") for k in keys if k.startswith("config.")}
+
+
+def host_batches(config, mesh, count: int) -> list:
+  """`count` synthetic global batches, already on the devices."""
+  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  rows = synthetic.batches(
+      config, shard_index=shard_index, local_batch_size=config.data.global_batch_size // num_shards
+  )
+  return [sharding.global_batch(next(rows), mesh, config.sharding_rules) for _ in range(count)]
+
+
+def run(config, *, steps: int, warmup: int) -> dict:
+  """Compiles and times `steps` train steps of `config`; returns the measurements."""
+  mesh = sharding.make_mesh(config.mesh)
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  layout = state_lib.layout(config, optimizer, mesh)
+  state = state_lib.create(config, optimizer, layout, mesh)
+  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  batches = host_batches(config, mesh, min(steps, 4))
+
+  start = time.perf_counter()
+  with jax.set_mesh(mesh):
+    compiled = train_step.jitted.lower(layout.abstract, batches[0]).compile()
+  compile_s = time.perf_counter() - start
+
+  for i in range(warmup):
+    state, metrics = compiled(state, batches[i % len(batches)])
+  jax.block_until_ready((state, metrics) if warmup else state)
+  start = time.perf_counter()
+  for i in range(steps):
+    state, metrics = compiled(state, batches[i % len(batches)])
+  loss = float(metrics["loss"])  # waits for the last step
+  step_s = (time.perf_counter() - start) / steps
+
+  global_batch = config.data.global_batch_size
+  flops_per_step = flops.train_flops_per_example(config.model) * global_batch
+  peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
+  achieved = flops_per_step / step_s
+  m = config.model
+  return dict(
+      model=(
+          f"width {m.width}, {m.heads} heads, {m.vision.layers} vision + {m.text.unimodal_layers}+"
+          f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
+          f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
+      ),
+      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"])),
+      devices=jax.device_count(),
+      device_kind=jax.devices()[0].device_kind,
+      mesh=dict(mesh.shape),
+      global_batch=global_batch,
+      steps=steps,
+      warmup=warmup,
+      compile_s=compile_s,
+      step_s=step_s,
+      examples_per_s=global_batch / step_s,
+      model_flops_per_step=flops_per_step,
+      achieved_flops_per_s=achieved,
+      peak_flops_per_s=None if peak is None else peak * jax.device_count(),
+      mfu=None if peak is None else achieved / (peak * jax.device_count()),
+      loss=loss,
+  )
+
+
+def table(result: dict) -> str:
+  mfu = "n/a (peak unknown)" if result["mfu"] is None else f"{result['mfu'] * 100:.1f}%"
+  rows = [
+      ("model", result["model"]),
+      ("parameters", f"{result['params']:,}"),
+      ("devices", f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}"),
+      ("global batch", f"{result['global_batch']}"),
+      ("compile (excluded)", f"{result['compile_s']:.1f} s"),
+      ("step time", f"{result['step_s'] * 1e3:,.1f} ms (mean of {result['steps']} after {result['warmup']} warm-up)"),
+      ("examples/s", f"{result['examples_per_s']:,.1f}"),
+      ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),
+      ("achieved FLOP/s", f"{result['achieved_flops_per_s']:.4g}"),
+      ("MFU", mfu),
+  ]
+  width = max(len(k) for k, _ in rows)
+  return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+      prog=PROG,
+      description=__doc__.splitlines()[0],
+      epilog="Config: --config=configs/FILE.py[:ARG] and --config.KEY=VALUE overrides (absl syntax).",
+      allow_abbrev=False,
+  )
+  parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps")
+  parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  parser.add_argument("--base_width", action="store_true", help="Base width with few layers at 224px (see above)")
+  args, config_args = parser.parse_known_args(argv)
+  unknown = [a for a in config_args if not a.startswith(("--config", "-config"))]
+  if args.steps < 1:
+    parser.error("--steps must be at least 1")
+  if unknown:
+    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+  config = load_config(config_args)
+  if args.base_width:  # keys also given as --config.KEY=VALUE keep the command line's value
+    skipped = overridden_keys(config_args)
+    config.update_from_flattened_dict({k: v for k, v in BASE_WIDTH.items() if k not in skipped})
+  if args.batch is not None:
+    config.data.global_batch_size = args.batch
+  config.data.source = "synthetic"
+  result = run(config, steps=args.steps, warmup=args.warmup)
+  print(table(result))
+  print(json.dumps(result))
+  return result
+
+
+if __name__ == "__main__":
+  main()
