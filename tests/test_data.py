@@ -250,8 +250,9 @@ def test_prepared_demo_data_and_eval_sets():
 
 
 def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_path):
-  """The trainer end to end on seqio data: held-out losses and the eval suite run at
-  eval steps, the export carries the vocabulary, config.json names it."""
+  """The trainer end to end on seqio data: held-out losses and the zero-shot and
+  retrieval evals run at eval steps, the export carries the vocabulary, config.json
+  names it."""
   import json
 
   from coca_jax import train
@@ -264,11 +265,11 @@ def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_pat
   config.data.alt_text.files = data.alt_text.files
   config.model.text.vocab_size = 128
   config.train.update(steps=4, eval_every=2, checkpoint_every=2, export_dtype="float32")
-  config.eval.update(evals="zero_shot,retrieval,captioning", num_examples=16)
+  # Captioning and its gallery are covered by test_evaluate; here the data-side eval sets.
+  config.eval.update(evals="zero_shot,retrieval", num_examples=16)
   final = train.train(config, str(tmp_path))
   assert final["step"] == 4 and np.isfinite(final["eval/loss"])
   assert 0.0 <= final["eval/zero_shot/top1"] <= final["eval/zero_shot/top5"] <= 1.0
-  assert 0.0 <= final["eval/retrieval/image_to_text_r1"] <= 1.0 and final["eval/captioning/cider"] >= 0.0
-  assert (tmp_path / "eval" / "captions_4.html").exists()
+  assert 0.0 <= final["eval/retrieval/image_to_text_r1"] <= 1.0
   assert (tmp_path / "export" / "vocab.model").read_bytes() == (data_dir / "vocab.model").read_bytes()
   assert json.loads((tmp_path / "config.json").read_text())["data"]["vocab_path"] == str(data_dir / "vocab.model")

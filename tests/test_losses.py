@@ -90,8 +90,8 @@ def test_one_gradient_step_lowers_the_loss():
   def loss_fn(p):
     return losses.total_loss(nnx.merge(graphdef, p)(batch), batch, config.loss)[0]
 
-  loss0, grads = jax.value_and_grad(loss_fn)(params)
+  loss0, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   optimizer = optax.sgd(0.05)
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
-  loss1 = loss_fn(optax.apply_updates(params, updates))
+  loss1 = jax.jit(loss_fn)(optax.apply_updates(params, updates))
   assert float(loss1) < float(loss0)

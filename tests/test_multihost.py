@@ -83,4 +83,6 @@ def test_two_processes_match_one(tmp_path):
   multi_losses, single_losses = losses(outputs[0][1]), losses(single.stderr)
   assert len(single_losses) == STEPS
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), final_params(multi_dir), final_params(single_dir))
+  # Cross-process (gloo) reductions sum in another order: last-bit differences, which
+  # Adafactor's normalised updates carry to ~1e-6 on the params (a bug moves them ~lr).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), final_params(multi_dir), final_params(single_dir))

@@ -71,7 +71,9 @@ def test_meshes_agree_with_a_single_device(mesh_shape, single_device_run):
   for got, want in zip(metrics, ref_metrics):
     for key in ("loss", "contrastive_loss", "captioning_loss", "grad_norm"):
       np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=f"{key} on mesh {mesh_shape}")
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params)
+  # Reductions in another order differ in the last bits; Adafactor's normalised updates
+  # carry that to ~1e-6 on parameters of scale 0.1. A sharding bug moves them by ~lr (8e-4).
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, ref_params)
 
 
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
