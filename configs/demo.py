@@ -32,10 +32,10 @@ def get_config(arg=None):
   c.optim.warmup_fraction = 0.05
   c.optim.decay = "cosine"
   c.optim.factored_min_dim = 128
-  c.train.steps = 300
+  c.train.steps = 500
   c.train.log_every = 25
   c.train.checkpoint_every = 100
-  c.train.eval_every = 150
+  c.train.eval_every = 250
   c.train.keep_checkpoints = 2
   c.train.export_dtype = "float32"
   return c
