@@ -61,27 +61,10 @@ usage() {
   sed -n '/^# Train coca_jax/,/^$/s/^# \{0,1\}//p' "$SCRIPT"
 }
 
-die() {
-  echo "launch/gpu_multinode.sh: $*" >&2
-  exit 2
-}
-
-# Quotes one word for the shell, leaving plain words (flags, paths, host:port) as they are.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck disable=SC2034  # read by common.sh
+LAUNCH_NAME=launch/gpu_multinode.sh
+# shellcheck source=launch/common.sh
+source "$REPO_ROOT/launch/common.sh"
 
 TASK=0  # internal: set by the srun line below, one per SLURM task
 COORDINATOR=""

@@ -81,27 +81,10 @@ usage() {
   sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
 }
 
-die() {
-  echo "launch/tpu_vm.sh: $*" >&2
-  exit 2
-}
-
-# Quotes one word for the shell, leaving plain words (flags, paths, gs:// URLs) as they are.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck disable=SC2034  # read by common.sh
+LAUNCH_NAME=launch/tpu_vm.sh
+# shellcheck source=launch/common.sh
+source "$REPO_ROOT/launch/common.sh"
 
 # Runs a command, or prints it (prefixed with "+ ") under --dry-run.
 run() {

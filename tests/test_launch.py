@@ -52,7 +52,8 @@ def test_syntax_and_help(script):
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_shellcheck(script):
-  subprocess.run(["shellcheck", str(LAUNCH / script)], check=True)
+  # -x follows `source launch/common.sh` (paths relative to the repository root).
+  subprocess.run(["shellcheck", "-x", str(LAUNCH / script)], check=True, cwd=LAUNCH.parent)
 
 
 TPU_ENV = dict(PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="coca-test", WORKDIR="gs://bucket/run1")
