@@ -12,7 +12,7 @@
 #
 # Environment: WORKDIR (default /tmp/coca_demo), CONFIG (default configs/demo.py),
 # PYTHON (default .venv/bin/python; when there is no .venv, one is made first with
-# `python3.11 -m venv .venv && .venv/bin/pip install -e .`), DRY_RUN=1 (= --dry-run).
+# `python3.11 -m venv .venv && .venv/bin/pip install -e ".[test]"`), DRY_RUN=1 (= --dry-run).
 # Options: --dry-run prints the command instead of running it; -h, --help this text.
 # Every other argument (--config.KEY=VALUE overrides) goes to the trainer.
 
@@ -43,7 +43,7 @@ cd "$REPO_ROOT"
 if [[ "$SETUP" == 1 ]]; then
   base_python="$(command -v python3.11 || command -v python3)"
   setup=("$base_python" -m venv .venv)
-  install=(.venv/bin/python -m pip install -q -e .)
+  install=(.venv/bin/python -m pip install -q -e ".[test]")
   if [[ "$DRY_RUN" == 1 ]]; then
     printf '+'; printf ' %q' "${setup[@]}"; printf '\n'
     printf '+'; printf ' %q' "${install[@]}"; printf '\n'
