@@ -204,7 +204,7 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
       devices=len(devices),
       chips=len(devices) // devices_per_chip(devices),
       mesh=dict(mesh.shape),
-      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"])),
+      params=state_lib.param_count(layout),
       dtype=config.model.dtype,
       remat_policy=config.model.remat_policy,
       global_batch=global_batch,

@@ -6,8 +6,6 @@ and value products at full, not causal, length as PaLM's appendix B does) times 
 forward + backward; rematerialisation is not counted, so MFU does not reward it.
 """
 
-import jax
-
 # Dense bfloat16 peak FLOP/s per device (chip for TPU), from the vendors' data sheets.
 # Matched as substrings of `device.device_kind`, most specific first.
 PEAK_FLOPS = (
@@ -72,10 +70,3 @@ def train_flops_per_example(model_config) -> float:
   """Model FLOPs of one training example: 3 x forward (backward costs twice forward)."""
   return 3.0 * 2.0 * forward_macs(model_config)
 
-
-def device_summary() -> str:
-  """One line naming the devices and their peak, for logs and benchmark tables."""
-  device = jax.devices()[0]
-  peak = peak_flops_per_device(device)
-  peak_text = f"{peak / 1e12:.0f} TFLOP/s peak each" if peak else "peak unknown"
-  return f"{jax.device_count()} x {device.device_kind} ({peak_text})"

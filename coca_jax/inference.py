@@ -22,6 +22,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from coca_jax import evaluate
+from coca_jax.data.images import to_rgb
 from coca_jax.evaluate import encoders, zero_shot
 
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -46,11 +47,7 @@ def read_image(item) -> np.ndarray:
     except (UnidentifiedImageError, OSError) as e:
       raise ImageError(f"{path}: not a readable image ({e})") from e
   if isinstance(item, Image.Image):
-    if item.mode in ("RGBA", "LA", "P"):
-      rgba = item.convert("RGBA")
-      background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-      item = Image.alpha_composite(background, rgba)
-    return np.asarray(item.convert("RGB"))
+    return to_rgb(item)
   array = np.asarray(item)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]

@@ -6,6 +6,7 @@ materialised on one device.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,11 @@ def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> State
   shardings = sharding.named(mesh, specs)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
+
+
+def param_count(state_layout: StateLayout) -> int:
+  """Number of model parameters (scalars) of the layout's abstract params."""
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(state_layout.abstract["params"]))
 
 
 def create(config, optimizer: optax.GradientTransformation, state_layout: StateLayout, mesh: Mesh) -> dict:

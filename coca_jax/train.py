@@ -184,7 +184,7 @@ def train(config, workdir: str) -> dict:
   logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
   optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
   layout = state_lib.layout(config, optimizer, mesh)
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"]))
+  n_params = state_lib.param_count(layout)
   logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
 
   mngr = checkpoint.manager(workdir, config.train)
@@ -241,10 +241,9 @@ def train(config, workdir: str) -> dict:
   mngr.close()
   if evaluated and config.eval.evals and jax.process_index() == 0:
     from coca_jax import evaluate
-    from coca_jax.evaluate import datasets
 
     suite = {k.removeprefix("eval/"): v for k, v in evaluated.items()}
-    chance = evaluate.chance_levels(config, datasets.load(config))
+    chance = evaluate.chance_levels(config, evaluate.eval_sets(config))
     logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
   return dict(fetched, step=step, **evaluated)
 

@@ -4,7 +4,6 @@ independent implementation, and the whole suite on a tiny model."""
 import collections
 import io
 import math
-import os
 
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The trainer end to end on the tiny config: overrides, kill/resume, SIGTERM, NaN,
 restore onto another mesh, export, resolution change."""
 
-import os
 import pathlib
 import re
 import signal

@@ -11,18 +11,13 @@ must deliver more examples/s than the train step consumes.
 """
 
 import argparse
-import importlib.util
 import json
 import time
 
+from coca_jax.bench.step import load_config
 from coca_jax.data import pipeline, prepare
 
-
-def load_config(path: str):
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+PROG = "python -m coca_jax.bench data"
 
 
 def measure(data_config, batch_size: int, batches: int, warmup: int) -> dict:
@@ -37,12 +32,12 @@ def measure(data_config, batch_size: int, batches: int, warmup: int) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m coca_jax.bench data", description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="configs/demo.py")
+  parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="configs/demo.py", help="config file, FILE.py[:ARG]")
   parser.add_argument("--batches", type=int, default=100)
   parser.add_argument("--warmup", type=int, default=10)
   args = parser.parse_args(argv)
-  config = load_config(args.config)
+  config = load_config([f"--config={args.config}"], PROG)
   prepare.ensure_demo_data(config.data)
   result = measure(config.data, config.data.global_batch_size, args.batches, args.warmup)
   print(f"{'config':<20} {'batch':>6} {'batches':>8} {'seconds':>8} {'examples/s':>11}")

@@ -157,7 +157,7 @@ def run_coca_jax(config, args, batch: dict) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
   layout = state_lib.layout(config, optimizer, mesh)
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"]))
+  params = state_lib.param_count(layout)
   state = state_lib.create(config, optimizer, layout, mesh)
   train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
   global_batch = sharding.global_batch(batch, mesh, config.sharding_rules)

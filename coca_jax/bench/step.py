@@ -24,7 +24,6 @@ import json
 import time
 
 import jax
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -34,17 +33,17 @@ from coca_jax.data import synthetic
 PROG = "python -m coca_jax.bench step"
 
 
-def load_config(config_args: list[str]):
+def load_config(config_args: list[str], prog: str = PROG):
   """The config of `--config=FILE[:ARG]` plus `--config.KEY=VALUE` overrides, as absl parses them."""
   flag_values = flags.FlagValues()
-  argv = [PROG, *config_args]
+  argv = [prog, *config_args]
   holder = config_flags.DEFINE_config_file("config", None, "Config file.", flag_values, lock_config=True, sys_argv=argv)
   try:
     flag_values(argv)
   except (flags.Error, AttributeError, KeyError) as e:  # a misspelt key fails here, before compiling
-    raise SystemExit(f"{PROG}: bad --config argument in {config_args}: {type(e).__name__} {e}") from e
+    raise SystemExit(f"{prog}: bad --config argument in {config_args}: {type(e).__name__} {e}") from e
   if holder.value is None:
-    raise SystemExit(f"{PROG}: --config=configs/FILE.py is required")
+    raise SystemExit(f"{prog}: --config=configs/FILE.py is required")
   return holder.value
 
 
@@ -108,7 +107,7 @@ def run(config, *, steps: int, warmup: int) -> dict:
           f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
           f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
       ),
-      params=sum(int(np.prod(x.shape)) for x in jax.tree.leaves(layout.abstract["params"])),
+      params=state_lib.param_count(layout),
       devices=jax.device_count(),
       device_kind=jax.devices()[0].device_kind,
       mesh=dict(mesh.shape),

@@ -18,6 +18,8 @@ import seqio
 import tensorflow as tf
 from PIL import Image
 
+from coca_jax.data.images import to_rgb
+
 # Rows dropped by decode_and_validate, by reason, in this process. tf.data runs the
 # check in its own threads; increments happen under the GIL.
 BAD_DATA = collections.Counter()
@@ -35,11 +37,7 @@ def decode_rgb(encoded: bytes) -> np.ndarray:
   pixels = np.asarray(image)
   if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) == 0:
     raise ValueError(f"image of shape {pixels.shape}")
-  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-    rgba = image.convert("RGBA")
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    image = Image.alpha_composite(white, rgba)
-  return np.asarray(image.convert("RGB"), np.uint8)
+  return to_rgb(image)
 
 
 def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:

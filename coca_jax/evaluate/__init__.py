@@ -5,7 +5,7 @@ The trainer's entry point is `run(model, config, *, step, workdir, writer)` (see
 so that loading a config (which reads `evaluate.config`) does not import JAX.
 """
 
-_SUITE = ("run", "report", "chance_levels", "decode_options", "enabled_evals")
+_SUITE = ("run", "report", "chance_levels", "decode_options", "enabled_evals", "eval_sets")
 
 
 def __getattr__(name):

@@ -42,6 +42,12 @@ def decode_options(config, **overrides) -> decode.DecodeOptions:
   return decode.DecodeOptions.from_config(config.eval.decode, max_length=max_length, **overrides)
 
 
+def eval_sets(config) -> datasets_lib.EvalSets:
+  """The config's held-out sets, read once per config (periodic evals and the final
+  report reuse them)."""
+  return _cached_sets(config.to_json_best_effort())
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_sets(config_json: str):
   import ml_collections
@@ -63,7 +69,7 @@ def run(model, config, *, step: int, workdir: str | None = None, writer=None, da
     return {}
   eval_config = config.eval
   if datasets is None:
-    datasets = _cached_sets(config.to_json_best_effort())
+    datasets = eval_sets(config)
   if vocab is None:
     vocab = encoders.load_vocab(config.data.vocab_path)
   encoder = encoders.Encoders(model, eval_config.batch_size)
