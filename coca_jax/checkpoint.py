@@ -23,17 +23,17 @@ POS_EMBEDDING = ("params", "vision", "pos_embedding")
 def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `<workdir>/checkpoints`, async, keeping the last N."""
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=train_config.keep_checkpoints,
-      enable_async_checkpointing=not read_only,
-      cleanup_tmp_directories=not read_only,
-      create=not read_only,
-      read_only=read_only,
+    max_to_keep=train_config.keep_checkpoints,
+    enable_async_checkpointing=not read_only,
+    cleanup_tmp_directories=not read_only,
+    create=not read_only,
+    read_only=read_only,
   )
   return ocp.CheckpointManager(
-      epath.Path(workdir) / "checkpoints",
-      options=options,
-      # Handlers named up front so a fresh manager can read item metadata before restoring.
-      item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()),
+    epath.Path(workdir) / "checkpoints",
+    options=options,
+    # Handlers named up front so a fresh manager can read item metadata before restoring.
+    item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()),
   )
 
 
@@ -41,9 +41,11 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
   """Starts an async save of `state` at its step; returns before the write completes."""
   step = int(jax.device_get(state["step"]))
   mngr.save(
-      step,
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)),
-      force=True,
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)
+    ),
+    force=True,
   )
 
 
@@ -64,10 +66,10 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
     return None
   stored = mngr.item_metadata(step)["state"]
   stored_shapes = {
-      _path_of(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+    _path_of(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
   }
   replicated = jax.sharding.NamedSharding(
-      jax.tree.leaves(layout.shardings)[0].mesh, jax.sharding.PartitionSpec()
+    jax.tree.leaves(layout.shardings)[0].mesh, jax.sharding.PartitionSpec()
   )
   mismatched = set()
 
@@ -82,7 +84,8 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
 
   target = jax.tree_util.tree_map_with_path(restore_target, layout.abstract)
   restored = mngr.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore())
+    step,
+    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
   )
   state = restored["state"]
   if mismatched:
@@ -95,8 +98,8 @@ def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
   bad_params = [p for p in mismatched if p[0] == "params" and p != POS_EMBEDDING]
   if bad_params:
     raise ValueError(
-        "checkpoint parameters do not match the config: "
-        + ", ".join("/".join(p) for p in sorted(bad_params))
+      "checkpoint parameters do not match the config: "
+      + ", ".join("/".join(p) for p in sorted(bad_params))
     )
 
   def adapt(path, value, target):

@@ -13,7 +13,9 @@ from absl import app, flags
 
 flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
 flags.DEFINE_string("classes", None, "Comma-separated class names.")
-flags.DEFINE_multi_string("template", None, "Prompt template with {} (repeatable; default: config.eval).")
+flags.DEFINE_multi_string(
+  "template", None, "Prompt template with {} (repeatable; default: config.eval)."
+)
 flags.DEFINE_integer("batch_size", 32, "Jitted batch size.")
 FLAGS = flags.FLAGS
 
@@ -22,7 +24,9 @@ def main(argv):
   paths = argv[1:]
   classes = [c.strip() for c in (FLAGS.classes or "").split(",") if c.strip()]
   if not FLAGS.export or not paths or not classes:
-    raise app.UsageError('usage: python -m coca_jax.classify --export=DIR --classes="a,b" IMAGE [IMAGE ...]')
+    raise app.UsageError(
+      'usage: python -m coca_jax.classify --export=DIR --classes="a,b" IMAGE [IMAGE ...]'
+    )
   from coca_jax import inference
 
   model = inference.load(FLAGS.export, batch_size=FLAGS.batch_size)

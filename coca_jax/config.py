@@ -20,41 +20,41 @@ from coca_jax.evaluate import config as eval_config
 # `mlp`, `heads` and `vocab` over "tensor"; the batch is split over ("data", "fsdp").
 # Unlisted logical names (and `None`) are replicated.
 SHARDING_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    # Activations are split over the batch only; their width stays whole.
-    ("activation_embed", None),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("vocab", "tensor"),
-    ("kv", None),
-    ("length", None),
-    ("layers", None),
-    ("queries", None),
-    ("joint", None),
-    ("patch", None),
-    ("norm", None),
+  ("batch", ("data", "fsdp")),
+  ("embed", "fsdp"),
+  # Activations are split over the batch only; their width stays whole.
+  ("activation_embed", None),
+  ("mlp", "tensor"),
+  ("heads", "tensor"),
+  ("vocab", "tensor"),
+  ("kv", None),
+  ("length", None),
+  ("layers", None),
+  ("queries", None),
+  ("joint", None),
+  ("patch", None),
+  ("norm", None),
 )
 
 SWITCHES = ("bf16", "f32", "parallel", "res576")
 
 
 def coca_config(
-    *,
-    width: int,
-    heads: int,
-    vision_layers: int,
-    vision_mlp: int,
-    unimodal_layers: int,
-    multimodal_layers: int,
-    text_mlp: int,
-    embed_dim: int,
-    image_size: int = 288,
-    patch_size: int = 18,
-    vocab_size: int = 64_000,
-    max_text_len: int = 64,
-    caption_queries: int = 256,
-    arg: str | None = None,
+  *,
+  width: int,
+  heads: int,
+  vision_layers: int,
+  vision_mlp: int,
+  unimodal_layers: int,
+  multimodal_layers: int,
+  text_mlp: int,
+  embed_dim: int,
+  image_size: int = 288,
+  patch_size: int = 18,
+  vocab_size: int = 64_000,
+  max_text_len: int = 64,
+  caption_queries: int = 256,
+  arg: str | None = None,
 ) -> ml_collections.ConfigDict:
   """Returns the full config for one CoCa variant; `arg` holds the switches above."""
   c = ml_collections.ConfigDict()
@@ -69,25 +69,25 @@ def coca_config(
   m.scan_layers = True
   m.layer_norm_eps = 1e-6
   m.vision = ml_collections.ConfigDict(
-      dict(
-          image_size=image_size,
-          patch_size=patch_size,
-          layers=vision_layers,
-          mlp_dim=vision_mlp,
-          pos_embedding="learned",  # "learned" or "sincos"
-      )
+    dict(
+      image_size=image_size,
+      patch_size=patch_size,
+      layers=vision_layers,
+      mlp_dim=vision_mlp,
+      pos_embedding="learned",  # "learned" or "sincos"
+    )
   )
   m.pooler = ml_collections.ConfigDict(
-      dict(contrastive_queries=1, caption_queries=caption_queries, mode="cascade")
+    dict(contrastive_queries=1, caption_queries=caption_queries, mode="cascade")
   )
   m.text = ml_collections.ConfigDict(
-      dict(
-          vocab_size=vocab_size,
-          max_len=max_text_len,
-          unimodal_layers=unimodal_layers,
-          multimodal_layers=multimodal_layers,
-          mlp_dim=text_mlp,
-      )
+    dict(
+      vocab_size=vocab_size,
+      max_len=max_text_len,
+      unimodal_layers=unimodal_layers,
+      multimodal_layers=multimodal_layers,
+      mlp_dim=text_mlp,
+    )
   )
   # Learnable temperature tau, stored as log(1/tau) and clipped so that
   # tau stays in [1/100, 1] (CLIP's clip of the logit scale at 100).
@@ -98,38 +98,38 @@ def coca_config(
 
   # ---- optimizer (Section 4.1: Adafactor, beta1 0.9, beta2 0.999, wd 0.01) ----
   c.optim = ml_collections.ConfigDict(
-      dict(
-          lr=8e-4,
-          warmup_fraction=0.02,
-          decay="linear",  # "linear" or "cosine", to end_lr_fraction * lr
-          end_lr_fraction=0.0,
-          beta1=0.9,
-          beta2=0.999,
-          weight_decay=0.01,
-          # Substrings of parameter paths that get no weight decay.
-          no_decay=("bias", "scale", "temperature", "pos_embedding", "cls_embedding"),
-          update_clip=1.0,  # Adafactor's update clipping threshold
-          grad_clip_norm=0.0,  # global-norm gradient clipping; 0 disables
-          factored_min_dim=128,
-      )
+    dict(
+      lr=8e-4,
+      warmup_fraction=0.02,
+      decay="linear",  # "linear" or "cosine", to end_lr_fraction * lr
+      end_lr_fraction=0.0,
+      beta1=0.9,
+      beta2=0.999,
+      weight_decay=0.01,
+      # Substrings of parameter paths that get no weight decay.
+      no_decay=("bias", "scale", "temperature", "pos_embedding", "cls_embedding"),
+      update_clip=1.0,  # Adafactor's update clipping threshold
+      grad_clip_norm=0.0,  # global-norm gradient clipping; 0 disables
+      factored_min_dim=128,
+    )
   )
 
   # ---- training loop ----
   c.train = ml_collections.ConfigDict(
-      dict(
-          steps=500_000,
-          seed=0,
-          grad_accum_steps=1,
-          log_every=100,
-          eval_every=5_000,
-          eval_steps=10,
-          checkpoint_every=1_000,
-          keep_checkpoints=3,
-          export_dtype="bfloat16",
-          # Device peak FLOP/s for MFU when the device kind is not in the table of
-          # coca_jax/flops.py; 0 means "look it up".
-          peak_flops=0.0,
-      )
+    dict(
+      steps=500_000,
+      seed=0,
+      grad_accum_steps=1,
+      log_every=100,
+      eval_every=5_000,
+      eval_steps=10,
+      checkpoint_every=1_000,
+      keep_checkpoints=3,
+      export_dtype="bfloat16",
+      # Device peak FLOP/s for MFU when the device kind is not in the table of
+      # coca_jax/flops.py; 0 means "look it up".
+      peak_flops=0.0,
+    )
   )
 
   # ---- data ----

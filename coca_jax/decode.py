@@ -67,10 +67,12 @@ class DecodeOptions:
       raise ValueError(f"decode max_length={self.max_length} must be >= 1")
     if self.method == "beam" and self.beam_size < 1:
       raise ValueError(f"decode beam_size={self.beam_size} must be >= 1")
-    if self.method == "sample" and (self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0):
+    if self.method == "sample" and (
+      self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0
+    ):
       raise ValueError(
-          f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got temperature="
-          f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+        f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got temperature="
+        f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
       )
 
   @classmethod
@@ -128,11 +130,11 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
 
   stack_axes = dict(key=1, value=1, index=None)  # key/value: [layers, B, S, H, K]
   return StepModel(
-      step=step,
-      cache=cache,
-      context=context,
-      cache_batch_axes=dict(unimodal=stack_axes, multimodal=stack_axes),
-      context_batch_axes=(1, 1),
+    step=step,
+    cache=cache,
+    context=context,
+    cache_batch_axes=dict(unimodal=stack_axes, multimodal=stack_axes),
+    context_batch_axes=(1, 1),
   )
 
 
@@ -231,16 +233,16 @@ def _gather_beams(x, axis, origin):
 
 
 def sample_loop(
-    step_model: StepModel,
-    *,
-    batch: int,
-    max_length: int,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    rng: jax.Array | None = None,
-    prefix=None,
-    prefix_length=None,
+  step_model: StepModel,
+  *,
+  batch: int,
+  max_length: int,
+  temperature: float = 0.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  rng: jax.Array | None = None,
+  prefix=None,
+  prefix_length=None,
 ) -> DecodeOutput:
   """Greedy decoding (temperature 0) or ancestral sampling, one token per iteration.
 
@@ -275,26 +277,26 @@ def sample_loop(
     return i + 1, chosen, tokens, done, scores, cache
 
   init = (
-      jnp.int32(0),
-      jnp.full((batch,), BOS_ID, jnp.int32),
-      jnp.full((batch, max_length), PAD_ID, jnp.int32),
-      jnp.zeros((batch,), bool),
-      jnp.zeros((batch,), jnp.float32),
-      step_model.cache,
+    jnp.int32(0),
+    jnp.full((batch,), BOS_ID, jnp.int32),
+    jnp.full((batch, max_length), PAD_ID, jnp.int32),
+    jnp.zeros((batch,), bool),
+    jnp.zeros((batch,), jnp.float32),
+    step_model.cache,
   )
   _, _, tokens, _, scores, _ = jax.lax.while_loop(cond, body, init)
   return DecodeOutput(tokens, scores)
 
 
 def beam_search_loop(
-    step_model: StepModel,
-    *,
-    batch: int,
-    max_length: int,
-    beam_size: int,
-    alpha: float = 0.6,
-    prefix=None,
-    prefix_length=None,
+  step_model: StepModel,
+  *,
+  batch: int,
+  max_length: int,
+  beam_size: int,
+  alpha: float = 0.6,
+  prefix=None,
+  prefix_length=None,
 ) -> DecodeOutput:
   """Beam search keeping K hypotheses per example, finished ones included.
 
@@ -306,8 +308,12 @@ def beam_search_loop(
   """
   k = beam_size
   prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length)
-  cache = _map_batch(lambda x, a: _repeat_beams(x, a, k), step_model.cache, step_model.cache_batch_axes)
-  context = _map_batch(lambda x, a: _repeat_beams(x, a, k), step_model.context, step_model.context_batch_axes)
+  cache = _map_batch(
+    lambda x, a: _repeat_beams(x, a, k), step_model.cache, step_model.cache_batch_axes
+  )
+  context = _map_batch(
+    lambda x, a: _repeat_beams(x, a, k), step_model.context, step_model.context_batch_axes
+  )
 
   def cond(carry):
     i, finished = carry[0], carry[4]
@@ -327,11 +333,11 @@ def beam_search_loop(
     extended = jnp.where(finished[:, :, None], 2 * NEG, extended)
     kept = jnp.where(finished, log_probs, 2 * NEG)  # [B, K]
     candidate_scores = jnp.concatenate(
-        [
-            (extended / length_penalty(i + 1, alpha)).reshape(batch, k * vocab),
-            kept / length_penalty(lengths, alpha),
-        ],
-        axis=1,
+      [
+        (extended / length_penalty(i + 1, alpha)).reshape(batch, k * vocab),
+        kept / length_penalty(lengths, alpha),
+      ],
+      axis=1,
     )
     _, best = jax.lax.top_k(candidate_scores, k)  # [B, K]; ties go to extensions
     is_kept = best >= k * vocab
@@ -340,7 +346,9 @@ def beam_search_loop(
 
     seqs = jnp.take_along_axis(seqs, origin[:, :, None], axis=1)
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], i, 2)
-    extended_scores = jnp.take_along_axis(extended.reshape(batch, k * vocab), jnp.minimum(best, k * vocab - 1), axis=1)
+    extended_scores = jnp.take_along_axis(
+      extended.reshape(batch, k * vocab), jnp.minimum(best, k * vocab - 1), axis=1
+    )
     log_probs = jnp.where(is_kept, jnp.take_along_axis(log_probs, origin, axis=1), extended_scores)
     lengths = jnp.where(is_kept, jnp.take_along_axis(lengths, origin, axis=1), i + 1)
     finished = is_kept | (token == EOS_ID) | (i + 1 == max_length)
@@ -351,13 +359,13 @@ def beam_search_loop(
   # same token.
   init_log_probs = jnp.where(jnp.arange(k)[None] == 0, 0.0, NEG) * jnp.ones((batch, 1))
   init = (
-      jnp.int32(0),
-      jnp.full((batch, k), BOS_ID, jnp.int32),
-      jnp.full((batch, k, max_length), PAD_ID, jnp.int32),
-      init_log_probs,
-      jnp.zeros((batch, k), bool),
-      jnp.zeros((batch, k), jnp.int32),
-      cache,
+    jnp.int32(0),
+    jnp.full((batch, k), BOS_ID, jnp.int32),
+    jnp.full((batch, k, max_length), PAD_ID, jnp.int32),
+    init_log_probs,
+    jnp.zeros((batch, k), bool),
+    jnp.zeros((batch, k), jnp.int32),
+    cache,
   )
   _, _, seqs, log_probs, _, lengths, _ = jax.lax.while_loop(cond, body, init)
   final = log_probs / length_penalty(jnp.maximum(lengths, 1), alpha)
@@ -366,29 +374,37 @@ def beam_search_loop(
   return DecodeOutput(tokens, jnp.take_along_axis(final, best[:, None], axis=1)[:, 0])
 
 
-def run_loop(step_model: StepModel, options: DecodeOptions, *, batch: int, rng=None, prefix=None, prefix_length=None):
+def run_loop(
+  step_model: StepModel,
+  options: DecodeOptions,
+  *,
+  batch: int,
+  rng=None,
+  prefix=None,
+  prefix_length=None,
+):
   """Dispatches to the loop named by options.method."""
   if options.method == "beam":
     return beam_search_loop(
-        step_model,
-        batch=batch,
-        max_length=options.max_length,
-        beam_size=options.beam_size,
-        alpha=options.length_penalty,
-        prefix=prefix,
-        prefix_length=prefix_length,
-    )
-  sampling = options.method == "sample"
-  return sample_loop(
       step_model,
       batch=batch,
       max_length=options.max_length,
-      temperature=options.temperature if sampling else 0.0,
-      top_k=options.top_k if sampling else 0,
-      top_p=options.top_p if sampling else 1.0,
-      rng=rng,
+      beam_size=options.beam_size,
+      alpha=options.length_penalty,
       prefix=prefix,
       prefix_length=prefix_length,
+    )
+  sampling = options.method == "sample"
+  return sample_loop(
+    step_model,
+    batch=batch,
+    max_length=options.max_length,
+    temperature=options.temperature if sampling else 0.0,
+    top_k=options.top_k if sampling else 0,
+    top_p=options.top_p if sampling else 1.0,
+    rng=rng,
+    prefix=prefix,
+    prefix_length=prefix_length,
   )
 
 
@@ -397,14 +413,14 @@ def run_loop(step_model: StepModel, options: DecodeOptions, *, batch: int, rng=N
 
 
 def generate(
-    model,
-    images: jax.Array,
-    options: DecodeOptions,
-    *,
-    prefix=None,
-    prefix_length=None,
-    rng: jax.Array | None = None,
-    cached: bool = True,
+  model,
+  images: jax.Array,
+  options: DecodeOptions,
+  *,
+  prefix=None,
+  prefix_length=None,
+  rng: jax.Array | None = None,
+  cached: bool = True,
 ) -> DecodeOutput:
   """Captions a batch of images with a CoCa model (traceable; jit it, or use `jit_generate`).
 
@@ -414,11 +430,15 @@ def generate(
   """
   max_len = model.text.max_len
   if options.max_length > max_len:
-    raise ValueError(f"decode max_length={options.max_length} exceeds config.model.text.max_len={max_len}")
+    raise ValueError(
+      f"decode max_length={options.max_length} exceeds config.model.text.max_len={max_len}"
+    )
   _, caption_tokens = model.encode_image(images)
   make = cached_step_model if cached else recompute_step_model
   step_model = make(model, caption_tokens, options.max_length)
-  return run_loop(step_model, options, batch=images.shape[0], rng=rng, prefix=prefix, prefix_length=prefix_length)
+  return run_loop(
+    step_model, options, batch=images.shape[0], rng=rng, prefix=prefix, prefix_length=prefix_length
+  )
 
 
 def jit_generate(graphdef: nnx.GraphDef, options: DecodeOptions, *, cached: bool = True):
@@ -431,6 +451,8 @@ def jit_generate(graphdef: nnx.GraphDef, options: DecodeOptions, *, cached: bool
   @jax.jit
   def fn(params, images, prefix=None, prefix_length=None, rng=None):
     model = nnx.merge(graphdef, params)
-    return generate(model, images, options, prefix=prefix, prefix_length=prefix_length, rng=rng, cached=cached)
+    return generate(
+      model, images, options, prefix=prefix, prefix_length=prefix_length, rng=rng, cached=cached
+    )
 
   return fn

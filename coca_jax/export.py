@@ -20,7 +20,8 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from coca_jax import checkpoint, optim, sharding, state as state_lib
+from coca_jax import checkpoint, optim, sharding
+from coca_jax import state as state_lib
 from coca_jax.models import coca
 
 CONFIG_FILE = "config.json"
@@ -35,7 +36,13 @@ def read_config(path) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
-def write(params: dict, config: ml_collections.ConfigDict, output_dir: str, dtype: str, vocab_file: str | None) -> None:
+def write(
+  params: dict,
+  config: ml_collections.ConfigDict,
+  output_dir: str,
+  dtype: str,
+  vocab_file: str | None,
+) -> None:
   """Writes an export of `params` (nested dict of arrays) to `output_dir`."""
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
@@ -73,12 +80,12 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   stored = ocp.StandardCheckpointer().metadata(export / "params")
   stored = getattr(stored, "item_metadata", stored)
   replicated = jax.sharding.NamedSharding(
-      jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec()
+    jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec()
   )
   target = jax.tree.map(
-      lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=replicated),
-      abstract_params.to_pure_dict(),
-      dict(stored),
+    lambda a, m: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=replicated),
+    abstract_params.to_pure_dict(),
+    dict(stored),
   )
   params = ocp.StandardCheckpointer().restore(export / "params", target)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
@@ -94,7 +101,9 @@ def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None 
   mngr = checkpoint.manager(workdir, config.train, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints")
+    raise FileNotFoundError(
+      f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints"
+    )
   state, _ = checkpoint.restore(mngr, layout, step)
   write(state["params"], config, output, dtype, vocab_file_of(config))
   return step

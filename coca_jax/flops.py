@@ -9,16 +9,16 @@ forward + backward; rematerialisation is not counted, so MFU does not reward it.
 # Dense bfloat16 peak FLOP/s per device (chip for TPU), from the vendors' data sheets.
 # Matched as substrings of `device.device_kind`, most specific first.
 PEAK_FLOPS = (
-    ("TPU v6 lite", 918e12),  # Trillium (v6e)
-    ("TPU v5 lite", 197e12),  # v5e
-    ("TPU v5p", 459e12),
-    ("TPU v5", 459e12),  # v5p reports "TPU v5"
-    ("TPU v4", 275e12),
-    ("TPU v3", 123e12),
-    ("H200", 989e12),
-    ("H100", 989e12),  # SXM; the PCIe part is 756e12, set config.train.peak_flops
-    ("A100", 312e12),
-    ("L4", 121e12),
+  ("TPU v6 lite", 918e12),  # Trillium (v6e)
+  ("TPU v5 lite", 197e12),  # v5e
+  ("TPU v5p", 459e12),
+  ("TPU v5", 459e12),  # v5p reports "TPU v5"
+  ("TPU v4", 275e12),
+  ("TPU v3", 123e12),
+  ("H200", 989e12),
+  ("H100", 989e12),  # SXM; the PCIe part is 756e12, set config.train.peak_flops
+  ("A100", 312e12),
+  ("L4", 121e12),
 )
 
 
@@ -35,7 +35,9 @@ def peak_flops_per_device(device, override: float = 0.0) -> float | None:
 
 def _attention_macs(queries: int, keys: int, width: int, *, self_attention: bool) -> int:
   """Multiply-adds of one attention layer: projections plus scores and weighted values."""
-  projections = (4 * queries * width * width) if self_attention else (2 * queries + 2 * keys) * width * width
+  projections = (
+    (4 * queries * width * width) if self_attention else (2 * queries + 2 * keys) * width * width
+  )
   return projections + 2 * queries * keys * width
 
 
@@ -49,17 +51,23 @@ def forward_macs(model_config) -> int:
   q = m.pooler.caption_queries
 
   vision = patches * v.patch_size**2 * 3 * d  # patch embedding
-  vision += v.layers * (_attention_macs(patches, patches, d, self_attention=True) + 2 * patches * d * v.mlp_dim)
+  vision += v.layers * (
+    _attention_macs(patches, patches, d, self_attention=True) + 2 * patches * d * v.mlp_dim
+  )
   poolers = _attention_macs(q, patches, d, self_attention=False)
   contrastive_keys = q if m.pooler.mode == "cascade" else patches
-  poolers += _attention_macs(m.pooler.contrastive_queries, contrastive_keys, d, self_attention=False)
+  poolers += _attention_macs(
+    m.pooler.contrastive_queries, contrastive_keys, d, self_attention=False
+  )
 
-  text_layer = _attention_macs(t + 1, t + 1, d, self_attention=True) + 2 * (t + 1) * d * m.text.mlp_dim
+  text_layer = (
+    _attention_macs(t + 1, t + 1, d, self_attention=True) + 2 * (t + 1) * d * m.text.mlp_dim
+  )
   unimodal = m.text.unimodal_layers * text_layer
   multimodal = m.text.multimodal_layers * (
-      _attention_macs(t, t, d, self_attention=True)
-      + _attention_macs(t, q, d, self_attention=False)
-      + 2 * t * d * m.text.mlp_dim
+    _attention_macs(t, t, d, self_attention=True)
+    + _attention_macs(t, q, d, self_attention=False)
+    + 2 * t * d * m.text.mlp_dim
   )
   logits = t * d * m.text.vocab_size
   projections = 2 * d * m.embed_dim
@@ -69,4 +77,3 @@ def forward_macs(model_config) -> int:
 def train_flops_per_example(model_config) -> float:
   """Model FLOPs of one training example: 3 x forward (backward costs twice forward)."""
   return 3.0 * 2.0 * forward_macs(model_config)
-

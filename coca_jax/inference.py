@@ -58,14 +58,19 @@ def read_image(item) -> np.ndarray:
   return read_image(Image.fromarray(array))
 
 
-def preprocess(image_uint8: np.ndarray, image_size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> np.ndarray:
+def preprocess(
+  image_uint8: np.ndarray, image_size: int, mean=DEFAULT_MEAN, std=DEFAULT_STD
+) -> np.ndarray:
   """[h, w, 3] uint8 -> [image_size, image_size, 3] float32: resize the shorter side,
   centre crop, scale to [0, 1], normalise per channel."""
   from PIL import Image
 
   image = Image.fromarray(image_uint8)
   scale = image_size / min(image.size)
-  width, height = max(image_size, round(image.size[0] * scale)), max(image_size, round(image.size[1] * scale))
+  width, height = (
+    max(image_size, round(image.size[0] * scale)),
+    max(image_size, round(image.size[1] * scale)),
+  )
   image = image.resize((width, height), Image.BILINEAR)
   left, top = (width - image_size) // 2, (height - image_size) // 2
   image = image.crop((left, top, left + image_size, top + image_size))
@@ -95,7 +100,9 @@ class Model:
     self.temperature = float(model.temperature())
     self._encoders = encoders.Encoders(model, batch_size)
 
-  def read_images(self, images: Sequence, errors: str = "raise") -> tuple[np.ndarray, dict[int, str]]:
+  def read_images(
+    self, images: Sequence, errors: str = "raise"
+  ) -> tuple[np.ndarray, dict[int, str]]:
     """Reads and preprocesses images -> ([n_ok, H, W, 3] float32, {index: error}).
 
     errors="raise" raises ImageError at the first bad one; "collect" skips bad ones and
@@ -115,8 +122,16 @@ class Model:
     return (np.stack(arrays) if arrays else np.zeros(shape, np.float32)), failures
 
   def _pixels(self, images) -> np.ndarray:
-    if isinstance(images, np.ndarray) and images.ndim == 4 and images.dtype == np.float32 and images.shape[1:] == (
-        self.image_size, self.image_size, 3,
+    if (
+      isinstance(images, np.ndarray)
+      and images.ndim == 4
+      and images.dtype == np.float32
+      and images.shape[1:]
+      == (
+        self.image_size,
+        self.image_size,
+        3,
+      )
     ):
       return images  # already preprocessed (as from read_images)
     return self.read_images(images)[0]
@@ -130,7 +145,9 @@ class Model:
     texts = [texts] if isinstance(texts, str) else list(texts)
     return self._encoders.embed_texts(*encoders.tokenize(self.vocab, texts, self.max_text_len))
 
-  def classify(self, images, class_names: Sequence[str], templates: Sequence[str] | None = None) -> Classification:
+  def classify(
+    self, images, class_names: Sequence[str], templates: Sequence[str] | None = None
+  ) -> Classification:
     """Zero-shot: ranks `class_names` (through the prompt ensemble of config.eval) per image.
 
     Probabilities are a softmax of cosine similarities over the model's learned temperature.
@@ -142,21 +159,23 @@ class Model:
     logits = self.embed_images(images) @ classifier.T / self.temperature
     logits = logits - logits.max(axis=1, keepdims=True)
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
-    return Classification([class_names[i] for i in probabilities.argmax(1)], probabilities.astype(np.float32))
+    return Classification(
+      [class_names[i] for i in probabilities.argmax(1)], probabilities.astype(np.float32)
+    )
 
   def caption(
-      self,
-      images,
-      method: str | None = None,
-      *,
-      beam_size: int | None = None,
-      max_length: int | None = None,
-      length_penalty: float | None = None,
-      temperature: float | None = None,
-      top_k: int | None = None,
-      top_p: float | None = None,
-      prefix: str | Sequence[str] | None = None,
-      seed: int = 0,
+    self,
+    images,
+    method: str | None = None,
+    *,
+    beam_size: int | None = None,
+    max_length: int | None = None,
+    length_penalty: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    prefix: str | Sequence[str] | None = None,
+    seed: int = 0,
   ) -> list[str]:
     """Captions per image; unset options come from config.eval.decode.
 
@@ -164,14 +183,14 @@ class Model:
     a question for "VQA as a prefix"; it is not repeated in the returned text.
     """
     options = evaluate.decode_options(
-        self.config,
-        method=method,
-        beam_size=beam_size,
-        max_length=max_length,
-        length_penalty=length_penalty,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
+      self.config,
+      method=method,
+      beam_size=beam_size,
+      max_length=max_length,
+      length_penalty=length_penalty,
+      temperature=temperature,
+      top_k=top_k,
+      top_p=top_p,
     )
     pixels = self._pixels(images)
     prefix_tokens, prefix_lengths = None, 0
@@ -182,7 +201,9 @@ class Model:
       encoded = [list(self.vocab.encode(p)) for p in prefixes]
       too_long = [p for p, e in zip(prefixes, encoded) if len(e) >= options.max_length]
       if too_long:
-        raise ValueError(f"prefix {too_long[0]!r} leaves no room within max_length={options.max_length}")
+        raise ValueError(
+          f"prefix {too_long[0]!r} leaves no room within max_length={options.max_length}"
+        )
       prefix_tokens = np.zeros((len(pixels), options.max_length), np.int32)
       for row, tokens in enumerate(encoded):
         prefix_tokens[row, : len(tokens)] = tokens
@@ -211,4 +232,3 @@ def load(export_dir: str, batch_size: int = 32) -> Model:
   if not os.path.exists(vocab_path):
     vocab_path = config.data.get("vocab_path", "") or vocab_path
   return Model(model, config, encoders.load_vocab(vocab_path), batch_size)
-

@@ -10,7 +10,9 @@ import optax
 from coca_jax import sharding
 
 
-def contrastive_logits(image_embedding: jax.Array, text_embedding: jax.Array, temperature) -> jax.Array:
+def contrastive_logits(
+  image_embedding: jax.Array, text_embedding: jax.Array, temperature
+) -> jax.Array:
   """[B, E] x [B, E] -> [B, B] float32 logits image_i . text_j / tau.
 
   Under a mesh both embeddings are sharded over the batch; the text side is
@@ -20,7 +22,7 @@ def contrastive_logits(image_embedding: jax.Array, text_embedding: jax.Array, te
   """
   text_embedding = sharding.constrain(text_embedding, (None, None))
   logits = jnp.einsum(
-      "ie,je->ij", image_embedding, text_embedding, preferred_element_type=jnp.float32
+    "ie,je->ij", image_embedding, text_embedding, preferred_element_type=jnp.float32
   )
   return sharding.constrain(logits / temperature, ("batch", None))
 
@@ -62,10 +64,10 @@ def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict
     (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"}).
   """
   con, accuracy = contrastive_loss(
-      outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
+    outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
   )
   cap = captioning_loss(outputs["logits"], batch["text"]["labels"], batch["text"]["mask"])
   loss = loss_config.contrastive_weight * con + loss_config.caption_weight * cap
   return loss, dict(
-      loss=loss, contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy
+    loss=loss, contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy
   )

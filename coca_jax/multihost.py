@@ -17,7 +17,9 @@ def _cluster_detected() -> bool:
   return len(tpu_hosts) > 1 or slurm_tasks > 1 or importlib.util.find_spec("libtpu") is not None
 
 
-def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None) -> None:
+def initialize(
+  coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> None:
   """Initialises JAX's distributed runtime from flags, or by auto-detection on TPU/SLURM."""
   if coordinator_address or (num_processes or 1) > 1:
     if coordinator_address is None or num_processes is None or process_id is None:
@@ -26,10 +28,10 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   elif _cluster_detected():
     jax.distributed.initialize()
   logging.info(
-      "process %d of %d; %d local devices, %d global devices (%s)",
-      jax.process_index(),
-      jax.process_count(),
-      jax.local_device_count(),
-      jax.device_count(),
-      jax.devices()[0].device_kind,
+    "process %d of %d; %d local devices, %d global devices (%s)",
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
   )

@@ -47,7 +47,9 @@ def decay_mask(params, no_decay: tuple[str, ...]):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
-def decoupled_weight_decay(rate: float, learning_rate: optax.Schedule, mask) -> optax.GradientTransformation:
+def decoupled_weight_decay(
+  rate: float, learning_rate: optax.Schedule, mask
+) -> optax.GradientTransformation:
   """Adds -rate * learning_rate(step) * param to the (already scaled) update, where masked in.
 
   optax.add_decayed_weights placed earlier in the chain would be rescaled by Adafactor's
@@ -62,14 +64,19 @@ def decoupled_weight_decay(rate: float, learning_rate: optax.Schedule, mask) -> 
   def update(updates, state, params):
     factor = rate * learning_rate(state.count)
     updates = jax.tree.map(
-        lambda u, p, m: u - factor * p if m else u, updates, params, mask(params) if callable(mask) else mask
+      lambda u, p, m: u - factor * p if m else u,
+      updates,
+      params,
+      mask(params) if callable(mask) else mask,
     )
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+  optim_config, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Returns (optimizer, learning-rate schedule) from `config.optim`."""
   cfg = optim_config
   multiplier = lr_multiplier(cfg, total_steps)
@@ -86,16 +93,20 @@ def make_optimizer(optim_config, total_steps: int) -> tuple[optax.GradientTransf
   if cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   parts += [
-      optax.scale_by_factored_rms(
-          factored=True,
-          decay_rate=SECOND_MOMENT_EXPONENT,
-          min_dim_size_to_factor=cfg.factored_min_dim,
-          decay_rate_fn=second_moment_decay,
-      ),
-      optax.clip_by_block_rms(cfg.update_clip),
-      optax.ema(cfg.beta1, debias=False),  # momentum on the clipped update
-      optax.scale_by_learning_rate(schedule),
+    optax.scale_by_factored_rms(
+      factored=True,
+      decay_rate=SECOND_MOMENT_EXPONENT,
+      min_dim_size_to_factor=cfg.factored_min_dim,
+      decay_rate_fn=second_moment_decay,
+    ),
+    optax.clip_by_block_rms(cfg.update_clip),
+    optax.ema(cfg.beta1, debias=False),  # momentum on the clipped update
+    optax.scale_by_learning_rate(schedule),
   ]
   if cfg.weight_decay > 0:
-    parts.append(decoupled_weight_decay(cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))))
+    parts.append(
+      decoupled_weight_decay(
+        cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))
+      )
+    )
   return optax.chain(*parts), schedule

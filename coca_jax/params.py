@@ -16,16 +16,15 @@ from ml_collections import config_flags
 
 from coca_jax.models import coca
 
-
 # Top-level CoCa attribute -> the component it counts toward (the paper's Table 1 split).
 COMPONENTS = {
-    "vision": "image_encoder",
-    "text": "text_decoder",
-    "caption_pooler": "poolers",
-    "contrastive_pooler": "poolers",
-    "image_projection": "projections",
-    "text_projection": "projections",
-    "log_inv_temperature": "projections",
+  "vision": "image_encoder",
+  "text": "text_decoder",
+  "caption_pooler": "poolers",
+  "contrastive_pooler": "poolers",
+  "image_projection": "projections",
+  "text_projection": "projections",
+  "log_inv_temperature": "projections",
 }
 
 
@@ -34,9 +33,9 @@ def count_by_path(model_config) -> dict[str, int]:
   abstract = nnx.eval_shape(lambda: coca.build(model_config))
   params = nnx.state(abstract, nnx.Param)
   return {
-      "/".join(str(k) for k in path): int(np.prod(leaf.shape))
-      for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-      for path in [[getattr(p, "key", getattr(p, "name", p)) for p in path]]
+    "/".join(str(k) for k in path): int(np.prod(leaf.shape))
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+    for path in [[getattr(p, "key", getattr(p, "name", p)) for p in path]]
   }
 
 

@@ -28,7 +28,7 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
     raise ValueError(
-        f"config.mesh ({described}) has {math.prod(sizes)} devices but {num_devices} are present"
+      f"config.mesh ({described}) has {math.prod(sizes)} devices but {num_devices} are present"
     )
   return tuple(sizes)
 
@@ -71,9 +71,9 @@ def param_specs(abstract_model, rules) -> dict:
   """Nested dict (like the params) of PartitionSpecs from each Param's logical names."""
   params = nnx.state(abstract_model, nnx.Param)
   specs = jax.tree.map(
-      lambda v: logical_to_spec(v.get_metadata()["out_sharding"], rules),
-      params,
-      is_leaf=lambda x: isinstance(x, nnx.Variable),
+    lambda v: logical_to_spec(v.get_metadata()["out_sharding"], rules),
+    params,
+    is_leaf=lambda x: isinstance(x, nnx.Variable),
   )
   return specs.to_pure_dict()
 
@@ -112,13 +112,15 @@ def like_params_specs(tree, params_shapes, params_specs):
 def named(mesh: Mesh, specs):
   """PartitionSpec tree -> NamedSharding tree."""
   return jax.tree.map(
-      lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
   )
 
 
 def batch_specs(batch_tree, rules):
   """Every batch array is split over its leading (batch) axis."""
-  return jax.tree.map(lambda x: logical_to_spec(("batch",) + (None,) * (len(x.shape) - 1), rules), batch_tree)
+  return jax.tree.map(
+    lambda x: logical_to_spec(("batch",) + (None,) * (len(x.shape) - 1), rules), batch_tree
+  )
 
 
 def global_batch(host_batch, mesh: Mesh, rules):
@@ -146,5 +148,7 @@ def host_data_shard(mesh: Mesh, rules, global_batch_size: int) -> tuple[int, int
     raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}")
   local = stop - start
   if global_batch_size % local:
-    raise ValueError(f"global batch {global_batch_size} is not a multiple of the local batch {local}")
+    raise ValueError(
+      f"global batch {global_batch_size} is not a multiple of the local batch {local}"
+    )
   return start // local, global_batch_size // local

@@ -43,12 +43,14 @@ def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> State
   abstract = jax.eval_shape(_init_fn(config.model, optimizer, config.train.seed))
   param_specs = sharding.param_specs(abstract_model, config.sharding_rules)
   specs = dict(
-      params=param_specs,
-      opt_state=sharding.like_params_specs(abstract["opt_state"], abstract["params"], param_specs),
-      step=jax.sharding.PartitionSpec(),
+    params=param_specs,
+    opt_state=sharding.like_params_specs(abstract["opt_state"], abstract["params"], param_specs),
+    step=jax.sharding.PartitionSpec(),
   )
   shardings = sharding.named(mesh, specs)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
 
 
@@ -57,9 +59,13 @@ def param_count(state_layout: StateLayout) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state_layout.abstract["params"]))
 
 
-def create(config, optimizer: optax.GradientTransformation, state_layout: StateLayout, mesh: Mesh) -> dict:
+def create(
+  config, optimizer: optax.GradientTransformation, state_layout: StateLayout, mesh: Mesh
+) -> dict:
   """Initialises the state directly into its shardings."""
-  init = jax.jit(_init_fn(config.model, optimizer, config.train.seed), out_shardings=state_layout.shardings)
+  init = jax.jit(
+    _init_fn(config.model, optimizer, config.train.seed), out_shardings=state_layout.shardings
+  )
   with jax.set_mesh(mesh), nnx.logical_axis_rules(config.sharding_rules):
     return init()
 

@@ -27,7 +27,9 @@ def _split_micro_batches(batch, accum_steps: int):
 
   def split(x):
     if x.shape[0] % accum_steps:
-      raise ValueError(f"batch of {x.shape[0]} is not divisible by config.train.grad_accum_steps={accum_steps}")
+      raise ValueError(
+        f"batch of {x.shape[0]} is not divisible by config.train.grad_accum_steps={accum_steps}"
+      )
     # Row r goes to micro-batch r % A: each device's local rows feed every micro-batch.
     y = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
     return sharding.constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
@@ -35,7 +37,9 @@ def _split_micro_batches(batch, accum_steps: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(config, optimizer: optax.GradientTransformation, schedule, state_layout: StateLayout):
+def make_train_step(
+  config, optimizer: optax.GradientTransformation, schedule, state_layout: StateLayout
+):
   """Returns train_step(state, batch) -> (state, metrics), jitted, state donated.
 
   Metrics (scalars, left on device): loss, contrastive_loss, captioning_loss,
@@ -59,17 +63,19 @@ def make_train_step(config, optimizer: optax.GradientTransformation, schedule, s
         (_, micro_terms), micro_grads = grad_fn(params, micro_batch)
         return jax.tree.map(jnp.add, carry, (micro_grads, micro_terms)), None
 
-      (_, terms_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches))
+      (_, terms_shape), grads_shape = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches)
+      )
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, terms_shape))
       (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro_batches)
       grads, terms = jax.tree.map(lambda x: x / accum_steps, (grads, terms))
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     metrics = dict(
-        terms,
-        grad_norm=optax.global_norm(grads),
-        param_norm=optax.global_norm(params),
-        learning_rate=schedule(state["step"]),
+      terms,
+      grad_norm=optax.global_norm(grads),
+      param_norm=optax.global_norm(params),
+      learning_rate=schedule(state["step"]),
     )
     return dict(params=params, opt_state=opt_state, step=state["step"] + 1), metrics
 
@@ -91,7 +97,9 @@ def _jit(config, fn, state_layout: StateLayout, donate: bool):
   """jit with the state's shardings in and out, batch sharded over its leading axis."""
   mesh = jax.tree.leaves(state_layout.shardings)[0].mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.logical_to_spec(("batch",), config.sharding_rules))
+  batch_sharding = jax.sharding.NamedSharding(
+    mesh, sharding.logical_to_spec(("batch",), config.sharding_rules)
+  )
 
   def traced(state, batch):
     with nnx.logical_axis_rules(config.sharding_rules):
@@ -99,10 +107,10 @@ def _jit(config, fn, state_layout: StateLayout, donate: bool):
 
   out_shardings = (state_layout.shardings, replicated) if donate else replicated
   jitted = jax.jit(
-      traced,
-      in_shardings=(state_layout.shardings, batch_sharding),
-      out_shardings=out_shardings,
-      donate_argnums=(0,) if donate else (),
+    traced,
+    in_shardings=(state_layout.shardings, batch_sharding),
+    out_shardings=out_shardings,
+    donate_argnums=(0,) if donate else (),
   )
 
   def call(state, batch):

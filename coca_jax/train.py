@@ -23,14 +23,29 @@ from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, export, flops, multihost, optim, sharding, state as state_lib, step as step_lib
+from coca_jax import (
+  checkpoint,
+  export,
+  flops,
+  multihost,
+  optim,
+  sharding,
+)
+from coca_jax import (
+  state as state_lib,
+)
+from coca_jax import (
+  step as step_lib,
+)
 from coca_jax.data import synthetic
 
 
 def define_flags() -> None:
   """The command line; defined only when run as a program, so that importing this module
   (tests, other entry points) registers no absl flags."""
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:switches]).", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py[:switches]).", lock_config=True
+  )
   flags.DEFINE_string("workdir", None, "Directory (local or gs://) for checkpoints, logs, export.")
   flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
@@ -56,15 +71,23 @@ class Preemption:
 
 def input_batches(config, mesh, start_step: int):
   """Host-local batches from `start_step` on; each process reads only its data shard."""
-  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  shard_index, num_shards = sharding.host_data_shard(
+    mesh, config.sharding_rules, config.data.global_batch_size
+  )
   local_batch = config.data.global_batch_size // num_shards
   logging.info("data shard %d of %d, local batch %d", shard_index, num_shards, local_batch)
   if config.data.source == "synthetic":
-    return synthetic.batches(config, shard_index=shard_index, local_batch_size=local_batch, start_step=start_step)
+    return synthetic.batches(
+      config, shard_index=shard_index, local_batch_size=local_batch, start_step=start_step
+    )
   from coca_jax.data import pipeline  # TensorFlow is imported only when needed
 
   return pipeline.train_batches(
-      config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch, start_step=start_step
+    config.data,
+    shard_index=shard_index,
+    num_shards=num_shards,
+    local_batch_size=local_batch,
+    start_step=start_step,
   )
 
 
@@ -72,7 +95,9 @@ def prepare_data(config) -> None:
   """Checks the data source; builds the demo data on first use and resolves its paths
   into the config (so config.json and the export name the vocabulary)."""
   if config.data.source not in ("mixture", "synthetic"):
-    raise ValueError(f"config.data.source={config.data.source!r}; expected 'mixture' or 'synthetic'")
+    raise ValueError(
+      f"config.data.source={config.data.source!r}; expected 'mixture' or 'synthetic'"
+    )
   if config.data.source == "mixture":
     from coca_jax.data import pipeline, prepare
 
@@ -82,25 +107,37 @@ def prepare_data(config) -> None:
 
 def held_out_batches(config, mesh):
   """Up to config.train.eval_steps host batches of the held-out split."""
-  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  shard_index, num_shards = sharding.host_data_shard(
+    mesh, config.sharding_rules, config.data.global_batch_size
+  )
   local_batch = config.data.global_batch_size // num_shards
   if config.data.source == "synthetic":
     # Batches the training run never sees: a different seed.
     rows = synthetic.batches(
-        config, shard_index=shard_index, local_batch_size=local_batch, start_step=0, seed=config.data.seed + 1
+      config,
+      shard_index=shard_index,
+      local_batch_size=local_batch,
+      start_step=0,
+      seed=config.data.seed + 1,
     )
   else:
     from coca_jax.data import pipeline
 
-    rows = pipeline.eval_batches(config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch)
+    rows = pipeline.eval_batches(
+      config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch
+    )
   return itertools.islice(rows, config.train.eval_steps)
 
 
-def evaluate_state(config, state, layout, eval_step, mesh, *, step: int, workdir: str, writer) -> dict:
+def evaluate_state(
+  config, state, layout, eval_step, mesh, *, step: int, workdir: str, writer
+) -> dict:
   """Held-out losses, then the eval suite of config.eval (zero-shot, retrieval, ...)."""
   totals, count = {}, 0
   for host_batch in held_out_batches(config, mesh):
-    terms = jax.device_get(eval_step(state, sharding.global_batch(host_batch, mesh, config.sharding_rules)))
+    terms = jax.device_get(
+      eval_step(state, sharding.global_batch(host_batch, mesh, config.sharding_rules))
+    )
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in terms.items()}
     count += 1
   metrics = {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
@@ -110,9 +147,17 @@ def evaluate_state(config, state, layout, eval_step, mesh, *, step: int, workdir
 
     model = state_lib.model_from_params(layout.graphdef, state["params"])
     with jax.set_mesh(mesh):
-      suite = evaluate.run(model, config, step=step, workdir=workdir if jax.process_index() == 0 else None, writer=writer)
+      suite = evaluate.run(
+        model,
+        config,
+        step=step,
+        workdir=workdir if jax.process_index() == 0 else None,
+        writer=writer,
+      )
     metrics.update({f"eval/{k}": v for k, v in suite.items()})
-  logging.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items())))
+  logging.info(
+    "eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in sorted(metrics.items()))
+  )
   return metrics
 
 
@@ -120,10 +165,17 @@ def log_memory(compiled) -> None:
   memory = compiled.memory_analysis()
   if memory is None:
     return
-  fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "generated_code_size_in_bytes")
+  fields = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "temp_size_in_bytes",
+    "generated_code_size_in_bytes",
+  )
   logging.info(
-      "per-device memory of the train step: %s",
-      ", ".join(f"{f.replace('_size_in_bytes', '')} {getattr(memory, f, 0) / 2**20:.1f} MiB" for f in fields),
+    "per-device memory of the train step: %s",
+    ", ".join(
+      f"{f.replace('_size_in_bytes', '')} {getattr(memory, f, 0) / 2**20:.1f} MiB" for f in fields
+    ),
   )
 
 
@@ -152,11 +204,11 @@ class Throughput:
 def console_line(step: int, total: int, metrics: dict, speed: dict) -> str:
   mfu = f" mfu {speed['mfu'] * 100:.1f}%" if "mfu" in speed else ""
   return (
-      f"step {step}/{total} loss {metrics['loss']:.4f} (con {metrics['contrastive_loss']:.4f}"
-      f" cap {metrics['captioning_loss']:.4f}) acc {metrics['contrastive_accuracy']:.3f}"
-      f" tau {metrics['temperature']:.4f} lr {metrics['learning_rate']:.2e}"
-      f" | {speed['examples_per_s']:.1f} ex/s {speed['steps_per_s']:.2f} steps/s{mfu}"
-      f" eta {speed['eta_s'] / 60:.1f} min"
+    f"step {step}/{total} loss {metrics['loss']:.4f} (con {metrics['contrastive_loss']:.4f}"
+    f" cap {metrics['captioning_loss']:.4f}) acc {metrics['contrastive_accuracy']:.3f}"
+    f" tau {metrics['temperature']:.4f} lr {metrics['learning_rate']:.2e}"
+    f" | {speed['examples_per_s']:.1f} ex/s {speed['steps_per_s']:.2f} steps/s{mfu}"
+    f" eta {speed['eta_s'] / 60:.1f} min"
   )
 
 
@@ -166,8 +218,8 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
   if bad:
     last = mngr.latest_step()
     raise FloatingPointError(
-        f"{bad[0]} is {metrics[bad[0]]} at step {step}; stopping. The last good checkpoint "
-        f"({'none' if last is None else f'step {last}'}) is left as it was."
+      f"{bad[0]} is {metrics[bad[0]]} at step {step}; stopping. The last good checkpoint "
+      f"({'none' if last is None else f'step {last}'}) is left as it was."
     )
 
 
@@ -227,7 +279,9 @@ def train(config, workdir: str) -> dict:
     if saving:
       checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
     if config.train.eval_every and (step % config.train.eval_every == 0 or last):
-      evaluated = evaluate_state(config, state, layout, eval_step, mesh, step=step, workdir=workdir, writer=writer)
+      evaluated = evaluate_state(
+        config, state, layout, eval_step, mesh, step=step, workdir=workdir, writer=writer
+      )
     if preempted:
       logging.warning("preempted: checkpoint at step %d written; exiting", step)
       break
@@ -237,7 +291,13 @@ def train(config, workdir: str) -> dict:
   mngr.wait_until_finished()
   writer.flush()
   if step == config.train.steps:
-    export.write(state["params"], config, str(workdir_path / "export"), config.train.export_dtype, export.vocab_file_of(config))
+    export.write(
+      state["params"],
+      config,
+      str(workdir_path / "export"),
+      config.train.export_dtype,
+      export.vocab_file_of(config),
+    )
   mngr.close()
   if evaluated and config.eval.evals and jax.process_index() == 0:
     from coca_jax import evaluate

@@ -8,14 +8,14 @@ from coca_jax import config as config_lib
 
 def get_config(arg=None):
   return config_lib.coca_config(
-      width=1408,  # "Hidden", shared by image encoder and text decoder
-      heads=16,
-      vision_layers=40,  # image encoder: 40 layers, MLP 6144
-      vision_mlp=6144,
-      unimodal_layers=18,  # text decoder: 18 unimodal + 18 multimodal layers, MLP 5632
-      multimodal_layers=18,
-      text_mlp=5632,
-      # Joint embedding width: not in the paper; 1024 follows scaled as CLIP ViT-B/L (Radford et al. 2021).
-      embed_dim=1024,
-      arg=arg,
+    width=1408,  # "Hidden", shared by image encoder and text decoder
+    heads=16,
+    vision_layers=40,  # image encoder: 40 layers, MLP 6144
+    vision_mlp=6144,
+    unimodal_layers=18,  # text decoder: 18 unimodal + 18 multimodal layers, MLP 5632
+    multimodal_layers=18,
+    text_mlp=5632,
+    # Joint embedding width: not in the paper; 1024 follows scaled as CLIP ViT-B/L (Radford et al. 2021).
+    embed_dim=1024,
+    arg=arg,
   )

@@ -11,20 +11,20 @@ from coca_jax import config as config_lib
 
 def get_config(arg=None):
   c = config_lib.coca_config(
-      width=128,
-      heads=4,
-      vision_layers=4,
-      vision_mlp=512,
-      unimodal_layers=2,
-      multimodal_layers=2,
-      text_mlp=512,
-      embed_dim=128,
-      image_size=32,
-      patch_size=4,
-      vocab_size=1024,  # >= the demo vocabulary's size (data.demo_vocab_size)
-      max_text_len=24,
-      caption_queries=32,
-      arg=arg,
+    width=128,
+    heads=4,
+    vision_layers=4,
+    vision_mlp=512,
+    unimodal_layers=2,
+    multimodal_layers=2,
+    text_mlp=512,
+    embed_dim=128,
+    image_size=32,
+    patch_size=4,
+    vocab_size=1024,  # >= the demo vocabulary's size (data.demo_vocab_size)
+    max_text_len=24,
+    caption_queries=32,
+    arg=arg,
   )
   c.model.remat_policy = "none"  # small activations; recomputation would only cost time
   c.data.global_batch_size = 64

@@ -26,7 +26,9 @@ def tiny_report():
 def test_report_on_eight_host_devices(tiny_report):
   config = tiny.get_config()
   abstract = nnx.eval_shape(lambda: coca.build(config.model))
-  expected_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+  expected_params = sum(
+    int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))
+  )
 
   assert tiny_report["params"] == expected_params
   assert tiny_report["devices"] == 8
@@ -35,11 +37,20 @@ def test_report_on_eight_host_devices(tiny_report):
   assert tiny_report["micro_batch_per_shard"] == config.data.global_batch_size // 8
   memory = tiny_report["memory_per_device"]
   assert memory["arguments"] > 0 and memory["temps"] > 0
-  live = memory["arguments"] + memory["outputs"] - memory["aliased"] + memory["temps"] + memory["generated_code"]
+  live = (
+    memory["arguments"]
+    + memory["outputs"]
+    - memory["aliased"]
+    + memory["temps"]
+    + memory["generated_code"]
+  )
   assert memory["total"] == live
   assert tiny_report["xla_flops_per_device"] > 0
   assert tiny_report["xla_bytes_accessed_per_device"] > 0
-  assert tiny_report["model_flops_per_step"] == tiny_report["model_flops_per_example"] * config.data.global_batch_size
+  assert (
+    tiny_report["model_flops_per_step"]
+    == tiny_report["model_flops_per_example"] * config.data.global_batch_size
+  )
   assert tiny_report["hbm_bytes"] > 0
   assert isinstance(tiny_report["fits"], bool) and tiny_report["fits"]
   json.dumps(tiny_report)  # the CLI prints it as one JSON line
@@ -47,14 +58,23 @@ def test_report_on_eight_host_devices(tiny_report):
 
 def test_table_names_every_number(tiny_report):
   text = aot.table(tiny_report)
-  for label in ("parameters", "memory: temps", "memory: total per device", "fits", "XLA FLOPs", "model FLOPs per step"):
+  for label in (
+    "parameters",
+    "memory: temps",
+    "memory: total per device",
+    "fits",
+    "XLA FLOPs",
+    "model FLOPs per step",
+  ):
     assert label in text
 
 
 def test_indivisible_batch_is_named():
   config = tiny.get_config()
   config.data.global_batch_size = 12  # 8 batch shards
-  with pytest.raises(aot.MeshError, match="global_batch_size=12 is not divisible by 8 batch shards"):
+  with pytest.raises(
+    aot.MeshError, match="global_batch_size=12 is not divisible by 8 batch shards"
+  ):
     aot.report(config, jax.devices())
 
 
@@ -76,8 +96,8 @@ def test_memory_per_device_by_generation():
 
 
 @pytest.mark.parametrize(
-    "name, message",
-    [("v9:2x2", "unknown TPU generation 'v9'; known: v4"), ("v4-2048", "is not GENERATION:AxB")],
+  "name, message",
+  [("v9:2x2", "unknown TPU generation 'v9'; known: v4"), ("v4-2048", "is not GENERATION:AxB")],
 )
 def test_unknown_topology_is_named(name, message):
   with pytest.raises(aot.TopologyError, match=message):
@@ -85,7 +105,8 @@ def test_unknown_topology_is_named(name, message):
 
 
 @pytest.mark.skipif(
-    aot.xla_bridge.get_tpu_library_path() is not None, reason="libtpu is installed: the topology path works"
+  aot.xla_bridge.get_tpu_library_path() is not None,
+  reason="libtpu is installed: the topology path works",
 )
 def test_missing_libtpu_says_how_to_install():
   with pytest.raises(aot.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
@@ -94,11 +115,11 @@ def test_missing_libtpu_says_how_to_install():
 
 def run_cli(*args):
   return subprocess.run(
-      [sys.executable, "-m", "coca_jax.aot", "--config=configs/tiny.py", *args],
-      cwd=REPO,
-      capture_output=True,
-      text=True,
-      timeout=300,
+    [sys.executable, "-m", "coca_jax.aot", "--config=configs/tiny.py", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
 
 
@@ -123,5 +144,7 @@ def test_indivisible_parameter_is_named():
   config = tiny.get_config()
   config.model.width = 36  # "embed" is split over fsdp=8
   config.model.vision.patch_size = 4
-  with pytest.raises(aot.MeshError, match=r"dimension \d+ \(36\) is split over mesh axes \('fsdp',\) = 8 ways"):
+  with pytest.raises(
+    aot.MeshError, match=r"dimension \d+ \(36\) is split over mesh axes \('fsdp',\) = 8 ways"
+  ):
     aot.report(config, jax.devices())

@@ -12,7 +12,18 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from coca_jax.data import builders, config as data_config_lib, pipeline, prepare, preprocess, raw, tasks, vocab
+from coca_jax.data import (
+  builders,
+  pipeline,
+  prepare,
+  preprocess,
+  raw,
+  tasks,
+  vocab,
+)
+from coca_jax.data import (
+  config as data_config_lib,
+)
 
 N_TRAIN, N_TEST, N_CAPTIONS = 300, 40, 60
 MAX_LEN, SIZE = 12, 16
@@ -38,10 +49,12 @@ def write_alt_text(path, rows):
   with tf.io.TFRecordWriter(path) as writer:
     for image_bytes, text in rows:
       feature = dict(
-          image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-          caption=tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
+        image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
+        caption=tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
       )
-      writer.write(tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString())
+      writer.write(
+        tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+      )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +76,9 @@ def data_dir(tmp_path_factory):
   rows = [(png(colour()), caption(i)) for i in range(N_CAPTIONS)]
   write_alt_text(str(root / "alt-00000-of-00002.tfrecord"), rows[: N_CAPTIONS // 2])
   write_alt_text(str(root / "alt-00001-of-00002.tfrecord"), rows[N_CAPTIONS // 2 :])
-  texts = [c for _, c in rows] + prepare.jft_texts(data_config_lib.get_config().jft_style.templates, ("t-shirt", "clothing"))
+  texts = [c for _, c in rows] + prepare.jft_texts(
+    data_config_lib.get_config().jft_style.templates, ("t-shirt", "clothing")
+  )
   texts += [f"{a} {b}" for a, b in raw.FASHION_MNIST_CLASSES]
   vocab.train(texts, str(root / "vocab.model"), 120)
   return root
@@ -96,7 +111,9 @@ def is_grey(images):
 @pytest.mark.parametrize("jft_rate", [0.5, 0.25])
 def test_mixture_proportions_within_three_points(data_dir, jft_rate):
   config = make_config(data_dir, jft_style=jft_rate, alt_text=1 - jft_rate)
-  batches = take(pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=100), 20)
+  batches = take(
+    pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=100), 20
+  )
   grey = np.concatenate([is_grey(b["image"]) for b in batches])
   assert len(grey) == 2000
   assert abs(grey.mean() - jft_rate) < 0.03, grey.mean()
@@ -111,7 +128,9 @@ def test_batch_contract(data_dir):
     assert batch["text"][key].shape == (8, MAX_LEN) and batch["text"][key].dtype == np.int32
   ids, labels, mask = batch["text"]["ids"], batch["text"]["labels"], batch["text"]["mask"]
   assert (ids[:, 0] == 0).all()  # BOS
-  np.testing.assert_array_equal(ids[:, 1:] * mask[:, 1:], labels[:, :-1] * mask[:, 1:])  # shifted by one
+  np.testing.assert_array_equal(
+    ids[:, 1:] * mask[:, 1:], labels[:, :-1] * mask[:, 1:]
+  )  # shifted by one
   lengths = mask.sum(1)
   for row, n in enumerate(lengths):
     assert mask[row, :n].all() and not mask[row, n:].any()  # a prefix of ones
@@ -127,18 +146,32 @@ def test_jft_text_is_a_prompt_of_shuffled_label_names(data_dir):
   config = make_config(data_dir, jft_style=1.0, alt_text=0.0)
   tasks.register(config)
   task = seqio.get_mixture_or_task("jft_style")
-  texts = {row["text_pretokenized"].decode() for row in task.get_dataset(None, "train", shuffle=False, num_epochs=1, use_cached=False).take(100).as_numpy_iterator()}
+  texts = {
+    row["text_pretokenized"].decode()
+    for row in task.get_dataset(None, "train", shuffle=False, num_epochs=1, use_cached=False)
+    .take(100)
+    .as_numpy_iterator()
+  }
   templates = config.jft_style.templates
   for text in texts:
     assert any(text.startswith(t.split("{}")[0]) for t in templates), text
   # Both orders of the two label names occur ("t-shirt, clothing" and "clothing, t-shirt").
-  assert any("t-shirt, clothing" in t for t in texts) and any("clothing, t-shirt" in t for t in texts)
+  assert any("t-shirt, clothing" in t for t in texts) and any(
+    "clothing, t-shirt" in t for t in texts
+  )
 
 
 def shard_captions(config, index, num_shards):
   tasks.register(config)
   task = seqio.get_mixture_or_task("alt_text_eval")
-  ds = task.get_dataset(None, "validation", shuffle=False, num_epochs=1, use_cached=False, shard_info=seqio.ShardInfo(index, num_shards))
+  ds = task.get_dataset(
+    None,
+    "validation",
+    shuffle=False,
+    num_epochs=1,
+    use_cached=False,
+    shard_info=seqio.ShardInfo(index, num_shards),
+  )
   return [row["text_pretokenized"].decode() for row in ds.as_numpy_iterator()]
 
 
@@ -168,7 +201,9 @@ def test_resume_at_step_k_equals_the_uninterrupted_sequence(data_dir):
 def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_dir):
   good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(5)]
   bad_png = png(np.zeros((8, 8, 3), np.uint8))[:30]  # truncated: header only
-  rows = good[:2] + [(bad_png, "broken image"), (good[2][0], "  "), (b"not an image", "junk")] + good[2:]
+  rows = (
+    good[:2] + [(bad_png, "broken image"), (good[2][0], "  "), (b"not an image", "junk")] + good[2:]
+  )
   write_alt_text(str(tmp_path / "bad.tfrecord"), rows)
   config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
   config.alt_text.files = str(tmp_path / "bad.tfrecord")
@@ -200,7 +235,9 @@ def test_eval_image_center_crops_the_shorter_side():
   image = np.zeros((4, 8, 3), np.uint8)
   image[:, 2:6] = 255
   ds = tf.data.Dataset.from_tensors(dict(image=tf.constant(image)))
-  out = next(preprocess.eval_image(ds, size=16, mean=(0.0,) * 3, std=(1.0,) * 3).as_numpy_iterator())["image"]
+  out = next(
+    preprocess.eval_image(ds, size=16, mean=(0.0,) * 3, std=(1.0,) * 3).as_numpy_iterator()
+  )["image"]
   assert out.shape == (16, 16, 3)
   assert out[:, 2:-2].min() > 0.95
 
@@ -229,7 +266,9 @@ def test_vocab_larger_than_the_model_is_a_config_error(data_dir):
     pipeline.check_vocab(config)
 
 
-@pytest.mark.skipif(not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)")
+@pytest.mark.skipif(
+  not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)"
+)
 def test_prepared_demo_data_and_eval_sets():
   from coca_jax.data import eval_sets
   from configs import demo
@@ -245,8 +284,15 @@ def test_prepared_demo_data_and_eval_sets():
   assert len({c[0] for c in captions["captions"]}) == 50
   # Demo vocabulary: pad/EOS/unk as the model expects, under the model's vocab size.
   sp = seqio.SentencePieceVocabulary(config.data.vocab_path)
-  assert sp.pad_id == 0 and sp.eos_id == 1 and sp.unk_id == 2 and sp.vocab_size <= config.model.text.vocab_size
-  assert os.path.exists(os.path.join(prepare.paths()["tfds"], "coca_emoji", "1.0.0", "dataset_info.json"))
+  assert (
+    sp.pad_id == 0
+    and sp.eos_id == 1
+    and sp.unk_id == 2
+    and sp.vocab_size <= config.model.text.vocab_size
+  )
+  assert os.path.exists(
+    os.path.join(prepare.paths()["tfds"], "coca_emoji", "1.0.0", "dataset_info.json")
+  )
 
 
 def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_path):
@@ -271,5 +317,9 @@ def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_pat
   assert final["step"] == 4 and np.isfinite(final["eval/loss"])
   assert 0.0 <= final["eval/zero_shot/top1"] <= final["eval/zero_shot/top5"] <= 1.0
   assert 0.0 <= final["eval/retrieval/image_to_text_r1"] <= 1.0
-  assert (tmp_path / "export" / "vocab.model").read_bytes() == (data_dir / "vocab.model").read_bytes()
-  assert json.loads((tmp_path / "config.json").read_text())["data"]["vocab_path"] == str(data_dir / "vocab.model")
+  assert (tmp_path / "export" / "vocab.model").read_bytes() == (
+    data_dir / "vocab.model"
+  ).read_bytes()
+  assert json.loads((tmp_path / "config.json").read_text())["data"]["vocab_path"] == str(
+    data_dir / "vocab.model"
+  )

@@ -65,7 +65,9 @@ def reference_greedy(model, images, length, prefix=None):
   done = np.zeros(batch, bool)
   for t in range(length):
     ids = np.concatenate([np.zeros((batch, 1), np.int64), out[:, :t]], axis=1)
-    chosen = np.argmax(np.asarray(last_logits(params, images, jnp.asarray(ids, jnp.int32))), axis=-1)
+    chosen = np.argmax(
+      np.asarray(last_logits(params, images, jnp.asarray(ids, jnp.int32))), axis=-1
+    )
     for b in range(batch):
       if t < len(prefix[b]):
         chosen[b] = prefix[b][t]
@@ -91,7 +93,7 @@ def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   greedy = jitted(graphdef, decode.DecodeOptions("greedy", max_length=L))(params, images)
   beam = jitted(graphdef, decode.DecodeOptions("beam", max_length=L, beam_size=1))(params, images)
   sample = jitted(graphdef, decode.DecodeOptions("sample", max_length=L, top_k=1, temperature=0.7))(
-      params, images, rng=jax.random.key(3)
+    params, images, rng=jax.random.key(3)
   )
   np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(greedy.tokens))
   np.testing.assert_array_equal(np.asarray(sample.tokens), np.asarray(greedy.tokens))
@@ -106,9 +108,11 @@ def test_prefix_is_forced_and_continued(model, images, graphdef_params):
   lengths = np.array([len(p) for p in prefixes], np.int32)
   options = decode.DecodeOptions(method="greedy", max_length=L)
   out = jitted(graphdef, options)(params, images, jnp.asarray(prefix), jnp.asarray(lengths))
-  np.testing.assert_array_equal(np.asarray(out.tokens), reference_greedy(model, images, L, prefixes))
+  np.testing.assert_array_equal(
+    np.asarray(out.tokens), reference_greedy(model, images, L, prefixes)
+  )
   beam = jitted(graphdef, decode.DecodeOptions("beam", max_length=L, beam_size=3))(
-      params, images, jnp.asarray(prefix), jnp.asarray(lengths)
+    params, images, jnp.asarray(prefix), jnp.asarray(lengths)
   )
   for b, p in enumerate(prefixes):
     assert list(np.asarray(beam.tokens)[b, : len(p)]) == p
@@ -117,14 +121,14 @@ def test_prefix_is_forced_and_continued(model, images, graphdef_params):
 # ---- a hand-made Markov "model": the next-token distribution depends on the last token.
 # Tokens: 0 pad/BOS, 1 EOS, 2 "A", 3 "B".
 TRANSITIONS = np.log(
-    np.array(
-        [
-            [1e-9, 0.1, 0.5, 0.4],  # after BOS: greedy takes A
-            [1.0, 1e-9, 1e-9, 1e-9],  # after EOS (never used)
-            [1e-9, 0.3, 0.4, 0.3],  # after A: A again is most likely, EOS 0.3
-            [1e-9, 0.9, 0.05, 0.05],  # after B: EOS almost surely
-        ]
-    )
+  np.array(
+    [
+      [1e-9, 0.1, 0.5, 0.4],  # after BOS: greedy takes A
+      [1.0, 1e-9, 1e-9, 1e-9],  # after EOS (never used)
+      [1e-9, 0.3, 0.4, 0.3],  # after A: A again is most likely, EOS 0.3
+      [1e-9, 0.9, 0.05, 0.05],  # after B: EOS almost surely
+    ]
+  )
 ).astype(np.float32)
 
 
@@ -162,7 +166,9 @@ def test_beam_search_finds_the_known_best_sequence_where_greedy_fails():
   assert expected[:2] == [3, 1]  # B EOS: 0.4 * 0.9 = 0.36
   greedy = decode.sample_loop(markov_step_model(2), batch=2, max_length=length)
   assert list(np.asarray(greedy.tokens)[0]) == [2, 2, 2, 2, 2]  # A A A A A, never EOS
-  beam = decode.beam_search_loop(markov_step_model(2), batch=2, max_length=length, beam_size=2, alpha=0.0)
+  beam = decode.beam_search_loop(
+    markov_step_model(2), batch=2, max_length=length, beam_size=2, alpha=0.0
+  )
   np.testing.assert_array_equal(np.asarray(beam.tokens), [expected, expected])
   np.testing.assert_allclose(np.asarray(beam.scores), expected_score, rtol=1e-5)
 
@@ -192,8 +198,13 @@ def test_decoding_a_batch_sharded_over_eight_devices(graphdef_params):
   graphdef, params = graphdef_params
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   images = np.random.default_rng(1).normal(size=(8, 16, 16, 3)).astype(np.float32)
-  sharded = jax.device_put(images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
-  for options in (decode.DecodeOptions("greedy", max_length=L), decode.DecodeOptions("beam", max_length=L, beam_size=3)):
+  sharded = jax.device_put(
+    images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  )
+  for options in (
+    decode.DecodeOptions("greedy", max_length=L),
+    decode.DecodeOptions("beam", max_length=L, beam_size=3),
+  ):
     fn = jitted(graphdef, options)
     expected = fn(params, jnp.asarray(images))
     with jax.set_mesh(mesh):

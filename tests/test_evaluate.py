@@ -14,7 +14,6 @@ from coca_jax.evaluate import captioning, datasets, retrieval, zero_shot
 from coca_jax.models import coca
 from configs import tiny
 
-
 # ---- retrieval
 
 
@@ -43,10 +42,10 @@ def test_several_captions_per_image():
   # Image 0 owns texts 0 and 1, image 1 owns text 2.
   owner = np.array([0, 0, 1])
   similarity = np.array(
-      [
-          [0.1, 0.9, 0.5],  # image 0: best text 1 (its own) -> hit at 1
-          [0.8, 0.4, 0.3],  # image 1: texts 0 and 1, then text 2 (own) -> 3rd
-      ]
+    [
+      [0.1, 0.9, 0.5],  # image 0: best text 1 (its own) -> hit at 1
+      [0.8, 0.4, 0.3],  # image 1: texts 0 and 1, then text 2 (own) -> 3rd
+    ]
   )
   metrics = retrieval.recall_at_k(similarity, owner, ks=(1, 2, 3))
   assert metrics["image_to_text_r1"] == 0.5 and metrics["image_to_text_r2"] == 0.5
@@ -68,13 +67,17 @@ def test_retrieval_chance_levels():
 def test_top_k_accuracy_by_hand():
   scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5]])
   labels = np.array([1, 1, 0])  # ranks: 0, 1, 2
-  assert zero_shot.top_k_accuracy(scores, labels, ks=(1, 2, 3)) == {"top1": 1 / 3, "top2": 2 / 3, "top3": 1.0}
+  assert zero_shot.top_k_accuracy(scores, labels, ks=(1, 2, 3)) == {
+    "top1": 1 / 3,
+    "top2": 2 / 3,
+    "top3": 1.0,
+  }
 
 
 def test_prompt_ensemble_is_mean_of_normalised_then_normalised():
   vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 1.0], "a dog": [1.0, 0.0], "the dog": [2.0, 0.0]}
   classifier = zero_shot.class_embeddings(
-      lambda texts: np.asarray([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"]
+    lambda texts: np.asarray([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"]
   )
   np.testing.assert_allclose(classifier, [[math.sqrt(0.5), math.sqrt(0.5)], [1.0, 0.0]], rtol=1e-6)
   images = np.array([[0.0, 1.0], [1.0, 0.0]])
@@ -100,7 +103,10 @@ def cider_d_by_hand(candidates, references, sigma=6.0):
   log_images = math.log(len(references))
 
   def tfidf(sentence, n):
-    return {g: c * (log_images - math.log(max(1, document_frequency[g]))) for g, c in grams(sentence, n).items()}
+    return {
+      g: c * (log_images - math.log(max(1, document_frequency[g])))
+      for g, c in grams(sentence, n).items()
+    }
 
   per_image = []
   for candidate, refs in zip(candidates, references):
@@ -123,12 +129,12 @@ def cider_d_by_hand(candidates, references, sigma=6.0):
 def test_cider_matches_an_independent_implementation():
   predictions = ["A red heart!", "a blue star", "Smiling face, with sunglasses."]
   references = [
-      ["a red heart", "red heart symbol", "a heart that is red"],
-      ["a green star", "blue star shape"],
-      ["smiling face with sunglasses", "a cool smiling face", "face with sunglasses"],
+    ["a red heart", "red heart symbol", "a heart that is red"],
+    ["a green star", "blue star shape"],
+    ["smiling face with sunglasses", "a cool smiling face", "face with sunglasses"],
   ]
   expected = cider_d_by_hand(
-      ["a red heart", "a blue star", "smiling face with sunglasses"], references
+    ["a red heart", "a blue star", "smiling face with sunglasses"], references
   )
   scores = captioning.score(predictions, references)
   assert scores["cider"] == pytest.approx(expected, rel=1e-9)
@@ -161,11 +167,20 @@ class RecordingWriter:
 
 @pytest.fixture(scope="module")
 def vocab():
-  sentences = ["a photo of a class " + c for c in "abcdefghij"] + ["red green blue smiling face cat dog flag heart star"]
+  sentences = ["a photo of a class " + c for c in "abcdefghij"] + [
+    "red green blue smiling face cat dog flag heart star"
+  ]
   model = io.BytesIO()
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences * 10), model_writer=model, vocab_size=64,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    sentence_iterator=iter(sentences * 10),
+    model_writer=model,
+    vocab_size=64,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    minloglevel=2,
   )
   return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
 
@@ -181,10 +196,16 @@ def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
   model = coca.build(config.model, seed=0)
   sets = datasets.synthetic(config.model.vision.image_size, num_examples=40)
   writer = RecordingWriter()
-  metrics = evaluate.run(model, config, step=7, workdir=str(tmp_path), writer=writer, datasets=sets, vocab=vocab)
+  metrics = evaluate.run(
+    model, config, step=7, workdir=str(tmp_path), writer=writer, datasets=sets, vocab=vocab
+  )
   expected = {
-      "zero_shot/top1", "zero_shot/top5", "captioning/cider", "captioning/bleu4",
-      "frozen/accuracy", "frozen/train_accuracy",
+    "zero_shot/top1",
+    "zero_shot/top5",
+    "captioning/cider",
+    "captioning/bleu4",
+    "frozen/accuracy",
+    "frozen/train_accuracy",
   } | {f"retrieval/{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
   assert set(metrics) == expected
   assert all(0.0 <= v <= 10.0 and np.isfinite(v) for v in metrics.values()), metrics

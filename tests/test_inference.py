@@ -21,10 +21,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def export_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
-  sentences = ["a photo of a red heart", "a smiling face", "a green flag", "a blue star", "a cat", "a dog"]
+  sentences = [
+    "a photo of a red heart",
+    "a smiling face",
+    "a green flag",
+    "a blue star",
+    "a cat",
+    "a dog",
+  ]
   sentencepiece.SentencePieceTrainer.train(
-      sentence_iterator=iter(sentences * 20), model_prefix=str(root / "sp"), vocab_size=64,
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False, minloglevel=2,
+    sentence_iterator=iter(sentences * 20),
+    model_prefix=str(root / "sp"),
+    vocab_size=64,
+    pad_id=0,
+    eos_id=1,
+    unk_id=2,
+    bos_id=-1,
+    hard_vocab_limit=False,
+    minloglevel=2,
   )
   config = tiny.get_config()
   config.unlock()
@@ -65,7 +79,9 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
   image[:, 32:] = (0, 0, 255)
   out = inference.preprocess(image, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
   assert out.shape == (16, 16, 3) and out.dtype == np.float32
-  np.testing.assert_allclose(out[:, 2:-2], np.broadcast_to([-1.0, 1.0, -1.0], (16, 12, 3)), atol=1e-6)
+  np.testing.assert_allclose(
+    out[:, 2:-2], np.broadcast_to([-1.0, 1.0, -1.0], (16, 12, 3)), atol=1e-6
+  )
 
 
 def test_images_as_paths_pil_or_arrays_agree(loaded, image_files):
@@ -86,7 +102,9 @@ def test_padding_the_last_batch_does_not_change_results(loaded, image_files):
   np.testing.assert_allclose(embeddings[3:], embeddings[:2], rtol=1e-5, atol=1e-6)
   captions = loaded.caption(five)
   assert len(captions) == 5 and captions[3:] == captions[:2]
-  assert loaded.caption(five, method="beam", beam_size=2)[3:] == loaded.caption(paths[:2], method="beam", beam_size=2)
+  assert loaded.caption(five, method="beam", beam_size=2)[3:] == loaded.caption(
+    paths[:2], method="beam", beam_size=2
+  )
 
 
 def test_classify_and_embed_texts(loaded, image_files):
@@ -118,13 +136,20 @@ def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
 def run_cli(module, *args):
   env = dict(os.environ, PYTHONPATH=REPO)
   return subprocess.run(
-      [sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    [sys.executable, "-m", module, *args],
+    capture_output=True,
+    text=True,
+    cwd=REPO,
+    env=env,
+    timeout=300,
   )
 
 
 def test_caption_and_classify_cli(export_dir, image_files):
   paths, broken, missing = image_files
-  out = run_cli("coca_jax.caption", f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1])
+  out = run_cli(
+    "coca_jax.caption", f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1]
+  )
   assert out.returncode == 1, out.stderr
   lines = out.stdout.strip().splitlines()
   assert [line.split("\t")[0] for line in lines] == [paths[0], paths[1]]
@@ -137,16 +162,20 @@ def test_caption_and_classify_cli(export_dir, image_files):
 
 def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path):
   out = run_cli(
-      "coca_jax.evaluate",
-      f"--export={export_dir}",
-      "--config=configs/tiny.py",
-      "--config.eval.evals=zero_shot,retrieval,captioning",
-      "--config.eval.num_examples=16",
-      "--config.eval.batch_size=8",
-      f"--workdir={tmp_path}",
+    "coca_jax.evaluate",
+    f"--export={export_dir}",
+    "--config=configs/tiny.py",
+    "--config.eval.evals=zero_shot,retrieval,captioning",
+    "--config.eval.num_examples=16",
+    "--config.eval.batch_size=8",
+    f"--workdir={tmp_path}",
   )
   assert out.returncode == 0, out.stderr[-3000:]
   metrics = json.loads(out.stdout.strip().splitlines()[-1])
-  assert "zero_shot/top1" in metrics and "captioning/cider" in metrics and "retrieval/text_to_image_r1" in metrics
+  assert (
+    "zero_shot/top1" in metrics
+    and "captioning/cider" in metrics
+    and "retrieval/text_to_image_r1" in metrics
+  )
   assert "chance" in out.stdout
   assert (tmp_path / "eval" / "captions_0.html").exists()

@@ -14,16 +14,40 @@ SCRIPTS = ("tpu_vm.sh", "gpu_multinode.sh", "local.sh")
 
 # Variables a developer's shell may have set that would change what the scripts print.
 SCRIPT_ENV = (
-    "PROJECT", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "TPU_NAME", "WORKDIR", "CONFIG", "SPOT",
-    "PREEMPTIBLE", "DRY_RUN", "LOG_WORKER", "COORDINATOR_PORT", "MASTER_PORT", "MASTER_ADDR", "NNODES",
-    "NODE_RANK", "NPROC_PER_NODE", "PYTHON", "CUDA_VISIBLE_DEVICES",
+  "PROJECT",
+  "ZONE",
+  "ACCELERATOR_TYPE",
+  "RUNTIME_VERSION",
+  "TPU_NAME",
+  "WORKDIR",
+  "CONFIG",
+  "SPOT",
+  "PREEMPTIBLE",
+  "DRY_RUN",
+  "LOG_WORKER",
+  "COORDINATOR_PORT",
+  "MASTER_PORT",
+  "MASTER_ADDR",
+  "NNODES",
+  "NODE_RANK",
+  "NPROC_PER_NODE",
+  "PYTHON",
+  "CUDA_VISIBLE_DEVICES",
 )
 
 
-def run(script: str, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-  clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV and not k.startswith("SLURM_")}
+def run(
+  script: str, *args: str, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+  clean = {
+    k: v for k, v in os.environ.items() if k not in SCRIPT_ENV and not k.startswith("SLURM_")
+  }
   result = subprocess.run(
-      ["bash", str(LAUNCH / script), *args], env={**clean, **(env or {})}, capture_output=True, text=True, timeout=30
+    ["bash", str(LAUNCH / script), *args],
+    env={**clean, **(env or {})},
+    capture_output=True,
+    text=True,
+    timeout=30,
   )
   if check:
     assert result.returncode == 0, result.stderr
@@ -56,23 +80,37 @@ def test_shellcheck(script):
   subprocess.run(["shellcheck", "-x", str(LAUNCH / script)], check=True, cwd=LAUNCH.parent)
 
 
-TPU_ENV = dict(PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="coca-test", WORKDIR="gs://bucket/run1")
+TPU_ENV = dict(
+  PROJECT="my-project", ZONE="us-central2-b", TPU_NAME="coca-test", WORKDIR="gs://bucket/run1"
+)
 
 
 def test_tpu_vm_all_dry_run():
   out = run(
-      "tpu_vm.sh", "--dry-run", "--spot", "--accelerator_type=v4-64", "all", "--config=configs/large.py:bf16",
-      "--config.optim.lr=5e-4", "--", "--config.train.steps=100", env=TPU_ENV,
+    "tpu_vm.sh",
+    "--dry-run",
+    "--spot",
+    "--accelerator_type=v4-64",
+    "all",
+    "--config=configs/large.py:bf16",
+    "--config.optim.lr=5e-4",
+    "--",
+    "--config.train.steps=100",
+    env=TPU_ENV,
   ).stdout
   cmds = commands(out)
   gcloud = [c for c in cmds if c[:1] == ["gcloud"]]
   assert all(c[1:4] == ["compute", "tpus", "tpu-vm"] for c in gcloud)
   verbs = [c[4] for c in gcloud]
-  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh"], verbs  # ... setup, train, logs
+  assert verbs == ["describe", "create", "scp", "ssh", "ssh", "ssh"], (
+    verbs
+  )  # ... setup, train, logs
 
   create = gcloud[1]
   assert create[5] == "coca-test"
-  assert "--accelerator-type=v4-64" in create and "--spot" in create and "--preemptible" not in create
+  assert (
+    "--accelerator-type=v4-64" in create and "--spot" in create and "--preemptible" not in create
+  )
   assert "--zone=us-central2-b" in create and "--project=my-project" in create
   assert flag(create, "--version") == "tpu-ubuntu2204-base"
 
@@ -87,13 +125,18 @@ def test_tpu_vm_all_dry_run():
   trainer = shlex.split(re.search(r"nohup (.*?) >", remote).group(1))
   assert trainer[1:3] == ["-m", "coca_jax.train"]
   assert trainer[3:] == [
-      "--config=configs/large.py:bf16", "--workdir=gs://bucket/run1", "--config.optim.lr=5e-4", "--config.train.steps=100"
+    "--config=configs/large.py:bf16",
+    "--workdir=gs://bucket/run1",
+    "--config.optim.lr=5e-4",
+    "--config.train.steps=100",
   ]
   assert "--worker=0" in logs and "tail" in flag(logs, "--command")
 
 
 def test_tpu_vm_quotes_overrides_for_the_remote_shell():
-  out = run("tpu_vm.sh", "--dry-run", "train", "--config.data.prompt=a photo of the {}", env=TPU_ENV).stdout
+  out = run(
+    "tpu_vm.sh", "--dry-run", "train", "--config.data.prompt=a photo of the {}", env=TPU_ENV
+  ).stdout
   (train,) = commands(out)
   remote = flag(train, "--command")
   trainer = shlex.split(re.search(r"nohup (.*?) >", remote).group(1))
@@ -101,7 +144,9 @@ def test_tpu_vm_quotes_overrides_for_the_remote_shell():
 
 
 def test_tpu_vm_preemptible_and_delete():
-  create = commands(run("tpu_vm.sh", "--dry-run", "--preemptible", "create", env=TPU_ENV).stdout)[-1]
+  create = commands(run("tpu_vm.sh", "--dry-run", "--preemptible", "create", env=TPU_ENV).stdout)[
+    -1
+  ]
   assert "--preemptible" in create and "--spot" not in create
   (delete,) = commands(run("tpu_vm.sh", "--dry-run", "delete", env=TPU_ENV).stdout)
   assert delete[4:6] == ["delete", "coca-test"] and "--quiet" in delete
@@ -110,9 +155,13 @@ def test_tpu_vm_preemptible_and_delete():
 
 
 def test_tpu_vm_rejects_bad_input():
-  no_workdir = run("tpu_vm.sh", "--dry-run", "train", env={**TPU_ENV, "WORKDIR": "/tmp/local"}, check=False)
+  no_workdir = run(
+    "tpu_vm.sh", "--dry-run", "train", env={**TPU_ENV, "WORKDIR": "/tmp/local"}, check=False
+  )
   assert no_workdir.returncode != 0 and "gs://" in no_workdir.stderr
-  both = run("tpu_vm.sh", "--dry-run", "--spot", "--preemptible", "create", env=TPU_ENV, check=False)
+  both = run(
+    "tpu_vm.sh", "--dry-run", "--spot", "--preemptible", "create", env=TPU_ENV, check=False
+  )
   assert both.returncode != 0
   unknown = run("tpu_vm.sh", "--dry-run", "launch", env=TPU_ENV, check=False)
   assert unknown.returncode != 0 and "unknown subcommand" in unknown.stderr
@@ -130,10 +179,20 @@ def test_gpu_slurm_dry_run(tmp_path):
   scontrol.write_text("#!/bin/sh\nprintf 'gpu-01\\ngpu-02\\ngpu-03\\n'\n")
   scontrol.chmod(0o755)
   env = dict(
-      PATH=f"{tmp_path}:{os.environ['PATH']}",
-      SLURM_JOB_ID="42", SLURM_JOB_NODELIST="gpu-[01-03]", SLURM_NNODES="3", SLURM_NTASKS="6",
+    PATH=f"{tmp_path}:{os.environ['PATH']}",
+    SLURM_JOB_ID="42",
+    SLURM_JOB_NODELIST="gpu-[01-03]",
+    SLURM_NNODES="3",
+    SLURM_NTASKS="6",
   )
-  out = run("gpu_multinode.sh", "--dry-run", "--workdir=/shared/run1", "--port=23456", "--config.optim.lr=5e-4", env=env).stdout
+  out = run(
+    "gpu_multinode.sh",
+    "--dry-run",
+    "--workdir=/shared/run1",
+    "--port=23456",
+    "--config.optim.lr=5e-4",
+    env=env,
+  ).stdout
   (srun,) = commands(out)
   assert srun[0] == "srun" and "--ntasks=6" in srun and "--ntasks-per-node=2" in srun
   assert "--task" in srun and "--coordinator=gpu-01:23456" in srun
@@ -145,15 +204,28 @@ def test_gpu_slurm_dry_run(tmp_path):
     argv = shlex.split(command)
     assert argv[0] == f"CUDA_VISIBLE_DEVICES={process_id % 2}"
     args = trainer_args(argv)
-    assert args[:3] == ["--config=configs/base.py", "--workdir=/shared/run1", "--config.optim.lr=5e-4"]
+    assert args[:3] == [
+      "--config=configs/base.py",
+      "--workdir=/shared/run1",
+      "--config.optim.lr=5e-4",
+    ]
     assert flag(args, "--coordinator_address") == "gpu-01:23456"
     assert flag(args, "--num_processes") == "6"
     assert flag(args, "--process_id") == str(process_id)
 
 
 def test_gpu_env_vars_dry_run():
-  env = dict(NNODES="3", NODE_RANK="2", MASTER_ADDR="10.1.2.3", MASTER_PORT="29500", NPROC_PER_NODE="2")
-  out = run("gpu_multinode.sh", "--dry-run", "--workdir=/shared/run1", "--", "--config.train.steps=7", env=env).stdout
+  env = dict(
+    NNODES="3", NODE_RANK="2", MASTER_ADDR="10.1.2.3", MASTER_PORT="29500", NPROC_PER_NODE="2"
+  )
+  out = run(
+    "gpu_multinode.sh",
+    "--dry-run",
+    "--workdir=/shared/run1",
+    "--",
+    "--config.train.steps=7",
+    env=env,
+  ).stdout
   cmds = commands(out)
   assert len(cmds) == 2
   for local_rank, argv in enumerate(cmds):
@@ -174,7 +246,13 @@ def test_gpu_one_process_per_node():
 
 
 def test_gpu_rejects_missing_master_addr():
-  result = run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=dict(NNODES="2", NODE_RANK="1"), check=False)
+  result = run(
+    "gpu_multinode.sh",
+    "--dry-run",
+    "--workdir=/w",
+    env=dict(NNODES="2", NODE_RANK="1"),
+    check=False,
+  )
   assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
 
 
@@ -183,22 +261,49 @@ def test_gpu_task_mode_execs_trainer(tmp_path):
   python = tmp_path / "python"
   python.write_text('#!/bin/sh\necho "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES $*"\n')
   python.chmod(0o755)
-  env = dict(SLURM_NTASKS="4", SLURM_NNODES="2", SLURM_PROCID="3", SLURM_LOCALID="1", CUDA_VISIBLE_DEVICES="4,5")
+  env = dict(
+    SLURM_NTASKS="4",
+    SLURM_NNODES="2",
+    SLURM_PROCID="3",
+    SLURM_LOCALID="1",
+    CUDA_VISIBLE_DEVICES="4,5",
+  )
   out = run(
-      "gpu_multinode.sh", "--task", "--coordinator=gpu-01:12345", f"--python={python}", "--workdir=/w", "--",
-      "--config.train.steps=2", env=env,
+    "gpu_multinode.sh",
+    "--task",
+    "--coordinator=gpu-01:12345",
+    f"--python={python}",
+    "--workdir=/w",
+    "--",
+    "--config.train.steps=2",
+    env=env,
   ).stdout.split()
   assert out[0] == "CUDA_VISIBLE_DEVICES=5"
   assert out[1:] == [
-      "-m", "coca_jax.train", "--config=configs/base.py", "--workdir=/w", "--config.train.steps=2",
-      "--coordinator_address=gpu-01:12345", "--num_processes=4", "--process_id=3",
+    "-m",
+    "coca_jax.train",
+    "--config=configs/base.py",
+    "--workdir=/w",
+    "--config.train.steps=2",
+    "--coordinator_address=gpu-01:12345",
+    "--num_processes=4",
+    "--process_id=3",
   ]
 
 
 def test_local_dry_run():
-  (argv,) = commands(run("local.sh", "--dry-run", "--config.train.steps=50", env=dict(PYTHON="python3")).stdout)
+  (argv,) = commands(
+    run("local.sh", "--dry-run", "--config.train.steps=50", env=dict(PYTHON="python3")).stdout
+  )
   assert argv == [
-      "python3", "-m", "coca_jax.train", "--config=configs/demo.py", "--workdir=/tmp/coca_demo", "--config.train.steps=50"
+    "python3",
+    "-m",
+    "coca_jax.train",
+    "--config=configs/demo.py",
+    "--workdir=/tmp/coca_demo",
+    "--config.train.steps=50",
   ]
-  (argv,) = commands(run("local.sh", "--dry-run", env=dict(PYTHON="python3", WORKDIR="/tmp/elsewhere")).stdout)
+  (argv,) = commands(
+    run("local.sh", "--dry-run", env=dict(PYTHON="python3", WORKDIR="/tmp/elsewhere")).stdout
+  )
   assert "--workdir=/tmp/elsewhere" in argv

@@ -34,7 +34,9 @@ def test_contrastive_loss_matches_numpy():
   rng = np.random.default_rng(0)
   img, txt = normalized(rng, (6, 5)), normalized(rng, (6, 5))
   loss, acc = losses.contrastive_loss(jnp.asarray(img), jnp.asarray(txt), 0.07)
-  np.testing.assert_allclose(float(loss), np_contrastive(img.astype(np.float64), txt.astype(np.float64), 0.07), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(loss), np_contrastive(img.astype(np.float64), txt.astype(np.float64), 0.07), rtol=1e-5
+  )
   expected_acc = np.mean(np.argmax(img @ txt.T, 1) == np.arange(6))
   assert float(acc) == expected_acc
 
@@ -51,12 +53,16 @@ def test_captioning_loss_matches_numpy_and_ignores_masked_tokens():
   logits = rng.normal(size=(3, 5, 7)).astype(np.float32)
   labels = rng.integers(0, 7, size=(3, 5)).astype(np.int32)
   mask = np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], np.int32)
-  nll = -np.take_along_axis(np_log_softmax(logits.astype(np.float64), -1), labels[..., None], -1)[..., 0]
+  nll = -np.take_along_axis(np_log_softmax(logits.astype(np.float64), -1), labels[..., None], -1)[
+    ..., 0
+  ]
   expected = (nll * mask).sum() / mask.sum()
   got = losses.captioning_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask))
   np.testing.assert_allclose(float(got), expected, rtol=1e-5)
   # Garbage in masked positions changes nothing.
-  logits2 = np.where(mask[..., None] == 1, logits, 1e3 * rng.normal(size=logits.shape)).astype(np.float32)
+  logits2 = np.where(mask[..., None] == 1, logits, 1e3 * rng.normal(size=logits.shape)).astype(
+    np.float32
+  )
   labels2 = np.where(mask == 1, labels, 3)
   got2 = losses.captioning_loss(jnp.asarray(logits2), jnp.asarray(labels2), jnp.asarray(mask))
   np.testing.assert_allclose(float(got2), float(got), rtol=1e-6)
@@ -65,15 +71,19 @@ def test_captioning_loss_matches_numpy_and_ignores_masked_tokens():
 def test_total_loss_weights_the_terms():
   rng = np.random.default_rng(3)
   outputs = dict(
-      image_embedding=jnp.asarray(normalized(rng, (4, 8))),
-      text_embedding=jnp.asarray(normalized(rng, (4, 8))),
-      logits=jnp.asarray(rng.normal(size=(4, 6, 9)).astype(np.float32)),
-      temperature=jnp.float32(0.07),
+    image_embedding=jnp.asarray(normalized(rng, (4, 8))),
+    text_embedding=jnp.asarray(normalized(rng, (4, 8))),
+    logits=jnp.asarray(rng.normal(size=(4, 6, 9)).astype(np.float32)),
+    temperature=jnp.float32(0.07),
   )
-  batch = dict(text=dict(labels=jnp.asarray(rng.integers(0, 9, (4, 6))), mask=jnp.ones((4, 6), jnp.int32)))
+  batch = dict(
+    text=dict(labels=jnp.asarray(rng.integers(0, 9, (4, 6))), mask=jnp.ones((4, 6), jnp.int32))
+  )
   cfg = ml_collections.ConfigDict(dict(contrastive_weight=1.0, caption_weight=2.0))
   loss, terms = losses.total_loss(outputs, batch, cfg)
-  np.testing.assert_allclose(float(loss), float(terms["contrastive_loss"] + 2.0 * terms["captioning_loss"]), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(loss), float(terms["contrastive_loss"] + 2.0 * terms["captioning_loss"]), rtol=1e-6
+  )
 
 
 def test_one_gradient_step_lowers_the_loss():
@@ -82,8 +92,12 @@ def test_one_gradient_step_lowers_the_loss():
   rng = np.random.default_rng(4)
   ids = rng.integers(3, 64, size=(8, 8)).astype(np.int32)
   batch = dict(
-      image=jnp.asarray(rng.normal(size=(8, 16, 16, 3)).astype(np.float32)),
-      text=dict(ids=jnp.asarray(ids), labels=jnp.asarray(np.roll(ids, -1, 1)), mask=jnp.ones((8, 8), jnp.int32)),
+    image=jnp.asarray(rng.normal(size=(8, 16, 16, 3)).astype(np.float32)),
+    text=dict(
+      ids=jnp.asarray(ids),
+      labels=jnp.asarray(np.roll(ids, -1, 1)),
+      mask=jnp.ones((8, 8), jnp.int32),
+    ),
   )
   graphdef, params = nnx.split(model)
 

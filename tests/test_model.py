@@ -8,7 +8,8 @@ from flax import nnx
 
 from coca_jax import params as params_lib
 from coca_jax.models import coca
-from configs import base, coca as coca_cfg, large, tiny
+from configs import base, large, tiny
+from configs import coca as coca_cfg
 
 B, T = 3, 8
 
@@ -19,7 +20,10 @@ def tiny_batch(seed=0, lengths=(8, 5, 2)):
   mask = (np.arange(T)[None] < np.array(lengths)[:, None]).astype(np.int32)
   ids = np.where(mask == 1, ids, 0)
   image = rng.normal(size=(B, 16, 16, 3)).astype(np.float32)
-  return dict(image=jnp.asarray(image), text=dict(ids=jnp.asarray(ids), mask=jnp.asarray(mask), labels=jnp.asarray(ids)))
+  return dict(
+    image=jnp.asarray(image),
+    text=dict(ids=jnp.asarray(ids), mask=jnp.asarray(mask), labels=jnp.asarray(ids)),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +55,8 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 @pytest.mark.parametrize(
-    "config_module, total, encoder, decoder",
-    [(base, 383e6, 86e6, 297e6), (large, 787e6, 303e6, 484e6)],
+  "config_module, total, encoder, decoder",
+  [(base, 383e6, 86e6, 297e6), (large, 787e6, 303e6, 484e6)],
 )
 def test_param_counts_match_table_1(config_module, total, encoder, decoder):
   counts = params_lib.count(config_module.get_config().model)

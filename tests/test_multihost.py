@@ -11,19 +11,20 @@ import sys
 import jax
 import numpy as np
 
-from coca_jax import checkpoint, optim, sharding, state as state_lib
+from coca_jax import checkpoint, optim, sharding
+from coca_jax import state as state_lib
 from configs import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
 FLAGS = [
-    "--config=configs/tiny.py",
-    f"--config.train.steps={STEPS}",
-    "--config.train.log_every=1",
-    "--config.train.checkpoint_every=3",
-    "--config.data.source=synthetic",
-    "--config.mesh.data=8",
-    "--config.mesh.fsdp=1",
+  "--config=configs/tiny.py",
+  f"--config.train.steps={STEPS}",
+  "--config.train.log_every=1",
+  "--config.train.checkpoint_every=3",
+  "--config.data.source=synthetic",
+  "--config.mesh.data=8",
+  "--config.mesh.fsdp=1",
 ]
 
 
@@ -51,7 +52,9 @@ def final_params(workdir):
   mesh = sharding.make_mesh(config.mesh)
   optimizer, _ = optim.make_optimizer(config.optim, STEPS)
   layout = state_lib.layout(config, optimizer, mesh)
-  state, data = checkpoint.restore(checkpoint.manager(str(workdir), config.train, read_only=True), layout)
+  state, data = checkpoint.restore(
+    checkpoint.manager(str(workdir), config.train, read_only=True), layout
+  )
   assert data["step"] == STEPS
   return jax.device_get(state["params"])
 
@@ -60,12 +63,24 @@ def test_two_processes_match_one(tmp_path):
   port = free_port()
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
   procs = [
-      subprocess.Popen(
-          [sys.executable, "-m", "coca_jax.train", *FLAGS, f"--workdir={multi_dir}",
-           f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-          cwd=REPO, env=env_with_devices(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      )
-      for i in range(2)
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "coca_jax.train",
+        *FLAGS,
+        f"--workdir={multi_dir}",
+        f"--coordinator_address=127.0.0.1:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=REPO,
+      env=env_with_devices(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
   ]
   try:
     outputs = [p.communicate(timeout=420) for p in procs]
@@ -76,8 +91,12 @@ def test_two_processes_match_one(tmp_path):
     assert p.returncode == 0, err[-4000:]
   assert "process 1 of 2; 4 local devices, 8 global devices" in outputs[1][1]
   single = subprocess.run(
-      [sys.executable, "-m", "coca_jax.train", *FLAGS, f"--workdir={single_dir}"],
-      cwd=REPO, env=env_with_devices(8), capture_output=True, text=True, timeout=420,
+    [sys.executable, "-m", "coca_jax.train", *FLAGS, f"--workdir={single_dir}"],
+    cwd=REPO,
+    env=env_with_devices(8),
+    capture_output=True,
+    text=True,
+    timeout=420,
   )
   assert single.returncode == 0, single.stderr[-4000:]
   multi_losses, single_losses = losses(outputs[0][1]), losses(single.stderr)
@@ -85,4 +104,8 @@ def test_two_processes_match_one(tmp_path):
   np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
   # Cross-process (gloo) reductions sum in another order: last-bit differences, which
   # Adafactor's normalised updates carry to ~1e-6 on the params (a bug moves them ~lr).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), final_params(multi_dir), final_params(single_dir))
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+    final_params(multi_dir),
+    final_params(single_dir),
+  )

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from coca_jax import losses, optim, sharding, state as state_lib, step as step_lib
+from coca_jax import losses, optim, sharding
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
 from configs import tiny
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2)]
@@ -17,8 +19,8 @@ def host_batch(seed=0, batch=8):
   lengths = rng.integers(2, 9, batch)
   mask = (np.arange(8)[None] < lengths[:, None]).astype(np.int32)
   return dict(
-      image=rng.normal(size=(batch, 16, 16, 3)).astype(np.float32),
-      text=dict(ids=ids * mask, labels=np.roll(ids, -1, 1) * mask, mask=mask),
+    image=rng.normal(size=(batch, 16, 16, 3)).astype(np.float32),
+    text=dict(ids=ids * mask, labels=np.roll(ids, -1, 1) * mask, mask=mask),
   )
 
 
@@ -53,7 +55,9 @@ def run_three_steps(config):
     mesh, _, state, train_step = setup(config)
     metrics = []
     for seed in (0, 1, 2):
-      state, m = train_step(state, sharding.global_batch(host_batch(seed), mesh, config.sharding_rules))
+      state, m = train_step(
+        state, sharding.global_batch(host_batch(seed), mesh, config.sharding_rules)
+      )
       metrics.append(jax.device_get(m))
   assert len(traces) == 1, "the train step was traced more than once"
   return jax.device_get(state["params"]), metrics
@@ -70,10 +74,14 @@ def test_meshes_agree_with_a_single_device(mesh_shape, single_device_run):
   ref_params, ref_metrics = single_device_run
   for got, want in zip(metrics, ref_metrics):
     for key in ("loss", "contrastive_loss", "captioning_loss", "grad_norm"):
-      np.testing.assert_allclose(got[key], want[key], rtol=2e-5, err_msg=f"{key} on mesh {mesh_shape}")
+      np.testing.assert_allclose(
+        got[key], want[key], rtol=2e-5, err_msg=f"{key} on mesh {mesh_shape}"
+      )
   # Reductions in another order differ in the last bits; Adafactor's normalised updates
   # carry that to ~1e-6 on parameters of scale 0.1. A sharding bug moves them by ~lr (8e-4).
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, ref_params)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), params, ref_params
+  )
 
 
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
@@ -81,11 +89,19 @@ def test_params_and_optimizer_state_are_sharded_by_the_rules():
   config.optim.factored_min_dim = 4
   _, layout, state, _ = setup(config)
   params = state["params"]
-  assert params["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "fsdp", "tensor")
+  assert params["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"].sharding.spec == P(
+    None, "fsdp", "tensor"
+  )
   assert params["text"]["token_embedding"].sharding.spec == P("tensor", "fsdp")
-  assert params["vision"]["blocks"]["layers"]["self_attention"]["query"].sharding.spec == P(None, "fsdp", "tensor", None)
+  assert params["vision"]["blocks"]["layers"]["self_attention"]["query"].sharding.spec == P(
+    None, "fsdp", "tensor", None
+  )
   assert params["log_inv_temperature"].sharding.spec == P()
-  factored = [s for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "v_row")) if hasattr(s, "v_row")][0]
+  factored = [
+    s
+    for s in jax.tree.leaves(state["opt_state"], is_leaf=lambda x: hasattr(x, "v_row"))
+    if hasattr(s, "v_row")
+  ][0]
   # The [L, D, F] kernel's row statistics drop F, its column statistics drop D.
   up_row = factored.v_row["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"]
   up_col = factored.v_col["text"]["unimodal"]["layers"]["mlp"]["up"]["kernel"]
@@ -138,8 +154,14 @@ def test_gradient_accumulation_matches_the_full_batch_captioning_gradient():
     mesh, _, state, train_step = setup(c)
     state, m = train_step(state, sharding.global_batch(batch, mesh, c.sharding_rules))
     results.append((jax.device_get(m), jax.device_get(state["params"])))
-  np.testing.assert_allclose(results[0][0]["captioning_loss"], results[1][0]["captioning_loss"], rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), results[0][1], results[1][1])
+  np.testing.assert_allclose(
+    results[0][0]["captioning_loss"], results[1][0]["captioning_loss"], rtol=1e-5
+  )
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+    results[0][1],
+    results[1][1],
+  )
 
 
 def test_mesh_errors_name_the_sizes():

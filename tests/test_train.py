@@ -13,11 +13,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coca_jax import checkpoint, export, optim, sharding, state as state_lib, train
+from coca_jax import checkpoint, export, optim, sharding, train
+from coca_jax import state as state_lib
 from configs import tiny
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OVERRIDES = dict(data=dict(source="synthetic"), train=dict(checkpoint_every=3, log_every=3, export_dtype="float32"))
+OVERRIDES = dict(
+  data=dict(source="synthetic"), train=dict(checkpoint_every=3, log_every=3, export_dtype="float32")
+)
 
 
 def tiny_config(steps, **sections):
@@ -30,8 +33,14 @@ def tiny_config(steps, **sections):
 
 
 def cli(workdir, steps, *extra):
-  args = [sys.executable, "-m", "coca_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
-          f"--config.train.steps={steps}"]
+  args = [
+    sys.executable,
+    "-m",
+    "coca_jax.train",
+    "--config=configs/tiny.py",
+    f"--workdir={workdir}",
+    f"--config.train.steps={steps}",
+  ]
   for section, values in OVERRIDES.items():
     args += [f"--config.{section}.{k}={v}" for k, v in values.items()]
   return args + list(extra)
@@ -47,7 +56,9 @@ def restore_params(workdir, config, step=None, mesh_shape=(1, 8, 1)):
   mesh = sharding.make_mesh(config.mesh)
   optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
   layout = state_lib.layout(config, optimizer, mesh)
-  state, data = checkpoint.restore(checkpoint.manager(str(workdir), config.train, read_only=True), layout, step)
+  state, data = checkpoint.restore(
+    checkpoint.manager(str(workdir), config.train, read_only=True), layout, step
+  )
   return state, data, layout
 
 
@@ -63,7 +74,9 @@ def wait_for(predicate, timeout, proc=None):
 
 
 def latest_step(workdir):
-  steps = [int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()]
+  steps = [
+    int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").glob("*") if p.name.isdigit()
+  ]
   return max(steps, default=None)
 
 
@@ -87,9 +100,17 @@ def reference_run(tmp_path_factory):
 def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(tmp_path, reference_run):
   ref_dir, ref_config, _ = reference_run
   mesh_flags = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]
-  proc = subprocess.Popen(cli(tmp_path, 60, *mesh_flags), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cli(tmp_path, 60, *mesh_flags),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
-    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), "no checkpoint was written"
+    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), (
+      "no checkpoint was written"
+    )
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
   finally:
@@ -104,13 +125,21 @@ def test_sigkill_then_restart_resumes_and_matches_an_uninterrupted_run(tmp_path,
   ref_state, _, _ = restore_params(ref_dir, ref_config, mesh_shape=(8, 1, 1))
   assert data["step"] == 60 and int(state["step"]) == 60
   # Same program, same batches, same devices: bitwise equal on CPU.
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state["params"]), jax.device_get(ref_state["params"]))
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    jax.device_get(state["params"]),
+    jax.device_get(ref_state["params"]),
+  )
 
 
 def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tmp_path):
-  proc = subprocess.Popen(cli(tmp_path, 100_000), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cli(tmp_path, 100_000), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
-    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), "no checkpoint was written"
+    assert wait_for(lambda: latest_step(tmp_path) is not None, 240, proc), (
+      "no checkpoint was written"
+    )
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
   finally:
@@ -137,15 +166,30 @@ def test_restore_onto_another_mesh_and_export(tmp_path, reference_run):
   image = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
   ids = rng.integers(3, 64, (2, 8)).astype(np.int32)
   mask = np.ones((2, 8), np.int32)
-  np.testing.assert_allclose(model.encode_image(image)[0], trained.encode_image(image)[0], atol=1e-6)
-  np.testing.assert_allclose(model.encode_text(ids, mask)[0], trained.encode_text(ids, mask)[0], atol=1e-6)
+  np.testing.assert_allclose(
+    model.encode_image(image)[0], trained.encode_image(image)[0], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    model.encode_text(ids, mask)[0], trained.encode_text(ids, mask)[0], atol=1e-6
+  )
 
   # The export CLI writes bfloat16 by default.
   out = tmp_path / "exported"
-  result = run([sys.executable, "-m", "coca_jax.export", f"--workdir={ref_dir}", f"--output={out}", f"--step={latest_step(ref_dir)}"])
+  result = run(
+    [
+      sys.executable,
+      "-m",
+      "coca_jax.export",
+      f"--workdir={ref_dir}",
+      f"--output={out}",
+      f"--step={latest_step(ref_dir)}",
+    ]
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   bf16_model, _ = export.load_model(str(out))
-  np.testing.assert_allclose(bf16_model.encode_image(image)[0], model.encode_image(image)[0], atol=0.1)
+  np.testing.assert_allclose(
+    bf16_model.encode_image(image)[0], model.encode_image(image)[0], atol=0.1
+  )
 
 
 def test_export_of_a_missing_dir_names_the_path(tmp_path):
@@ -161,7 +205,9 @@ def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
     train.train(exploding, str(tmp_path))
   assert latest_step(tmp_path) == 3
   again, _, _ = restore_params(tmp_path, tiny_config(3))
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(good["params"]), jax.device_get(again["params"]))
+  jax.tree.map(
+    np.testing.assert_array_equal, jax.device_get(good["params"]), jax.device_get(again["params"])
+  )
 
 
 def test_resolution_change_on_resume_resamples_position_embeddings(tmp_path):

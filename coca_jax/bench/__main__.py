@@ -1,8 +1,8 @@
 """Runs one benchmark: `python -m coca_jax.bench NAME [args]`, NAME one of BENCHMARKS.
 
-    python -m coca_jax.bench step --config=configs/tiny.py --steps=5
-    python -m coca_jax.bench decode --batch_sizes=1,32
-    python -m coca_jax.bench NAME --help
+python -m coca_jax.bench step --config=configs/tiny.py --steps=5
+python -m coca_jax.bench decode --batch_sizes=1,32
+python -m coca_jax.bench NAME --help
 """
 
 import importlib
@@ -10,10 +10,10 @@ import sys
 
 # Name -> what it measures; each is coca_jax/bench/NAME.py with main(argv).
 BENCHMARKS = {
-    "step": "train-step throughput, model FLOP/s and MFU",
-    "decode": "KV-cached vs recomputing greedy decoding",
-    "data": "input pipeline throughput",
-    "open_clip": "training throughput vs open_clip's CoCa (PyTorch)",
+  "step": "train-step throughput, model FLOP/s and MFU",
+  "decode": "KV-cached vs recomputing greedy decoding",
+  "data": "input pipeline throughput",
+  "open_clip": "training throughput vs open_clip's CoCa (PyTorch)",
 }
 
 
@@ -29,7 +29,9 @@ def main(argv: list[str]) -> None:
     sys.exit(0 if argv else 2)
   name, rest = argv[0], argv[1:]
   if name not in BENCHMARKS:
-    print(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}\n\n{usage()}", file=sys.stderr)
+    print(
+      f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}\n\n{usage()}", file=sys.stderr
+    )
     sys.exit(2)
   importlib.import_module(f"coca_jax.bench.{name}").main(rest)
 

@@ -25,39 +25,39 @@ def build(spec: dict) -> CoCa:
   """open_clip's standard CoCa (one attentional pooler, token 0 to the contrastive loss)."""
   width, heads = spec["width"], spec["heads"]
   vision_cfg = dict(
-      image_size=spec["image_size"],
-      patch_size=spec["patch_size"],
-      layers=spec["vision_layers"],
-      width=width,
-      head_width=width // heads,
-      mlp_ratio=spec["vision_mlp"] / width,
-      attentional_pool=True,
-      attn_pooler_queries=spec["caption_queries"],
-      attn_pooler_heads=heads,
-      output_tokens=True,
+    image_size=spec["image_size"],
+    patch_size=spec["patch_size"],
+    layers=spec["vision_layers"],
+    width=width,
+    head_width=width // heads,
+    mlp_ratio=spec["vision_mlp"] / width,
+    attentional_pool=True,
+    attn_pooler_queries=spec["caption_queries"],
+    attn_pooler_heads=heads,
+    output_tokens=True,
   )
   # Text input is [BOS, l1..lT] (T + 1 ids): open_clip feeds text[:, :-1] to the decoder
   # and scores text[:, 1:], so its caption loss covers the same T tokens as coca_jax's.
   context_length = spec["max_text_len"] + 1
   text_cfg = dict(
-      context_length=context_length,
-      vocab_size=spec["vocab_size"],
-      width=width,
-      heads=heads,
-      layers=spec["unimodal_layers"],
-      mlp_ratio=spec["text_mlp"] / width,
-      embed_cls=True,
-      output_tokens=True,
-      pad_id=0,
+    context_length=context_length,
+    vocab_size=spec["vocab_size"],
+    width=width,
+    heads=heads,
+    layers=spec["unimodal_layers"],
+    mlp_ratio=spec["text_mlp"] / width,
+    embed_cls=True,
+    output_tokens=True,
+    pad_id=0,
   )
   # open_clip's decoder tower ignores mlp_ratio (always 4): the benchmark picks text_mlp = 4 x width.
   multimodal_cfg = dict(
-      context_length=context_length,
-      vocab_size=spec["vocab_size"],
-      width=width,
-      heads=heads,
-      layers=spec["multimodal_layers"],
-      attn_pooler_heads=heads,
+    context_length=context_length,
+    vocab_size=spec["vocab_size"],
+    width=width,
+    heads=heads,
+    layers=spec["multimodal_layers"],
+    attn_pooler_heads=heads,
   )
   return CoCa(spec["embed_dim"], multimodal_cfg, text_cfg, vision_cfg)
 
@@ -67,15 +67,25 @@ def main(argv) -> None:
   torch.set_num_threads(spec["threads"])
   torch.manual_seed(0)
   data = np.load(argv[2])
-  image = torch.from_numpy(np.ascontiguousarray(data["image"].transpose(0, 3, 1, 2)))  # NHWC -> NCHW
+  image = torch.from_numpy(
+    np.ascontiguousarray(data["image"].transpose(0, 3, 1, 2))
+  )  # NHWC -> NCHW
   # [BOS, labels]: ids start with BOS and are labels shifted right by one.
-  text = torch.from_numpy(np.concatenate([data["ids"], data["labels"][:, -1:]], axis=1).astype(np.int64))
+  text = torch.from_numpy(
+    np.concatenate([data["ids"], data["labels"][:, -1:]], axis=1).astype(np.int64)
+  )
 
   model = build(spec)
   model.train()
   params = sum(p.numel() for p in model.parameters())
-  loss_fn = CoCaLoss(caption_loss_weight=spec["caption_weight"], clip_loss_weight=spec["contrastive_weight"], pad_id=0)
-  optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.01)
+  loss_fn = CoCaLoss(
+    caption_loss_weight=spec["caption_weight"],
+    clip_loss_weight=spec["contrastive_weight"],
+    pad_id=0,
+  )
+  optimizer = torch.optim.AdamW(
+    model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.01
+  )
 
   def train_step() -> float:
     optimizer.zero_grad(set_to_none=True)
@@ -97,20 +107,20 @@ def main(argv) -> None:
   step_s = float(np.median(times))
   best_step_s = float(np.min(times))
   print(
-      json.dumps(
-          dict(
-              params=params,
-              step_s=step_s,
-              best_step_s=best_step_s,
-              examples_per_s=image.shape[0] / step_s,
-              steps=spec["steps"],
-              threads=torch.get_num_threads(),
-              first_loss=first_loss,
-              last_loss=last_loss,
-              torch=torch.__version__,
-              open_clip=open_clip.__version__,
-          )
+    json.dumps(
+      dict(
+        params=params,
+        step_s=step_s,
+        best_step_s=best_step_s,
+        examples_per_s=image.shape[0] / step_s,
+        steps=spec["steps"],
+        threads=torch.get_num_threads(),
+        first_loss=first_loss,
+        last_loss=last_loss,
+        torch=torch.__version__,
+        open_clip=open_clip.__version__,
       )
+    )
   )
 
 

@@ -21,14 +21,21 @@ PROG = "python -m coca_jax.bench data"
 
 
 def measure(data_config, batch_size: int, batches: int, warmup: int) -> dict:
-  iterator = pipeline.train_batches(data_config, shard_index=0, num_shards=1, local_batch_size=batch_size)
+  iterator = pipeline.train_batches(
+    data_config, shard_index=0, num_shards=1, local_batch_size=batch_size
+  )
   for _ in range(warmup):
     next(iterator)
   start = time.perf_counter()
   for _ in range(batches):
     next(iterator)
   seconds = time.perf_counter() - start
-  return dict(batch=batch_size, batches=batches, seconds=seconds, examples_per_s=batches * batch_size / seconds)
+  return dict(
+    batch=batch_size,
+    batches=batches,
+    seconds=seconds,
+    examples_per_s=batches * batch_size / seconds,
+  )
 
 
 def main(argv=None):
@@ -41,7 +48,9 @@ def main(argv=None):
   prepare.ensure_demo_data(config.data)
   result = measure(config.data, config.data.global_batch_size, args.batches, args.warmup)
   print(f"{'config':<20} {'batch':>6} {'batches':>8} {'seconds':>8} {'examples/s':>11}")
-  print(f"{args.config:<20} {result['batch']:>6} {result['batches']:>8} {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}")
+  print(
+    f"{args.config:<20} {result['batch']:>6} {result['batches']:>8} {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}"
+  )
   print(json.dumps(dict(bench="data", config=args.config, **result)))
 
 

@@ -68,7 +68,9 @@ def time_call(fn, *args, repeats: int) -> float:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(prog="python -m coca_jax.bench decode", description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m coca_jax.bench decode", description=__doc__.splitlines()[0]
+  )
   parser.add_argument("--batch_sizes", default="1,32")
   parser.add_argument("--lengths", default="32,64")
   parser.add_argument("--repeats", type=int, default=3)
@@ -82,11 +84,13 @@ def main(argv=None):
   size = config.model.vision.image_size
   m = config.model
   print(
-      f"decoder: width {m.width}, heads {m.heads}, {m.text.unimodal_layers}+{m.text.multimodal_layers} layers, "
-      f"MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, {m.pooler.caption_queries} caption queries; "
-      f"device {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    f"decoder: width {m.width}, heads {m.heads}, {m.text.unimodal_layers}+{m.text.multimodal_layers} layers, "
+    f"MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, {m.pooler.caption_queries} caption queries; "
+    f"device {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
   )
-  header = f"{'batch':>5} {'tokens':>6} {'cached tok/s':>13} {'recompute tok/s':>16} {'speed-up':>9}"
+  header = (
+    f"{'batch':>5} {'tokens':>6} {'cached tok/s':>13} {'recompute tok/s':>16} {'speed-up':>9}"
+  )
   print(header)
   print("-" * len(header))
   rows = []
@@ -96,13 +100,18 @@ def main(argv=None):
       cached = make_decoder(graphdef, length, cached=True)
       recompute = make_decoder(graphdef, length, cached=False)
       # The two must agree token for token before their speeds are compared.
-      same = np.array_equal(np.asarray(cached(params, images)), np.asarray(recompute(params, images)))
+      same = np.array_equal(
+        np.asarray(cached(params, images)), np.asarray(recompute(params, images))
+      )
       cached_s = time_call(cached, params, images, repeats=args.repeats)
       recompute_s = time_call(recompute, params, images, repeats=args.repeats)
       tokens = batch * length
       row = (batch, length, tokens / cached_s, tokens / recompute_s, recompute_s / cached_s, same)
       rows.append(row)
-      print(f"{batch:>5} {length:>6} {row[2]:>13.0f} {row[3]:>16.0f} {row[4]:>8.1f}x" + ("" if same else "  (tokens differ!)"))
+      print(
+        f"{batch:>5} {length:>6} {row[2]:>13.0f} {row[3]:>16.0f} {row[4]:>8.1f}x"
+        + ("" if same else "  (tokens differ!)")
+      )
   return rows
 
 

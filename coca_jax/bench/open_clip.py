@@ -54,7 +54,9 @@ import jax
 import numpy as np
 
 from coca_jax import config as config_lib
-from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax import flops, optim, sharding
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
 from coca_jax.data import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,20 +69,20 @@ BENCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.
 def bench_config(args):
   """coca_jax's config for the benchmark model: configs/*.py's builder, benchmark numbers."""
   config = config_lib.coca_config(
-      width=args.width,
-      heads=args.heads,
-      vision_layers=args.vision_layers,
-      vision_mlp=4 * args.width,
-      unimodal_layers=args.unimodal_layers,
-      multimodal_layers=args.multimodal_layers,
-      # open_clip's decoder tower always uses MLP ratio 4.
-      text_mlp=4 * args.width,
-      embed_dim=args.width,
-      image_size=args.image_size,
-      patch_size=args.patch_size,
-      vocab_size=args.vocab_size,
-      max_text_len=args.text_len,
-      caption_queries=args.caption_queries,
+    width=args.width,
+    heads=args.heads,
+    vision_layers=args.vision_layers,
+    vision_mlp=4 * args.width,
+    unimodal_layers=args.unimodal_layers,
+    multimodal_layers=args.multimodal_layers,
+    # open_clip's decoder tower always uses MLP ratio 4.
+    text_mlp=4 * args.width,
+    embed_dim=args.width,
+    image_size=args.image_size,
+    patch_size=args.patch_size,
+    vocab_size=args.vocab_size,
+    max_text_len=args.text_len,
+    caption_queries=args.caption_queries,
   )
   config.model.remat_policy = "none"  # open_clip does not recompute activations by default
   config.data.source = "synthetic"
@@ -94,39 +96,42 @@ def bench_config(args):
 def worker_spec(config, args) -> dict:
   m = config.model
   return dict(
-      width=m.width,
-      heads=m.heads,
-      embed_dim=m.embed_dim,
-      image_size=m.vision.image_size,
-      patch_size=m.vision.patch_size,
-      vision_layers=m.vision.layers,
-      vision_mlp=m.vision.mlp_dim,
-      unimodal_layers=m.text.unimodal_layers,
-      multimodal_layers=m.text.multimodal_layers,
-      text_mlp=m.text.mlp_dim,
-      vocab_size=m.text.vocab_size,
-      max_text_len=m.text.max_len,
-      caption_queries=m.pooler.caption_queries,
-      contrastive_weight=config.loss.contrastive_weight,
-      caption_weight=config.loss.caption_weight,
-      lr=config.optim.lr,
-      threads=args.threads,
-      warmup_steps=args.warmup_steps,
-      steps=args.steps,
+    width=m.width,
+    heads=m.heads,
+    embed_dim=m.embed_dim,
+    image_size=m.vision.image_size,
+    patch_size=m.vision.patch_size,
+    vision_layers=m.vision.layers,
+    vision_mlp=m.vision.mlp_dim,
+    unimodal_layers=m.text.unimodal_layers,
+    multimodal_layers=m.text.multimodal_layers,
+    text_mlp=m.text.mlp_dim,
+    vocab_size=m.text.vocab_size,
+    max_text_len=m.text.max_len,
+    caption_queries=m.pooler.caption_queries,
+    contrastive_weight=config.loss.contrastive_weight,
+    caption_weight=config.loss.caption_weight,
+    lr=config.optim.lr,
+    threads=args.threads,
+    warmup_steps=args.warmup_steps,
+    steps=args.steps,
   )
 
 
 def install_command(venv: Path) -> list[list[str]]:
   return [
-      [sys.executable, "-m", "venv", str(venv)],
-      [str(venv / "bin" / "pip"), "install", *BENCH_PACKAGES],
+    [sys.executable, "-m", "venv", str(venv)],
+    [str(venv / "bin" / "pip"), "install", *BENCH_PACKAGES],
   ]
 
 
 def ensure_bench_venv(venv: Path, install: bool) -> Path:
   """The benchmark venv's python, creating the venv when missing (5.5 GB: torch is a CUDA build)."""
   python = venv / "bin" / "python"
-  if python.exists() and subprocess.run([python, "-c", "import open_clip"], capture_output=True).returncode == 0:
+  if (
+    python.exists()
+    and subprocess.run([python, "-c", "import open_clip"], capture_output=True).returncode == 0
+  ):
     return python
   commands = install_command(venv)
   shown = " && ".join(" ".join(c) for c in commands)
@@ -141,14 +146,21 @@ def ensure_bench_venv(venv: Path, install: bool) -> Path:
 def run_open_clip(python: Path, spec: dict, batch: dict) -> dict:
   with tempfile.TemporaryDirectory(prefix="coca_bench_") as tmp:
     batch_file = Path(tmp) / "batch.npz"
-    np.savez(batch_file, image=batch["image"], ids=batch["text"]["ids"], labels=batch["text"]["labels"])
+    np.savez(
+      batch_file, image=batch["image"], ids=batch["text"]["ids"], labels=batch["text"]["labels"]
+    )
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
     result = subprocess.run(
-        # -P: the worker's own folder must not shadow the open_clip package with this file.
-        [python, "-P", str(WORKER), json.dumps(spec), str(batch_file)], capture_output=True, text=True, env=env
+      # -P: the worker's own folder must not shadow the open_clip package with this file.
+      [python, "-P", str(WORKER), json.dumps(spec), str(batch_file)],
+      capture_output=True,
+      text=True,
+      env=env,
     )
   if result.returncode != 0:
-    raise RuntimeError(f"open_clip worker failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
+    raise RuntimeError(
+      f"open_clip worker failed (exit {result.returncode}):\n{result.stderr[-4000:]}"
+    )
   return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -182,24 +194,24 @@ def run_coca_jax(config, args, batch: dict) -> dict:
     times.append(seconds)
   step_s = float(np.median(times))
   return dict(
-      params=params,
-      step_s=step_s,
-      best_step_s=float(np.min(times)),
-      examples_per_s=args.batch_size / step_s,
-      steps=args.steps,
-      compile_s=compile_s,
-      first_loss=first_loss,
-      last_loss=float(metrics["loss"]),
-      jax=jax.__version__,
-      device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+    params=params,
+    step_s=step_s,
+    best_step_s=float(np.min(times)),
+    examples_per_s=args.batch_size / step_s,
+    steps=args.steps,
+    compile_s=compile_s,
+    first_loss=first_loss,
+    last_loss=float(metrics["loss"]),
+    jax=jax.__version__,
+    device=f"{jax.device_count()} x {jax.devices()[0].device_kind}",
   )
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog="python -m coca_jax.bench open_clip",
-      description=__doc__.splitlines()[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    prog="python -m coca_jax.bench open_clip",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
   parser.add_argument("--width", type=int, default=256)
   parser.add_argument("--heads", type=int, default=4)
@@ -214,9 +226,13 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--warmup_steps", type=int, default=2)
   parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
-  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)")
+  parser.add_argument(
+    "--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)"
+  )
   parser.add_argument("--bench_venv", type=Path, default=BENCH_VENV)
-  parser.add_argument("--no_install", action="store_true", help="fail with the install command instead of installing")
+  parser.add_argument(
+    "--no_install", action="store_true", help="fail with the install command instead of installing"
+  )
   parser.add_argument("--skip_open_clip", action="store_true", help="time coca_jax only")
   args = parser.parse_args(argv)
   if args.warmup_steps < 1 or args.steps < 1:
@@ -224,15 +240,17 @@ def main(argv=None):
 
   config = bench_config(args)
   m = config.model
-  batch = synthetic.batch(0, 0, 0, args.batch_size, m.vision.image_size, m.text.max_len, m.text.vocab_size)
+  batch = synthetic.batch(
+    0, 0, 0, args.batch_size, m.vision.image_size, m.text.max_len, m.text.vocab_size
+  )
   tokens = (m.vision.image_size // m.vision.patch_size) ** 2
   print(
-      f"model: width {m.width}, {m.heads} heads, ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
-      f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
-      f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
-      f"text {m.text.max_len}, {m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
-      f"{args.threads} threads",
-      flush=True,
+    f"model: width {m.width}, {m.heads} heads, ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
+    f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
+    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
+    f"text {m.text.max_len}, {m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
+    f"{args.threads} threads",
+    flush=True,
   )
   results = {}
   if not args.skip_open_clip:
@@ -243,29 +261,33 @@ def main(argv=None):
   results["coca_jax"] = run_coca_jax(config, args, batch)
 
   model_flops = flops.train_flops_per_example(config.model)
-  header = (
-      f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} {'loss first->last':>17}  versions"
-  )
+  header = f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} {'loss first->last':>17}  versions"
   print(header)
   print("-" * len(header))
   for side, r in results.items():
-    versions = f"torch {r['torch']}, open_clip {r['open_clip']}" if side == "open_clip" else f"jax {r['jax']}, {r['device']}"
+    versions = (
+      f"torch {r['torch']}, open_clip {r['open_clip']}"
+      if side == "open_clip"
+      else f"jax {r['jax']}, {r['device']}"
+    )
     print(
-        f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} {r['examples_per_s']:>11.1f} "
-        f"{r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
+      f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} {r['examples_per_s']:>11.1f} "
+      f"{r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
     )
   summary = dict(
-      bench="open_clip",
-      batch_size=args.batch_size,
-      coca_jax_model_gflops_per_example=model_flops / 1e9,
-      **{side: r for side, r in results.items()},
+    bench="open_clip",
+    batch_size=args.batch_size,
+    coca_jax_model_gflops_per_example=model_flops / 1e9,
+    **{side: r for side, r in results.items()},
   )
   if "open_clip" in results:
     ratio = results["coca_jax"]["examples_per_s"] / results["open_clip"]["examples_per_s"]
     best_ratio = results["open_clip"]["best_step_s"] / results["coca_jax"]["best_step_s"]
     summary["ratio_coca_jax_over_open_clip"] = ratio
     summary["ratio_best_steps"] = best_ratio
-    print(f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), {best_ratio:.2f}x (best steps)")
+    print(
+      f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), {best_ratio:.2f}x (best steps)"
+    )
   print(json.dumps(summary))
   return summary
 

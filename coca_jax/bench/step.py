@@ -27,7 +27,9 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from coca_jax import flops, optim, sharding, state as state_lib, step as step_lib
+from coca_jax import flops, optim, sharding
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
 from coca_jax.data import synthetic
 
 PROG = "python -m coca_jax.bench step"
@@ -37,11 +39,19 @@ def load_config(config_args: list[str], prog: str = PROG):
   """The config of `--config=FILE[:ARG]` plus `--config.KEY=VALUE` overrides, as absl parses them."""
   flag_values = flags.FlagValues()
   argv = [prog, *config_args]
-  holder = config_flags.DEFINE_config_file("config", None, "Config file.", flag_values, lock_config=True, sys_argv=argv)
+  holder = config_flags.DEFINE_config_file(
+    "config", None, "Config file.", flag_values, lock_config=True, sys_argv=argv
+  )
   try:
     flag_values(argv)
-  except (flags.Error, AttributeError, KeyError) as e:  # a misspelt key fails here, before compiling
-    raise SystemExit(f"{prog}: bad --config argument in {config_args}: {type(e).__name__} {e}") from e
+  except (
+    flags.Error,
+    AttributeError,
+    KeyError,
+  ) as e:  # a misspelt key fails here, before compiling
+    raise SystemExit(
+      f"{prog}: bad --config argument in {config_args}: {type(e).__name__} {e}"
+    ) from e
   if holder.value is None:
     raise SystemExit(f"{prog}: --config=configs/FILE.py is required")
   return holder.value
@@ -50,11 +60,11 @@ def load_config(config_args: list[str], prog: str = PROG):
 # --base_width: few layers at 224px / patch 16; width, heads, MLPs, vocabulary and text
 # length stay the config's.
 BASE_WIDTH = {
-    "model.vision.layers": 2,
-    "model.vision.image_size": 224,
-    "model.vision.patch_size": 16,
-    "model.text.unimodal_layers": 1,
-    "model.text.multimodal_layers": 1,
+  "model.vision.layers": 2,
+  "model.vision.image_size": 224,
+  "model.vision.patch_size": 16,
+  "model.text.unimodal_layers": 1,
+  "model.text.multimodal_layers": 1,
 }
 
 
@@ -66,9 +76,11 @@ def overridden_keys(config_args: list[str]) -> set[str]:
 
 def host_batches(config, mesh, count: int) -> list:
   """`count` synthetic global batches, already on the devices."""
-  shard_index, num_shards = sharding.host_data_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  shard_index, num_shards = sharding.host_data_shard(
+    mesh, config.sharding_rules, config.data.global_batch_size
+  )
   rows = synthetic.batches(
-      config, shard_index=shard_index, local_batch_size=config.data.global_batch_size // num_shards
+    config, shard_index=shard_index, local_batch_size=config.data.global_batch_size // num_shards
   )
   return [sharding.global_batch(next(rows), mesh, config.sharding_rules) for _ in range(count)]
 
@@ -102,42 +114,45 @@ def run(config, *, steps: int, warmup: int) -> dict:
   achieved = flops_per_step / step_s
   m = config.model
   return dict(
-      model=(
-          f"width {m.width}, {m.heads} heads, {m.vision.layers} vision + {m.text.unimodal_layers}+"
-          f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
-          f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
-      ),
-      params=state_lib.param_count(layout),
-      devices=jax.device_count(),
-      device_kind=jax.devices()[0].device_kind,
-      mesh=dict(mesh.shape),
-      global_batch=global_batch,
-      steps=steps,
-      warmup=warmup,
-      compile_s=compile_s,
-      step_s=step_s,
-      examples_per_s=global_batch / step_s,
-      model_flops_per_step=flops_per_step,
-      achieved_flops_per_s=achieved,
-      peak_flops_per_s=None if peak is None else peak * jax.device_count(),
-      mfu=None if peak is None else achieved / (peak * jax.device_count()),
-      loss=loss,
+    model=(
+      f"width {m.width}, {m.heads} heads, {m.vision.layers} vision + {m.text.unimodal_layers}+"
+      f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
+      f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
+    ),
+    params=state_lib.param_count(layout),
+    devices=jax.device_count(),
+    device_kind=jax.devices()[0].device_kind,
+    mesh=dict(mesh.shape),
+    global_batch=global_batch,
+    steps=steps,
+    warmup=warmup,
+    compile_s=compile_s,
+    step_s=step_s,
+    examples_per_s=global_batch / step_s,
+    model_flops_per_step=flops_per_step,
+    achieved_flops_per_s=achieved,
+    peak_flops_per_s=None if peak is None else peak * jax.device_count(),
+    mfu=None if peak is None else achieved / (peak * jax.device_count()),
+    loss=loss,
   )
 
 
 def table(result: dict) -> str:
   mfu = "n/a (peak unknown)" if result["mfu"] is None else f"{result['mfu'] * 100:.1f}%"
   rows = [
-      ("model", result["model"]),
-      ("parameters", f"{result['params']:,}"),
-      ("devices", f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}"),
-      ("global batch", f"{result['global_batch']}"),
-      ("compile (excluded)", f"{result['compile_s']:.1f} s"),
-      ("step time", f"{result['step_s'] * 1e3:,.1f} ms (mean of {result['steps']} after {result['warmup']} warm-up)"),
-      ("examples/s", f"{result['examples_per_s']:,.1f}"),
-      ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),
-      ("achieved FLOP/s", f"{result['achieved_flops_per_s']:.4g}"),
-      ("MFU", mfu),
+    ("model", result["model"]),
+    ("parameters", f"{result['params']:,}"),
+    ("devices", f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}"),
+    ("global batch", f"{result['global_batch']}"),
+    ("compile (excluded)", f"{result['compile_s']:.1f} s"),
+    (
+      "step time",
+      f"{result['step_s'] * 1e3:,.1f} ms (mean of {result['steps']} after {result['warmup']} warm-up)",
+    ),
+    ("examples/s", f"{result['examples_per_s']:,.1f}"),
+    ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),
+    ("achieved FLOP/s", f"{result['achieved_flops_per_s']:.4g}"),
+    ("MFU", mfu),
   ]
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -145,15 +160,19 @@ def table(result: dict) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-      prog=PROG,
-      description=__doc__.splitlines()[0],
-      epilog="Config: --config=configs/FILE.py[:ARG] and --config.KEY=VALUE overrides (absl syntax).",
-      allow_abbrev=False,
+    prog=PROG,
+    description=__doc__.splitlines()[0],
+    epilog="Config: --config=configs/FILE.py[:ARG] and --config.KEY=VALUE overrides (absl syntax).",
+    allow_abbrev=False,
   )
-  parser.add_argument("--batch", type=int, default=None, help="global batch (default: the config's)")
+  parser.add_argument(
+    "--batch", type=int, default=None, help="global batch (default: the config's)"
+  )
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-  parser.add_argument("--base_width", action="store_true", help="Base width with few layers at 224px (see above)")
+  parser.add_argument(
+    "--base_width", action="store_true", help="Base width with few layers at 224px (see above)"
+  )
   args, config_args = parser.parse_known_args(argv)
   unknown = [a for a in config_args if not a.startswith(("--config", "-config"))]
   if args.steps < 1:

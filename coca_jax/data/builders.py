@@ -22,29 +22,40 @@ class CocaFashionMnist(tfds.core.GeneratorBasedBuilder):
   """Fashion-MNIST from the Debian package, with label names for JFT-style text."""
 
   VERSION = tfds.core.Version("1.0.0")
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder with Fashion-MNIST's four idx .gz files (see coca_jax.data.raw)."
+  MANUAL_DOWNLOAD_INSTRUCTIONS = (
+    "A folder with Fashion-MNIST's four idx .gz files (see coca_jax.data.raw)."
+  )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Fashion-MNIST (Xiao et al. 2017) with class names and parent categories.",
-        features=tfds.features.FeaturesDict(
-            dict(
-                image=tfds.features.Image(shape=(28, 28, 1)),
-                label=tfds.features.ClassLabel(names=[name for name, _ in raw.FASHION_MNIST_CLASSES]),
-                label_names=tfds.features.Sequence(tfds.features.Text()),
-            )
-        ),
-        license="MIT",
+      builder=self,
+      description="Fashion-MNIST (Xiao et al. 2017) with class names and parent categories.",
+      features=tfds.features.FeaturesDict(
+        dict(
+          image=tfds.features.Image(shape=(28, 28, 1)),
+          label=tfds.features.ClassLabel(names=[name for name, _ in raw.FASHION_MNIST_CLASSES]),
+          label_names=tfds.features.Sequence(tfds.features.Text()),
+        )
+      ),
+      license="MIT",
     )
 
   def _split_generators(self, dl_manager):
-    return {split: self._generate_examples(dl_manager.manual_dir, split) for split in ("train", "test")}
+    return {
+      split: self._generate_examples(dl_manager.manual_dir, split) for split in ("train", "test")
+    }
 
   def _generate_examples(self, folder, split):
     images, labels = raw.fashion_mnist(str(folder), split)
     for index, (image, label) in enumerate(zip(images, labels)):
-      yield index, dict(image=image[..., None], label=int(label), label_names=list(raw.FASHION_MNIST_CLASSES[label]))
+      yield (
+        index,
+        dict(
+          image=image[..., None],
+          label=int(label),
+          label_names=list(raw.FASHION_MNIST_CLASSES[label]),
+        ),
+      )
 
 
 class CocaEmoji(tfds.core.GeneratorBasedBuilder):
@@ -55,17 +66,17 @@ class CocaEmoji(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self,
-        description="Emoji images of two vendors with their CLDR names and keywords as alt-text.",
-        features=tfds.features.FeaturesDict(
-            dict(
-                image=tfds.features.Image(shape=(64, 64, 4)),
-                caption=tfds.features.Text(),
-                code=tfds.features.Text(),
-                vendor=tfds.features.Text(),
-            )
-        ),
-        license="Images: Apache-2.0 (Noto), CC-BY-4.0 (Twemoji); text: MIT (emojibase)",
+      builder=self,
+      description="Emoji images of two vendors with their CLDR names and keywords as alt-text.",
+      features=tfds.features.FeaturesDict(
+        dict(
+          image=tfds.features.Image(shape=(64, 64, 4)),
+          caption=tfds.features.Text(),
+          code=tfds.features.Text(),
+          vendor=tfds.features.Text(),
+        )
+      ),
+      license="Images: Apache-2.0 (Noto), CC-BY-4.0 (Twemoji); text: MIT (emojibase)",
     )
 
   def _split_generators(self, dl_manager):
@@ -79,4 +90,12 @@ class CocaEmoji(tfds.core.GeneratorBasedBuilder):
         continue
       image = Image.open(io.BytesIO(record["png"])).convert("RGBA").resize((64, 64), Image.BICUBIC)
       key = f"{record['vendor']}/{record['code']}"
-      yield key, dict(image=np.asarray(image), caption=record["caption"], code=record["code"], vendor=record["vendor"])
+      yield (
+        key,
+        dict(
+          image=np.asarray(image),
+          caption=record["caption"],
+          code=record["code"],
+          vendor=record["vendor"],
+        ),
+      )

@@ -20,7 +20,9 @@ def _rows(config, kind: str):
   prepare.ensure_demo_data(config.data)
   tasks.register(config.data)
   task = seqio.get_mixture_or_task(config.data[kind].task_name + tasks.EVAL_SUFFIX)
-  ds = task.get_dataset(sequence_length=None, split="validation", use_cached=False, shuffle=False, num_epochs=1)
+  ds = task.get_dataset(
+    sequence_length=None, split="validation", use_cached=False, shuffle=False, num_epochs=1
+  )
   return ds.as_numpy_iterator()
 
 
@@ -40,7 +42,12 @@ def classification(config) -> dict:
     labels.append(int(row["label"]))
     if len(images) == limit:
       break
-  return dict(images=images, labels=labels, class_names=class_names(config), name=f"{config.data.jft_style.task_name}_eval")
+  return dict(
+    images=images,
+    labels=labels,
+    class_names=class_names(config),
+    name=f"{config.data.jft_style.task_name}_eval",
+  )
 
 
 def alt_text(config) -> dict:

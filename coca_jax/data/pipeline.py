@@ -47,23 +47,33 @@ def _options(data_config) -> tf.data.Options:
   return options
 
 
-def _dataset(data_config, mixture: str, split: str, shard_index: int, num_shards: int, local_batch_size: int, seed: int):
+def _dataset(
+  data_config,
+  mixture: str,
+  split: str,
+  shard_index: int,
+  num_shards: int,
+  local_batch_size: int,
+  seed: int,
+):
   if data_config.data_dir == "":
-    raise ValueError("config.data.data_dir is empty: call coca_jax.data.prepare.ensure_demo_data(config.data) first")
+    raise ValueError(
+      "config.data.data_dir is empty: call coca_jax.data.prepare.ensure_demo_data(config.data) first"
+    )
   tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
   ds = seqio.get_mixture_or_task(mixture).get_dataset(
-      sequence_length={"text": data_config.max_text_len - 1, "image": data_config.image_size},
-      split=split,
-      use_cached=False,
-      shuffle=True,
-      num_epochs=None,
-      shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-      seed=seed,
+    sequence_length={"text": data_config.max_text_len - 1, "image": data_config.image_size},
+    split=split,
+    use_cached=False,
+    shuffle=True,
+    num_epochs=None,
+    shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
+    seed=seed,
   )
   max_len = data_config.max_text_len
   ds = ds.map(
-      lambda ex: dict(image=ex["image"], text=to_model_batch(ex["text"], max_len)),
-      num_parallel_calls=tf.data.AUTOTUNE,
+    lambda ex: dict(image=ex["image"], text=to_model_batch(ex["text"], max_len)),
+    num_parallel_calls=tf.data.AUTOTUNE,
   )
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.with_options(_options(data_config)).prefetch(2)
@@ -74,22 +84,39 @@ def _numpy_batches(ds: tf.data.Dataset, start_step: int) -> Iterator[dict]:
   for batch in ds.skip(start_step).as_numpy_iterator():
     if dict(preprocess.BAD_DATA) != reported:
       reported = dict(preprocess.BAD_DATA)
-      logging.warning("input pipeline dropped rows so far: %s", ", ".join(f"{v} {k}" for k, v in sorted(reported.items())))
+      logging.warning(
+        "input pipeline dropped rows so far: %s",
+        ", ".join(f"{v} {k}" for k, v in sorted(reported.items())),
+      )
     yield batch
 
 
-def train_batches(data_config, *, shard_index: int, num_shards: int, local_batch_size: int, start_step: int = 0) -> Iterator[dict]:
+def train_batches(
+  data_config, *, shard_index: int, num_shards: int, local_batch_size: int, start_step: int = 0
+) -> Iterator[dict]:
   """Endless training batches of this host's shard, from `start_step` on."""
   mixture, _ = tasks.register(data_config)
-  ds = _dataset(data_config, mixture, "train", shard_index, num_shards, local_batch_size, data_config.seed)
+  ds = _dataset(
+    data_config, mixture, "train", shard_index, num_shards, local_batch_size, data_config.seed
+  )
   return _numpy_batches(ds, start_step)
 
 
-def eval_batches(data_config, *, shard_index: int, num_shards: int, local_batch_size: int) -> Iterator[dict]:
+def eval_batches(
+  data_config, *, shard_index: int, num_shards: int, local_batch_size: int
+) -> Iterator[dict]:
   """Endless held-out batches (eval preprocessing, the sources' eval splits), always the
   same sequence for a given seed: eval losses are comparable across steps."""
   _, mixture = tasks.register(data_config)
-  ds = _dataset(data_config, mixture, "validation", shard_index, num_shards, local_batch_size, data_config.seed + 1)
+  ds = _dataset(
+    data_config,
+    mixture,
+    "validation",
+    shard_index,
+    num_shards,
+    local_batch_size,
+    data_config.seed + 1,
+  )
   return _numpy_batches(ds, 0)
 
 
@@ -109,7 +136,6 @@ def check_vocab(config) -> None:
   n = vocab_size(config.data.vocab_path)
   if n > config.model.text.vocab_size:
     raise ValueError(
-        f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
-        f"vocabulary at config.data.vocab_path ({n} pieces, {config.data.vocab_path})"
+      f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
+      f"vocabulary at config.data.vocab_path ({n} pieces, {config.data.vocab_path})"
     )
-

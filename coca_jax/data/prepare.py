@@ -18,7 +18,8 @@ import os
 
 from absl import app, flags
 
-from coca_jax.data import config as config_lib, raw
+from coca_jax.data import config as config_lib
+from coca_jax.data import raw
 
 VOCAB_FILE = os.path.join("vocab", "coca_demo.model")
 DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.0.0")
@@ -27,7 +28,12 @@ DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.0.0")
 def paths(data_dir: str = "") -> dict:
   """The demo's folders and files under `data_dir` ("" = the default)."""
   root = data_dir or config_lib.default_data_dir()
-  return dict(root=root, raw=os.path.join(root, "raw"), tfds=os.path.join(root, "tfds"), vocab=os.path.join(root, VOCAB_FILE))
+  return dict(
+    root=root,
+    raw=os.path.join(root, "raw"),
+    tfds=os.path.join(root, "tfds"),
+    vocab=os.path.join(root, VOCAB_FILE),
+  )
 
 
 def _dataset_dir(tfds_dir: str, name_version: str) -> str:
@@ -37,13 +43,18 @@ def _dataset_dir(tfds_dir: str, name_version: str) -> str:
 
 def is_prepared(data_dir: str = "") -> bool:
   p = paths(data_dir)
-  built = all(os.path.exists(os.path.join(_dataset_dir(p["tfds"], d), "dataset_info.json")) for d in DEMO_DATASETS)
+  built = all(
+    os.path.exists(os.path.join(_dataset_dir(p["tfds"], d), "dataset_info.json"))
+    for d in DEMO_DATASETS
+  )
   return built and os.path.exists(p["vocab"])
 
 
 def jft_texts(templates, label_names) -> list[str]:
   """Every JFT-style text one example's labels can produce: templates x name orders."""
-  return [t.format(", ".join(order)) for t in templates for order in itertools.permutations(label_names)]
+  return [
+    t.format(", ".join(order)) for t in templates for order in itertools.permutations(label_names)
+  ]
 
 
 def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) -> dict:
@@ -65,7 +76,9 @@ def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) ->
       continue
     print(f"[prepare] 2/3 building TFDS {builder.name} into {p['tfds']}", flush=True)
     builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dirs[builder.name], verify_ssl=False),
+      download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dirs[builder.name], verify_ssl=False
+      ),
     )
     splits = ", ".join(f"{k} {v.num_examples}" for k, v in builder.info.splits.items())
     print(f"[prepare]     {builder.name}: {splits}", flush=True)
@@ -86,9 +99,9 @@ def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) ->
 def uses_demo_data(data_config) -> bool:
   """Whether the config reads the demo's TFDS datasets from the default location."""
   return (
-      data_config.jft_style.tfds_name in DEMO_DATASETS
-      and not data_config.jft_style.tfds_data_dir
-      and not data_config.alt_text.tfds_data_dir
+    data_config.jft_style.tfds_name in DEMO_DATASETS
+    and not data_config.jft_style.tfds_data_dir
+    and not data_config.alt_text.tfds_data_dir
   )
 
 
@@ -101,14 +114,16 @@ def ensure_demo_data(data_config) -> None:
   if uses_demo_data(data_config) and not is_prepared(data_config.data_dir):
     if not data_config.prepare_demo:
       raise FileNotFoundError(
-          f"demo data missing under {p['root']} and config.data.prepare_demo is off; run "
-          f"`python -m coca_jax.data.prepare --data_dir={p['root']}`"
+        f"demo data missing under {p['root']} and config.data.prepare_demo is off; run "
+        f"`python -m coca_jax.data.prepare --data_dir={p['root']}`"
       )
     prepare(data_config.data_dir)
   if not data_config.vocab_path:
     data_config.vocab_path = p["vocab"]
   if not os.path.exists(data_config.vocab_path):
-    raise FileNotFoundError(f"config.data.vocab_path: no SentencePiece model at {data_config.vocab_path!r}")
+    raise FileNotFoundError(
+      f"config.data.vocab_path: no SentencePiece model at {data_config.vocab_path!r}"
+    )
 
 
 def main(argv):

@@ -23,7 +23,11 @@ from coca_jax.data.images import to_rgb
 # Rows dropped by decode_and_validate, by reason, in this process. tf.data runs the
 # check in its own threads; increments happen under the GIL.
 BAD_DATA = collections.Counter()
-UNDECODABLE, WRONG_RANK, EMPTY_TEXT = "undecodable image", "image of wrong rank or size", "empty text"
+UNDECODABLE, WRONG_RANK, EMPTY_TEXT = (
+  "undecodable image",
+  "image of wrong rank or size",
+  "empty text",
+)
 
 
 def decode_rgb(encoded: bytes) -> np.ndarray:
@@ -62,7 +66,9 @@ def decode_and_validate(dataset: tf.data.Dataset, text_key: str) -> tf.data.Data
   bytes are a counted drop, never a crash of the input pipeline."""
 
   def check(example):
-    image, keep = tf.numpy_function(_check, [example["image"], example[text_key]], [tf.uint8, tf.bool], stateful=False)
+    image, keep = tf.numpy_function(
+      _check, [example["image"], example[text_key]], [tf.uint8, tf.bool], stateful=False
+    )
     image.set_shape([None, None, 3])
     keep.set_shape([])
     return {**example, "image": image, "_keep": keep}
@@ -77,7 +83,10 @@ def jft_text(example, seeds, templates):
   """JFT-style text (Section 4.1): the example's `label_names`, shuffled and joined with
   ", ", inside a template drawn at random: "a photo of the sneaker, footwear."."""
   names = tf.random.experimental.stateless_shuffle(example["label_names"], seed=seeds[0])
-  template = tf.gather(tf.constant(list(templates)), tf.random.stateless_uniform([], seeds[1], 0, len(templates), tf.int32))
+  template = tf.gather(
+    tf.constant(list(templates)),
+    tf.random.stateless_uniform([], seeds[1], 0, len(templates), tf.int32),
+  )
   parts = tf.strings.split(template, "{}", maxsplit=1)
   text = tf.strings.join([parts[0], tf.strings.reduce_join(names, separator=", "), parts[1]])
   return {**example, "text": text}
@@ -96,14 +105,20 @@ def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
   vocabulary = output_features["text"].vocabulary
 
   def tokenize(example):
-    return {**example, "text_pretokenized": example["text"], "text": vocabulary.encode_tf(example["text"])}
+    return {
+      **example,
+      "text_pretokenized": example["text"],
+      "text": vocabulary.encode_tf(example["text"]),
+    }
 
   return dataset.map(tokenize, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   """[H, W, 3] in [0, 255] -> float32 (x / 255 - mean) / std."""
-  return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+  return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(
+    std, tf.float32
+  )
 
 
 @seqio.map_over_dataset(num_seeds=2)
@@ -112,14 +127,14 @@ def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, fl
   [size, size], normalize."""
   image = example["image"]
   begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image),
-      bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
-      seed=seeds[0],
-      min_object_covered=0.0,
-      aspect_ratio_range=crop_aspect,
-      area_range=crop_area,
-      max_attempts=10,
-      use_image_if_no_bounding_boxes=True,
+    tf.shape(image),
+    bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+    seed=seeds[0],
+    min_object_covered=0.0,
+    aspect_ratio_range=crop_aspect,
+    area_range=crop_area,
+    max_attempts=10,
+    use_image_if_no_bounding_boxes=True,
   )
   image = tf.image.resize(tf.slice(image, begin, crop), [size, size], antialias=True)
   if flip:

@@ -25,29 +25,29 @@ from typing import Iterator
 import numpy as np
 
 NPM_PACKAGES = {
-    "google": "emoji-datasource-google@16.0.0",
-    "twitter": "emoji-datasource-twitter@16.0.0",
-    "emojibase": "emojibase-data@17.0.0",
+  "google": "emoji-datasource-google@16.0.0",
+  "twitter": "emoji-datasource-twitter@16.0.0",
+  "emojibase": "emojibase-data@17.0.0",
 }
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_INSTALLED = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+  "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 # Class names, each with its parent category: the JFT-style text uses both labels
 # (Section 4.1 of the paper: "a photo of the cat, animal").
 FASHION_MNIST_CLASSES = (
-    ("t-shirt", "clothing"),
-    ("trousers", "clothing"),
-    ("pullover", "clothing"),
-    ("dress", "clothing"),
-    ("coat", "clothing"),
-    ("sandal", "footwear"),
-    ("shirt", "clothing"),
-    ("sneaker", "footwear"),
-    ("bag", "accessory"),
-    ("ankle boot", "footwear"),
+  ("t-shirt", "clothing"),
+  ("trousers", "clothing"),
+  ("pullover", "clothing"),
+  ("dress", "clothing"),
+  ("coat", "clothing"),
+  ("sandal", "footwear"),
+  ("shirt", "clothing"),
+  ("sneaker", "footwear"),
+  ("bag", "accessory"),
+  ("ankle boot", "footwear"),
 )
 EMOJI_VENDORS = ("google", "twitter")
 # One base emoji in VALIDATION_BUCKETS of 100 (by a hash of its code) goes to validation,
@@ -62,9 +62,9 @@ class MissingClientError(RuntimeError):
 def _run(command: list[str], cwd: str) -> None:
   if shutil.which(command[0]) is None:
     raise MissingClientError(
-        f"`{command[0]}` is not installed; it is needed to run `{' '.join(command)}` in {cwd}. "
-        "Install it (Debian: `apt-get install nodejs npm` for npm, `apt-get install dpkg apt` for "
-        "apt-get/dpkg-deb) or fetch the file by hand into that folder."
+      f"`{command[0]}` is not installed; it is needed to run `{' '.join(command)}` in {cwd}. "
+      "Install it (Debian: `apt-get install nodejs npm` for npm, `apt-get install dpkg apt` for "
+      "apt-get/dpkg-deb) or fetch the file by hand into that folder."
     )
   logging.info("running: %s (in %s)", " ".join(command), cwd)
   subprocess.run(command, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
@@ -88,16 +88,26 @@ def npm_tarball(cache_dir: str, package: str) -> str:
 def fashion_mnist_dir(cache_dir: str) -> str:
   """Folder with Fashion-MNIST's four idx .gz files: the installed package's, or the
   Debian package unpacked into the cache (`apt-get download` + `dpkg-deb -x`)."""
-  if all(os.path.exists(os.path.join(FASHION_MNIST_INSTALLED, f)) for fs in FASHION_MNIST_FILES.values() for f in fs):
+  if all(
+    os.path.exists(os.path.join(FASHION_MNIST_INSTALLED, f))
+    for fs in FASHION_MNIST_FILES.values()
+    for f in fs
+  ):
     return FASHION_MNIST_INSTALLED
   unpacked = os.path.join(cache_dir, DEBIAN_PACKAGE)
   folder = unpacked + FASHION_MNIST_INSTALLED
   if not os.path.isdir(folder):
     os.makedirs(cache_dir, exist_ok=True)
-    debs = [f for f in os.listdir(cache_dir) if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")]
+    debs = [
+      f for f in os.listdir(cache_dir) if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")
+    ]
     if not debs:
       _run(["apt-get", "download", DEBIAN_PACKAGE], cache_dir)
-      debs = [f for f in os.listdir(cache_dir) if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")]
+      debs = [
+        f
+        for f in os.listdir(cache_dir)
+        if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")
+      ]
     _run(["dpkg-deb", "-x", sorted(debs)[-1], unpacked], cache_dir)
   return folder
 
@@ -145,7 +155,7 @@ def caption_of(entry: dict, base: dict | None = None) -> str:
 
 
 def emoji_split(code: str) -> str:
-  """"train" or "validation" for an emoji code, decided by its base emoji (skin tones
+  """ "train" or "validation" for an emoji code, decided by its base emoji (skin tones
   removed) so that every tone of one emoji lands in the same split."""
   base = "-".join(p for p in code.split("-") if not ("1F3FB" <= p <= "1F3FF"))
   bucket = int(hashlib.sha256(base.encode()).hexdigest(), 16) % 100
@@ -169,15 +179,17 @@ def emoji_records(paths: dict) -> Iterator[dict]:
     with tarfile.open(paths[vendor]) as tar:
       prefix = f"package/img/{vendor}/64/"
       for member in tar:
-        if not (member.isfile() and member.name.startswith(prefix) and member.name.endswith(".png")):
+        if not (
+          member.isfile() and member.name.startswith(prefix) and member.name.endswith(".png")
+        ):
           continue
         code = _code(member.name[len(prefix) : -len(".png")])
         if code not in captions:
           continue
         yield dict(
-            png=tar.extractfile(member).read(),
-            caption=captions[code],
-            code=code,
-            vendor=vendor,
-            split=emoji_split(code),
+          png=tar.extractfile(member).read(),
+          caption=captions[code],
+          code=code,
+          vendor=vendor,
+          split=emoji_split(code),
         )

@@ -10,7 +10,15 @@ from typing import Iterator
 import numpy as np
 
 
-def batch(seed: int, step: int, shard_index: int, local_batch_size: int, image_size: int, max_text_len: int, vocab_size: int) -> dict:
+def batch(
+  seed: int,
+  step: int,
+  shard_index: int,
+  local_batch_size: int,
+  image_size: int,
+  max_text_len: int,
+  vocab_size: int,
+) -> dict:
   """Rows [shard_index * b, (shard_index + 1) * b) of global batch `step`, b = local_batch_size.
 
   Returns {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}}.
@@ -23,21 +31,25 @@ def batch(seed: int, step: int, shard_index: int, local_batch_size: int, image_s
   positions = np.arange(max_text_len)[None]
   mask = (positions < lengths[:, None]).astype(np.int32)
   labels = np.where(positions == lengths[:, None] - 1, 1, tokens) * mask  # EOS = 1
-  ids = np.concatenate([np.zeros((local_batch_size, 1), np.int32), labels[:, :-1]], axis=1)  # BOS = 0
+  ids = np.concatenate(
+    [np.zeros((local_batch_size, 1), np.int32), labels[:, :-1]], axis=1
+  )  # BOS = 0
   return dict(image=image, text=dict(ids=ids, labels=labels, mask=mask))
 
 
-def batches(config, *, shard_index: int, local_batch_size: int, start_step: int = 0, seed: int | None = None) -> Iterator[dict]:
+def batches(
+  config, *, shard_index: int, local_batch_size: int, start_step: int = 0, seed: int | None = None
+) -> Iterator[dict]:
   """Endless host batches from `start_step` on, shaped by `config.model` and `config.data`."""
   step = start_step
   while True:
     yield batch(
-        config.data.seed if seed is None else seed,
-        step,
-        shard_index,
-        local_batch_size,
-        config.model.vision.image_size,
-        config.data.max_text_len,
-        config.model.text.vocab_size,
+      config.data.seed if seed is None else seed,
+      step,
+      shard_index,
+      local_batch_size,
+      config.model.vision.image_size,
+      config.data.max_text_len,
+      config.model.text.vocab_size,
     )
     step += 1

@@ -24,16 +24,18 @@ MIXTURE = "coca_mixture"
 EVAL_MIXTURE = "coca_mixture_eval"
 EVAL_SUFFIX = "_eval"
 TF_EXAMPLE_FEATURES = {
-    "image": tf.io.FixedLenFeature([], tf.string),
-    "caption": tf.io.FixedLenFeature([], tf.string),
+  "image": tf.io.FixedLenFeature([], tf.string),
+  "caption": tf.io.FixedLenFeature([], tf.string),
 }
 
 
 def output_features(vocab_path: str) -> dict:
   return {
-      # Passed through untouched: float pixels, rank 3 (see LIBRARY_FACTS: dtype is needed).
-      "image": seqio.Feature(seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.float32, rank=3),
-      "text": seqio.Feature(seqio.SentencePieceVocabulary(vocab_path), add_eos=False),
+    # Passed through untouched: float pixels, rank 3 (see LIBRARY_FACTS: dtype is needed).
+    "image": seqio.Feature(
+      seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.float32, rank=3
+    ),
+    "text": seqio.Feature(seqio.SentencePieceVocabulary(vocab_path), add_eos=False),
   }
 
 
@@ -46,14 +48,14 @@ def source(data_config, kind: str) -> seqio.DataSource:
   c = data_config[kind]
   if kind == "alt_text" and c.files:
     return seqio.TFExampleDataSource(
-        split_to_filepattern=dict(train=c.files, validation=c.eval_files or c.files),
-        feature_description=TF_EXAMPLE_FEATURES,
+      split_to_filepattern=dict(train=c.files, validation=c.eval_files or c.files),
+      feature_description=TF_EXAMPLE_FEATURES,
     )
   return seqio.TfdsDataSource(
-      tfds_name=c.tfds_name,
-      tfds_data_dir=tfds_data_dir(data_config, c),
-      splits=dict(train=c.train_split, validation=c.eval_split),
-      decoders={"image": tfds.decode.SkipDecoding()},
+    tfds_name=c.tfds_name,
+    tfds_data_dir=tfds_data_dir(data_config, c),
+    splits=dict(train=c.train_split, validation=c.eval_split),
+    decoders={"image": tfds.decode.SkipDecoding()},
   )
 
 
@@ -61,22 +63,32 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
   image = data_config.image
   size = data_config.image_size
   if kind == "jft_style":
-    text_key, make_text = "label_names", functools.partial(preprocess.jft_text, templates=tuple(data_config.jft_style.templates))
+    text_key, make_text = (
+      "label_names",
+      functools.partial(preprocess.jft_text, templates=tuple(data_config.jft_style.templates)),
+    )
   else:
     text_key, make_text = "caption", preprocess.alt_text
   if train:
     to_image = functools.partial(
-        preprocess.train_image,
-        size=size,
-        mean=tuple(image.mean),
-        std=tuple(image.std),
-        crop_area=tuple(image.crop_area),
-        crop_aspect=tuple(image.crop_aspect),
-        flip=image.flip,
+      preprocess.train_image,
+      size=size,
+      mean=tuple(image.mean),
+      std=tuple(image.std),
+      crop_area=tuple(image.crop_area),
+      crop_aspect=tuple(image.crop_aspect),
+      flip=image.flip,
     )
   else:
-    to_image = functools.partial(preprocess.eval_image, size=size, mean=tuple(image.mean), std=tuple(image.std))
-  return [functools.partial(preprocess.decode_and_validate, text_key=text_key), make_text, preprocess.tokenize_text, to_image]
+    to_image = functools.partial(
+      preprocess.eval_image, size=size, mean=tuple(image.mean), std=tuple(image.std)
+    )
+  return [
+    functools.partial(preprocess.decode_and_validate, text_key=text_key),
+    make_text,
+    preprocess.tokenize_text,
+    to_image,
+  ]
 
 
 def register(data_config) -> tuple[str, str]:
@@ -92,16 +104,18 @@ def register(data_config) -> tuple[str, str]:
     for task_name, train in ((name, True), (name + EVAL_SUFFIX, False)):
       seqio.TaskRegistry.remove(task_name)
       seqio.TaskRegistry.add(
-          task_name,
-          source=source(data_config, kind),
-          preprocessors=preprocessors(data_config, kind, train=train),
-          output_features=features,
-          shuffle_buffer_size=data_config.shuffle_buffer,
+        task_name,
+        source=source(data_config, kind),
+        preprocessors=preprocessors(data_config, kind, train=train),
+        output_features=features,
+        shuffle_buffer_size=data_config.shuffle_buffer,
       )
     train_tasks.append((name, rate))
     eval_tasks.append((name + EVAL_SUFFIX, rate))
   if not train_tasks:
-    raise ValueError(f"config.data.rates: no task with a positive rate in {dict(data_config.rates)}")
+    raise ValueError(
+      f"config.data.rates: no task with a positive rate in {dict(data_config.rates)}"
+    )
   for mixture, tasks in ((MIXTURE, train_tasks), (EVAL_MIXTURE, eval_tasks)):
     seqio.MixtureRegistry.remove(mixture)
     seqio.MixtureRegistry.add(mixture, tasks)

@@ -18,18 +18,18 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> str:
   with tempfile.TemporaryDirectory(dir=folder) as tmp:
     prefix = os.path.join(tmp, "vocab")
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(list(texts)),
-        model_prefix=prefix,
-        model_type="unigram",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        pad_id=0,
-        eos_id=1,
-        unk_id=2,
-        bos_id=-1,
-        num_threads=2,
-        minloglevel=2,
+      sentence_iterator=iter(list(texts)),
+      model_prefix=prefix,
+      model_type="unigram",
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      character_coverage=1.0,
+      pad_id=0,
+      eos_id=1,
+      unk_id=2,
+      bos_id=-1,
+      num_threads=2,
+      minloglevel=2,
     )
     os.replace(prefix + ".model", path)
   return path

@@ -15,7 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
-config_flags.DEFINE_config_file("config", None, "Config file whose `eval` section to use.", lock_config=True)
+config_flags.DEFINE_config_file(
+  "config", None, "Config file whose `eval` section to use.", lock_config=True
+)
 flags.DEFINE_string("workdir", None, "Where to write eval/captions_<step>.html (default: none).")
 flags.DEFINE_integer("step", 0, "Step number to label the outputs with.")
 FLAGS = flags.FLAGS
@@ -36,7 +38,7 @@ def main(argv):
     config.eval = FLAGS.config.eval
   sets = datasets.load(config)
   metrics = evaluate.run(
-      loaded.module, config, step=FLAGS.step, workdir=FLAGS.workdir, datasets=sets, vocab=loaded.vocab
+    loaded.module, config, step=FLAGS.step, workdir=FLAGS.workdir, datasets=sets, vocab=loaded.vocab
   )
   print(evaluate.report(metrics, evaluate.chance_levels(config, sets)))
   print(json.dumps(metrics, sort_keys=True))

@@ -65,7 +65,14 @@ def png_data_uri(image_uint8: np.ndarray) -> str:
   return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def write_gallery(path: str, images: np.ndarray, predictions: Sequence[str], references: Sequence[Sequence[str]], *, title: str) -> str:
+def write_gallery(
+  path: str,
+  images: np.ndarray,
+  predictions: Sequence[str],
+  references: Sequence[Sequence[str]],
+  *,
+  title: str,
+) -> str:
   """Writes an HTML page: each image inline (base64 PNG), its caption, its references.
 
   images: [N, H, W, 3] preprocessed floats or uint8. Returns the path written.
@@ -75,15 +82,15 @@ def write_gallery(path: str, images: np.ndarray, predictions: Sequence[str], ref
     pixels = image if image.dtype == np.uint8 else to_uint8(image)
     ref_items = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
     rows.append(
-        f'<tr><td><img src="{png_data_uri(pixels)}" width="128" style="image-rendering:pixelated"></td>'
-        f"<td><b>{html.escape(prediction)}</b></td><td><ul>{ref_items}</ul></td></tr>"
+      f'<tr><td><img src="{png_data_uri(pixels)}" width="128" style="image-rendering:pixelated"></td>'
+      f"<td><b>{html.escape(prediction)}</b></td><td><ul>{ref_items}</ul></td></tr>"
     )
   page = (
-      f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-      f"<body><h1>{html.escape(title)}</h1><table border='1' cellpadding='4'>"
-      "<tr><th>image</th><th>generated</th><th>references</th></tr>"
-      + "".join(rows)
-      + "</table></body></html>"
+    f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
+    f"<body><h1>{html.escape(title)}</h1><table border='1' cellpadding='4'>"
+    "<tr><th>image</th><th>generated</th><th>references</th></tr>"
+    + "".join(rows)
+    + "</table></body></html>"
   )
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   with open(path, "w", encoding="utf-8") as f:

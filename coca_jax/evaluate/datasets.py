@@ -21,7 +21,9 @@ class ClassificationSet:
   name: str = "classification"
 
   def take(self, n: int) -> "ClassificationSet":
-    return self if not n else dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
+    return (
+      self if not n else dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
+    )
 
 
 @dataclasses.dataclass
@@ -33,7 +35,11 @@ class CaptionSet:
   name: str = "alt_text"
 
   def take(self, n: int) -> "CaptionSet":
-    return self if not n else dataclasses.replace(self, images=self.images[:n], captions=self.captions[:n])
+    return (
+      self
+      if not n
+      else dataclasses.replace(self, images=self.images[:n], captions=self.captions[:n])
+    )
 
   def flat_texts(self) -> tuple[list[str], np.ndarray]:
     """-> (all J captions, [J] index of each caption's image)."""
@@ -48,7 +54,9 @@ class EvalSets:
   alt_text: CaptionSet | None = None
 
 
-def synthetic(image_size: int, num_examples: int = 64, num_classes: int = 10, seed: int = 0) -> EvalSets:
+def synthetic(
+  image_size: int, num_examples: int = 64, num_classes: int = 10, seed: int = 0
+) -> EvalSets:
   """Random images with made-up class names and captions: for smoke tests and the
   synthetic training source (metrics near chance by construction)."""
   rng = np.random.default_rng(seed)
@@ -57,12 +65,12 @@ def synthetic(image_size: int, num_examples: int = 64, num_classes: int = 10, se
   labels = rng.integers(0, num_classes, num_examples)
   words = ["red", "green", "blue", "smiling", "face", "cat", "dog", "flag", "heart", "star"]
   captions = [
-      [" ".join(rng.choice(words, 3)) for _ in range(1 + i % 2)]  # 1 or 2 captions per image
-      for i in range(num_examples)
+    [" ".join(rng.choice(words, 3)) for _ in range(1 + i % 2)]  # 1 or 2 captions per image
+    for i in range(num_examples)
   ]
   return EvalSets(
-      classification=ClassificationSet(images, labels, names, name="synthetic_classes"),
-      alt_text=CaptionSet(images, captions, name="synthetic_captions"),
+    classification=ClassificationSet(images, labels, names, name="synthetic_classes"),
+    alt_text=CaptionSet(images, captions, name="synthetic_captions"),
   )
 
 
@@ -75,21 +83,21 @@ def load(config) -> EvalSets:
     from coca_jax.data import eval_sets  # provided by the data pipeline
   except ImportError as e:
     raise RuntimeError(
-        "evaluation needs held-out sets from coca_jax.data.eval_sets (not available: "
-        f"{e}); pass `datasets=` to coca_jax.evaluate.run or set config.eval.evals=''"
+      "evaluation needs held-out sets from coca_jax.data.eval_sets (not available: "
+      f"{e}); pass `datasets=` to coca_jax.evaluate.run or set config.eval.evals=''"
     ) from e
   classification = eval_sets.classification(config)
   alt_text = eval_sets.alt_text(config)
   return EvalSets(
-      classification=ClassificationSet(
-          np.asarray(classification["images"], np.float32),
-          np.asarray(classification["labels"]),
-          list(classification["class_names"]),
-          name=classification.get("name", "fashion_mnist_test"),
-      ),
-      alt_text=CaptionSet(
-          np.asarray(alt_text["images"], np.float32),
-          [list(c) for c in alt_text["captions"]],
-          name=alt_text.get("name", "emoji_validation"),
-      ),
+    classification=ClassificationSet(
+      np.asarray(classification["images"], np.float32),
+      np.asarray(classification["labels"]),
+      list(classification["class_names"]),
+      name=classification.get("name", "fashion_mnist_test"),
+    ),
+    alt_text=CaptionSet(
+      np.asarray(alt_text["images"], np.float32),
+      [list(c) for c in alt_text["captions"]],
+      name=alt_text.get("name", "emoji_validation"),
+    ),
   )

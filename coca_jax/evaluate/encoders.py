@@ -34,7 +34,9 @@ def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) 
     batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
     real = len(batch[0])
     if real < batch_size:
-      batch = [np.concatenate([b, np.zeros((batch_size - real,) + b.shape[1:], b.dtype)]) for b in batch]
+      batch = [
+        np.concatenate([b, np.zeros((batch_size - real,) + b.shape[1:], b.dtype)]) for b in batch
+      ]
     out = fn(*batch)
     out = out if isinstance(out, tuple) else (out,)
     chunks.append([np.asarray(o)[:real] for o in out])
@@ -81,9 +83,13 @@ class Encoders:
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """images [N, H, W, 3] -> image-encoder output tokens [N, M, D] float32."""
     fn = _compiled(self.graphdef, "image_tokens")
-    return map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0].astype(np.float32)
+    return map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0].astype(
+      np.float32
+    )
 
-  def caption(self, images: np.ndarray, options: decode.DecodeOptions, *, prefix=None, seed: int = 0):
+  def caption(
+    self, images: np.ndarray, options: decode.DecodeOptions, *, prefix=None, seed: int = 0
+  ):
     """images [N, H, W, 3] -> (tokens [N, L] int32, scores [N] float32).
 
     prefix: optional [N, P] int32 tokens to continue (0-padded); P is padded to L so
@@ -95,7 +101,9 @@ class Encoders:
       prefix = np.zeros((n, options.max_length), np.int32)
     prefix = np.asarray(prefix, np.int32)
     if prefix.shape[1] > options.max_length:
-      raise ValueError(f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={options.max_length}")
+      raise ValueError(
+        f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={options.max_length}"
+      )
     prefix = np.pad(prefix, ((0, 0), (0, options.max_length - prefix.shape[1])))
     lengths = (prefix != decode.PAD_ID).sum(1).astype(np.int32)
     rows = np.arange(n)
@@ -148,5 +156,7 @@ def load_vocab(path: str):
   import sentencepiece
 
   if not path or not os.path.exists(path):
-    raise FileNotFoundError(f"vocabulary model not found: {path!r} (config.data.vocab_path or <export>/vocab.model)")
+    raise FileNotFoundError(
+      f"vocabulary model not found: {path!r} (config.data.vocab_path or <export>/vocab.model)"
+    )
   return sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))

@@ -22,25 +22,27 @@ class Probe(nnx.Module):
 
   def __init__(self, width: int, heads: int, num_classes: int, *, rngs: nnx.Rngs):
     self.pooler = AttentionalPooler(1, width, heads, eps=1e-6, dtype=jnp.float32, rngs=rngs)
-    self.classifier = layers.Dense(width, num_classes, ("embed", "vocab"), dtype=jnp.float32, rngs=rngs)
+    self.classifier = layers.Dense(
+      width, num_classes, ("embed", "vocab"), dtype=jnp.float32, rngs=rngs
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return self.classifier(self.pooler(tokens)[:, 0])
 
 
 def train_and_score(
-    train_tokens: np.ndarray,
-    train_labels: np.ndarray,
-    test_tokens: np.ndarray,
-    test_labels: np.ndarray,
-    *,
-    num_classes: int,
-    heads: int,
-    lr: float = 5e-4,
-    steps: int = 300,
-    batch_size: int = 64,
-    weight_decay: float = 0.0,
-    seed: int = 0,
+  train_tokens: np.ndarray,
+  train_labels: np.ndarray,
+  test_tokens: np.ndarray,
+  test_labels: np.ndarray,
+  *,
+  num_classes: int,
+  heads: int,
+  lr: float = 5e-4,
+  steps: int = 300,
+  batch_size: int = 64,
+  weight_decay: float = 0.0,
+  seed: int = 0,
 ) -> dict[str, float]:
   """Trains a probe on frozen tokens [N, M, D] with labels [N]; returns
   {"accuracy": test top-1, "train_accuracy": top-1 on the training tokens}."""
@@ -69,12 +71,19 @@ def train_and_score(
   batch_size = min(batch_size, len(train_tokens))
   for _ in range(steps):
     rows = rng.choice(len(train_tokens), batch_size, replace=False)
-    params, opt_state = train_step(params, opt_state, train_tokens[rows], train_labels[rows].astype(np.int32))
+    params, opt_state = train_step(
+      params, opt_state, train_tokens[rows], train_labels[rows].astype(np.int32)
+    )
 
   def accuracy(tokens, labels):
     predictions = np.concatenate(
-        [np.asarray(predict(params, tokens[i : i + batch_size])) for i in range(0, len(tokens), batch_size)]
+      [
+        np.asarray(predict(params, tokens[i : i + batch_size]))
+        for i in range(0, len(tokens), batch_size)
+      ]
     )
     return float(np.mean(predictions == labels))
 
-  return dict(accuracy=accuracy(test_tokens, test_labels), train_accuracy=accuracy(train_tokens, train_labels))
+  return dict(
+    accuracy=accuracy(test_tokens, test_labels), train_accuracy=accuracy(train_tokens, train_labels)
+  )

@@ -22,7 +22,9 @@ def _rank_of_best_match(similarity: np.ndarray, is_match: np.ndarray) -> np.ndar
   return np.sum(similarity > best_match, axis=1)
 
 
-def recall_at_k(similarity: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def recall_at_k(
+  similarity: np.ndarray, text_image: np.ndarray, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
   """similarity [I, J] (image i vs text j), text_image [J] int (the image of each text).
 
   Returns {"image_to_text_r{k}", "text_to_image_r{k}"} in [0, 1].
@@ -39,7 +41,9 @@ def recall_at_k(similarity: np.ndarray, text_image: np.ndarray, ks: Sequence[int
   return metrics
 
 
-def chance(text_image: np.ndarray, num_images: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+def chance(
+  text_image: np.ndarray, num_images: int, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
   """Recall@K of a random ranking: text->image K/I; image->text the probability that K
   random texts of J include one of the image's c captions, averaged over images."""
   text_image = np.asarray(text_image)

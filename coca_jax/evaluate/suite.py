@@ -19,7 +19,16 @@ import numpy as np
 from absl import logging
 
 from coca_jax import decode
-from coca_jax.evaluate import captioning, datasets as datasets_lib, encoders, frozen, retrieval, zero_shot
+from coca_jax.evaluate import (
+  captioning,
+  encoders,
+  frozen,
+  retrieval,
+  zero_shot,
+)
+from coca_jax.evaluate import (
+  datasets as datasets_lib,
+)
 
 EVALS = ("zero_shot", "retrieval", "captioning", "frozen")
 SAMPLE_CAPTIONS = 4  # logged at each captioning eval
@@ -55,7 +64,9 @@ def _cached_sets(config_json: str):
   return datasets_lib.load(ml_collections.ConfigDict(json.loads(config_json)))
 
 
-def run(model, config, *, step: int, workdir: str | None = None, writer=None, datasets=None, vocab=None) -> dict[str, float]:
+def run(
+  model, config, *, step: int, workdir: str | None = None, writer=None, datasets=None, vocab=None
+) -> dict[str, float]:
   """Runs the evals named in config.eval.evals; returns {name: value}.
 
   model: a CoCa module (possibly with sharded params). writer: a clu metric writer, or
@@ -84,8 +95,12 @@ def run(model, config, *, step: int, workdir: str | None = None, writer=None, da
     start = time.time()
     if name == "zero_shot":
       data = _require(datasets.classification, name).take(n)
-      classifier = zero_shot.class_embeddings(embed_texts, data.class_names, eval_config.zero_shot.templates)
-      result = zero_shot.evaluate(encoder.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k)
+      classifier = zero_shot.class_embeddings(
+        embed_texts, data.class_names, eval_config.zero_shot.templates
+      )
+      result = zero_shot.evaluate(
+        encoder.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k
+      )
     elif name == "retrieval":
       data = _require(datasets.alt_text, name).take(n)
       texts, owner = data.flat_texts()
@@ -97,15 +112,17 @@ def run(model, config, *, step: int, workdir: str | None = None, writer=None, da
       predictions = encoders.detokenize(vocab, tokens)
       result = captioning.score(predictions, data.captions)
       for prediction, references in list(zip(predictions, data.captions))[:SAMPLE_CAPTIONS]:
-        logging.info("sample caption at step %d: %r (reference: %r)", step, prediction, references[0])
+        logging.info(
+          "sample caption at step %d: %r (reference: %r)", step, prediction, references[0]
+        )
       if workdir:
         shown = eval_config.captioning.gallery_size
         captioning.write_gallery(
-            os.path.join(workdir, "eval", f"captions_{step}.html"),
-            data.images[:shown],
-            predictions[:shown],
-            data.captions[:shown],
-            title=f"{data.name} captions at step {step} (CIDEr-D {result['cider']:.3f})",
+          os.path.join(workdir, "eval", f"captions_{step}.html"),
+          data.images[:shown],
+          predictions[:shown],
+          data.captions[:shown],
+          title=f"{data.name} captions at step {step} (CIDEr-D {result['cider']:.3f})",
         )
     else:  # frozen
       data = _require(datasets.classification, "frozen").take(n)
@@ -124,26 +141,30 @@ def _require(dataset, eval_name):
   return dataset
 
 
-def _frozen_eval(encoder: encoders.Encoders, data: datasets_lib.ClassificationSet, config) -> dict[str, float]:
+def _frozen_eval(
+  encoder: encoders.Encoders, data: datasets_lib.ClassificationSet, config
+) -> dict[str, float]:
   cfg = config.eval.frozen
   order = np.random.default_rng(cfg.seed).permutation(len(data.labels))
   cut = int(len(order) * cfg.train_fraction)
   if not 0 < cut < len(order):
-    raise ValueError(f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of {len(order)}")
+    raise ValueError(
+      f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of {len(order)}"
+    )
   tokens = encoder.image_tokens(data.images)
   train, test = order[:cut], order[cut:]
   return frozen.train_and_score(
-      tokens[train],
-      data.labels[train],
-      tokens[test],
-      data.labels[test],
-      num_classes=len(data.class_names),
-      heads=config.model.heads,
-      lr=cfg.lr,
-      steps=cfg.steps,
-      batch_size=cfg.batch_size,
-      weight_decay=cfg.weight_decay,
-      seed=cfg.seed,
+    tokens[train],
+    data.labels[train],
+    tokens[test],
+    data.labels[test],
+    num_classes=len(data.class_names),
+    heads=config.model.heads,
+    lr=cfg.lr,
+    steps=cfg.steps,
+    batch_size=cfg.batch_size,
+    weight_decay=cfg.weight_decay,
+    seed=cfg.seed,
   )
 
 
@@ -159,7 +180,9 @@ def chance_levels(config, datasets: datasets_lib.EvalSets) -> dict[str, float]:
   if datasets.alt_text is not None:
     data = datasets.alt_text.take(n)
     _, owner = data.flat_texts()
-    for k, v in retrieval.chance(owner, len(data.captions), config.eval.retrieval.recall_at).items():
+    for k, v in retrieval.chance(
+      owner, len(data.captions), config.eval.retrieval.recall_at
+    ).items():
       chance[f"retrieval/{k}"] = v
   return chance
 
@@ -172,5 +195,7 @@ def report(metrics: dict[str, float], chance: dict[str, float] | None = None) ->
   lines = [f"{'metric':<{width}}  {'value':>8}  {'chance':>8}"]
   for key in sorted(metrics):
     level = chance.get(key)
-    lines.append(f"{key:<{width}}  {metrics[key]:>8.4f}  {'-' if level is None else f'{level:.4f}':>8}")
+    lines.append(
+      f"{key:<{width}}  {metrics[key]:>8.4f}  {'-' if level is None else f'{level:.4f}':>8}"
+    )
   return "\n".join(lines)

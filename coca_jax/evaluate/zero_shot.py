@@ -15,14 +15,20 @@ def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
 
 
-def class_embeddings(embed_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+def class_embeddings(
+  embed_texts: Callable[[list[str]], np.ndarray],
+  class_names: Sequence[str],
+  templates: Sequence[str],
+) -> np.ndarray:
   """embed_texts: list of N strings -> [N, E] embeddings. Returns [C, E], unit norm."""
   prompts = [template.format(name) for name in class_names for template in templates]
   embeddings = np.asarray(embed_texts(prompts)).reshape(len(class_names), len(templates), -1)
   return l2_normalize(l2_normalize(embeddings).mean(axis=1))
 
 
-def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def top_k_accuracy(
+  scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
   """scores [N, C], labels [N] int -> {"top{k}": fraction whose label is among the k
   highest scores}. Ties are broken toward the lower class index (stable sort)."""
   order = np.argsort(-scores, axis=1, kind="stable")
@@ -30,7 +36,12 @@ def top_k_accuracy(scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (
   return {f"top{k}": float(np.mean(rank < k)) for k in ks}
 
 
-def evaluate(image_embeddings: np.ndarray, labels: np.ndarray, classifier: np.ndarray, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def evaluate(
+  image_embeddings: np.ndarray,
+  labels: np.ndarray,
+  classifier: np.ndarray,
+  ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
   """image_embeddings [N, E] (unit), labels [N], classifier [C, E] -> top-k accuracies."""
   return top_k_accuracy(image_embeddings @ classifier.T, labels, ks)
 

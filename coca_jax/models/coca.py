@@ -40,23 +40,37 @@ class CoCa(nnx.Module):
     self.pooler_mode = cfg.pooler.mode
     self.vision = VisionEncoder(cfg, rngs=rngs)
     self.caption_pooler = AttentionalPooler(
-        cfg.pooler.caption_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+      cfg.pooler.caption_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
     )
     self.contrastive_pooler = AttentionalPooler(
-        cfg.pooler.contrastive_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+      cfg.pooler.contrastive_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
     )
     self.image_projection = layers.Dense(
-        width, cfg.embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, use_bias=False, f32_output=True
+      width,
+      cfg.embed_dim,
+      ("embed", "joint"),
+      dtype=dtype,
+      rngs=rngs,
+      use_bias=False,
+      f32_output=True,
     )
     self.text = TextDecoder(cfg, rngs=rngs)
     self.text_projection = layers.Dense(
-        width, cfg.embed_dim, ("embed", "joint"), dtype=dtype, rngs=rngs, use_bias=False, f32_output=True
+      width,
+      cfg.embed_dim,
+      ("embed", "joint"),
+      dtype=dtype,
+      rngs=rngs,
+      use_bias=False,
+      f32_output=True,
     )
     t = cfg.temperature
     if not 0 < t.min <= t.init <= t.max:
       raise ValueError(f"config.model.temperature needs 0 < min <= init <= max, got {dict(t)}")
     # Stored as log(1/tau) (CLIP's logit scale) so the optimizer moves it multiplicatively.
-    self.log_inv_temperature = nnx.Param(jnp.asarray(np.log(1.0 / t.init), jnp.float32), out_sharding=())
+    self.log_inv_temperature = nnx.Param(
+      jnp.asarray(np.log(1.0 / t.init), jnp.float32), out_sharding=()
+    )
     self.log_inv_temperature_range = (float(np.log(1.0 / t.max)), float(np.log(1.0 / t.min)))
 
   def temperature(self) -> jax.Array:
@@ -92,10 +106,10 @@ class CoCa(nnx.Module):
     text_embedding, unimodal_tokens = self.encode_text(batch["text"]["ids"], batch["text"]["mask"])
     logits = self.caption_logits(unimodal_tokens, caption_tokens, batch["text"]["mask"])
     return dict(
-        image_embedding=image_embedding,
-        text_embedding=text_embedding,
-        logits=logits,
-        temperature=self.temperature(),
+      image_embedding=image_embedding,
+      text_embedding=text_embedding,
+      logits=logits,
+      temperature=self.temperature(),
     )
 
 

@@ -20,10 +20,10 @@ from coca_jax import sharding
 # activation (fastest, most memory); "nothing_saveable" recomputes the whole layer in
 # the backward pass (least memory).
 REMAT_POLICIES = {
-    "none": None,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "none": None,
+  "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+  "dots_saveable": jax.checkpoint_policies.dots_saveable,
+  "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -37,7 +37,7 @@ def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], names: tuple[str | None,
 def fan_in_out_init(in_axis, out_axis):
   """Glorot-uniform initialiser for kernels whose fan-in/out span several axes."""
   return nnx.initializers.variance_scaling(
-      1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
+    1.0, "fan_avg", "uniform", in_axis=in_axis, out_axis=out_axis
   )
 
 
@@ -53,10 +53,10 @@ class Dense(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     out_dtype = jnp.float32 if self.f32_output else self.dtype
     y = jnp.einsum(
-        "...i,io->...o",
-        x.astype(self.dtype),
-        self.kernel[...].astype(self.dtype),
-        preferred_element_type=out_dtype,
+      "...i,io->...o",
+      x.astype(self.dtype),
+      self.kernel[...].astype(self.dtype),
+      preferred_element_type=out_dtype,
     )
     if self.bias is not None:
       y = y + self.bias[...].astype(out_dtype)
@@ -128,7 +128,9 @@ class Attention(nnx.Module):
     self.value = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
     self.query_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
     self.value_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
-    self.out = param(rngs, fan_in_out_init((0, 1), 2), (heads, head_dim, width), ("heads", "kv", "embed"))
+    self.out = param(
+      rngs, fan_in_out_init((0, 1), 2), (heads, head_dim, width), ("heads", "kv", "embed")
+    )
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
     self.dtype = dtype
 
@@ -139,8 +141,8 @@ class Attention(nnx.Module):
   def project_kv(self, kv_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, S, D] -> keys, values [B, S, H, K]."""
     return (
-        self._project(kv_inputs, self.key),
-        self._project(kv_inputs, self.value, self.value_bias),
+      self._project(kv_inputs, self.key),
+      self._project(kv_inputs, self.value, self.value_bias),
     )
 
   def attend(self, inputs: jax.Array, keys, values, mask) -> jax.Array:
@@ -203,8 +205,12 @@ class Block(nnx.Module):
     keys, values = self.self_attention.project_kv(h)
     if cache is not None:
       index = cache["index"]
-      keys = jax.lax.dynamic_update_slice_in_dim(cache["key"], keys.astype(cache["key"].dtype), index, 1)
-      values = jax.lax.dynamic_update_slice_in_dim(cache["value"], values.astype(cache["value"].dtype), index, 1)
+      keys = jax.lax.dynamic_update_slice_in_dim(
+        cache["key"], keys.astype(cache["key"].dtype), index, 1
+      )
+      values = jax.lax.dynamic_update_slice_in_dim(
+        cache["value"], values.astype(cache["value"].dtype), index, 1
+      )
       cache = dict(key=keys, value=values, index=index)
     x = x + self.self_attention.attend(h, keys, values, mask)
     if self.cross_attention is not None:
@@ -226,9 +232,13 @@ class LayerStack(nnx.Module):
   depth (as in MaxText). Each scanned layer is rematerialised by `remat_policy`.
   """
 
-  def __init__(self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, remat_policy: str, rngs):
+  def __init__(
+    self, make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, remat_policy: str, rngs
+  ):
     if remat_policy not in REMAT_POLICIES:
-      raise ValueError(f"config.model.remat_policy={remat_policy!r}; known: {sorted(REMAT_POLICIES)}")
+      raise ValueError(
+        f"config.model.remat_policy={remat_policy!r}; known: {sorted(REMAT_POLICIES)}"
+      )
 
     @nnx.split_rngs(splits=num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -255,7 +265,9 @@ class LayerStack(nnx.Module):
       layer = nnx.merge(graphdef, params)
       if layer_cache is not None:
         layer_cache = dict(layer_cache, index=cache["index"])
-      h, new_cache = layer(h, mask, layer_context if layer_context is not None else shared_context, layer_cache)
+      h, new_cache = layer(
+        h, mask, layer_context if layer_context is not None else shared_context, layer_cache
+      )
       if new_cache is not None:
         new_cache = dict(key=new_cache["key"], value=new_cache["value"])
       return h, new_cache

@@ -17,9 +17,11 @@ from coca_jax.models import layers
 class AttentionalPooler(nnx.Module):
   """[B, N, D] tokens -> [B, Q, D] pooled tokens."""
 
-  def __init__(self, num_queries: int, width: int, heads: int, *, eps: float, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self, num_queries: int, width: int, heads: int, *, eps: float, dtype, rngs: nnx.Rngs
+  ):
     self.queries = layers.param(
-        rngs, nnx.initializers.normal(0.02), (num_queries, width), ("queries", "embed")
+      rngs, nnx.initializers.normal(0.02), (num_queries, width), ("queries", "embed")
     )
     self.input_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.attention = layers.Attention(width, heads, dtype=dtype, rngs=rngs)
@@ -29,7 +31,7 @@ class AttentionalPooler(nnx.Module):
   def __call__(self, tokens: jax.Array) -> jax.Array:
     batch = tokens.shape[0]
     queries = jnp.broadcast_to(
-        self.queries[...].astype(self.dtype)[None], (batch, *self.queries.shape)
+      self.queries[...].astype(self.dtype)[None], (batch, *self.queries.shape)
     )
     pooled = self.attention(queries, self.input_norm(tokens))
     return self.norm(pooled)

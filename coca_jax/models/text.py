@@ -31,27 +31,35 @@ class TextDecoder(nnx.Module):
     self.dtype = dtype
     self.max_len = cfg.max_len
     embed_init = nnx.initializers.normal(0.02)
-    self.token_embedding = layers.param(rngs, embed_init, (cfg.vocab_size, width), ("vocab", "embed"))
+    self.token_embedding = layers.param(
+      rngs, embed_init, (cfg.vocab_size, width), ("vocab", "embed")
+    )
     self.pos_embedding = layers.param(rngs, embed_init, (cfg.max_len, width), ("length", "embed"))
     self.cls_embedding = layers.param(rngs, embed_init, (width,), ("embed",))
 
     def block(cross_attention):
       return lambda r: layers.Block(
-          width, heads, cfg.mlp_dim, cross_attention=cross_attention, eps=eps, dtype=dtype, rngs=r
+        width, heads, cfg.mlp_dim, cross_attention=cross_attention, eps=eps, dtype=dtype, rngs=r
       )
 
-    self.unimodal = layers.LayerStack(block(False), cfg.unimodal_layers, model_config.remat_policy, rngs)
+    self.unimodal = layers.LayerStack(
+      block(False), cfg.unimodal_layers, model_config.remat_policy, rngs
+    )
     self.cls_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-    self.multimodal = layers.LayerStack(block(True), cfg.multimodal_layers, model_config.remat_policy, rngs)
+    self.multimodal = layers.LayerStack(
+      block(True), cfg.multimodal_layers, model_config.remat_policy, rngs
+    )
     self.final_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.vocab_projection = layers.Dense(
-        width, cfg.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs, f32_output=True
+      width, cfg.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs, f32_output=True
     )
 
   def embed(self, ids: jax.Array, offset=0) -> jax.Array:
     """ids [B, T] int32 at positions offset.. -> [B, T, D] token + position embeddings."""
     if ids.shape[1] > self.max_len:
-      raise ValueError(f"text of length {ids.shape[1]} exceeds config.model.text.max_len={self.max_len}")
+      raise ValueError(
+        f"text of length {ids.shape[1]} exceeds config.model.text.max_len={self.max_len}"
+      )
     # FSDP: gather the table's width shards before the lookup (as XLA does for matmul
     # weights); a lookup into a width-sharded table forces a full rematerialisation.
     table = sharding.constrain(self.token_embedding[...], ("vocab", "activation_embed"))
@@ -71,7 +79,9 @@ class TextDecoder(nnx.Module):
     x, _ = self.unimodal(x, attn_mask)
     return x[:, :length], self.cls_norm(x[:, length])
 
-  def multimodal_forward(self, text_tokens: jax.Array, caption_tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  def multimodal_forward(
+    self, text_tokens: jax.Array, caption_tokens: jax.Array, mask: jax.Array
+  ) -> jax.Array:
     """text tokens [B, T, D], caption tokens [B, Q, D], mask [B, T] -> logits [B, T, V] f32."""
     length = text_tokens.shape[1]
     attn_mask = layers.causal_mask(length, length) & mask.astype(bool)[:, None, None, :]
@@ -90,7 +100,9 @@ class TextDecoder(nnx.Module):
       attention = stack.layers.self_attention
       _, _, heads, head_dim = attention.key.shape
       shape = (stack.num_layers, batch, length, heads, head_dim)
-      return dict(key=jnp.zeros(shape, self.dtype), value=jnp.zeros(shape, self.dtype), index=jnp.int32(0))
+      return dict(
+        key=jnp.zeros(shape, self.dtype), value=jnp.zeros(shape, self.dtype), index=jnp.int32(0)
+      )
 
     return dict(unimodal=empty(self.unimodal), multimodal=empty(self.multimodal))
 

@@ -36,7 +36,9 @@ def resize_pos_embedding(pos: jax.Array, new_grid: int) -> jax.Array:
   if old_grid * old_grid != pos.shape[0]:
     raise ValueError(f"position embedding of {pos.shape[0]} rows is not a square grid")
   grid = pos.reshape(old_grid, old_grid, -1)
-  resized = jax.image.resize(grid, (new_grid, new_grid, grid.shape[-1]), "bilinear", antialias=False)
+  resized = jax.image.resize(
+    grid, (new_grid, new_grid, grid.shape[-1]), "bilinear", antialias=False
+  )
   return resized.reshape(new_grid * new_grid, -1)
 
 
@@ -55,8 +57,8 @@ class VisionEncoder(nnx.Module):
     cfg = model_config.vision
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
-          f"config.model.vision.patch_size={cfg.patch_size} does not divide "
-          f"image_size={cfg.image_size}"
+        f"config.model.vision.patch_size={cfg.patch_size} does not divide "
+        f"image_size={cfg.image_size}"
       )
     dtype = jnp.dtype(model_config.dtype)
     width = model_config.width
@@ -64,26 +66,33 @@ class VisionEncoder(nnx.Module):
     self.grid = cfg.image_size // cfg.patch_size
     # A linear map of flattened patches: the same function as a stride-P convolution.
     self.patch_embedding = layers.Dense(
-        cfg.patch_size**2 * 3, width, ("patch", "embed"), dtype=dtype, rngs=rngs
+      cfg.patch_size**2 * 3, width, ("patch", "embed"), dtype=dtype, rngs=rngs
     )
     if cfg.pos_embedding == "learned":
       self.pos_embedding = layers.param(
-          rngs, nnx.initializers.normal(0.02), (self.grid**2, width), ("length", "embed")
+        rngs, nnx.initializers.normal(0.02), (self.grid**2, width), ("length", "embed")
       )
     elif cfg.pos_embedding == "sincos":
       # A constant, not a parameter: it is rebuilt from the config, never checkpointed.
       self.pos_embedding = None
       self.width = width
     else:
-      raise ValueError(f"config.model.vision.pos_embedding={cfg.pos_embedding!r}; use 'learned' or 'sincos'")
+      raise ValueError(
+        f"config.model.vision.pos_embedding={cfg.pos_embedding!r}; use 'learned' or 'sincos'"
+      )
     self.blocks = layers.LayerStack(
-        lambda r: layers.Block(
-            width, model_config.heads, cfg.mlp_dim, cross_attention=False,
-            eps=model_config.layer_norm_eps, dtype=dtype, rngs=r,
-        ),
-        cfg.layers,
-        model_config.remat_policy,
-        rngs,
+      lambda r: layers.Block(
+        width,
+        model_config.heads,
+        cfg.mlp_dim,
+        cross_attention=False,
+        eps=model_config.layer_norm_eps,
+        dtype=dtype,
+        rngs=r,
+      ),
+      cfg.layers,
+      model_config.remat_policy,
+      rngs,
     )
     self.norm = layers.LayerNorm(width, eps=model_config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
