@@ -29,7 +29,8 @@ from absl import app, flags
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
-from coca_jax import flops, optim, sharding
+from coca_jax import flops, sharding
+from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.data import synthetic
@@ -87,7 +88,8 @@ def topology_devices(name: str) -> list:
   generation = match.group(1)
   if generation not in TPU_GENERATIONS:
     raise TopologyError(
-      f"--topology={name!r}: unknown TPU generation {generation!r}; known: {', '.join(TPU_GENERATIONS)}"
+      f"--topology={name!r}: unknown TPU generation {generation!r}; "
+      f"known: {', '.join(TPU_GENERATIONS)}"
     )
   if xla_bridge.get_tpu_library_path() is None:
     raise TopologyError(
@@ -111,7 +113,8 @@ def use_cpu_devices(count: int) -> list:
   devices = jax.devices()
   if len(devices) != count or devices[0].platform != "cpu":
     raise ValueError(
-      f"--cpu_devices={count}, but JAX already started with {len(devices)} {devices[0].platform} device(s)"
+      f"--cpu_devices={count}, but JAX already started with {len(devices)} "
+      f"{devices[0].platform} device(s)"
     )
   return devices
 
@@ -144,7 +147,7 @@ def abstract_batch(config, mesh) -> dict:
   """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
   m = config.model
   row = synthetic.batch(
-    0, 0, 0, 1, m.vision.image_size, config.data.max_text_len, m.text.vocab_size
+    0, 0, [0], m.vision.image_size, config.data.max_text_len, m.text.vocab_size
   )
   shardings = sharding.named(mesh, sharding.batch_specs(row, config.sharding_rules))
   size = config.data.global_batch_size
@@ -160,6 +163,41 @@ def batch_shards(mesh, rules) -> int:
   return int(np.prod([mesh.shape[a] for a in axes]))
 
 
+def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str | None]:
+  """(rows per host batch, None), or (None, why not) when the processes cannot feed it.
+
+  Evaluates every process of the mesh's devices (each knows its process index, also on
+  a compile-only topology) as the trainer's data entry point does on that process:
+  shards must be disjoint, cover the global batch, and be equal in size; processes
+  sharing rows share a shard.
+  """
+  processes = sorted({d.process_index for d in mesh.devices.flat})
+  try:
+    shards = {
+      p: (
+        sharding.host_data_shard(mesh, rules, global_batch, process_index=p),
+        sharding.host_rows(mesh, rules, global_batch, process_index=p),
+      )
+      for p in processes
+    }
+  except ValueError as e:
+    return None, str(e)
+  by_index = {}
+  for p, ((index, count), rows) in shards.items():
+    if count * len(rows) != global_batch:
+      return None, f"process {p}: {len(rows)} rows x {count} shards != global batch {global_batch}"
+    seen = by_index.setdefault(index, (p, rows))
+    if not np.array_equal(seen[1], rows):
+      return None, (
+        f"processes {seen[0]} and {p} share data shard {index} but hold different rows "
+        f"{sharding.describe_rows(seen[1])} / {sharding.describe_rows(rows)}"
+      )
+  every = np.sort(np.concatenate([rows for _, rows in by_index.values()]))
+  if not np.array_equal(every, np.arange(global_batch)):
+    return None, f"the {len(by_index)} data shards do not split the global batch {global_batch}"
+  return global_batch // len(by_index), None
+
+
 def check_divisible(params, shardings, mesh_config) -> None:
   """Names the first parameter whose sharded dimension the mesh does not divide."""
   flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -169,15 +207,16 @@ def check_divisible(params, shardings, mesh_config) -> None:
       ways = int(np.prod([named_sharding.mesh.shape[a] for a in axes]))
       if size % ways:
         raise MeshError(
-          f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} ({size}) is split "
-          f"over mesh axes {axes} = {ways} ways, which does not divide it; choose config.mesh "
-          f"(now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
+          f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} "
+          f"({size}) is split over mesh axes {axes} = {ways} ways, which does not divide it; "
+          f"choose config.mesh (now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
         )
 
 
 def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0) -> dict:
   """Compiles config's train step for `devices` (not run) and returns the compile report."""
-  mesh = sharding.make_mesh(config.mesh, devices)
+  run = state_lib.setup(config, devices)
+  mesh, layout = run.mesh, run.layout
   shards = batch_shards(mesh, config.sharding_rules)
   accum = config.train.grad_accum_steps
   global_batch = config.data.global_batch_size
@@ -186,10 +225,9 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
       f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
       f"config.train.grad_accum_steps={accum}"
     )
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
+  local_batch, host_batches_error = check_host_batches(mesh, config.sharding_rules, global_batch)
   check_divisible(layout.abstract["params"], layout.shardings["params"], config.mesh)
-  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  train_step = step_lib.make_train_step(config, run)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     lowered = train_step.jitted.lower(layout.abstract, abstract_batch(config, mesh))
@@ -217,12 +255,16 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
     devices=len(devices),
     chips=len(devices) // devices_per_chip(devices),
     mesh=dict(mesh.shape),
-    params=state_lib.param_count(layout),
+    params=params_lib.total(layout.abstract["params"]),
     dtype=config.model.dtype,
     remat_policy=config.model.remat_policy,
     global_batch=global_batch,
     grad_accum_steps=accum,
     micro_batch_per_shard=global_batch // (shards * accum),
+    processes=len({d.process_index for d in devices}),
+    local_batch=local_batch,
+    host_batches_ok=host_batches_error is None,
+    host_batches_error=host_batches_error,
     memory_per_device=memory,
     xla_flops_per_device=float(costs.get("flops", -1.0)),
     xla_bytes_accessed_per_device=float(costs.get("bytes accessed", -1.0)),
@@ -266,6 +308,12 @@ def table(rep: dict) -> str:
       "batch",
       f"{rep['global_batch']:,} global = {rep['grad_accum_steps']} accumulation step(s) of "
       f"{rep['micro_batch_per_shard']:,} per batch shard",
+    ),
+    (
+      "host batches",
+      f"{rep['processes']} process(es) x {rep['local_batch']:,} rows: ok"
+      if rep["host_batches_ok"]
+      else f"{rep['processes']} process(es): FAILED: {rep['host_batches_error']}",
     ),
     *((f"memory: {k}", gib(v)) for k, v in memory.items() if k != "total"),
     ("memory: total per device", gib(memory["total"])),

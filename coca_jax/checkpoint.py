@@ -14,10 +14,11 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from coca_jax import params as params_lib
 from coca_jax.models import vit
 from coca_jax.state import StateLayout
 
-POS_EMBEDDING = ("params", "vision", "pos_embedding")
+POS_EMBEDDING = ("params", *vit.POS_EMBEDDING_PATH)
 
 
 def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -49,10 +50,6 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
   )
 
 
-def _path_of(path) -> tuple[str, ...]:
-  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
-
-
 def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None = None):
   """Restores (state, data_position) at `step` (default: latest) into `layout`'s shardings.
 
@@ -66,20 +63,18 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
     return None
   stored = mngr.item_metadata(step)["state"]
   stored_shapes = {
-    _path_of(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+    params_lib.path_names(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
   }
-  replicated = jax.sharding.NamedSharding(
-    jax.tree.leaves(layout.shardings)[0].mesh, jax.sharding.PartitionSpec()
-  )
+  replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
   mismatched = set()
 
   def restore_target(path, target):
-    shape = stored_shapes.get(_path_of(path))
+    shape = stored_shapes.get(params_lib.path_names(path))
     if shape is None:
-      raise ValueError(f"checkpoint step {step} has no entry {'/'.join(_path_of(path))}")
+      raise ValueError(f"checkpoint step {step} has no entry {'/'.join(params_lib.path_names(path))}")
     if shape == tuple(target.shape):
       return target
-    mismatched.add(_path_of(path))
+    mismatched.add(params_lib.path_names(path))
     return jax.ShapeDtypeStruct(shape, target.dtype, sharding=replicated)
 
   target = jax.tree_util.tree_map_with_path(restore_target, layout.abstract)
@@ -103,13 +98,12 @@ def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
     )
 
   def adapt(path, value, target):
-    key = _path_of(path)
+    key = params_lib.path_names(path)
     if key not in mismatched:
       return value
     if key == POS_EMBEDDING:
-      new_grid = int(round(target.shape[0] ** 0.5))
       logging.info("Resampling the position embedding %s -> %s", value.shape, target.shape)
-      value = vit.resize_pos_embedding(jnp.asarray(value), new_grid)
+      value = vit.resize_pos_embedding(jnp.asarray(value), target.shape[0])
     else:
       value = np.zeros(target.shape, target.dtype)
     return jax.device_put(value, target.sharding)

@@ -13,9 +13,6 @@ Config-file argument (`--config=configs/base.py:ARG`): comma-separated switches
 
 import ml_collections
 
-from coca_jax.data import config as data_config
-from coca_jax.evaluate import config as eval_config
-
 # Logical axis -> mesh axes. FSDP shards `embed` over "fsdp"; tensor parallelism shards
 # `mlp`, `heads` and `vocab` over "tensor"; the batch is split over ("data", "fsdp").
 # Unlisted logical names (and `None`) are replicated.
@@ -37,6 +34,20 @@ SHARDING_RULES = (
 )
 
 SWITCHES = ("bf16", "f32", "parallel", "res576")
+
+# Templates of the JFT-style text (Section 4.1); the demo vocabulary is trained on them.
+JFT_TEMPLATES = ("a photo of the {}.", "a photo of a {}.", "an image of the {}.", "a picture of a {}.")
+
+# Prompt ensemble for zero-shot classification (Section 4.2 of the paper uses CLIP's
+# ensemble; these are its most generic members, neutral to the image domain).
+TEMPLATES = (
+  "a photo of a {}.",
+  "a photo of the {}.",
+  "a picture of a {}.",
+  "an image of a {}.",
+  "a close-up photo of a {}.",
+  "a {}.",
+)
 
 
 def coca_config(
@@ -132,25 +143,115 @@ def coca_config(
     )
   )
 
-  # ---- data ----
-  c.data = data_config.get_config()
-  # "mixture": the seqio mixture of coca_jax/data; "synthetic": random batches of the
-  # right shapes (benchmarks, AOT, trainer tests).
-  c.data.source = "mixture"
-  c.data.global_batch_size = 65_536
-  # One source of truth: the pipeline reads the model's image size and text length.
-  c.data.image_size = m.vision.get_ref("image_size")
-  c.data.max_text_len = m.text.get_ref("max_len")
+  # ---- data: sources, mixture rates, preprocessing, vocabulary ----
+  # Defaults describe the offline demo mixture that `python -m coca_jax.data.prepare`
+  # builds (Fashion-MNIST as the JFT-style half, emoji alt-text as the other half). For
+  # your own data point the task entries at your TFDS datasets (`tfds_name`,
+  # `tfds_data_dir`) or set `alt_text.files` to TFRecords of tf.train.Examples with
+  # `image` (encoded bytes) and `caption` (string), and set `vocab_path`.
+  c.data = ml_collections.ConfigDict(
+    dict(
+      # "mixture": the seqio mixture of coca_jax/data; "synthetic": random batches of
+      # the right shapes (benchmarks, AOT, trainer tests).
+      source="mixture",
+      global_batch_size=65_536,
+      # One source of truth: the pipeline reads the model's image size and text length
+      # (tokens incl. BOS for inputs / EOS for labels).
+      image_size=m.vision.get_ref("image_size"),
+      max_text_len=m.text.get_ref("max_len"),
+      # SentencePiece model (pad 0, EOS 1, unk 2); "" = the demo vocabulary built by
+      # prepare under data_dir.
+      vocab_path="",
+      # "" = $COCA_JAX_DATA or ~/.cache/coca_jax: prepare's output and the demo TFDS data dir.
+      data_dir="",
+      # Build the demo data on first use when it is missing (demo sources only).
+      prepare_demo=True,
+      seed=0,
+      shuffle_buffer=10_000,
+      # Mixture rates by task name (Section 4.1: half JFT-style, half alt-text).
+      rates=dict(jft_style=0.5, alt_text=0.5),
+      jft_style=dict(
+        task_name="jft_style",
+        tfds_name="coca_fashion_mnist:1.0.0",
+        tfds_data_dir="",  # "" = <data_dir>/tfds
+        train_split="train",
+        eval_split="test",
+        # The example's label names, shuffled and joined, fill `{}` of a template
+        # drawn at random (Section 4.1: "a photo of the cat, animal").
+        templates=JFT_TEMPLATES,
+      ),
+      alt_text=dict(
+        task_name="alt_text",
+        tfds_name="coca_emoji:1.0.0",
+        tfds_data_dir="",
+        train_split="train",
+        eval_split="validation",
+        # A TFRecord pattern (gs:// works) of tf.train.Examples with `image` (encoded
+        # bytes) and `caption` (string); replaces the TFDS source when set.
+        files="",
+        eval_files="",
+      ),
+      image=dict(
+        mean=(0.5, 0.5, 0.5),  # per channel, images in [0, 1] before normalising
+        std=(0.5, 0.5, 0.5),
+        crop_area=(0.5, 1.0),  # random resized crop: fraction of the image area
+        crop_aspect=(3 / 4, 4 / 3),
+        # Horizontal flips in training; off for the demo (emoji names say "left").
+        flip=True,
+      ),
+      # Decode/augment parallelism of tf.data (AUTOTUNE = -1).
+      num_parallel_calls=-1,
+      # Keep tf.data from taking every core of a small host away from JAX.
+      max_intra_op_parallelism=1,
+    )
+  )
 
   # ---- mesh and sharding ----
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  c.mesh = default_mesh()
   c.sharding_rules = SHARDING_RULES
 
   # ---- evaluation: what runs every train.eval_every steps and on exports ----
-  c.eval = eval_config.get_config()
+  c.eval = ml_collections.ConfigDict(
+    dict(
+      # Comma-separated subset of: zero_shot, retrieval, captioning, frozen.
+      evals="zero_shot,retrieval,captioning",
+      batch_size=64,  # jitted eval batch; the last batch is padded to it
+      num_examples=1_000,  # examples per eval split (0: the whole split)
+      zero_shot=dict(templates=TEMPLATES, top_k=(1, 5)),
+      retrieval=dict(recall_at=(1, 5, 10)),
+      captioning=dict(
+        gallery_size=32,  # images in <workdir>/eval/captions_<step>.html
+      ),
+      decode=dict(
+        method="greedy",  # greedy | beam | sample
+        max_length=0,  # 0: config.model.text.max_len
+        beam_size=4,
+        length_penalty=0.6,  # GNMT alpha
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        seed=0,
+      ),
+      # Frozen-feature evaluation (Section 4.2): a fresh attentional pooler and a
+      # softmax classifier trained on frozen image-encoder tokens.
+      frozen=dict(
+        lr=5e-4,  # the paper's value, cosine schedule
+        steps=300,
+        batch_size=64,
+        weight_decay=0.0,
+        train_fraction=0.5,  # of the classification split, when it has no train part
+        seed=0,
+      ),
+    )
+  )
 
   _apply_switches(c, arg)
   return c
+
+
+def default_mesh() -> ml_collections.ConfigDict:
+  """FSDP over every device: the mesh of a config that names none, and of export."""
+  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
 
 def _apply_switches(c: ml_collections.ConfigDict, arg: str | None) -> None:

@@ -16,8 +16,8 @@ Every method is one `lax.while_loop` over positions 0..L-1 around a *step functi
 `recompute_step_model` is the same function by full recompute (the whole prefix through
 both decoder stacks every step), kept as the reference and the benchmark baseline.
 
-Token conventions (coca_jax.data): the decoder input starts with BOS = 0 (the pad id),
-EOS = 1. Input position 0 is BOS and position i > 0 is the token chosen at step i - 1;
+Token conventions (coca_jax/tokens.py): the decoder input starts with BOS (the pad id);
+decoding stops at EOS. Input position 0 is BOS and position i > 0 is the token chosen at step i - 1;
 step i chooses output token i. Outputs are [B, L]: (prefix), generated tokens, EOS, then
 pad 0. A prefix ("VQA as a prefix", Section 4.3 of the paper) is forced token by token:
 while i < prefix_length the output is the prefix token, and the loop goes on from there.
@@ -33,9 +33,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-BOS_ID = 0
-EOS_ID = 1
-PAD_ID = 0
+from coca_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+
 METHODS = ("greedy", "beam", "sample")
 
 # A very negative score for impossible hypotheses; finite, so sums and divisions of it
@@ -45,20 +44,21 @@ NEG = -1e9
 
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
-  """How to decode; frozen (hashable) so it can be a static argument of jit.
+  """How to decode; frozen (hashable) so it can be a static argument of jit. Built from
+  config.eval.decode by `from_config`: the config holds the defaults.
 
   max_length: tokens to generate at most, EOS included (<= config.model.text.max_len).
   length_penalty: GNMT's alpha for beam search, score = log p / ((5 + len) / 6)^alpha.
   temperature / top_k / top_p: sampling only; top_k=0 and top_p=1.0 disable the filter.
   """
 
-  method: str = "greedy"
-  max_length: int = 32
-  beam_size: int = 4
-  length_penalty: float = 0.6
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
+  method: str
+  max_length: int
+  beam_size: int
+  length_penalty: float
+  temperature: float
+  top_k: int
+  top_p: float
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -76,11 +76,15 @@ class DecodeOptions:
       )
 
   @classmethod
-  def from_config(cls, decode_config, **overrides) -> "DecodeOptions":
-    """From `config.eval.decode` (a ConfigDict or dict), with keyword overrides."""
+  def from_config(cls, config, **overrides) -> "DecodeOptions":
+    """From `config.eval.decode` (where the defaults live), with keyword overrides (None
+    keeps the config's value). max_length 0, or beyond the model's text length, means
+    config.model.text.max_len."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in dict(decode_config).items() if k in fields}
+    values = {k: v for k, v in dict(config.eval.decode).items() if k in fields}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    max_len = config.model.text.max_len
+    values["max_length"] = min(values["max_length"] or max_len, max_len)
     return cls(**values)
 
 

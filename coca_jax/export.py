@@ -20,7 +20,8 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from coca_jax import checkpoint, optim, sharding
+from coca_jax import checkpoint
+from coca_jax import config as config_lib
 from coca_jax import state as state_lib
 from coca_jax.models import coca
 
@@ -95,9 +96,9 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
 def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
   """Exports the params of a training checkpoint; returns the exported step."""
   config = read_config(epath.Path(workdir) / CONFIG_FILE)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
+  # The run's own mesh may need more devices than this machine has; any mesh restores.
+  config.mesh = config_lib.default_mesh()
+  layout = state_lib.setup(config).layout
   mngr = checkpoint.manager(workdir, config.train, read_only=True)
   step = mngr.latest_step() if step is None else step
   if step is None or step not in mngr.all_steps():
@@ -107,6 +108,17 @@ def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None 
   state, _ = checkpoint.restore(mngr, layout, step)
   write(state["params"], config, output, dtype, vocab_file_of(config))
   return step
+
+
+def load_vocab(export_dir: str, config):
+  """The SentencePiece processor of an export: <export>/vocab.model, else the run's
+  config.data.vocab_path."""
+  from coca_jax.data import vocab
+
+  path = os.path.join(export_dir, VOCAB_FILE)
+  if not os.path.exists(path):
+    path = vocab_file_of(config) or path
+  return vocab.load(path)
 
 
 def vocab_file_of(config) -> str | None:

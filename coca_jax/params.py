@@ -1,4 +1,4 @@
-"""Parameter counts of a config, by component, without allocating anything.
+"""Parameter trees: path names and counts by component, without allocating anything.
 
     python -m coca_jax.params --config=configs/base.py
 
@@ -7,9 +7,9 @@ Prints a breakdown and a final JSON line
 """
 
 import json
+import math
 
 import jax
-import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -28,21 +28,34 @@ COMPONENTS = {
 }
 
 
-def count_by_path(model_config) -> dict[str, int]:
-  """{"vision/blocks/...": n, ...} for every parameter, from an abstract model."""
-  abstract = nnx.eval_shape(lambda: coca.build(model_config))
-  params = nnx.state(abstract, nnx.Param)
+def path_names(keypath) -> tuple[str, ...]:
+  """A pytree key path (dict keys, attributes, indices) as a tuple of strings."""
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keypath)
+
+
+def count_by_path(params) -> dict[str, int]:
+  """{"vision/blocks/...": n, ...} for every leaf of a params tree (arrays or
+  ShapeDtypeStructs, e.g. `abstract(model_config)` or a StateLayout's abstract params)."""
   return {
-    "/".join(str(k) for k in path): int(np.prod(leaf.shape))
+    "/".join(path_names(path)): math.prod(leaf.shape)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    for path in [[getattr(p, "key", getattr(p, "name", p)) for p in path]]
   }
 
 
-def count(model_config) -> dict[str, int]:
-  """{"total", "image_encoder", "text_decoder", "poolers", "projections"} parameter counts."""
+def total(params) -> int:
+  """Number of parameters (scalars) in a params tree."""
+  return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def abstract(model_config) -> dict:
+  """The model's params as ShapeDtypeStructs (nested dict), nothing allocated."""
+  return nnx.state(nnx.eval_shape(lambda: coca.build(model_config)), nnx.Param).to_pure_dict()
+
+
+def count(params) -> dict[str, int]:
+  """{"total", "image_encoder", "text_decoder", "poolers", "projections"} of a params tree."""
   counts = dict(total=0, image_encoder=0, text_decoder=0, poolers=0, projections=0)
-  for path, n in count_by_path(model_config).items():
+  for path, n in count_by_path(params).items():
     counts[COMPONENTS[path.split("/")[0]]] += n
     counts["total"] += n
   return counts
@@ -50,14 +63,15 @@ def count(model_config) -> dict[str, int]:
 
 def main(argv):
   del argv
-  by_path = count_by_path(flags.FLAGS.config.model)
+  params = abstract(flags.FLAGS.config.model)
+  by_path = count_by_path(params)
   groups: dict[str, int] = {}
   for path, n in by_path.items():
     key = "/".join(path.split("/")[:2])
     groups[key] = groups.get(key, 0) + n
   for key, n in sorted(groups.items()):
     print(f"{key:40s} {n:>15,d}")
-  counts = count(flags.FLAGS.config.model)
+  counts = count(params)
   for key, n in counts.items():
     print(f"{key:40s} {n:>15,d}  ({n / 1e6:.1f}M)")
   print(json.dumps(counts))

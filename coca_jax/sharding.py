@@ -5,9 +5,12 @@ Model code names axes logically (`batch`, `embed`, `mlp`, ...); the config's
 or to None (replicated). Nothing else in the code names a mesh axis.
 """
 
+import dataclasses
+import functools
 import math
 
 import jax
+import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -123,32 +126,196 @@ def batch_specs(batch_tree, rules):
   )
 
 
+def _spec_ways(mesh: Mesh, spec: PartitionSpec) -> int:
+  """How many ways the mesh splits the first dimension of an array with `spec`."""
+  axes = spec[0] if len(spec) else None
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def batch_ways(mesh: Mesh, rules) -> int:
+  """How many ways the batch axis is split over the mesh (its batch shards)."""
+  return _spec_ways(mesh, logical_to_spec(("batch",), rules))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class DataShard:
+  """The batch rows one process feeds: its host batch.
+
+  `rows` are the global batch rows the process's devices hold, sorted: host batch row j
+  is global row `rows[j]`. Processes holding the same rows (a tensor-parallel group that
+  spans hosts) share `index` and must feed the same host batch.
+  """
+
+  index: int  # the shard: rank of `rows` among the distinct row sets, by first row
+  count: int  # how many distinct shards; len(rows) * count == global batch
+  rows: np.ndarray
+  # Each of the process's devices -> the slice of the host batch it receives.
+  device_rows: dict = dataclasses.field(repr=False)
+
+
+def describe_rows(rows: np.ndarray, limit: int = 6) -> str:
+  """Sorted row indices as inclusive ranges: "0-3, 16-19"."""
+  breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+  runs = [(int(r[0]), int(r[-1])) for r in np.split(rows, breaks) if len(r)]
+  text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs[:limit])
+  if len(runs) > limit:
+    text += f", ... ({len(rows)} rows in {len(runs)} runs)"
+  return text
+
+
+@functools.lru_cache(maxsize=16)
+def _data_shards(mesh: Mesh, spec: PartitionSpec, global_batch_size: int) -> dict:
+  ways = _spec_ways(mesh, spec)
+  if global_batch_size % ways:
+    raise ValueError(
+      f"global batch {global_batch_size} is not divisible by the {ways} batch shards of mesh "
+      f"{dict(mesh.shape)}"
+    )
+  indices = NamedSharding(mesh, spec).devices_indices_map((global_batch_size,))
+  slices: dict[int, set] = {}
+  device_slices: dict[int, dict] = {}
+  for device, index in indices.items():
+    start, stop, _ = index[0].indices(global_batch_size)
+    slices.setdefault(device.process_index, set()).add((start, stop))
+    device_slices.setdefault(device.process_index, {})[device] = (start, stop)
+  rows = {p: np.concatenate([np.arange(a, b) for a, b in sorted(s)]) for p, s in slices.items()}
+  # Distinct row sets, ranked by their first row; each keeps one process to name.
+  distinct: dict[bytes, tuple[int, np.ndarray]] = {}
+  for p in sorted(rows):
+    r = rows[p]
+    if len(np.unique(r)) != len(r):  # devices' slices overlap without being equal
+      raise ValueError(f"process {p}'s devices hold overlapping batch rows {describe_rows(r)}")
+    distinct.setdefault(r.tobytes(), (p, r))
+  ranked = sorted(distinct.values(), key=lambda pr: int(pr[1][0]))
+  first_p, first_r = ranked[0]
+  for p, r in ranked[1:]:
+    if len(r) != len(first_r):
+      raise ValueError(
+        f"process {p} holds {len(r)} batch rows ({describe_rows(r)}) but process {first_p} "
+        f"holds {len(first_r)} ({describe_rows(first_r)}): every process must feed a host "
+        "batch of the same size"
+      )
+  owner = np.full(global_batch_size, -1)
+  for p, r in ranked:
+    taken = owner[r]
+    if (taken >= 0).any():
+      q = int(taken[taken >= 0][0])
+      raise ValueError(
+        f"process {p}'s batch rows ({describe_rows(r)}) partially overlap process {q}'s "
+        f"({describe_rows(rows[q])}): processes must hold the same rows or disjoint rows"
+      )
+    owner[r] = p
+  # The mesh holds every row, so disjoint equal sets cover the global batch.
+  assert (owner >= 0).all(), "the mesh's devices do not cover the global batch"
+  rank = {key: i for i, key in enumerate(r.tobytes() for _, r in ranked)}
+  shards = {}
+  for p, r in rows.items():
+    r.setflags(write=False)
+    # r is sorted and holds all of a device's rows start .. stop - 1, consecutively.
+    at = {d: int(np.searchsorted(r, a)) for d, (a, _) in device_slices[p].items()}
+    on_devices = {d: slice(at[d], at[d] + b - a) for d, (a, b) in device_slices[p].items()}
+    shards[p] = DataShard(rank[r.tobytes()], len(ranked), r, on_devices)
+  return shards
+
+
+def data_shards(mesh: Mesh, rules, global_batch_size: int) -> dict[int, DataShard]:
+  """{process index: DataShard} for every process owning devices of `mesh`.
+
+  A pure function of the mesh's devices (each knows its `process_index`): it describes
+  every host of a slice from any one host, or from none (compile-only topologies).
+
+  A process's rows are the union of its devices' batch rows, whatever the device order
+  (on TPU, `jax.make_mesh` orders devices by the ICI topology, so a host's rows are
+  usually not contiguous). Shards are disjoint, equal in size and cover the global
+  batch; processes with the same row set share a shard, ranked by first row. Raises
+  ValueError naming a process and its rows when no such split exists (row sets that
+  partially overlap or differ in size).
+  """
+  return _data_shards(mesh, logical_to_spec(("batch",), rules), int(global_batch_size))
+
+
+def host_shard(
+  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
+) -> DataShard:
+  """The DataShard of a process (default: this process): `index`, `count` and the global
+  `rows` of its host batch (see `data_shards`, `host_rows`)."""
+  process = jax.process_index() if process_index is None else process_index
+  shards = data_shards(mesh, rules, global_batch_size)
+  if process not in shards:
+    raise ValueError(
+      f"process {process} holds no device of the mesh (processes {sorted(shards)} do)"
+    )
+  return shards[process]
+
+
+def host_data_shard(
+  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
+) -> tuple[int, int]:
+  """(shard_index, num_shards) of the data a process feeds (default: this process).
+
+  The local batch is global_batch_size // num_shards. Processes whose devices hold the
+  same batch rows (e.g. tensor parallelism across hosts) get the same shard index and
+  must read the same data: the index is the data-replica index, not the process index.
+  See `data_shards`.
+  """
+  shard = host_shard(mesh, rules, global_batch_size, process_index)
+  return shard.index, shard.count
+
+
+def host_rows(
+  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
+) -> np.ndarray:
+  """Global batch rows of a process's host batch (default: this process), in host order.
+
+  Host batch row j lands at global row `host_rows(...)[j]` (`global_batch`): the rows
+  are sorted, and not contiguous on TPU slices. A source whose example r is a pure
+  function of the global row r generates `[example(r) for r in host_rows(...)]` and
+  gives the same global batch under any number of processes. Read-only.
+  """
+  return host_shard(mesh, rules, global_batch_size, process_index).rows
+
+
+def device_host_rows(
+  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
+) -> dict:
+  """{device: slice of the host batch it receives} for a process (default: this one).
+
+  The layout `global_batch` uses: a device holding global rows r .. s - 1 receives the
+  host rows where `host_rows` holds them, `host_rows(...)[slice]` == r .. s - 1.
+  """
+  return dict(host_shard(mesh, rules, global_batch_size, process_index).device_rows)
+
+
 def global_batch(host_batch, mesh: Mesh, rules):
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axis.
 
-  Each process passes only its own rows (local batch = global / data replicas); this
-  is correct with any number of processes.
+  Each process passes only its own data shard: local batch = global / num_shards rows
+  (`host_data_shard`). Host row j lands at global row `host_rows(mesh, rules, global)[j]`
+  (the process's rows in increasing order): each device gets the host rows of its own
+  slice of the global batch, in the mesh's device order. Correct for any device order and
+  any number of processes.
   """
-  shardings = named(mesh, batch_specs(host_batch, rules))
-  return jax.tree.map(jax.make_array_from_process_local_data, shardings, host_batch)
-
-
-def host_data_shard(mesh: Mesh, rules, global_batch_size: int) -> tuple[int, int]:
-  """(shard_index, num_shards) of the rows this process feeds, from the batch sharding.
-
-  Processes whose devices hold the same batch rows (e.g. tensor parallelism across
-  hosts) get the same shard index and read the same data: the index is the data-replica
-  index, not the process index.
-  """
-  spec = logical_to_spec(("batch",), rules)
-  indices = NamedSharding(mesh, spec).addressable_devices_indices_map((global_batch_size,))
-  rows = sorted({(s[0].start or 0, s[0].stop or global_batch_size) for s in indices.values()})
-  start, stop = rows[0][0], rows[-1][1]
-  if any(b[0] != a[1] for a, b in zip(rows, rows[1:])) and len(rows) > 1:
-    raise ValueError(f"process {jax.process_index()} holds non-contiguous batch rows {rows}")
-  local = stop - start
-  if global_batch_size % local:
+  leaves = jax.tree.leaves(host_batch)
+  local = leaves[0].shape[0]
+  if any(x.shape[0] != local for x in leaves):
+    raise ValueError(f"host batch leaves differ in rows: {[x.shape[0] for x in leaves]}")
+  # How many shards a batch is split into does not depend on its size: ask at one row
+  # per batch shard.
+  ways = batch_ways(mesh, rules)
+  num_shards = host_shard(mesh, rules, ways).count
+  size = local * num_shards
+  if size % ways:
     raise ValueError(
-      f"global batch {global_batch_size} is not a multiple of the local batch {local}"
+      f"host batch of {local} rows x {num_shards} data shards = global batch {size}, "
+      f"which the {ways} batch shards of mesh {dict(mesh.shape)} do not divide"
     )
-  return start // local, global_batch_size // local
+  on_devices = host_shard(mesh, rules, size).device_rows
+
+  def put(x, named_sharding):
+    shape = (size,) + tuple(x.shape[1:])
+    devices = list(named_sharding.addressable_devices_indices_map(shape))
+    arrays = jax.device_put([x[on_devices[d]] for d in devices], devices)
+    return jax.make_array_from_single_device_arrays(shape, named_sharding, arrays)
+
+  return jax.tree.map(put, host_batch, named(mesh, batch_specs(host_batch, rules)))

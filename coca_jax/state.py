@@ -6,7 +6,6 @@ materialised on one device.
 """
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +13,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from coca_jax import sharding
+from coca_jax import optim, sharding
 from coca_jax.models import coca
 
 
@@ -25,6 +24,25 @@ class StateLayout:
   graphdef: nnx.GraphDef  # the model's structure; params merge into it
   abstract: dict  # ShapeDtypeStruct tree of the state
   shardings: dict  # NamedSharding tree of the state
+  mesh: Mesh  # the mesh of those shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything a run builds before its first array: mesh, optimizer, state layout."""
+
+  mesh: Mesh
+  optimizer: optax.GradientTransformation
+  schedule: optax.Schedule  # step -> learning rate
+  layout: StateLayout
+
+
+def setup(config, devices=None) -> Setup:
+  """Mesh over `devices` (default: all) from config.mesh, optimizer and schedule from
+  config.optim, and the state layout: the one setup chain of train, aot, export, benches."""
+  mesh = sharding.make_mesh(config.mesh, devices)
+  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  return Setup(mesh, optimizer, schedule, layout(config, optimizer, mesh))
 
 
 def _init_fn(model_config, optimizer, seed):
@@ -51,22 +69,16 @@ def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> State
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
   )
-  return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings)
+  return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings, mesh=mesh)
 
 
-def param_count(state_layout: StateLayout) -> int:
-  """Number of model parameters (scalars) of the layout's abstract params."""
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state_layout.abstract["params"]))
-
-
-def create(
-  config, optimizer: optax.GradientTransformation, state_layout: StateLayout, mesh: Mesh
-) -> dict:
+def create(config, run: Setup) -> dict:
   """Initialises the state directly into its shardings."""
   init = jax.jit(
-    _init_fn(config.model, optimizer, config.train.seed), out_shardings=state_layout.shardings
+    _init_fn(config.model, run.optimizer, config.train.seed),
+    out_shardings=run.layout.shardings,
   )
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(config.sharding_rules):
+  with jax.set_mesh(run.mesh), nnx.logical_axis_rules(config.sharding_rules):
     return init()
 
 

@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 
 from coca_jax import losses, sharding
-from coca_jax.state import StateLayout, model_from_params
+from coca_jax.state import Setup, StateLayout, model_from_params
 
 
 def _loss_fn(config, graphdef):
@@ -37,9 +37,7 @@ def _split_micro_batches(batch, accum_steps: int):
   return jax.tree.map(split, batch)
 
 
-def make_train_step(
-  config, optimizer: optax.GradientTransformation, schedule, state_layout: StateLayout
-):
+def make_train_step(config, run: Setup):
   """Returns train_step(state, batch) -> (state, metrics), jitted, state donated.
 
   Metrics (scalars, left on device): loss, contrastive_loss, captioning_loss,
@@ -48,6 +46,7 @@ def make_train_step(
   micro-batches; the contrastive loss then sees B/A negatives per example, not B (the
   price of accumulation for a contrastive loss).
   """
+  optimizer, schedule, state_layout = run.optimizer, run.schedule, run.layout
   loss_fn = _loss_fn(config, state_layout.graphdef)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   accum_steps = config.train.grad_accum_steps
@@ -95,7 +94,7 @@ def make_eval_step(config, state_layout: StateLayout):
 
 def _jit(config, fn, state_layout: StateLayout, donate: bool):
   """jit with the state's shardings in and out, batch sharded over its leading axis."""
-  mesh = jax.tree.leaves(state_layout.shardings)[0].mesh
+  mesh = state_layout.mesh
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   batch_sharding = jax.sharding.NamedSharding(
     mesh, sharding.logical_to_spec(("batch",), config.sharding_rules)

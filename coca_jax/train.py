@@ -9,7 +9,6 @@ A restart with the same workdir resumes from the latest complete checkpoint. SIG
 (TPU VM preemption) saves a checkpoint at the next step boundary and exits 0.
 """
 
-import itertools
 import json
 import logging as std_logging
 import signal
@@ -23,21 +22,11 @@ from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import (
-  checkpoint,
-  export,
-  flops,
-  multihost,
-  optim,
-  sharding,
-)
-from coca_jax import (
-  state as state_lib,
-)
-from coca_jax import (
-  step as step_lib,
-)
-from coca_jax.data import synthetic
+from coca_jax import checkpoint, export, flops, multihost
+from coca_jax import params as params_lib
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
+from coca_jax.data import loader
 
 
 def define_flags() -> None:
@@ -69,86 +58,25 @@ class Preemption:
     return self.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
 
 
-def input_batches(config, mesh, start_step: int):
-  """Host-local batches from `start_step` on; each process reads only its data shard."""
-  shard_index, num_shards = sharding.host_data_shard(
-    mesh, config.sharding_rules, config.data.global_batch_size
-  )
-  local_batch = config.data.global_batch_size // num_shards
-  logging.info("data shard %d of %d, local batch %d", shard_index, num_shards, local_batch)
-  if config.data.source == "synthetic":
-    return synthetic.batches(
-      config, shard_index=shard_index, local_batch_size=local_batch, start_step=start_step
-    )
-  from coca_jax.data import pipeline  # TensorFlow is imported only when needed
-
-  return pipeline.train_batches(
-    config.data,
-    shard_index=shard_index,
-    num_shards=num_shards,
-    local_batch_size=local_batch,
-    start_step=start_step,
-  )
-
-
-def prepare_data(config) -> None:
-  """Checks the data source; builds the demo data on first use and resolves its paths
-  into the config (so config.json and the export name the vocabulary)."""
-  if config.data.source not in ("mixture", "synthetic"):
-    raise ValueError(
-      f"config.data.source={config.data.source!r}; expected 'mixture' or 'synthetic'"
-    )
-  if config.data.source == "mixture":
-    from coca_jax.data import pipeline, prepare
-
-    prepare.ensure_demo_data(config.data)
-    pipeline.check_vocab(config)
-
-
-def held_out_batches(config, mesh):
-  """Up to config.train.eval_steps host batches of the held-out split."""
-  shard_index, num_shards = sharding.host_data_shard(
-    mesh, config.sharding_rules, config.data.global_batch_size
-  )
-  local_batch = config.data.global_batch_size // num_shards
-  if config.data.source == "synthetic":
-    # Batches the training run never sees: a different seed.
-    rows = synthetic.batches(
-      config,
-      shard_index=shard_index,
-      local_batch_size=local_batch,
-      start_step=0,
-      seed=config.data.seed + 1,
-    )
-  else:
-    from coca_jax.data import pipeline
-
-    rows = pipeline.eval_batches(
-      config.data, shard_index=shard_index, num_shards=num_shards, local_batch_size=local_batch
-    )
-  return itertools.islice(rows, config.train.eval_steps)
-
-
-def evaluate_state(
-  config, state, layout, eval_step, mesh, *, step: int, workdir: str, writer
-) -> dict:
+def evaluate_state(config, state, run, eval_step, *, step: int, workdir: str, writer) -> dict:
   """Held-out losses, then the eval suite of config.eval (zero-shot, retrieval, ...)."""
   totals, count = {}, 0
-  for host_batch in held_out_batches(config, mesh):
-    terms = jax.device_get(
-      eval_step(state, sharding.global_batch(host_batch, mesh, config.sharding_rules))
-    )
+  for batch in loader.batches(config, run.mesh, "eval", limit=config.train.eval_steps):
+    terms = jax.device_get(eval_step(state, batch))
     totals = {k: totals.get(k, 0.0) + float(v) for k, v in terms.items()}
     count += 1
   metrics = {f"eval/{k}": v / count for k, v in totals.items()} if count else {}
   writer.write_scalars(step, metrics)
   if config.eval.evals:
-    from coca_jax import evaluate
+    from coca_jax import evaluate, predict
+    from coca_jax.data import vocab
 
-    model = state_lib.model_from_params(layout.graphdef, state["params"])
-    with jax.set_mesh(mesh):
+    model = state_lib.model_from_params(run.layout.graphdef, state["params"])
+    vocabulary = vocab.load(config.data.vocab_path) if config.data.vocab_path else None
+    predictor = predict.Predictor(model, config, vocabulary, config.eval.batch_size)
+    with jax.set_mesh(run.mesh):
       suite = evaluate.run(
-        model,
+        predictor,
         config,
         step=step,
         workdir=workdir if jax.process_index() == 0 else None,
@@ -226,35 +154,33 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
-  prepare_data(config)
+  config = loader.resolve(config)
   if jax.process_index() == 0:
     workdir_path.mkdir(parents=True, exist_ok=True)
     (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
 
-  mesh = sharding.make_mesh(config.mesh)
-  logging.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
-  n_params = state_lib.param_count(layout)
+  run = state_lib.setup(config)
+  logging.info("mesh %s over %d devices", dict(run.mesh.shape), run.mesh.size)
+  n_params = params_lib.total(run.layout.abstract["params"])
   logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
 
   mngr = checkpoint.manager(workdir, config.train)
-  restored = checkpoint.restore(mngr, layout)
+  restored = checkpoint.restore(mngr, run.layout)
   if restored is None:
-    state = state_lib.create(config, optimizer, layout, mesh)
+    state = state_lib.create(config, run)
     start_step = 0
   else:
     state, data_position = restored
     start_step = int(data_position["step"])
     logging.info("resumed from checkpoint step %d", start_step)
 
-  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
-  eval_step = step_lib.make_eval_step(config, layout)
-  batches = input_batches(config, mesh, start_step)
-  first = sharding.global_batch(next(batches), mesh, config.sharding_rules)
-  with jax.set_mesh(mesh):
-    compiled_step = train_step.jitted.lower(layout.abstract, first).compile()
+  train_step = step_lib.make_train_step(config, run)
+  eval_step = step_lib.make_eval_step(config, run.layout)
+  batches = loader.batches(config, run.mesh, "train", start_step)
+  first = next(batches)
+  with jax.set_mesh(run.mesh):
+    compiled_step = train_step.jitted.lower(run.layout.abstract, first).compile()
   log_memory(compiled_step)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
@@ -280,13 +206,13 @@ def train(config, workdir: str) -> dict:
       checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
     if config.train.eval_every and (step % config.train.eval_every == 0 or last):
       evaluated = evaluate_state(
-        config, state, layout, eval_step, mesh, step=step, workdir=workdir, writer=writer
+        config, state, run, eval_step, step=step, workdir=workdir, writer=writer
       )
     if preempted:
       logging.warning("preempted: checkpoint at step %d written; exiting", step)
       break
     if not last:
-      batch = sharding.global_batch(next(batches), mesh, config.sharding_rules)
+      batch = next(batches)
 
   mngr.wait_until_finished()
   writer.flush()
@@ -301,9 +227,10 @@ def train(config, workdir: str) -> dict:
   mngr.close()
   if evaluated and config.eval.evals and jax.process_index() == 0:
     from coca_jax import evaluate
+    from coca_jax.data import eval_sets
 
     suite = {k.removeprefix("eval/"): v for k, v in evaluated.items()}
-    chance = evaluate.chance_levels(config, evaluate.eval_sets(config))
+    chance = evaluate.chance_levels(config, eval_sets.load(config))
     logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
   return dict(fetched, step=step, **evaluated)
 

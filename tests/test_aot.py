@@ -35,6 +35,10 @@ def test_report_on_eight_host_devices(tiny_report):
   assert tiny_report["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
   assert tiny_report["global_batch"] == config.data.global_batch_size
   assert tiny_report["micro_batch_per_shard"] == config.data.global_batch_size // 8
+  # One process feeds the whole batch (multi-host slices: tests/test_host_batches.py).
+  assert tiny_report["processes"] == 1
+  assert tiny_report["local_batch"] == config.data.global_batch_size
+  assert tiny_report["host_batches_ok"] is True and tiny_report["host_batches_error"] is None
   memory = tiny_report["memory_per_device"]
   assert memory["arguments"] > 0 and memory["temps"] > 0
   live = (
@@ -60,6 +64,7 @@ def test_table_names_every_number(tiny_report):
   text = aot.table(tiny_report)
   for label in (
     "parameters",
+    "host batches",
     "memory: temps",
     "memory: total per device",
     "fits",
@@ -132,6 +137,7 @@ def test_cli_prints_a_final_json_line(tiny_report):
   assert final["params"] == tiny_report["params"]
   assert final["memory_per_device"]["total"] > 0 and final["xla_flops_per_device"] > 0
   assert isinstance(final["fits"], bool)
+  assert final["processes"] == 1 and final["host_batches_ok"] is True
 
 
 def test_cli_unknown_topology_fails_clearly():

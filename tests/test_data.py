@@ -12,21 +12,14 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from coca_jax.data import (
-  builders,
-  pipeline,
-  prepare,
-  preprocess,
-  raw,
-  tasks,
-  vocab,
-)
-from coca_jax.data import (
-  config as data_config_lib,
-)
+from coca_jax.config import JFT_TEMPLATES
+from coca_jax.data import builders, images, pipeline, prepare, preprocess, raw, tasks, vocab
+from configs import tiny
 
 N_TRAIN, N_TEST, N_CAPTIONS = 300, 40, 60
 MAX_LEN, SIZE = 12, 16
+# Image shapes for the eval-pixels test: non-square, grey, RGBA and upscaled.
+SHAPES = [(20, 24, 4), (40, 17, 3), (9, 9), (64, 48, 3)]
 
 
 def write_idx(path, array):
@@ -76,16 +69,15 @@ def data_dir(tmp_path_factory):
   rows = [(png(colour()), caption(i)) for i in range(N_CAPTIONS)]
   write_alt_text(str(root / "alt-00000-of-00002.tfrecord"), rows[: N_CAPTIONS // 2])
   write_alt_text(str(root / "alt-00001-of-00002.tfrecord"), rows[N_CAPTIONS // 2 :])
-  texts = [c for _, c in rows] + prepare.jft_texts(
-    data_config_lib.get_config().jft_style.templates, ("t-shirt", "clothing")
-  )
+  texts = [c for _, c in rows] + prepare.jft_texts(JFT_TEMPLATES, ("t-shirt", "clothing"))
   texts += [f"{a} {b}" for a, b in raw.FASHION_MNIST_CLASSES]
   vocab.train(texts, str(root / "vocab.model"), 120)
   return root
 
 
 def make_config(root, **rates):
-  c = data_config_lib.get_config()
+  c = tiny.get_config().data
+  c.source = "mixture"
   c.data_dir = str(root)
   c.vocab_path = str(root / "vocab.model")
   c.image_size = SIZE
@@ -112,7 +104,7 @@ def is_grey(images):
 def test_mixture_proportions_within_three_points(data_dir, jft_rate):
   config = make_config(data_dir, jft_style=jft_rate, alt_text=1 - jft_rate)
   batches = take(
-    pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=100), 20
+    pipeline.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=100), 20
   )
   grey = np.concatenate([is_grey(b["image"]) for b in batches])
   assert len(grey) == 2000
@@ -121,7 +113,7 @@ def test_mixture_proportions_within_three_points(data_dir, jft_rate):
 
 def test_batch_contract(data_dir):
   config = make_config(data_dir)
-  batch = next(pipeline.train_batches(config, shard_index=0, num_shards=1, local_batch_size=8))
+  batch = next(pipeline.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=8))
   assert set(batch) == {"image", "text"} and set(batch["text"]) == {"ids", "labels", "mask"}
   assert batch["image"].shape == (8, SIZE, SIZE, 3) and batch["image"].dtype == np.float32
   for key in ("ids", "labels", "mask"):
@@ -187,14 +179,14 @@ def test_host_shards_are_disjoint_and_cover_the_data(data_dir, num_shards):
 def test_resume_at_step_k_equals_the_uninterrupted_sequence(data_dir):
   config = make_config(data_dir)
   kwargs = dict(shard_index=1, num_shards=2, local_batch_size=8)
-  full = take(pipeline.train_batches(config, **kwargs), 6)
-  resumed = take(pipeline.train_batches(config, start_step=4, **kwargs), 2)
+  full = take(pipeline.batches(config, "train", **kwargs), 6)
+  resumed = take(pipeline.batches(config, "train", start_step=4, **kwargs), 2)
   for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
   # Another seed gives another sequence.
   config.seed = 1
-  other = take(pipeline.train_batches(config, **kwargs), 1)
+  other = take(pipeline.batches(config, "train", **kwargs), 1)
   assert not np.array_equal(other[0]["image"], full[0]["image"])
 
 
@@ -220,12 +212,12 @@ def test_decode_rgb_composites_alpha_on_white_and_expands_grey():
   rgba[0, 0] = (255, 0, 0, 255)  # opaque red
   rgba[0, 1] = (0, 0, 255, 0)  # fully transparent blue -> white
   rgba[1, 0] = (0, 0, 0, 128)  # half-transparent black -> mid grey
-  out = preprocess.decode_rgb(png(rgba))
+  out = images.decode(png(rgba))
   assert out.shape == (2, 2, 3) and out.dtype == np.uint8
   np.testing.assert_array_equal(out[0, 0], (255, 0, 0))
   np.testing.assert_array_equal(out[0, 1], (255, 255, 255))
   np.testing.assert_allclose(out[1, 0], (127, 127, 127), atol=1)
-  grey = preprocess.decode_rgb(png(np.full((3, 5), 77, np.uint8)))
+  grey = images.decode(png(np.full((3, 5), 77, np.uint8)))
   assert grey.shape == (3, 5, 3) and (grey == 77).all()
 
 
@@ -257,31 +249,26 @@ def test_missing_client_names_the_command(tmp_path, monkeypatch):
 
 
 def test_vocab_larger_than_the_model_is_a_config_error(data_dir):
-  from configs import tiny
-
-  config = tiny.get_config()
-  config.data.vocab_path = str(data_dir / "vocab.model")
-  config.model.text.vocab_size = 50
   with pytest.raises(ValueError, match="config.model.text.vocab_size=50"):
-    pipeline.check_vocab(config)
+    vocab.check_fits(str(data_dir / "vocab.model"), 50)
 
 
 @pytest.mark.skipif(
   not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)"
 )
 def test_prepared_demo_data_and_eval_sets():
-  from coca_jax.data import eval_sets
+  from coca_jax.data import eval_sets, loader
   from configs import demo
 
   config = demo.get_config()
   config.eval.num_examples = 50
-  prepare.ensure_demo_data(config.data)
-  classes = eval_sets.classification(config)
-  assert classes["class_names"][:2] == ["t-shirt", "trousers"] and len(classes["class_names"]) == 10
-  assert len(classes["images"]) == 50 and classes["images"][0].shape == (32, 32, 3)
-  captions = eval_sets.alt_text(config)
-  assert len(captions["images"]) == 50 and all(len(c) == 1 and c[0] for c in captions["captions"])
-  assert len({c[0] for c in captions["captions"]}) == 50
+  sets = eval_sets.load(config)
+  classes, captions = sets.classification, sets.alt_text
+  assert classes.class_names[:2] == ["t-shirt", "trousers"] and len(classes.class_names) == 10
+  assert classes.images.shape == (50, 32, 32, 3)
+  assert len(captions.images) == 50 and all(len(c) == 1 and c[0] for c in captions.captions)
+  assert len({c[0] for c in captions.captions}) == 50
+  config = loader.resolve(config)
   # Demo vocabulary: pad/EOS/unk as the model expects, under the model's vocab size.
   sp = seqio.SentencePieceVocabulary(config.data.vocab_path)
   assert (
@@ -323,3 +310,32 @@ def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_pat
   assert json.loads((tmp_path / "config.json").read_text())["data"]["vocab_path"] == str(
     data_dir / "vocab.model"
   )
+
+
+def test_eval_task_and_inference_see_the_same_pixels(tmp_path, data_dir):
+  """The same image bytes through the seqio eval task (training-time evaluation) and
+  through the inference API's reader give identical pixels."""
+  import types
+
+  from coca_jax import inference
+
+  rng = np.random.default_rng(3)
+  encoded = [png(rng.integers(0, 256, shape).astype(np.uint8)) for shape in SHAPES]
+  rows = [(data, f"picture {i}") for i, data in enumerate(encoded)]
+  write_alt_text(str(tmp_path / "same.tfrecord"), rows)
+  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.alt_text.files = config.alt_text.eval_files = str(tmp_path / "same.tfrecord")
+  tasks.register(config)
+  task = seqio.get_mixture_or_task("alt_text_eval")
+  ds = task.get_dataset(None, "validation", shuffle=False, num_epochs=1, use_cached=False)
+  from_task = {r["text_pretokenized"].decode(): r["image"] for r in ds.as_numpy_iterator()}
+  paths = []
+  for i, data in enumerate(encoded):
+    paths.append(tmp_path / f"{i}.png")
+    paths[-1].write_bytes(data)
+  reader = types.SimpleNamespace(image_size=SIZE, mean=config.image.mean, std=config.image.std)
+  served, failures = inference.Model.read_images(reader, paths)
+  assert not failures and served.shape == (len(SHAPES), SIZE, SIZE, 3)
+  for i in range(len(SHAPES)):
+    np.testing.assert_array_equal(from_task[f"picture {i}"], served[i])
+

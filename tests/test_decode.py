@@ -17,6 +17,11 @@ from configs import tiny
 B, L = 4, 8  # tiny config: max_len 8
 
 
+def make_options(method, **overrides):
+  """DecodeOptions from the tiny config's eval.decode (where the defaults live)."""
+  return decode.DecodeOptions.from_config(tiny.get_config(), method=method, **overrides)
+
+
 @pytest.fixture(scope="module")
 def model():
   return coca.build(tiny.get_config().model, seed=1)
@@ -78,7 +83,7 @@ def reference_greedy(model, images, length, prefix=None):
 
 def test_cached_greedy_equals_full_recompute(model, images, graphdef_params):
   graphdef, params = graphdef_params
-  options = decode.DecodeOptions(method="greedy", max_length=L)
+  options = make_options("greedy", max_length=L)
   cached = jitted(graphdef, options)(params, images)
   expected = reference_greedy(model, images, L)
   np.testing.assert_array_equal(np.asarray(cached.tokens), expected)
@@ -90,9 +95,9 @@ def test_cached_greedy_equals_full_recompute(model, images, graphdef_params):
 
 def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   graphdef, params = graphdef_params
-  greedy = jitted(graphdef, decode.DecodeOptions("greedy", max_length=L))(params, images)
-  beam = jitted(graphdef, decode.DecodeOptions("beam", max_length=L, beam_size=1))(params, images)
-  sample = jitted(graphdef, decode.DecodeOptions("sample", max_length=L, top_k=1, temperature=0.7))(
+  greedy = jitted(graphdef, make_options("greedy", max_length=L))(params, images)
+  beam = jitted(graphdef, make_options("beam", max_length=L, beam_size=1))(params, images)
+  sample = jitted(graphdef, make_options("sample", max_length=L, top_k=1, temperature=0.7))(
     params, images, rng=jax.random.key(3)
   )
   np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(greedy.tokens))
@@ -106,12 +111,12 @@ def test_prefix_is_forced_and_continued(model, images, graphdef_params):
   for b, p in enumerate(prefixes):
     prefix[b, : len(p)] = p
   lengths = np.array([len(p) for p in prefixes], np.int32)
-  options = decode.DecodeOptions(method="greedy", max_length=L)
+  options = make_options("greedy", max_length=L)
   out = jitted(graphdef, options)(params, images, jnp.asarray(prefix), jnp.asarray(lengths))
   np.testing.assert_array_equal(
     np.asarray(out.tokens), reference_greedy(model, images, L, prefixes)
   )
-  beam = jitted(graphdef, decode.DecodeOptions("beam", max_length=L, beam_size=3))(
+  beam = jitted(graphdef, make_options("beam", max_length=L, beam_size=3))(
     params, images, jnp.asarray(prefix), jnp.asarray(lengths)
   )
   for b, p in enumerate(prefixes):
@@ -202,8 +207,8 @@ def test_decoding_a_batch_sharded_over_eight_devices(graphdef_params):
     images, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   )
   for options in (
-    decode.DecodeOptions("greedy", max_length=L),
-    decode.DecodeOptions("beam", max_length=L, beam_size=3),
+    make_options("greedy", max_length=L),
+    make_options("beam", max_length=L, beam_size=3),
   ):
     fn = jitted(graphdef, options)
     expected = fn(params, jnp.asarray(images))

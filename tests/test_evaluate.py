@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import sentencepiece
 
-from coca_jax import evaluate
-from coca_jax.evaluate import captioning, datasets, retrieval, zero_shot
+from coca_jax import evaluate, predict
+from coca_jax.data import eval_sets
+from coca_jax.evaluate import captioning, retrieval, zero_shot
 from coca_jax.models import coca
 from configs import tiny
 
@@ -194,10 +195,11 @@ def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
   config.eval.frozen.batch_size = 8
   config.eval.captioning.gallery_size = 4
   model = coca.build(config.model, seed=0)
-  sets = datasets.synthetic(config.model.vision.image_size, num_examples=40)
+  sets = eval_sets.synthetic(config.model.vision.image_size, num_examples=40)
   writer = RecordingWriter()
+  predictor = predict.Predictor(model, config, vocab, config.eval.batch_size)
   metrics = evaluate.run(
-    model, config, step=7, workdir=str(tmp_path), writer=writer, datasets=sets, vocab=vocab
+    predictor, config, step=7, workdir=str(tmp_path), writer=writer, datasets=sets
   )
   expected = {
     "zero_shot/top1",

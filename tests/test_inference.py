@@ -12,6 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from coca_jax import export, inference
+from coca_jax.data import images
 from coca_jax.models import coca
 from configs import tiny
 
@@ -77,7 +78,7 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
   image[:, :16] = (255, 0, 0)
   image[:, 16:32] = (0, 255, 0)
   image[:, 32:] = (0, 0, 255)
-  out = inference.preprocess(image, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+  out = images.eval_pixels(image, 16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
   assert out.shape == (16, 16, 3) and out.dtype == np.float32
   np.testing.assert_allclose(
     out[:, 2:-2], np.broadcast_to([-1.0, 1.0, -1.0], (16, 12, 3)), atol=1e-6

@@ -49,9 +49,8 @@ def losses(log: str) -> list[float]:
 def final_params(workdir):
   config = tiny.get_config()
   config.mesh.data, config.mesh.fsdp = 8, 1
-  mesh = sharding.make_mesh(config.mesh)
-  optimizer, _ = optim.make_optimizer(config.optim, STEPS)
-  layout = state_lib.layout(config, optimizer, mesh)
+  config.train.steps = STEPS
+  layout = state_lib.setup(config).layout
   state, data = checkpoint.restore(
     checkpoint.manager(str(workdir), config.train, read_only=True), layout
   )

@@ -34,11 +34,9 @@ def configured(mesh_shape, **train):
 
 def setup(config):
   devices = jax.devices()[: int(np.prod([config.mesh.data, config.mesh.fsdp, config.mesh.tensor]))]
-  mesh = sharding.make_mesh(config.mesh, devices)
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
-  state = state_lib.create(config, optimizer, layout, mesh)
-  return mesh, layout, state, step_lib.make_train_step(config, optimizer, schedule, layout)
+  run = state_lib.setup(config, devices)
+  state = state_lib.create(config, run)
+  return run.mesh, run.layout, state, step_lib.make_train_step(config, run)
 
 
 def run_three_steps(config):

@@ -53,9 +53,7 @@ def run(args, timeout=300):
 def restore_params(workdir, config, step=None, mesh_shape=(1, 8, 1)):
   config = ml_collections.ConfigDict(config)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
-  mesh = sharding.make_mesh(config.mesh)
-  optimizer, _ = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
+  layout = state_lib.setup(config).layout
   state, data = checkpoint.restore(
     checkpoint.manager(str(workdir), config.train, read_only=True), layout, step
   )

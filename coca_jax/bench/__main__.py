@@ -3,6 +3,9 @@
 python -m coca_jax.bench step --config=configs/tiny.py --steps=5
 python -m coca_jax.bench decode --batch_sizes=1,32
 python -m coca_jax.bench NAME --help
+
+The PyTorch comparison (open_clip's CoCa) is not one of them: `python benchmarks/open_clip.py`
+from the repository root.
 """
 
 import importlib
@@ -13,13 +16,17 @@ BENCHMARKS = {
   "step": "train-step throughput, model FLOP/s and MFU",
   "decode": "KV-cached vs recomputing greedy decoding",
   "data": "input pipeline throughput",
-  "open_clip": "training throughput vs open_clip's CoCa (PyTorch)",
 }
 
 
 def usage() -> str:
   lines = ["usage: python -m coca_jax.bench NAME [args]", "", "benchmarks:"]
   lines += [f"  {name:<10} {what}" for name, what in BENCHMARKS.items()]
+  lines += [
+    "",
+    "training throughput vs open_clip's CoCa (PyTorch), from the repository root:",
+    "  python benchmarks/open_clip.py [args]",
+  ]
   return "\n".join(lines)
 
 

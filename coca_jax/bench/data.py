@@ -14,16 +14,21 @@ import argparse
 import json
 import time
 
+import jax
+
+from coca_jax import config as config_lib
+from coca_jax import sharding
 from coca_jax.bench.step import load_config
-from coca_jax.data import pipeline, prepare
+from coca_jax.data import loader
 
 PROG = "python -m coca_jax.bench data"
 
 
-def measure(data_config, batch_size: int, batches: int, warmup: int) -> dict:
-  iterator = pipeline.train_batches(
-    data_config, shard_index=0, num_shards=1, local_batch_size=batch_size
-  )
+def measure(config, batches: int, warmup: int) -> dict:
+  """Host batches of the whole global batch on one device: the pipeline alone."""
+  mesh = sharding.make_mesh(config_lib.default_mesh(), jax.devices()[:1])
+  iterator = loader.host_batches(config, mesh, "train")
+  batch_size = config.data.global_batch_size
   for _ in range(warmup):
     next(iterator)
   start = time.perf_counter()
@@ -45,8 +50,7 @@ def main(argv=None):
   parser.add_argument("--warmup", type=int, default=10)
   args = parser.parse_args(argv)
   config = load_config([f"--config={args.config}"], PROG)
-  prepare.ensure_demo_data(config.data)
-  result = measure(config.data, config.data.global_batch_size, args.batches, args.warmup)
+  result = measure(loader.resolve(config), args.batches, args.warmup)
   print(f"{'config':<20} {'batch':>6} {'batches':>8} {'seconds':>8} {'examples/s':>11}")
   print(
     f"{args.config:<20} {result['batch']:>6} {result['batches']:>8} {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}"

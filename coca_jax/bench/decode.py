@@ -2,11 +2,12 @@
 
     python -m coca_jax.bench decode [--batch_sizes=1,32] [--lengths=32,64] [--repeats=3]
 
-Model: the tiny test config widened to a small-but-real decoder (width 256, 4 heads,
-2 + 2 decoder layers, MLP 1024, vocabulary 1024, 32 caption queries; max text length
-64). Both variants run the same greedy `lax.while_loop` of `coca_jax.decode`; only the
-step function differs (cache + precomputed cross-attention keys/values, or the whole
-prefix through both stacks each step). EOS is suppressed so every run decodes exactly
+Model: a small-but-real decoder built with `coca_jax.config.coca_config` (width 256,
+4 heads, 2 + 2 decoder layers, MLP 1024, vocabulary 1024, 32 caption queries; max text
+length 64; ViT 2 layers on 32px images in 4px patches; float32, no rematerialisation).
+Both variants run the same greedy `lax.while_loop` of `coca_jax.decode`; only the step
+function differs (cache + precomputed cross-attention keys/values, or the whole prefix
+through both stacks each step). EOS is suppressed so every run decodes exactly
 `length` tokens. Compilation is excluded (one warm-up call); the median of `repeats`
 timed calls is reported. Prints a table; asserts nothing about time.
 """
@@ -19,20 +20,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coca_jax import config as config_lib
 from coca_jax import decode
 from coca_jax.models import coca
-from configs import tiny
 
 
 def bench_config():
-  config = tiny.get_config()
-  m = config.model
-  m.width, m.heads = 256, 4
-  m.vision.update(image_size=32, patch_size=4, layers=2, mlp_dim=1024)
-  m.text.update(unimodal_layers=2, multimodal_layers=2, mlp_dim=1024, vocab_size=1024, max_len=64)
-  m.pooler.caption_queries = 32
-  m.embed_dim = 256
-  m.remat_policy = "none"
+  """The benchmark model, built from the package's own config builder (float32)."""
+  config = config_lib.coca_config(
+    width=256,
+    heads=4,
+    vision_layers=2,
+    vision_mlp=1024,
+    unimodal_layers=2,
+    multimodal_layers=2,
+    text_mlp=1024,
+    embed_dim=256,
+    image_size=32,
+    patch_size=4,
+    vocab_size=1024,
+    max_text_len=64,
+    caption_queries=32,
+  )
+  config.model.remat_policy = "none"
   return config
 
 
@@ -84,8 +94,10 @@ def main(argv=None):
   size = config.model.vision.image_size
   m = config.model
   print(
-    f"decoder: width {m.width}, heads {m.heads}, {m.text.unimodal_layers}+{m.text.multimodal_layers} layers, "
-    f"MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, {m.pooler.caption_queries} caption queries; "
+    f"decoder: width {m.width}, heads {m.heads}, "
+    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers, "
+    f"MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
+    f"{m.pooler.caption_queries} caption queries; "
     f"device {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
   )
   header = (

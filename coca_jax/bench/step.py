@@ -27,10 +27,11 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from coca_jax import flops, optim, sharding
+from coca_jax import flops
+from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import synthetic
+from coca_jax.data import loader
 
 PROG = "python -m coca_jax.bench step"
 
@@ -74,25 +75,13 @@ def overridden_keys(config_args: list[str]) -> set[str]:
   return {k.removeprefix("config.") for k in keys if k.startswith("config.")}
 
 
-def host_batches(config, mesh, count: int) -> list:
-  """`count` synthetic global batches, already on the devices."""
-  shard_index, num_shards = sharding.host_data_shard(
-    mesh, config.sharding_rules, config.data.global_batch_size
-  )
-  rows = synthetic.batches(
-    config, shard_index=shard_index, local_batch_size=config.data.global_batch_size // num_shards
-  )
-  return [sharding.global_batch(next(rows), mesh, config.sharding_rules) for _ in range(count)]
-
-
 def run(config, *, steps: int, warmup: int) -> dict:
   """Compiles and times `steps` train steps of `config`; returns the measurements."""
-  mesh = sharding.make_mesh(config.mesh)
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
-  state = state_lib.create(config, optimizer, layout, mesh)
-  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
-  batches = host_batches(config, mesh, min(steps, 4))
+  run = state_lib.setup(config)
+  mesh, layout = run.mesh, run.layout
+  state = state_lib.create(config, run)
+  train_step = step_lib.make_train_step(config, run)
+  batches = list(loader.batches(config, mesh, "train", limit=min(steps, 4)))
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -119,7 +108,7 @@ def run(config, *, steps: int, warmup: int) -> dict:
       f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
       f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
     ),
-    params=state_lib.param_count(layout),
+    params=params_lib.total(layout.abstract["params"]),
     devices=jax.device_count(),
     device_kind=jax.devices()[0].device_kind,
     mesh=dict(mesh.shape),

@@ -1,23 +1,109 @@
-"""Held-out evaluation sets as arrays, read through the eval tasks (eval preprocessing).
+"""Held-out evaluation sets as plain arrays: what every evaluator consumes.
 
-- `classification(config)`: the JFT-style source's eval split (Fashion-MNIST test for
-  the demo) with its ClassLabel names, for zero-shot and frozen-feature evaluation.
-- `alt_text(config)`: the alt-text source's eval split (emoji validation), one image per
-  distinct caption (the two vendors draw the same emoji under the same caption; keeping
-  both would make text->image retrieval ambiguous), for retrieval and captioning.
+Legend: N examples, S image size, C classes.
 
-Both read the first `config.eval.num_examples` rows (0: all) in the split's stored order,
-so every evaluation sees the same examples.
+- classification: the JFT-style source's eval split (Fashion-MNIST test for the demo)
+  with its ClassLabel names, for zero-shot and frozen-feature evaluation;
+- alt_text: the alt-text source's eval split (emoji validation), one image per distinct
+  caption (the two vendors draw the same emoji under the same caption; keeping both would
+  make text->image retrieval ambiguous), for retrieval and captioning.
+
+Both are read through the eval tasks (the eval preprocessing of coca_jax/data/images.py),
+the first `config.eval.num_examples` rows (0: all) in the split's stored order, so every
+evaluation sees the same examples. `load` reads them once per config.
 """
 
-import seqio
-import tensorflow_datasets as tfds
+import dataclasses
+import functools
+import json
 
-from coca_jax.data import prepare, tasks
+import ml_collections
+import numpy as np
+
+
+@dataclasses.dataclass
+class ClassificationSet:
+  """images [N, S, S, 3] float32 preprocessed as in eval; labels [N] int; C class names."""
+
+  images: np.ndarray
+  labels: np.ndarray
+  class_names: list[str]
+  name: str = "classification"
+
+  def take(self, n: int) -> "ClassificationSet":
+    if not n:
+      return self
+    return dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n])
+
+
+@dataclasses.dataclass
+class CaptionSet:
+  """images [N, S, S, 3] float32 preprocessed; captions: N lists of reference strings."""
+
+  images: np.ndarray
+  captions: list[list[str]]
+  name: str = "alt_text"
+
+  def take(self, n: int) -> "CaptionSet":
+    if not n:
+      return self
+    return dataclasses.replace(self, images=self.images[:n], captions=self.captions[:n])
+
+  def flat_texts(self) -> tuple[list[str], np.ndarray]:
+    """-> (all J captions, [J] index of each caption's image)."""
+    texts = [c for caps in self.captions for c in caps]
+    owner = np.asarray([i for i, caps in enumerate(self.captions) for _ in caps], np.int64)
+    return texts, owner
+
+
+@dataclasses.dataclass
+class EvalSets:
+  classification: ClassificationSet | None = None
+  alt_text: CaptionSet | None = None
+
+
+def synthetic(
+  image_size: int, num_examples: int = 64, num_classes: int = 10, seed: int = 0
+) -> EvalSets:
+  """Random images with made-up class names and captions: for smoke tests and the
+  synthetic training source (metrics near chance by construction)."""
+  rng = np.random.default_rng(seed)
+  names = [f"class {chr(ord('a') + c)}" for c in range(num_classes)]
+  images = rng.standard_normal((num_examples, image_size, image_size, 3)).astype(np.float32)
+  labels = rng.integers(0, num_classes, num_examples)
+  words = ["red", "green", "blue", "smiling", "face", "cat", "dog", "flag", "heart", "star"]
+  captions = [
+    [" ".join(rng.choice(words, 3)) for _ in range(1 + i % 2)]  # 1 or 2 captions per image
+    for i in range(num_examples)
+  ]
+  return EvalSets(
+    classification=ClassificationSet(images, labels, names, name="synthetic_classes"),
+    alt_text=CaptionSet(images, captions, name="synthetic_captions"),
+  )
+
+
+def load(config) -> EvalSets:
+  """The config's held-out sets (synthetic ones for the synthetic source), read once per
+  config: periodic evaluations and the final report reuse them."""
+  return _load(config.to_json_best_effort(sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _load(config_json: str) -> EvalSets:
+  config = ml_collections.ConfigDict(json.loads(config_json))
+  if config.data.source == "synthetic":
+    return synthetic(config.model.vision.image_size, seed=config.data.seed)
+  from coca_jax.data import loader
+
+  config = loader.resolve(config)
+  return EvalSets(classification=_classification(config), alt_text=_alt_text(config))
 
 
 def _rows(config, kind: str):
-  prepare.ensure_demo_data(config.data)
+  import seqio
+
+  from coca_jax.data import tasks
+
   tasks.register(config.data)
   task = seqio.get_mixture_or_task(config.data[kind].task_name + tasks.EVAL_SUFFIX)
   ds = task.get_dataset(
@@ -27,14 +113,18 @@ def _rows(config, kind: str):
 
 
 def class_names(config) -> list[str]:
+  """The ClassLabel names of the JFT-style source (a prepared TFDS dataset)."""
+  import tensorflow_datasets as tfds
+
+  from coca_jax.data import tasks
+
   c = config.data.jft_style
   name, version = c.tfds_name.split(":")
   builder = tfds.builder_from_directory(f"{tasks.tfds_data_dir(config.data, c)}/{name}/{version}")
   return list(builder.info.features["label"].names)
 
 
-def classification(config) -> dict:
-  """-> images [N, S, S, 3] float32, labels [N] int, class_names [C], name."""
+def _classification(config) -> ClassificationSet:
   limit = config.eval.num_examples
   images, labels = [], []
   for row in _rows(config, "jft_style"):
@@ -42,16 +132,15 @@ def classification(config) -> dict:
     labels.append(int(row["label"]))
     if len(images) == limit:
       break
-  return dict(
-    images=images,
-    labels=labels,
-    class_names=class_names(config),
+  return ClassificationSet(
+    np.asarray(images, np.float32),
+    np.asarray(labels),
+    class_names(config),
     name=f"{config.data.jft_style.task_name}_eval",
   )
 
 
-def alt_text(config) -> dict:
-  """-> images [N, S, S, 3] float32, captions: N lists of one reference, name."""
+def _alt_text(config) -> CaptionSet:
   limit = config.eval.num_examples
   images, captions, seen = [], [], set()
   for row in _rows(config, "alt_text"):
@@ -63,4 +152,6 @@ def alt_text(config) -> dict:
     captions.append([caption])
     if len(images) == limit:
       break
-  return dict(images=images, captions=captions, name=f"{config.data.alt_text.task_name}_eval")
+  return CaptionSet(
+    np.asarray(images, np.float32), captions, name=f"{config.data.alt_text.task_name}_eval"
+  )

@@ -1,14 +1,95 @@
-"""PIL image -> RGB pixels, shared by the input pipeline and the inference API (no
-TensorFlow here, so inference does not import it)."""
+"""Images to model pixels, without TensorFlow: shared by the input pipeline's eval tasks
+and the inference API, so that evaluation during training and serving see the same
+pixels for the same image.
+
+Legend: h/w an input image's size, S the model's image size.
+"""
+
+import io
+import os
 
 import numpy as np
 from PIL import Image
 
 
+class ImageError(ValueError):
+  """An input image that is missing or cannot be decoded; the message names it."""
+
+
+class ImageShapeError(ImageError):
+  """Decoded, but the pixels are not [h, w] or [h, w, c] with h, w > 0."""
+
+
 def to_rgb(image: Image.Image) -> np.ndarray:
-  """[H, W, 3] uint8: grey and palette to RGB, alpha composited on white."""
+  """[h, w, 3] uint8: grey and palette to RGB, alpha composited on white."""
   if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image = Image.alpha_composite(white, rgba)
   return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def decode(encoded: bytes) -> np.ndarray:
+  """Encoded image bytes -> [h, w, 3] uint8 RGB.
+
+  Raises ImageError for bytes PIL cannot decode, ImageShapeError for an image whose
+  pixel array is not [h, w] or [h, w, c] with h, w > 0 (e.g. an empty image).
+  """
+  try:
+    image = Image.open(io.BytesIO(encoded))
+    image.load()
+  except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
+    raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from e
+  pixels = np.asarray(image)
+  if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) == 0:
+    raise ImageShapeError(f"image of shape {pixels.shape}")
+  return to_rgb(image)
+
+
+def read(item) -> np.ndarray:
+  """A path, PIL image or array -> [h, w, 3] uint8 RGB. Raises ImageError naming the path.
+
+  Arrays: [h, w], [h, w, 1|3|4], uint8 0..255 or float 0..1.
+  """
+  if isinstance(item, (str, os.PathLike)):
+    path = os.fspath(item)
+    if not os.path.exists(path):
+      raise ImageError(f"{path}: no such file")
+    try:
+      with open(path, "rb") as f:
+        return decode(f.read())
+    except (ImageError, OSError) as e:
+      raise ImageError(f"{path}: not a readable image ({e})") from e
+  if isinstance(item, Image.Image):
+    return to_rgb(item)
+  array = np.asarray(item)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+    raise ImageError(f"array of shape {array.shape} is not an image ([h, w] or [h, w, 1|3|4])")
+  if array.dtype != np.uint8:
+    array = np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+  return to_rgb(Image.fromarray(array))
+
+
+def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
+  """[..., 3] in [0, 255] -> float32 (x / 255 - mean) / std."""
+  scaled = np.asarray(pixels, np.float32) / 255.0
+  return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def eval_pixels(rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
+  """The evaluation transform: [h, w, 3] uint8 -> [S, S, 3] float32 (S = size).
+
+  The shorter side is resized to S (bilinear, with PIL's antialiasing when shrinking),
+  the longer to the nearest integer keeping the aspect ratio, then the centre S x S crop
+  is normalised.
+  """
+  image = Image.fromarray(np.asarray(rgb, np.uint8))
+  scale = size / min(image.size)
+  width = max(size, round(image.size[0] * scale))
+  height = max(size, round(image.size[1] * scale))
+  image = image.resize((width, height), Image.BILINEAR)
+  left, top = (width - size) // 2, (height - size) // 2
+  image = image.crop((left, top, left + size, top + size))
+  return normalize(np.asarray(image), mean, std)

@@ -1,15 +1,13 @@
 """Host-local batches of the seqio mixture, in the model's batch format.
 
-    {"image": [b, S, S, 3] float32,
-     "text": {"ids":    [b, T] int32  BOS(=0), t1 .. tn, 0 ...
-              "labels": [b, T] int32  t1 .. tn, EOS(=1), 0 ...
-              "mask":   [b, T] int32  1 over the n + 1 real positions}}
+    {"image": [b, S, S, 3] float32, "text": {"ids", "labels", "mask": [b, T] int32}}
 
-with b = local batch, T = config.data.max_text_len, n <= T - 1 (longer texts are cut).
+with b = local batch, T = config.data.max_text_len; the text arrays follow the token
+contract of coca_jax/tokens.py (texts longer than T - 1 tokens are cut).
 
 Sharding: each process reads only its data shard, `seqio.ShardInfo(shard_index,
 num_shards)` where the caller passes the data-replica index of its devices (see
-coca_jax.sharding.host_data_shard), not blindly the process index.
+coca_jax/data/loader.py), not blindly the process index.
 
 Determinism and resume: with `config.data.seed` the batch sequence is a pure function of
 the seed and the shard (seeded shuffles, stateless random augmentation and mixture
@@ -20,24 +18,13 @@ slow hosts); only the step is stored in the checkpoint.
 """
 
 import logging
-import os
 from typing import Iterator
 
 import seqio
 import tensorflow as tf
 
+from coca_jax import tokens
 from coca_jax.data import preprocess, tasks
-
-
-def to_model_batch(text: tf.Tensor, max_len: int) -> dict:
-  """Token ids [n] -> ids, labels, mask [max_len] (see the module docstring)."""
-  tokens = text[: max_len - 1]
-  n = tf.shape(tokens)[0]
-  pad = max_len - 1 - n
-  ids = tf.concat([[0], tokens, tf.zeros([pad], tf.int32)], 0)
-  labels = tf.concat([tokens, [1], tf.zeros([pad], tf.int32)], 0)
-  mask = tf.cast(tf.range(max_len) <= n, tf.int32)
-  return dict(ids=ids, labels=labels, mask=mask)
 
 
 def _options(data_config) -> tf.data.Options:
@@ -58,7 +45,7 @@ def _dataset(
 ):
   if data_config.data_dir == "":
     raise ValueError(
-      "config.data.data_dir is empty: call coca_jax.data.prepare.ensure_demo_data(config.data) first"
+      "config.data.data_dir is empty: resolve the config first (coca_jax.data.loader.resolve)"
     )
   tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
   ds = seqio.get_mixture_or_task(mixture).get_dataset(
@@ -70,18 +57,24 @@ def _dataset(
     shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
     seed=seed,
   )
-  max_len = data_config.max_text_len
-  ds = ds.map(
-    lambda ex: dict(image=ex["image"], text=to_model_batch(ex["text"], max_len)),
-    num_parallel_calls=tf.data.AUTOTUNE,
-  )
+  width = data_config.max_text_len - 1  # room for BOS (inputs) / EOS (labels)
+
+  def pad(example):
+    text = example["text"][:width]
+    length = tf.shape(text)[0]
+    padded = tf.pad(text, [[0, width - length]], constant_values=tokens.PAD_ID)
+    return dict(image=example["image"], tokens=padded, length=length)
+
+  ds = ds.map(pad, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(local_batch_size, drop_remainder=True)
   return ds.with_options(_options(data_config)).prefetch(2)
 
 
-def _numpy_batches(ds: tf.data.Dataset, start_step: int) -> Iterator[dict]:
+def _numpy_batches(ds: tf.data.Dataset, start_step: int, max_len: int) -> Iterator[dict]:
   reported = dict(preprocess.BAD_DATA)
-  for batch in ds.skip(start_step).as_numpy_iterator():
+  for rows in ds.skip(start_step).as_numpy_iterator():
+    text = tokens.model_text(rows["tokens"], rows["length"], max_len)
+    batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
       reported = dict(preprocess.BAD_DATA)
       logging.warning(
@@ -91,51 +84,38 @@ def _numpy_batches(ds: tf.data.Dataset, start_step: int) -> Iterator[dict]:
     yield batch
 
 
-def train_batches(
-  data_config, *, shard_index: int, num_shards: int, local_batch_size: int, start_step: int = 0
-) -> Iterator[dict]:
-  """Endless training batches of this host's shard, from `start_step` on."""
-  mixture, _ = tasks.register(data_config)
-  ds = _dataset(
-    data_config, mixture, "train", shard_index, num_shards, local_batch_size, data_config.seed
-  )
-  return _numpy_batches(ds, start_step)
+SPLITS = ("train", "eval")
 
 
-def eval_batches(
-  data_config, *, shard_index: int, num_shards: int, local_batch_size: int
+def batches(
+  data_config,
+  split: str,
+  *,
+  shard_index: int,
+  num_shards: int,
+  local_batch_size: int,
+  start_step: int = 0,
 ) -> Iterator[dict]:
-  """Endless held-out batches (eval preprocessing, the sources' eval splits), always the
-  same sequence for a given seed: eval losses are comparable across steps."""
-  _, mixture = tasks.register(data_config)
-  ds = _dataset(
-    data_config,
-    mixture,
-    "validation",
-    shard_index,
-    num_shards,
-    local_batch_size,
-    data_config.seed + 1,
+  """Endless batches of this host's shard, from `start_step` on.
+
+  split "train": the training mixture (random crops), seed config.data.seed. "eval": the
+  sources' held-out splits with eval preprocessing, seed + 1, always the same sequence so
+  that eval losses are comparable across steps.
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split {split!r}; expected one of {SPLITS}")
+  train_mixture, eval_mixture = tasks.register(data_config)
+  mixture, seqio_split, seed = (
+    (train_mixture, "train", data_config.seed)
+    if split == "train"
+    else (eval_mixture, "validation", data_config.seed + 1)
   )
-  return _numpy_batches(ds, 0)
+  ds = _dataset(
+    data_config, mixture, seqio_split, shard_index, num_shards, local_batch_size, seed
+  )
+  return _numpy_batches(ds, start_step, data_config.max_text_len)
 
 
 def bad_data_counts() -> dict:
   """Rows dropped so far in this process, by reason."""
   return dict(preprocess.BAD_DATA)
-
-
-def vocab_size(vocab_path: str) -> int:
-  if not os.path.exists(vocab_path):
-    raise FileNotFoundError(f"config.data.vocab_path: no SentencePiece model at {vocab_path!r}")
-  return seqio.SentencePieceVocabulary(vocab_path).vocab_size
-
-
-def check_vocab(config) -> None:
-  """The model's vocabulary must hold every id of the tokenizer."""
-  n = vocab_size(config.data.vocab_path)
-  if n > config.model.text.vocab_size:
-    raise ValueError(
-      f"config.model.text.vocab_size={config.model.text.vocab_size} is smaller than the "
-      f"vocabulary at config.data.vocab_path ({n} pieces, {config.data.vocab_path})"
-    )

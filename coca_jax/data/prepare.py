@@ -18,16 +18,25 @@ import os
 
 from absl import app, flags
 
-from coca_jax.data import config as config_lib
+from coca_jax.config import JFT_TEMPLATES
 from coca_jax.data import raw
 
 VOCAB_FILE = os.path.join("vocab", "coca_demo.model")
+VOCAB_SIZE = 1_000
 DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.0.0")
+
+
+def default_data_dir() -> str:
+  """Where prepare writes (raw packages, TFDS datasets, vocabulary): $COCA_JAX_DATA or
+  ~/.cache/coca_jax."""
+  return os.environ.get(
+    "COCA_JAX_DATA", os.path.join(os.path.expanduser("~"), ".cache", "coca_jax")
+  )
 
 
 def paths(data_dir: str = "") -> dict:
   """The demo's folders and files under `data_dir` ("" = the default)."""
-  root = data_dir or config_lib.default_data_dir()
+  root = data_dir or default_data_dir()
   return dict(
     root=root,
     raw=os.path.join(root, "raw"),
@@ -57,7 +66,7 @@ def jft_texts(templates, label_names) -> list[str]:
   ]
 
 
-def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) -> dict:
+def prepare(data_dir: str = "", vocab_size: int = VOCAB_SIZE) -> dict:
   """Runs the three steps above, skipping finished ones; returns `paths(data_dir)`."""
   import tensorflow_datasets as tfds
 
@@ -86,10 +95,9 @@ def prepare(data_dir: str = "", vocab_size: int = config_lib.DEMO_VOCAB_SIZE) ->
     print(f"[prepare] 3/3 vocabulary: already at {p['vocab']}", flush=True)
   else:
     print(f"[prepare] 3/3 training a {vocab_size}-piece SentencePiece vocabulary", flush=True)
-    defaults = config_lib.get_config()
     texts = [r["caption"] for r in raw.emoji_records(fetched) if r["split"] == "train"]
     for names in raw.FASHION_MNIST_CLASSES:
-      texts += jft_texts(defaults.jft_style.templates, names)
+      texts += jft_texts(JFT_TEMPLATES, names)
     vocab.train(texts, p["vocab"], vocab_size)
     print(f"[prepare]     {len(texts)} texts -> {p['vocab']}", flush=True)
   print("[prepare] done", flush=True)
@@ -105,25 +113,17 @@ def uses_demo_data(data_config) -> bool:
   )
 
 
-def ensure_demo_data(data_config) -> None:
-  """Prepares the demo data on first use and fills in the config's derived paths
-  (`data_dir`, `vocab_path`), so config.json and exports name the real files."""
-  if not data_config.data_dir:
-    data_config.data_dir = config_lib.default_data_dir()
-  p = paths(data_config.data_dir)
+def ensure(data_config) -> None:
+  """Builds the demo data on first use when `data_config` (with `data_dir` resolved)
+  reads it and it is missing; an error when config.data.prepare_demo is off."""
   if uses_demo_data(data_config) and not is_prepared(data_config.data_dir):
     if not data_config.prepare_demo:
+      root = paths(data_config.data_dir)["root"]
       raise FileNotFoundError(
-        f"demo data missing under {p['root']} and config.data.prepare_demo is off; run "
-        f"`python -m coca_jax.data.prepare --data_dir={p['root']}`"
+        f"demo data missing under {root} and config.data.prepare_demo is off; run "
+        f"`python -m coca_jax.data.prepare --data_dir={root}`"
       )
     prepare(data_config.data_dir)
-  if not data_config.vocab_path:
-    data_config.vocab_path = p["vocab"]
-  if not os.path.exists(data_config.vocab_path):
-    raise FileNotFoundError(
-      f"config.data.vocab_path: no SentencePiece model at {data_config.vocab_path!r}"
-    )
 
 
 def main(argv):
@@ -139,5 +139,5 @@ if __name__ == "__main__":
   # Flags are defined only when run as a program, so importing this module from the
   # trainer adds none.
   flags.DEFINE_string("data_dir", "", "Output folder ('' = $COCA_JAX_DATA or ~/.cache/coca_jax).")
-  flags.DEFINE_integer("vocab_size", config_lib.DEMO_VOCAB_SIZE, "SentencePiece pieces (at most).")
+  flags.DEFINE_integer("vocab_size", VOCAB_SIZE, "SentencePiece pieces (at most).")
   app.run(main)

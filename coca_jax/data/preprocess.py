@@ -5,20 +5,18 @@ dropped and counted) -> a text maker (`jft_text` or `alt_text`) -> `tokenize_tex
 `train_image` (random resized crop, optional flip) or `eval_image` (resize + center
 crop), both ending in `normalize`. Every task therefore emits the same features:
   image              [S, S, 3] float32, (pixel / 255 - mean) / std
-  text               [n] int32 SentencePiece ids (no BOS/EOS; pipeline.to_model_batch adds them)
+  text               [n] int32 SentencePiece ids (no BOS/EOS; coca_jax.tokens adds them)
   text_pretokenized  []  string
 """
 
 import collections
-import io
 import logging
 
 import numpy as np
 import seqio
 import tensorflow as tf
-from PIL import Image
 
-from coca_jax.data.images import to_rgb
+from coca_jax.data import images
 
 # Rows dropped by decode_and_validate, by reason, in this process. tf.data runs the
 # check in its own threads; increments happen under the GIL.
@@ -30,30 +28,16 @@ UNDECODABLE, WRONG_RANK, EMPTY_TEXT = (
 )
 
 
-def decode_rgb(encoded: bytes) -> np.ndarray:
-  """Encoded image -> [H, W, 3] uint8; grey and palette to RGB, alpha composited on white.
-
-  Raises ValueError for an image whose pixel array is not [H, W] or [H, W, C] with
-  H, W > 0 (e.g. an empty image); PIL raises its own errors for undecodable bytes.
-  """
-  image = Image.open(io.BytesIO(encoded))
-  image.load()
-  pixels = np.asarray(image)
-  if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) == 0:
-    raise ValueError(f"image of shape {pixels.shape}")
-  return to_rgb(image)
-
-
 def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:
   """numpy side of decode_and_validate: (image or a 1x1 placeholder, keep?)."""
   if not any(part.strip() for part in np.atleast_1d(text_parts)):
     BAD_DATA[EMPTY_TEXT] += 1
     return np.zeros((1, 1, 3), np.uint8), False
   try:
-    return decode_rgb(encoded), True
-  except ValueError:
+    return images.decode(encoded), True
+  except images.ImageShapeError:
     BAD_DATA[WRONG_RANK] += 1
-  except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError ...)
+  except images.ImageError as e:
     logging.debug("dropping undecodable image: %s", e)
     BAD_DATA[UNDECODABLE] += 1
   return np.zeros((1, 1, 3), np.uint8), False
@@ -115,7 +99,9 @@ def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
 
 
 def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
-  """[H, W, 3] in [0, 255] -> float32 (x / 255 - mean) / std."""
+  """[H, W, 3] in [0, 255] -> float32 (x / 255 - mean) / std: the in-graph twin of
+  images.normalize for the training path, which stays in TensorFlow so that random crops
+  run in tf.data's threads without the GIL."""
   return (tf.cast(image, tf.float32) / 255.0 - tf.constant(mean, tf.float32)) / tf.constant(
     std, tf.float32
   )
@@ -144,13 +130,12 @@ def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, fl
 
 @seqio.map_over_dataset
 def eval_image(example, size: int, mean, std):
-  """Resize the shorter side to `size`, center crop [size, size], normalize."""
-  image = example["image"]
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = size / tf.reduce_min(shape)
-  resized = tf.cast(tf.math.ceil(shape * scale), tf.int32)
-  image = tf.image.resize(image, resized, antialias=True)
-  top, left = (resized[0] - size) // 2, (resized[1] - size) // 2
-  image = image[top : top + size, left : left + size]
+  """Resize the shorter side to `size`, center crop [size, size], normalize: the same
+  function (images.eval_pixels) as the inference API's, run through tf.numpy_function."""
+
+  def pixels(rgb):
+    return images.eval_pixels(rgb, size, mean, std)
+
+  image = tf.numpy_function(pixels, [example["image"]], tf.float32, stateful=False)
   image.set_shape([size, size, 3])
-  return {**example, "image": normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)}
+  return {**example, "image": image}

@@ -5,49 +5,39 @@ of (seed, k, r): resuming at step k is free and exact, and any split of the glob
 into host shards yields the same global batch (single- vs multi-process runs agree).
 """
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
+from coca_jax import tokens
+
 
 def batch(
-  seed: int,
-  step: int,
-  shard_index: int,
-  local_batch_size: int,
-  image_size: int,
-  max_text_len: int,
-  vocab_size: int,
+  seed: int, step: int, rows: Sequence[int], image_size: int, max_text_len: int, vocab_size: int
 ) -> dict:
-  """Rows [shard_index * b, (shard_index + 1) * b) of global batch `step`, b = local_batch_size.
+  """Global rows `rows` of batch `step`, in that order.
 
-  Returns {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}}.
+  Returns {"image": [b,H,W,3] f32, "text": {"ids","labels","mask": [b,T] int32}} with
+  b = len(rows); texts of 0 .. T - 2 random tokens (ids above EOS).
   """
-  rows = range(shard_index * local_batch_size, (shard_index + 1) * local_batch_size)
-  rngs = [np.random.default_rng((seed, step, row)) for row in rows]
-  tokens = np.stack([rng.integers(3, vocab_size, max_text_len) for rng in rngs]).astype(np.int32)
-  lengths = np.array([rng.integers(1, max_text_len) for rng in rngs])  # real tokens incl. EOS
+  rngs = [np.random.default_rng((seed, step, int(row))) for row in rows]
+  width = max_text_len - 1
+  token_rows = np.stack([rng.integers(tokens.EOS_ID + 1, vocab_size, width) for rng in rngs])
+  lengths = np.array([rng.integers(0, width) for rng in rngs])
   image = np.stack([rng.standard_normal((image_size, image_size, 3), np.float32) for rng in rngs])
-  positions = np.arange(max_text_len)[None]
-  mask = (positions < lengths[:, None]).astype(np.int32)
-  labels = np.where(positions == lengths[:, None] - 1, 1, tokens) * mask  # EOS = 1
-  ids = np.concatenate(
-    [np.zeros((local_batch_size, 1), np.int32), labels[:, :-1]], axis=1
-  )  # BOS = 0
-  return dict(image=image, text=dict(ids=ids, labels=labels, mask=mask))
+  return dict(image=image, text=tokens.model_text(token_rows, lengths, max_text_len))
 
 
 def batches(
-  config, *, shard_index: int, local_batch_size: int, start_step: int = 0, seed: int | None = None
+  config, rows: Sequence[int], *, start_step: int = 0, seed: int | None = None
 ) -> Iterator[dict]:
-  """Endless host batches from `start_step` on, shaped by `config.model` and `config.data`."""
+  """Endless host batches of global rows `rows` from `start_step` on, shaped by the config."""
   step = start_step
   while True:
     yield batch(
       config.data.seed if seed is None else seed,
       step,
-      shard_index,
-      local_batch_size,
+      rows,
       config.model.vision.image_size,
       config.data.max_text_len,
       config.model.text.vocab_size,

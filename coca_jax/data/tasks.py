@@ -91,8 +91,17 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
   ]
 
 
+# The data config whose tasks are in seqio's registries now (as JSON): registering is
+# skipped while it stays the same, so periodic evaluations do not rebuild the registry.
+_registered = {"config": None}
+
+
 def register(data_config) -> tuple[str, str]:
-  """(Re-)registers the tasks and mixtures of `data_config`; -> (train, eval) mixture names."""
+  """Registers the tasks and mixtures of `data_config` (again only when it changed);
+  -> (train, eval) mixture names."""
+  key = data_config.to_json_best_effort(sort_keys=True)
+  if _registered["config"] == key:
+    return MIXTURE, EVAL_MIXTURE
   features = output_features(data_config.vocab_path)
   train_tasks, eval_tasks = [], []
   for kind, rate in data_config.rates.items():
@@ -119,4 +128,5 @@ def register(data_config) -> tuple[str, str]:
   for mixture, tasks in ((MIXTURE, train_tasks), (EVAL_MIXTURE, eval_tasks)):
     seqio.MixtureRegistry.remove(mixture)
     seqio.MixtureRegistry.add(mixture, tasks)
+  _registered["config"] = key
   return MIXTURE, EVAL_MIXTURE

@@ -28,18 +28,17 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS.export:
     raise app.UsageError("--export=DIR is required")
-  from coca_jax import evaluate, inference
-  from coca_jax.evaluate import datasets
+  from coca_jax import evaluate, export, predict
+  from coca_jax.data import eval_sets
 
-  loaded = inference.load(FLAGS.export)
-  config = loaded.config
+  model, config = export.load_model(FLAGS.export)
   if FLAGS.config is not None:
-    config.unlock()
     config.eval = FLAGS.config.eval
-  sets = datasets.load(config)
-  metrics = evaluate.run(
-    loaded.module, config, step=FLAGS.step, workdir=FLAGS.workdir, datasets=sets, vocab=loaded.vocab
+  predictor = predict.Predictor(
+    model, config, export.load_vocab(FLAGS.export, config), config.eval.batch_size
   )
+  sets = eval_sets.load(config)
+  metrics = evaluate.run(predictor, config, step=FLAGS.step, workdir=FLAGS.workdir, datasets=sets)
   print(evaluate.report(metrics, evaluate.chance_levels(config, sets)))
   print(json.dumps(metrics, sort_keys=True))
 

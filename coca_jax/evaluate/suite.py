@@ -1,6 +1,6 @@
 """The evaluation suite the trainer runs every `config.train.eval_every` steps.
 
-    metrics = evaluate.run(model, config, step=step, workdir=workdir, writer=writer)
+    metrics = evaluate.run(predictor, config, step=step, workdir=workdir, writer=writer)
 
 Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale):
   zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble
@@ -10,25 +10,15 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale):
   frozen/accuracy, frozen/train_accuracy    fresh pooler + classifier on frozen tokens
 """
 
-import functools
-import json
 import os
 import time
 
 import numpy as np
 from absl import logging
 
-from coca_jax import decode
-from coca_jax.evaluate import (
-  captioning,
-  encoders,
-  frozen,
-  retrieval,
-  zero_shot,
-)
-from coca_jax.evaluate import (
-  datasets as datasets_lib,
-)
+from coca_jax import predict
+from coca_jax.data import eval_sets
+from coca_jax.evaluate import captioning, frozen, retrieval, zero_shot
 
 EVALS = ("zero_shot", "retrieval", "captioning", "frozen")
 SAMPLE_CAPTIONS = 4  # logged at each captioning eval
@@ -42,53 +32,29 @@ def enabled_evals(eval_config) -> list[str]:
   return names
 
 
-def decode_options(config, **overrides) -> decode.DecodeOptions:
-  """config.eval.decode (+ overrides); max_length 0 or beyond the model means
-  config.model.text.max_len."""
-  max_len = config.model.text.max_len
-  requested = overrides.pop("max_length", None) or config.eval.decode.max_length
-  max_length = min(requested, max_len) if requested else max_len
-  return decode.DecodeOptions.from_config(config.eval.decode, max_length=max_length, **overrides)
-
-
-def eval_sets(config) -> datasets_lib.EvalSets:
-  """The config's held-out sets, read once per config (periodic evals and the final
-  report reuse them)."""
-  return _cached_sets(config.to_json_best_effort())
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_sets(config_json: str):
-  import ml_collections
-
-  return datasets_lib.load(ml_collections.ConfigDict(json.loads(config_json)))
-
-
 def run(
-  model, config, *, step: int, workdir: str | None = None, writer=None, datasets=None, vocab=None
+  predictor: predict.Predictor,
+  config,
+  *,
+  step: int,
+  workdir: str | None = None,
+  writer=None,
+  datasets: eval_sets.EvalSets | None = None,
 ) -> dict[str, float]:
   """Runs the evals named in config.eval.evals; returns {name: value}.
 
-  model: a CoCa module (possibly with sharded params). writer: a clu metric writer, or
-  None; scalars go to it as "eval/<name>" at `step`. workdir: where the caption gallery
-  goes (<workdir>/eval/captions_<step>.html); None skips it. datasets: an
-  `EvalSets` (default: loaded once through the data package). vocab: SentencePiece
-  processor or seqio vocabulary (default: config.data.vocab_path).
+  predictor: the model's prediction functions (coca_jax.predict). writer: a clu metric
+  writer, or None; scalars go to it as "eval/<name>" at `step`. workdir: where the
+  caption gallery goes (<workdir>/eval/captions_<step>.html); None skips it. datasets:
+  an `EvalSets` (default: the config's, read once by coca_jax.data.eval_sets.load).
   """
   names = enabled_evals(config.eval)
   if not names:
     return {}
   eval_config = config.eval
   if datasets is None:
-    datasets = eval_sets(config)
-  if vocab is None:
-    vocab = encoders.load_vocab(config.data.vocab_path)
-  encoder = encoders.Encoders(model, eval_config.batch_size)
-  max_len = config.model.text.max_len
+    datasets = eval_sets.load(config)
   n = eval_config.num_examples
-
-  def embed_texts(texts):
-    return encoder.embed_texts(*encoders.tokenize(vocab, texts, max_len))
 
   metrics, timings = {}, {}
   for name in names:
@@ -96,20 +62,19 @@ def run(
     if name == "zero_shot":
       data = _require(datasets.classification, name).take(n)
       classifier = zero_shot.class_embeddings(
-        embed_texts, data.class_names, eval_config.zero_shot.templates
+        predictor.embed_texts, data.class_names, eval_config.zero_shot.templates
       )
       result = zero_shot.evaluate(
-        encoder.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k
+        predictor.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k
       )
     elif name == "retrieval":
       data = _require(datasets.alt_text, name).take(n)
       texts, owner = data.flat_texts()
-      similarity = encoder.embed_images(data.images) @ embed_texts(texts).T
+      similarity = predictor.embed_images(data.images) @ predictor.embed_texts(texts).T
       result = retrieval.recall_at_k(similarity, owner, eval_config.retrieval.recall_at)
     elif name == "captioning":
       data = _require(datasets.alt_text, name).take(n)
-      tokens, _ = encoder.caption(data.images, decode_options(config), seed=eval_config.decode.seed)
-      predictions = encoders.detokenize(vocab, tokens)
+      predictions = predictor.caption(data.images, seed=eval_config.decode.seed)
       result = captioning.score(predictions, data.captions)
       for prediction, references in list(zip(predictions, data.captions))[:SAMPLE_CAPTIONS]:
         logging.info(
@@ -126,7 +91,7 @@ def run(
         )
     else:  # frozen
       data = _require(datasets.classification, "frozen").take(n)
-      result = _frozen_eval(encoder, data, config)
+      result = _frozen_eval(predictor, data, config)
     metrics.update({f"{name}/{k}": v for k, v in result.items()})
     timings[f"{name}/seconds"] = time.time() - start
   if writer is not None:
@@ -142,7 +107,7 @@ def _require(dataset, eval_name):
 
 
 def _frozen_eval(
-  encoder: encoders.Encoders, data: datasets_lib.ClassificationSet, config
+  predictor: predict.Predictor, data: eval_sets.ClassificationSet, config
 ) -> dict[str, float]:
   cfg = config.eval.frozen
   order = np.random.default_rng(cfg.seed).permutation(len(data.labels))
@@ -151,7 +116,7 @@ def _frozen_eval(
     raise ValueError(
       f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of {len(order)}"
     )
-  tokens = encoder.image_tokens(data.images)
+  tokens = predictor.image_tokens(data.images)
   train, test = order[:cut], order[cut:]
   return frozen.train_and_score(
     tokens[train],
@@ -168,7 +133,7 @@ def _frozen_eval(
   )
 
 
-def chance_levels(config, datasets: datasets_lib.EvalSets) -> dict[str, float]:
+def chance_levels(config, datasets: eval_sets.EvalSets) -> dict[str, float]:
   """What a random model scores on the same metrics and splits."""
   n = config.eval.num_examples
   chance = {}

@@ -26,12 +26,21 @@ def sincos_2d(grid: int, width: int) -> np.ndarray:
   return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
 
 
-def resize_pos_embedding(pos: jax.Array, new_grid: int) -> jax.Array:
-  """Bilinearly resamples a learned [G*G, D] position embedding to [new_grid^2, D].
+# Where the learned position embedding sits in the CoCa parameter tree: the one
+# parameter whose shape depends on the image size.
+POS_EMBEDDING_PATH = ("vision", "pos_embedding")
+
+
+def resize_pos_embedding(pos: jax.Array, new_tokens: int) -> jax.Array:
+  """Bilinearly resamples a learned [G*G, D] position embedding to [new_tokens, D]
+  (a square grid).
 
   Used when a checkpoint trained at one resolution continues at another (the paper's
   final epoch at 576px after pretraining at 288px).
   """
+  new_grid = int(round(new_tokens**0.5))
+  if new_grid * new_grid != new_tokens:
+    raise ValueError(f"{new_tokens} position embedding rows are not a square grid")
   old_grid = int(round(pos.shape[0] ** 0.5))
   if old_grid * old_grid != pos.shape[0]:
     raise ValueError(f"position embedding of {pos.shape[0]} rows is not a square grid")

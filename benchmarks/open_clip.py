@@ -1,6 +1,8 @@
 """Training throughput of coca_jax vs open_clip's CoCa (PyTorch), same model size, this CPU.
 
-    python -m coca_jax.bench open_clip [--width=256] [--batch_size=32] [--steps=20] [--no_install]
+    python benchmarks/open_clip.py [--width=256] [--batch_size=32] [--steps=20] [--no_install]
+
+(from the repository root; it lives outside the coca_jax package because it installs torch.)
 
 Both sides train the same shapes from random init on synthetic data (no downloads):
 width D=256, 4 heads, ViT 4 layers MLP 1024 on 64x64 images in 8x8 patches (64 tokens),
@@ -21,8 +23,8 @@ git), so the project's environment never sees torch. Without it the script creat
     python3.11 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.14.1 \\
         torchvision==0.29.1 open-clip-torch==3.3.0
 (pip takes torch and torchvision from this machine's local wheel store; 5.5 GB). The
-PyTorch side is coca_jax/bench/_open_clip_worker.py, run there as a subprocess that
-prints one JSON line; the JAX side runs in this process with the trainer's own step.
+PyTorch side is benchmarks/open_clip_worker.py, run there as a subprocess that prints
+one JSON line; the JAX side runs in this process with the trainer's own step.
 
 The two models are the same size, not the same architecture (parameter counts printed):
 - open_clip's vision tower has one 256-query (here `caption_queries`) attentional pooler;
@@ -54,20 +56,22 @@ import jax
 import numpy as np
 
 from coca_jax import config as config_lib
-from coca_jax import flops, optim, sharding
+from coca_jax import flops, sharding
+from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.data import synthetic
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("_open_clip_worker.py")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("open_clip_worker.py")
 BENCH_VENV = REPO_ROOT / ".bench-venv"
-# What LIBRARY_FACTS.md records as installing together on Python 3.11 here.
+# These versions install together on Python 3.11 (torch and torchvision from this
+# machine's local wheel store).
 BENCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0")
 
 
 def bench_config(args):
-  """coca_jax's config for the benchmark model: configs/*.py's builder, benchmark numbers."""
+  """coca_jax's config for the benchmark model: coca_jax.config.coca_config, benchmark numbers."""
   config = config_lib.coca_config(
     width=args.width,
     heads=args.heads,
@@ -126,7 +130,7 @@ def install_command(venv: Path) -> list[list[str]]:
 
 
 def ensure_bench_venv(venv: Path, install: bool) -> Path:
-  """The benchmark venv's python, creating the venv when missing (5.5 GB: torch is a CUDA build)."""
+  """The benchmark venv's python, creating it when missing (5.5 GB: torch is a CUDA build)."""
   python = venv / "bin" / "python"
   if (
     python.exists()
@@ -166,12 +170,11 @@ def run_open_clip(python: Path, spec: dict, batch: dict) -> dict:
 
 def run_coca_jax(config, args, batch: dict) -> dict:
   """Median step time of coca_jax's jitted train step (the trainer's own step function)."""
-  mesh = sharding.make_mesh(config.mesh)
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  layout = state_lib.layout(config, optimizer, mesh)
-  params = state_lib.param_count(layout)
-  state = state_lib.create(config, optimizer, layout, mesh)
-  train_step = step_lib.make_train_step(config, optimizer, schedule, layout)
+  run = state_lib.setup(config)
+  mesh, layout = run.mesh, run.layout
+  params = params_lib.total(layout.abstract["params"])
+  state = state_lib.create(config, run)
+  train_step = step_lib.make_train_step(config, run)
   global_batch = sharding.global_batch(batch, mesh, config.sharding_rules)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -209,7 +212,7 @@ def run_coca_jax(config, args, batch: dict) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-    prog="python -m coca_jax.bench open_clip",
+    prog="python benchmarks/open_clip.py",
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
@@ -231,7 +234,9 @@ def main(argv=None):
   )
   parser.add_argument("--bench_venv", type=Path, default=BENCH_VENV)
   parser.add_argument(
-    "--no_install", action="store_true", help="fail with the install command instead of installing"
+    "--no_install",
+    action="store_true",
+    help="fail with the install command instead of installing",
   )
   parser.add_argument("--skip_open_clip", action="store_true", help="time coca_jax only")
   args = parser.parse_args(argv)
@@ -241,14 +246,16 @@ def main(argv=None):
   config = bench_config(args)
   m = config.model
   batch = synthetic.batch(
-    0, 0, 0, args.batch_size, m.vision.image_size, m.text.max_len, m.text.vocab_size
+    0, 0, range(args.batch_size), m.vision.image_size, m.text.max_len, m.text.vocab_size
   )
   tokens = (m.vision.image_size // m.vision.patch_size) ** 2
   print(
-    f"model: width {m.width}, {m.heads} heads, ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
+    f"model: width {m.width}, {m.heads} heads, "
+    f"ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
     f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
-    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
-    f"text {m.text.max_len}, {m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
+    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, "
+    f"vocab {m.text.vocab_size}, text {m.text.max_len}, "
+    f"{m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
     f"{args.threads} threads",
     flush=True,
   )
@@ -261,7 +268,10 @@ def main(argv=None):
   results["coca_jax"] = run_coca_jax(config, args, batch)
 
   model_flops = flops.train_flops_per_example(config.model)
-  header = f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} {'loss first->last':>17}  versions"
+  header = (
+    f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} "
+    f"{'loss first->last':>17}  versions"
+  )
   print(header)
   print("-" * len(header))
   for side, r in results.items():
@@ -271,8 +281,8 @@ def main(argv=None):
       else f"jax {r['jax']}, {r['device']}"
     )
     print(
-      f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} {r['examples_per_s']:>11.1f} "
-      f"{r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
+      f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} "
+      f"{r['examples_per_s']:>11.1f} {r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
     )
   summary = dict(
     bench="open_clip",
@@ -286,7 +296,8 @@ def main(argv=None):
     summary["ratio_coca_jax_over_open_clip"] = ratio
     summary["ratio_best_steps"] = best_ratio
     print(
-      f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), {best_ratio:.2f}x (best steps)"
+      f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), "
+      f"{best_ratio:.2f}x (best steps)"
     )
   print(json.dumps(summary))
   return summary

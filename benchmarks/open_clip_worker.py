@@ -1,11 +1,12 @@
-"""The PyTorch side of `python -m coca_jax.bench open_clip`: open_clip's CoCa training steps.
+"""The PyTorch side of `python benchmarks/open_clip.py`: open_clip's CoCa training steps.
 
 Runs inside the benchmark virtualenv (.bench-venv: torch + open-clip-torch), never in the
 project's, and imports nothing from coca_jax. Reads a JSON spec and a .npz batch in the
 coca_jax batch format, times forward + backward + AdamW step on the CPU, prints one JSON
-line: {"params", "examples_per_s", "step_s", "best_step_s", "steps", "threads", "torch", "open_clip"}.
+line: {"params", "examples_per_s", "step_s", "best_step_s", "steps", "threads",
+"first_loss", "last_loss", "torch", "open_clip"}.
 
-    .bench-venv/bin/python -P coca_jax/bench/_open_clip_worker.py SPEC_JSON BATCH_NPZ
+    .bench-venv/bin/python -P benchmarks/open_clip_worker.py SPEC_JSON BATCH_NPZ
 
 (-P keeps this folder off sys.path: its open_clip.py would shadow the open_clip package.)
 """
@@ -50,7 +51,8 @@ def build(spec: dict) -> CoCa:
     output_tokens=True,
     pad_id=0,
   )
-  # open_clip's decoder tower ignores mlp_ratio (always 4): the benchmark picks text_mlp = 4 x width.
+  # open_clip's decoder tower ignores mlp_ratio (always 4): the benchmark picks
+  # text_mlp = 4 x width.
   multimodal_cfg = dict(
     context_length=context_length,
     vocab_size=spec["vocab_size"],
@@ -70,9 +72,10 @@ def main(argv) -> None:
   image = torch.from_numpy(
     np.ascontiguousarray(data["image"].transpose(0, 3, 1, 2))
   )  # NHWC -> NCHW
-  # [BOS, labels]: ids start with BOS and are labels shifted right by one.
+  # [BOS, labels]: ids' first column is BOS; labels are t1 .. tn, EOS, PAD ... (EOS is a
+  # label, never one of coca_jax's inputs, so ids shifted are not the labels).
   text = torch.from_numpy(
-    np.concatenate([data["ids"], data["labels"][:, -1:]], axis=1).astype(np.int64)
+    np.concatenate([data["ids"][:, :1], data["labels"]], axis=1).astype(np.int64)
   )
 
   model = build(spec)

@@ -1,0 +1,72 @@
+"""The one entry for data: a config ready to read, and global batches on a mesh.
+
+    config = loader.resolve(config)          # once: demo data built, paths filled in
+    for batch in loader.batches(config, mesh, "train", start_step): ...
+
+`config.data.source` picks the rows: "mixture" (the seqio mixture of coca_jax/data, its
+tasks registered once per data config) or "synthetic" (coca_jax/data/synthetic.py).
+Splits: "train", and "eval" (held-out rows, the same sequence at every evaluation).
+
+Each process reads only its data shard: the rows of the global batch that its devices
+hold, wherever the mesh puts them (coca_jax.sharding.host_shard); its host batch is laid
+out on its devices and assembled into global arrays (coca_jax.sharding.global_batch).
+"""
+
+import copy
+import itertools
+import logging
+from typing import Iterator
+
+from coca_jax import sharding
+
+SOURCES = ("mixture", "synthetic")
+
+
+def resolve(config):
+  """A copy of `config` ready to read data: the source checked, the demo data built on
+  first use, `data.data_dir` and `data.vocab_path` filled in (so config.json and exports
+  name the real files) and the vocabulary checked against the model. Idempotent."""
+  if config.data.source not in SOURCES:
+    raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
+  config = copy.deepcopy(config)
+  if config.data.source == "synthetic":
+    return config
+  from coca_jax.data import prepare, vocab
+
+  data = config.data
+  data.data_dir = data.data_dir or prepare.default_data_dir()
+  prepare.ensure(data)
+  data.vocab_path = data.vocab_path or prepare.paths(data.data_dir)["vocab"]
+  vocab.check_fits(data.vocab_path, config.model.text.vocab_size)
+  return config
+
+
+def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict]:
+  """Endless host-local numpy batches of this process's shard (config resolved)."""
+  shard = sharding.host_shard(mesh, config.sharding_rules, config.data.global_batch_size)
+  logging.info(
+    "data shard %d of %d, local batch %d", shard.index, shard.count, len(shard.rows)
+  )
+  if config.data.source == "synthetic":
+    from coca_jax.data import synthetic
+
+    # Held-out rows the training run never sees: another seed.
+    seed = config.data.seed + (split == "eval")
+    return synthetic.batches(config, shard.rows, start_step=start_step, seed=seed)
+  from coca_jax.data import pipeline  # TensorFlow is imported only when needed
+
+  return pipeline.batches(
+    config.data,
+    split,
+    shard_index=shard.index,
+    num_shards=shard.count,
+    local_batch_size=len(shard.rows),
+    start_step=start_step,
+  )
+
+
+def batches(config, mesh, split: str, start_step: int = 0, limit: int | None = None):
+  """Global batches (jax.Arrays sharded over the batch axis) from `start_step` on; at
+  most `limit` of them (None: endless)."""
+  rows = itertools.islice(host_batches(config, mesh, split, start_step), limit)
+  return (sharding.global_batch(b, mesh, config.sharding_rules) for b in rows)

@@ -1,0 +1,166 @@
+"""Prediction: a model's batched, jitted functions over numpy arrays and strings.
+
+Legend: N examples, B jitted batch size, S image size, T text length, E joint embedding
+width, L decode length, M image tokens, D width.
+
+    predictor = predict.Predictor(model, config, vocab, batch_size=64)
+    predictor.embed_images(pixels)        # [N, S, S, 3] preprocessed -> [N, E] unit norm
+    predictor.embed_texts(["a dog"])      # -> [N, E] unit norm
+    predictor.caption(pixels)             # -> N strings, decoded per config.eval.decode
+
+Both the serving API (coca_jax/inference.py) and the evaluators (coca_jax/evaluate/) go
+through this module. Every function compiles once for a fixed batch B: inputs are cut
+into batches of B and the last one is padded (with zeros) to B, its padding rows dropped
+from the outputs. Compilations are cached per (model structure, batch size, decode
+options), so periodic evaluation during training does not recompile.
+"""
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from coca_jax import decode, tokens
+
+
+def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> list:
+  """Applies fn(*batch) -> array or tuple of arrays over axis 0 of `arrays` in batches.
+
+  Every call sees exactly `batch_size` rows (the last batch is zero-padded), so fn
+  compiles once. Returns the outputs concatenated over axis 0, padding removed.
+  """
+  total = len(arrays[0])
+  chunks = []
+  for start in range(0, total, batch_size):
+    batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
+    real = len(batch[0])
+    if real < batch_size:
+      batch = [
+        np.concatenate([b, np.zeros((batch_size - real,) + b.shape[1:], b.dtype)]) for b in batch
+      ]
+    out = fn(*batch)
+    out = out if isinstance(out, tuple) else (out,)
+    chunks.append([np.asarray(o)[:real] for o in out])
+  if not chunks:
+    raise ValueError("map_in_batches got no examples")
+  return [np.concatenate(parts) for parts in zip(*chunks)]
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
+  """Jitted fn(params, ...) of one kind; cached so repeated evals reuse compilations."""
+  if kind == "image":
+    return jax.jit(lambda params, images: nnx.merge(graphdef, params).encode_image(images)[0])
+  if kind == "text":
+    return jax.jit(
+      lambda params, ids, mask: nnx.merge(graphdef, params).encode_text(ids, mask)[0]
+    )
+  if kind == "image_tokens":
+    return jax.jit(lambda params, images: nnx.merge(graphdef, params).vision(images))
+  if kind == "caption":
+    return decode.jit_generate(graphdef, options)
+  raise ValueError(f"unknown prediction kind {kind!r}")
+
+
+class Predictor:
+  """A CoCa model's encoders and decoder over numpy arrays and strings of any length.
+
+  model: a CoCa module (its parameters may be sharded; jit follows them). config: the
+  run's config (model sizes, config.eval.decode). vocab: a SentencePiece processor or a
+  seqio vocabulary (coca_jax.data.vocab.load).
+  """
+
+  def __init__(self, model, config, vocab, batch_size: int):
+    self.graphdef, self.params = nnx.split(model)
+    self.config = config
+    self.vocab = vocab
+    self.batch_size = batch_size
+    self.max_text_len = config.model.text.max_len
+    self.temperature = float(model.temperature())
+
+  def embed_images(self, images: np.ndarray) -> np.ndarray:
+    """images [N, S, S, 3] float32 (preprocessed) -> L2-normalised [N, E] float32."""
+    fn = _compiled(self.graphdef, "image")
+    return map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0]
+
+  def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+    """N texts -> L2-normalised [N, E] float32."""
+    text = tokens.tokenize(self.vocab, list(texts), self.max_text_len)
+    fn = _compiled(self.graphdef, "text")
+    return map_in_batches(
+      lambda i, m: fn(self.params, i, m), [text["ids"], text["mask"]], self.batch_size
+    )[0]
+
+  def image_tokens(self, images: np.ndarray) -> np.ndarray:
+    """images [N, S, S, 3] -> image-encoder output tokens [N, M, D] float32."""
+    fn = _compiled(self.graphdef, "image_tokens")
+    out = map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0]
+    return out.astype(np.float32)
+
+  def decode_options(self, **overrides) -> decode.DecodeOptions:
+    """config.eval.decode with keyword overrides (None keeps the config's value)."""
+    return decode.DecodeOptions.from_config(self.config, **overrides)
+
+  def caption_tokens(
+    self, images: np.ndarray, options: decode.DecodeOptions, *, prefix=None, seed: int = 0
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """images [N, S, S, 3] -> (tokens [N, L] int32, scores [N] float32).
+
+    prefix: optional [N, P] int32 tokens to continue (0-padded); P is padded to L so
+    every prefix length shares one compilation.
+    """
+    fn = _compiled(self.graphdef, "caption", options)
+    n = len(images)
+    if prefix is None:
+      prefix = np.zeros((n, options.max_length), np.int32)
+    prefix = np.asarray(prefix, np.int32)
+    if prefix.shape[1] > options.max_length:
+      raise ValueError(
+        f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={options.max_length}"
+      )
+    prefix = np.pad(prefix, ((0, 0), (0, options.max_length - prefix.shape[1])))
+    lengths = (prefix != tokens.PAD_ID).sum(1).astype(np.int32)
+    rows = np.arange(n)
+
+    def run(batch_images, batch_prefix, batch_lengths, batch_rows):
+      # A per-batch key (from the first row index) keeps sampling reproducible.
+      rng = jax.random.fold_in(jax.random.key(seed), int(batch_rows[0]))
+      out = fn(self.params, batch_images, batch_prefix, batch_lengths, rng)
+      return out.tokens, out.scores
+
+    tokens_out, scores = map_in_batches(run, [images, prefix, lengths, rows], self.batch_size)
+    return tokens_out, scores
+
+  def caption(
+    self,
+    images: np.ndarray,
+    options: decode.DecodeOptions | None = None,
+    *,
+    prefix: str | Sequence[str] | None = None,
+    seed: int = 0,
+  ) -> list[str]:
+    """images [N, S, S, 3] -> N captions (options default: config.eval.decode).
+
+    prefix: text the caption must continue (one for all images or one per image), e.g.
+    a question for "VQA as a prefix"; it is not repeated in the returned text.
+    """
+    options = options or self.decode_options()
+    prefix_tokens, prefix_lengths = None, 0
+    if prefix is not None:
+      prefixes = [prefix] * len(images) if isinstance(prefix, str) else list(prefix)
+      if len(prefixes) != len(images):
+        raise ValueError(f"{len(prefixes)} prefixes for {len(images)} images")
+      encoded = [list(self.vocab.encode(p)) for p in prefixes]
+      too_long = [p for p, e in zip(prefixes, encoded) if len(e) >= options.max_length]
+      if too_long:
+        raise ValueError(
+          f"prefix {too_long[0]!r} leaves no room within max_length={options.max_length}"
+        )
+      prefix_tokens = np.zeros((len(images), options.max_length), np.int32)
+      for row, ids in enumerate(encoded):
+        prefix_tokens[row, : len(ids)] = ids
+      prefix_lengths = np.asarray([len(e) for e in encoded])
+    out, _ = self.caption_tokens(images, options, prefix=prefix_tokens, seed=seed)
+    return tokens.detokenize(self.vocab, out, skip=prefix_lengths)

@@ -1,0 +1,65 @@
+"""benchmarks/open_clip.py lives outside the package: it still runs, and installs nothing here.
+
+Only the coca_jax side runs (--skip_open_clip); torch and open_clip are never installed.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "open_clip.py"
+# A tiny model, so the test compiles one small train step.
+TINY = [
+  "--width=32",
+  "--heads=2",
+  "--vision_layers=1",
+  "--unimodal_layers=1",
+  "--multimodal_layers=1",
+  "--image_size=16",
+  "--patch_size=4",
+  "--text_len=8",
+  "--vocab_size=64",
+  "--caption_queries=8",
+  "--batch_size=8",
+  "--warmup_steps=1",
+  "--steps=1",
+]
+
+
+def load_benchmark():
+  """The script as a module, without putting benchmarks/ on sys.path."""
+  spec = importlib.util.spec_from_file_location("benchmarks_open_clip", SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_help_installs_nothing(tmp_path, capsys):
+  bench = load_benchmark()
+  with pytest.raises(SystemExit) as exit_info:
+    bench.main(["--help", f"--bench_venv={tmp_path / 'venv'}"])
+  assert exit_info.value.code == 0
+  assert "python benchmarks/open_clip.py" in capsys.readouterr().out
+  assert not (tmp_path / "venv").exists()
+  assert bench.WORKER.exists()
+
+
+def test_no_install_names_the_command(tmp_path):
+  bench = load_benchmark()
+  venv = tmp_path / "venv"
+  with pytest.raises(SystemExit, match="pip install torch=="):
+    bench.main([*TINY, "--no_install", f"--bench_venv={venv}"])
+  assert not venv.exists()
+
+
+def test_coca_jax_side_runs(capsys):
+  summary = load_benchmark().main([*TINY, "--skip_open_clip"])
+  assert set(summary) >= {"bench", "batch_size", "coca_jax"}
+  assert "open_clip" not in summary
+  side = summary["coca_jax"]
+  assert side["params"] > 0 and side["examples_per_s"] > 0
+  assert np.isfinite(side["first_loss"]) and np.isfinite(side["last_loss"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert lines[-1].startswith('{"bench": "open_clip"')

@@ -1,0 +1,191 @@
+"""Host data shards for any device order: every process of real TPU slice topologies
+(compile-only devices from libtpu, which know their process), and host batches laid out on
+a permuted mesh of the 8 forced host devices.
+
+On TPU slices `jax.make_mesh` orders devices by the ICI topology, so a host's batch rows
+are not contiguous; the expectations here come from the mesh's device array itself (the
+batch is split over ("data", "fsdp") in row-major order), not from the code under test.
+"""
+
+import functools
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from coca_jax import aot, sharding
+from coca_jax.config import SHARDING_RULES
+
+# Describing a topology loads libtpu, which by default takes a machine-wide lock
+# (/tmp/libtpu_lockfile) that another process using libtpu may hold; compile-only
+# descriptions never touch a TPU, so they need not be exclusive.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+needs_libtpu = pytest.mark.skipif(
+  aot.xla_bridge.get_tpu_library_path() is None, reason="libtpu is not installed"
+)
+
+
+def mesh_config(data, fsdp, tensor):
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+
+
+@functools.cache
+def topology(name):
+  return aot.topology_devices(name)
+
+
+def reference_rows(mesh, global_batch):
+  """{process: sorted global rows} straight from the mesh's device array positions."""
+  data, fsdp, _ = mesh.devices.shape
+  per_block = global_batch // (data * fsdp)
+  rows = {}
+  for (i, j, _), device in np.ndenumerate(mesh.devices):
+    block = i * fsdp + j
+    rows.setdefault(device.process_index, set()).update(
+      range(block * per_block, (block + 1) * per_block)
+    )
+  return {p: np.array(sorted(r)) for p, r in rows.items()}
+
+
+def check_every_process(mesh, global_batch):
+  """Checks all processes' shards against `reference_rows`; returns the shard indices."""
+  want = reference_rows(mesh, global_batch)
+  assert sorted(want) == sorted({d.process_index for d in mesh.devices.flat})
+  # Distinct row sets ranked by first row: the expected shard indices.
+  distinct = sorted({tuple(r) for r in want.values()}, key=lambda r: r[0])
+  indices = {}
+  for p, rows in want.items():
+    got = sharding.host_rows(mesh, SHARDING_RULES, global_batch, process_index=p)
+    np.testing.assert_array_equal(got, rows, err_msg=f"process {p}")
+    index, count = sharding.host_data_shard(mesh, SHARDING_RULES, global_batch, process_index=p)
+    assert (index, count) == (distinct.index(tuple(rows)), len(distinct)), f"process {p}"
+    assert count * len(rows) == global_batch
+    indices[p] = index
+    # Each device receives the host rows holding its own global rows.
+    layout = sharding.device_host_rows(mesh, SHARDING_RULES, global_batch, process_index=p)
+    mine = [d for d in mesh.devices.flat if d.process_index == p]
+    assert set(layout) == set(mine)
+    data, fsdp, _ = mesh.devices.shape
+    per_block = global_batch // (data * fsdp)
+    for (i, j, _), device in np.ndenumerate(mesh.devices):
+      if device.process_index == p:
+        block = i * fsdp + j
+        np.testing.assert_array_equal(
+          got[layout[device]], np.arange(block * per_block, (block + 1) * per_block)
+        )
+  # Shards are disjoint and cover the global batch.
+  np.testing.assert_array_equal(np.sort(np.concatenate(distinct)), np.arange(global_batch))
+  # The whole check, as the compile report runs it.
+  assert aot.check_host_batches(mesh, SHARDING_RULES, global_batch) == (
+    global_batch // len(distinct),
+    None,
+  )
+  return indices, want
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+  "name, shape",
+  [
+    ("v4:4x4x4", (1, -1, 1)),
+    ("v4:4x4x4", (4, -1, 1)),
+    ("v4:8x8x16", (1, -1, 1)),
+    ("v4:8x8x16", (8, -1, 1)),
+    ("v5e:16x16", (1, -1, 1)),
+    ("v5e:16x16", (4, -1, 1)),
+    ("v5p:4x4x4", (1, -1, 1)),
+    ("v5p:4x4x4", (4, -1, 1)),
+  ],
+)
+def test_every_process_of_a_slice_feeds_its_own_rows(name, shape):
+  devices = topology(name)
+  mesh = sharding.make_mesh(mesh_config(*shape), devices)
+  global_batch = 2 * len(devices)
+  indices, rows = check_every_process(mesh, global_batch)
+  assert sorted(indices.values()) == list(range(len(rows)))  # one process per shard
+  # The case that used to fail: hosts' rows are not contiguous in the batch.
+  assert any(np.any(np.diff(r) != 1) for r in rows.values())
+
+
+@needs_libtpu
+@pytest.mark.parametrize("name, shape", [("v4:4x4x4", (1, -1, 4)), ("v5e:16x16", (1, -1, 4))])
+def test_tensor_parallel_groups_across_hosts_share_a_shard(name, shape):
+  devices = topology(name)
+  mesh = sharding.make_mesh(mesh_config(*shape), devices)
+  indices, rows = check_every_process(mesh, 4 * len(devices))
+  processes = len(rows)
+  assert len(set(indices.values())) < processes  # some hosts hold the same rows
+  for p in rows:
+    for q in rows:
+      assert (indices[p] == indices[q]) == np.array_equal(rows[p], rows[q])
+
+
+@needs_libtpu
+def test_rows_that_cannot_be_split_name_the_process():
+  # v5e:4x4: 4 processes of 4 chips. Lay the mesh out by hand (data=1, fsdp=8, tensor=2):
+  # each batch block is held by the two devices of its tensor pair.
+  devices = topology("v5e:4x4")
+  by_process = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+
+  def mesh_of(block_owners):
+    taken = {p: iter(ds) for p, ds in by_process.items()}
+    pairs = [[next(taken[p]) for p in owners] for owners in block_owners]
+    return Mesh(np.array(pairs).reshape(1, 8, 2), sharding.MESH_AXES)
+
+  # Process 1 holds blocks 0-1 only (8 rows of 16 over 8 blocks: 4 rows), process 0 four.
+  unequal = mesh_of([(1, 1), (1, 1), (0, 2), (0, 2), (0, 3), (0, 3), (2, 3), (2, 3)])
+  with pytest.raises(ValueError, match=r"process 0 holds 8 batch rows \(4-11\) but process 1"):
+    sharding.host_data_shard(unequal, SHARDING_RULES, 16, process_index=2)
+  # Processes 0 and 1 share blocks 0-1, but not 2-5.
+  overlapping = mesh_of([(0, 1), (0, 1), (0, 2), (0, 2), (1, 3), (1, 3), (2, 3), (2, 3)])
+  with pytest.raises(ValueError, match=r"process 1's batch rows \(0-3, 8-11\) partially overlap"):
+    sharding.data_shards(overlapping, SHARDING_RULES, 16)
+  local, error = aot.check_host_batches(overlapping, SHARDING_RULES, 16)
+  assert local is None and "process 1's batch rows (0-3, 8-11)" in error
+
+
+PERMUTATION = [5, 2, 7, 0, 3, 6, 1, 4]
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (4, 1, 2)])
+def test_global_batch_on_a_permuted_mesh_puts_rows_where_host_rows_says(shape):
+  devices = [jax.devices()[i] for i in PERMUTATION]
+  mesh = sharding.make_mesh(mesh_config(*shape), devices)
+  assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]  # not re-sorted
+  global_size = 16
+  index, count = sharding.host_data_shard(mesh, SHARDING_RULES, global_size)
+  assert (index, count) == (0, 1)  # one process feeds everything
+  rows = sharding.host_rows(mesh, SHARDING_RULES, global_size)
+  rng = np.random.default_rng(0)
+  host = dict(
+    image=rng.normal(size=(global_size, 4, 4, 3)).astype(np.float32),
+    text=dict(ids=rng.integers(0, 100, (global_size, 5)).astype(np.int32)),
+  )
+  batch = sharding.global_batch(host, mesh, SHARDING_RULES)
+  placed = jax.device_get(batch)
+  for got, sent in zip(jax.tree.leaves(placed), jax.tree.leaves(host)):
+    np.testing.assert_array_equal(got[rows], sent)
+  # Device by device: the device at mesh position (i, j, k) holds batch block i * fsdp + j.
+  data, fsdp, _ = mesh.devices.shape
+  per_block = global_size // (data * fsdp)
+  where = {device: (i * fsdp + j) * per_block for (i, j, _), device in np.ndenumerate(mesh.devices)}
+  for leaf, sent in zip(jax.tree.leaves(batch), jax.tree.leaves(host)):
+    assert len(leaf.addressable_shards) == 8
+    for shard in leaf.addressable_shards:
+      start = where[shard.device]
+      want = sent[np.searchsorted(rows, np.arange(start, start + per_block))]
+      np.testing.assert_array_equal(np.asarray(shard.data), want)
+
+
+def test_a_host_batch_the_mesh_cannot_split_is_named():
+  mesh = sharding.make_mesh(mesh_config(1, 8, 1))
+  with pytest.raises(ValueError, match="host batch of 12 rows x 1 data shards = global batch 12"):
+    sharding.global_batch(dict(x=np.zeros((12, 2))), mesh, SHARDING_RULES)
+  with pytest.raises(ValueError, match="global batch 12 is not divisible by the 8 batch shards"):
+    sharding.host_data_shard(mesh, SHARDING_RULES, 12)
