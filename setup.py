@@ -20,7 +20,8 @@ INSTALL_REQUIRES = [
   "tensorboard==2.21.0",  # clu's summary writer imports it; tensorflow-cpu does not bring it
   # TFDS declares it only for Python < 3.9 but its dataset store path needs it.
   "importlib_resources",
-  "pycocoevalcap==1.2",  # CIDEr-D and BLEU-4 scorers (pure Python; METEOR/SPICE need Java and are not used)
+  # CIDEr-D and BLEU-4 scorers (pure Python; METEOR/SPICE need Java and are not used).
+  "pycocoevalcap==1.2",
   "pillow",
   "numpy",
   "absl-py",

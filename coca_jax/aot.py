@@ -29,7 +29,7 @@ from absl import app, flags
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
-from coca_jax import flops, sharding
+from coca_jax import console, flops, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -146,9 +146,7 @@ def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | Non
 def abstract_batch(config, mesh) -> dict:
   """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
   m = config.model
-  row = synthetic.batch(
-    0, 0, [0], m.vision.image_size, config.data.max_text_len, m.text.vocab_size
-  )
+  row = synthetic.batch(0, 0, [0], m.vision.image_size, config.data.max_text_len, m.text.vocab_size)
   shardings = sharding.named(mesh, sharding.batch_specs(row, config.sharding_rules))
   size = config.data.global_batch_size
   return jax.tree.map(
@@ -350,6 +348,7 @@ def define_flags() -> None:
 
 
 def main(argv):
+  console.quiet()
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")

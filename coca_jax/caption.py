@@ -11,41 +11,60 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
-flags.DEFINE_integer("beam", 0, "Beam size; > 0 selects beam search.")
-flags.DEFINE_enum(
-  "method", None, ["greedy", "beam", "sample"], "Decoding method (default: config.eval.decode)."
-)
-flags.DEFINE_integer("max_length", None, "Tokens to generate at most (default: config).")
-flags.DEFINE_float("temperature", None, "Sampling temperature.")
-flags.DEFINE_integer("top_k", None, "Sampling: keep the k most likely tokens.")
-flags.DEFINE_float("top_p", None, "Sampling: nucleus probability mass.")
-flags.DEFINE_string("prefix", None, "Text every caption continues (e.g. a question).")
-flags.DEFINE_integer("batch_size", 32, "Jitted batch size.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-FLAGS = flags.FLAGS
+from coca_jax import console
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line; defined only when run as a program or by a test's own FlagValues
+  (importing this module registers no flags)."""
+  flags.DEFINE_string(
+    "export", None, "Export directory (params/, config.json, vocab.model).", flag_values=flag_values
+  )
+  flags.DEFINE_integer("beam", 0, "Beam size; > 0 selects beam search.", flag_values=flag_values)
+  flags.DEFINE_enum(
+    "method",
+    None,
+    ["greedy", "beam", "sample"],
+    "Decoding method (default: config.eval.decode).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer(
+    "max_length", None, "Tokens to generate at most (default: config).", flag_values=flag_values
+  )
+  flags.DEFINE_float("temperature", None, "Sampling temperature.", flag_values=flag_values)
+  flags.DEFINE_integer(
+    "top_k", None, "Sampling: keep the k most likely tokens.", flag_values=flag_values
+  )
+  flags.DEFINE_float("top_p", None, "Sampling: nucleus probability mass.", flag_values=flag_values)
+  flags.DEFINE_string(
+    "prefix", None, "Text every caption continues (e.g. a question).", flag_values=flag_values
+  )
+  flags.DEFINE_integer("batch_size", 32, "Jitted batch size.", flag_values=flag_values)
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  f = flag_values
+  console.quiet()
   paths = argv[1:]
-  if not FLAGS.export or not paths:
+  if not f.export or not paths:
     raise app.UsageError("usage: python -m coca_jax.caption --export=DIR IMAGE [IMAGE ...]")
   from coca_jax import inference
 
-  model = inference.load(FLAGS.export, batch_size=FLAGS.batch_size)
+  model = inference.load(f.export, batch_size=f.batch_size)
   pixels, failures = model.read_images(paths, errors="collect")
-  method = FLAGS.method or ("beam" if FLAGS.beam > 0 else None)
+  method = f.method or ("beam" if f.beam > 0 else None)
   captions = iter(
     model.caption(
       pixels,
       method,
-      beam_size=FLAGS.beam or None,
-      max_length=FLAGS.max_length,
-      temperature=FLAGS.temperature,
-      top_k=FLAGS.top_k,
-      top_p=FLAGS.top_p,
-      prefix=FLAGS.prefix,
-      seed=FLAGS.seed,
+      beam_size=f.beam or None,
+      max_length=f.max_length,
+      temperature=f.temperature,
+      top_k=f.top_k,
+      top_p=f.top_p,
+      prefix=f.prefix,
+      seed=f.seed,
     )
     if len(pixels)
     else []
@@ -59,4 +78,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

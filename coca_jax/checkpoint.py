@@ -63,7 +63,8 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
     return None
   stored = mngr.item_metadata(step)["state"]
   stored_shapes = {
-    params_lib.path_names(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+    params_lib.path_names(p): tuple(m.shape)
+    for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
   }
   replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
   mismatched = set()
@@ -71,7 +72,9 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
   def restore_target(path, target):
     shape = stored_shapes.get(params_lib.path_names(path))
     if shape is None:
-      raise ValueError(f"checkpoint step {step} has no entry {'/'.join(params_lib.path_names(path))}")
+      raise ValueError(
+        f"checkpoint step {step} has no entry {'/'.join(params_lib.path_names(path))}"
+      )
     if shape == tuple(target.shape):
       return target
     mismatched.add(params_lib.path_names(path))

@@ -11,27 +11,39 @@ import sys
 
 from absl import app, flags
 
-flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
-flags.DEFINE_string("classes", None, "Comma-separated class names.")
-flags.DEFINE_multi_string(
-  "template", None, "Prompt template with {} (repeatable; default: config.eval)."
-)
-flags.DEFINE_integer("batch_size", 32, "Jitted batch size.")
-FLAGS = flags.FLAGS
+from coca_jax import console
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line; defined only when run as a program or by a test's own FlagValues
+  (importing this module registers no flags)."""
+  flags.DEFINE_string(
+    "export", None, "Export directory (params/, config.json, vocab.model).", flag_values=flag_values
+  )
+  flags.DEFINE_string("classes", None, "Comma-separated class names.", flag_values=flag_values)
+  flags.DEFINE_multi_string(
+    "template",
+    None,
+    "Prompt template with {} (repeatable; default: config.eval).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer("batch_size", 32, "Jitted batch size.", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  f = flag_values
+  console.quiet()
   paths = argv[1:]
-  classes = [c.strip() for c in (FLAGS.classes or "").split(",") if c.strip()]
-  if not FLAGS.export or not paths or not classes:
+  classes = [c.strip() for c in (f.classes or "").split(",") if c.strip()]
+  if not f.export or not paths or not classes:
     raise app.UsageError(
       'usage: python -m coca_jax.classify --export=DIR --classes="a,b" IMAGE [IMAGE ...]'
     )
   from coca_jax import inference
 
-  model = inference.load(FLAGS.export, batch_size=FLAGS.batch_size)
+  model = inference.load(f.export, batch_size=f.batch_size)
   pixels, failures = model.read_images(paths, errors="collect")
-  result = model.classify(pixels, classes, FLAGS.template) if len(pixels) else None
+  result = model.classify(pixels, classes, f.template) if len(pixels) else None
   row = 0
   for index, path in enumerate(paths):
     if index in failures:
@@ -45,4 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -36,7 +36,12 @@ SHARDING_RULES = (
 SWITCHES = ("bf16", "f32", "parallel", "res576")
 
 # Templates of the JFT-style text (Section 4.1); the demo vocabulary is trained on them.
-JFT_TEMPLATES = ("a photo of the {}.", "a photo of a {}.", "an image of the {}.", "a picture of a {}.")
+JFT_TEMPLATES = (
+  "a photo of the {}.",
+  "a photo of a {}.",
+  "an image of the {}.",
+  "a picture of a {}.",
+)
 
 # Prompt ensemble for zero-shot classification (Section 4.2 of the paper uses CLIP's
 # ensemble; these are its most generic members, neutral to the image domain).

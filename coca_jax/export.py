@@ -20,7 +20,7 @@ from absl import app, flags, logging
 from etils import epath
 from flax import nnx
 
-from coca_jax import checkpoint
+from coca_jax import checkpoint, console
 from coca_jax import config as config_lib
 from coca_jax import state as state_lib
 from coca_jax.models import coca
@@ -128,6 +128,7 @@ def vocab_file_of(config) -> str | None:
 
 
 def main(argv):
+  console.quiet()
   del argv
   f = flags.FLAGS
   if not f.workdir or not f.output:

@@ -26,6 +26,7 @@ from coca_jax.evaluate import zero_shot
 
 __all__ = ["Classification", "ImageError", "Model", "load"]
 
+
 class Classification(NamedTuple):
   """labels: the best class name per image; probabilities: [N, C] float32."""
 

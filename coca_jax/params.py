@@ -14,6 +14,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from coca_jax import console
 from coca_jax.models import coca
 
 # Top-level CoCa attribute -> the component it counts toward (the paper's Table 1 split).
@@ -62,6 +63,7 @@ def count(params) -> dict[str, int]:
 
 
 def main(argv):
+  console.quiet()
   del argv
   params = abstract(flags.FLAGS.config.model)
   by_path = count_by_path(params)

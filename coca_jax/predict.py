@@ -54,9 +54,7 @@ def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
   if kind == "image":
     return jax.jit(lambda params, images: nnx.merge(graphdef, params).encode_image(images)[0])
   if kind == "text":
-    return jax.jit(
-      lambda params, ids, mask: nnx.merge(graphdef, params).encode_text(ids, mask)[0]
-    )
+    return jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params).encode_text(ids, mask)[0])
   if kind == "image_tokens":
     return jax.jit(lambda params, images: nnx.merge(graphdef, params).vision(images))
   if kind == "caption":

@@ -10,7 +10,6 @@ A restart with the same workdir resumes from the latest complete checkpoint. SIG
 """
 
 import json
-import logging as std_logging
 import signal
 import sys
 import time
@@ -22,7 +21,7 @@ from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, export, flops, multihost
+from coca_jax import checkpoint, console, export, flops, multihost
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -235,13 +234,8 @@ def train(config, workdir: str) -> dict:
   return dict(fetched, step=step, **evaluated)
 
 
-def quiet_orbax_info(record: std_logging.LogRecord) -> bool:
-  """Log filter: Orbax logs every save's internals at INFO; keep its warnings and errors."""
-  return record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def main(argv):
-  logging.get_absl_handler().addFilter(quiet_orbax_info)
+  console.quiet()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

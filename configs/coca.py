@@ -15,7 +15,8 @@ def get_config(arg=None):
     unimodal_layers=18,  # text decoder: 18 unimodal + 18 multimodal layers, MLP 5632
     multimodal_layers=18,
     text_mlp=5632,
-    # Joint embedding width: not in the paper; 1024 follows scaled as CLIP ViT-B/L (Radford et al. 2021).
+    # Joint embedding width: not in the paper; 1024 follows CLIP ViT-B/L's widths
+    # scaled up (Radford et al. 2021).
     embed_dim=1024,
     arg=arg,
   )

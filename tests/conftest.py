@@ -20,3 +20,52 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pathlib  # noqa: E402  (after the environment above, like every import of JAX)
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo() -> pathlib.Path:
+  """The repository root (subprocess tests run there)."""
+  return REPO
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_model(tmp_path_factory) -> str:
+  """A 64-piece SentencePiece model file with the project's ids (pad 0, EOS 1, unk 2),
+  trained on a few short captions; the vocabulary of the tiny test models."""
+  from coca_jax.data import vocab
+
+  sentences = ["a photo of a red heart", "a smiling face", "a green flag", "a blue star"]
+  sentences += ["a cat", "a dog", "red green blue smiling face cat dog flag heart star"]
+  sentences += ["a photo of a class " + c for c in "abcdefghij"]
+  path = tmp_path_factory.mktemp("vocab") / "sp.model"
+  return vocab.train(sentences * 20, str(path), 64)
+
+
+@pytest.fixture
+def run_main(capsys, monkeypatch):
+  """Runs an entry point's main(argv) in-process on its own absl FlagValues:
+  run_main(module, *args) -> (exit status, stdout, stderr)."""
+
+  def run(module, *args):
+    argv = [module.__name__, *args]
+    # ml_collections' config flag registers `--config.KEY` overrides from sys.argv.
+    monkeypatch.setattr(sys, "argv", argv)
+    flag_values = flags.FlagValues()
+    module.define_flags(flag_values)
+    argv = flag_values(argv)
+    try:
+      status = module.main(argv, flag_values) or 0
+    except SystemExit as e:
+      status = e.code
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+  return run

@@ -128,6 +128,7 @@ def run_cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_cli_prints_a_final_json_line(tiny_report):
   # The same program as `tiny_report`: the persistent compilation cache (conftest) serves it.
   done = run_cli("--cpu_devices=8")
@@ -140,6 +141,7 @@ def test_cli_prints_a_final_json_line(tiny_report):
   assert final["processes"] == 1 and final["host_batches_ok"] is True
 
 
+@pytest.mark.slow
 def test_cli_unknown_topology_fails_clearly():
   done = run_cli("--topology=v9:2x2")
   assert done.returncode != 0

@@ -65,7 +65,9 @@ def data_dir(tmp_path_factory):
   builder = builders.CocaFashionMnist(data_dir=str(root / "tfds"))
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(idx)))
 
-  colour = lambda: rng.integers(0, 256, (20, 24, 4)).astype(np.uint8)  # non-square RGBA
+  def colour():  # non-square RGBA
+    return rng.integers(0, 256, (20, 24, 4)).astype(np.uint8)
+
   rows = [(png(colour()), caption(i)) for i in range(N_CAPTIONS)]
   write_alt_text(str(root / "alt-00000-of-00002.tfrecord"), rows[: N_CAPTIONS // 2])
   write_alt_text(str(root / "alt-00001-of-00002.tfrecord"), rows[N_CAPTIONS // 2 :])
@@ -282,6 +284,7 @@ def test_prepared_demo_data_and_eval_sets():
   )
 
 
+@pytest.mark.slow
 def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_path):
   """The trainer end to end on seqio data: held-out losses and the zero-shot and
   retrieval evals run at eval steps, the export carries the vocabulary, config.json
@@ -338,4 +341,3 @@ def test_eval_task_and_inference_see_the_same_pixels(tmp_path, data_dir):
   assert not failures and served.shape == (len(SHAPES), SIZE, SIZE, 3)
   for i in range(len(SHAPES)):
     np.testing.assert_array_equal(from_task[f"picture {i}"], served[i])
-

@@ -2,15 +2,14 @@
 independent implementation, and the whole suite on a tiny model."""
 
 import collections
-import io
 import math
 
 import numpy as np
 import pytest
-import sentencepiece
 
 from coca_jax import evaluate, predict
 from coca_jax.data import eval_sets
+from coca_jax.data import vocab as vocab_lib
 from coca_jax.evaluate import captioning, retrieval, zero_shot
 from coca_jax.models import coca
 from configs import tiny
@@ -167,23 +166,8 @@ class RecordingWriter:
 
 
 @pytest.fixture(scope="module")
-def vocab():
-  sentences = ["a photo of a class " + c for c in "abcdefghij"] + [
-    "red green blue smiling face cat dog flag heart star"
-  ]
-  model = io.BytesIO()
-  sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(sentences * 10),
-    model_writer=model,
-    vocab_size=64,
-    pad_id=0,
-    eos_id=1,
-    unk_id=2,
-    bos_id=-1,
-    hard_vocab_limit=False,
-    minloglevel=2,
-  )
-  return sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
+def vocab(sentencepiece_model):
+  return vocab_lib.load(sentencepiece_model)
 
 
 def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):

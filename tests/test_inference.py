@@ -1,55 +1,31 @@
 """Inference API and CLIs on an export of the tiny config (random init)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-import sentencepiece
 from flax import nnx
 from PIL import Image
 
-from coca_jax import export, inference
+from coca_jax import caption, classify, export, inference
 from coca_jax.data import images
+from coca_jax.evaluate import __main__ as evaluate_main
 from coca_jax.models import coca
 from configs import tiny
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
-def export_dir(tmp_path_factory):
+def export_dir(tmp_path_factory, sentencepiece_model):
   root = tmp_path_factory.mktemp("export")
-  sentences = [
-    "a photo of a red heart",
-    "a smiling face",
-    "a green flag",
-    "a blue star",
-    "a cat",
-    "a dog",
-  ]
-  sentencepiece.SentencePieceTrainer.train(
-    sentence_iterator=iter(sentences * 20),
-    model_prefix=str(root / "sp"),
-    vocab_size=64,
-    pad_id=0,
-    eos_id=1,
-    unk_id=2,
-    bos_id=-1,
-    hard_vocab_limit=False,
-    minloglevel=2,
-  )
   config = tiny.get_config()
   config.unlock()
   config.data.source = "synthetic"  # the evaluate CLI then uses synthetic eval sets
-  config.data.vocab_path = str(root / "sp.model")
+  config.data.vocab_path = sentencepiece_model
   config.eval.num_examples = 16
   config.eval.batch_size = 8
   model = coca.build(config.model, seed=0)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  export.write(params, config, str(root / "export"), "float32", str(root / "sp.model"))
+  export.write(params, config, str(root / "export"), "float32", sentencepiece_model)
   return str(root / "export")
 
 
@@ -134,49 +110,37 @@ def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
     inference.load(str(tmp_path))
 
 
-def run_cli(module, *args):
-  env = dict(os.environ, PYTHONPATH=REPO)
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    capture_output=True,
-    text=True,
-    cwd=REPO,
-    env=env,
-    timeout=300,
-  )
-
-
-def test_caption_and_classify_cli(export_dir, image_files):
+def test_caption_and_classify_cli(export_dir, image_files, run_main):
   paths, broken, missing = image_files
-  out = run_cli(
-    "coca_jax.caption", f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1]
+  status, out, err = run_main(
+    caption, f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1]
   )
-  assert out.returncode == 1, out.stderr
-  lines = out.stdout.strip().splitlines()
+  assert status == 1, err
+  lines = out.strip().splitlines()
   assert [line.split("\t")[0] for line in lines] == [paths[0], paths[1]]
-  assert f"{missing}\tERROR" in out.stderr and f"{broken}\tERROR" in out.stderr
-  out = run_cli("coca_jax.classify", f"--export={export_dir}", "--classes=cat,dog", paths[0])
-  assert out.returncode == 0, out.stderr
-  path, label, probability, _ = out.stdout.strip().split("\t")
+  assert f"{missing}\tERROR" in err and f"{broken}\tERROR" in err
+  status, out, err = run_main(classify, f"--export={export_dir}", "--classes=cat,dog", paths[0])
+  assert status == 0, err
+  path, label, probability, _ = out.strip().split("\t")
   assert path == paths[0] and label in ("cat", "dog") and 0.5 <= float(probability) <= 1.0
 
 
-def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path):
-  out = run_cli(
-    "coca_jax.evaluate",
+def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path, run_main, repo):
+  status, out, err = run_main(
+    evaluate_main,
     f"--export={export_dir}",
-    "--config=configs/tiny.py",
+    f"--config={repo / 'configs' / 'tiny.py'}",
     "--config.eval.evals=zero_shot,retrieval,captioning",
     "--config.eval.num_examples=16",
     "--config.eval.batch_size=8",
     f"--workdir={tmp_path}",
   )
-  assert out.returncode == 0, out.stderr[-3000:]
-  metrics = json.loads(out.stdout.strip().splitlines()[-1])
+  assert status == 0, err[-3000:]
+  metrics = json.loads(out.strip().splitlines()[-1])
   assert (
     "zero_shot/top1" in metrics
     and "captioning/cider" in metrics
     and "retrieval/text_to_image_r1" in metrics
   )
-  assert "chance" in out.stdout
+  assert "chance" in out
   assert (tmp_path / "eval" / "captions_0.html").exists()

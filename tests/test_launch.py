@@ -1,4 +1,5 @@
-"""launch/*.sh: syntax, -h, and the commands each prints under --dry-run (no gcloud, SLURM or JAX)."""
+"""launch/*.sh: syntax, -h, and the commands each prints under --dry-run (no gcloud,
+SLURM or JAX)."""
 
 import os
 import re
@@ -8,6 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end training
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch"
 SCRIPTS = ("tpu_vm.sh", "gpu_multinode.sh", "local.sh")

@@ -10,10 +10,13 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
-from coca_jax import checkpoint, optim, sharding
+from coca_jax import checkpoint
 from coca_jax import state as state_lib
 from configs import tiny
+
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6

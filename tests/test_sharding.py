@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from coca_jax import losses, optim, sharding
+from coca_jax import losses, sharding
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from configs import tiny

@@ -13,9 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from coca_jax import checkpoint, export, optim, sharding, train
+from coca_jax import checkpoint, export, train
 from coca_jax import state as state_lib
 from configs import tiny
+
+pytestmark = pytest.mark.slow  # subprocesses / end-to-end training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDES = dict(

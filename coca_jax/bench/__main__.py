@@ -11,6 +11,8 @@ from the repository root.
 import importlib
 import sys
 
+from coca_jax import console
+
 # Name -> what it measures; each is coca_jax/bench/NAME.py with main(argv).
 BENCHMARKS = {
   "step": "train-step throughput, model FLOP/s and MFU",
@@ -31,6 +33,7 @@ def usage() -> str:
 
 
 def main(argv: list[str]) -> None:
+  console.quiet()
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())
     sys.exit(0 if argv else 2)

@@ -53,7 +53,8 @@ def main(argv=None):
   result = measure(loader.resolve(config), args.batches, args.warmup)
   print(f"{'config':<20} {'batch':>6} {'batches':>8} {'seconds':>8} {'examples/s':>11}")
   print(
-    f"{args.config:<20} {result['batch']:>6} {result['batches']:>8} {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}"
+    f"{args.config:<20} {result['batch']:>6} {result['batches']:>8}"
+    f" {result['seconds']:>8.2f} {result['examples_per_s']:>11.1f}"
   )
   print(json.dumps(dict(bench="data", config=args.config, **result)))
 

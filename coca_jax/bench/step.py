@@ -37,7 +37,8 @@ PROG = "python -m coca_jax.bench step"
 
 
 def load_config(config_args: list[str], prog: str = PROG):
-  """The config of `--config=FILE[:ARG]` plus `--config.KEY=VALUE` overrides, as absl parses them."""
+  """The config of `--config=FILE[:ARG]` plus `--config.KEY=VALUE` overrides, parsed as
+  absl parses them."""
   flag_values = flags.FlagValues()
   argv = [prog, *config_args]
   holder = config_flags.DEFINE_config_file(
@@ -136,7 +137,8 @@ def table(result: dict) -> str:
     ("compile (excluded)", f"{result['compile_s']:.1f} s"),
     (
       "step time",
-      f"{result['step_s'] * 1e3:,.1f} ms (mean of {result['steps']} after {result['warmup']} warm-up)",
+      f"{result['step_s'] * 1e3:,.1f} ms (mean of {result['steps']} after "
+      f"{result['warmup']} warm-up)",
     ),
     ("examples/s", f"{result['examples_per_s']:,.1f}"),
     ("model FLOPs per step", f"{result['model_flops_per_step']:.4g}"),

@@ -110,9 +110,7 @@ def batches(
     if split == "train"
     else (eval_mixture, "validation", data_config.seed + 1)
   )
-  ds = _dataset(
-    data_config, mixture, seqio_split, shard_index, num_shards, local_batch_size, seed
-  )
+  ds = _dataset(data_config, mixture, seqio_split, shard_index, num_shards, local_batch_size, seed)
   return _numpy_batches(ds, start_step, data_config.max_text_len)
 
 

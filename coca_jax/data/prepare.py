@@ -18,6 +18,7 @@ import os
 
 from absl import app, flags
 
+from coca_jax import console
 from coca_jax.config import JFT_TEMPLATES
 from coca_jax.data import raw
 
@@ -127,6 +128,7 @@ def ensure(data_config) -> None:
 
 
 def main(argv):
+  console.quiet()
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:

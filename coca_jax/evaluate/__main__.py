@@ -9,40 +9,57 @@ then, as the last line, the metrics as one JSON object.
 """
 
 import json
-import os
 
 from absl import app, flags
 from ml_collections import config_flags
 
-flags.DEFINE_string("export", None, "Export directory (params/, config.json, vocab.model).")
-config_flags.DEFINE_config_file(
-  "config", None, "Config file whose `eval` section to use.", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Where to write eval/captions_<step>.html (default: none).")
-flags.DEFINE_integer("step", 0, "Step number to label the outputs with.")
-FLAGS = flags.FLAGS
+from coca_jax import console
 
 
-def main(argv):
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """The command line; defined only when run as a program or by a test's own FlagValues
+  (importing this module registers no flags)."""
+  flags.DEFINE_string(
+    "export", None, "Export directory (params/, config.json, vocab.model).", flag_values=flag_values
+  )
+  config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file whose `eval` section to use.",
+    lock_config=True,
+    flag_values=flag_values,
+  )
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Where to write eval/captions_<step>.html (default: none).",
+    flag_values=flag_values,
+  )
+  flags.DEFINE_integer("step", 0, "Step number to label the outputs with.", flag_values=flag_values)
+
+
+def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
+  f = flag_values
+  console.quiet()
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  if not FLAGS.export:
+  if not f.export:
     raise app.UsageError("--export=DIR is required")
   from coca_jax import evaluate, export, predict
   from coca_jax.data import eval_sets
 
-  model, config = export.load_model(FLAGS.export)
-  if FLAGS.config is not None:
-    config.eval = FLAGS.config.eval
+  model, config = export.load_model(f.export)
+  if f.config is not None:
+    config.eval = f.config.eval
   predictor = predict.Predictor(
-    model, config, export.load_vocab(FLAGS.export, config), config.eval.batch_size
+    model, config, export.load_vocab(f.export, config), config.eval.batch_size
   )
   sets = eval_sets.load(config)
-  metrics = evaluate.run(predictor, config, step=FLAGS.step, workdir=FLAGS.workdir, datasets=sets)
+  metrics = evaluate.run(predictor, config, step=f.step, workdir=f.workdir, datasets=sets)
   print(evaluate.report(metrics, evaluate.chance_levels(config, sets)))
   print(json.dumps(metrics, sort_keys=True))
 
 
 if __name__ == "__main__":
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+  define_flags()
   app.run(main)

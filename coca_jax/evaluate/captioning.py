@@ -82,7 +82,8 @@ def write_gallery(
     pixels = image if image.dtype == np.uint8 else to_uint8(image)
     ref_items = "".join(f"<li>{html.escape(r)}</li>" for r in refs)
     rows.append(
-      f'<tr><td><img src="{png_data_uri(pixels)}" width="128" style="image-rendering:pixelated"></td>'
+      f'<tr><td><img src="{png_data_uri(pixels)}" width="128"'
+      ' style="image-rendering:pixelated"></td>'
       f"<td><b>{html.escape(prediction)}</b></td><td><ul>{ref_items}</ul></td></tr>"
     )
   page = (

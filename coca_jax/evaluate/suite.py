@@ -114,7 +114,8 @@ def _frozen_eval(
   cut = int(len(order) * cfg.train_fraction)
   if not 0 < cut < len(order):
     raise ValueError(
-      f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of {len(order)}"
+      f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of "
+      f"{len(order)} examples"
     )
   tokens = predictor.image_tokens(data.images)
   train, test = order[:cut], order[cut:]

@@ -79,7 +79,8 @@ class CoCa(nnx.Module):
     return jnp.exp(-jnp.clip(self.log_inv_temperature[...], low, high))
 
   def encode_image(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """image [B, H, W, 3] -> (L2-normalised image embedding [B, E] f32, caption tokens [B, Q, D])."""
+    """image [B, H, W, 3] -> (L2-normalised image embedding [B, E] f32,
+    caption tokens [B, Q, D])."""
     tokens = self.vision(image)
     caption_tokens = self.caption_pooler(tokens)
     pooled = self.contrastive_pooler(caption_tokens if self.pooler_mode == "cascade" else tokens)
