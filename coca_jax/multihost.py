@@ -1,20 +1,27 @@
 """Multi-process start-up: `jax.distributed.initialize()` once, when the run spans processes."""
 
-import importlib.util
+import glob
 import os
 
 import jax
 from absl import logging
 
+# Device files of TPU chips on a TPU VM: /dev/accel* (v2-v4), /dev/vfio/<n> (v5e and later).
+TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+
+def _tpu_chips_present() -> bool:
+  return any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES)
+
 
 def _cluster_detected() -> bool:
-  """True on a TPU VM (libtpu installed) or in a multi-task SLURM job: JAX's own
-  auto-detection then finds the peers (TPU VM metadata, SLURM variables). On a TPU VM
-  the worker list lives in the instance metadata, not always in the environment, so the
-  presence of libtpu decides; on a single-host TPU VM initialize() finds one process."""
+  """True on a TPU VM (TPU chips present) or in a multi-task SLURM job: JAX's own
+  auto-detection then finds the peers (TPU VM metadata, SLURM variables); on a
+  single-host TPU VM initialize() finds one process. libtpu alone proves nothing: it is
+  installed on CPU hosts too, to compile for TPU slices (coca_jax.aot)."""
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  return len(tpu_hosts) > 1 or slurm_tasks > 1 or importlib.util.find_spec("libtpu") is not None
+  return len(tpu_hosts) > 1 or slurm_tasks > 1 or _tpu_chips_present()
 
 
 def initialize(

@@ -40,7 +40,8 @@ def make_mesh(mesh_config, devices=None) -> Mesh:
   """A ("data", "fsdp", "tensor") mesh over `devices` (default: all).
 
   Axis types are Auto (GSPMD propagation): with Explicit axes a scanned stack of
-  sharded weights fails the scan carry type check (see LIBRARY_FACTS.md).
+  sharded weights fails the scan carry type check ("scan body function carry input and
+  carry output must have equal types"), seen with jax 0.10.2.
   """
   devices = jax.devices() if devices is None else list(devices)
   shape = mesh_shape(mesh_config, len(devices))
@@ -239,7 +240,11 @@ def host_shard(
   mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
 ) -> DataShard:
   """The DataShard of a process (default: this process): `index`, `count` and the global
-  `rows` of its host batch (see `data_shards`, `host_rows`)."""
+  `rows` of its host batch (see `data_shards`).
+
+  Host batch row j lands at global row `rows[j]` (`global_batch`): a source whose
+  example r is a pure function of the global row r generates `[example(r) for r in
+  rows]` and gives the same global batch under any number of processes."""
   process = jax.process_index() if process_index is None else process_index
   shards = data_shards(mesh, rules, global_batch_size)
   if process not in shards:
@@ -249,49 +254,11 @@ def host_shard(
   return shards[process]
 
 
-def host_data_shard(
-  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
-) -> tuple[int, int]:
-  """(shard_index, num_shards) of the data a process feeds (default: this process).
-
-  The local batch is global_batch_size // num_shards. Processes whose devices hold the
-  same batch rows (e.g. tensor parallelism across hosts) get the same shard index and
-  must read the same data: the index is the data-replica index, not the process index.
-  See `data_shards`.
-  """
-  shard = host_shard(mesh, rules, global_batch_size, process_index)
-  return shard.index, shard.count
-
-
-def host_rows(
-  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
-) -> np.ndarray:
-  """Global batch rows of a process's host batch (default: this process), in host order.
-
-  Host batch row j lands at global row `host_rows(...)[j]` (`global_batch`): the rows
-  are sorted, and not contiguous on TPU slices. A source whose example r is a pure
-  function of the global row r generates `[example(r) for r in host_rows(...)]` and
-  gives the same global batch under any number of processes. Read-only.
-  """
-  return host_shard(mesh, rules, global_batch_size, process_index).rows
-
-
-def device_host_rows(
-  mesh: Mesh, rules, global_batch_size: int, process_index: int | None = None
-) -> dict:
-  """{device: slice of the host batch it receives} for a process (default: this one).
-
-  The layout `global_batch` uses: a device holding global rows r .. s - 1 receives the
-  host rows where `host_rows` holds them, `host_rows(...)[slice]` == r .. s - 1.
-  """
-  return dict(host_shard(mesh, rules, global_batch_size, process_index).device_rows)
-
-
 def global_batch(host_batch, mesh: Mesh, rules):
   """Host-local numpy batch -> global jax.Arrays sharded over the batch axis.
 
-  Each process passes only its own data shard: local batch = global / num_shards rows
-  (`host_data_shard`). Host row j lands at global row `host_rows(mesh, rules, global)[j]`
+  Each process passes only its own data shard: local batch = global / count rows
+  (`host_shard`). Host row j lands at global row `host_shard(mesh, rules, global).rows[j]`
   (the process's rows in increasing order): each device gets the host rows of its own
   slice of the global batch, in the mesh's device order. Correct for any device order and
   any number of processes.

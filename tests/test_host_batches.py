@@ -59,14 +59,15 @@ def check_every_process(mesh, global_batch):
   distinct = sorted({tuple(r) for r in want.values()}, key=lambda r: r[0])
   indices = {}
   for p, rows in want.items():
-    got = sharding.host_rows(mesh, SHARDING_RULES, global_batch, process_index=p)
+    got = sharding.host_shard(mesh, SHARDING_RULES, global_batch, process_index=p).rows
     np.testing.assert_array_equal(got, rows, err_msg=f"process {p}")
-    index, count = sharding.host_data_shard(mesh, SHARDING_RULES, global_batch, process_index=p)
+    shard = sharding.host_shard(mesh, SHARDING_RULES, global_batch, process_index=p)
+    index, count = shard.index, shard.count
     assert (index, count) == (distinct.index(tuple(rows)), len(distinct)), f"process {p}"
     assert count * len(rows) == global_batch
     indices[p] = index
     # Each device receives the host rows holding its own global rows.
-    layout = sharding.device_host_rows(mesh, SHARDING_RULES, global_batch, process_index=p)
+    layout = shard.device_rows
     mine = [d for d in mesh.devices.flat if d.process_index == p]
     assert set(layout) == set(mine)
     data, fsdp, _ = mesh.devices.shape
@@ -141,7 +142,7 @@ def test_rows_that_cannot_be_split_name_the_process():
   # Process 1 holds blocks 0-1 only (8 rows of 16 over 8 blocks: 4 rows), process 0 four.
   unequal = mesh_of([(1, 1), (1, 1), (0, 2), (0, 2), (0, 3), (0, 3), (2, 3), (2, 3)])
   with pytest.raises(ValueError, match=r"process 0 holds 8 batch rows \(4-11\) but process 1"):
-    sharding.host_data_shard(unequal, SHARDING_RULES, 16, process_index=2)
+    sharding.host_shard(unequal, SHARDING_RULES, 16, process_index=2)
   # Processes 0 and 1 share blocks 0-1, but not 2-5.
   overlapping = mesh_of([(0, 1), (0, 1), (0, 2), (0, 2), (1, 3), (1, 3), (2, 3), (2, 3)])
   with pytest.raises(ValueError, match=r"process 1's batch rows \(0-3, 8-11\) partially overlap"):
@@ -154,14 +155,15 @@ PERMUTATION = [5, 2, 7, 0, 3, 6, 1, 4]
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (2, 2, 2), (4, 1, 2)])
-def test_global_batch_on_a_permuted_mesh_puts_rows_where_host_rows_says(shape):
+def test_global_batch_on_a_permuted_mesh_puts_rows_where_host_shard_says(shape):
   devices = [jax.devices()[i] for i in PERMUTATION]
   mesh = sharding.make_mesh(mesh_config(*shape), devices)
   assert [d.id for d in mesh.devices.flat] == [d.id for d in devices]  # not re-sorted
   global_size = 16
-  index, count = sharding.host_data_shard(mesh, SHARDING_RULES, global_size)
+  shard = sharding.host_shard(mesh, SHARDING_RULES, global_size)
+  index, count = shard.index, shard.count
   assert (index, count) == (0, 1)  # one process feeds everything
-  rows = sharding.host_rows(mesh, SHARDING_RULES, global_size)
+  rows = sharding.host_shard(mesh, SHARDING_RULES, global_size).rows
   rng = np.random.default_rng(0)
   host = dict(
     image=rng.normal(size=(global_size, 4, 4, 3)).astype(np.float32),
@@ -188,4 +190,4 @@ def test_a_host_batch_the_mesh_cannot_split_is_named():
   with pytest.raises(ValueError, match="host batch of 12 rows x 1 data shards = global batch 12"):
     sharding.global_batch(dict(x=np.zeros((12, 2))), mesh, SHARDING_RULES)
   with pytest.raises(ValueError, match="global batch 12 is not divisible by the 8 batch shards"):
-    sharding.host_data_shard(mesh, SHARDING_RULES, 12)
+    sharding.host_shard(mesh, SHARDING_RULES, 12)

@@ -31,7 +31,7 @@ TF_EXAMPLE_FEATURES = {
 
 def output_features(vocab_path: str) -> dict:
   return {
-    # Passed through untouched: float pixels, rank 3 (see LIBRARY_FACTS: dtype is needed).
+    # Passed through untouched: float pixels, rank 3; without `dtype` seqio expects int32.
     "image": seqio.Feature(
       seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.float32, rank=3
     ),
