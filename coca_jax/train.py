@@ -41,11 +41,20 @@ def define_flags() -> None:
 
 
 class Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+  """SIGTERM -> checkpoint and stop at the next step boundary, at the same step on every
+  host.
+
+  One process: our own SIGTERM handler sets a flag. Several processes: JAX's
+  coordination service registers its own SIGTERM handler at jax.distributed.initialize
+  and agrees on a step every host reaches (`reached_preemption`); installing ours would
+  replace it, and each host would then stop at its own step and hang in the collective
+  save.
+  """
 
   def __init__(self):
     self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -53,8 +62,9 @@ class Preemption:
     self.requested = True
 
   def reached(self, mngr, step: int) -> bool:
-    # Multi-host: Orbax/JAX agree on a common step; single host: our flag.
-    return self.requested or (jax.process_count() > 1 and mngr.reached_preemption(step))
+    if jax.process_count() == 1:
+      return self.requested
+    return mngr.reached_preemption(step)
 
 
 def evaluate_state(config, state, run, eval_step, *, step: int, workdir: str, writer) -> dict:
