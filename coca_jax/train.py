@@ -17,7 +17,6 @@ import time
 import jax
 import numpy as np
 from absl import app, flags, logging
-from clu import metric_writers
 from etils import epath
 from ml_collections import config_flags
 
@@ -191,6 +190,8 @@ def train(config, workdir: str) -> dict:
   with jax.set_mesh(run.mesh):
     compiled_step = train_step.jitted.lower(run.layout.abstract, first).compile()
   log_memory(compiled_step)
+
+  from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = Preemption()
