@@ -157,31 +157,16 @@ def abstract_batch(config, mesh) -> dict:
 def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str | None]:
   """(rows per host batch, None), or (None, why not) when the processes cannot feed it.
 
-  Evaluates every process of the mesh's devices (each knows its process index, also on
-  a compile-only topology) as the trainer's data entry point does on that process:
-  shards must be disjoint, cover the global batch, and be equal in size; processes
-  sharing rows share a shard.
+  Splits the batch for every process of the mesh's devices (each knows its process
+  index, also on a compile-only topology) exactly as the trainer's data entry does on
+  that process; `sharding.data_shards` raises, naming the process and its rows, unless
+  the shards are disjoint, equal in size and cover the global batch.
   """
-  processes = sorted({d.process_index for d in mesh.devices.flat})
   try:
-    shards = {p: sharding.host_shard(mesh, rules, global_batch, process_index=p) for p in processes}
+    shards = sharding.data_shards(mesh, rules, global_batch)
   except ValueError as e:
     return None, str(e)
-  by_index = {}
-  for p, shard in shards.items():
-    index, count, rows = shard.index, shard.count, shard.rows
-    if count * len(rows) != global_batch:
-      return None, f"process {p}: {len(rows)} rows x {count} shards != global batch {global_batch}"
-    seen = by_index.setdefault(index, (p, rows))
-    if not np.array_equal(seen[1], rows):
-      return None, (
-        f"processes {seen[0]} and {p} share data shard {index} but hold different rows "
-        f"{sharding.describe_rows(seen[1])} / {sharding.describe_rows(rows)}"
-      )
-  every = np.sort(np.concatenate([rows for _, rows in by_index.values()]))
-  if not np.array_equal(every, np.arange(global_batch)):
-    return None, f"the {len(by_index)} data shards do not split the global batch {global_batch}"
-  return global_batch // len(by_index), None
+  return len(next(iter(shards.values())).rows), None
 
 
 def check_divisible(params, shardings, mesh_config) -> None:

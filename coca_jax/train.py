@@ -24,7 +24,7 @@ from coca_jax import checkpoint, console, export, flops, multihost
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import loader
+from coca_jax.data import loader, vocab
 
 
 def define_flags() -> None:
@@ -66,8 +66,13 @@ class Preemption:
     return mngr.reached_preemption(step)
 
 
-def evaluate_state(config, state, run, eval_step, *, step: int, workdir: str, writer) -> dict:
-  """Held-out losses, then the eval suite of config.eval (zero-shot, retrieval, ...)."""
+def evaluate_state(
+  config, state, run, eval_step, vocabulary, *, step: int, workdir: str, writer
+) -> dict:
+  """Held-out losses, then the eval suite of config.eval (zero-shot, retrieval, ...).
+
+  vocabulary: the SentencePiece processor of config.data.vocab_path (read once per run).
+  """
   totals, count = {}, 0
   for batch in loader.batches(config, run.mesh, "eval", limit=config.train.eval_steps):
     terms = jax.device_get(eval_step(state, batch))
@@ -77,10 +82,8 @@ def evaluate_state(config, state, run, eval_step, *, step: int, workdir: str, wr
   writer.write_scalars(step, metrics)
   if config.eval.evals:
     from coca_jax import evaluate, predict
-    from coca_jax.data import vocab
 
     model = state_lib.model_from_params(run.layout.graphdef, state["params"])
-    vocabulary = vocab.load(config.data.vocab_path) if config.data.vocab_path else None
     predictor = predict.Predictor(model, config, vocabulary, config.eval.batch_size)
     with jax.set_mesh(run.mesh):
       suite = evaluate.run(
@@ -185,6 +188,10 @@ def train(config, workdir: str) -> dict:
 
   train_step = step_lib.make_train_step(config, run)
   eval_step = step_lib.make_eval_step(config, run.layout)
+  # The eval suite tokenizes class prompts and captions: its vocabulary, read once.
+  vocabulary = None
+  if config.train.eval_every and config.eval.evals:
+    vocabulary = vocab.load(config.data.vocab_path)
   batches = loader.batches(config, run.mesh, "train", start_step)
   first = next(batches)
   with jax.set_mesh(run.mesh):
@@ -216,7 +223,7 @@ def train(config, workdir: str) -> dict:
       checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
     if config.train.eval_every and (step % config.train.eval_every == 0 or last):
       evaluated = evaluate_state(
-        config, state, run, eval_step, step=step, workdir=workdir, writer=writer
+        config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
       )
     if preempted:
       logging.warning("preempted: checkpoint at step %d written; exiting", step)
