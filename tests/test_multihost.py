@@ -1,12 +1,16 @@
 """Two processes on loopback (4 CPU devices each, gloo collectives) train exactly like one
-process over the same 8 devices and the same global batches."""
+process over the same 8 devices and the same global batches, also when the mesh
+interleaves the processes' devices (as a TPU slice does) and shards the parameters over
+both; SIGTERM to one process of two checkpoints the same step on both."""
 
 import os
 import pathlib
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -26,9 +30,8 @@ FLAGS = [
   "--config.train.log_every=1",
   "--config.train.checkpoint_every=3",
   "--config.data.source=synthetic",
-  "--config.mesh.data=8",
-  "--config.mesh.fsdp=1",
 ]
+CONTIGUOUS_DATA8 = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]
 
 
 def free_port() -> int:
@@ -49,9 +52,9 @@ def losses(log: str) -> list[float]:
   return [float(x) for x in re.findall(r"step \d+/\d+ loss ([0-9.]+)", log)]
 
 
-def final_params(workdir):
+def final_params(workdir, mesh=(8, 1)):
   config = tiny.get_config()
-  config.mesh.data, config.mesh.fsdp = 8, 1
+  config.mesh.data, config.mesh.fsdp = mesh
   config.train.steps = STEPS
   layout = state_lib.setup(config).layout
   state, data = checkpoint.restore(
@@ -61,39 +64,81 @@ def final_params(workdir):
   return jax.device_get(state["params"])
 
 
-def test_two_processes_match_one(tmp_path):
-  port = free_port()
-  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
-  procs = [
-    subprocess.Popen(
+def start_processes(program: list[str], flags: list[str], workdir, port: int) -> list:
+  """Two processes of one run, 4 CPU devices each; their stdout and stderr go to files
+  (a full pipe would stall one process, and with it the other's collectives)."""
+  procs = []
+  for i in range(2):
+    out = open(f"{workdir}.{port}.{i}.out", "w+")
+    err = open(f"{workdir}.{port}.{i}.err", "w+")
+    proc = subprocess.Popen(
       [
         sys.executable,
-        "-m",
-        "coca_jax.train",
-        *FLAGS,
-        f"--workdir={multi_dir}",
+        *program,
+        *flags,
+        f"--workdir={workdir}",
         f"--coordinator_address=127.0.0.1:{port}",
         "--num_processes=2",
         f"--process_id={i}",
       ],
       cwd=REPO,
       env=env_with_devices(4),
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
+      stdout=out,
+      stderr=err,
     )
-    for i in range(2)
-  ]
+    proc.logs = (out, err)
+    procs.append(proc)
+  return procs
+
+
+def read_logs(proc) -> tuple[str, str]:
+  texts = []
+  for f in proc.logs:
+    f.flush()
+    f.seek(0)
+    texts.append(f.read())
+  return texts[0], texts[1]
+
+
+def finish(procs, timeout=420) -> list[tuple[str, str]]:
+  """Waits for the processes (killing them after `timeout`); -> their (stdout, stderr)."""
   try:
-    outputs = [p.communicate(timeout=420) for p in procs]
+    for p in procs:
+      p.wait(timeout=timeout)
   finally:
     for p in procs:
       p.kill()
+  outputs = [read_logs(p) for p in procs]
+  for p in procs:
+    for f in p.logs:
+      f.close()
+  return outputs
+
+
+TRAIN = ["-m", "coca_jax.train"]
+INTERLEAVED = [str(REPO / "tests" / "interleaved_train.py")]
+
+
+@pytest.mark.parametrize(
+  "program, mesh",
+  [(TRAIN, (8, 1)), (INTERLEAVED, (2, 4))],
+  ids=["contiguous-data8", "interleaved-data2-fsdp4"],
+)
+def test_two_processes_match_one(tmp_path, program, mesh):
+  flags = [*FLAGS, f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}"]
+  multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
+  procs = start_processes(program, flags, multi_dir, free_port())
+  outputs = finish(procs)
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
   assert "process 1 of 2; 4 local devices, 8 global devices" in outputs[1][1]
+  if program is INTERLEAVED:
+    # Mesh position k holds batch row k (8 rows, 8 devices); positions alternate between
+    # the processes, so each feeds every other row: non-contiguous, as on a TPU slice.
+    assert "data shard 0 of 2, local batch 4: global rows 0, 2, 4, 6" in outputs[0][1]
+    assert "data shard 1 of 2, local batch 4: global rows 1, 3, 5, 7" in outputs[1][1]
   single = subprocess.run(
-    [sys.executable, "-m", "coca_jax.train", *FLAGS, f"--workdir={single_dir}"],
+    [sys.executable, "-m", "coca_jax.train", *flags, f"--workdir={single_dir}"],
     cwd=REPO,
     env=env_with_devices(8),
     capture_output=True,
@@ -108,6 +153,36 @@ def test_two_processes_match_one(tmp_path):
   # Adafactor's normalised updates carry to ~1e-6 on the params (a bug moves them ~lr).
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
-    final_params(multi_dir),
-    final_params(single_dir),
+    final_params(multi_dir, mesh),
+    final_params(single_dir, mesh),
   )
+
+
+def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(tmp_path):
+  workdir = tmp_path / "run"
+  flags = [*FLAGS, *CONTIGUOUS_DATA8, "--config.train.checkpoint_every=100000"]
+  procs = start_processes(TRAIN, [*flags, "--config.train.steps=100000"], workdir, free_port())
+  # Wait until both train (the first logged steps), then preempt process 1 only.
+  deadline = time.time() + 300
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if all("step 2/" in read_logs(p)[1] for p in procs):
+      break
+    time.sleep(0.2)
+  assert all("step 2/" in read_logs(p)[1] for p in procs), read_logs(procs[1])[1][-3000:]
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = finish(procs, timeout=300)
+  saved = []
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+    saved += [int(s) for s in re.findall(r"preempted: checkpoint at step (\d+) written", err)]
+  assert len(saved) == 2 and saved[0] == saved[1], saved
+  steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert steps == [saved[0]]
+  # A restart of the same command resumes from that step.
+  resumed = start_processes(
+    TRAIN, [*flags, f"--config.train.steps={saved[0] + 2}"], workdir, free_port()
+  )
+  outputs = finish(resumed)
+  for p, (_, err) in zip(resumed, outputs):
+    assert p.returncode == 0, err[-4000:]
+    assert f"resumed from checkpoint step {saved[0]}" in err

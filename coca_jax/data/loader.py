@@ -44,7 +44,13 @@ def resolve(config):
 def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict]:
   """Endless host-local numpy batches of this process's shard (config resolved)."""
   shard = sharding.host_shard(mesh, config.sharding_rules, config.data.global_batch_size)
-  logging.info("data shard %d of %d, local batch %d", shard.index, shard.count, len(shard.rows))
+  logging.info(
+    "data shard %d of %d, local batch %d: global rows %s",
+    shard.index,
+    shard.count,
+    len(shard.rows),
+    sharding.describe_rows(shard.rows),
+  )
   if config.data.source == "synthetic":
     from coca_jax.data import synthetic
 
