@@ -22,8 +22,10 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
 
-from coca_jax import decode, tokens
+from coca_jax import decode, sharding, tokens
 
 
 def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> list:
@@ -67,35 +69,60 @@ class Predictor:
   """A CoCa model's encoders and decoder over numpy arrays and strings of any length.
 
   model: a CoCa module (its parameters may be sharded; jit follows them). config: the
-  run's config (model sizes, config.eval.decode). vocab: a SentencePiece processor or a
-  seqio vocabulary (coca_jax.data.vocab.load).
+  run's config (model sizes, config.eval.decode, sharding rules). vocab: a SentencePiece
+  processor or a seqio vocabulary (coca_jax.data.vocab.load).
+
+  mesh: None runs on the default device (serving, the evaluate CLI). With the training
+  mesh, every batch of B rows is split over the mesh's batch shards as training batches
+  are: each process computes only the rows its devices hold, wherever they sit in the
+  mesh, and every process receives the whole output (gathered explicitly), so metrics
+  computed from it are identical on every host. Every process must pass the same inputs.
   """
 
-  def __init__(self, model, config, vocab, batch_size: int):
+  def __init__(self, model, config, vocab, batch_size: int, mesh: Mesh | None = None):
     self.graphdef, self.params = nnx.split(model)
     self.config = config
     self.vocab = vocab
     self.batch_size = batch_size
     self.max_text_len = config.model.text.max_len
     self.temperature = float(model.temperature())
+    self.mesh = mesh
+    if mesh is not None:
+      ways = sharding.batch_ways(mesh, config.sharding_rules)
+      if batch_size % ways:
+        raise ValueError(
+          f"config.eval.batch_size={batch_size} is not divisible by the {ways} batch shards "
+          f"of mesh {dict(mesh.shape)}"
+        )
+
+  def _call(self, fn: Callable, *batch: np.ndarray):
+    """fn(params, *batch) for numpy rows [B, ...]; on the mesh when there is one."""
+    if self.mesh is None:
+      return fn(self.params, *batch)
+    specs = sharding.batch_specs(batch, self.config.sharding_rules)
+    placed = [
+      jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda i, x=x: x[i])
+      for x, spec in zip(batch, specs)
+    ]
+    return multihost_utils.process_allgather(fn(self.params, *placed), tiled=True)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """images [N, S, S, 3] float32 (preprocessed) -> L2-normalised [N, E] float32."""
     fn = _compiled(self.graphdef, "image")
-    return map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0]
+    return map_in_batches(lambda x: self._call(fn, x), [images], self.batch_size)[0]
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """N texts -> L2-normalised [N, E] float32."""
     text = tokens.tokenize(self.vocab, list(texts), self.max_text_len)
     fn = _compiled(self.graphdef, "text")
     return map_in_batches(
-      lambda i, m: fn(self.params, i, m), [text["ids"], text["mask"]], self.batch_size
+      lambda i, m: self._call(fn, i, m), [text["ids"], text["mask"]], self.batch_size
     )[0]
 
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """images [N, S, S, 3] -> image-encoder output tokens [N, M, D] float32."""
     fn = _compiled(self.graphdef, "image_tokens")
-    out = map_in_batches(lambda x: fn(self.params, x), [images], self.batch_size)[0]
+    out = map_in_batches(lambda x: self._call(fn, x), [images], self.batch_size)[0]
     return out.astype(np.float32)
 
   def decode_options(self, **overrides) -> decode.DecodeOptions:
@@ -126,7 +153,9 @@ class Predictor:
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):
       # A per-batch key (from the first row index) keeps sampling reproducible.
       rng = jax.random.fold_in(jax.random.key(seed), int(batch_rows[0]))
-      out = fn(self.params, batch_images, batch_prefix, batch_lengths, rng)
+      out = self._call(
+        lambda params, *rows: fn(params, *rows, rng), batch_images, batch_prefix, batch_lengths
+      )
       return out.tokens, out.scores
 
     tokens_out, scores = map_in_batches(run, [images, prefix, lengths, rows], self.batch_size)

@@ -84,7 +84,7 @@ def evaluate_state(
     from coca_jax import evaluate, predict
 
     model = state_lib.model_from_params(run.layout.graphdef, state["params"])
-    predictor = predict.Predictor(model, config, vocabulary, config.eval.batch_size)
+    predictor = predict.Predictor(model, config, vocabulary, config.eval.batch_size, mesh=run.mesh)
     with jax.set_mesh(run.mesh):
       suite = evaluate.run(
         predictor,

@@ -3,6 +3,7 @@ process over the same 8 devices and the same global batches, also when the mesh
 interleaves the processes' devices (as a TPU slice does) and shards the parameters over
 both; SIGTERM to one process of two checkpoints the same step on both."""
 
+import json
 import os
 import pathlib
 import re
@@ -124,8 +125,16 @@ INTERLEAVED = [str(REPO / "tests" / "interleaved_train.py")]
   [(TRAIN, (8, 1)), (INTERLEAVED, (2, 4))],
   ids=["contiguous-data8", "interleaved-data2-fsdp4"],
 )
-def test_two_processes_match_one(tmp_path, program, mesh):
+def test_two_processes_match_one(tmp_path, program, mesh, sentencepiece_model):
   flags = [*FLAGS, f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}"]
+  evaluating = program is INTERLEAVED
+  if evaluating:  # the eval suite at the last step, on synthetic eval sets
+    flags += [
+      f"--config.train.eval_every={STEPS}",
+      "--config.eval.evals=zero_shot,retrieval,captioning,frozen",
+      "--config.eval.frozen.steps=5",
+      f"--config.data.vocab_path={sentencepiece_model}",
+    ]
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
   procs = start_processes(program, flags, multi_dir, free_port())
   outputs = finish(procs)
@@ -156,6 +165,15 @@ def test_two_processes_match_one(tmp_path, program, mesh):
     final_params(multi_dir, mesh),
     final_params(single_dir, mesh),
   )
+  if evaluating:
+    # Every host computes the same metrics, and they equal the one-process run's.
+    evals = [re.findall(r"eval at step \d+: (.*)", err) for _, err in outputs]
+    assert len(evals[0]) == 1 and evals[0] == evals[1]
+    multi = json.loads(outputs[0][0].strip().splitlines()[-1])
+    one = json.loads(single.stdout.strip().splitlines()[-1])
+    names = [k for k in one if k.startswith("eval/")]
+    assert {"eval/zero_shot/top1", "eval/captioning/cider", "eval/frozen/accuracy"} <= set(names)
+    np.testing.assert_allclose([multi[k] for k in names], [one[k] for k in names], atol=1e-5)
 
 
 def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(tmp_path):
