@@ -5,6 +5,13 @@ Layout: `<workdir>/checkpoints/<step>/{state,data}`: `state` is the train state 
 writes each step to a temporary directory and renames it when complete, so a save that
 was killed half-way is never listed by `latest_step` (and is cleaned up on the next
 start).
+
+A complete step can still be unreadable (a file overwritten or truncated later). Resuming
+skips such steps, newest first, with a warning naming them, and restores the newest step
+that every process can read; the skipped steps stay where they are until the resumed run
+saves: its first save moves every step at or above the one it writes to
+`<workdir>/skipped_checkpoints/` (Orbax would not overwrite them, and they must not count
+towards the checkpoints kept), then writes.
 """
 
 import jax
@@ -13,12 +20,31 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from coca_jax import params as params_lib
 from coca_jax.models import vit
 from coca_jax.state import StateLayout
 
 POS_EMBEDDING = ("params", *vit.POS_EMBEDDING_PATH)
+STATE, DATA = "state", "data"  # the items of a step
+SKIPPED_DIR = "skipped_checkpoints"  # in the workdir, next to `checkpoints`
+
+
+class UnreadableCheckpointError(ValueError):
+  """A checkpoint step (or every step) whose metadata or arrays cannot be read; `reason`:
+  the underlying error."""
+
+  def __init__(self, message: str, reason: str = ""):
+    super().__init__(message)
+    self.reason = reason or message
+
+
+def _unreadable(path: epath.Path, error: Exception, limit: int = 2000):
+  """UnreadableCheckpointError for the step at `path` (its `reason`: `error`, shortened)."""
+  reason = f"{type(error).__name__}: {error}"
+  reason = reason if len(reason) <= limit else reason[:limit] + " ..."
+  return UnreadableCheckpointError(f"checkpoint {path} cannot be read: {reason}", reason)
 
 
 def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.CheckpointManager:
@@ -34,38 +60,108 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
     epath.Path(workdir) / "checkpoints",
     options=options,
     # Handlers named up front so a fresh manager can read item metadata before restoring.
-    item_handlers=dict(state=ocp.StandardCheckpointHandler(), data=ocp.JsonCheckpointHandler()),
+    item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},
   )
 
 
+def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
+  """The directory of `step`: `<workdir>/checkpoints/<step>`."""
+  return epath.Path(mngr.directory) / str(step)
+
+
 def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
-  """Starts an async save of `state` at its step; returns before the write completes."""
+  """Starts an async save of `state` at its step; returns before the write completes.
+
+  Steps at or above this one that are still listed were skipped by the resume (unreadable
+  on some process): they are moved out of the way first, see `_set_aside`."""
   step = int(jax.device_get(state["step"]))
+  skipped = [s for s in mngr.all_steps() if s >= step]
+  if skipped:
+    _set_aside(mngr, skipped, step)
   mngr.save(
     step,
     args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_position)
+      **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_position)}
     ),
     force=True,
   )
 
 
 def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None = None):
-  """Restores (state, data_position) at `step` (default: latest) into `layout`'s shardings.
+  """Restores (state, data_position) at `step` (default: the newest readable step) into
+  `layout`'s shardings.
 
   The target is the abstract state, so a checkpoint written on one mesh restores onto
   another. If the checkpoint was trained at another image size, the learned position
   embedding is resampled to the new patch grid and the optimizer moments that depend on
   its shape restart from zero. Returns None when there is no checkpoint.
+
+  With `step=None` the steps are tried newest first; one whose metadata or arrays cannot
+  be read on any process is skipped (a warning names its path and the error; it is left
+  on disk), so every process restores the same step. If no step can be read this raises
+  UnreadableCheckpointError naming them all rather than let the run start afresh over
+  them. An explicit `step` that cannot be read raises UnreadableCheckpointError.
   """
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    return None
-  stored = mngr.item_metadata(step)["state"]
-  stored_shapes = {
-    params_lib.path_names(p): tuple(m.shape)
-    for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
-  }
+  if step is not None:
+    return _restore_step(mngr, layout, step)
+  failures = {}
+  for candidate in sorted(mngr.all_steps(), reverse=True):
+    try:
+      restored, error = _restore_step(mngr, layout, candidate), None
+    except UnreadableCheckpointError as e:
+      restored, error = None, e
+    failing = _failing_processes(candidate, error is not None)
+    if not failing:
+      if failures:
+        logging.warning(
+          "Resuming from checkpoint step %d, the newest step every process can read", candidate
+        )
+      return restored
+    path = step_path(mngr, candidate)
+    reason = error.reason if error is not None else f"unreadable on process(es) {failing}"
+    logging.warning("Skipping unreadable checkpoint %s (left on disk): %s", path, reason)
+    failures[path] = reason
+  if failures:
+    raise UnreadableCheckpointError(
+      f"no checkpoint in {mngr.directory} can be read (delete or repair them, or use another "
+      "workdir, to start afresh): " + "; ".join(f"{p}: {r}" for p, r in failures.items())
+    )
+  return None
+
+
+def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
+  """(state, data_position) of `step`; UnreadableCheckpointError if a file of it cannot be
+  read, ValueError if it does not fit the config.
+
+  Reads through the item handlers rather than `mngr.restore`: the manager's restore ends
+  in a barrier of all processes, which a process whose read failed would never reach."""
+  path = step_path(mngr, step)
+  state_handler = ocp.StandardCheckpointHandler()
+  try:
+    try:
+      stored = state_handler.metadata(path / STATE)
+      stored_shapes = {
+        params_lib.path_names(p): tuple(m.shape)
+        for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+      }
+    except Exception as e:  # any failure to read or parse the metadata
+      raise _unreadable(path, e) from e
+    target, mismatched = _restore_target(layout, stored_shapes, step)
+    try:
+      state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
+      data = ocp.JsonCheckpointHandler().restore(path / DATA)
+    except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
+      raise _unreadable(path, e) from e
+  finally:
+    state_handler.close()
+  if mismatched:
+    state = _adapt_shapes(state, layout, mismatched)
+  return state, data
+
+
+def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
+  """The abstract state to read: the layout's, except entries stored at another shape,
+  which are read replicated at their stored shape (returned as the second value)."""
   replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
   mismatched = set()
 
@@ -80,15 +176,60 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
     mismatched.add(params_lib.path_names(path))
     return jax.ShapeDtypeStruct(shape, target.dtype, sharding=replicated)
 
-  target = jax.tree_util.tree_map_with_path(restore_target, layout.abstract)
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()),
-  )
-  state = restored["state"]
-  if mismatched:
-    state = _adapt_shapes(state, layout, mismatched)
-  return state, restored["data"]
+  return jax.tree_util.tree_map_with_path(restore_target, layout.abstract), mismatched
+
+
+def _failing_processes(step: int, failed: bool) -> list[int]:
+  """The processes on which `step` failed to read; one all-gather when there are several
+  processes (each must call this for the same steps, in the same order), none otherwise."""
+  if jax.process_count() == 1:
+    return [0] if failed else []
+  gathered = np.asarray(
+    multihost_utils.process_allgather(np.array([step, int(failed)], np.int32))
+  ).reshape(-1, 2)
+  if np.any(gathered[:, 0] != step):
+    raise RuntimeError(
+      f"processes list different checkpoint steps (tried {gathered[:, 0].tolist()} at once)"
+    )
+  return [int(i) for i in np.flatnonzero(gathered[:, 1])]
+
+
+def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], saving: int) -> None:
+  """Moves `steps` (which a resume skipped) to `<workdir>/skipped_checkpoints/`, so that
+  `saving` can be written (Orbax refuses to overwrite a step) and so that keeping the last
+  N checkpoints counts only steps of this run; deletes one that cannot be moved."""
+  mngr.wait_until_finished()
+  aside = epath.Path(mngr.directory).parent / SKIPPED_DIR
+  if jax.process_index() == 0:
+    for step in steps:
+      source = step_path(mngr, step)
+      target = aside / str(step)
+      suffix = 0
+      while target.exists():
+        suffix += 1
+        target = aside / f"{step}-{suffix}"
+      try:
+        aside.mkdir(parents=True, exist_ok=True)
+        source.rename(target)
+        logging.warning(
+          "Saving step %d: moved checkpoint %s, which the resume skipped as unreadable, to %s",
+          saving,
+          source,
+          target,
+        )
+      except Exception as e:  # e.g. a store without directory renames
+        logging.warning(
+          "Saving step %d: deleting checkpoint %s, which the resume skipped as unreadable "
+          "(could not move it to %s: %s)",
+          saving,
+          source,
+          target,
+          e,
+        )
+        source.rmtree()
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"coca_jax.checkpoint set aside {steps}")
+  mngr.reload()
 
 
 def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:

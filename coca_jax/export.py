@@ -94,20 +94,21 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
 
 
 def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
-  """Exports the params of a training checkpoint; returns the exported step."""
+  """Exports the params of a training checkpoint (default: the newest readable one, as a
+  resume would pick); returns the exported step."""
   config = read_config(epath.Path(workdir) / CONFIG_FILE)
   # The run's own mesh may need more devices than this machine has; any mesh restores.
   config.mesh = config_lib.default_mesh()
   layout = state_lib.setup(config).layout
   mngr = checkpoint.manager(workdir, config.train, read_only=True)
-  step = mngr.latest_step() if step is None else step
-  if step is None or step not in mngr.all_steps():
-    raise FileNotFoundError(
-      f"no checkpoint {'' if step is None else step} in {workdir}/checkpoints"
-    )
-  state, _ = checkpoint.restore(mngr, layout, step)
+  if step is not None and step not in mngr.all_steps():
+    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
+  restored = checkpoint.restore(mngr, layout, step)
+  if restored is None:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  state, data_position = restored
   write(state["params"], config, output, dtype, vocab_file_of(config))
-  return step
+  return int(data_position["step"])
 
 
 def load_vocab(export_dir: str, config):
