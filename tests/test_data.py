@@ -192,6 +192,95 @@ def test_resume_at_step_k_equals_the_uninterrupted_sequence(data_dir):
   assert not np.array_equal(other[0]["image"], full[0]["image"])
 
 
+@pytest.fixture(scope="module")
+def uniform_dir(tmp_path_factory):
+  """A Fashion-MNIST-format TFDS dataset whose rows are all the same image and label:
+  what two hosts' k-th examples differ by is then only their augmentation."""
+  root = tmp_path_factory.mktemp("uniform")
+  image = np.random.default_rng(1).integers(0, 256, (28, 28))
+  idx = root / "idx"
+  idx.mkdir()
+  for split, n in (("train", 40), ("test", 8)):
+    images_file, labels_file = raw.FASHION_MNIST_FILES[split]
+    write_idx(idx / images_file, np.broadcast_to(image, (n, 28, 28)))
+    write_idx(idx / labels_file, np.zeros(n))
+  builder = builders.CocaFashionMnist(data_dir=str(root / "tfds"))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(idx)))
+  return root
+
+
+def test_hosts_draw_their_own_augmentation(data_dir, uniform_dir):
+  """Same-position examples of two shards of identical rows: with one seed for every
+  shard (the old pipeline) they were bitwise equal; now crops, flips, templates and label
+  orders are drawn per shard."""
+  config = make_config(data_dir, jft_style=1.0, alt_text=0.0)
+  config.jft_style.tfds_data_dir = str(uniform_dir / "tfds")
+  config.image_size = 24
+  shards = [
+    next(pipeline.batches(config, "train", shard_index=i, num_shards=2, local_batch_size=16))
+    for i in range(2)
+  ]
+  images_, ids = [b["image"] for b in shards], [b["text"]["ids"] for b in shards]
+  # Within a shard, the identical rows were augmented differently.
+  assert len({row.tobytes() for row in images_[0]}) > 12
+  assert len({row.tobytes() for row in ids[0]}) > 3
+  same_image = (images_[0] == images_[1]).all(axis=(1, 2, 3))
+  same_text = (ids[0] == ids[1]).all(axis=1)
+  assert same_image.mean() < 0.25 and same_text.mean() < 0.5, (same_image, same_text)
+
+
+def test_resume_does_not_decode_the_skipped_batches(data_dir):
+  config = make_config(data_dir)
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=8)
+  skipped = 200 * kwargs["local_batch_size"]
+  before = preprocess.CALLS["decode"]
+  iterator = pipeline.batches(config, "train", start_step=200, **kwargs)
+  next(iterator)
+  del iterator  # stops tf.data's read-ahead
+  decoded = preprocess.CALLS["decode"] - before
+  # The first batch and tf.data's read-ahead (prefetch, parallel map), not the 1600
+  # skipped rows.
+  assert kwargs["local_batch_size"] <= decoded < skipped / 2, decoded
+
+
+def test_rejected_rows_are_replaced_within_their_batch_and_resume_exactly(tmp_path, data_dir):
+  rows = [(png(np.full((8, 8, 3), 10 * i + 5, np.uint8)), f"good {i}") for i in range(12)]
+  rows[3] = (b"not an image", "junk")
+  rows[8] = (rows[8][0], " ")
+  write_alt_text(str(tmp_path / "some-bad.tfrecord"), rows)
+  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.alt_text.files = str(tmp_path / "some-bad.tfrecord")
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=4)
+  before = pipeline.bad_data_counts()
+  full = take(pipeline.batches(config, "train", **kwargs), 9)
+  after = pipeline.bad_data_counts()
+  assert after.get(preprocess.UNDECODABLE, 0) > before.get(preprocess.UNDECODABLE, 0)
+  assert after.get(preprocess.EMPTY_TEXT, 0) > before.get(preprocess.EMPTY_TEXT, 0)
+  # Every row is a good one (each image is flat, its grey level names its row): neither
+  # the black 1x1 placeholder of a rejected row nor the image of the blank caption.
+  pixels = np.concatenate([b["image"][:, 0, 0, 0] for b in full])
+  levels = np.round((pixels * 0.5 + 0.5) * 255).astype(int)  # undo the normalisation
+  assert set(levels) <= {10 * i + 5 for i in range(12) if i not in (3, 8)}, set(levels)
+  resumed = take(pipeline.batches(config, "train", start_step=5, **kwargs), 4)
+  for a, b in zip(full[5:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+
+
+def test_source_counts_before_a_position_match_the_selector():
+  """A resume skips each source's rows by rows_before, without reading them: it must count
+  exactly what the selector chooses, across selector blocks; a selector opened at a
+  position continues the one opened at 0."""
+  key, rates = pipeline.stateless_key(0, 1, "sources"), [0.25, 0.75]
+  position = 2 * pipeline.SELECTOR_BLOCK + 123
+  chosen = np.fromiter(pipeline.selector(key, rates, 0).take(position + 50), np.int64)
+  counts = pipeline.rows_before(key, rates, position)
+  np.testing.assert_array_equal(counts, np.bincount(chosen[:position], minlength=2))
+  assert abs(counts[0] / position - 0.25) < 0.03
+  resumed = np.fromiter(pipeline.selector(key, rates, position).take(50), np.int64)
+  np.testing.assert_array_equal(resumed, chosen[position:])
+
+
 def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_dir):
   good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(5)]
   bad_png = png(np.zeros((8, 8, 3), np.uint8))[:30]  # truncated: header only

@@ -1,9 +1,21 @@
-"""seqio preprocessors of the CoCa tasks: tf.data functions over example dicts.
+"""Preprocessing of the CoCa data: per-example TensorFlow functions, and the seqio
+preprocessors of coca_jax/data/tasks.py built from them.
 
-Order inside a task: `decode_and_validate` (encoded image bytes -> uint8 RGB, bad rows
-dropped and counted) -> a text maker (`jft_text` or `alt_text`) -> `tokenize_text` ->
-`train_image` (random resized crop, optional flip) or `eval_image` (resize + center
-crop), both ending in `normalize`. Every task therefore emits the same features:
+Two stages, so that coca_jax/data/pipeline.py can resume without decoding what it skips:
+
+- records (`to_records`): a source row -> {"image": encoded bytes, "text_parts": [n]
+  strings (label names or [caption]), "kind": int32 index into KINDS}. Cheap: no image
+  decode, no randomness.
+- examples: `decode` (encoded bytes -> uint8 RGB, plus `keep`: False for an undecodable
+  image or empty text, counted in BAD_DATA) -> text (`jft_caption` or `alt_caption`) ->
+  SentencePiece ids -> pixels (`train_pixels`: random resized crop, optional flip;
+  `eval_pixels`: resize + center crop), both ending in `normalize`. The random ones take
+  explicit stateless seeds, so the pipeline can derive them from an example's position.
+
+The seqio Tasks chain the same functions over the source rows (keeping the source's other
+features, e.g. `label`): `decode_and_validate` (drops bad rows) -> `jft_text` or
+`alt_text` -> `tokenize_text` -> `train_image` or `eval_image`, with seqio's map seeds.
+Every example, from a Task or from the pipeline, has the features
   image              [S, S, 3] float32, (pixel / 255 - mean) / std
   text               [n] int32 SentencePiece ids (no BOS/EOS; coca_jax.tokens adds them)
   text_pretokenized  []  string
@@ -18,18 +30,28 @@ import tensorflow as tf
 
 from coca_jax.data import images
 
-# Rows dropped by decode_and_validate, by reason, in this process. tf.data runs the
-# check in its own threads; increments happen under the GIL.
+# Rows dropped (Tasks) or replaced (the training pipeline) because `decode` rejected
+# them, by reason, in this process. tf.data runs the check in its own threads;
+# increments happen under the GIL.
 BAD_DATA = collections.Counter()
 UNDECODABLE, WRONG_RANK, EMPTY_TEXT = (
   "undecodable image",
   "image of wrong rank or size",
   "empty text",
 )
+# Calls of the numpy side of `decode` in this process (CALLS["decode"]): the expensive
+# per-example work, counted so that tests can see what a resume decodes.
+CALLS = collections.Counter()
+
+# Source kinds, in the order of the records' `kind` index, and the feature of each
+# source's rows that makes its text.
+KINDS = ("jft_style", "alt_text")
+TEXT_KEYS = {"jft_style": "label_names", "alt_text": "caption"}
 
 
 def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:
-  """numpy side of decode_and_validate: (image or a 1x1 placeholder, keep?)."""
+  """numpy side of `decode`: (image or a 1x1 placeholder, keep?)."""
+  CALLS["decode"] += 1
   if not any(part.strip() for part in np.atleast_1d(text_parts)):
     BAD_DATA[EMPTY_TEXT] += 1
     return np.zeros((1, 1, 3), np.uint8), False
@@ -43,18 +65,40 @@ def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:
   return np.zeros((1, 1, 3), np.uint8), False
 
 
+def decode(encoded: tf.Tensor, text_parts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Encoded image bytes -> ([H, W, 3] uint8, keep): keep is False (and the image a 1x1
+  placeholder) when the image does not decode, is empty, or `text_parts` (a string or
+  strings) are all blank; counted in BAD_DATA. PIL decodes (through tf.numpy_function)
+  so that bad bytes are a counted row, never a crash of the input pipeline."""
+  image, keep = tf.numpy_function(
+    _check, [encoded, text_parts], [tf.uint8, tf.bool], stateful=False
+  )
+  image.set_shape([None, None, 3])
+  keep.set_shape([])
+  return image, keep
+
+
+def to_records(dataset: tf.data.Dataset, kind: str) -> tf.data.Dataset:
+  """Source rows of `kind` -> records {"image", "text_parts", "kind"} (see the module
+  docstring); rows of every kind then share one structure and can be mixed."""
+  index, key = KINDS.index(kind), TEXT_KEYS[kind]
+
+  def record(row):
+    return {
+      "image": row["image"],
+      "text_parts": tf.reshape(row[key], [-1]),
+      "kind": tf.constant(index, tf.int32),
+    }
+
+  return dataset.map(record, num_parallel_calls=tf.data.AUTOTUNE)
+
+
 def decode_and_validate(dataset: tf.data.Dataset, text_key: str) -> tf.data.Dataset:
-  """Decodes `image` (encoded bytes) to [H, W, 3] uint8 and drops rows whose image does
-  not decode, is empty, or whose `text_key` (string or list of strings) is empty; the
-  drops are counted in BAD_DATA. PIL decodes (through tf.numpy_function) so that bad
-  bytes are a counted drop, never a crash of the input pipeline."""
+  """Decodes `image` (encoded bytes) to [H, W, 3] uint8 and drops the rows `decode`
+  rejects (their `text_key`, a string or strings, is the text checked)."""
 
   def check(example):
-    image, keep = tf.numpy_function(
-      _check, [example["image"], example[text_key]], [tf.uint8, tf.bool], stateful=False
-    )
-    image.set_shape([None, None, 3])
-    keep.set_shape([])
+    image, keep = decode(example["image"], example[text_key])
     return {**example, "image": image, "_keep": keep}
 
   dataset = dataset.map(check, num_parallel_calls=tf.data.AUTOTUNE)
@@ -62,24 +106,33 @@ def decode_and_validate(dataset: tf.data.Dataset, text_key: str) -> tf.data.Data
   return dataset.map(lambda example: {k: v for k, v in example.items() if k != "_keep"})
 
 
-@seqio.map_over_dataset(num_seeds=2)
-def jft_text(example, seeds, templates):
-  """JFT-style text (Section 4.1): the example's `label_names`, shuffled and joined with
-  ", ", inside a template drawn at random: "a photo of the sneaker, footwear."."""
-  names = tf.random.experimental.stateless_shuffle(example["label_names"], seed=seeds[0])
+def jft_caption(names: tf.Tensor, seeds, templates) -> tf.Tensor:
+  """JFT-style text (Section 4.1): `names` shuffled (seeds[0]) and joined with ", ",
+  inside a template drawn at random (seeds[1]): "a photo of the sneaker, footwear."."""
+  names = tf.random.experimental.stateless_shuffle(names, seed=seeds[0])
   template = tf.gather(
     tf.constant(list(templates)),
     tf.random.stateless_uniform([], seeds[1], 0, len(templates), tf.int32),
   )
   parts = tf.strings.split(template, "{}", maxsplit=1)
-  text = tf.strings.join([parts[0], tf.strings.reduce_join(names, separator=", "), parts[1]])
-  return {**example, "text": text}
+  return tf.strings.join([parts[0], tf.strings.reduce_join(names, separator=", "), parts[1]])
+
+
+def alt_caption(caption: tf.Tensor) -> tf.Tensor:
+  """The alt-text caption is the text."""
+  return tf.strings.strip(caption)
+
+
+@seqio.map_over_dataset(num_seeds=2)
+def jft_text(example, seeds, templates):
+  """`text` from the example's `label_names` (jft_caption)."""
+  return {**example, "text": jft_caption(example["label_names"], seeds, templates)}
 
 
 @seqio.map_over_dataset
 def alt_text(example):
-  """The alt-text caption is the text."""
-  return {**example, "text": tf.strings.strip(example["caption"])}
+  """`text` from the example's `caption` (alt_caption)."""
+  return {**example, "text": alt_caption(example["caption"])}
 
 
 def tokenize_text(dataset: tf.data.Dataset, output_features) -> tf.data.Dataset:
@@ -107,11 +160,9 @@ def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   )
 
 
-@seqio.map_over_dataset(num_seeds=2)
-def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool):
-  """Random resized crop (area and aspect ranges), optional horizontal flip, resize to
-  [size, size], normalize."""
-  image = example["image"]
+def train_pixels(image, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool):
+  """[H, W, 3] uint8 -> [size, size, 3] float32: random resized crop (area and aspect
+  ranges; seeds[0]), optional horizontal flip (seeds[1]), normalize."""
   begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
     tf.shape(image),
     bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -125,17 +176,30 @@ def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, fl
   image = tf.image.resize(tf.slice(image, begin, crop), [size, size], antialias=True)
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
-  return {**example, "image": normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)}
+  return normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)
 
 
-@seqio.map_over_dataset
-def eval_image(example, size: int, mean, std):
-  """Resize the shorter side to `size`, center crop [size, size], normalize: the same
-  function (images.eval_pixels) as the inference API's, run through tf.numpy_function."""
+def eval_pixels(image, size: int, mean, std):
+  """[H, W, 3] uint8 -> [size, size, 3] float32: resize the shorter side to `size`,
+  center crop, normalize: the same function (images.eval_pixels) as the inference
+  API's, run through tf.numpy_function."""
 
   def pixels(rgb):
     return images.eval_pixels(rgb, size, mean, std)
 
-  image = tf.numpy_function(pixels, [example["image"]], tf.float32, stateful=False)
+  image = tf.numpy_function(pixels, [image], tf.float32, stateful=False)
   image.set_shape([size, size, 3])
+  return image
+
+
+@seqio.map_over_dataset(num_seeds=2)
+def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool):
+  """`image` through train_pixels."""
+  image = train_pixels(example["image"], seeds, size, mean, std, crop_area, crop_aspect, flip)
   return {**example, "image": image}
+
+
+@seqio.map_over_dataset
+def eval_image(example, size: int, mean, std):
+  """`image` through eval_pixels."""
+  return {**example, "image": eval_pixels(example["image"], size, mean, std)}

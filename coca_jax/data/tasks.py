@@ -1,13 +1,22 @@
 """seqio Tasks and Mixtures of the CoCa data, registered from `config.data`.
 
-For each source (`jft_style`, `alt_text`; names from config) two Tasks are registered:
-NAME (training preprocessing: random crop) and NAME_eval (resize + center crop), over
-the same source; the seqio split "train" reads the source's `train_split`, "validation"
-its `eval_split`. Mixtures: `coca_mixture` over the training tasks with
-`config.data.rates`, `coca_mixture_eval` over the eval tasks with the same rates.
+For each source (`jft_style`, `alt_text`; names from config) three Tasks are registered:
+NAME (training preprocessing: random crop), NAME_eval (resize + center crop) and NAME_rows
+(the source's rows unprocessed: encoded image bytes and text features), over the same
+source; the seqio split "train" reads the source's `train_split`, "validation" its
+`eval_split`. Mixtures: `coca_mixture` over the training tasks with `config.data.rates`,
+`coca_mixture_eval` over the eval tasks with the same rates.
+
+The batches of the trainer (coca_jax/data/pipeline.py) come from the row tasks
+(`row_tasks`): the pipeline samples between them itself, with the same rates, and runs the
+preprocessing (`record_examples`: the same functions as NAME's and NAME_eval's, with seeds
+it derives from each example's position) after the point where a resume skips, so that
+skipped rows are never processed. NAME, NAME_eval and the mixtures serve seqio users and
+the eval sets (coca_jax/data/eval_sets.py); they keep the source's other features (e.g.
+`label`).
 
 Sources: `seqio.TfdsDataSource` (image features read as encoded bytes and decoded by
-preprocess.decode_and_validate), or, for alt-text with `alt_text.files` set, a
+preprocess.decode), or, for alt-text with `alt_text.files` set, a
 `seqio.TFExampleDataSource` over TFRecord files of (image bytes, caption) Examples.
 """
 
@@ -23,6 +32,7 @@ from coca_jax.data import preprocess
 MIXTURE = "coca_mixture"
 EVAL_MIXTURE = "coca_mixture_eval"
 EVAL_SUFFIX = "_eval"
+ROWS_SUFFIX = "_rows"
 TF_EXAMPLE_FEATURES = {
   "image": tf.io.FixedLenFeature([], tf.string),
   "caption": tf.io.FixedLenFeature([], tf.string),
@@ -59,36 +69,100 @@ def source(data_config, kind: str) -> seqio.DataSource:
   )
 
 
-def preprocessors(data_config, kind: str, *, train: bool) -> list:
+def row_features(kind: str) -> dict:
+  """Output features of the row task of `kind`: the source's encoded image and text."""
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  text_rank = 1 if kind == "jft_style" else 0  # label names / one caption
+  return {
+    "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
+    preprocess.TEXT_KEYS[kind]: seqio.Feature(
+      passthrough, add_eos=False, dtype=tf.string, rank=text_rank
+    ),
+  }
+
+
+def train_image_options(data_config) -> dict:
+  """Keyword arguments of preprocess.train_pixels / train_image."""
   image = data_config.image
-  size = data_config.image_size
+  return dict(
+    size=data_config.image_size,
+    mean=tuple(image.mean),
+    std=tuple(image.std),
+    crop_area=tuple(image.crop_area),
+    crop_aspect=tuple(image.crop_aspect),
+    flip=image.flip,
+  )
+
+
+def eval_image_options(data_config) -> dict:
+  """Keyword arguments of preprocess.eval_pixels / eval_image."""
+  image = data_config.image
+  return dict(size=data_config.image_size, mean=tuple(image.mean), std=tuple(image.std))
+
+
+def preprocessors(data_config, kind: str, *, train: bool) -> list:
+  """The seqio preprocessors of the Task of `kind` (train or eval preprocessing)."""
+  text_key = preprocess.TEXT_KEYS[kind]
   if kind == "jft_style":
-    text_key, make_text = (
-      "label_names",
-      functools.partial(preprocess.jft_text, templates=tuple(data_config.jft_style.templates)),
+    make_text = functools.partial(
+      preprocess.jft_text, templates=tuple(data_config.jft_style.templates)
     )
   else:
-    text_key, make_text = "caption", preprocess.alt_text
+    make_text = preprocess.alt_text
   if train:
-    to_image = functools.partial(
-      preprocess.train_image,
-      size=size,
-      mean=tuple(image.mean),
-      std=tuple(image.std),
-      crop_area=tuple(image.crop_area),
-      crop_aspect=tuple(image.crop_aspect),
-      flip=image.flip,
-    )
+    to_image = functools.partial(preprocess.train_image, **train_image_options(data_config))
   else:
-    to_image = functools.partial(
-      preprocess.eval_image, size=size, mean=tuple(image.mean), std=tuple(image.std)
-    )
+    to_image = functools.partial(preprocess.eval_image, **eval_image_options(data_config))
   return [
     functools.partial(preprocess.decode_and_validate, text_key=text_key),
     make_text,
     preprocess.tokenize_text,
     to_image,
   ]
+
+
+# Seeds of one example in record_examples: 2 for the text (label order, template), 2 for
+# the image (crop, flip).
+NUM_SEEDS = 4
+
+
+def row_tasks(data_config) -> list[tuple[str, seqio.Task, float]]:
+  """(kind, row Task, rate) of each source with a positive rate, in preprocess.KINDS
+  order; the tasks registered (`register`)."""
+  register(data_config)
+  return [
+    (kind, seqio.get_mixture_or_task(data_config[kind].task_name + ROWS_SUFFIX), rate)
+    for kind in preprocess.KINDS
+    if (rate := float(data_config.rates.get(kind, 0))) > 0
+  ]
+
+
+def record_examples(data_config, *, train: bool):
+  """The example stage over records (preprocess.to_records), as the pipeline runs it:
+  (record, seeds) -> {"image", "text", "text_pretokenized", "keep"}, with `seeds` a
+  [NUM_SEEDS, 2] int tensor of stateless seeds. The preprocessing of the Tasks
+  (`preprocessors`), text made by the record's kind; a rejected row (`keep` False, counted
+  in preprocess.BAD_DATA) still yields an example, from a 1x1 placeholder image, and is for
+  the caller to replace."""
+  vocabulary = output_features(data_config.vocab_path)["text"].vocabulary
+  templates = tuple(data_config.jft_style.templates)
+  train_options, eval_options = train_image_options(data_config), eval_image_options(data_config)
+
+  def example(record, seeds):
+    image, keep = preprocess.decode(record["image"], record["text_parts"])
+    parts = record["text_parts"]
+    makers = dict(
+      jft_style=lambda: preprocess.jft_caption(parts, seeds[:2], templates),
+      alt_text=lambda: preprocess.alt_caption(parts[0]),
+    )
+    text = tf.switch_case(record["kind"], [makers[kind] for kind in preprocess.KINDS])
+    if train:
+      pixels = preprocess.train_pixels(image, seeds[2:], **train_options)
+    else:
+      pixels = preprocess.eval_pixels(image, **eval_options)
+    return dict(image=pixels, text=vocabulary.encode_tf(text), text_pretokenized=text, keep=keep)
+
+  return example
 
 
 # The data config whose tasks are in seqio's registries now (as JSON): registering is
@@ -105,18 +179,22 @@ def register(data_config) -> tuple[str, str]:
   features = output_features(data_config.vocab_path)
   train_tasks, eval_tasks = [], []
   for kind, rate in data_config.rates.items():
-    if kind not in ("jft_style", "alt_text"):
+    if kind not in preprocess.KINDS:
       raise ValueError(f"config.data.rates: unknown task {kind!r} (known: jft_style, alt_text)")
     if rate <= 0:
       continue
     name = data_config[kind].task_name
-    for task_name, train in ((name, True), (name + EVAL_SUFFIX, False)):
+    for task_name, preps, task_features in (
+      (name, preprocessors(data_config, kind, train=True), features),
+      (name + EVAL_SUFFIX, preprocessors(data_config, kind, train=False), features),
+      (name + ROWS_SUFFIX, [], row_features(kind)),
+    ):
       seqio.TaskRegistry.remove(task_name)
       seqio.TaskRegistry.add(
         task_name,
         source=source(data_config, kind),
-        preprocessors=preprocessors(data_config, kind, train=train),
-        output_features=features,
+        preprocessors=preps,
+        output_features=task_features,
         shuffle_buffer_size=data_config.shuffle_buffer,
       )
     train_tasks.append((name, rate))
