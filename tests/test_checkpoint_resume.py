@@ -10,33 +10,20 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from tiny_runs import env_with_devices, free_port, tiny_config
 
 from coca_jax import checkpoint, train
 from coca_jax import state as state_lib
-from configs import tiny
 
 pytestmark = pytest.mark.slow  # end-to-end training, two processes
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OVERRIDES = dict(
-  data=dict(source="synthetic"), train=dict(checkpoint_every=3, log_every=3, export_dtype="float32")
-)
-
-
-def tiny_config(steps, **sections):
-  c = tiny.get_config()
-  for section, values in [*OVERRIDES.items(), *sections.items()]:
-    for k, v in values.items():
-      c[section][k] = v
-  c.train.steps = steps
-  return c
 
 
 def corrupt(step_dir: pathlib.Path, what: str) -> pathlib.Path:
@@ -187,13 +174,8 @@ def _two_process_worker(workdir: str, port: int, process_id: int) -> None:
 
 
 def test_two_processes_agree_on_the_step(tmp_path):
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
-  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
+  port = free_port()
+  env = env_with_devices(4)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
   workdir = tmp_path / "run"
   procs = []

@@ -4,11 +4,9 @@ interleaves the processes' devices (as a TPU slice does) and shards the paramete
 both; SIGTERM to one process of two checkpoints the same step on both."""
 
 import json
-import os
 import pathlib
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +14,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from tiny_runs import env_with_devices, free_port
 
 from coca_jax import checkpoint
 from coca_jax import state as state_lib
@@ -33,20 +32,6 @@ FLAGS = [
   "--config.data.source=synthetic",
 ]
 CONTIGUOUS_DATA8 = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def env_with_devices(n: int) -> dict:
-  env = dict(os.environ)
-  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
-  env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] = "gloo"
-  return env
 
 
 def losses(log: str) -> list[float]:

@@ -12,26 +12,14 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from tiny_runs import OVERRIDES, tiny_config
 
 from coca_jax import checkpoint, export, train
 from coca_jax import state as state_lib
-from configs import tiny
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end training
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-OVERRIDES = dict(
-  data=dict(source="synthetic"), train=dict(checkpoint_every=3, log_every=3, export_dtype="float32")
-)
-
-
-def tiny_config(steps, **sections):
-  c = tiny.get_config()
-  for section, values in [*OVERRIDES.items(), *sections.items()]:
-    for k, v in values.items():
-      c[section][k] = v
-  c.train.steps = steps
-  return c
 
 
 def cli(workdir, steps, *extra):
