@@ -12,6 +12,17 @@ Adafactor's step-dependent second-moment decay 1 - t^-0.8, capped at 0.999. A
 constant 0.999 from step 1 would need bias correction (Adafactor has none): the
 step-dependent rate is Adafactor's own way of averaging the first steps without bias,
 and the cap makes the long-run decay the paper's 0.999.
+
+Update clipping is Adafactor's (Shazeer & Stern 2018, Section 6): each parameter's
+update is divided by max(1, RMS(update) / update_clip). Our transformer stacks keep
+their layers in one scanned parameter with a leading `layers` axis, so a stacked
+parameter is clipped layer by layer, exactly as unstacked Adafactor clips each layer's
+own parameter; one RMS over the whole stack would let one layer's large update shrink
+every other layer's.
+
+The learnable temperature is clamped here, after each update, into its configured
+range (as CLIP clamps its logit scale), not clipped in the forward pass: a forward
+clip's gradient is zero past the bound, so momentum could park the parameter there.
 """
 
 import jax
@@ -47,6 +58,67 @@ def decay_mask(params, no_decay: tuple[str, ...]):
   return jax.tree_util.tree_map_with_path(wants_decay, params)
 
 
+def is_stacked(path) -> bool:
+  """Whether the parameter at `path` (a pytree key path) has a leading layers axis.
+
+  `models.layers.LayerStack` keeps its nnx.vmap-ed blocks (out_axes=0) in the attribute
+  `layers`, so a stacked parameter's path reads `<stack>/layers/<block's path>` and
+  axis 0 is the layer axis (logical name "layers"); no other module or parameter is
+  named `layers`. tests/test_optim.py checks this against the logical axis names of
+  the real model.
+  """
+  return any(getattr(k, "key", None) == "layers" for k in path)
+
+
+def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
+  """Adafactor's update clipping: update / max(1, RMS(update) / threshold).
+
+  The RMS is per parameter, and per layer for stacked parameters (`is_stacked`): over
+  every axis but the leading layers axis, each layer's slice clipped on its own.
+  """
+
+  def clip(path, update):
+    axes = tuple(range(1, update.ndim)) if is_stacked(path) else None
+    mean_square = jnp.mean(jnp.square(update.astype(jnp.float32)), axis=axes, keepdims=True)
+    divisor = jnp.maximum(1.0, jnp.sqrt(mean_square) / threshold)
+    return (update / divisor).astype(update.dtype)
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree_util.tree_map_with_path(clip, updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def keep_in_range(name: str, low: float, high: float) -> optax.GradientTransformation:
+  """Changes the update of each parameter named `name` so that param + update lies in
+  [low, high]: clip(param + update) - param where it would leave the range.
+
+  Runs last in the chain, so `optax.apply_updates` lands the parameter on the bound
+  (exactly where the bound's spacing allows it; see below) and never outside.
+  """
+
+  def keep(path, update, param):
+    if getattr(path[-1], "key", None) != name:
+      return update
+    new = param + update
+    target = jnp.clip(new, low, high)
+    update = jnp.where(new == target, update, target - param)
+    # target - param is rounded: param + it can miss the bound by half an ulp of the
+    # difference, past the bound when |target - param| > |target|. One ulp inwards
+    # puts it back in range.
+    landed = param + update
+    update = jnp.where(landed > high, jnp.nextafter(update, -jnp.inf), update)
+    return jnp.where(landed < low, jnp.nextafter(update, jnp.inf), update)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(f"keep_in_range({name!r}) needs the params in optimizer.update")
+    return jax.tree_util.tree_map_with_path(keep, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 def decoupled_weight_decay(
   rate: float, learning_rate: optax.Schedule, mask
 ) -> optax.GradientTransformation:
@@ -75,9 +147,14 @@ def decoupled_weight_decay(
 
 
 def make_optimizer(
-  optim_config, total_steps: int
+  optim_config, total_steps: int, log_inv_temperature_range: tuple[float, float]
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Returns (optimizer, learning-rate schedule) from `config.optim`."""
+  """Returns (optimizer, learning-rate schedule) from `config.optim`.
+
+  log_inv_temperature_range: the (low, high) bounds of the model's `log_inv_temperature`
+  (`models.coca.log_inv_temperature_range(config.model.temperature)`), kept after every
+  update.
+  """
   cfg = optim_config
   multiplier = lr_multiplier(cfg, total_steps)
 
@@ -99,7 +176,7 @@ def make_optimizer(
       min_dim_size_to_factor=cfg.factored_min_dim,
       decay_rate_fn=second_moment_decay,
     ),
-    optax.clip_by_block_rms(cfg.update_clip),
+    clip_by_layer_rms(cfg.update_clip),
     optax.ema(cfg.beta1, debias=False),  # momentum on the clipped update
     optax.scale_by_learning_rate(schedule),
   ]
@@ -109,4 +186,5 @@ def make_optimizer(
         cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))
       )
     )
+  parts.append(keep_in_range("log_inv_temperature", *log_inv_temperature_range))
   return optax.chain(*parts), schedule

@@ -41,7 +41,11 @@ def setup(config, devices=None) -> Setup:
   """Mesh over `devices` (default: all) from config.mesh, optimizer and schedule from
   config.optim, and the state layout: the one setup chain of train, aot, export, benches."""
   mesh = sharding.make_mesh(config.mesh, devices)
-  optimizer, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  optimizer, schedule = optim.make_optimizer(
+    config.optim,
+    config.train.steps,
+    coca.log_inv_temperature_range(config.model.temperature),
+  )
   return Setup(mesh, optimizer, schedule, layout(config, optimizer, mesh))
 
 

@@ -28,6 +28,12 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), eps * eps))
 
 
+def log_inv_temperature_range(temperature_config) -> tuple[float, float]:
+  """(log(1/max), log(1/min)): the range of `CoCa.log_inv_temperature` for
+  `config.model.temperature`."""
+  return float(np.log(1.0 / temperature_config.max)), float(np.log(1.0 / temperature_config.min))
+
+
 class CoCa(nnx.Module):
   """Image encoder, two attentional poolers, text decoder, learnable temperature."""
 
@@ -71,12 +77,17 @@ class CoCa(nnx.Module):
     self.log_inv_temperature = nnx.Param(
       jnp.asarray(np.log(1.0 / t.init), jnp.float32), out_sharding=()
     )
-    self.log_inv_temperature_range = (float(np.log(1.0 / t.max)), float(np.log(1.0 / t.min)))
 
   def temperature(self) -> jax.Array:
-    """tau, a float32 scalar in [config min, config max]."""
-    low, high = self.log_inv_temperature_range
-    return jnp.exp(-jnp.clip(self.log_inv_temperature[...], low, high))
+    """tau = exp(-log_inv_temperature), a float32 scalar.
+
+    Not clipped here: the optimizer keeps log_inv_temperature in
+    `log_inv_temperature_range` after every update (`optim.keep_in_range`) and init
+    is validated, so tau stays in [config min, config max]. A clip here would only
+    bend the gradient: zero past the bound and halved on it (jnp.clip's gradient is
+    0.5 where the input equals a bound), where the parameter rests once clamped.
+    """
+    return jnp.exp(-self.log_inv_temperature[...])
 
   def encode_image(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
     """image [B, H, W, 3] -> (L2-normalised image embedding [B, E] f32,
