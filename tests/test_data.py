@@ -102,15 +102,50 @@ def is_grey(images):
   return np.abs(images - images[..., :1]).max(axis=(1, 2, 3)) < 1e-6
 
 
-@pytest.mark.parametrize("jft_rate", [0.5, 0.25])
-def test_mixture_proportions_within_three_points(data_dir, jft_rate):
+def source_of_rows(batch):
+  """[b] bool, True for JFT-style rows, told from the pixels alone."""
+  return is_grey(batch["image"])
+
+
+# (jft_style rate, local batch, JFT-style rows per batch worked by hand): 7 x 0.75 = 5.25
+# and 7 x 0.25 = 1.75 floor to 5 + 1; the row left goes to the larger remainder (alt-text).
+@pytest.mark.parametrize("jft_rate, batch_size, jft_rows", [(0.5, 8, 4), (0.75, 7, 5)])
+def test_every_batch_holds_the_configured_counts_also_after_resume(
+  data_dir, jft_rate, batch_size, jft_rows
+):
   config = make_config(data_dir, jft_style=jft_rate, alt_text=1 - jft_rate)
-  batches = take(
-    pipeline.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=100), 20
-  )
-  grey = np.concatenate([is_grey(b["image"]) for b in batches])
-  assert len(grey) == 2000
-  assert abs(grey.mean() - jft_rate) < 0.03, grey.mean()
+  kwargs = dict(shard_index=1, num_shards=2, local_batch_size=batch_size)
+  full = take(pipeline.batches(config, "train", **kwargs), 6)
+  resumed = take(pipeline.batches(config, "train", start_step=4, **kwargs), 2)
+  for batch in full + resumed:
+    assert source_of_rows(batch).sum() == jft_rows
+  # Each source fills the same positions at every step.
+  layouts = {tuple(source_of_rows(b)) for b in full + resumed}
+  assert len(layouts) == 1, layouts
+  for a, b in zip(full[4:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+
+
+def test_source_counts_round_by_largest_remainder_and_rates_are_checked(data_dir):
+  def counts(jft, alt, batch_size):
+    got = pipeline.source_counts(dict(jft_style=jft, alt_text=alt), batch_size)
+    return got["jft_style"], got["alt_text"]
+
+  assert counts(0.5, 0.5, 8) == (4, 4)
+  assert counts(0.75, 0.25, 7) == (5, 2)  # floors 5 + 1, the larger remainder (0.75) wins
+  assert counts(0.75, 0.25, 6) == (5, 1)  # remainders tie (0.5): the first source
+  assert counts(1, 2, 10) == (3, 7)  # 3.33 + 6.67: rates need not sum to 1
+  assert counts(1.0, 0.0, 5) == (5, 0)
+  # Spread evenly: source i's j-th row at (j + 1/2) / n_i of the batch, ties in order.
+  np.testing.assert_array_equal(pipeline.batch_layout([2, 2]), [0, 1, 0, 1])
+  np.testing.assert_array_equal(pipeline.batch_layout([3, 1]), [0, 0, 1, 0])
+  np.testing.assert_array_equal(pipeline.batch_layout([0, 3]), [1, 1, 1])
+  for rates in (dict(jft_style=-0.5, alt_text=1.0), dict(jft_style=0.0, alt_text=0.0)):
+    with pytest.raises(ValueError, match=r"config\.data\.rates=.*(>= 0|all rates are 0)"):
+      pipeline.batches(
+        make_config(data_dir, **rates), "train", shard_index=0, num_shards=1, local_batch_size=4
+      )
 
 
 def test_batch_contract(data_dir):
@@ -267,18 +302,31 @@ def test_rejected_rows_are_replaced_within_their_batch_and_resume_exactly(tmp_pa
     np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
 
 
-def test_source_counts_before_a_position_match_the_selector():
-  """A resume skips each source's rows by rows_before, without reading them: it must count
-  exactly what the selector chooses, across selector blocks; a selector opened at a
-  position continues the one opened at 0."""
-  key, rates = pipeline.stateless_key(0, 1, "sources"), [0.25, 0.75]
-  position = 2 * pipeline.SELECTOR_BLOCK + 123
-  chosen = np.fromiter(pipeline.selector(key, rates, 0).take(position + 50), np.int64)
-  counts = pipeline.rows_before(key, rates, position)
-  np.testing.assert_array_equal(counts, np.bincount(chosen[:position], minlength=2))
-  assert abs(counts[0] / position - 0.25) < 0.03
-  resumed = np.fromiter(pipeline.selector(key, rates, position).take(50), np.int64)
-  np.testing.assert_array_equal(resumed, chosen[position:])
+def test_rejected_rows_are_replaced_from_their_own_source(tmp_path, data_dir):
+  # Alt-text rows of flat colours (not grey: told from the grey JFT-style rows), two bad.
+  colours = [(10 * i + 5, 200 - 10 * i, 0) for i in range(12)]
+  rows = [(png(np.full((8, 8, 3), c, np.uint8)), f"good {i}") for i, c in enumerate(colours)]
+  rows[3] = (b"not an image", "junk")
+  rows[8] = (rows[8][0], " ")
+  write_alt_text(str(tmp_path / "some-bad.tfrecord"), rows)
+  config = make_config(data_dir)
+  config.alt_text.files = str(tmp_path / "some-bad.tfrecord")
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=8)
+  full = take(pipeline.batches(config, "train", **kwargs), 6)  # 24 alt-text rows: 2 epochs
+  for batch in full:
+    alt = ~source_of_rows(batch)
+    assert alt.sum() == 4
+    reds = np.round((batch["image"][alt, 0, 0, 0] * 0.5 + 0.5) * 255).astype(int)
+    assert set(reds) <= {10 * i + 5 for i in range(12) if i not in (3, 8)}, set(reds)
+  resumed = take(pipeline.batches(config, "train", start_step=3, **kwargs), 3)
+  for a, b in zip(full[3:], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+  # A source without one good row in a batch cannot keep its count: an error naming it.
+  write_alt_text(str(tmp_path / "all-bad.tfrecord"), [(b"not an image", "junk")] * 4)
+  config.alt_text.files = str(tmp_path / "all-bad.tfrecord")
+  with pytest.raises(ValueError, match="all 4 rows of source 'alt_text' rejected"):
+    next(pipeline.batches(config, "train", **kwargs))
 
 
 def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_dir):

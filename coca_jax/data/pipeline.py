@@ -9,61 +9,70 @@ Sharding: each process reads only its data shard, `seqio.ShardInfo(shard_index,
 num_shards)` where the caller passes the data-replica index of its devices (see
 coca_jax/data/loader.py), not blindly the process index.
 
-The pipeline of shard s, seed σ (config.data.seed; σ + 1 for "eval"), resuming at step k
-(P = k b rows skipped):
+Proportions (Section 4.1: every batch is half JFT-style, half alt-text): each host batch
+holds exactly n_i rows of source i, n_i = b rate_i / sum(rates) rounded by largest
+remainder (`source_counts`: floors, then one more row to the largest remainders, ties to
+the source first in preprocess.KINDS), so the counts sum to b; a source with rate 0, or
+whose rate rounds to 0 rows, is not read. The global batch then holds num_shards n_i rows
+of source i. Which positions of the batch each source fills is the same at every step
+(`batch_layout`): each source's rows spread evenly over the batch, so that any contiguous
+or strided slice of it (a device's rows, a gradient-accumulation micro-batch) mixes the
+sources too; the losses do not depend on the order, and a fixed layout needs no seed.
+
+The pipeline of shard s, seed σ (config.data.seed; σ + 1 for "eval"), resuming at step k:
 
   rows of each source      seqio row task (coca_jax/data/tasks.py): the shard's rows,
                            unprocessed (encoded image bytes, text features), repeated,
                            shuffled in a buffer (seed σ)
-  -> skip(c_i)             the resume: c_i = how many of positions [0, P) source i fills
+  -> skip(k n_i)           the resume: source i supplied exactly n_i rows per batch
   -> records               one structure for every source (preprocess.to_records)
-  -> mixture               choose_from_datasets with a selector that is a stateless
-                           function of the position p (source i with probability
-                           rate_i / sum(rates), key derived from σ and s); the selector
-                           starts at P
-  -> enumerate(start=P)    p: the row's position in the shard's sequence
+  -> mixture               choose_from_datasets with the batch layout, repeated
+  -> enumerate(start=k b)  p: the row's position in the shard's sequence
   -> examples              decode, text, SentencePiece ids, crop/flip/normalize
                            (tasks.record_examples), seeds derived from (σ, s, p)
-  -> batch(b)              rows `decode` rejected replaced by others of the batch
+  -> batch(b)              rows `decode` rejected replaced by others of the batch from
+                           the same source
 
 Determinism: every random choice has a fixed seed (the row shuffle buffers) or is a
-stateless function of the position (the source of each position, the text and image
-augmentation), and tf.data runs deterministically, so the batch sequence is a pure
-function of (σ, shard).
+stateless function of the position (the text and image augmentation), the layout is
+fixed, and tf.data runs deterministically, so the batch sequence is a pure function of
+(σ, shard).
 
-Per-host augmentation: the example seeds and the selector fold in the shard index, so the
-k-th examples of two hosts draw independent crops, flips, templates, label orders and
-sources. The row stage keeps seqio's seed σ on every host: when a source has fewer files
-than there are shards, seqio shards its examples, which needs the same file order on every
-host; the shuffle buffers then permute each host's own, disjoint rows.
+Per-host augmentation: the example seeds fold in the shard index, so the k-th examples of
+two hosts draw independent crops, flips, templates and label orders. The row stage keeps
+seqio's seed σ on every host: when a source has fewer files than there are shards, seqio
+shards its examples, which needs the same file order on every host; the shuffle buffers
+then permute each host's own, disjoint rows.
 
 Resume: batch k is a function of positions [k b, (k + 1) b) of the shard's sequence alone:
-nothing after the row stage carries state across positions (seeds and sources come from
-positions, the buffers hold unprocessed rows, and a rejected row is replaced within its
-batch instead of pulling in the next row). Since the selector is stateless, the rows each
-source supplies before position P are counted without reading anything (`rows_before`: a
-vectorised pass over the selector, some 10^7 positions per second on a small CPU), and
-each source's row stream skips its own count before any per-row function runs: skipped
-rows are read and pass through the shuffle buffer (about 10 µs a row for the demo), never
-converted, decoded or augmented; the result is bitwise the uninterrupted sequence.
-Reading is still proportional to k (the shuffle buffers must replay the row stream;
-skipping without reading would need random access to the sources and a permutation in
-place of the buffers); only the step is stored in the checkpoint.
+nothing after the row stage carries state across positions (seeds come from positions,
+the layout is the same at every step, the buffers hold unprocessed rows, and a rejected
+row is replaced within its batch instead of pulling in the next row). Before step k
+source i has supplied exactly k n_i rows, so each source's row stream skips that many
+before any per-row function runs: skipped rows are read and pass through the shuffle
+buffer (about 10 µs a row for the demo), never converted, decoded or augmented; the
+result is bitwise the uninterrupted sequence. Reading is still proportional to k (the
+shuffle buffers must replay the row stream; skipping without reading would need random
+access to the sources and a permutation in place of the buffers); only the step is stored
+in the checkpoint.
 
 seqio's Mixture.get_dataset (tf.data's sample_from_datasets) is not used for these
-batches: its sampling is a random stream replayed element by element (a tf.data function
-call per row), and mixing needs one structure for all sources, i.e. a per-row conversion
-ahead of any point where a source could be skipped. The rates are those of the registered
-Mixtures (config.data.rates).
+batches: it samples the source of each row at random, which gives the rates only on
+average (about half each, not half of every batch), and mixing needs one structure for
+all sources, i.e. a per-row conversion ahead of any point where a source could be
+skipped. The rates are those of the registered Mixtures (config.data.rates).
 
 Rejected rows (undecodable image, empty text; counted in preprocess.BAD_DATA, logged): in
-these batches a rejected row is replaced by a copy of another row of its batch (the Tasks
-of coca_jax/data/tasks.py drop them instead), so that the batch boundaries stay put. A
-batch whose every row is rejected is an error.
+these batches a rejected row is replaced by a copy of another row of its batch from the
+same source (the Tasks of coca_jax/data/tasks.py drop them instead), so that the batch
+boundaries stay put and the counts stay exact. A batch in which every row of a source is
+rejected is an error (the source is broken, or its n_i tiny).
 """
 
 import hashlib
 import logging
+import math
+from fractions import Fraction
 from typing import Iterator
 
 import numpy as np
@@ -88,7 +97,7 @@ def derive_seed(*values) -> int:
 
 
 def stateless_key(seed: int, shard_index: int, purpose: str) -> tuple[int, int]:
-  """A shard's stateless key for `purpose` ("examples", "sources")."""
+  """A shard's stateless key for `purpose` ("examples")."""
   return tuple(derive_seed(seed, shard_index, purpose, i) for i in range(2))
 
 
@@ -103,64 +112,79 @@ def example_seeds(key, position) -> tf.Tensor:
   )
 
 
-# The selector draws the sources of SELECTOR_BLOCK positions at a time (one tf.data
-# function call per block, not per row).
-SELECTOR_BLOCK = 4096
-
-
-def _selector_block(key, rates):
-  """block index -> [SELECTOR_BLOCK] int64: the source of each position of the block."""
-  rates = np.asarray(rates, np.float64)
-  bounds = tf.constant(np.cumsum(rates)[:-1] / rates.sum(), tf.float64)
-
-  def block(index):
-    u = tf.random.stateless_uniform(
-      [SELECTOR_BLOCK], _fold_in(key, index), dtype=tf.float64, alg="philox"
+def source_counts(rates, batch_size: int) -> dict[str, int]:
+  """{source: rows of a batch of `batch_size`} for `rates` ({source: rate}, the form of
+  config.data.rates), in preprocess.KINDS order: batch_size * rate / sum(rates) rounded by
+  largest remainder (exact arithmetic; ties to the earlier source), summing to
+  batch_size."""
+  rates = dict(rates)
+  unknown = sorted(set(rates) - set(preprocess.KINDS))
+  if unknown:
+    raise ValueError(
+      f"config.data.rates={rates}: unknown source(s) {unknown} (known: {preprocess.KINDS})"
     )
-    return tf.searchsorted(bounds, u, side="right", out_type=tf.int64)
-
-  return block
-
-
-def selector(key, rates, start: int) -> tf.data.Dataset:
-  """The endless sequence of sources from position `start` on."""
-  first = start // SELECTOR_BLOCK
-  ds = tf.data.Dataset.range(first, np.iinfo(np.int64).max)
-  ds = ds.map(_selector_block(key, rates)).unbatch()
-  return ds.skip(start - first * SELECTOR_BLOCK)
-
-
-def rows_before(key, rates, position: int) -> np.ndarray:
-  """How many of the positions [0, position) each source fills: the selector counted,
-  nothing read."""
-  block, n = _selector_block(key, rates), len(rates)
-  full, rest = divmod(position, SELECTOR_BLOCK)
-  counts = np.zeros(n, np.int64)
-
-  def count(index):
-    return tf.math.bincount(tf.cast(block(index), tf.int32), minlength=n, dtype=tf.int64)
-
-  if full:
-    blocks = tf.data.Dataset.range(full).map(count, num_parallel_calls=tf.data.AUTOTUNE)
-    counts += blocks.reduce(tf.zeros([n], tf.int64), lambda a, b: a + b).numpy()
-  if rest:
-    counts += np.bincount(block(tf.constant(full, tf.int64)).numpy()[:rest], minlength=n)
-  return counts
+  for kind, rate in rates.items():
+    if not (math.isfinite(rate) and rate >= 0):
+      raise ValueError(f"config.data.rates={rates}: {kind}={rate}; rates must be finite and >= 0")
+  kinds = [kind for kind in preprocess.KINDS if kind in rates]
+  exact = [Fraction(rates[kind]) for kind in kinds]
+  total = sum(exact)
+  if total == 0:
+    raise ValueError(f"config.data.rates={rates}: all rates are 0; give a source a positive rate")
+  if batch_size < 1:
+    raise ValueError(f"local batch size {batch_size}; expected at least 1 row")
+  quotas = [batch_size * rate / total for rate in exact]
+  counts = [math.floor(q) for q in quotas]
+  # The rows left by the floors go to the largest remainders (stable sort: ties in order).
+  by_remainder = sorted(range(len(kinds)), key=lambda i: counts[i] - quotas[i])
+  for i in by_remainder[: batch_size - sum(counts)]:
+    counts[i] += 1
+  return dict(zip(kinds, counts))
 
 
-def records(data_config, split: str, shard_index: int, num_shards: int, seed: int, start: int):
-  """The shard's endless record sequence from position `start` on, as (position, record)
-  (see the module docstring)."""
-  sources = tasks.row_tasks(data_config)
-  rates = [rate for _, _, rate in sources]
-  key = stateless_key(seed, shard_index, "sources")
-  skips = rows_before(key, rates, start)
-  if start:
+def batch_layout(counts) -> np.ndarray:
+  """[sum(counts)] int64: the source index of each position of a batch in which source i
+  fills counts[i] positions, spread evenly: its j-th row sits at fraction (j + 1/2) /
+  counts[i] of the batch, ties to the earlier source ([1, 1] -> 0 1; [3, 1] -> 0 0 1 0)."""
+  sources = np.concatenate([np.full(n, i) for i, n in enumerate(counts)]).astype(np.int64)
+  # (2j + 1) / (2 n) in float64 is exact enough: equal fractions give equal floats
+  # (correctly rounded division) and different ones differ far above float64's precision.
+  where = np.concatenate([(2 * np.arange(n) + 1) / (2 * n) for n in counts if n])
+  return sources[np.lexsort((sources, where))]
+
+
+def records(
+  data_config,
+  split: str,
+  shard_index: int,
+  num_shards: int,
+  seed: int,
+  local_batch_size: int,
+  start_step: int,
+):
+  """The shard's endless record sequence from batch `start_step` on, as (position,
+  record), and the batch layout: [b] index into `names` of each position's source (see
+  the module docstring)."""
+  counts = source_counts(data_config.rates, local_batch_size)
+  sources = [
+    (kind, task, counts[kind]) for kind, task, _ in tasks.row_tasks(data_config) if counts[kind]
+  ]
+  for kind, rate in dict(data_config.rates).items():
+    if rate > 0 and not counts[kind]:
+      logging.warning(
+        "config.data.rates gives %s (rate %s) 0 of the %d rows of a host batch: not read",
+        kind,
+        rate,
+        local_batch_size,
+      )
+  names = [kind for kind, _, _ in sources]
+  skips = [start_step * n for _, _, n in sources]
+  if start_step:
     logging.info(
-      "input pipeline: resuming at row %d of shard %d, skipping rows %s of %s",
-      start,
+      "input pipeline: resuming at step %d of shard %d, skipping rows %s of %s",
+      start_step,
       shard_index,
-      skips.tolist(),
+      skips,
       [task.name for _, task, _ in sources],
     )
   streams = []
@@ -175,9 +199,11 @@ def records(data_config, split: str, shard_index: int, num_shards: int, seed: in
       num_epochs=None,
       trim_output_features=False,
     )
-    streams.append(preprocess.to_records(rows.skip(int(skip)), kind))
-  ds = tf.data.Dataset.choose_from_datasets(streams, selector(key, rates, start))
-  return ds.enumerate(start=start)
+    streams.append(preprocess.to_records(rows.skip(skip), kind))
+  layout = batch_layout([n for _, _, n in sources])
+  selector = tf.data.Dataset.from_tensor_slices(layout).repeat()
+  ds = tf.data.Dataset.choose_from_datasets(streams, selector)
+  return ds.enumerate(start=start_step * local_batch_size), layout, names
 
 
 def _dataset(
@@ -189,13 +215,15 @@ def _dataset(
   seed: int,
   start_step: int,
 ):
+  """(batched rows, the batch layout, the names of its sources)."""
   if data_config.data_dir == "":
     raise ValueError(
       "config.data.data_dir is empty: resolve the config first (coca_jax.data.loader.resolve)"
     )
   tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
-  start = start_step * local_batch_size
-  ds = records(data_config, split, shard_index, num_shards, seed, start)
+  ds, layout, names = records(
+    data_config, split, shard_index, num_shards, seed, local_batch_size, start_step
+  )
   example = tasks.record_examples(data_config, train=split == "train")
   key = stateless_key(seed, shard_index, "examples")
   width = data_config.max_text_len - 1  # room for BOS (inputs) / EOS (labels)
@@ -209,36 +237,43 @@ def _dataset(
 
   ds = ds.map(to_row, num_parallel_calls=data_config.num_parallel_calls)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.with_options(_options(data_config)).prefetch(2)
+  return ds.with_options(_options(data_config)).prefetch(2), layout, names
 
 
-def replace_rejected(rows: dict, step: int) -> dict:
-  """Rows whose `keep` is False -> copies of kept rows of the same batch, in turn."""
+def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
+  """Rows whose `keep` is False -> copies of kept rows of the same batch and source (the
+  source of position j is names[layout[j]]), in turn."""
   keep = rows.pop("keep")
   if keep.all():
     return rows
-  kept = np.flatnonzero(keep)
-  if not len(kept):
-    raise ValueError(
-      f"input batch of step {step}: all {len(keep)} rows rejected (undecodable images or "
-      f"empty texts; so far {dict(preprocess.BAD_DATA)}); check the data"
-    )
-  source = np.arange(len(keep))
-  rejected = np.flatnonzero(~keep)
-  source[rejected] = kept[np.arange(len(rejected)) % len(kept)]
-  return {k: v[source] for k, v in rows.items()}
+  index = np.arange(len(keep))
+  for source in np.unique(layout[~keep]):
+    mine = layout == source
+    kept, rejected = np.flatnonzero(mine & keep), np.flatnonzero(mine & ~keep)
+    if not len(kept):
+      raise ValueError(
+        f"input batch of step {step}: all {mine.sum()} rows of source {names[source]!r} "
+        f"rejected (undecodable images or empty texts; so far {dict(preprocess.BAD_DATA)}); "
+        "check the data (a source's rows are replaced only by its own rows, so that each "
+        "batch holds the config.data.rates proportions exactly)"
+      )
+    index[rejected] = kept[np.arange(len(rejected)) % len(kept)]
+  return {k: v[index] for k, v in rows.items()}
 
 
-def _numpy_batches(ds: tf.data.Dataset, start_step: int, max_len: int) -> Iterator[dict]:
+def _numpy_batches(
+  ds: tf.data.Dataset, start_step: int, max_len: int, layout: np.ndarray, names
+) -> Iterator[dict]:
   reported = dict(preprocess.BAD_DATA)
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
-    rows = replace_rejected(rows, step)
+    rows = replace_rejected(rows, step, layout, names)
     text = tokens.model_text(rows["tokens"], rows["length"], max_len)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
       reported = dict(preprocess.BAD_DATA)
       logging.warning(
-        "input pipeline rejected rows so far (replaced by other rows of their batch): %s",
+        "input pipeline rejected rows so far (replaced by other rows of their batch and "
+        "source): %s",
         ", ".join(f"{v} {k}" for k, v in sorted(reported.items())),
       )
     yield batch
@@ -267,10 +302,10 @@ def batches(
   seqio_split, seed = (
     ("train", data_config.seed) if split == "train" else ("validation", data_config.seed + 1)
   )
-  ds = _dataset(
+  ds, layout, names = _dataset(
     data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, start_step
   )
-  return _numpy_batches(ds, start_step, data_config.max_text_len)
+  return _numpy_batches(ds, start_step, data_config.max_text_len, layout, names)
 
 
 def bad_data_counts() -> dict:

@@ -8,12 +8,12 @@ source; the seqio split "train" reads the source's `train_split`, "validation" i
 `coca_mixture_eval` over the eval tasks with the same rates.
 
 The batches of the trainer (coca_jax/data/pipeline.py) come from the row tasks
-(`row_tasks`): the pipeline samples between them itself, with the same rates, and runs the
-preprocessing (`record_examples`: the same functions as NAME's and NAME_eval's, with seeds
-it derives from each example's position) after the point where a resume skips, so that
-skipped rows are never processed. NAME, NAME_eval and the mixtures serve seqio users and
-the eval sets (coca_jax/data/eval_sets.py); they keep the source's other features (e.g.
-`label`).
+(`row_tasks`): the pipeline fills each batch with them itself, in exactly the proportions
+of the same rates, and runs the preprocessing (`record_examples`: the same functions as
+NAME's and NAME_eval's, with seeds it derives from each example's position) after the
+point where a resume skips, so that skipped rows are never processed. NAME, NAME_eval
+and the mixtures serve seqio users and the eval sets (coca_jax/data/eval_sets.py); they
+keep the source's other features (e.g. `label`).
 
 Sources: `seqio.TfdsDataSource` (image features read as encoded bytes and decoded by
 preprocess.decode), or, for alt-text with `alt_text.files` set, a
