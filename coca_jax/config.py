@@ -105,8 +105,8 @@ def coca_config(
       mlp_dim=text_mlp,
     )
   )
-  # Learnable temperature tau, stored as log(1/tau) and clipped so that
-  # tau stays in [1/100, 1] (CLIP's clip of the logit scale at 100).
+  # Learnable temperature tau, stored as log(1/tau); the optimizer clamps it after each
+  # update so tau stays in [1/100, 1] (CLIP clamps its logit scale at 100).
   m.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.01, max=1.0))
 
   # ---- loss (Section 3.3: L = lambda_con * L_con + lambda_cap * L_cap) ----

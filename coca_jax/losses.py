@@ -41,6 +41,19 @@ def contrastive_loss(image_embedding, text_embedding, temperature) -> tuple[jax.
   return 0.5 * (image_to_text + text_to_image), accuracy
 
 
+def captioning_loss_sum(
+  logits: jax.Array, labels: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+  """(sum of next-token cross-entropies over real tokens, number of real tokens).
+
+  logits [B, T, V]; labels, mask [B, T]. Gradient accumulation adds these up over
+  micro-batches so the loss stays the mean over every real token of the global batch.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
 def captioning_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> jax.Array:
   """Next-token cross-entropy, averaged over real tokens of the whole batch.
 
@@ -48,9 +61,8 @@ def captioning_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> ja
   divided by their count (token-level mean, as in T5X), so long captions weigh more
   than short ones and padding counts for nothing.
   """
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-  mask = mask.astype(jnp.float32)
-  return jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  total, count = captioning_loss_sum(logits, labels, mask)
+  return total / jnp.maximum(count, 1.0)
 
 
 def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict]:

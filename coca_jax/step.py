@@ -37,37 +37,123 @@ def _split_micro_batches(batch, accum_steps: int):
   return jax.tree.map(split, batch)
 
 
+def _merge_micro_batches(x: jax.Array) -> jax.Array:
+  """[A, B/A, ...] -> [B, ...], the inverse of `_split_micro_batches` (rows back in order)."""
+  y = x.swapaxes(0, 1).reshape(-1, *x.shape[2:])
+  return sharding.constrain(y, ("batch",) + (None,) * (x.ndim - 2))
+
+
+def make_gradients(config, graphdef, param_shardings=None):
+  """Returns gradients(params, batch) -> (grads, terms): the full-batch loss's gradient.
+
+  With config.train.grad_accum_steps = A > 1 the batch runs as A micro-batches and the
+  result is still the gradient of the FULL batch's loss (GradCache, Gao et al. 2021;
+  BASIC, Pham et al. 2021):
+    1. embed every micro-batch, keeping no activations: image and text embeddings [B, E];
+    2. the contrastive loss over all B pairs and its gradient with respect to the
+       embeddings and the temperature (cheap: [B, B] logits);
+    3. run each micro-batch again, forward and backward, on a surrogate whose gradient
+       is the embeddings' cached gradients back-propagated plus its captioning loss's
+       share: sum over its real tokens / real tokens of the whole batch (a global
+       token mean, not a mean of micro-batch means).
+  Pass 1 costs one extra forward of the image encoder and the unimodal decoder. The
+  accumulator has the parameters' shardings (`param_shardings`, NamedSharding tree).
+  terms: loss, contrastive_loss, captioning_loss, contrastive_accuracy, temperature.
+  """
+  accum_steps = config.train.grad_accum_steps
+  loss_fn = _loss_fn(config, graphdef)
+  if accum_steps == 1:
+
+    def gradients(params, batch):
+      (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+      return grads, terms
+
+    return gradients
+
+  contrastive_weight = config.loss.contrastive_weight
+  caption_weight = config.loss.caption_weight
+
+  def constrain_like_params(tree):
+    if param_shardings is None:
+      return tree
+    return jax.lax.with_sharding_constraint(tree, param_shardings)
+
+  def embed(params, micro_batch):
+    model = model_from_params(graphdef, params)
+    image_embedding, _ = model.encode_image(micro_batch["image"])
+    text = micro_batch["text"]
+    text_embedding, _ = model.encode_text(text["ids"], text["mask"])
+    return image_embedding, text_embedding
+
+  def contrastive(params, image_embedding, text_embedding):
+    temperature = model_from_params(graphdef, params).temperature()
+    loss, accuracy = losses.contrastive_loss(image_embedding, text_embedding, temperature)
+    return contrastive_weight * loss, (loss, accuracy, temperature)
+
+  def gradients(params, batch):
+    micro_batches = _split_micro_batches(batch, accum_steps)
+    # 1. Embeddings of every micro-batch; nothing is differentiated, nothing kept.
+    image_embedding, text_embedding = jax.lax.map(lambda mb: embed(params, mb), micro_batches)
+    # 2. Global InfoNCE; its gradient flows to the temperature here, to the towers in 3.
+    (_, (con, accuracy, temperature)), (grads, image_grad, text_grad) = jax.value_and_grad(
+      contrastive, argnums=(0, 1, 2), has_aux=True
+    )(params, _merge_micro_batches(image_embedding), _merge_micro_batches(text_embedding))
+    embedding_grads = _split_micro_batches((image_grad, text_grad), accum_steps)
+    tokens = jnp.maximum(jnp.sum(batch["text"]["mask"].astype(jnp.float32)), 1.0)
+
+    def surrogate(params, micro_batch, image_grad, text_grad):
+      outputs = model_from_params(graphdef, params)(micro_batch)
+      text = micro_batch["text"]
+      caption_sum, _ = losses.captioning_loss_sum(outputs["logits"], text["labels"], text["mask"])
+      value = (
+        jnp.sum(outputs["image_embedding"] * image_grad)
+        + jnp.sum(outputs["text_embedding"] * text_grad)
+        + caption_weight * caption_sum / tokens
+      )
+      return value, caption_sum
+
+    # 3. Each micro-batch again, forward and backward.
+    def accumulate(carry, scanned):
+      grads, caption_sum = carry
+      micro_batch, (image_grad, text_grad) = scanned
+      micro_grads, micro_caption_sum = jax.grad(surrogate, has_aux=True)(
+        params, micro_batch, image_grad, text_grad
+      )
+      grads = constrain_like_params(jax.tree.map(jnp.add, grads, micro_grads))
+      return (grads, caption_sum + micro_caption_sum), None
+
+    (grads, caption_sum), _ = jax.lax.scan(
+      accumulate,
+      (constrain_like_params(grads), jnp.zeros([], jnp.float32)),
+      (micro_batches, embedding_grads),
+    )
+    cap = caption_sum / tokens
+    terms = dict(
+      loss=contrastive_weight * con + caption_weight * cap,
+      contrastive_loss=con,
+      captioning_loss=cap,
+      contrastive_accuracy=accuracy,
+      temperature=temperature,
+    )
+    return grads, terms
+
+  return gradients
+
+
 def make_train_step(config, run: Setup):
   """Returns train_step(state, batch) -> (state, metrics), jitted, state donated.
 
   Metrics (scalars, left on device): loss, contrastive_loss, captioning_loss,
-  contrastive_accuracy, temperature, grad_norm, param_norm, learning_rate.
-  With config.train.grad_accum_steps = A > 1 the gradient is the mean over A
-  micro-batches; the contrastive loss then sees B/A negatives per example, not B (the
-  price of accumulation for a contrastive loss).
+  contrastive_accuracy, temperature, grad_norm, param_norm, learning_rate. With
+  config.train.grad_accum_steps = A > 1 the gradient and the losses are the full
+  batch's (see `make_gradients`): every example still sees B - 1 negatives.
   """
   optimizer, schedule, state_layout = run.optimizer, run.schedule, run.layout
-  loss_fn = _loss_fn(config, state_layout.graphdef)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  accum_steps = config.train.grad_accum_steps
+  gradients = make_gradients(config, state_layout.graphdef, state_layout.shardings["params"])
 
   def train_step(state, batch):
     params = state["params"]
-    if accum_steps == 1:
-      (_, terms), grads = grad_fn(params, batch)
-    else:
-      micro_batches = _split_micro_batches(batch, accum_steps)
-
-      def accumulate(carry, micro_batch):
-        (_, micro_terms), micro_grads = grad_fn(params, micro_batch)
-        return jax.tree.map(jnp.add, carry, (micro_grads, micro_terms)), None
-
-      (_, terms_shape), grads_shape = jax.eval_shape(
-        grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches)
-      )
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, terms_shape))
-      (grads, terms), _ = jax.lax.scan(accumulate, zeros, micro_batches)
-      grads, terms = jax.tree.map(lambda x: x / accum_steps, (grads, terms))
+    grads, terms = gradients(params, batch)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     params = optax.apply_updates(params, updates)
     metrics = dict(
