@@ -34,6 +34,7 @@ from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.data import synthetic
+from coca_jax.sharding import MeshError
 
 GIB = 2**30
 
@@ -72,10 +73,6 @@ MEMORY_FIELDS = {
 
 class TopologyError(ValueError):
   """A --topology that cannot be compiled for (bad name, or libtpu missing)."""
-
-
-class MeshError(ValueError):
-  """A config.mesh that does not divide the batch or a parameter."""
 
 
 def topology_devices(name: str) -> list:
@@ -226,6 +223,7 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
     devices=len(devices),
     chips=len(devices) // devices_per_chip(devices),
     mesh=dict(mesh.shape),
+    mesh_reason=run.mesh_reason,
     params=params_lib.total(layout.abstract["params"]),
     dtype=config.model.dtype,
     remat_policy=config.model.remat_policy,
@@ -273,6 +271,7 @@ def table(rep: dict) -> str:
   rows = [
     ("target", f"{rep['topology']}: {rep['devices']} x {rep['device_kind']}" + chips),
     ("mesh", ", ".join(f"{k}={v}" for k, v in rep["mesh"].items())),
+    ("mesh chosen by", rep["mesh_reason"]),
     ("parameters", f"{rep['params']:,} ({rep['params'] / 1e6:,.1f}M)"),
     ("compute dtype / remat", f"{rep['dtype']} / {rep['remat_policy']}"),
     (

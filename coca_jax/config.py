@@ -5,8 +5,9 @@ Table 1 of the CoCa paper (arXiv 2205.01917) and may change any leaf afterwards.
 default a test or the demo relies on lives here or in those files.
 
 Config-file argument (`--config=configs/base.py:ARG`): comma-separated switches
-  bf16      compute in bfloat16 (params and optimizer state stay float32)
-  f32       compute in float32 (the default)
+  bf16      compute in bfloat16 (params and optimizer state stay float32); the default
+            of the paper's variants (base, large, coca)
+  f32       compute in float32; the default of the demo and tiny configs
   parallel  poolers in "parallel" mode instead of the paper's "cascade"
   res576    the paper's final high-resolution epoch: 576px images, same patch size
 """
@@ -70,6 +71,7 @@ def coca_config(
   vocab_size: int = 64_000,
   max_text_len: int = 64,
   caption_queries: int = 256,
+  dtype: str = "float32",
   arg: str | None = None,
 ) -> ml_collections.ConfigDict:
   """Returns the full config for one CoCa variant; `arg` holds the switches above."""
@@ -80,7 +82,7 @@ def coca_config(
   m.width = width
   m.heads = heads
   m.embed_dim = embed_dim  # width of the joint image-text embedding space
-  m.dtype = "float32"  # compute dtype; params are always float32
+  m.dtype = dtype  # compute dtype; params and optimizer state are always float32
   m.remat_policy = "nothing_saveable"  # see coca_jax/models/layers.py REMAT_POLICIES
   m.scan_layers = True
   m.layer_norm_eps = 1e-6
@@ -255,8 +257,11 @@ def coca_config(
 
 
 def default_mesh() -> ml_collections.ConfigDict:
-  """FSDP over every device: the mesh of a config that names none, and of export."""
-  return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  """The automatic mesh (coca_jax/sharding.py `mesh_shape`): every config's default and
+  export's. data = fsdp = -1: fsdp as wide as every fsdp-sharded parameter dimension
+  allows, data over the remaining devices. Explicit sizes (one may be -1 = the rest)
+  replace it: --config.mesh.data=16 --config.mesh.fsdp=128."""
+  return ml_collections.ConfigDict(dict(data=-1, fsdp=-1, tensor=1))
 
 
 def _apply_switches(c: ml_collections.ConfigDict, arg: str | None) -> None:

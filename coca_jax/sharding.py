@@ -18,33 +18,111 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
-def mesh_shape(mesh_config, num_devices: int) -> tuple[int, ...]:
-  """Resolves `config.mesh` sizes (one may be -1: all remaining devices)."""
+class MeshError(ValueError):
+  """A config.mesh that does not fit the devices, a parameter or the batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshNeeds:
+  """What an automatic mesh must divide: parameter dimensions and the batch.
+
+  fsdp_dims: sizes of every parameter dimension sharded over "fsdp".
+  batch_rows: rows of one (micro-)batch, split over `batch_axes` (the mesh axes the
+    rules give the logical "batch" axis); 0 = no batch constraint.
+  """
+
+  fsdp_dims: tuple[int, ...] = ()
+  batch_rows: int = 0
+  batch_axes: tuple[str, ...] = ("data", "fsdp")
+
+  @classmethod
+  def of(cls, params_shapes, params_specs, batch_rows: int, rules) -> "MeshNeeds":
+    """From abstract params, their PartitionSpecs and the rules' "batch" entry."""
+    dims = set()
+    for shape, spec in zip(
+      jax.tree.leaves(params_shapes),
+      jax.tree.leaves(params_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
+    ):
+      for size, axes in zip(shape.shape, spec):
+        if "fsdp" in _axes_tuple(axes):
+          dims.add(int(size))
+    batch_axes = _axes_tuple(logical_to_spec(("batch",), rules)[0])
+    return cls(tuple(sorted(dims)), int(batch_rows), batch_axes)
+
+
+def _axes_tuple(axes) -> tuple[str, ...]:
+  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def mesh_shape(
+  mesh_config, num_devices: int, needs: MeshNeeds = MeshNeeds()
+) -> tuple[tuple[int, ...], str]:
+  """Resolves `config.mesh` sizes to (shape, why).
+
+  Explicit sizes are used as they are; one -1 takes the remaining devices. With
+  data = fsdp = -1 (automatic, the default) fsdp is the largest divisor of the devices
+  left by tensor that divides every dimension in `needs.fsdp_dims` and keeps the batch
+  split into whole rows; data takes the rest. FSDP as wide as the parameters allow
+  shards the state most; data parallelism over the rest costs a gradient all-reduce
+  of the (fsdp-sharded) gradients over "data".
+  """
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
-  if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"config.mesh ({described}): sizes must be positive, at most one -1")
+  if any(s == 0 or s < -1 for s in sizes) or sizes[2] == -1 and -1 in sizes[:2]:
+    raise MeshError(
+      f"config.mesh ({described}): sizes must be positive or -1 (data = fsdp = -1: automatic)"
+    )
+  if sizes[0] == sizes[1] == -1:
+    return _automatic(sizes[2], num_devices, needs, described)
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ValueError(f"config.mesh ({described}) does not divide the {num_devices} devices")
+      raise MeshError(f"config.mesh ({described}) does not divide the {num_devices} devices")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(
+    raise MeshError(
       f"config.mesh ({described}) has {math.prod(sizes)} devices but {num_devices} are present"
     )
-  return tuple(sizes)
+  return tuple(sizes), f"config.mesh ({described}) over {num_devices} devices"
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
-  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all).
+def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str):
+  if num_devices % tensor:
+    raise MeshError(f"config.mesh ({described}): tensor={tensor} does not divide {num_devices}")
+  rest = num_devices // tensor
+
+  def batch_whole(fsdp: int) -> bool:
+    sizes = dict(data=rest // fsdp, fsdp=fsdp, tensor=tensor)
+    ways = math.prod(sizes[a] for a in needs.batch_axes)
+    return not needs.batch_rows or needs.batch_rows % ways == 0
+
+  # fsdp = 1 always qualifies. When no candidate splits the batch into whole rows (with
+  # the default rules the batch is split data x fsdp ways whatever the choice), the
+  # largest is kept and the batch check of the caller names the batch size.
+  candidates = [
+    d for d in range(rest, 0, -1) if rest % d == 0 and all(dim % d == 0 for dim in needs.fsdp_dims)
+  ]
+  fsdp = next((d for d in candidates if batch_whole(d)), candidates[0])
+  gcd = math.gcd(*needs.fsdp_dims) if needs.fsdp_dims else "none"
+  why = (
+    f"automatic (config.mesh.data = fsdp = -1): fsdp={fsdp}, the largest divisor of the "
+    f"{rest} devices left by tensor={tensor} that divides every fsdp-sharded parameter "
+    f"dimension (their gcd: {gcd})"
+  )
+  if needs.batch_rows and batch_whole(fsdp) and fsdp != candidates[0]:
+    why += f" and splits the batch of {needs.batch_rows} rows into whole rows"
+  return (rest // fsdp, fsdp, tensor), why + f"; data={rest // fsdp} takes the rest"
+
+
+def make_mesh(mesh_config, devices=None, needs: MeshNeeds = MeshNeeds()) -> Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all); see `mesh_shape`.
 
   Axis types are Auto (GSPMD propagation): with Explicit axes a scanned stack of
   sharded weights fails the scan carry type check ("scan body function carry input and
   carry output must have equal types"), seen with jax 0.10.2.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape = mesh_shape(mesh_config, len(devices))
+  shape, _ = mesh_shape(mesh_config, len(devices), needs)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU), also
   # for the devices of a compile-only topology (AOT).

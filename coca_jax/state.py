@@ -32,6 +32,7 @@ class Setup:
   """Everything a run builds before its first array: mesh, optimizer, state layout."""
 
   mesh: Mesh
+  mesh_reason: str  # how config.mesh became this mesh's shape
   optimizer: optax.GradientTransformation
   schedule: optax.Schedule  # step -> learning rate
   layout: StateLayout
@@ -39,14 +40,29 @@ class Setup:
 
 def setup(config, devices=None) -> Setup:
   """Mesh over `devices` (default: all) from config.mesh, optimizer and schedule from
-  config.optim, and the state layout: the one setup chain of train, aot, export, benches."""
-  mesh = sharding.make_mesh(config.mesh, devices)
+  config.optim, and the state layout: the one setup chain of train, aot, export, benches.
+
+  An automatic config.mesh (data = fsdp = -1) is resolved against the model's
+  parameter dimensions and the (micro-)batch; `Setup.mesh_reason` says what was chosen
+  and why (the trainer logs it, the AOT report prints it)."""
+  devices = jax.devices() if devices is None else list(devices)
   optimizer, schedule = optim.make_optimizer(
     config.optim,
     config.train.steps,
     coca.log_inv_temperature_range(config.model.temperature),
   )
-  return Setup(mesh, optimizer, schedule, layout(config, optimizer, mesh))
+  abstract_model = nnx.eval_shape(lambda: coca.build(config.model))
+  accum = config.train.grad_accum_steps
+  batch = config.data.global_batch_size
+  needs = sharding.MeshNeeds.of(
+    nnx.state(abstract_model, nnx.Param).to_pure_dict(),
+    sharding.param_specs(abstract_model, config.sharding_rules),
+    batch // accum if batch % accum == 0 else batch,
+    config.sharding_rules,
+  )
+  _, reason = sharding.mesh_shape(config.mesh, len(devices), needs)
+  mesh = sharding.make_mesh(config.mesh, devices, needs)
+  return Setup(mesh, reason, optimizer, schedule, layout(config, optimizer, mesh))
 
 
 def _init_fn(model_config, optimizer, seed):

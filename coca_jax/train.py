@@ -172,7 +172,7 @@ def train(config, workdir: str) -> dict:
   logging.info("config:\n%s", config)
 
   run = state_lib.setup(config)
-  logging.info("mesh %s over %d devices", dict(run.mesh.shape), run.mesh.size)
+  logging.info("mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason)
   n_params = params_lib.total(run.layout.abstract["params"])
   logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
 

@@ -1,6 +1,6 @@
 """CoCa (the 2.1B model), Table 1 of arXiv 2205.01917: 1B image encoder + 1.1B text decoder.
 
-Argument: comma-separated switches, see coca_jax/config.py (e.g. `configs/coca.py:bf16`).
+Argument: comma-separated switches, see coca_jax/config.py (e.g. `configs/coca.py:f32`).
 """
 
 from coca_jax import config as config_lib
@@ -18,5 +18,8 @@ def get_config(arg=None):
     # Joint embedding width: not in the paper; 1024 follows CLIP ViT-B/L's widths
     # scaled up (Radford et al. 2021).
     embed_dim=1024,
+    # bfloat16 compute, float32 params and optimizer state: the usual TPU recipe (the
+    # paper trains on TPU v4 and does not state its precision); `:f32` for float32.
+    dtype="bfloat16",
     arg=arg,
   )

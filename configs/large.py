@@ -1,6 +1,6 @@
 """CoCa-Large, Table 1 of arXiv 2205.01917: 303M image encoder + 484M text decoder = 787M.
 
-Argument: comma-separated switches, see coca_jax/config.py (e.g. `configs/large.py:bf16`).
+Argument: comma-separated switches, see coca_jax/config.py (e.g. `configs/large.py:f32`).
 """
 
 from coca_jax import config as config_lib
@@ -17,5 +17,8 @@ def get_config(arg=None):
     text_mlp=4096,
     # Joint embedding width: not in the paper; 768 follows CLIP ViT-L (Radford et al. 2021).
     embed_dim=768,
+    # bfloat16 compute, float32 params and optimizer state: the usual TPU recipe (the
+    # paper trains on TPU v4 and does not state its precision); `:f32` for float32.
+    dtype="bfloat16",
     arg=arg,
   )

@@ -23,8 +23,8 @@ def interleaved(devices) -> list:
   return sorted(devices, key=lambda d: (position[d], d.process_index))
 
 
-def make_interleaved_mesh(mesh_config, devices=None):
-  return _make_mesh(mesh_config, interleaved(jax.devices() if devices is None else devices))
+def make_interleaved_mesh(mesh_config, devices=None, needs=sharding.MeshNeeds()):
+  return _make_mesh(mesh_config, interleaved(jax.devices() if devices is None else devices), needs)
 
 
 if __name__ == "__main__":

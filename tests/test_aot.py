@@ -152,6 +152,7 @@ def test_indivisible_parameter_is_named():
   config = tiny.get_config()
   config.model.width = 36  # "embed" is split over fsdp=8
   config.model.vision.patch_size = 4
+  config.mesh.data, config.mesh.fsdp = 1, 8  # explicit: the automatic mesh would pick 4
   with pytest.raises(
     aot.MeshError, match=r"dimension \d+ \(36\) is split over mesh axes \('fsdp',\) = 8 ways"
   ):

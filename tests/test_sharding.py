@@ -148,4 +148,40 @@ def test_mesh_errors_name_the_sizes():
   with pytest.raises(ValueError, match="does not divide the 8 devices"):
     sharding.make_mesh(c.mesh)
   c.mesh.data = 2
-  assert sharding.mesh_shape(c.mesh, 8) == (2, 4, 1)
+  assert sharding.mesh_shape(c.mesh, 8)[0] == (2, 4, 1)
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = -1, -1, -1
+  with pytest.raises(sharding.MeshError, match="positive or -1"):
+    sharding.mesh_shape(c.mesh, 8)
+
+
+@pytest.mark.parametrize(
+  "devices, tensor, needs, want",
+  [
+    # CoCa 2.1B (width 1408 = 2^7 x 11) on 2,048 v4 chips: the pod of Section 4.1.
+    (2048, 1, sharding.MeshNeeds((1408,), 65_536), (16, 128, 1)),
+    (1024, 1, sharding.MeshNeeds((768,), 65_536), (4, 256, 1)),  # Base: 768 = 2^8 x 3
+    (8, 1, sharding.MeshNeeds((32,), 8), (1, 8, 1)),  # FSDP over all when it divides
+    (16, 2, sharding.MeshNeeds((36, 64), 16), (2, 4, 2)),  # tensor stays as configured
+    (7, 1, sharding.MeshNeeds((32,)), (7, 1, 1)),  # nothing divides: data parallel
+    # A batch split over fsdp only must stay whole: 8 does not divide 4 rows, 4 does.
+    (8, 1, sharding.MeshNeeds((64,), 4, ("fsdp",)), (2, 4, 1)),
+  ],
+)
+def test_automatic_mesh(devices, tensor, needs, want):
+  c = tiny.get_config()
+  c.mesh.tensor = tensor
+  assert (c.mesh.data, c.mesh.fsdp) == (-1, -1)  # the default
+  shape, why = sharding.mesh_shape(c.mesh, devices, needs)
+  assert shape == want
+  assert f"fsdp={want[1]}" in why and f"data={want[0]}" in why
+  # Explicit sizes still win.
+  c.mesh.data, c.mesh.fsdp = devices // tensor, 1
+  assert sharding.mesh_shape(c.mesh, devices, needs)[0] == (devices // tensor, 1, tensor)
+
+
+def test_setup_resolves_the_automatic_mesh_from_the_model():
+  c = tiny.get_config()
+  c.model.width = 36  # fsdp-sharded dimension: 8 does not divide it, 4 does
+  run = state_lib.setup(c, jax.devices())
+  assert dict(run.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert "gcd: 36" in run.mesh_reason
