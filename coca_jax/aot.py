@@ -1,13 +1,12 @@
 """Compile report: the real train step, lowered and compiled for a device set it never runs on.
 
-    python -m coca_jax.aot --config=configs/coca.py:bf16 --topology=v4:8x8x16 \\
-        --config.mesh.data=8 --config.mesh.fsdp=128
+    python -m coca_jax.aot --config=configs/coca.py --topology=v4:8x16x16
     python -m coca_jax.aot --config=configs/tiny.py --cpu_devices=8
 
 `--topology=GEN:AxBxC` compiles for a TPU slice from this machine, with no TPU: libtpu
 (`pip install -e ".[tpu]"`) describes the slice's chips and XLA compiles for them.
-Names count chips: v4:8x8x16 is 1,024 v4 chips (Cloud TPU calls it v4-2048, counting
-TensorCores); v4 and v5p chips are one "megacore" device each, as on a TPU VM.
+Names count chips: v4:8x16x16 is 2,048 v4 chips (the paper's pod; Cloud TPU calls it
+v4-4096, counting TensorCores); v4 and v5p chips are one "megacore" device each, as on a TPU VM.
 `--cpu_devices=N` compiles for N forced host CPU devices instead (no libtpu needed).
 
 Prints per-device memory (arguments, outputs, temporaries, generated code), XLA's FLOPs

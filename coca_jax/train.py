@@ -1,7 +1,7 @@
 """Trains CoCa: config -> mesh -> data -> state (restore or init) -> loop -> export.
 
     python -m coca_jax.train --config=configs/demo.py --workdir=/tmp/coca_demo
-    python -m coca_jax.train --config=configs/base.py:bf16 --workdir=gs://bucket/run1 \\
+    python -m coca_jax.train --config=configs/base.py --workdir=gs://bucket/run1 \\
         --config.optim.lr=5e-4 --config.data.global_batch_size=4096
 
 Workdir layout: config.json, checkpoints/<step>/, TensorBoard events, eval/, export/.

@@ -8,6 +8,7 @@ batch is split over ("data", "fsdp") in row-major order), not from the code unde
 """
 
 import functools
+import importlib
 import os
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 from jax.sharding import Mesh
 
 from coca_jax import aot, sharding
+from coca_jax import state as state_lib
 from coca_jax.config import SHARDING_RULES
 
 # Describing a topology loads libtpu, which by default takes a machine-wide lock
@@ -110,6 +112,24 @@ def test_every_process_of_a_slice_feeds_its_own_rows(name, shape):
   assert sorted(indices.values()) == list(range(len(rows)))  # one process per shard
   # The case that used to fail: hosts' rows are not contiguous in the batch.
   assert any(np.any(np.diff(r) != 1) for r in rows.values())
+
+
+@needs_libtpu
+@pytest.mark.parametrize(
+  "config_name, name, want",
+  [
+    # The paper's pod (Section 4.1: 2,048 v4 chips), width 1408 = 2^7 x 11.
+    ("coca", "v4:8x16x16", {"data": 16, "fsdp": 128, "tensor": 1}),
+    ("base", "v5e:16x16", {"data": 1, "fsdp": 256, "tensor": 1}),  # width 768 = 2^8 x 3
+  ],
+)
+def test_paper_configs_get_an_automatic_mesh_their_pods_can_run(config_name, name, want):
+  # The default config.mesh, resolved by the trainer's own setup on the slice's devices
+  # (nothing is compiled); its host batches must split over every process too.
+  config = importlib.import_module(f"configs.{config_name}").get_config()
+  run = state_lib.setup(config, topology(name))
+  assert dict(run.mesh.shape) == want, run.mesh_reason
+  check_every_process(run.mesh, config.data.global_batch_size)
 
 
 @needs_libtpu
