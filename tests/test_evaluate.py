@@ -193,8 +193,11 @@ def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
     "frozen/accuracy",
     "frozen/train_accuracy",
   } | {f"retrieval/{d}_r{k}" for d in ("image_to_text", "text_to_image") for k in (1, 5, 10)}
-  assert set(metrics) == expected
-  assert all(0.0 <= v <= 10.0 and np.isfinite(v) for v in metrics.values()), metrics
+  counts = {"frozen/train_examples", "frozen/test_examples", "frozen/from_train_split"}
+  assert set(metrics) == expected | counts
+  assert all(0.0 <= metrics[k] <= 10.0 and np.isfinite(metrics[k]) for k in expected), metrics
+  # Synthetic sets have no train split: the probe splits the 24 eval examples in half.
+  assert [metrics[k] for k in sorted(counts)] == [0.0, 12.0, 12.0]
   assert (7, "eval/zero_shot/top1") in writer.scalars
   gallery = tmp_path / "eval" / "captions_7.html"
   page = gallery.read_text()

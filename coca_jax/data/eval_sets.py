@@ -4,13 +4,16 @@ Legend: N examples, S image size, C classes.
 
 - classification: the JFT-style source's eval split (Fashion-MNIST test for the demo)
   with its ClassLabel names, for zero-shot and frozen-feature evaluation;
+- classification_train: the same source's train split (Fashion-MNIST train), read only
+  when the frozen-feature eval is on: the probe trains on it and is scored on
+  `classification` (None when the source has no train split apart from its eval split);
 - alt_text: the alt-text source's eval split (emoji validation), one image per distinct
   caption (the two vendors draw the same emoji under the same caption; keeping both would
   make text->image retrieval ambiguous), for retrieval and captioning.
 
-Both are read through the eval tasks (the eval preprocessing of coca_jax/data/images.py),
+All are read through the eval tasks (the eval preprocessing of coca_jax/data/images.py),
 the first `config.eval.num_examples` rows (0: all) in the split's stored order, so every
-evaluation sees the same examples. `load` reads them once per config.
+evaluation (and every host) sees the same examples. `load` reads them once per config.
 """
 
 import dataclasses
@@ -60,6 +63,7 @@ class CaptionSet:
 class EvalSets:
   classification: ClassificationSet | None = None
   alt_text: CaptionSet | None = None
+  classification_train: ClassificationSet | None = None
 
 
 def synthetic(
@@ -94,12 +98,30 @@ def _load(config_json: str) -> EvalSets:
   if config.data.source == "synthetic":
     return synthetic(config.model.vision.image_size, seed=config.data.seed)
   from coca_jax.data import loader
+  from coca_jax.evaluate import suite
 
   config = loader.resolve(config)
-  return EvalSets(classification=_classification(config), alt_text=_alt_text(config))
+  # Only the frozen probe reads the train split: other evals never pay for it.
+  probe_trains = "frozen" in suite.enabled_evals(config.eval)
+  return EvalSets(
+    classification=_classification(config, "validation"),
+    alt_text=_alt_text(config),
+    classification_train=(
+      _classification(config, "train")
+      if probe_trains and _has_train_split(config.data.jft_style)
+      else None
+    ),
+  )
 
 
-def _rows(config, kind: str):
+def _has_train_split(source_config) -> bool:
+  """Whether a source (config.data.jft_style) has a train split apart from its eval split."""
+  return bool(source_config.train_split) and source_config.train_split != source_config.eval_split
+
+
+def _rows(config, kind: str, split: str = "validation"):
+  """Rows of the eval task of `kind`; seqio split "train" reads the source's train_split,
+  "validation" its eval_split (coca_jax/data/tasks.py)."""
   import seqio
 
   from coca_jax.data import tasks
@@ -107,7 +129,7 @@ def _rows(config, kind: str):
   tasks.register(config.data)
   task = seqio.get_mixture_or_task(config.data[kind].task_name + tasks.EVAL_SUFFIX)
   ds = task.get_dataset(
-    sequence_length=None, split="validation", use_cached=False, shuffle=False, num_epochs=1
+    sequence_length=None, split=split, use_cached=False, shuffle=False, num_epochs=1
   )
   return ds.as_numpy_iterator()
 
@@ -124,10 +146,11 @@ def class_names(config) -> list[str]:
   return list(builder.info.features["label"].names)
 
 
-def _classification(config) -> ClassificationSet:
+def _classification(config, split: str) -> ClassificationSet:
+  """The first config.eval.num_examples rows of the JFT-style source's seqio `split`."""
   limit = config.eval.num_examples
   images, labels = [], []
-  for row in _rows(config, "jft_style"):
+  for row in _rows(config, "jft_style", split):
     images.append(row["image"])
     labels.append(int(row["label"]))
     if len(images) == limit:
@@ -136,7 +159,7 @@ def _classification(config) -> ClassificationSet:
     np.asarray(images, np.float32),
     np.asarray(labels),
     class_names(config),
-    name=f"{config.data.jft_style.task_name}_eval",
+    name=config.data.jft_style.task_name + ("_eval" if split == "validation" else "_train"),
   )
 
 

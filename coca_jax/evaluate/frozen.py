@@ -5,6 +5,8 @@ Legend: N examples, M image-encoder tokens, D width, C classes, B batch.
 The image encoder stays frozen: its output tokens are computed once, then a NEW
 attentional pooler (one query) and a softmax classifier are trained on them with AdamW,
 lr 5e-4 and a cosine schedule (the paper's protocol), and scored on held-out examples.
+The suite (suite.py) trains it on the classification source's train split and scores it
+on the eval split.
 """
 
 import jax

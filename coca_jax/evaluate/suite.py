@@ -2,14 +2,20 @@
 
     metrics = evaluate.run(predictor, config, step=step, workdir=workdir, writer=writer)
 
-Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale):
+Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and the counts):
   zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble
   retrieval/image_to_text_r{1,5,10}         emoji validation images vs captions
   retrieval/text_to_image_r{1,5,10}
   captioning/cider, captioning/bleu4        emoji validation, decoded per config.eval.decode
-  frozen/accuracy, frozen/train_accuracy    fresh pooler + classifier on frozen tokens
+  frozen/accuracy, frozen/train_accuracy    fresh pooler + classifier on frozen tokens,
+                                            trained on Fashion-MNIST train, scored on test
+  frozen/train_examples, frozen/test_examples  the probe's example counts
+  frozen/from_train_split                   1: trained on the source's train split; 0: on a
+                                            config.eval.frozen.train_fraction share of the
+                                            eval examples (a source without a train split)
 """
 
+import dataclasses
 import os
 import time
 
@@ -90,8 +96,7 @@ def run(
           title=f"{data.name} captions at step {step} (CIDEr-D {result['cider']:.3f})",
         )
     else:  # frozen
-      data = _require(datasets.classification, "frozen").take(n)
-      result = _frozen_eval(predictor, data, config)
+      result = _frozen_eval(predictor, datasets, config)
     metrics.update({f"{name}/{k}": v for k, v in result.items()})
     timings[f"{name}/seconds"] = time.time() - start
   if writer is not None:
@@ -106,31 +111,64 @@ def _require(dataset, eval_name):
   return dataset
 
 
-def _frozen_eval(
-  predictor: predict.Predictor, data: eval_sets.ClassificationSet, config
-) -> dict[str, float]:
+def _frozen_eval(predictor: predict.Predictor, datasets: eval_sets.EvalSets, config) -> dict:
+  """Trains the probe on the first config.eval.num_examples examples of the classification
+  source's train split and scores it on as many of its eval split (the paper's protocol:
+  train on the task's training set, report on its held-out set). A source without a train
+  split (datasets.classification_train None) falls back to splitting the eval examples:
+  a config.eval.frozen.train_fraction share trains, the rest is scored."""
   cfg = config.eval.frozen
-  order = np.random.default_rng(cfg.seed).permutation(len(data.labels))
-  cut = int(len(order) * cfg.train_fraction)
-  if not 0 < cut < len(order):
-    raise ValueError(
-      f"config.eval.frozen.train_fraction={cfg.train_fraction} leaves an empty split of "
-      f"{len(order)} examples"
-    )
-  tokens = predictor.image_tokens(data.images)
-  train, test = order[:cut], order[cut:]
-  return frozen.train_and_score(
-    tokens[train],
-    data.labels[train],
-    tokens[test],
-    data.labels[test],
-    num_classes=len(data.class_names),
+  n = config.eval.num_examples
+  test = _require(datasets.classification, "frozen").take(n)
+  if datasets.classification_train is not None:
+    train = datasets.classification_train.take(n)
+  else:
+    train, test = _split(test, cfg.train_fraction, cfg.seed)
+  result = frozen.train_and_score(
+    predictor.image_tokens(train.images),
+    train.labels,
+    predictor.image_tokens(test.images),
+    test.labels,
+    num_classes=len(test.class_names),
     heads=config.model.heads,
     lr=cfg.lr,
     steps=cfg.steps,
     batch_size=cfg.batch_size,
     weight_decay=cfg.weight_decay,
     seed=cfg.seed,
+  )
+  logging.info(
+    "frozen probe: trained on %d examples of %s, scored on %d of %s",
+    len(train.labels),
+    train.name,
+    len(test.labels),
+    test.name,
+  )
+  return dict(
+    result,
+    train_examples=float(len(train.labels)),
+    test_examples=float(len(test.labels)),
+    from_train_split=float(datasets.classification_train is not None),
+  )
+
+
+def _split(
+  data: eval_sets.ClassificationSet, train_fraction: float, seed: int
+) -> tuple[eval_sets.ClassificationSet, eval_sets.ClassificationSet]:
+  """A seeded random split of `data` into (train_fraction of it, the rest)."""
+  order = np.random.default_rng(seed).permutation(len(data.labels))
+  cut = int(len(order) * train_fraction)
+  if not 0 < cut < len(order):
+    raise ValueError(
+      f"config.eval.frozen.train_fraction={train_fraction} leaves an empty split of "
+      f"{len(order)} examples"
+    )
+  return tuple(
+    dataclasses.replace(data, images=data.images[rows], labels=data.labels[rows], name=name)
+    for rows, name in (
+      (order[:cut], f"{data.name} (train share)"),
+      (order[cut:], f"{data.name} (held-out share)"),
+    )
   )
 
 
