@@ -98,11 +98,12 @@ def _load(config_json: str) -> EvalSets:
   if config.data.source == "synthetic":
     return synthetic(config.model.vision.image_size, seed=config.data.seed)
   from coca_jax.data import loader
-  from coca_jax.evaluate import suite
 
   config = loader.resolve(config)
   # Only the frozen probe reads the train split: other evals never pay for it.
-  probe_trains = "frozen" in suite.enabled_evals(config.eval)
+  # (Parsed here, not through coca_jax.evaluate.suite, so data never imports evaluate;
+  # the suite validates the names.)
+  probe_trains = "frozen" in [name.strip() for name in str(config.eval.evals).split(",")]
   return EvalSets(
     classification=_classification(config, "validation"),
     alt_text=_alt_text(config),
