@@ -147,6 +147,14 @@ def coca_config(
       # Device peak FLOP/s for MFU when the device kind is not in the table of
       # coca_jax/flops.py; 0 means "look it up".
       peak_flops=0.0,
+      # Start from a pretrained model (coca_jax/init_from.py): an export directory or a
+      # training workdir (its newest readable checkpoint, parameters only). "" = fresh
+      # init. Ignored when the workdir has a checkpoint of its own (the run resumes).
+      init_from="",
+      # Parameters that never move: regexes (re.search) or substrings of '/'-joined
+      # parameter paths, e.g. ("^vision/",) for the image encoder. They get zero
+      # updates and no optimizer state; a pattern matching nothing is an error.
+      frozen=(),
     )
   )
 

@@ -23,7 +23,13 @@ every other layer's.
 The learnable temperature is clamped here, after each update, into its configured
 range (as CLIP clamps its logit scale), not clipped in the forward pass: a forward
 clip's gradient is zero past the bound, so momentum could park the parameter there.
+
+Frozen parameters (`config.train.frozen`, e.g. the image encoder when finetuning) are
+split off with `optax.partition`: they get `optax.set_to_zero()` updates and no
+optimizer state, and the rest of the chain (weight decay, clipping) never sees them.
 """
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -188,3 +194,53 @@ def make_optimizer(
     )
   parts.append(keep_in_range("log_inv_temperature", *log_inv_temperature_range))
   return optax.chain(*parts), schedule
+
+
+FROZEN, TRAINED = "frozen", "trained"  # the labels of `freeze`'s partition
+
+
+def _path_name(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _matches(pattern: str, name: str) -> bool:
+  """re.search of `pattern` in `name`, or a plain substring (also when not a valid regex)."""
+  try:
+    found = re.search(pattern, name) is not None
+  except re.error:
+    found = False
+  return found or pattern in name
+
+
+def frozen_mask(params, patterns):
+  """True for each parameter whose '/'-joined path ("vision/blocks/layers/mlp/up/kernel")
+  matches one of `patterns` (regexes or substrings); a pattern matching none is an error."""
+  names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for pattern in patterns:
+    if not any(_matches(pattern, name) for name in names):
+      tops = sorted({name.split("/")[0] for name in names})
+      raise ValueError(
+        f"config.train.frozen pattern {pattern!r} matches no parameter; paths are "
+        f"'/'-joined, e.g. {names[0]!r}, under: {', '.join(tops)}"
+      )
+  return jax.tree_util.tree_map_with_path(
+    lambda path, _: any(_matches(p, _path_name(path)) for p in patterns), params
+  )
+
+
+def freeze(optimizer: optax.GradientTransformation, params, patterns):
+  """`optimizer` on the parameters not matched by `patterns` (see `frozen_mask`); the
+  matched ones get zero updates and hold no optimizer state. No patterns: `optimizer`.
+
+  params: the params tree (arrays or ShapeDtypeStructs) whose structure updates will have.
+  """
+  if not patterns:
+    return optimizer
+  labels = jax.tree.map(lambda f: FROZEN if f else TRAINED, frozen_mask(params, patterns))
+  return optax.partition({TRAINED: optimizer, FROZEN: optax.set_to_zero()}, labels)
+
+
+def trained_only(tree, mask):
+  """`tree` (params-shaped) with its frozen leaves (`mask` True) replaced by
+  optax.MaskedNode: the structure of the params-shaped parts of `freeze`'s state."""
+  return jax.tree.map(lambda x, f: optax.MaskedNode() if f else x, tree, mask)

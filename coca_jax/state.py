@@ -14,6 +14,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from coca_jax import optim, sharding
+from coca_jax import params as params_lib
 from coca_jax.models import coca
 
 
@@ -52,10 +53,12 @@ def setup(config, devices=None) -> Setup:
     coca.log_inv_temperature_range(config.model.temperature),
   )
   abstract_model = nnx.eval_shape(lambda: coca.build(config.model))
+  abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
+  optimizer = optim.freeze(optimizer, abstract_params, frozen_patterns(config))
   accum = config.train.grad_accum_steps
   batch = config.data.global_batch_size
   needs = sharding.MeshNeeds.of(
-    nnx.state(abstract_model, nnx.Param).to_pure_dict(),
+    abstract_params,
     sharding.param_specs(abstract_model, config.sharding_rules),
     batch // accum if batch % accum == 0 else batch,
     config.sharding_rules,
@@ -65,10 +68,19 @@ def setup(config, devices=None) -> Setup:
   return Setup(mesh, reason, optimizer, schedule, layout(config, optimizer, mesh))
 
 
+def frozen_patterns(config) -> tuple[str, ...]:
+  """config.train.frozen (absent from configs written before it existed)."""
+  return tuple(config.train.get("frozen", ()))
+
+
 def _init_fn(model_config, optimizer, seed):
-  def init():
+  def init(loaded=None):
     model = coca.build(model_config, seed)
     params = nnx.state(model, nnx.Param).to_pure_dict()
+    if loaded:  # {path names: array} replacing the fresh values (init_from)
+      params = jax.tree_util.tree_map_with_path(
+        lambda path, fresh: loaded.get(params_lib.path_names(path), fresh), params
+      )
     return dict(params=params, opt_state=optimizer.init(params), step=jnp.zeros([], jnp.int32))
 
   return init
@@ -80,9 +92,15 @@ def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> State
   graphdef = nnx.split(abstract_model)[0]
   abstract = jax.eval_shape(_init_fn(config.model, optimizer, config.train.seed))
   param_specs = sharding.param_specs(abstract_model, config.sharding_rules)
+  # Frozen parameters have no optimizer state: its params-shaped parts lack them.
+  frozen = optim.frozen_mask(abstract["params"], frozen_patterns(config))
   specs = dict(
     params=param_specs,
-    opt_state=sharding.like_params_specs(abstract["opt_state"], abstract["params"], param_specs),
+    opt_state=sharding.like_params_specs(
+      abstract["opt_state"],
+      optim.trained_only(abstract["params"], frozen),
+      optim.trained_only(param_specs, frozen),
+    ),
     step=jax.sharding.PartitionSpec(),
   )
   shardings = sharding.named(mesh, specs)
@@ -92,14 +110,19 @@ def layout(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> State
   return StateLayout(graphdef=graphdef, abstract=abstract, shardings=shardings, mesh=mesh)
 
 
-def create(config, run: Setup) -> dict:
-  """Initialises the state directly into its shardings."""
+def create(config, run: Setup, loaded: dict | None = None) -> dict:
+  """Initialises the state directly into its shardings.
+
+  loaded: {path names: array} (init_from) replacing those parameters of the fresh init;
+  the optimizer state is initialised from the result. Its arrays are donated.
+  """
   init = jax.jit(
     _init_fn(config.model, run.optimizer, config.train.seed),
     out_shardings=run.layout.shardings,
+    donate_argnums=(0,) if loaded else (),
   )
   with jax.set_mesh(run.mesh), nnx.logical_axis_rules(config.sharding_rules):
-    return init()
+    return init(loaded) if loaded else init()
 
 
 def model_from_params(graphdef: nnx.GraphDef, params: dict) -> coca.CoCa:

@@ -10,6 +10,7 @@ A restart with the same workdir resumes from the latest complete checkpoint. SIG
 """
 
 import json
+import math
 import signal
 import sys
 import time
@@ -20,7 +21,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, console, export, flops, multihost
+from coca_jax import checkpoint, console, export, flops, init_from, multihost, optim
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -151,6 +152,22 @@ def console_line(step: int, total: int, metrics: dict, speed: dict) -> str:
   )
 
 
+def describe_frozen(config, params) -> str:
+  """The log line naming the parameters config.train.frozen holds still."""
+  mask = optim.frozen_mask(params, tuple(config.train.frozen))
+  paths = jax.tree_util.tree_flatten_with_path(params)[0]
+  frozen = [
+    ("/".join(params_lib.path_names(p)), math.prod(x.shape))
+    for (p, x), f in zip(paths, jax.tree.leaves(mask))
+    if f
+  ]
+  return (
+    f"frozen by config.train.frozen={tuple(config.train.frozen)}: {len(frozen)} of "
+    f"{len(paths)} parameters, {sum(n for _, n in frozen):,} of "
+    f"{params_lib.total(params):,} scalars: {init_from.compact(n for n, _ in frozen)}"
+  )
+
+
 def check_finite(metrics: dict, step: int, mngr) -> None:
   """Stops before a non-finite state can be checkpointed (param_norm is of the new params)."""
   bad = [k for k in ("loss", "param_norm") if not np.isfinite(metrics[k])]
@@ -176,15 +193,26 @@ def train(config, workdir: str) -> dict:
   n_params = params_lib.total(run.layout.abstract["params"])
   logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
 
+  if config.train.frozen:
+    logging.info("%s", describe_frozen(config, run.layout.abstract["params"]))
+
   mngr = checkpoint.manager(workdir, config.train)
   restored = checkpoint.restore(mngr, run.layout)
   if restored is None:
-    state = state_lib.create(config, run)
+    if config.train.init_from:
+      state, _ = init_from.create(config, run)  # logs loaded / new / unused parameters
+    else:
+      state = state_lib.create(config, run)
     start_step = 0
   else:
     state, data_position = restored
     start_step = int(data_position["step"])
     logging.info("resumed from checkpoint step %d", start_step)
+    if config.train.init_from:
+      logging.info(
+        "config.train.init_from=%s ignored: the run resumes its own checkpoint",
+        config.train.init_from,
+      )
 
   train_step = step_lib.make_train_step(config, run)
   eval_step = step_lib.make_eval_step(config, run.layout)

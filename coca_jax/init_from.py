@@ -1,0 +1,238 @@
+"""Start a run from a pretrained model: an export or another run's checkpoint.
+
+    python -m coca_jax.train --config=configs/TASK.py --workdir=DIR2 \\
+        --config.train.init_from=/tmp/coca_demo/export [--config.train.frozen='("^vision/",)']
+
+`config.train.init_from` names an export (`DIR/params`, written by coca_jax.export) or a
+training workdir (`DIR/checkpoints`: its newest readable step, parameters only). The
+parameters of this run's model are matched with the source's by path:
+  loaded     in both at the same shape: read straight into this run's shardings (float32)
+  resampled  `vision/pos_embedding` stored for another image size: read, then resampled
+             with `vit.resize_pos_embedding` (as a resume at 576px does)
+  new        only in this model (a task head): initialised fresh, as without init_from
+  unused     only in the source: not read
+Any other difference of shape (vocabulary, width, layer count, text length) is an error
+naming the parameters and both shapes. The optimizer state starts fresh from the loaded
+parameters, at step 0. The trainer calls `create` only when its workdir has no
+checkpoint: a resumed finetune run restores its own state.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+from coca_jax import checkpoint, export
+from coca_jax import params as params_lib
+from coca_jax import state as state_lib
+from coca_jax.models import vit
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+  """What `create` took from the source; parameter names are '/'-joined paths."""
+
+  source: str  # "export DIR" or "checkpoint step N of DIR"
+  loaded: tuple[str, ...]  # same path, same shape (includes the resampled ones)
+  resampled: tuple[str, ...]  # loaded at another shape: the position embedding
+  new: tuple[str, ...]  # initialised fresh
+  unused: tuple[str, ...]  # in the source only
+
+  def log_lines(self) -> list[str]:
+    return [
+      f"init_from {self.source}: loaded {len(self.loaded)} parameters: {compact(self.loaded)}",
+      *[f"init_from: resampled {name} to this image size" for name in self.resampled],
+      f"init_from: new (initialised fresh) {len(self.new)}: {compact(self.new)}",
+      f"init_from: unused (in the source only) {len(self.unused)}: {compact(self.unused)}",
+    ]
+
+
+def compact(names) -> str:
+  """Parameter names grouped by their first component: a group of one is named in full,
+  a larger one as `first/* (count)`. "vision/* (17), text_projection/kernel"."""
+  groups: dict[str, list[str]] = {}
+  for name in sorted(names):
+    groups.setdefault(name.split("/")[0], []).append(name)
+  return (
+    ", ".join(g[0] if len(g) == 1 else f"{top}/* ({len(g)})" for top, g in groups.items()) or "none"
+  )
+
+
+def plan(stored: dict, target: dict, source: str) -> Report:
+  """Classifies parameters by path; raises ValueError on a shape that cannot be adapted.
+
+  stored, target: {path names (tuple): shape} of the source and of this run's model.
+  """
+  pos = vit.POS_EMBEDDING_PATH
+  loaded, resampled, mismatched = [], [], []
+  for path, shape in target.items():
+    if path not in stored:
+      continue
+    if tuple(stored[path]) == tuple(shape):
+      loaded.append(path)
+    elif path == pos and len(stored[path]) == 2 and stored[path][-1] == shape[-1]:
+      loaded.append(path)
+      resampled.append(path)
+    else:
+      mismatched.append(f"{'/'.join(path)} is {tuple(stored[path])} there, {tuple(shape)} here")
+  if mismatched:
+    raise ValueError(
+      f"config.train.init_from={source} does not fit config.model: "
+      + "; ".join(mismatched)
+      + ". Only vision/pos_embedding adapts (to a new image size); vocabulary, widths, "
+      "layer counts and text length must match the source."
+    )
+
+  def names(paths):
+    return tuple(sorted("/".join(p) for p in paths))
+
+  return Report(
+    source=source,
+    loaded=names(loaded),
+    resampled=names(resampled),
+    new=names(p for p in target if p not in stored),
+    unused=names(p for p in stored if p not in target),
+  )
+
+
+def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
+  """The initial state of `run` with the parameters of `config.train.init_from`, in the
+  layout's shardings, its optimizer state initialised from them; logs the Report."""
+  source = epath.Path(config.train.init_from)
+  target = {
+    params_lib.path_names(p): leaf
+    for p, leaf in jax.tree_util.tree_flatten_with_path(run.layout.abstract["params"])[0]
+  }
+  if (source / "params").exists():
+    loaded, report = _read(source / "params", (), target, run, f"export {source}")
+    vocab_file = source / export.VOCAB_FILE
+  elif (source / "checkpoints").exists():
+    loaded, report = _read_newest_checkpoint(source, target, run, config.train)
+    vocab_file = _run_vocab(source)
+  else:
+    raise FileNotFoundError(
+      f"config.train.init_from={source} is neither an export ({source / 'params'} is "
+      f"missing) nor a training workdir ({source / 'checkpoints'} is missing)"
+    )
+  for line in report.log_lines():
+    logging.info("%s", line)
+  _warn_if_other_vocabulary(vocab_file, config)
+  return state_lib.create(config, run, loaded), report
+
+
+def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str):
+  """({path names: float32 array in its target sharding}, Report) of the Orbax tree at
+  `item` (its parameters under `prefix`: () for an export, ("params",) for a state)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    try:
+      stored = handler.metadata(item)
+      stored = getattr(stored, "tree", stored)
+      for key in prefix:
+        stored = stored[key]
+      stored_shapes = {
+        params_lib.path_names(p): tuple(m.shape)
+        for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
+      }
+    except Exception as e:  # any failure to read or parse the metadata
+      raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
+    report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source)
+    request = _nest({(*prefix, *p): s for p, s in _requests(report, stored_shapes, target, run)})
+    try:
+      restored = handler.restore(
+        item,
+        args=ocp.args.PyTreeRestore(
+          item=request,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(request),
+          partial_restore=True,  # the source's other entries (optimizer, unused) stay unread
+        ),
+      )
+    except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
+      raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
+  finally:
+    handler.close()
+  loaded = {
+    params_lib.path_names(p)[len(prefix) :]: v
+    for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]
+  }
+  for name in report.resampled:
+    path = tuple(name.split("/"))
+    t = target[path]
+    loaded[path] = jax.device_put(vit.resize_pos_embedding(loaded[path], t.shape[0]), t.sharding)
+  return loaded, report
+
+
+def _requests(report: Report, stored_shapes: dict, target: dict, run):
+  """(path, ShapeDtypeStruct to read) of each loaded parameter: float32 in its target
+  sharding, or replicated at its stored shape when it is resampled afterwards."""
+  replicated = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+  for name in report.loaded:
+    path = tuple(name.split("/"))
+    if name in report.resampled:
+      yield path, jax.ShapeDtypeStruct(stored_shapes[path], jnp.float32, sharding=replicated)
+    else:
+      t = target[path]
+      yield path, jax.ShapeDtypeStruct(t.shape, jnp.float32, sharding=t.sharding)
+
+
+def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config):
+  """`_read` of the newest step of `workdir` that every process can read (as a resume
+  picks it: an unreadable step is skipped with a warning)."""
+  mngr = checkpoint.manager(str(workdir), train_config, read_only=True)
+  steps = sorted(mngr.all_steps(), reverse=True)
+  mngr.close()
+  failures = []
+  for step in steps:
+    item = checkpoint.step_path(mngr, step) / checkpoint.STATE
+    try:
+      result = _read(item, ("params",), target, run, f"checkpoint step {step} of {workdir}")
+      error = None
+    except checkpoint.UnreadableCheckpointError as e:
+      result, error = None, e
+    # Every process must take the same step: the resume's agreement (one all-gather).
+    if not checkpoint._failing_processes(step, error is not None):
+      return result
+    logging.warning("init_from: skipping unreadable checkpoint %s: %s", item, error)
+    failures.append(str(error))
+  raise FileNotFoundError(
+    f"config.train.init_from={workdir} has no readable checkpoint in {workdir / 'checkpoints'}"
+    + (": " + "; ".join(failures) if failures else "")
+  )
+
+
+def _nest(flat: dict) -> dict:
+  """{("a", "b"): x} -> {"a": {"b": x}}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def _run_vocab(workdir: epath.Path) -> epath.Path | None:
+  """The vocabulary file named by a workdir's config.json, if any."""
+  try:
+    path = export.vocab_file_of(export.read_config(workdir / export.CONFIG_FILE))
+  except FileNotFoundError:
+    return None
+  return epath.Path(path) if path else None
+
+
+def _warn_if_other_vocabulary(source_vocab: epath.Path | None, config) -> None:
+  """Same-sized vocabularies with other pieces load without a shape error, but every
+  token id would mean something else: worth a warning."""
+  own = export.vocab_file_of(config)
+  if source_vocab is None or not own or not source_vocab.exists():
+    return
+  if source_vocab.read_bytes() != epath.Path(own).read_bytes():
+    logging.warning(
+      "init_from: the source's vocabulary %s differs from config.data.vocab_path=%s; "
+      "token ids will not mean what the pretrained model learned",
+      source_vocab,
+      own,
+    )

@@ -1,0 +1,272 @@
+"""config.train.init_from (an export or a workdir's checkpoint) and config.train.frozen."""
+
+import logging
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from tiny_runs import tiny_config
+
+from coca_jax import checkpoint, export, init_from, optim, train
+from coca_jax import params as params_lib
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
+from coca_jax.data import loader
+from coca_jax.models import vit
+
+
+def flat(params) -> dict:
+  """{'a/b': numpy array} of a params tree."""
+  return {
+    "/".join(params_lib.path_names(p)): np.asarray(x)
+    for p, x in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  }
+
+
+def assert_params_equal(a: dict, b: dict):
+  assert a.keys() == b.keys()
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+  """A tiny model initialised with another seed than the finetune runs' (so a loaded
+  parameter cannot equal a fresh one by chance), written as a float32 export and as a
+  workdir with checkpoints at step 3 and step 6 (parameters x2)."""
+  root = tmp_path_factory.mktemp("source")
+  config = tiny_config(6, train=dict(seed=1))
+  run = state_lib.setup(config)
+  state = state_lib.create(config, run)
+  params = flat(state["params"])
+  export.write(state["params"], config, str(root / "export"), "float32", None)
+  mngr = checkpoint.manager(str(root / "workdir"), config.train)
+  checkpoint.save(mngr, dict(state, step=np.int32(3)), dict(step=3, seed=0))
+  doubled = dict(state, params=jax.tree.map(lambda x: 2 * x, state["params"]), step=np.int32(6))
+  checkpoint.save(mngr, doubled, dict(step=6, seed=0))
+  mngr.wait_until_finished()
+  mngr.close()
+  return dict(root=root, params=params, doubled={k: 2 * v for k, v in params.items()})
+
+
+def finetune(init_from_dir, image_size=16):
+  """The tiny config starting from `init_from_dir`."""
+  config = tiny_config(3, train=dict(init_from=str(init_from_dir)))
+  config.model.vision.image_size = image_size
+  return config
+
+
+def test_export_loads_its_params_and_embeddings_in_the_state_shardings(source, caplog):
+  config = finetune(source["root"] / "export")
+  run = state_lib.setup(config)
+  with caplog.at_level(logging.INFO):
+    state, report = init_from.create(config, run)
+  assert_params_equal(flat(state["params"]), source["params"])
+  assert report.new == () and report.unused == () and report.resampled == ()
+  assert len(report.loaded) == len(source["params"])
+  assert f"init_from export {source['root'] / 'export'}: loaded {len(report.loaded)}" in caplog.text
+  # Every array in the layout's sharding; a fresh optimizer state (Adafactor's statistics
+  # and momentum start at zero) at step 0.
+  jax.tree.map(
+    lambda x, s: x.sharding.is_equivalent_to(s, x.ndim) or pytest.fail(f"{x.sharding} != {s}"),
+    state,
+    run.layout.shardings,
+  )
+  assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(state["opt_state"]))
+  assert int(state["step"]) == 0
+
+  exported, _ = export.load_model(str(source["root"] / "export"))
+  model = state_lib.model_from_params(run.layout.graphdef, jax.device_get(state["params"]))
+  rng = np.random.default_rng(0)
+  image = rng.normal(size=(2, 16, 16, 3)).astype(np.float32)
+  ids = rng.integers(3, 64, (2, 8)).astype(np.int32)
+  mask = np.ones((2, 8), np.int32)
+  np.testing.assert_allclose(model.encode_image(image)[0], exported.encode_image(image)[0])
+  np.testing.assert_allclose(model.encode_text(ids, mask)[0], exported.encode_text(ids, mask)[0])
+
+
+def test_workdir_loads_the_newest_readable_checkpoint(source, tmp_path, caplog):
+  config = finetune(source["root"] / "workdir")
+  run = state_lib.setup(config)
+  state, report = init_from.create(config, run)
+  assert report.source == f"checkpoint step 6 of {source['root'] / 'workdir'}"
+  assert_params_equal(flat(state["params"]), source["doubled"])
+
+  # Step 6 unreadable: step 3 is loaded, with a warning naming step 6.
+  workdir = tmp_path / "workdir"
+  shutil.copytree(source["root"] / "workdir", workdir)
+  (workdir / "checkpoints" / "6" / "state" / "_METADATA").write_bytes(b"\x00broken")
+  config.train.init_from = str(workdir)
+  with caplog.at_level(logging.WARNING):
+    state, report = init_from.create(config, run)
+  assert report.source == f"checkpoint step 3 of {workdir}"
+  assert "skipping unreadable checkpoint" in caplog.text and "6" in caplog.text
+  assert_params_equal(flat(state["params"]), source["params"])
+
+
+def test_neither_export_nor_workdir_is_an_error_naming_both(tmp_path):
+  config = finetune(tmp_path)
+  with pytest.raises(FileNotFoundError, match="neither an export .*params.* nor a training"):
+    init_from.create(config, state_lib.setup(config))
+
+
+@pytest.mark.parametrize(
+  "key, value, mismatch",
+  [
+    ("text.vocab_size", 100, "text/token_embedding is (64, 32) there, (100, 32) here"),
+    ("width", 48, "text/token_embedding is (64, 32) there, (64, 48) here"),
+    ("vision.mlp_dim", 128, "vision/blocks/layers/mlp/up/kernel is (2, 32, 64) there, "),
+  ],
+  ids=["vocabulary", "width", "mlp"],
+)
+def test_a_shape_mismatch_is_an_error_naming_the_parameter_and_both_shapes(
+  source, key, value, mismatch
+):
+  config = finetune(source["root"] / "export")
+  *sections, leaf = key.split(".")
+  node = config.model
+  for section in sections:
+    node = node[section]
+  node[leaf] = value
+  with pytest.raises(ValueError, match="does not fit config.model") as error:
+    init_from.create(config, state_lib.setup(config))
+  assert mismatch in str(error.value)
+
+
+def test_an_image_size_change_resamples_the_position_embedding(source):
+  config = finetune(source["root"] / "export", image_size=32)
+  state, report = init_from.create(config, state_lib.setup(config))
+  name = "/".join(vit.POS_EMBEDDING_PATH)
+  assert report.resampled == (name,) and name in report.loaded
+  loaded = flat(state["params"])
+  assert loaded[name].shape == (64, 32)
+  expected = vit.resize_pos_embedding(jax.numpy.asarray(source["params"][name]), 64)
+  np.testing.assert_array_equal(loaded[name], np.asarray(expected))
+  rest = {k: v for k, v in loaded.items() if k != name}
+  assert_params_equal(rest, {k: v for k, v in source["params"].items() if k != name})
+
+
+def test_new_and_unused_parameters_are_reported_and_new_ones_initialised_fresh(
+  source, tmp_path, caplog
+):
+  """A source lacking one leaf of the model (as a task head is missing from a pretrained
+  export) and holding one the model lacks."""
+  params = {k: v for k, v in source["params"].items() if k != "text_projection/kernel"}
+  params["vqa_head/kernel"] = np.ones((32, 4), np.float32)
+  tree = {}
+  for name, value in params.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  config = finetune(tmp_path / "export")
+  export.write(tree, config, str(tmp_path / "export"), "float32", None)
+
+  run = state_lib.setup(config)
+  with caplog.at_level(logging.INFO):
+    state, report = init_from.create(config, run)
+  assert report.new == ("text_projection/kernel",)
+  assert report.unused == ("vqa_head/kernel",)
+  assert "new (initialised fresh) 1: text_projection/kernel" in caplog.text
+  assert "unused (in the source only) 1: vqa_head/kernel" in caplog.text
+  fresh = flat(state_lib.create(config, run)["params"])
+  loaded = flat(state["params"])
+  np.testing.assert_array_equal(loaded["text_projection/kernel"], fresh["text_projection/kernel"])
+  del params["vqa_head/kernel"]
+  assert_params_equal({k: v for k, v in loaded.items() if k in params}, params)
+
+
+def test_compact_names_groups_by_first_component():
+  names = ["vision/a", "vision/b/c", "text_projection/kernel", "log_inv_temperature"]
+  assert init_from.compact(names) == "log_inv_temperature, text_projection/kernel, vision/* (2)"
+  assert init_from.compact([]) == "none"
+
+
+def test_a_frozen_pattern_that_matches_nothing_is_an_error_naming_it():
+  params = params_lib.abstract(tiny_config(1).model)
+  with pytest.raises(ValueError, match=r"pattern '\^visoin/' matches no parameter"):
+    optim.frozen_mask(params, ("^vision/", "^visoin/"))
+  mask = optim.frozen_mask(params, ("^vision/", "unimodal/layers/mlp/"))
+  frozen = {k for k, f in flat(mask).items() if f}
+  assert frozen == {k for k in flat(params) if k.startswith("vision/")} | {
+    k for k in flat(params) if k.startswith("text/unimodal/layers/mlp/")
+  }
+
+
+def specs(shardings) -> dict:
+  """{'a/b': str(PartitionSpec)} of a tree of shardings."""
+  return {
+    "/".join(params_lib.path_names(p)): str(s.spec)
+    for p, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+  }
+
+
+def test_frozen_parameters_have_no_optimizer_state_and_trained_ones_keep_their_shardings():
+  mesh = dict(data=2, fsdp=4, tensor=1)
+  frozen = specs(
+    state_lib.setup(tiny_config(3, train=dict(frozen=("^vision/",)), mesh=mesh)).layout.shardings
+  )
+  plain = specs(state_lib.setup(tiny_config(3, mesh=mesh)).layout.shardings)
+  assert not [k for k in frozen if "vision/" in k and not k.startswith("params/")]
+  prefix = "opt_state/inner_states/trained/inner_state/"
+  trained = {k.removeprefix(prefix): v for k, v in frozen.items() if k.startswith(prefix)}
+  assert len(trained) == len([k for k in frozen if k.startswith("opt_state/")])
+  plain_opt = {
+    k.removeprefix("opt_state/"): v for k, v in plain.items() if k.startswith("opt_state/")
+  }
+  assert trained == {k: v for k, v in plain_opt.items() if "vision/" not in k}
+  assert any("'fsdp'" in v for v in trained.values())
+
+
+def test_frozen_parameters_stay_bitwise_while_the_others_move(source):
+  config = finetune(source["root"] / "export")
+  config.train.frozen = ("^vision/", "caption_pooler")
+  run = state_lib.setup(config)
+  state, _ = init_from.create(config, run)
+  before = flat(state["params"])
+  train_step = step_lib.make_train_step(config, run)
+  for batch in loader.batches(config, run.mesh, "train", 0, limit=3):
+    state, metrics = train_step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  after = flat(state["params"])
+  for name in after:
+    if name.startswith(("vision/", "caption_pooler/")):
+      np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+    elif name != "log_inv_temperature":  # every other parameter gets a gradient
+      assert not np.array_equal(after[name], before[name]), name
+
+
+@pytest.mark.slow  # two end-to-end training runs
+def test_trainer_finetunes_from_an_export_and_a_resume_ignores_init_from(source, tmp_path, caplog):
+  export_dir = source["root"] / "export"
+  config = finetune(export_dir)
+  config.train.frozen = ("^vision/",)
+  with caplog.at_level(logging.INFO):
+    final = train.train(config, str(tmp_path))
+  assert final["step"] == 3
+  assert f"init_from export {export_dir}: loaded {len(source['params'])} parameters" in caplog.text
+  vision = [k for k in source["params"] if k.startswith("vision/")]
+  assert f"frozen by config.train.frozen=('^vision/',): {len(vision)} of" in caplog.text
+  layout = state_lib.setup(config).layout
+  state, _ = checkpoint.restore(
+    checkpoint.manager(str(tmp_path), config.train, read_only=True), layout
+  )
+  params = flat(state["params"])
+  for name in vision:
+    np.testing.assert_array_equal(params[name], source["params"][name], err_msg=name)
+  assert not np.array_equal(
+    params["text/token_embedding"], source["params"]["text/token_embedding"]
+  )
+
+  # The resumed run restores its own step 3 (its init_from is not even read: here it
+  # does not exist), and says so.
+  caplog.clear()
+  config.train.steps = 6
+  config.train.init_from = str(tmp_path / "no_such_export")
+  with caplog.at_level(logging.INFO):
+    final = train.train(config, str(tmp_path))
+  assert final["step"] == 6
+  assert "resumed from checkpoint step 3" in caplog.text
+  assert f"init_from={tmp_path / 'no_such_export'} ignored" in caplog.text
