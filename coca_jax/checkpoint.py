@@ -110,7 +110,7 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
       restored, error = _restore_step(mngr, layout, candidate), None
     except UnreadableCheckpointError as e:
       restored, error = None, e
-    failing = _failing_processes(candidate, error is not None)
+    failing = failing_processes(candidate, error is not None)
     if not failing:
       if failures:
         logging.warning(
@@ -179,7 +179,7 @@ def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
   return jax.tree_util.tree_map_with_path(restore_target, layout.abstract), mismatched
 
 
-def _failing_processes(step: int, failed: bool) -> list[int]:
+def failing_processes(step: int, failed: bool) -> list[int]:
   """The processes on which `step` failed to read; one all-gather when there are several
   processes (each must call this for the same steps, in the same order), none otherwise."""
   if jax.process_count() == 1:

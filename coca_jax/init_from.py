@@ -193,7 +193,7 @@ def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config
     except checkpoint.UnreadableCheckpointError as e:
       result, error = None, e
     # Every process must take the same step: the resume's agreement (one all-gather).
-    if not checkpoint._failing_processes(step, error is not None):
+    if not checkpoint.failing_processes(step, error is not None):
       return result
     logging.warning("init_from: skipping unreadable checkpoint %s: %s", item, error)
     failures.append(str(error))
