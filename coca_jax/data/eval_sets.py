@@ -7,9 +7,11 @@ Legend: N examples, S image size, C classes.
 - classification_train: the same source's train split (Fashion-MNIST train), read only
   when the frozen-feature eval is on: the probe trains on it and is scored on
   `classification` (None when the source has no train split apart from its eval split);
-- alt_text: the alt-text source's eval split (emoji validation), one image per distinct
-  caption (the two vendors draw the same emoji under the same caption; keeping both would
-  make text->image retrieval ambiguous), for retrieval and captioning.
+- alt_text: the alt-text source's eval split (emoji validation), each image with ALL its
+  captions as references (one for the emoji; several for coco_captions' `captions/text`
+  layout, see coca_jax/data/tasks.py), one image per distinct set of captions (the two
+  vendors draw the same emoji under the same caption; keeping both would make
+  text->image retrieval ambiguous), for retrieval and captioning.
 
 All are read through the eval tasks (the eval preprocessing of coca_jax/data/images.py),
 the first `config.eval.num_examples` rows (0: all) in the split's stored order, so every
@@ -100,13 +102,17 @@ def _load(config_json: str) -> EvalSets:
   from coca_jax.data import loader
 
   config = loader.resolve(config)
-  # Only the frozen probe reads the train split: other evals never pay for it.
-  # (Parsed here, not through coca_jax.evaluate.suite, so data never imports evaluate;
-  # the suite validates the names.)
-  probe_trains = "frozen" in [name.strip() for name in str(config.eval.evals).split(",")]
+  # Only the sets the configured evals read: the frozen probe alone reads the train
+  # split, and a captioning finetune never reads the classification source. (Parsed
+  # here, not through coca_jax.evaluate.suite, so data never imports evaluate; the suite
+  # validates the names.) No evals (a bare `load`): every held-out set.
+  evals = {name.strip() for name in str(config.eval.evals).split(",")} - {""}
+  classifies = not evals or bool(evals & {"zero_shot", "frozen"})
+  captions = not evals or bool(evals & {"retrieval", "captioning"})
+  probe_trains = "frozen" in evals
   return EvalSets(
-    classification=_classification(config, "validation"),
-    alt_text=_alt_text(config),
+    classification=_classification(config, "validation") if classifies else None,
+    alt_text=_alt_text(config) if captions else None,
     classification_train=(
       _classification(config, "train")
       if probe_trains and _has_train_split(config.data.jft_style)
@@ -168,12 +174,15 @@ def _alt_text(config) -> CaptionSet:
   limit = config.eval.num_examples
   images, captions, seen = [], [], set()
   for row in _rows(config, "alt_text"):
-    caption = row["text_pretokenized"].decode()
-    if caption in seen:
+    # Every non-blank caption of the image is a reference (the eval task's `caption`:
+    # [n] strings, preprocess.caption_list).
+    references = [c.decode().strip() for c in row["caption"]]
+    references = [c for c in references if c]
+    if tuple(references) in seen:
       continue
-    seen.add(caption)
+    seen.add(tuple(references))
     images.append(row["image"])
-    captions.append([caption])
+    captions.append(references)
     if len(images) == limit:
       break
   return CaptionSet(

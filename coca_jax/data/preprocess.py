@@ -4,8 +4,8 @@ preprocessors of coca_jax/data/tasks.py built from them.
 Two stages, so that coca_jax/data/pipeline.py can resume without decoding what it skips:
 
 - records (`to_records`): a source row -> {"image": encoded bytes, "text_parts": [n]
-  strings (label names or [caption]), "kind": int32 index into KINDS}. Cheap: no image
-  decode, no randomness.
+  strings (label names, or the image's captions), "kind": int32 index into KINDS}.
+  Cheap: no image decode, no randomness.
 - examples: `decode` (encoded bytes -> uint8 RGB, plus `keep`: False for an undecodable
   image or empty text, counted in BAD_DATA) -> text (`jft_caption` or `alt_caption`) ->
   SentencePiece ids -> pixels (`train_pixels`: random resized crop, optional flip;
@@ -15,6 +15,16 @@ Two stages, so that coca_jax/data/pipeline.py can resume without decoding what i
 The seqio Tasks chain the same functions over the source rows (keeping the source's other
 features, e.g. `label`): `decode_and_validate` (drops bad rows) -> `jft_text` or
 `alt_text` -> `tokenize_text` -> `train_image` or `eval_image`, with seqio's map seeds.
+
+Alt-text captions: every alt-text row carries `caption` as [n] strings, one image's
+captions (`caption_list` makes it from either layout a source may have: `caption`, one
+string or several as in a TFRecord bytes_list, or coco_captions' `captions/text`, a
+sequence of them). Training draws one of the non-blank captions at random per example
+(`alt_caption` with a seed): each pass over the data sees every image once, with another
+of its captions, and the draw is a stateless function of the example's position, so
+resumes stay exact. Evaluation takes the first caption for the text and scores generated
+captions against all of them (coco_jax/data/eval_sets.py).
+
 Every example, from a Task or from the pipeline, has the features
   image              [S, S, 3] float32, (pixel / 255 - mean) / std
   text               [n] int32 SentencePiece ids (no BOS/EOS; coca_jax.tokens adds them)
@@ -118,9 +128,43 @@ def jft_caption(names: tf.Tensor, seeds, templates) -> tf.Tensor:
   return tf.strings.join([parts[0], tf.strings.reduce_join(names, separator=", "), parts[1]])
 
 
-def alt_caption(caption: tf.Tensor) -> tf.Tensor:
-  """The alt-text caption is the text."""
-  return tf.strings.strip(caption)
+def alt_caption(captions: tf.Tensor, seed=None) -> tf.Tensor:
+  """One image's captions ([n] strings) -> its text: the first non-blank caption, or
+  with `seed` one of the non-blank captions drawn uniformly; "" when all are blank (a
+  row `decode` rejects)."""
+  captions = tf.strings.strip(tf.reshape(captions, [-1]))
+  candidates = tf.boolean_mask(captions, tf.strings.length(captions) > 0)
+  count = tf.shape(candidates)[0]
+  if seed is None:
+    index = tf.constant(0, tf.int32)
+  else:
+    index = tf.random.stateless_uniform([], seed, 0, tf.maximum(count, 1), tf.int32)
+  return tf.concat([candidates, [""]], 0)[index]
+
+
+def caption_list(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """Alt-text rows of either caption layout -> rows whose `caption` is [n] strings, the
+  image's captions. The layout is read from the rows' structure: `caption` (a string or
+  strings: the demo's TFDS data, TFRecords of tf.train.Examples) or `captions` holding a
+  `text` sequence (TFDS coco_captions: `captions/text`, several per image; the rest of
+  `captions`, e.g. caption ids, is dropped)."""
+  spec = dataset.element_spec
+  if "caption" in spec:
+    key = "caption"
+  elif isinstance(spec.get("captions"), dict) and "text" in spec["captions"]:
+    key = "captions"
+  else:
+    raise ValueError(
+      f"alt-text rows with features {sorted(spec)}: expected `caption` (a string or "
+      "strings) or `captions/text` (coco_captions' layout: a sequence of strings)"
+    )
+
+  def to_list(row):
+    captions = row["caption"] if key == "caption" else row["captions"]["text"]
+    rest = {k: v for k, v in row.items() if k != key}
+    return {**rest, "caption": tf.reshape(captions, [-1])}
+
+  return dataset.map(to_list, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 @seqio.map_over_dataset(num_seeds=2)
@@ -129,9 +173,15 @@ def jft_text(example, seeds, templates):
   return {**example, "text": jft_caption(example["label_names"], seeds, templates)}
 
 
+@seqio.map_over_dataset(num_seeds=1)
+def alt_text_train(example, seed):
+  """`text`: one of the example's `caption` strings at random (alt_caption)."""
+  return {**example, "text": alt_caption(example["caption"], seed)}
+
+
 @seqio.map_over_dataset
 def alt_text(example):
-  """`text` from the example's `caption` (alt_caption)."""
+  """`text`: the example's first caption (alt_caption)."""
   return {**example, "text": alt_caption(example["caption"])}
 
 

@@ -17,7 +17,14 @@ keep the source's other features (e.g. `label`).
 
 Sources: `seqio.TfdsDataSource` (image features read as encoded bytes and decoded by
 preprocess.decode), or, for alt-text with `alt_text.files` set, a
-`seqio.TFExampleDataSource` over TFRecord files of (image bytes, caption) Examples.
+`seqio.TFExampleDataSource` over TFRecord files of Examples with `image` (encoded bytes)
+and `caption` (one string, or several: a bytes_list with one value per caption).
+
+Alt-text layouts: every alt-text task starts with preprocess.caption_list, which reads the
+layout off the rows (`caption`: the demo's emoji, TFRecords; `captions/text`: TFDS
+coco_captions and datasets shaped like it, several captions per image) and gives each row
+`caption` as [n] strings; no config key names the layout. Training draws one caption per
+image and pass (preprocess.alt_caption), evaluation scores against all of them.
 """
 
 import functools
@@ -35,7 +42,8 @@ EVAL_SUFFIX = "_eval"
 ROWS_SUFFIX = "_rows"
 TF_EXAMPLE_FEATURES = {
   "image": tf.io.FixedLenFeature([], tf.string),
-  "caption": tf.io.FixedLenFeature([], tf.string),
+  # One value per caption of the image: [n] strings (n may differ between Examples).
+  "caption": tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
 }
 
 
@@ -72,11 +80,13 @@ def source(data_config, kind: str) -> seqio.DataSource:
 def row_features(kind: str) -> dict:
   """Output features of the row task of `kind`: the source's encoded image and text."""
   passthrough = seqio.PassThroughVocabulary(size=0)
-  text_rank = 1 if kind == "jft_style" else 0  # label names / one caption
   return {
     "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
     preprocess.TEXT_KEYS[kind]: seqio.Feature(
-      passthrough, add_eos=False, dtype=tf.string, rank=text_rank
+      passthrough,
+      add_eos=False,
+      dtype=tf.string,
+      rank=1,  # label names / captions
     ),
   }
 
@@ -108,12 +118,13 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
       preprocess.jft_text, templates=tuple(data_config.jft_style.templates)
     )
   else:
-    make_text = preprocess.alt_text
+    make_text = preprocess.alt_text_train if train else preprocess.alt_text
   if train:
     to_image = functools.partial(preprocess.train_image, **train_image_options(data_config))
   else:
     to_image = functools.partial(preprocess.eval_image, **eval_image_options(data_config))
   return [
+    *row_preprocessors(kind),
     functools.partial(preprocess.decode_and_validate, text_key=text_key),
     make_text,
     preprocess.tokenize_text,
@@ -121,8 +132,14 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
   ]
 
 
-# Seeds of one example in record_examples: 2 for the text (label order, template), 2 for
-# the image (crop, flip).
+def row_preprocessors(kind: str) -> list:
+  """What every task of `kind` first does to the source rows: alt-text captions of
+  either layout to [n] strings (preprocess.caption_list)."""
+  return [preprocess.caption_list] if kind == "alt_text" else []
+
+
+# Seeds of one example in record_examples: 2 for the text (label order, template; an
+# alt-text caption draw uses the first), 2 for the image (crop, flip).
 NUM_SEEDS = 4
 
 
@@ -153,7 +170,7 @@ def record_examples(data_config, *, train: bool):
     parts = record["text_parts"]
     makers = dict(
       jft_style=lambda: preprocess.jft_caption(parts, seeds[:2], templates),
-      alt_text=lambda: preprocess.alt_caption(parts[0]),
+      alt_text=lambda: preprocess.alt_caption(parts, seeds[0] if train else None),
     )
     text = tf.switch_case(record["kind"], [makers[kind] for kind in preprocess.KINDS])
     if train:
@@ -181,13 +198,13 @@ def register(data_config) -> tuple[str, str]:
   for kind, rate in data_config.rates.items():
     if kind not in preprocess.KINDS:
       raise ValueError(f"config.data.rates: unknown task {kind!r} (known: jft_style, alt_text)")
-    if rate <= 0:
-      continue
+    # Every source's tasks are registered (so that the eval sets can read a source the
+    # run does not train on); the mixtures hold those with a positive rate.
     name = data_config[kind].task_name
     for task_name, preps, task_features in (
       (name, preprocessors(data_config, kind, train=True), features),
       (name + EVAL_SUFFIX, preprocessors(data_config, kind, train=False), features),
-      (name + ROWS_SUFFIX, [], row_features(kind)),
+      (name + ROWS_SUFFIX, row_preprocessors(kind), row_features(kind)),
     ):
       seqio.TaskRegistry.remove(task_name)
       seqio.TaskRegistry.add(
@@ -197,8 +214,9 @@ def register(data_config) -> tuple[str, str]:
         output_features=task_features,
         shuffle_buffer_size=data_config.shuffle_buffer,
       )
-    train_tasks.append((name, rate))
-    eval_tasks.append((name + EVAL_SUFFIX, rate))
+    if rate > 0:
+      train_tasks.append((name, rate))
+      eval_tasks.append((name + EVAL_SUFFIX, rate))
   if not train_tasks:
     raise ValueError(
       f"config.data.rates: no task with a positive rate in {dict(data_config.rates)}"
