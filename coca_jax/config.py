@@ -110,9 +110,17 @@ def coca_config(
   # Learnable temperature tau, stored as log(1/tau); the optimizer clamps it after each
   # update so tau stays in [1/100, 1] (CLIP clamps its logit scale at 100).
   m.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.01, max=1.0))
+  # VQA head (Section 4.3; coca_jax/models/vqa.py): a new 1-query attentional pooler over
+  # the multimodal decoder's outputs + a linear classifier over the top-`num_answers`
+  # training answers. 0 = no head (pretraining).
+  m.vqa = ml_collections.ConfigDict(dict(num_answers=0))
 
   # ---- loss (Section 3.3: L = lambda_con * L_con + lambda_cap * L_cap) ----
-  c.loss = ml_collections.ConfigDict(dict(contrastive_weight=1.0, caption_weight=2.0))
+  # vqa_weight: the answer-classification loss (losses.vqa_loss), used only when the model
+  # has a VQA head; the captioning loss then runs on the question (an auxiliary term).
+  c.loss = ml_collections.ConfigDict(
+    dict(contrastive_weight=1.0, caption_weight=2.0, vqa_weight=1.0)
+  )
 
   # ---- optimizer (Section 4.1: Adafactor, beta1 0.9, beta2 0.999, wd 0.01) ----
   c.optim = ml_collections.ConfigDict(
@@ -213,6 +221,20 @@ def coca_config(
         crop_aspect=(3 / 4, 4 / 3),
         # Horizontal flips in training; off for the demo (emoji names say "left").
         flip=True,
+      ),
+      # VQA (source "vqa", coca_jax/data/vqa.py): TFRecords of tf.train.Examples with
+      # `image` (encoded bytes), `question` (string) and `answers` (strings, one per
+      # human annotator; repeats count). "" = the offline demo VQA set built from the
+      # demo sources' labels. Answer vocabulary: the top model.vqa.num_answers answers
+      # of the training files.
+      vqa=dict(
+        task_name="vqa",
+        files="",
+        eval_files="",
+        # Demo set size: Fashion-MNIST train images used (of 60,000); every emoji image
+        # is used. Eval: the held-out images of both (Fashion-MNIST test, emoji validation).
+        demo_fashion_train=6_000,
+        demo_fashion_eval=1_000,
       ),
       # Decode/augment parallelism of tf.data (AUTOTUNE = -1).
       num_parallel_calls=-1,

@@ -1,6 +1,7 @@
 """CoCa's losses (Section 3.3): pure functions of arrays.
 
-Legend: B global batch, E joint embedding width, T text length, V vocabulary.
+Legend: B global batch, E joint embedding width, T text length, V vocabulary,
+A answer vocabulary (VQA).
 """
 
 import jax
@@ -65,21 +66,52 @@ def captioning_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> ja
   return total / jnp.maximum(count, 1.0)
 
 
+def vqa_loss(logits: jax.Array, scores: jax.Array) -> jax.Array:
+  """VQA as multi-label classification: sigmoid binary cross-entropy against soft scores.
+
+  logits [B, A] float32; scores [B, A] the VQA score of each answer of the vocabulary,
+  min(#annotators who gave it / 3, 1) (0 for answers nobody gave). Summed over answers,
+  averaged over questions: the loss of Teney et al. 2018 ("Tips and Tricks for Visual
+  Question Answering", arXiv 1708.02711, Section 3: soft scores as targets of a sigmoid
+  output, better than softmax) and of the bottom-up top-down VQA code, which scales the
+  element mean by A. The sigmoid lets several answers be right at once (a class and its
+  partial-credit parent), where a softmax over normalised scores would make them compete.
+  """
+  bce = optax.sigmoid_binary_cross_entropy(logits.astype(jnp.float32), scores.astype(jnp.float32))
+  return jnp.mean(jnp.sum(bce, axis=-1))
+
+
+def vqa_accuracy(logits: jax.Array, scores: jax.Array) -> jax.Array:
+  """Mean VQA score of the arg-max answer: the soft accuracy within the vocabulary."""
+  best = jnp.argmax(logits, axis=-1)
+  return jnp.mean(jnp.take_along_axis(scores, best[:, None], axis=-1))
+
+
 def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict]:
   """L = contrastive_weight * L_con + caption_weight * L_cap (1.0 and 2.0 in the paper).
+
+  With a VQA head (outputs hold "vqa_logits") the batch holds the question as its text
+  and "answer_scores" [B, A]; L gains vqa_weight * `vqa_loss`, and the captioning loss
+  (on the question tokens) is an auxiliary term by its weight.
 
   Args:
     outputs: `CoCa.__call__` outputs.
     batch: {"text": {"labels", "mask": [B, T]}, ...}.
     loss_config: `config.loss`.
   Returns:
-    (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"}).
+    (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"} and
+    with VQA "vqa_loss", "vqa_accuracy").
   """
   con, accuracy = contrastive_loss(
     outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
   )
   cap = captioning_loss(outputs["logits"], batch["text"]["labels"], batch["text"]["mask"])
   loss = loss_config.contrastive_weight * con + loss_config.caption_weight * cap
-  return loss, dict(
-    loss=loss, contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy
-  )
+  terms = dict(contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy)
+  if "vqa_logits" in outputs:
+    vqa = vqa_loss(outputs["vqa_logits"], batch["answer_scores"])
+    loss = loss + loss_config.vqa_weight * vqa
+    terms.update(
+      vqa_loss=vqa, vqa_accuracy=vqa_accuracy(outputs["vqa_logits"], batch["answer_scores"])
+    )
+  return loss, dict(loss=loss, **terms)

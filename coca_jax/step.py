@@ -70,6 +70,14 @@ def make_gradients(config, graphdef, param_shardings=None):
 
     return gradients
 
+  vqa = config.model.get("vqa")
+  if vqa is not None and vqa.num_answers > 0:
+    # The cached-embedding path below knows only the pretraining losses.
+    raise ValueError(
+      f"config.train.grad_accum_steps={accum_steps} with a VQA head "
+      f"(config.model.vqa.num_answers={vqa.num_answers}): gradient accumulation supports "
+      "the pretraining losses only; use grad_accum_steps=1 (a smaller batch for VQA)"
+    )
   contrastive_weight = config.loss.contrastive_weight
   caption_weight = config.loss.caption_weight
 

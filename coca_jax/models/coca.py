@@ -20,6 +20,7 @@ from coca_jax.models import layers
 from coca_jax.models.pooler import AttentionalPooler
 from coca_jax.models.text import TextDecoder
 from coca_jax.models.vit import VisionEncoder
+from coca_jax.models.vqa import VqaHead
 
 POOLER_MODES = ("cascade", "parallel")
 
@@ -70,6 +71,14 @@ class CoCa(nnx.Module):
       use_bias=False,
       f32_output=True,
     )
+    # Section 4.3: a new pooler + classifier over the multimodal decoder's outputs.
+    # Absent (None) unless asked for, so pretraining models and exports are unchanged;
+    # configs written before the key existed (old exports) have no `vqa` block.
+    vqa = cfg.get("vqa")
+    num_answers = int(vqa.num_answers) if vqa is not None else 0
+    self.vqa_head = (
+      VqaHead(width, heads, num_answers, eps=eps, dtype=dtype, rngs=rngs) if num_answers else None
+    )
     t = cfg.temperature
     if not 0 < t.min <= t.init <= t.max:
       raise ValueError(f"config.model.temperature needs 0 < min <= init <= max, got {dict(t)}")
@@ -108,21 +117,35 @@ class CoCa(nnx.Module):
     """Multimodal decoder: -> next-token logits [B, T, V] float32."""
     return self.text.multimodal_forward(unimodal_tokens, caption_tokens, text_mask)
 
+  def vqa_logits(self, image: jax.Array, question_ids, question_mask) -> jax.Array:
+    """image [B,H,W,3], question ids/mask [B,T] -> answer logits [B,A] float32."""
+    if self.vqa_head is None:
+      raise ValueError("this model has no VQA head: set config.model.vqa.num_answers > 0")
+    _, caption_tokens = self.encode_image(image)
+    text_tokens, _ = self.text.unimodal_forward(question_ids, question_mask)
+    hidden = self.text.multimodal_tokens(text_tokens, caption_tokens, question_mask)
+    return self.vqa_head(hidden, question_mask)
+
   def __call__(self, batch: dict) -> dict:
     """batch: {"image": [B,H,W,3], "text": {"ids", "mask": [B,T]}} -> model outputs.
 
     Returns {"image_embedding": [B,E], "text_embedding": [B,E], "logits": [B,T,V],
-    "temperature": scalar}.
+    "temperature": scalar}, plus "vqa_logits": [B,A] with a VQA head (the text is then
+    the question).
     """
+    mask = batch["text"]["mask"]
     image_embedding, caption_tokens = self.encode_image(batch["image"])
-    text_embedding, unimodal_tokens = self.encode_text(batch["text"]["ids"], batch["text"]["mask"])
-    logits = self.caption_logits(unimodal_tokens, caption_tokens, batch["text"]["mask"])
-    return dict(
+    text_embedding, unimodal_tokens = self.encode_text(batch["text"]["ids"], mask)
+    hidden = self.text.multimodal_tokens(unimodal_tokens, caption_tokens, mask)
+    outputs = dict(
       image_embedding=image_embedding,
       text_embedding=text_embedding,
-      logits=logits,
+      logits=self.text.vocab_logits(hidden),
       temperature=self.temperature(),
     )
+    if self.vqa_head is not None:
+      outputs["vqa_logits"] = self.vqa_head(hidden, mask)
+    return outputs
 
 
 def build(model_config, seed: int = 0) -> CoCa:

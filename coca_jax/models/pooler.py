@@ -15,7 +15,7 @@ from coca_jax.models import layers
 
 
 class AttentionalPooler(nnx.Module):
-  """[B, N, D] tokens -> [B, Q, D] pooled tokens."""
+  """[B, N, D] tokens (optional [B, N] mask, 1 = attend) -> [B, Q, D] pooled tokens."""
 
   def __init__(
     self, num_queries: int, width: int, heads: int, *, eps: float, dtype, rngs: nnx.Rngs
@@ -28,10 +28,12 @@ class AttentionalPooler(nnx.Module):
     self.norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.dtype = dtype
 
-  def __call__(self, tokens: jax.Array) -> jax.Array:
+  def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     batch = tokens.shape[0]
     queries = jnp.broadcast_to(
       self.queries[...].astype(self.dtype)[None], (batch, *self.queries.shape)
     )
-    pooled = self.attention(queries, self.input_norm(tokens))
+    # mask [B, N] -> [B, 1 head, 1 query, N keys]; every row needs one token set.
+    attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
+    pooled = self.attention(queries, self.input_norm(tokens), attn_mask)
     return self.norm(pooled)

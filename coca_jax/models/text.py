@@ -79,15 +79,27 @@ class TextDecoder(nnx.Module):
     x, _ = self.unimodal(x, attn_mask)
     return x[:, :length], self.cls_norm(x[:, length])
 
+  def multimodal_tokens(
+    self, text_tokens: jax.Array, caption_tokens: jax.Array, mask: jax.Array
+  ) -> jax.Array:
+    """text tokens [B, T, D], caption tokens [B, Q, D], mask [B, T] -> the multimodal
+    decoder's normed output tokens [B, T, D], before the vocabulary projection (what the
+    VQA head pools, Section 4.3)."""
+    length = text_tokens.shape[1]
+    attn_mask = layers.causal_mask(length, length) & mask.astype(bool)[:, None, None, :]
+    x, _ = self.multimodal(text_tokens, attn_mask, context=caption_tokens)
+    return self.final_norm(x)
+
+  def vocab_logits(self, multimodal_tokens: jax.Array) -> jax.Array:
+    """[B, T, D] -> logits [B, T, V] float32."""
+    logits = self.vocab_projection(multimodal_tokens)
+    return sharding.constrain(logits, ("batch", "length", "vocab"))
+
   def multimodal_forward(
     self, text_tokens: jax.Array, caption_tokens: jax.Array, mask: jax.Array
   ) -> jax.Array:
     """text tokens [B, T, D], caption tokens [B, Q, D], mask [B, T] -> logits [B, T, V] f32."""
-    length = text_tokens.shape[1]
-    attn_mask = layers.causal_mask(length, length) & mask.astype(bool)[:, None, None, :]
-    x, _ = self.multimodal(text_tokens, attn_mask, context=caption_tokens)
-    logits = self.vocab_projection(self.final_norm(x))
-    return sharding.constrain(logits, ("batch", "length", "vocab"))
+    return self.vocab_logits(self.multimodal_tokens(text_tokens, caption_tokens, mask))
 
   def init_cache(self, batch: int, length: int) -> dict:
     """Empty KV caches of both stacks for decoding up to `length` tokens.
