@@ -4,7 +4,8 @@
     for batch in loader.batches(config, mesh, "train", start_step): ...
 
 `config.data.source` picks the rows: "mixture" (the seqio mixture of coca_jax/data, its
-tasks registered once per data config) or "synthetic" (coca_jax/data/synthetic.py).
+tasks registered once per data config), "synthetic" (coca_jax/data/synthetic.py) or
+"vqa" (the VQA task of coca_jax/data/vqa.py).
 Splits: "train", and "eval" (held-out rows, the same sequence at every evaluation).
 
 Each process reads only its data shard: the rows of the global batch that its devices
@@ -19,7 +20,7 @@ from typing import Iterator
 
 from coca_jax import sharding
 
-SOURCES = ("mixture", "synthetic")
+SOURCES = ("mixture", "synthetic", "vqa")
 
 
 def resolve(config):
@@ -57,6 +58,17 @@ def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict
     # Held-out rows the training run never sees: another seed.
     seed = config.data.seed + (split == "eval")
     return synthetic.batches(config, shard.rows, start_step=start_step, seed=seed)
+  if config.data.source == "vqa":  # the VQA task (coca_jax/data/vqa.py)
+    from coca_jax.data import vqa
+
+    return vqa.batches(
+      config,
+      split,
+      shard_index=shard.index,
+      num_shards=shard.count,
+      local_batch_size=len(shard.rows),
+      start_step=start_step,
+    )
   from coca_jax.data import pipeline  # TensorFlow is imported only when needed
 
   return pipeline.batches(

@@ -13,6 +13,11 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   frozen/from_train_split                   1: trained on the source's train split; 0: on a
                                             config.eval.frozen.train_fraction share of the
                                             eval examples (a source without a train split)
+  vqa/accuracy                              VQA soft accuracy (min(#annotators / 3, 1)) of
+                                            the VQA head on the VQA task's eval files
+  vqa/majority_baseline                     always the most frequent training answer
+  vqa/question_prior_baseline               each question's most frequent training answer
+  vqa/examples                              questions scored
 """
 
 import dataclasses
@@ -25,8 +30,9 @@ from absl import logging
 from coca_jax import predict
 from coca_jax.data import eval_sets
 from coca_jax.evaluate import captioning, frozen, retrieval, zero_shot
+from coca_jax.evaluate import vqa as vqa_eval
 
-EVALS = ("zero_shot", "retrieval", "captioning", "frozen")
+EVALS = ("zero_shot", "retrieval", "captioning", "frozen", "vqa")
 SAMPLE_CAPTIONS = 4  # logged at each captioning eval
 
 
@@ -58,7 +64,8 @@ def run(
   if not names:
     return {}
   eval_config = config.eval
-  if datasets is None:
+  # The VQA eval reads its own task; the other evals share the EvalSets.
+  if datasets is None and set(names) - {"vqa"}:
     datasets = eval_sets.load(config)
   n = eval_config.num_examples
 
@@ -95,6 +102,8 @@ def run(
           data.captions[:shown],
           title=f"{data.name} captions at step {step} (CIDEr-D {result['cider']:.3f})",
         )
+    elif name == "vqa":
+      result = _vqa_eval(predictor, config)
     else:  # frozen
       result = _frozen_eval(predictor, datasets, config)
     metrics.update({f"{name}/{k}": v for k, v in result.items()})
@@ -149,6 +158,21 @@ def _frozen_eval(predictor: predict.Predictor, datasets: eval_sets.EvalSets, con
     train_examples=float(len(train.labels)),
     test_examples=float(len(test.labels)),
     from_train_split=float(datasets.classification_train is not None),
+  )
+
+
+def _vqa_eval(predictor: predict.Predictor, config) -> dict:
+  """The VQA head on the first config.eval.num_examples questions of the VQA eval files."""
+  from coca_jax.data import loader, vqa  # TensorFlow: only when this eval runs
+
+  config = loader.resolve(config)
+  train_questions, train_answers = vqa.train_questions_and_answers(config.data)
+  return vqa_eval.evaluate(
+    predictor,
+    vqa.eval_set(config),
+    vqa.answer_vocabulary(config.data, config.model.vqa.num_answers),
+    train_questions,
+    train_answers,
   )
 
 

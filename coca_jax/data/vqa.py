@@ -1,0 +1,333 @@
+"""VQA data: a seqio Task of (image, question, answers), the demo VQA set, host batches.
+
+Legend: b local batch, S image size, T text length, A answer vocabulary.
+
+Files: TFRecords of tf.train.Examples with `image` (encoded bytes), `question` (string)
+and `answers` (strings, one per human annotator; an answer given by k annotators appears
+k times), `config.data.vqa.files` / `eval_files`. Empty: the demo set that `build_demo`
+writes under <data_dir>/vqa_demo/ from the demo sources' real labels (offline, ~20 s):
+
+  Fashion-MNIST (first demo_fashion_train train images; first demo_fashion_eval TEST images)
+    "what is this?"                -> [class, class, class, parent]   e.g. sneaker x3, footwear
+    "which category is this?"      -> [parent] x 3                    e.g. footwear
+  emoji (every train image; every VALIDATION image: held-out emoji, all skin tones)
+    "which emoji group is this?"   -> [emojibase group] x 3           e.g. animals nature
+    "which emoji subgroup is this?" -> [emojibase subgroup] x 3       e.g. animal mammal
+
+The annotators are made up; their answers are the datasets' real labels. Triplicated
+labels give full credit (min(3 / 3, 1)); the parent category as the 4th annotator of
+"what is this?" gives 1/3 partial credit, as a human answering "footwear" for a sneaker
+would in VQA. Eval images are never trained on (other split of each source).
+
+Tasks (registered by `register`): NAME (training: random resized crop) and NAME_eval
+(the one eval transform); output features `image` [S, S, 3] float32, `question` ids,
+`answers` [n] strings. The answer vocabulary is the top config.model.vqa.num_answers
+answers of the training files (`answer_vocabulary`).
+
+Trainer batches (`batches`, config.data.source = "vqa"): {"image", "text": the question
+as {"ids", "labels", "mask"} [b, T], "answer_scores": [b, A]}. A resume at step k skips
+k b preprocessed rows (decoded: fine for VQA-sized runs, unlike the pretraining mixture).
+"""
+
+import functools
+import json
+import os
+import tarfile
+
+import numpy as np
+import seqio
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from coca_jax import tokens
+from coca_jax.data import answers as vqa_answers
+from coca_jax.data import prepare, preprocess, raw, tasks
+
+DEMO_DIR = "vqa_demo"
+DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
+FEATURES = {
+  "image": tf.io.FixedLenFeature([], tf.string),
+  "question": tf.io.FixedLenFeature([], tf.string),
+  "answers": tf.io.VarLenFeature(tf.string),
+}
+FASHION_QUESTIONS = ("what is this?", "which category is this?")
+EMOJI_QUESTIONS = ("which emoji group is this?", "which emoji subgroup is this?")
+
+
+# ---- the demo set ----
+
+
+def _example(image: bytes, question: str, answers) -> bytes:
+  feature = dict(
+    image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[image])),
+    question=tf.train.Feature(bytes_list=tf.train.BytesList(value=[question.encode()])),
+    answers=tf.train.Feature(bytes_list=tf.train.BytesList(value=[a.encode() for a in answers])),
+  )
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def emoji_groups(emojibase_tarball: str) -> dict[str, tuple[str, str]]:
+  """{emoji code: (group, subgroup)} from emojibase-data (skin tones share their base's)."""
+  with tarfile.open(emojibase_tarball) as tar:
+    entries = json.load(tar.extractfile("package/en/data.json"))
+    meta = json.load(tar.extractfile("package/meta/groups.json"))
+
+  def name(table, key):
+    return table[str(key)].replace("-", " ")
+
+  groups = {}
+  for entry in entries:
+    if "group" not in entry:
+      continue
+    pair = (name(meta["groups"], entry["group"]), name(meta["subgroups"], entry["subgroup"]))
+    groups[raw._code(entry["hexcode"])] = pair
+    for skin in entry.get("skins") or ():
+      groups[raw._code(skin["hexcode"])] = pair
+  return groups
+
+
+def _tfds_rows(tfds_dir: str, name_version: str, split: str):
+  name, version = name_version.split(":")
+  builder = tfds.builder_from_directory(os.path.join(tfds_dir, name, version))
+  ds = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
+  return builder, ds.as_numpy_iterator()
+
+
+def demo_rows(data_config, split: str):
+  """(image bytes, question, answers) of the demo VQA set's `split` ("train" or
+  "validation"), from the prepared demo TFDS datasets."""
+  data_dir = data_config.data_dir or prepare.default_data_dir()
+  tfds_dir = prepare.paths(data_dir)["tfds"]
+  fashion_split = "train" if split == "train" else data_config.jft_style.eval_split
+  v = data_config.vqa
+  limit = v.demo_fashion_train if split == "train" else v.demo_fashion_eval
+  _, rows = _tfds_rows(tfds_dir, data_config.jft_style.tfds_name, fashion_split)
+  for i, row in enumerate(rows):
+    if i == limit:
+      break
+    label_names = [n.decode() for n in row["label_names"]]
+    item, parent = label_names[0], label_names[-1]
+    yield row["image"], FASHION_QUESTIONS[0], [item, item, item, parent]
+    yield row["image"], FASHION_QUESTIONS[1], [parent] * 3
+  emoji_split = "train" if split == "train" else data_config.alt_text.eval_split
+  tarball = raw.tarball_path(prepare.paths(data_dir)["raw"], raw.NPM_PACKAGES["emojibase"])
+  groups = emoji_groups(tarball)
+  _, rows = _tfds_rows(tfds_dir, data_config.alt_text.tfds_name, emoji_split)
+  for row in rows:
+    pair = groups.get(row["code"].decode())
+    if pair is None:
+      continue
+    yield row["image"], EMOJI_QUESTIONS[0], [pair[0]] * 3
+    yield row["image"], EMOJI_QUESTIONS[1], [pair[1]] * 3
+
+
+def demo_paths(data_config) -> dict[str, str]:
+  data_dir = data_config.data_dir or prepare.default_data_dir()
+  v = data_config.vqa
+  folder = os.path.join(data_dir, DEMO_DIR, f"fashion{v.demo_fashion_train}_{v.demo_fashion_eval}")
+  return {split: os.path.join(folder, file) for split, file in DEMO_SPLITS.items()}
+
+
+def build_demo(data_config) -> dict[str, str]:
+  """Writes the demo VQA TFRecords (idempotent); returns {split: path}."""
+  paths = demo_paths(data_config)
+  for split, path in paths.items():
+    if os.path.exists(path):
+      continue
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    staging = path + ".tmp"
+    with tf.io.TFRecordWriter(staging) as writer:
+      for image, question, answers in demo_rows(data_config, split):
+        writer.write(_example(image, question, answers))
+    os.replace(staging, path)
+  return paths
+
+
+def files(data_config) -> dict[str, str]:
+  """{"train", "validation"}: the file patterns of the VQA source (the demo's built)."""
+  v = data_config.vqa
+  if v.files:
+    return dict(train=v.files, validation=v.eval_files or v.files)
+  return build_demo(data_config)
+
+
+# ---- answers ----
+
+
+def read_answers(pattern: str) -> tuple[list[str], list[list[str]]]:
+  """(questions, answers) of every example of the files (images are not decoded)."""
+  features = {"question": FEATURES["question"], "answers": FEATURES["answers"]}
+
+  def parse(record):
+    row = tf.io.parse_single_example(record, features)
+    return dict(question=row["question"], answers=tf.sparse.to_dense(row["answers"]))
+
+  ds = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).map(parse)
+  questions, answers = [], []
+  for row in ds.as_numpy_iterator():
+    questions.append(row["question"].decode())
+    answers.append([a.decode() for a in row["answers"]])
+  return questions, answers
+
+
+@functools.lru_cache(maxsize=4)
+def _train_answers(pattern: str):
+  return read_answers(pattern)
+
+
+def train_questions_and_answers(data_config) -> tuple[list[str], list[list[str]]]:
+  """(questions, answers) of the training files."""
+  return _train_answers(files(data_config)["train"])
+
+
+def answer_vocabulary(data_config, num_answers: int) -> list[str]:
+  """The top `num_answers` answers of the training files (vqa_answers.answer_vocabulary)."""
+  _, answers = train_questions_and_answers(data_config)
+  return vqa_answers.answer_vocabulary(answers, num_answers)
+
+
+# ---- seqio ----
+
+
+def output_features(vocab_path: str) -> dict:
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  return {
+    "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.float32, rank=3),
+    "question": seqio.Feature(seqio.SentencePieceVocabulary(vocab_path), add_eos=False),
+    "answers": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
+  }
+
+
+def _preprocessors(data_config, *, train: bool) -> list:
+  vocabulary = output_features(data_config.vocab_path)["question"].vocabulary
+
+  def parse(ds):
+    def convert(row):
+      image, keep = preprocess.decode(row["image"], row["question"])
+      answers = row["answers"]
+      if isinstance(answers, tf.SparseTensor):
+        answers = tf.sparse.to_dense(answers)
+      return dict(image=image, question=row["question"], answers=answers, keep=keep)
+
+    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda r: r.pop("keep"))
+
+  def drop_keep(ds):
+    return ds.map(lambda r: {k: v for k, v in r.items() if k != "keep"})
+
+  @seqio.map_over_dataset(num_seeds=2)
+  def train_image(row, seeds):
+    options = tasks.train_image_options(data_config)
+    return dict(row, image=preprocess.train_pixels(row["image"], seeds, **options))
+
+  @seqio.map_over_dataset
+  def eval_image(row):
+    options = tasks.eval_image_options(data_config)
+    return dict(row, image=preprocess.eval_pixels(row["image"], **options))
+
+  @seqio.map_over_dataset
+  def tokenize(row):
+    return dict(
+      row, question=vocabulary.encode_tf(row["question"]), question_pretokenized=row["question"]
+    )
+
+  def parse_and_filter(ds):
+    return drop_keep(parse(ds))
+
+  return [parse_and_filter, train_image if train else eval_image, tokenize]
+
+
+def register(data_config) -> tuple[str, str]:
+  """Registers NAME and NAME_eval over the VQA files; -> (train, eval) task names."""
+  name = data_config.vqa.task_name
+  source = seqio.TFExampleDataSource(
+    split_to_filepattern=files(data_config), feature_description=FEATURES
+  )
+  features = output_features(data_config.vocab_path)
+  for task_name, train in ((name, True), (name + tasks.EVAL_SUFFIX, False)):
+    seqio.TaskRegistry.remove(task_name)
+    seqio.TaskRegistry.add(
+      task_name,
+      source=source,
+      preprocessors=_preprocessors(data_config, train=train),
+      output_features=features,
+      shuffle_buffer_size=data_config.shuffle_buffer,
+    )
+  return name, name + tasks.EVAL_SUFFIX
+
+
+def _text(question_ids: list[np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+  width = max(1, max(len(q) for q in question_ids))
+  padded = np.zeros((len(question_ids), width), np.int32)
+  for i, q in enumerate(question_ids):
+    padded[i, : len(q)] = q
+  return tokens.model_text(padded, np.asarray([len(q) for q in question_ids]), max_len)
+
+
+def batches(
+  config, split: str, *, shard_index: int, num_shards: int, local_batch_size: int, start_step=0
+):
+  """Endless host batches of the VQA task: {"image" [b,S,S,3], "text" (the question),
+  "answer_scores" [b,A]}; split "train" (shuffled, augmented) or "eval" (held-out files)."""
+  data = config.data
+  train_name, eval_name = register(data)
+  vocabulary = answer_vocabulary(data, config.model.vqa.num_answers)
+  task = seqio.get_mixture_or_task(train_name if split == "train" else eval_name)
+  ds = task.get_dataset(
+    sequence_length=None,
+    split="train" if split == "train" else "validation",
+    shuffle=split == "train",
+    seed=data.seed + (split != "train"),
+    shard_info=seqio.ShardInfo(shard_index, num_shards),
+    num_epochs=None,
+    use_cached=False,
+  )
+  ds = ds.skip(start_step * local_batch_size)
+  ds = ds.map(
+    lambda r: dict(
+      image=r["image"],
+      question=r["question"],
+      length=tf.size(r["question"]),
+      answers=r["answers"],
+    )
+  )
+  # Answers are padded with "" (never an answer) to the batch's longest list.
+  ds = ds.padded_batch(
+    local_batch_size,
+    padding_values=dict(
+      image=0.0, question=tf.constant(0, tf.int32), length=0, answers=tf.constant("")
+    ),
+    drop_remainder=True,
+  ).prefetch(2)  # the next batches are read while the model steps
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = data.max_intra_op_parallelism
+  ds = ds.with_options(options)
+  for batch in ds.as_numpy_iterator():
+    answers = [[a.decode() for a in row if a] for row in batch["answers"]]
+    yield dict(
+      image=batch["image"].astype(np.float32),
+      text=tokens.model_text(batch["question"], batch["length"], data.max_text_len),
+      answer_scores=vqa_answers.answer_scores(answers, vocabulary),
+    )
+
+
+def eval_set(config) -> dict:
+  """The first config.eval.num_examples (0: all) held-out rows as arrays:
+  {"images" [N,S,S,3], "text" {"ids","labels","mask"} [N,T], "questions", "answers"}."""
+  register(config.data)
+  task = seqio.get_mixture_or_task(config.data.vqa.task_name + tasks.EVAL_SUFFIX)
+  ds = task.get_dataset(
+    sequence_length=None, split="validation", shuffle=False, num_epochs=1, use_cached=False
+  )
+  limit = config.eval.num_examples
+  rows = []
+  for row in ds.as_numpy_iterator():
+    rows.append(row)
+    if len(rows) == limit:
+      break
+  return dict(
+    images=np.stack([r["image"] for r in rows]).astype(np.float32),
+    text=_text([r["question"] for r in rows], config.data.max_text_len),
+    questions=[r["question_pretokenized"].decode() for r in rows],
+    answers=[[a.decode() for a in r["answers"]] for r in rows],
+  )

@@ -1,0 +1,38 @@
+"""VQA finetuning of the demo model (Section 4.3 of the paper), on this CPU in minutes.
+
+    python -m coca_jax.train --config=configs/demo_vqa.py --workdir=/tmp/coca_demo_vqa
+
+Starts from the demo's export (`configs/demo.py`, /tmp/coca_demo/export): every
+pretrained parameter is loaded, the VQA head (a new 1-query attentional pooler over the
+multimodal decoder's output tokens + a linear classifier over the top-K training answers)
+starts fresh. Data: the demo VQA set (coca_jax/data/vqa.py): questions about
+Fashion-MNIST items and emoji whose answers are the sources' real labels, scored on
+held-out images. For real VQA data set `data.vqa.files` / `eval_files` (TFRecords of
+image, question, answers) and `model.vqa.num_answers` (3,129 for VQA v2, the usual
+answer vocabulary).
+"""
+
+from configs import demo
+
+
+def get_config(arg=None):
+  c = demo.get_config(arg)
+  c.model.vqa.num_answers = 128  # K: the demo set has 121 distinct training answers
+  # Classification only; the contrastive term is off and the captioning loss on the
+  # question text is a small auxiliary (config.loss.caption_weight).
+  c.loss.vqa_weight = 1.0
+  c.loss.contrastive_weight = 0.0
+  c.loss.caption_weight = 0.1
+  c.data.source = "vqa"
+  c.train.init_from = "/tmp/coca_demo/export"
+  c.train.steps = 300
+  c.train.log_every = 50
+  c.train.eval_every = 300
+  c.train.eval_steps = 4
+  c.train.checkpoint_every = 300
+  c.optim.lr = 5e-4
+  c.optim.warmup_fraction = 0.05
+  c.optim.decay = "cosine"
+  c.eval.evals = "vqa"
+  c.eval.num_examples = 0  # every held-out question (2,000 Fashion-MNIST + 1,448 emoji)
+  return c

@@ -1,0 +1,169 @@
+"""VQA (Section 4.3): soft accuracy, the loss, the head, the data and the demo config."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tiny_runs import tiny_config
+
+from coca_jax import export, losses, train
+from coca_jax import params as params_lib
+from coca_jax import state as state_lib
+from coca_jax import step as step_lib
+from coca_jax.data import answers as answers_lib
+from coca_jax.evaluate import vqa as vqa_eval
+from coca_jax.models import coca
+from configs import demo_vqa
+
+# ---- metric ----
+
+
+def test_soft_accuracy_hand_cases():
+  answers = [
+    ["sneaker", "sneaker", "sneaker", "footwear"],  # sneaker 3/3 -> 1, footwear 1/3
+    ["red", "red", "blue"],  # red 2/3, blue 1/3
+    ["cat"] * 5,  # more than 3 agree: still 1
+    ["a", "b"],
+  ]
+  assert vqa_eval.answer_score("sneaker", answers[0]) == 1.0
+  assert vqa_eval.answer_score("footwear", answers[0]) == pytest.approx(1 / 3)
+  assert vqa_eval.answer_score(" Sneaker ", answers[0]) == 1.0  # normalised
+  # (1 + 2/3 + 1 + 0) / 4
+  got = vqa_eval.soft_accuracy(["sneaker", "red", "cat", "zebra"], answers)
+  assert got == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
+  # (1/3 + 1/3 + 0 + 1/3) / 4
+  got = vqa_eval.soft_accuracy(["footwear", "blue", "dog", "b"], answers)
+  assert got == pytest.approx(1 / 4)
+  assert vqa_eval.majority_baseline("red", answers) == pytest.approx((2 / 3) / 4)
+
+
+def test_question_prior_baseline_and_vocabulary():
+  train_q = ["what?", "what?", "what?", "which?"]
+  train_a = [["x", "x", "y"], ["x"], ["y"], ["z", "z", "z"]]
+  # overall counts: x 3, z 3, y 2 -> ties alphabetical; padded to 5
+  assert answers_lib.answer_vocabulary(train_a, 5) == ["x", "z", "y", "<unused 0>", "<unused 1>"]
+  assert answers_lib.answer_vocabulary(train_a, 2) == ["x", "z"]
+  got = vqa_eval.question_prior_baseline(
+    train_q, train_a, ["what?", "which?", "new?"], [["x"] * 3, ["z"], ["q"]]
+  )
+  assert got == pytest.approx((1 + 1 / 3 + 0) / 3)
+  scores = answers_lib.answer_scores([["x", "x", "y", "w"], ["z"] * 4], ["x", "z", "y"])
+  np.testing.assert_allclose(scores, [[2 / 3, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
+
+
+# ---- loss ----
+
+
+def test_vqa_loss_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(4, 6)).astype(np.float32) * 3
+  scores = np.minimum(rng.integers(0, 5, size=(4, 6)) / 3, 1).astype(np.float32)
+  p = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  bce = -(scores * np.log(p) + (1 - scores) * np.log(1 - p))
+  np.testing.assert_allclose(
+    losses.vqa_loss(jnp.asarray(logits), jnp.asarray(scores)), bce.sum(1).mean(), rtol=1e-5
+  )
+  best = logits.argmax(1)
+  np.testing.assert_allclose(
+    losses.vqa_accuracy(jnp.asarray(logits), jnp.asarray(scores)),
+    scores[np.arange(4), best].mean(),
+    rtol=1e-6,
+  )
+
+
+# ---- model ----
+
+
+def count(config) -> int:
+  return params_lib.total(jax.eval_shape(lambda: jax.tree.map(jnp.asarray, _state(config))))
+
+
+def _state(config):
+  from flax import nnx
+
+  return nnx.state(coca.build(config.model), nnx.Param)
+
+
+def test_head_absent_by_default_and_sized_when_asked():
+  config = tiny_config(1)
+  assert config.model.vqa.num_answers == 0
+  names = [
+    "/".join(params_lib.path_names(p))
+    for p, _ in jax.tree_util.tree_flatten_with_path(_state(config))[0]
+  ]
+  assert not [n for n in names if "vqa" in n]
+  base = count(config)
+  config.model.vqa.num_answers = 7
+  width = config.model.width
+  # pooler: query [1, D], 2 LayerNorms, attention (q, k, v, out kernels and biases)
+  with_head = count(config)
+  pooler = with_head - base - (width * 7 + 7)
+  assert pooler > 0
+  from flax import nnx
+
+  from coca_jax.models.pooler import AttentionalPooler
+
+  with nnx.use_eager_sharding(False):
+    reference = AttentionalPooler(
+      1, width, config.model.heads, eps=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0)
+    )
+  assert pooler == params_lib.total(nnx.state(reference, nnx.Param))
+
+
+def test_head_ignores_question_padding():
+  config = tiny_config(1)
+  config.model.vqa.num_answers = 5
+  model = coca.build(config.model)
+  rng = np.random.default_rng(0)
+  image = jnp.asarray(rng.normal(size=(2, 16, 16, 3)), jnp.float32)
+  ids = jnp.asarray(rng.integers(2, 60, size=(2, 8)), jnp.int32)
+  mask = jnp.asarray([[1] * 5 + [0] * 3, [1] * 8], jnp.int32)
+  logits = model.vqa_logits(image, ids, mask)
+  assert logits.shape == (2, 5)
+  other = ids.at[0, 5:].set(7)  # other tokens under the padding of row 0
+  np.testing.assert_allclose(model.vqa_logits(image, other, mask), logits, rtol=1e-5, atol=1e-6)
+  outputs = model(dict(image=image, text=dict(ids=ids, mask=mask)))
+  np.testing.assert_allclose(outputs["vqa_logits"], logits, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_accumulation_with_vqa_is_a_clear_error():
+  config = tiny_config(1, train=dict(grad_accum_steps=2))
+  config.model.vqa.num_answers = 5
+  with pytest.raises(ValueError, match="grad_accum_steps=2 with a VQA head"):
+    step_lib.make_gradients(config, None)
+
+
+# ---- the demo config, on tiny shapes, from a tiny export ----
+
+
+@pytest.mark.slow
+def test_demo_config_trains_from_a_tiny_export(tmp_path):
+  config = demo_vqa.get_config()
+  tiny = tiny_config(1).model
+  for key in ("width", "heads", "embed_dim"):
+    config.model[key] = tiny[key]
+  config.model.vision.layers = config.model.text.unimodal_layers = 1
+  config.model.text.multimodal_layers = 1
+  config.model.vision.mlp_dim = config.model.text.mlp_dim = 64
+  config.model.vision.image_size = 16
+  config.model.pooler.caption_queries = 8
+  config.data.global_batch_size = 8
+  config.data.shuffle_buffer = 64
+  config.train.update(steps=4, log_every=2, eval_every=4, eval_steps=1, checkpoint_every=4)
+  config.eval.num_examples = 16
+  config.eval.batch_size = 8
+  # The source: the same model without the head, as an export.
+  source = config.copy_and_resolve_references()
+  source.model.vqa.num_answers = 0
+  run = state_lib.setup(source)
+  export.write(
+    state_lib.create(source, run)["params"], source, str(tmp_path / "src"), "float32", None
+  )
+  config.train.init_from = str(tmp_path / "src")
+
+  final = train.train(config, str(tmp_path / "work"))
+  assert final["step"] == 4
+  assert 0.0 <= final["eval/vqa/accuracy"] <= 1.0
+  assert 0.0 < final["eval/vqa/majority_baseline"] < 1.0
+  assert final["eval/vqa/examples"] == 16
+  assert np.isfinite(final["vqa_loss"])
