@@ -19,10 +19,12 @@ coca_jax/data/preprocess.py), with its `train_split` / `eval_split` and `vocab_p
 from configs import demo
 
 # ---- the numbers ----
-# The paper gives no finetuning learning rate for captioning in Section 4.3.3; a tenth of
-# the demo's pretraining peak (1e-3) with a short warmup and cosine decay to 0, the
-# schedule the paper uses for its finetuned evaluations (Section 4.2), is what we use.
-LEARNING_RATE = 1e-4
+# Section 4.3.3 finetunes COCO captioning with the captioning loss only but states no
+# learning rate. Ours: 0.3x the demo's pretraining peak (1e-3), 5% warmup, cosine decay
+# to 0 (the "small learning rates and cosine decay"). Measured on the demo
+# (README): 1e-4 left CIDEr-D where the export had it (0.136 vs 0.141), 3e-4 raised it
+# to 0.167.
+LEARNING_RATE = 3e-4
 WARMUP_FRACTION = 0.05
 STEPS = 200  # 12,800 examples: about 4 passes over the demo's emoji training split
 INIT_FROM = "/tmp/coca_demo/export"
