@@ -55,16 +55,18 @@ def _axes_tuple(axes) -> tuple[str, ...]:
 
 
 def mesh_shape(
-  mesh_config, num_devices: int, needs: MeshNeeds = MeshNeeds()
+  mesh_config, num_devices: int, needs: MeshNeeds = MeshNeeds(), devices=None
 ) -> tuple[tuple[int, ...], str]:
   """Resolves `config.mesh` sizes to (shape, why).
 
   Explicit sizes are used as they are; one -1 takes the remaining devices. With
   data = fsdp = -1 (automatic, the default) fsdp is the largest divisor of the devices
-  left by tensor that divides every dimension in `needs.fsdp_dims` and keeps the batch
-  split into whole rows; data takes the rest. FSDP as wide as the parameters allow
-  shards the state most; data parallelism over the rest costs a gradient all-reduce
-  of the (fsdp-sharded) gradients over "data".
+  left by tensor that divides every dimension in `needs.fsdp_dims`, keeps the batch
+  split into whole rows and, given `devices`, lays out on their physical topology
+  (`jax.make_mesh` on a TPU slice needs each axis to be a product of whole physical
+  axes: 1,024 of a v4 8x16x16 slice is not); data takes the rest. FSDP as wide as the
+  parameters allow shards the state most; data parallelism over the rest costs a
+  gradient all-reduce of the (fsdp-sharded) gradients over "data".
   """
   sizes = [int(mesh_config[axis]) for axis in MESH_AXES]
   described = ", ".join(f"{a}={s}" for a, s in zip(MESH_AXES, sizes))
@@ -73,7 +75,7 @@ def mesh_shape(
       f"config.mesh ({described}): sizes must be positive or -1 (data = fsdp = -1: automatic)"
     )
   if sizes[0] == sizes[1] == -1:
-    return _automatic(sizes[2], num_devices, needs, described)
+    return _automatic(sizes[2], num_devices, needs, described, devices)
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
@@ -86,7 +88,18 @@ def mesh_shape(
   return tuple(sizes), f"config.mesh ({described}) over {num_devices} devices"
 
 
-def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str):
+def _lays_out(shape: tuple[int, ...], devices) -> bool:
+  """Whether `jax.make_mesh` can place `shape` on `devices` (their physical topology)."""
+  if devices is None:
+    return True
+  try:
+    jax.make_mesh(shape, MESH_AXES, devices=list(devices))
+  except NotImplementedError:  # jax's words for "no assignment to the physical axes"
+    return False
+  return True
+
+
+def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str, devices):
   if num_devices % tensor:
     raise MeshError(f"config.mesh ({described}): tensor={tensor} does not divide {num_devices}")
   rest = num_devices // tensor
@@ -96,21 +109,31 @@ def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str):
     ways = math.prod(sizes[a] for a in needs.batch_axes)
     return not needs.batch_rows or needs.batch_rows % ways == 0
 
-  # fsdp = 1 always qualifies. When no candidate splits the batch into whole rows (with
+  # fsdp = 1 always divides. When no candidate splits the batch into whole rows (with
   # the default rules the batch is split data x fsdp ways whatever the choice), the
   # largest is kept and the batch check of the caller names the batch size.
-  candidates = [
+  dividing = [
     d for d in range(rest, 0, -1) if rest % d == 0 and all(dim % d == 0 for dim in needs.fsdp_dims)
   ]
-  fsdp = next((d for d in candidates if batch_whole(d)), candidates[0])
+  placed = [d for d in dividing if _lays_out((rest // d, d, tensor), devices)]
+  if not placed:
+    raise MeshError(
+      f"config.mesh ({described}): no data x fsdp split of {rest} devices lays out on their "
+      "topology; set config.mesh.data and config.mesh.fsdp explicitly"
+    )
+  fsdp = next((d for d in placed if batch_whole(d)), placed[0])
   gcd = math.gcd(*needs.fsdp_dims) if needs.fsdp_dims else "none"
   why = (
     f"automatic (config.mesh.data = fsdp = -1): fsdp={fsdp}, the largest divisor of the "
     f"{rest} devices left by tensor={tensor} that divides every fsdp-sharded parameter "
     f"dimension (their gcd: {gcd})"
   )
-  if needs.batch_rows and batch_whole(fsdp) and fsdp != candidates[0]:
-    why += f" and splits the batch of {needs.batch_rows} rows into whole rows"
+  if fsdp != dividing[0]:
+    skipped = [d for d in dividing if d > fsdp]
+    why += (
+      f" and both lays out on the devices' topology and splits the batch of "
+      f"{needs.batch_rows} rows into whole rows ({', '.join(map(str, skipped))} do not)"
+    )
   return (rest // fsdp, fsdp, tensor), why + f"; data={rest // fsdp} takes the rest"
 
 
@@ -122,7 +145,7 @@ def make_mesh(mesh_config, devices=None, needs: MeshNeeds = MeshNeeds()) -> Mesh
   carry output must have equal types"), seen with jax 0.10.2.
   """
   devices = jax.devices() if devices is None else list(devices)
-  shape, _ = mesh_shape(mesh_config, len(devices), needs)
+  shape, _ = mesh_shape(mesh_config, len(devices), needs, devices)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU), also
   # for the devices of a compile-only topology (AOT).

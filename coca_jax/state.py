@@ -63,7 +63,7 @@ def setup(config, devices=None) -> Setup:
     batch // accum if batch % accum == 0 else batch,
     config.sharding_rules,
   )
-  _, reason = sharding.mesh_shape(config.mesh, len(devices), needs)
+  _, reason = sharding.mesh_shape(config.mesh, len(devices), needs, devices)
   mesh = sharding.make_mesh(config.mesh, devices, needs)
   return Setup(mesh, reason, optimizer, schedule, layout(config, optimizer, mesh))
 

@@ -121,6 +121,9 @@ def test_every_process_of_a_slice_feeds_its_own_rows(name, shape):
     # The paper's pod (Section 4.1: 2,048 v4 chips), width 1408 = 2^7 x 11.
     ("coca", "v4:8x16x16", {"data": 16, "fsdp": 128, "tensor": 1}),
     ("base", "v5e:16x16", {"data": 1, "fsdp": 256, "tensor": 1}),  # width 768 = 2^8 x 3
+    # Large (width 1024) divides over 1,024 devices, but 1,024 is no product of the
+    # physical axes 8, 16, 16: the largest that is (256) is taken.
+    ("large", "v4:8x16x16", {"data": 8, "fsdp": 256, "tensor": 1}),
   ],
 )
 def test_paper_configs_get_an_automatic_mesh_their_pods_can_run(config_name, name, want):
@@ -129,6 +132,7 @@ def test_paper_configs_get_an_automatic_mesh_their_pods_can_run(config_name, nam
   config = importlib.import_module(f"configs.{config_name}").get_config()
   run = state_lib.setup(config, topology(name))
   assert dict(run.mesh.shape) == want, run.mesh_reason
+  assert f"fsdp={want['fsdp']}" in run.mesh_reason
   check_every_process(run.mesh, config.data.global_batch_size)
 
 
