@@ -114,12 +114,17 @@ def coca_config(
   # the multimodal decoder's outputs + a linear classifier over the top-`num_answers`
   # training answers. 0 = no head (pretraining).
   m.vqa = ml_collections.ConfigDict(dict(num_answers=0))
+  # Video head (Section 4.2; coca_jax/models/video.py): a new 1-query attentional pooler
+  # over all frames' image tokens (space x time) + a linear classifier over
+  # `num_classes` classes. 0 = no head (pretraining); zero-shot video needs none.
+  m.video = ml_collections.ConfigDict(dict(num_classes=0))
 
   # ---- loss (Section 3.3: L = lambda_con * L_con + lambda_cap * L_cap) ----
   # vqa_weight: the answer-classification loss (losses.vqa_loss), used only when the model
   # has a VQA head; the captioning loss then runs on the question (an auxiliary term).
+  # video_weight: softmax cross-entropy of the video head on video batches (source "video").
   c.loss = ml_collections.ConfigDict(
-    dict(contrastive_weight=1.0, caption_weight=2.0, vqa_weight=1.0)
+    dict(contrastive_weight=1.0, caption_weight=2.0, vqa_weight=1.0, video_weight=1.0)
   )
 
   # ---- optimizer (Section 4.1: Adafactor, beta1 0.9, beta2 0.999, wd 0.01) ----
@@ -235,6 +240,20 @@ def coca_config(
         # is used. Eval: the held-out images of both (Fashion-MNIST test, emoji validation).
         demo_fashion_train=6_000,
         demo_fashion_eval=1_000,
+      ),
+      # Video (source "video", coca_jax/data/video.py): TFRecords of tf.train.Examples with
+      # `frames` (a bytes_list of F encoded frames, in time order) and `label` (int64);
+      # `class_names`: a text file, line i = the name of label i (zero-shot prompts and
+      # reports). "" = the offline demo clips: Fashion-MNIST images under camera motion
+      # (pan / zoom / rotation), train clips from train images, eval clips from test images.
+      video=dict(
+        task_name="video",
+        files="",
+        eval_files="",
+        class_names="",
+        frames=8,  # F: clips are cut or padded (last frame repeated) to F frames
+        demo_fashion_train=3_000,
+        demo_fashion_eval=500,
       ),
       # Decode/augment parallelism of tf.data (AUTOTUNE = -1).
       num_parallel_calls=-1,

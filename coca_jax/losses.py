@@ -1,7 +1,7 @@
 """CoCa's losses (Section 3.3): pure functions of arrays.
 
 Legend: B global batch, E joint embedding width, T text length, V vocabulary,
-A answer vocabulary (VQA).
+A answer vocabulary (VQA), C video classes.
 """
 
 import jax
@@ -87,6 +87,19 @@ def vqa_accuracy(logits: jax.Array, scores: jax.Array) -> jax.Array:
   return jnp.mean(jnp.take_along_axis(scores, best[:, None], axis=-1))
 
 
+def video_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Softmax cross-entropy of the video head (Section 4.2): logits [B, C], labels [B] int
+  -> mean over clips."""
+  return jnp.mean(
+    optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+  )
+
+
+def classification_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Fraction of rows whose arg-max is the label."""
+  return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
+
+
 def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict]:
   """L = contrastive_weight * L_con + caption_weight * L_cap (1.0 and 2.0 in the paper).
 
@@ -100,8 +113,15 @@ def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict
     loss_config: `config.loss`.
   Returns:
     (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"} and
-    with VQA "vqa_loss", "vqa_accuracy").
+    with VQA "vqa_loss", "vqa_accuracy"; for a video batch (outputs hold "video_logits",
+    the batch "label" [B]) only {"loss", "video_loss", "video_accuracy"}: L =
+    video_weight * `video_loss`).
   """
+  if "video_logits" in outputs:  # a video batch: the video head's loss alone
+    video = video_loss(outputs["video_logits"], batch["label"])
+    loss = loss_config.video_weight * video
+    accuracy = classification_accuracy(outputs["video_logits"], batch["label"])
+    return loss, dict(loss=loss, video_loss=video, video_accuracy=accuracy)
   con, accuracy = contrastive_loss(
     outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
   )

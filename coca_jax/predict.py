@@ -6,6 +6,7 @@ width, L decode length, M image tokens, D width.
     predictor = predict.Predictor(model, config, vocab, batch_size=64)
     predictor.embed_images(pixels)        # [N, S, S, 3] preprocessed -> [N, E] unit norm
     predictor.embed_texts(["a dog"])      # -> [N, E] unit norm
+    predictor.embed_videos(clips)         # [N, F, S, S, 3] -> [N, E] unit norm
     predictor.caption(pixels)             # -> N strings, decoded per config.eval.decode
 
 Both the serving API (coca_jax/inference.py) and the evaluators (coca_jax/evaluate/) go
@@ -60,6 +61,10 @@ def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
     return jax.jit(lambda params, ids, mask: nnx.merge(graphdef, params).encode_text(ids, mask)[0])
   if kind == "image_tokens":
     return jax.jit(lambda params, images: nnx.merge(graphdef, params).vision(images))
+  if kind == "video":
+    return jax.jit(lambda params, clips: nnx.merge(graphdef, params).encode_video(clips))
+  if kind == "video_logits":
+    return jax.jit(lambda params, clips: nnx.merge(graphdef, params).video_logits(clips))
   if kind == "caption":
     return decode.jit_generate(graphdef, options)
   raise ValueError(f"unknown prediction kind {kind!r}")
@@ -124,6 +129,17 @@ class Predictor:
     fn = _compiled(self.graphdef, "image_tokens")
     out = map_in_batches(lambda x: self._call(fn, x), [images], self.batch_size)[0]
     return out.astype(np.float32)
+
+  def embed_videos(self, clips: np.ndarray) -> np.ndarray:
+    """clips [N, F, S, S, 3] float32 (preprocessed frames) -> L2-normalised mean of the
+    frame embeddings [N, E] float32."""
+    fn = _compiled(self.graphdef, "video")
+    return map_in_batches(lambda x: self._call(fn, x), [clips], self.batch_size)[0]
+
+  def video_logits(self, clips: np.ndarray) -> np.ndarray:
+    """clips [N, F, S, S, 3] -> the video head's class logits [N, C] float32."""
+    fn = _compiled(self.graphdef, "video_logits")
+    return map_in_batches(lambda x: self._call(fn, x), [clips], self.batch_size)[0]
 
   def decode_options(self, **overrides) -> decode.DecodeOptions:
     """config.eval.decode with keyword overrides (None keeps the config's value)."""

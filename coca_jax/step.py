@@ -78,6 +78,13 @@ def make_gradients(config, graphdef, param_shardings=None):
       f"(config.model.vqa.num_answers={vqa.num_answers}): gradient accumulation supports "
       "the pretraining losses only; use grad_accum_steps=1 (a smaller batch for VQA)"
     )
+  video = config.model.get("video")
+  if video is not None and video.num_classes > 0:
+    raise ValueError(
+      f"config.train.grad_accum_steps={accum_steps} with a video head "
+      f"(config.model.video.num_classes={video.num_classes}): gradient accumulation "
+      "supports the pretraining losses only; use grad_accum_steps=1"
+    )
   contrastive_weight = config.loss.contrastive_weight
   caption_weight = config.loss.caption_weight
 

@@ -1,7 +1,8 @@
 """The CoCa model (Yu et al. 2022, arXiv 2205.01917).
 
 Legend: B batch, H/W image size, N image tokens, Q caption-pooler queries (256 in the
-paper), T text length, D width, E joint embedding width, V vocabulary.
+paper), T text length, D width, E joint embedding width, V vocabulary, F frames of a
+video clip.
 
     image -> ViT -> tokens [B,N,D] -> caption pooler -> caption tokens [B,Q,D]
                                         -> contrastive pooler ("cascade": reads the
@@ -19,6 +20,7 @@ from flax import nnx
 from coca_jax.models import layers
 from coca_jax.models.pooler import AttentionalPooler
 from coca_jax.models.text import TextDecoder
+from coca_jax.models.video import VideoHead
 from coca_jax.models.vit import VisionEncoder
 from coca_jax.models.vqa import VqaHead
 
@@ -79,6 +81,13 @@ class CoCa(nnx.Module):
     self.vqa_head = (
       VqaHead(width, heads, num_answers, eps=eps, dtype=dtype, rngs=rngs) if num_answers else None
     )
+    # Section 4.2: a new pooler over all frames' tokens + classifier (models/video.py);
+    # absent unless config.model.video.num_classes > 0, as the VQA head.
+    video = cfg.get("video")
+    num_classes = int(video.num_classes) if video is not None else 0
+    self.video_head = (
+      VideoHead(width, heads, num_classes, eps=eps, dtype=dtype, rngs=rngs) if num_classes else None
+    )
     t = cfg.temperature
     if not 0 < t.min <= t.init <= t.max:
       raise ValueError(f"config.model.temperature needs 0 < min <= init <= max, got {dict(t)}")
@@ -126,13 +135,32 @@ class CoCa(nnx.Module):
     hidden = self.text.multimodal_tokens(text_tokens, caption_tokens, question_mask)
     return self.vqa_head(hidden, question_mask)
 
+  def encode_video(self, clips: jax.Array) -> jax.Array:
+    """clips [B, F, H, W, 3] -> L2-normalised clip embedding [B, E] f32: the mean of the
+    frames' (unit) image embeddings, normalised again (Section 4.2: zero-shot video
+    classification and video-text retrieval with the frames encoded independently)."""
+    batch, frames = clips.shape[:2]
+    frame_embeddings, _ = self.encode_image(clips.reshape(batch * frames, *clips.shape[2:]))
+    return l2_normalize(frame_embeddings.reshape(batch, frames, -1).mean(axis=1))
+
+  def video_logits(self, clips: jax.Array) -> jax.Array:
+    """clips [B, F, H, W, 3] -> class logits [B, C] float32 of the video head."""
+    if self.video_head is None:
+      raise ValueError("this model has no video head: set config.model.video.num_classes > 0")
+    batch, frames = clips.shape[:2]
+    tokens = self.vision(clips.reshape(batch * frames, *clips.shape[2:]))
+    return self.video_head(tokens.reshape(batch, frames, *tokens.shape[1:]))
+
   def __call__(self, batch: dict) -> dict:
     """batch: {"image": [B,H,W,3], "text": {"ids", "mask": [B,T]}} -> model outputs.
 
     Returns {"image_embedding": [B,E], "text_embedding": [B,E], "logits": [B,T,V],
     "temperature": scalar}, plus "vqa_logits": [B,A] with a VQA head (the text is then
-    the question).
+    the question). A video batch {"video": [B,F,H,W,3], "label": [B]} (a model with a
+    video head) gives {"video_logits": [B,C], "temperature"} only.
     """
+    if "video" in batch:
+      return dict(video_logits=self.video_logits(batch["video"]), temperature=self.temperature())
     mask = batch["text"]["mask"]
     image_embedding, caption_tokens = self.encode_image(batch["image"])
     text_embedding, unimodal_tokens = self.encode_text(batch["text"]["ids"], mask)
