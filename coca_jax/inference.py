@@ -4,8 +4,10 @@
     model.caption(["cat.png", pil_image, array], method="beam", beam_size=4)
     model.classify(["shoe.png"], ["sneaker", "boot", "shirt"])
     model.embed_images([...]), model.embed_texts(["a red heart"])
+    model.embed_videos(clips)   # [B, F, H, W, 3] -> [B, E]: mean of frame embeddings
 
-Legend: N images/texts, S model image size, C classes, E joint embedding width.
+Legend: N images/texts, B clips, F frames per clip, S model image size, C classes, E joint
+embedding width.
 
 Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4], uint8 0..255 or
 float 0..1). They go through the evaluation transform of the input pipeline, the same
@@ -82,6 +84,26 @@ class Model:
   def embed_images(self, images) -> np.ndarray:
     """Images -> L2-normalised embeddings [N, E] float32."""
     return self.predictor.embed_images(self._pixels(images))
+
+  def embed_videos(self, clips) -> np.ndarray:
+    """Clips [B, F, H, W, 3] (uint8 0..255 or float 0..1 frames, or a list of B lists of F
+    images of any kind `embed_images` takes; float32 [B, F, S, S, 3] counts as
+    preprocessed, as for images) -> L2-normalised [B, E] float32: the mean of the frames'
+    image embeddings, normalised (Section 4.2 of the paper: zero-shot video
+    classification and video-text retrieval)."""
+    if isinstance(clips, np.ndarray):
+      if clips.ndim != 5 or not clips.shape[1]:
+        raise ValueError(f"clips must be [B, F > 0, H, W, C], got shape {clips.shape}")
+      count, frames = clips.shape[:2]
+      pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]))
+    else:
+      frame_lists = [list(clip) for clip in clips]
+      lengths = sorted({len(clip) for clip in frame_lists})
+      if len(lengths) != 1 or not lengths[0]:
+        raise ValueError(f"every clip needs the same number (> 0) of frames, got {lengths}")
+      count, frames = len(frame_lists), lengths[0]
+      pixels = self._pixels([frame for clip in frame_lists for frame in clip])
+    return self.predictor.embed_videos(pixels.reshape(count, frames, *pixels.shape[1:]))
 
   def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
     """Texts -> L2-normalised embeddings [N, E] float32."""

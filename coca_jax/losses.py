@@ -114,14 +114,23 @@ def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict
   Returns:
     (loss, {"loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"} and
     with VQA "vqa_loss", "vqa_accuracy"; for a video batch (outputs hold "video_logits",
-    the batch "label" [B]) only {"loss", "video_loss", "video_accuracy"}: L =
-    video_weight * `video_loss`).
+    the batch "label" [B]) {"loss", "video_loss", "video_accuracy"} with the pretraining
+    terms 0: L = video_weight * `video_loss`).
   """
   if "video_logits" in outputs:  # a video batch: the video head's loss alone
     video = video_loss(outputs["video_logits"], batch["label"])
     loss = loss_config.video_weight * video
     accuracy = classification_accuracy(outputs["video_logits"], batch["label"])
-    return loss, dict(loss=loss, video_loss=video, video_accuracy=accuracy)
+    # The pretraining terms are not computed; zeros keep the trainer's console line whole.
+    zero = jnp.zeros([], jnp.float32)
+    return loss, dict(
+      loss=loss,
+      video_loss=video,
+      video_accuracy=accuracy,
+      contrastive_loss=zero,
+      captioning_loss=zero,
+      contrastive_accuracy=zero,
+    )
   con, accuracy = contrastive_loss(
     outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
   )

@@ -5,7 +5,8 @@
 
 `config.data.source` picks the rows: "mixture" (the seqio mixture of coca_jax/data, its
 tasks registered once per data config), "synthetic" (coca_jax/data/synthetic.py) or
-"vqa" (the VQA task of coca_jax/data/vqa.py).
+"vqa" (the VQA task of coca_jax/data/vqa.py) or "video" (the clips of
+coca_jax/data/video.py).
 Splits: "train", and "eval" (held-out rows, the same sequence at every evaluation).
 
 Each process reads only its data shard: the rows of the global batch that its devices
@@ -20,7 +21,7 @@ from typing import Iterator
 
 from coca_jax import sharding
 
-SOURCES = ("mixture", "synthetic", "vqa")
+SOURCES = ("mixture", "synthetic", "vqa", "video")
 
 
 def resolve(config):
@@ -62,6 +63,17 @@ def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict
     from coca_jax.data import vqa
 
     return vqa.batches(
+      config,
+      split,
+      shard_index=shard.index,
+      num_shards=shard.count,
+      local_batch_size=len(shard.rows),
+      start_step=start_step,
+    )
+  if config.data.source == "video":  # video clips (coca_jax/data/video.py)
+    from coca_jax.data import video
+
+    return video.batches(
       config,
       split,
       shard_index=shard.index,

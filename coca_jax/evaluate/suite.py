@@ -18,6 +18,11 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   vqa/majority_baseline                     always the most frequent training answer
   vqa/question_prior_baseline               each question's most frequent training answer
   vqa/examples                              questions scored
+  video/zero_shot/top1, video/zero_shot/top5  clips of the video task's eval files: the mean
+                                            of the frame embeddings vs the class prompts
+  video/top1                                the video head (a model with one)
+  video/chance                              1 / classes
+  video/examples                            clips scored
 """
 
 import dataclasses
@@ -30,9 +35,10 @@ from absl import logging
 from coca_jax import predict
 from coca_jax.data import eval_sets
 from coca_jax.evaluate import captioning, frozen, retrieval, zero_shot
+from coca_jax.evaluate import video as video_eval
 from coca_jax.evaluate import vqa as vqa_eval
 
-EVALS = ("zero_shot", "retrieval", "captioning", "frozen", "vqa")
+EVALS = ("zero_shot", "retrieval", "captioning", "frozen", "vqa", "video")
 SAMPLE_CAPTIONS = 4  # logged at each captioning eval
 
 
@@ -64,8 +70,8 @@ def run(
   if not names:
     return {}
   eval_config = config.eval
-  # The VQA eval reads its own task; the other evals share the EvalSets.
-  if datasets is None and set(names) - {"vqa"}:
+  # The VQA and video evals read their own tasks; the other evals share the EvalSets.
+  if datasets is None and set(names) - {"vqa", "video"}:
     datasets = eval_sets.load(config)
   n = eval_config.num_examples
 
@@ -104,6 +110,8 @@ def run(
         )
     elif name == "vqa":
       result = _vqa_eval(predictor, config)
+    elif name == "video":
+      result = _video_eval(predictor, config)
     else:  # frozen
       result = _frozen_eval(predictor, datasets, config)
     metrics.update({f"{name}/{k}": v for k, v in result.items()})
@@ -173,6 +181,20 @@ def _vqa_eval(predictor: predict.Predictor, config) -> dict:
     vqa.answer_vocabulary(config.data, config.model.vqa.num_answers),
     train_questions,
     train_answers,
+  )
+
+
+def _video_eval(predictor: predict.Predictor, config) -> dict:
+  """Zero-shot and (with a head) the video head on the first config.eval.num_examples
+  clips of the video eval files."""
+  from coca_jax.data import loader, video  # TensorFlow: only when this eval runs
+
+  config = loader.resolve(config)
+  return video_eval.evaluate(
+    predictor,
+    video.eval_set(config),
+    config.eval.zero_shot.templates,
+    has_head=config.model.video.num_classes > 0,
   )
 
 

@@ -1,0 +1,300 @@
+"""Video data: a seqio Task of clips (encoded frames) and labels, the demo clips, batches.
+
+Legend: b local batch, F frames per clip (config.data.video.frames), S image size,
+C classes.
+
+Files: TFRecords of tf.train.Examples with `frames` (a bytes_list of the clip's F encoded
+frames, PNG or JPEG, in time order) and `label` (int64, 0..C-1), `config.data.video.files`
+/ `eval_files`; class names in `config.data.video.class_names` (a text file, line i =
+label i's name). A clip with more frames than F keeps F evenly spaced ones; fewer are
+padded by repeating the last. (A TFDS video dataset such as ucf101 stores `video` as a
+Sequence of encoded frames plus `label`: export it to this layout, or point the files at
+its TFRecords after renaming the feature; it is not read directly.)
+
+Empty files: the demo clips that `build_demo` writes under <data_dir>/video_demo/, offline
+(~10 s): each Fashion-MNIST image becomes one clip of F frames filmed by a moving camera
+(`camera_motion`: a pan, a zoom or a rotation, direction and kind drawn per clip), labelled
+by the image's class (10 classes). Train clips come from the first demo_fashion_train
+TRAIN images, eval clips from the first demo_fashion_eval TEST images: held out by image.
+
+Tasks (registered by `register`): NAME and NAME_eval, output features `video`
+[F, S, S, 3] float32 (each frame through the evaluation transform of the input pipeline:
+the camera motion is the augmentation) and `label` int32.
+
+Trainer batches (`batches`, config.data.source = "video"): {"video" [b, F, S, S, 3],
+"label" [b] int32}. A resume at step k skips k b preprocessed rows.
+"""
+
+import io
+import math
+import os
+
+import numpy as np
+import seqio
+import tensorflow as tf
+from PIL import Image
+
+from coca_jax.data import images, prepare, raw, tasks
+
+DEMO_DIR = "video_demo"
+DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
+CLASS_NAMES_FILE = "class_names.txt"
+FEATURES = {
+  "frames": tf.io.VarLenFeature(tf.string),
+  "label": tf.io.FixedLenFeature([], tf.int64),
+}
+MOTIONS = ("pan", "zoom", "rotate")
+# Motion ranges over a clip (start -> end): a pan moves the view by PAN of the image
+# width, a zoom goes from 1x to ZOOM x, a rotation turns by ROTATE degrees.
+PAN, ZOOM, ROTATE = 0.3, 1.5, 40.0
+
+
+# ---- the demo clips ----
+
+
+def camera_motion(
+  image: np.ndarray, frames: int, motion: str, size: int, direction: int = 1
+) -> np.ndarray:
+  """[h, w, 3] uint8 -> [F, size, size, 3] uint8: the image seen by a camera that pans
+  (horizontally), zooms in (direction -1: out) or rotates over F frames; pixels from
+  outside the image are black (the Fashion-MNIST background)."""
+  if motion not in MOTIONS:
+    raise ValueError(f"motion={motion!r}; use one of {MOTIONS}")
+  if frames < 2:
+    raise ValueError(f"a clip with camera motion needs frames >= 2, got {frames}")
+  picture = Image.fromarray(image)
+  h, w = image.shape[:2]
+  out = []
+  for t in np.linspace(0.0, 1.0, frames):
+    s = t if direction > 0 else 1.0 - t  # progress along the motion
+    zoom, angle, shift = 1.0, 0.0, 0.0
+    if motion == "pan":
+      shift = (s - 0.5) * PAN * w
+    elif motion == "zoom":
+      zoom = 1.0 + s * (ZOOM - 1.0)
+    else:
+      angle = math.radians((s - 0.5) * ROTATE)
+    # Output pixel (x, y) reads input center + R(angle) (x - out center) (w / size) / zoom.
+    k = (w / size) / zoom
+    a, b = k * math.cos(angle), -k * math.sin(angle)
+    d, e = k * math.sin(angle), k * math.cos(angle)
+    o = (size - 1) / 2
+    c = (w - 1) / 2 + shift - (a * o + b * o)
+    f = (h - 1) / 2 - (d * o + e * o)
+    frame = picture.transform(
+      (size, size), Image.AFFINE, (a, b, c, d, e, f), resample=Image.BILINEAR, fillcolor=(0, 0, 0)
+    )
+    out.append(np.asarray(frame))
+  return np.stack(out)
+
+
+def _png(frame: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(frame).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _example(frames: list[bytes], label: int) -> bytes:
+  feature = dict(
+    frames=tf.train.Feature(bytes_list=tf.train.BytesList(value=frames)),
+    label=tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+  )
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def demo_clips(data_config, split: str):
+  """(encoded frames, label) of the demo clips of `split` ("train" or "validation")."""
+  import tensorflow_datasets as tfds
+
+  v = data_config.video
+  data_dir = data_config.data_dir or prepare.default_data_dir()
+  name, version = data_config.jft_style.tfds_name.split(":")
+  builder = tfds.builder_from_directory(
+    os.path.join(prepare.paths(data_dir)["tfds"], name, version)
+  )
+  fashion_split = "train" if split == "train" else data_config.jft_style.eval_split
+  limit = v.demo_fashion_train if split == "train" else v.demo_fashion_eval
+  rng = np.random.default_rng(0 if split == "train" else 1)
+  rows = builder.as_dataset(split=fashion_split, decoders={"image": tfds.decode.SkipDecoding()})
+  for i, row in enumerate(rows.as_numpy_iterator()):
+    if i == limit:
+      break
+    motion = MOTIONS[rng.integers(len(MOTIONS))]
+    direction = int(rng.choice([-1, 1]))
+    clip = camera_motion(
+      images.decode(row["image"]), v.frames, motion, data_config.image_size, direction
+    )
+    yield [_png(frame) for frame in clip], int(row["label"])
+
+
+def demo_folder(data_config) -> str:
+  data_dir = data_config.data_dir or prepare.default_data_dir()
+  v = data_config.video
+  return os.path.join(
+    data_dir,
+    DEMO_DIR,
+    f"fashion{v.demo_fashion_train}_{v.demo_fashion_eval}_f{v.frames}_s{data_config.image_size}",
+  )
+
+
+def build_demo(data_config) -> dict[str, str]:
+  """Writes the demo clips' TFRecords and class names (idempotent); returns {split: path}."""
+  folder = demo_folder(data_config)
+  os.makedirs(folder, exist_ok=True)
+  names_path = os.path.join(folder, CLASS_NAMES_FILE)
+  if not os.path.exists(names_path):
+    with open(names_path + ".tmp", "w") as f:
+      f.write("".join(name + "\n" for name, _ in raw.FASHION_MNIST_CLASSES))
+    os.replace(names_path + ".tmp", names_path)
+  paths = {split: os.path.join(folder, file) for split, file in DEMO_SPLITS.items()}
+  for split, path in paths.items():
+    if os.path.exists(path):
+      continue
+    with tf.io.TFRecordWriter(path + ".tmp") as writer:
+      for frames, label in demo_clips(data_config, split):
+        writer.write(_example(frames, label))
+    os.replace(path + ".tmp", path)
+  return paths
+
+
+def files(data_config) -> dict[str, str]:
+  """{"train", "validation"}: the file patterns of the video source (the demo's built)."""
+  v = data_config.video
+  if v.files:
+    return dict(train=v.files, validation=v.eval_files or v.files)
+  return build_demo(data_config)
+
+
+def class_names(data_config) -> list[str]:
+  """The class names, label order (config.data.video.class_names, or the demo's)."""
+  path = data_config.video.class_names
+  if not path:
+    if data_config.video.files:
+      raise ValueError(
+        "config.data.video.files is set but config.data.video.class_names is empty: name a "
+        "text file with one class name per line (line i = label i)"
+      )
+    build_demo(data_config)
+    path = os.path.join(demo_folder(data_config), CLASS_NAMES_FILE)
+  with tf.io.gfile.GFile(path) as f:
+    return [line.strip() for line in f if line.strip()]
+
+
+# ---- seqio ----
+
+
+def output_features() -> dict:
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  return {
+    "video": seqio.Feature(passthrough, add_eos=False, dtype=tf.float32, rank=4),
+    "label": seqio.Feature(passthrough, add_eos=False, dtype=tf.int32, rank=0),
+  }
+
+
+def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std):
+  """numpy: F' encoded frames -> ([F, S, S, 3] float32 eval pixels, keep). F evenly spaced
+  frames of F' >= F; the last repeated when F' < F; keep False (zeros) when a frame does
+  not decode or there is none."""
+  encoded = list(encoded)
+  if not encoded:
+    return np.zeros((frames, size, size, 3), np.float32), False
+  picks = np.linspace(0, len(encoded) - 1, frames).round().astype(int)
+  if len(encoded) < frames:
+    picks = np.minimum(np.arange(frames), len(encoded) - 1)
+  try:
+    pixels = [images.eval_pixels(images.decode(encoded[i]), size, mean, std) for i in picks]
+  except images.ImageError:
+    return np.zeros((frames, size, size, 3), np.float32), False
+  return np.stack(pixels).astype(np.float32), True
+
+
+def _preprocessors(data_config) -> list:
+  options = tasks.eval_image_options(data_config)
+  frames = data_config.video.frames
+
+  def decode(row):
+    encoded = row["frames"]
+    if isinstance(encoded, tf.SparseTensor):
+      encoded = tf.sparse.to_dense(encoded)
+    video, keep = tf.numpy_function(
+      lambda e: clip_pixels(e, frames, options["size"], options["mean"], options["std"]),
+      [encoded],
+      [tf.float32, tf.bool],
+      stateful=False,
+    )
+    video.set_shape([frames, options["size"], options["size"], 3])
+    keep.set_shape([])
+    return dict(video=video, label=tf.cast(row["label"], tf.int32), keep=keep)
+
+  def decode_and_filter(ds):
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda r: r["keep"])
+    return ds.map(lambda r: dict(video=r["video"], label=r["label"]))
+
+  return [decode_and_filter]
+
+
+def register(data_config) -> tuple[str, str]:
+  """Registers NAME and NAME_eval over the video files; -> (train, eval) task names."""
+  name = data_config.video.task_name
+  source = seqio.TFExampleDataSource(
+    split_to_filepattern=files(data_config), feature_description=FEATURES
+  )
+  for task_name in (name, name + tasks.EVAL_SUFFIX):
+    seqio.TaskRegistry.remove(task_name)
+    seqio.TaskRegistry.add(
+      task_name,
+      source=source,
+      preprocessors=_preprocessors(data_config),
+      output_features=output_features(),
+      shuffle_buffer_size=data_config.shuffle_buffer,
+    )
+  return name, name + tasks.EVAL_SUFFIX
+
+
+def batches(
+  config, split: str, *, shard_index: int, num_shards: int, local_batch_size: int, start_step=0
+):
+  """Endless host batches {"video" [b,F,S,S,3] float32, "label" [b] int32}; split "train"
+  (shuffled) or "eval" (the held-out files, in order)."""
+  data = config.data
+  train_name, eval_name = register(data)
+  task = seqio.get_mixture_or_task(train_name if split == "train" else eval_name)
+  ds = task.get_dataset(
+    sequence_length=None,
+    split="train" if split == "train" else "validation",
+    shuffle=split == "train",
+    seed=data.seed + (split != "train"),
+    shard_info=seqio.ShardInfo(shard_index, num_shards),
+    num_epochs=None,
+    use_cached=False,
+  )
+  ds = ds.skip(start_step * local_batch_size)
+  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = data.max_intra_op_parallelism
+  ds = ds.with_options(options)
+  for batch in ds.as_numpy_iterator():
+    yield dict(video=batch["video"], label=batch["label"].astype(np.int32))
+
+
+def eval_set(config) -> dict:
+  """The first config.eval.num_examples (0: all) held-out clips:
+  {"clips" [N,F,S,S,3] float32, "labels" [N] int, "class_names" [C]}."""
+  register(config.data)
+  task = seqio.get_mixture_or_task(config.data.video.task_name + tasks.EVAL_SUFFIX)
+  ds = task.get_dataset(
+    sequence_length=None, split="validation", shuffle=False, num_epochs=1, use_cached=False
+  )
+  limit = config.eval.num_examples
+  clips, labels = [], []
+  for row in ds.as_numpy_iterator():
+    clips.append(row["video"])
+    labels.append(int(row["label"]))
+    if len(clips) == limit:
+      break
+  return dict(
+    clips=np.stack(clips).astype(np.float32),
+    labels=np.asarray(labels),
+    class_names=class_names(config.data),
+  )
