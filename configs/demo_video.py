@@ -4,9 +4,10 @@
 
 Starts from the demo's export (`configs/demo.py`, /tmp/coca_demo/export): every
 pretrained parameter is loaded, the video head (a new 1-query attentional pooler over all
-frames' image tokens, space x time, + a linear classifier) starts fresh. Data: the demo
-clips (coca_jax/data/video.py): Fashion-MNIST images filmed by a moving camera (pan /
-zoom / rotation over F frames), labelled by class, eval clips from held-out test images.
+frames' image tokens, space x time, + a linear classifier) starts fresh and is the only
+part trained (the image encoder is frozen). Data: the demo clips (coca_jax/data/video.py):
+Fashion-MNIST images filmed by a moving camera (pan / zoom / rotation over F frames),
+labelled by class, eval clips from held-out test images.
 The 'video' eval reports zero-shot top-1 (mean of frame embeddings vs the class prompts,
 no training), the trained head's top-1 and chance (1/10). For real clips set
 `data.video.files` / `eval_files` / `class_names`, `data.video.frames` and
@@ -24,11 +25,15 @@ def get_config(arg=None):
   c.data.global_batch_size = 32  # clips: 128 frames through the encoder per step
   c.loss.video_weight = 1.0
   c.train.init_from = "/tmp/coca_demo/export"
-  c.train.steps = 150
-  c.train.log_every = 25
-  c.train.eval_every = 150
+  # Frozen-feature setting (Section 4.2): the image encoder stays the export's, so
+  # video/zero_shot/* is the pretrained model's and only the new head learns;
+  # `--config.train.frozen="()"` finetunes the encoder too (see README: Video).
+  c.train.frozen = ("vision",)
+  c.train.steps = 120
+  c.train.log_every = 20
+  c.train.eval_every = 120
   c.train.eval_steps = 4
-  c.train.checkpoint_every = 150
+  c.train.checkpoint_every = 120
   c.optim.lr = 5e-4
   c.optim.warmup_fraction = 0.05
   c.optim.decay = "cosine"
