@@ -137,6 +137,35 @@ def test_clip_pixels_pick_and_pad_frames():
   assert not keep
 
 
+def test_own_tfrecords_read_as_clips(tmp_path):
+  import tensorflow as tf
+
+  from coca_jax.data import video
+  from configs import demo_video
+
+  config = demo_video.get_config()
+  rng = np.random.default_rng(0)
+  with tf.io.TFRecordWriter(str(tmp_path / "clips.tfrecord")) as writer:
+    for label, count in enumerate((5, 1, 3)):  # frames per clip: more, fewer, as many as F
+      frames = rng.integers(0, 256, size=(count, 20, 24, 3), dtype=np.uint8)
+      writer.write(video._example([video._png(f) for f in frames], label))
+  (tmp_path / "names.txt").write_text("walking\nrunning\njumping\n")
+  config.data.video.update(
+    files=str(tmp_path / "clips.tfrecord"), class_names=str(tmp_path / "names.txt"), frames=3
+  )
+  config.eval.num_examples = 0
+  got = video.eval_set(config)
+  assert got["clips"].shape == (3, 3, 32, 32, 3)
+  np.testing.assert_array_equal(got["labels"], [0, 1, 2])
+  assert got["class_names"] == ["walking", "running", "jumping"]
+  np.testing.assert_array_equal(got["clips"][1, 0], got["clips"][1, 2])  # 1 frame, repeated
+  batch = next(video.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=2))
+  assert batch["video"].shape == (2, 3, 32, 32, 3) and batch["label"].dtype == np.int32
+  config.data.video.class_names = ""
+  with pytest.raises(ValueError, match="class_names is empty"):
+    video.class_names(config.data)
+
+
 # ---- the eval and the serving API ----
 
 

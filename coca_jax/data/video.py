@@ -198,9 +198,10 @@ def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std):
   encoded = list(encoded)
   if not encoded:
     return np.zeros((frames, size, size, 3), np.float32), False
-  picks = np.linspace(0, len(encoded) - 1, frames).round().astype(int)
   if len(encoded) < frames:
     picks = np.minimum(np.arange(frames), len(encoded) - 1)
+  else:
+    picks = np.linspace(0, len(encoded) - 1, frames).round().astype(int)
   try:
     pixels = [images.eval_pixels(images.decode(encoded[i]), size, mean, std) for i in picks]
   except images.ImageError:
