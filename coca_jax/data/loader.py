@@ -4,7 +4,7 @@
     for batch in loader.batches(config, mesh, "train", start_step): ...
 
 `config.data.source` picks the rows: "mixture" (the seqio mixture of coca_jax/data, its
-tasks registered once per data config), "synthetic" (coca_jax/data/synthetic.py) or
+tasks registered once per data config), "synthetic" (coca_jax/data/synthetic.py),
 "vqa" (the VQA task of coca_jax/data/vqa.py) or "video" (the clips of
 coca_jax/data/video.py).
 Splits: "train", and "eval" (held-out rows, the same sequence at every evaluation).

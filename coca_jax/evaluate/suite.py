@@ -190,11 +190,12 @@ def _video_eval(predictor: predict.Predictor, config) -> dict:
   from coca_jax.data import loader, video  # TensorFlow: only when this eval runs
 
   config = loader.resolve(config)
+  head = config.model.get("video")  # absent from configs of exports made before it existed
   return video_eval.evaluate(
     predictor,
     video.eval_set(config),
     config.eval.zero_shot.templates,
-    has_head=config.model.video.num_classes > 0,
+    has_head=head is not None and head.num_classes > 0,
   )
 
 
