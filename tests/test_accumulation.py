@@ -39,18 +39,23 @@ def real_batch(config) -> dict:
   return rows
 
 
-def grads_metrics_params(config, batch):
-  """(gradient, metrics, updated parameters) of one train step from the initial state."""
+def grads_metrics_params(config, batch, train_step: bool):
+  """(gradient, loss terms, updated parameters or None) from the initial state.
+
+  With `train_step` the terms and parameters come from the trainer's jitted step (and
+  its metrics), else only the gradient function runs (one compile less per config).
+  """
   devices = jax.devices()[: config.mesh.data * config.mesh.fsdp * config.mesh.tensor]
   run = state_lib.setup(config, devices)
   gradients = step_lib.make_gradients(config, run.layout.graphdef, run.layout.shardings["params"])
   grad_step = step_lib._jit(
-    config, lambda state, b: gradients(state["params"], b)[0], run.layout, donate=False
+    config, lambda state, b: gradients(state["params"], b), run.layout, donate=False
   )
   global_rows = sharding.global_batch(batch, run.mesh, config.sharding_rules)
-  grads = jax.device_get(grad_step(state_lib.create(config, run), global_rows))
-  train_step = step_lib.make_train_step(config, run)
-  state, metrics = train_step(state_lib.create(config, run), global_rows)
+  grads, terms = jax.device_get(grad_step(state_lib.create(config, run), global_rows))
+  if not train_step:
+    return grads, terms, None
+  state, metrics = step_lib.make_train_step(config, run)(state_lib.create(config, run), global_rows)
   return grads, jax.device_get(metrics), jax.device_get(state["params"])
 
 
@@ -82,8 +87,10 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(mesh_shape):
   tokens_per_micro_batch = [int(mask[i::ACCUM].sum()) for i in range(ACCUM)]
   assert len(set(tokens_per_micro_batch)) > 1, tokens_per_micro_batch
 
-  full_grads, full_metrics, full_params = grads_metrics_params(full_config, batch)
-  grads, metrics, params = grads_metrics_params(accum_config, batch)
+  # The trainer's step (updated parameters, grad_norm) on the mesh, where it is slow.
+  train_step = mesh_shape != (1, 1, 1)
+  full_grads, full_metrics, full_params = grads_metrics_params(full_config, batch, train_step)
+  grads, metrics, params = grads_metrics_params(accum_config, batch, train_step)
 
   def close_to_scale(a, b):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-3 * max(float(np.abs(b).max()), 1e-12))
@@ -92,12 +99,13 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(mesh_shape):
   difference = jax.tree.map(lambda a, b: a - b, grads, full_grads)
   assert optax.tree.norm(difference) < 1e-5 * optax.tree.norm(full_grads)
   assert abs(float(grads["log_inv_temperature"])) > 0  # the temperature does learn
-  jax.tree.map(
-    lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params, full_params
-  )
   for name in ("loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"):
     np.testing.assert_allclose(metrics[name], full_metrics[name], rtol=1e-5, err_msg=name)
-  np.testing.assert_allclose(metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-4)
+  if train_step:
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-5), params, full_params
+    )
+    np.testing.assert_allclose(metrics["grad_norm"], full_metrics["grad_norm"], rtol=1e-4)
   # And independently of the A = 1 step: InfoNCE over all 32 pairs, not 8 per micro-batch.
   one_device = config_with(ACCUM, (1, 1, 1))
   initial = state_lib.create(one_device, state_lib.setup(one_device, jax.devices()[:1]))

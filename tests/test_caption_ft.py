@@ -241,6 +241,7 @@ def test_demo_caption_ft_trains_from_an_export_with_the_captioning_loss(
   assert (tmp_path / "run" / "export" / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_contrastive_only_parameters_get_no_gradient_at_contrastive_weight_0(tiny_export):
   config = tiny_caption_ft(tiny_export["path"])
   run = state_lib.setup(config)

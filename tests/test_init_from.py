@@ -220,6 +220,7 @@ def test_frozen_parameters_have_no_optimizer_state_and_trained_ones_keep_their_s
   assert any("'fsdp'" in v for v in trained.values())
 
 
+@pytest.mark.slow
 def test_frozen_parameters_stay_bitwise_while_the_others_move(source):
   config = finetune(source["root"] / "export")
   config.train.frozen = ("^vision/", "caption_pooler")

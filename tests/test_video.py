@@ -137,6 +137,7 @@ def test_clip_pixels_pick_and_pad_frames():
   assert not keep
 
 
+@pytest.mark.slow
 def test_own_tfrecords_read_as_clips(tmp_path):
   import tensorflow as tf
 
