@@ -22,6 +22,8 @@ INSTALL_REQUIRES = [
   "importlib_resources",
   # CIDEr-D and BLEU-4 scorers (pure Python; METEOR/SPICE need Java and are not used).
   "pycocoevalcap==1.2",
+  # Reads open_clip's .safetensors checkpoints without torch (coca_jax.convert).
+  "safetensors==0.8.0",
   "pillow",
   "numpy",
   "absl-py",
@@ -37,6 +39,15 @@ EXTRAS_REQUIRE = {
   ],
   # libtpu: compile for TPU slices on any host (coca_jax.aot), and run on TPU VMs.
   "tpu": ["jax[tpu]==0.10.2"],
+  # Test-only: open_clip's CoCa with random weights, the reference for the converter's
+  # parity checks and the CLIP tokenizer's (the runtime never imports torch).
+  # transformers < 4.50: open_clip 3.3.0's generate() needs its older logits processors.
+  "open_clip": [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "open-clip-torch==3.3.0",
+    "transformers==4.49.0",
+  ],
 }
 
 # Name, version and description: pyproject.toml.
