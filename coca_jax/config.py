@@ -207,6 +207,10 @@ def coca_config(
         # The example's label names, shuffled and joined, fill `{}` of a template
         # drawn at random (Section 4.1: "a photo of the cat, animal").
         templates=JFT_TEMPLATES,
+        # Class names (of the source's `label` ClassLabel) whose rows training never reads:
+        # the zero-shot eval scores them apart (zero_shot/held_out/*), a truly zero-shot
+        # number (the other classes' names are in the training text).
+        held_out_classes=(),
       ),
       alt_text=dict(
         task_name="alt_text",
@@ -267,9 +271,20 @@ def coca_config(
   c.sharding_rules = SHARDING_RULES
 
   # ---- evaluation: what runs every train.eval_every steps and on exports ----
-  c.eval = ml_collections.ConfigDict(
+  c.eval = eval_config()
+
+  _apply_switches(c, arg)
+  return c
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  """The `eval` section: what runs every train.eval_every steps and on exports (also the
+  base of the benchmark recipes, configs/eval/)."""
+  return ml_collections.ConfigDict(
     dict(
-      # Comma-separated subset of: zero_shot, retrieval, captioning, frozen.
+      # Comma-separated subset of coca_jax/evaluate/suite.py EVALS: zero_shot,
+      # retrieval, captioning, frozen, vqa, video, and the public benchmark recipes
+      # imagenet2012, imagenet_v2, cifar10, cifar100, coco, flickr30k (`benchmarks`).
       evals="zero_shot,retrieval,captioning",
       batch_size=64,  # jitted eval batch; the last batch is padded to it
       num_examples=1_000,  # examples per eval split (0: the whole split)
@@ -298,11 +313,22 @@ def coca_config(
         train_fraction=0.5,  # of the classification split, when it has no train part
         seed=0,
       ),
+      # Public benchmarks (coca_jax/evaluate/benchmarks.py, configs/eval/): datasets users
+      # prepare with TFDS (imagenet2012 validation, imagenet_v2 test, cifar10 / cifar100
+      # test, coco_captions' Karpathy test split) or own TFRecords (Flickr30k). Zero-shot
+      # uses CLIP's class names and prompt templates (coca_jax/data/benchmark_names/).
+      benchmarks=dict(
+        tfds_data_dir="",  # "" = TFDS's default ($TFDS_DATA_DIR or ~/tensorflow_datasets)
+        # Prompt templates: "" = the dataset's CLIP set (clip80 for ImageNet, clip_cifar
+        # for CIFAR), or "clip80", "clip7" (CLIP's 7-template subset), "clip_cifar".
+        templates="",
+        captioning=True,  # coco / flickr30k: also caption every image (CIDEr-D, BLEU-4)
+        # Flickr30k test split: TFRecords of tf.train.Examples with `image` (encoded
+        # bytes) and `caption` (a bytes_list, one value per caption).
+        flickr30k_files="",
+      ),
     )
   )
-
-  _apply_switches(c, arg)
-  return c
 
 
 def default_mesh() -> ml_collections.ConfigDict:

@@ -143,14 +143,9 @@ def _rows(config, kind: str, split: str = "validation"):
 
 def class_names(config) -> list[str]:
   """The ClassLabel names of the JFT-style source (a prepared TFDS dataset)."""
-  import tensorflow_datasets as tfds
-
   from coca_jax.data import tasks
 
-  c = config.data.jft_style
-  name, version = c.tfds_name.split(":")
-  builder = tfds.builder_from_directory(f"{tasks.tfds_data_dir(config.data, c)}/{name}/{version}")
-  return list(builder.info.features["label"].names)
+  return tasks.label_names(config.data)
 
 
 def _classification(config, split: str) -> ClassificationSet:

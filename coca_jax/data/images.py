@@ -78,18 +78,40 @@ def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
   return (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def eval_pixels(rgb: np.ndarray, size: int, mean, std) -> np.ndarray:
+RESIZE_METHODS = ("bilinear", "bicubic")
+
+
+def check_resize(resize: str) -> None:
+  if resize not in RESIZE_METHODS:
+    raise ValueError(
+      f"config.data.image.resize={resize!r}; expected one of {', '.join(RESIZE_METHODS)}"
+    )
+
+
+def eval_pixels(rgb: np.ndarray, size: int, mean, std, resize: str = "bilinear") -> np.ndarray:
   """The evaluation transform: [h, w, 3] uint8 -> [S, S, 3] float32 (S = size).
 
-  The shorter side is resized to S (bilinear, with PIL's antialiasing when shrinking),
-  the longer to the nearest integer keeping the aspect ratio, then the centre S x S crop
-  is normalised.
+  The shorter side is resized to S, then the centre S x S crop is normalised. `resize`
+  (config.data.image.resize):
+    "bilinear"  coca_jax's own: PIL bilinear (antialiased when shrinking), the longer
+                side rounded to the nearest integer, the crop's offset rounded down;
+    "bicubic"   open_clip's eval transform (torchvision Resize(S, BICUBIC) on a PIL
+                image + CenterCrop(S)): PIL bicubic, the longer side truncated
+                (int(S * long / short)), the crop's offset round((side - S) / 2).
   """
+  check_resize(resize)
   image = Image.fromarray(np.asarray(rgb, np.uint8))
-  scale = size / min(image.size)
-  width = max(size, round(image.size[0] * scale))
-  height = max(size, round(image.size[1] * scale))
-  image = image.resize((width, height), Image.BILINEAR)
-  left, top = (width - size) // 2, (height - size) // 2
+  width, height = image.size
+  short = min(width, height)
+  if resize == "bilinear":
+    width = max(size, round(width * size / short))
+    height = max(size, round(height * size / short))
+    image = image.resize((width, height), Image.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+  else:
+    longer = int(size * max(width, height) / short)
+    width, height = (size, longer) if width <= height else (longer, size)
+    image = image.resize((width, height), Image.BICUBIC)
+    left, top = round((width - size) / 2), round((height - size) / 2)
   image = image.crop((left, top, left + size, top + size))
   return normalize(np.asarray(image), mean, std)

@@ -167,6 +167,18 @@ def caption_list(dataset: tf.data.Dataset) -> tf.data.Dataset:
   return dataset.map(to_list, num_parallel_calls=tf.data.AUTOTUNE)
 
 
+def drop_labels(dataset: tf.data.Dataset, names) -> tf.data.Dataset:
+  """JFT-style rows without those whose `label_names` include one of `names` (held-out
+  classes: config.data.jft_style.held_out_classes)."""
+  held_out = tf.constant(list(names))
+
+  def keep(row):
+    label_names = tf.reshape(row["label_names"], [-1, 1])
+    return tf.logical_not(tf.reduce_any(tf.equal(label_names, held_out[None, :])))
+
+  return dataset.filter(keep)
+
+
 @seqio.map_over_dataset(num_seeds=2)
 def jft_text(example, seeds, templates):
   """`text` from the example's `label_names` (jft_caption)."""
@@ -229,13 +241,14 @@ def train_pixels(image, seeds, size: int, mean, std, crop_area, crop_aspect, fli
   return normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)
 
 
-def eval_pixels(image, size: int, mean, std):
-  """[H, W, 3] uint8 -> [size, size, 3] float32: resize the shorter side to `size`,
-  center crop, normalize: the same function (images.eval_pixels) as the inference
-  API's, run through tf.numpy_function."""
+def eval_pixels(image, size: int, mean, std, resize: str = "bilinear"):
+  """[H, W, 3] uint8 -> [size, size, 3] float32: resize the shorter side to `size`
+  (`resize`: "bilinear" or "bicubic"), center crop, normalize: the same function
+  (images.eval_pixels) as the inference API's, run through tf.numpy_function."""
+  images.check_resize(resize)
 
   def pixels(rgb):
-    return images.eval_pixels(rgb, size, mean, std)
+    return images.eval_pixels(rgb, size, mean, std, resize)
 
   image = tf.numpy_function(pixels, [image], tf.float32, stateful=False)
   image.set_shape([size, size, 3])
@@ -250,6 +263,6 @@ def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, fl
 
 
 @seqio.map_over_dataset
-def eval_image(example, size: int, mean, std):
+def eval_image(example, size: int, mean, std, resize: str = "bilinear"):
   """`image` through eval_pixels."""
-  return {**example, "image": eval_pixels(example["image"], size, mean, std)}
+  return {**example, "image": eval_pixels(example["image"], size, mean, std, resize)}

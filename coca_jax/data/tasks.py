@@ -105,9 +105,15 @@ def train_image_options(data_config) -> dict:
 
 
 def eval_image_options(data_config) -> dict:
-  """Keyword arguments of preprocess.eval_pixels / eval_image."""
+  """Keyword arguments of preprocess.eval_pixels / eval_image (configs written before
+  `image.resize` existed resize bilinearly, as they did)."""
   image = data_config.image
-  return dict(size=data_config.image_size, mean=tuple(image.mean), std=tuple(image.std))
+  return dict(
+    size=data_config.image_size,
+    mean=tuple(image.mean),
+    std=tuple(image.std),
+    resize=image.get("resize", "bilinear"),
+  )
 
 
 def preprocessors(data_config, kind: str, *, train: bool) -> list:
@@ -124,7 +130,7 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
   else:
     to_image = functools.partial(preprocess.eval_image, **eval_image_options(data_config))
   return [
-    *row_preprocessors(kind),
+    *row_preprocessors(data_config, kind, train=train),
     functools.partial(preprocess.decode_and_validate, text_key=text_key),
     make_text,
     preprocess.tokenize_text,
@@ -132,10 +138,41 @@ def preprocessors(data_config, kind: str, *, train: bool) -> list:
   ]
 
 
-def row_preprocessors(kind: str) -> list:
+def row_preprocessors(data_config, kind: str, *, train: bool) -> list:
   """What every task of `kind` first does to the source rows: alt-text captions of
-  either layout to [n] strings (preprocess.caption_list)."""
-  return [preprocess.caption_list] if kind == "alt_text" else []
+  either layout to [n] strings (preprocess.caption_list); in the tasks training reads
+  (`train`: NAME and NAME_rows), JFT-style rows naming a class of
+  `jft_style.held_out_classes` dropped, so that zero-shot on those classes is zero-shot
+  (the eval task NAME_eval keeps every class)."""
+  if kind == "alt_text":
+    return [preprocess.caption_list]
+  held_out = tuple(data_config.jft_style.get("held_out_classes", ()))
+  if train and held_out:
+    return [functools.partial(preprocess.drop_labels, names=held_out)]
+  return []
+
+
+def label_names(data_config) -> list[str]:
+  """The ClassLabel names of the JFT-style source's `label` (a prepared TFDS dataset)."""
+  c = data_config.jft_style
+  name, version = c.tfds_name.split(":")
+  builder = tfds.builder_from_directory(f"{tfds_data_dir(data_config, c)}/{name}/{version}")
+  return list(builder.info.features["label"].names)
+
+
+def check_held_out(data_config) -> None:
+  """Every name of `jft_style.held_out_classes` must be a class of the source: a misspelt
+  one would hold nothing out."""
+  held_out = tuple(data_config.jft_style.get("held_out_classes", ()))
+  if not held_out:
+    return
+  names = label_names(data_config)
+  unknown = sorted(set(held_out) - set(names))
+  if unknown:
+    raise ValueError(
+      f"config.data.jft_style.held_out_classes names {unknown}, not classes of "
+      f"{data_config.jft_style.tfds_name} ({', '.join(names)})"
+    )
 
 
 # Seeds of one example in record_examples: 2 for the text (label order, template; an
@@ -193,6 +230,7 @@ def register(data_config) -> tuple[str, str]:
   key = data_config.to_json_best_effort(sort_keys=True)
   if _registered["config"] == key:
     return MIXTURE, EVAL_MIXTURE
+  check_held_out(data_config)
   features = output_features(data_config.vocab_path)
   train_tasks, eval_tasks = [], []
   for kind, rate in data_config.rates.items():
@@ -204,7 +242,7 @@ def register(data_config) -> tuple[str, str]:
     for task_name, preps, task_features in (
       (name, preprocessors(data_config, kind, train=True), features),
       (name + EVAL_SUFFIX, preprocessors(data_config, kind, train=False), features),
-      (name + ROWS_SUFFIX, row_preprocessors(kind), row_features(kind)),
+      (name + ROWS_SUFFIX, row_preprocessors(data_config, kind, train=True), row_features(kind)),
     ):
       seqio.TaskRegistry.remove(task_name)
       seqio.TaskRegistry.add(

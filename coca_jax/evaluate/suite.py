@@ -3,7 +3,13 @@
     metrics = evaluate.run(predictor, config, step=step, workdir=workdir, writer=writer)
 
 Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and the counts):
-  zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble
+  zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble, all
+                                            classes (their names are in the JFT-style
+                                            training text: seen classes)
+  zero_shot/seen/top1, .../top5             with config.data.jft_style.held_out_classes:
+                                            the classes training read, among themselves
+  zero_shot/held_out/top1                   the held-out classes (no row of theirs is
+                                            trained on), among themselves: truly zero-shot
   retrieval/image_to_text_r{1,5,10}         emoji validation images vs captions
   retrieval/text_to_image_r{1,5,10}
   captioning/cider, captioning/bleu4        emoji validation, decoded per config.eval.decode
@@ -79,13 +85,7 @@ def run(
   for name in names:
     start = time.time()
     if name == "zero_shot":
-      data = _require(datasets.classification, name).take(n)
-      classifier = zero_shot.class_embeddings(
-        predictor.embed_texts, data.class_names, eval_config.zero_shot.templates
-      )
-      result = zero_shot.evaluate(
-        predictor.embed_images(data.images), data.labels, classifier, eval_config.zero_shot.top_k
-      )
+      result = _zero_shot_eval(predictor, _require(datasets.classification, name).take(n), config)
     elif name == "retrieval":
       data = _require(datasets.alt_text, name).take(n)
       texts, owner = data.flat_texts()
@@ -126,6 +126,37 @@ def _require(dataset, eval_name):
   if dataset is None:
     raise ValueError(f"eval {eval_name!r} is enabled but its dataset was not provided")
   return dataset
+
+
+def class_groups(config, class_names) -> dict[str, list[int]]:
+  """{"seen": [...], "held_out": [...]} class indices when config.data.jft_style names
+  held-out classes (training never reads their rows); {} otherwise."""
+  held_out = set(config.data.jft_style.get("held_out_classes", ()))
+  if not held_out:
+    return {}
+  unknown = sorted(held_out - set(class_names))
+  if unknown:
+    raise ValueError(
+      f"config.data.jft_style.held_out_classes names {unknown}, not among the classes {class_names}"
+    )
+  return {
+    "seen": [i for i, c in enumerate(class_names) if c not in held_out],
+    "held_out": [i for i, c in enumerate(class_names) if c in held_out],
+  }
+
+
+def _zero_shot_eval(predictor: predict.Predictor, data: eval_sets.ClassificationSet, config):
+  """Prompt-ensemble zero-shot over all classes ("top1", ...); with held-out classes also
+  "seen/top1" (the classes training read, among themselves) and "held_out/top1" (the
+  classes it never read, among themselves: the truly zero-shot number)."""
+  cfg = config.eval.zero_shot
+  classifier = zero_shot.class_embeddings(predictor.embed_texts, data.class_names, cfg.templates)
+  embeddings = predictor.embed_images(data.images)
+  result = zero_shot.evaluate(embeddings, data.labels, classifier, cfg.top_k)
+  for group, classes in class_groups(config, data.class_names).items():
+    scores = zero_shot.evaluate_among(embeddings, data.labels, classifier, classes, cfg.top_k)
+    result.update({f"{group}/{k}": v for k, v in scores.items()})
+  return result
 
 
 def _frozen_eval(predictor: predict.Predictor, datasets: eval_sets.EvalSets, config) -> dict:
@@ -227,6 +258,11 @@ def chance_levels(config, datasets: eval_sets.EvalSets) -> dict[str, float]:
     classes = len(datasets.classification.class_names)
     for k, v in zero_shot.chance(classes, config.eval.zero_shot.top_k).items():
       chance[f"zero_shot/{k}"] = v
+    groups = class_groups(config, datasets.classification.class_names)
+    for group, members in groups.items():
+      ks = [k for k in config.eval.zero_shot.top_k if k < len(members)]
+      for k, v in zero_shot.chance(len(members), ks).items():
+        chance[f"zero_shot/{group}/{k}"] = v
     chance["frozen/accuracy"] = chance["frozen/train_accuracy"] = 1.0 / classes
   if datasets.alt_text is not None:
     data = datasets.alt_text.take(n)

@@ -46,6 +46,26 @@ def evaluate(
   return top_k_accuracy(image_embeddings @ classifier.T, labels, ks)
 
 
+def evaluate_among(
+  image_embeddings: np.ndarray,
+  labels: np.ndarray,
+  classifier: np.ndarray,
+  classes: Sequence[int],
+  ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+  """Zero-shot among a subset of the classes: the images labelled with one of `classes`
+  (indices into C), ranked against those classes' rows of `classifier` only. Cut-offs k
+  >= len(classes) are left out (always 1)."""
+  classes = np.asarray(classes)
+  rows = np.isin(labels, classes)
+  if not rows.any():
+    raise ValueError(f"no image of classes {classes.tolist()} among {len(labels)} examples")
+  position = {c: i for i, c in enumerate(classes.tolist())}
+  subset_labels = np.asarray([position[int(label)] for label in np.asarray(labels)[rows]])
+  scores = image_embeddings[rows] @ classifier[classes].T
+  return top_k_accuracy(scores, subset_labels, [k for k in ks if k < len(classes)])
+
+
 def chance(num_classes: int, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
   """Accuracy of a uniformly random ranking: k / C."""
   return {f"top{k}": min(k, num_classes) / num_classes for k in ks}
