@@ -24,6 +24,11 @@ INSTALL_REQUIRES = [
   "pycocoevalcap==1.2",
   # Reads open_clip's .safetensors checkpoints without torch (coca_jax.convert).
   "safetensors==0.8.0",
+  # CLIP's BPE tokenizer, as open_clip runs it (coca_jax/data/clip_bpe.py): the BPE
+  # itself, open_clip's text cleaning and its word split.
+  "tokenizers==0.21.4",
+  "ftfy==6.3.1",
+  "regex==2026.11.19",
   "pillow",
   "numpy",
   "absl-py",
