@@ -56,9 +56,14 @@ class CaptionSet:
 
   def flat_texts(self) -> tuple[list[str], np.ndarray]:
     """-> (all J captions, [J] index of each caption's image)."""
-    texts = [c for caps in self.captions for c in caps]
-    owner = np.asarray([i for i, caps in enumerate(self.captions) for _ in caps], np.int64)
-    return texts, owner
+    return flat_texts(self.captions)
+
+
+def flat_texts(captions: list[list[str]]) -> tuple[list[str], np.ndarray]:
+  """N images' caption lists -> (all J captions, [J] index of each caption's image)."""
+  texts = [c for caps in captions for c in caps]
+  owner = np.asarray([i for i, caps in enumerate(captions) for _ in caps], np.int64)
+  return texts, owner
 
 
 @dataclasses.dataclass
@@ -97,19 +102,23 @@ def load(config) -> EvalSets:
 @functools.lru_cache(maxsize=4)
 def _load(config_json: str) -> EvalSets:
   config = ml_collections.ConfigDict(json.loads(config_json))
+  # Only the sets the configured evals read: the frozen probe alone reads the train
+  # split, a captioning finetune never reads the classification source, and the VQA,
+  # video and benchmark evals read none (nor the run's data: an imported checkpoint's
+  # config need not name any). (Parsed here, not through coca_jax.evaluate.suite, so
+  # data never imports evaluate; the suite validates the names.) No evals (a bare
+  # `load`): every held-out set.
+  evals = {name.strip() for name in str(config.eval.evals).split(",")} - {""}
+  classifies = not evals or bool(evals & {"zero_shot", "frozen"})
+  captions = not evals or bool(evals & {"retrieval", "captioning"})
+  probe_trains = "frozen" in evals
+  if not (classifies or captions):
+    return EvalSets()
   if config.data.source == "synthetic":
     return synthetic(config.model.vision.image_size, seed=config.data.seed)
   from coca_jax.data import loader
 
   config = loader.resolve(config)
-  # Only the sets the configured evals read: the frozen probe alone reads the train
-  # split, and a captioning finetune never reads the classification source. (Parsed
-  # here, not through coca_jax.evaluate.suite, so data never imports evaluate; the suite
-  # validates the names.) No evals (a bare `load`): every held-out set.
-  evals = {name.strip() for name in str(config.eval.evals).split(",")} - {""}
-  classifies = not evals or bool(evals & {"zero_shot", "frozen"})
-  captions = not evals or bool(evals & {"retrieval", "captioning"})
-  probe_trains = "frozen" in evals
   return EvalSets(
     classification=_classification(config, "validation") if classifies else None,
     alt_text=_alt_text(config) if captions else None,

@@ -2,9 +2,14 @@
 
     python -m coca_jax.evaluate --export=DIR [--config=configs/demo.py] \
         [--config.eval.evals=zero_shot,retrieval,captioning,frozen] [--workdir=DIR]
+    python -m coca_jax.evaluate --export=DIR --config=configs/eval/imagenet.py[:imagenet_v2]
+    python -m coca_jax.evaluate --export=DIR --config=configs/eval/cifar.py[:cifar100]
+    python -m coca_jax.evaluate --export=DIR --config=configs/eval/coco.py[:flickr30k]
 
-The model and its data settings come from the export's config.json; `--config` (with
-command-line overrides) supplies the `eval` section. Prints a table with chance levels,
+The model and its data settings (image size, config.data.image mean / std / resize) come
+from the export's config.json; `--config` (with command-line overrides) supplies the
+`eval` section: the export's own suite (configs/demo.py) or a public benchmark recipe
+(configs/eval/, coca_jax/evaluate/benchmarks.py). Prints a table with chance levels,
 then, as the last line, the metrics as one JSON object.
 """
 

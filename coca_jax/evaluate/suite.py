@@ -29,6 +29,14 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   video/top1                                the video head (a model with one)
   video/chance                              1 / classes
   video/examples                            clips scored
+  <benchmark>/...                           the public benchmark recipes
+                                            (evaluate/benchmarks.py, configs/eval/):
+                                            imagenet2012, imagenet_v2, cifar10, cifar100:
+                                            zero_shot/top1, zero_shot/top5, examples;
+                                            coco, flickr30k: retrieval/image_to_text_r{1,5,10},
+                                            retrieval/text_to_image_r{1,5,10} over all
+                                            captions, captioning/cider, captioning/bleu4,
+                                            images, texts
 """
 
 import dataclasses
@@ -40,11 +48,13 @@ from absl import logging
 
 from coca_jax import predict
 from coca_jax.data import eval_sets
-from coca_jax.evaluate import captioning, frozen, retrieval, zero_shot
+from coca_jax.evaluate import benchmarks, captioning, frozen, retrieval, zero_shot
 from coca_jax.evaluate import video as video_eval
 from coca_jax.evaluate import vqa as vqa_eval
 
-EVALS = ("zero_shot", "retrieval", "captioning", "frozen", "vqa", "video")
+# The demo's and a run's own evals, then the public benchmark recipes (evaluate/benchmarks.py).
+EVALS = ("zero_shot", "retrieval", "captioning", "frozen", "vqa", "video", *benchmarks.NAMES)
+OWN_DATA = ("vqa", "video", *benchmarks.NAMES)  # evals that read no EvalSets
 SAMPLE_CAPTIONS = 4  # logged at each captioning eval
 
 
@@ -76,8 +86,8 @@ def run(
   if not names:
     return {}
   eval_config = config.eval
-  # The VQA and video evals read their own tasks; the other evals share the EvalSets.
-  if datasets is None and set(names) - {"vqa", "video"}:
+  # The VQA, video and benchmark evals read their own data; the others share the EvalSets.
+  if datasets is None and set(names) - set(OWN_DATA):
     datasets = eval_sets.load(config)
   n = eval_config.num_examples
 
@@ -112,6 +122,8 @@ def run(
       result = _vqa_eval(predictor, config)
     elif name == "video":
       result = _video_eval(predictor, config)
+    elif name in benchmarks.NAMES:
+      result = benchmarks.run(predictor, config, name)
     else:  # frozen
       result = _frozen_eval(predictor, datasets, config)
     metrics.update({f"{name}/{k}": v for k, v in result.items()})
@@ -254,6 +266,8 @@ def chance_levels(config, datasets: eval_sets.EvalSets) -> dict[str, float]:
   """What a random model scores on the same metrics and splits."""
   n = config.eval.num_examples
   chance = {}
+  for name in set(enabled_evals(config.eval)) & set(benchmarks.NAMES):
+    chance.update({f"{name}/{k}": v for k, v in benchmarks.chance(config, name).items()})
   if datasets.classification is not None:
     classes = len(datasets.classification.class_names)
     for k, v in zero_shot.chance(classes, config.eval.zero_shot.top_k).items():
