@@ -5,7 +5,8 @@
 Layout of an export directory:
     params/       Orbax checkpoint of the model parameters (nested dict of arrays)
     config.json   the full config of the run
-    vocab.model   the SentencePiece vocabulary (when the run had one)
+    vocab.model   the vocabulary (when the run had one): a SentencePiece model, or
+    vocab.txt.gz  CLIP's BPE merges (models imported from open_clip)
 An existing export at the output path is replaced only after the new one is complete.
 """
 
@@ -27,6 +28,7 @@ from coca_jax.models import coca
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
+CLIP_VOCAB_FILE = "vocab.txt.gz"
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -57,7 +59,7 @@ def write(
     return
   (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   if vocab_file and epath.Path(vocab_file).exists():
-    epath.Path(vocab_file).copy(staging / VOCAB_FILE)
+    epath.Path(vocab_file).copy(staging / _vocab_name(vocab_file))
   if output.exists():
     old = output.parent / f".{output.name}.old"
     if old.exists():
@@ -112,18 +114,32 @@ def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None 
 
 
 def load_vocab(export_dir: str, config):
-  """The SentencePiece processor of an export: <export>/vocab.model, else the run's
-  config.data.vocab_path."""
+  """The vocabulary of an export (coca_jax.data.vocab.load): its own vocabulary file, else
+  the run's config.data.vocab_path."""
   from coca_jax.data import vocab
 
-  path = os.path.join(export_dir, VOCAB_FILE)
-  if not os.path.exists(path):
-    path = vocab_file_of(config) or path
+  path = vocab_file_in(export_dir) or vocab_file_of(config) or os.path.join(export_dir, VOCAB_FILE)
   return vocab.load(path)
 
 
+def vocab_file_in(export_dir) -> str | None:
+  """The vocabulary file an export holds (either kind), if any."""
+  for name in (VOCAB_FILE, CLIP_VOCAB_FILE):
+    path = os.path.join(export_dir, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def _vocab_name(vocab_file: str) -> str:
+  """The vocabulary's name inside an export: its kind stays readable from the name."""
+  from coca_jax.data import vocab
+
+  return CLIP_VOCAB_FILE if vocab.is_clip_bpe(vocab_file) else VOCAB_FILE
+
+
 def vocab_file_of(config) -> str | None:
-  """The SentencePiece model file of a run's config, if it names one."""
+  """The vocabulary file of a run's config, if it names one."""
   path = config.data.get("vocab_path", "")
   return os.fspath(path) if path else None
 

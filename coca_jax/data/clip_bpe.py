@@ -85,12 +85,15 @@ def read_merges(path: str) -> list[tuple[str, str]]:
   except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
     raise ValueError(f"{path} is not a gzip-compressed UTF-8 BPE merges file: {e}") from e
   merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]
-  bad = next((i for i, pair in enumerate(merges, 1) if len(pair) != 2), None)
-  if len(merges) < NUM_MERGES or bad is not None:
-    where = f"line {bad + 1} is not a pair" if bad is not None else f"{len(merges)} merges"
+  if len(merges) < NUM_MERGES:
+    problem = f"{len(merges)} lines after the header"
+  else:
+    bad = next((i for i, pair in enumerate(merges, 1) if len(pair) != 2), None)
+    problem = None if bad is None else f"line {bad + 1} is not a pair"
+  if problem:
     raise ValueError(
-      f"{path} is not CLIP's BPE merges file: {where}; expected {NUM_MERGES} lines 'a b' "
-      "after a header line (open_clip's bpe_simple_vocab_16e6.txt.gz)"
+      f"{path} is not CLIP's BPE merges file: {problem}; expected {NUM_MERGES} lines 'a b' "
+      "after a header line, as in open_clip's bpe_simple_vocab_16e6.txt.gz"
     )
   return merges
 

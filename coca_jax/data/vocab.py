@@ -1,9 +1,16 @@
-"""SentencePiece vocabularies: the demo's, trained on the training split's texts, and
-loading any model file for tokenizing (TensorFlow-free, for prediction and serving).
+"""Vocabularies: training the demo's SentencePiece model, and loading a vocabulary file
+of either kind for tokenizing (TensorFlow-free, for prediction and serving).
 
-Ids follow coca_jax/tokens.py: pad 0 (also the decoder's BOS), EOS 1, unk 2, no BOS
-piece; `hard_vocab_limit` off so that a small corpus yields at most (not exactly) the
-requested size.
+Kinds, told apart by the file name:
+- `*.txt.gz`: CLIP's BPE merges (open_clip's bpe_simple_vocab_16e6.txt.gz), the
+  vocabulary of models imported from open_clip (coca_jax/data/clip_bpe.py).
+- anything else: a SentencePiece model (`*.model`). The demo's is trained here with the
+  ids of coca_jax/tokens.py: pad 0 (also the decoder's BOS), EOS 1, unk 2, no BOS piece;
+  `hard_vocab_limit` off so that a small corpus yields at most (not exactly) the
+  requested size.
+
+`load` gives an object with `encode(str) -> list[int]` (no BOS/EOS), `decode(ids) -> str`
+and `get_piece_size()`; `seqio_vocabulary` gives the same vocabulary for seqio tasks.
 """
 
 import os
@@ -13,6 +20,9 @@ from typing import Iterable
 import sentencepiece
 
 from coca_jax import tokens
+from coca_jax.data import clip_bpe
+
+CLIP_BPE_SUFFIX = ".txt.gz"
 
 
 def train(texts: Iterable[str], path: str, vocab_size: int) -> str:
@@ -39,13 +49,37 @@ def train(texts: Iterable[str], path: str, vocab_size: int) -> str:
   return path
 
 
-def load(path: str) -> sentencepiece.SentencePieceProcessor:
-  """The SentencePiece model at `path`; a clear error when it is missing."""
+def is_clip_bpe(path: str) -> bool:
+  """Whether `path` names CLIP BPE merges (`*.txt.gz`) rather than a SentencePiece model."""
+  return os.fspath(path).endswith(CLIP_BPE_SUFFIX)
+
+
+def load(path: str) -> sentencepiece.SentencePieceProcessor | clip_bpe.ClipTokenizer:
+  """The vocabulary at `path`, of the kind its name says; errors name the file."""
   if not path or not os.path.exists(path):
     raise FileNotFoundError(
-      f"vocabulary model not found: {path!r} (config.data.vocab_path or <export>/vocab.model)"
+      f"vocabulary not found: {path!r} (config.data.vocab_path or the export's vocab file)"
     )
-  return sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+  if is_clip_bpe(path):
+    return clip_bpe.ClipTokenizer(path)
+  try:
+    return sentencepiece.SentencePieceProcessor(model_file=os.fspath(path))
+  except (RuntimeError, OSError) as e:
+    raise ValueError(
+      f"{path} is not a SentencePiece model ({e}); CLIP BPE merges must be named *{CLIP_BPE_SUFFIX}"
+    ) from e
+
+
+def seqio_vocabulary(path: str):
+  """The vocabulary at `path` as a seqio.Vocabulary, for tasks (imports TensorFlow)."""
+  import seqio
+
+  from coca_jax.data import clip_seqio
+
+  vocabulary = load(path)
+  if isinstance(vocabulary, clip_bpe.ClipTokenizer):
+    return clip_seqio.ClipVocabulary(vocabulary)
+  return seqio.SentencePieceVocabulary(os.fspath(path))
 
 
 def check_fits(vocab_path: str, model_vocab_size: int) -> None:
