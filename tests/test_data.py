@@ -478,3 +478,24 @@ def test_eval_task_and_inference_see_the_same_pixels(tmp_path, data_dir):
   assert not failures and served.shape == (len(SHAPES), SIZE, SIZE, 3)
   for i in range(len(SHAPES)):
     np.testing.assert_array_equal(from_task[f"picture {i}"], served[i])
+
+
+@pytest.mark.slow  # decodes and tokenizes the 300 training rows
+def test_held_out_classes_never_reach_training(data_dir):
+  config = make_config(data_dir, jft_style=1.0, alt_text=0.0)
+  config.jft_style.held_out_classes = ("trousers", "bag")  # labels 1 and 8
+
+  def labels(task_name, split):
+    task = seqio.get_mixture_or_task(task_name)
+    rows = task.get_dataset(
+      None, split, shuffle=False, num_epochs=1, use_cached=False, trim_output_features=False
+    )
+    return {int(row["label"]) for row in rows.as_numpy_iterator()}
+
+  tasks.register(config)
+  trained = set(range(10)) - {1, 8}
+  assert labels("jft_style_rows", "train") == labels("jft_style", "train") == trained
+  assert labels("jft_style_eval", "validation") == set(range(10))  # zero-shot scores them
+  config.jft_style.held_out_classes = ("trouser",)
+  with pytest.raises(ValueError, match=r"held_out_classes names \['trouser'\]"):
+    tasks.register(config)
