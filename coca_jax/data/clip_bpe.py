@@ -3,7 +3,7 @@
 Legend: N texts, C context length (open_clip's CoCa: 76).
 
 The file is open_clip's merges list `bpe_simple_vocab_16e6.txt.gz` (shipped inside the
-open_clip package; `coca_jax.convert open_clip` copies it into the export). Vocabulary,
+open_clip package; an export keeps it as vocab.txt.gz, coca_jax/export.py). Vocabulary,
 49,408 ids: the 256 byte symbols, the same 256 ending a word (`</w>`), 48,894 merges in
 file order, then <start_of_text> 49,406 and <end_of_text> 49,407. Padding is 0, which
 is also the real token "!" (open_clip pads with zeros).
