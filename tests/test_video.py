@@ -167,6 +167,44 @@ def test_own_tfrecords_read_as_clips(tmp_path):
     video.class_names(config.data)
 
 
+@pytest.mark.slow
+def test_tfds_video_dataset_read_as_clips():
+  """ucf101's layout (tfds.features.Video + ClassLabel), from TFDS's mock data: frames
+  picked and preprocessed as for files, class names from the label feature."""
+  import tensorflow_datasets as tfds
+
+  from coca_jax.data import images, video
+  from configs import demo_video
+
+  config = demo_video.get_config()
+  config.data.video.update(
+    tfds_name="ucf101/ucf101_1_256:2.0.0", train_split="train", eval_split="test", frames=4
+  )
+  config.data.shuffle_buffer = 2  # mock clips are generated on demand
+  config.eval.num_examples = 2
+  with tfds.testing.mock_data(num_examples=3):
+    got = video.eval_set(config)
+    reference = tfds.load("ucf101", split="test", decoders={"video": tfds.decode.SkipDecoding()})
+    first = next(iter(reference.as_numpy_iterator()))
+    batch = next(video.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=2))
+  assert got["clips"].shape == (2, 4, 32, 32, 3)
+  assert len(got["class_names"]) == 101 and got["class_names"][0] == "ApplyEyeMakeup"
+  picks = np.linspace(0, len(first["video"]) - 1, 4).round().astype(int)
+  image = config.data.image
+  want = [
+    images.eval_pixels(images.decode(first["video"][i]), 32, image.mean, image.std) for i in picks
+  ]
+  np.testing.assert_allclose(got["clips"][0], np.stack(want), atol=1e-6)
+  assert got["labels"][0] == first["label"]
+  assert batch["video"].shape == (2, 4, 32, 32, 3)
+  config.data.video.tfds_name = "mnist:3.0.1"
+  with pytest.raises(ValueError, match="no Video feature 'video'"):
+    video.class_names(config.data)
+  config.data.video.tfds_name = "ucf101"
+  with pytest.raises(ValueError, match="needs a version"):
+    video.class_names(config.data)
+
+
 # ---- the eval and the serving API ----
 
 

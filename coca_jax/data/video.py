@@ -7,9 +7,12 @@ Files: TFRecords of tf.train.Examples with `frames` (a bytes_list of the clip's 
 frames, PNG or JPEG, in time order) and `label` (int64, 0..C-1), `config.data.video.files`
 / `eval_files`; class names in `config.data.video.class_names` (a text file, line i =
 label i's name). A clip with more frames than F keeps F evenly spaced ones; fewer are
-padded by repeating the last. (A TFDS video dataset such as ucf101 stores `video` as a
-Sequence of encoded frames plus `label`: export it to this layout, or point the files at
-its TFRecords after renaming the feature; it is not read directly.)
+padded by repeating the last.
+
+TFDS: `config.data.video.tfds_name` (e.g. ucf101) reads a TFDS video dataset instead:
+its `video` feature (tfds.features.Video, a sequence of encoded frames, read undecoded)
+takes the place of `frames`, its `label` ClassLabel's names are the class names (unless
+class_names is set), splits `train_split` / `eval_split`.
 
 Empty files: the demo clips that `build_demo` writes under <data_dir>/video_demo/, offline
 (~10 s): each Fashion-MNIST image becomes one clip of F frames filmed by a moving camera
@@ -165,9 +168,52 @@ def files(data_config) -> dict[str, str]:
   return build_demo(data_config)
 
 
+def tfds_builder(data_config):
+  """The TFDS builder of config.data.video.tfds_name (a clear error when it has no
+  `video` / `label` features)."""
+  import tensorflow_datasets as tfds
+
+  v = data_config.video
+  if ":" not in v.tfds_name:
+    raise ValueError(
+      f"config.data.video.tfds_name={v.tfds_name!r} needs a version (seqio reads a fixed "
+      "one), e.g. 'ucf101/ucf101_1_256:2.0.0'"
+    )
+  builder = tfds.builder(v.tfds_name, data_dir=v.tfds_data_dir or None)
+  features = builder.info.features
+  for key, kind in (("video", tfds.features.Video), ("label", tfds.features.ClassLabel)):
+    if not isinstance(features[key] if key in features else None, kind):
+      raise ValueError(
+        f"config.data.video.tfds_name={v.tfds_name!r} has no {kind.__name__} feature "
+        f"{key!r} (features: {sorted(features)})"
+      )
+  return builder
+
+
+def source(data_config) -> seqio.DataSource:
+  """The clips: the TFDS dataset, the TFRecord files, or the demo clips."""
+  v = data_config.video
+  if v.tfds_name:
+    import tensorflow_datasets as tfds
+
+    tfds_builder(data_config)
+    return seqio.TfdsDataSource(
+      tfds_name=v.tfds_name,
+      tfds_data_dir=v.tfds_data_dir or None,
+      splits=dict(train=v.train_split, validation=v.eval_split),
+      decoders={"video": tfds.decode.SkipDecoding()},
+    )
+  return seqio.TFExampleDataSource(
+    split_to_filepattern=files(data_config), feature_description=FEATURES
+  )
+
+
 def class_names(data_config) -> list[str]:
-  """The class names, label order (config.data.video.class_names, or the demo's)."""
+  """The class names, label order (config.data.video.class_names, the TFDS dataset's
+  label names, or the demo's)."""
   path = data_config.video.class_names
+  if not path and data_config.video.tfds_name:
+    return list(tfds_builder(data_config).info.features["label"].names)
   if not path:
     if data_config.video.files:
       raise ValueError(
@@ -214,7 +260,7 @@ def _preprocessors(data_config) -> list:
   frames = data_config.video.frames
 
   def decode(row):
-    encoded = row["frames"]
+    encoded = row["frames"] if "frames" in row else row["video"]  # TFDS: `video`
     if isinstance(encoded, tf.SparseTensor):
       encoded = tf.sparse.to_dense(encoded)
     video, keep = tf.numpy_function(
@@ -235,16 +281,14 @@ def _preprocessors(data_config) -> list:
 
 
 def register(data_config) -> tuple[str, str]:
-  """Registers NAME and NAME_eval over the video files; -> (train, eval) task names."""
+  """Registers NAME and NAME_eval over the clips (`source`); -> (train, eval) task names."""
   name = data_config.video.task_name
-  source = seqio.TFExampleDataSource(
-    split_to_filepattern=files(data_config), feature_description=FEATURES
-  )
+  clips = source(data_config)
   for task_name in (name, name + tasks.EVAL_SUFFIX):
     seqio.TaskRegistry.remove(task_name)
     seqio.TaskRegistry.add(
       task_name,
-      source=source,
+      source=clips,
       preprocessors=_preprocessors(data_config),
       output_features=output_features(),
       shuffle_buffer_size=data_config.shuffle_buffer,
@@ -265,9 +309,11 @@ def batches(
     split="train" if split == "train" else "validation",
     shuffle=split == "train",
     seed=data.seed + (split != "train"),
-    shard_info=seqio.ShardInfo(shard_index, num_shards),
+    # One shard reads everything (and needs no file list: TFDS mock data has none).
+    shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
     num_epochs=None,
     use_cached=False,
+    try_in_mem_cache=False,  # clips are large; and TFDS sizes may be unknown (mock data)
   )
   ds = ds.skip(start_step * local_batch_size)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
@@ -285,7 +331,12 @@ def eval_set(config) -> dict:
   register(config.data)
   task = seqio.get_mixture_or_task(config.data.video.task_name + tasks.EVAL_SUFFIX)
   ds = task.get_dataset(
-    sequence_length=None, split="validation", shuffle=False, num_epochs=1, use_cached=False
+    sequence_length=None,
+    split="validation",
+    shuffle=False,
+    num_epochs=1,
+    use_cached=False,
+    try_in_mem_cache=False,
   )
   limit = config.eval.num_examples
   clips, labels = [], []
