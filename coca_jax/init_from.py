@@ -108,7 +108,8 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   }
   if (source / "params").exists():
     loaded, report = _read(source / "params", (), target, run, f"export {source}")
-    vocab_file = source / export.VOCAB_FILE
+    held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)
+    vocab_file = epath.Path(held) if held else None
   elif (source / "checkpoints").exists():
     loaded, report = _read_newest_checkpoint(source, target, run, config.train)
     vocab_file = _run_vocab(source)
