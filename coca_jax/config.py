@@ -230,6 +230,9 @@ def coca_config(
         crop_aspect=(3 / 4, 4 / 3),
         # Horizontal flips in training; off for the demo (emoji names say "left").
         flip=True,
+        # Eval / serving resize of the shorter side before the center crop: "bilinear"
+        # (coca_jax's own models) or "bicubic" (open_clip's preprocessing).
+        resize="bilinear",
       ),
       # VQA (source "vqa", coca_jax/data/vqa.py): TFRecords of tf.train.Examples with
       # `image` (encoded bytes), `question` (string) and `answers` (strings, one per
@@ -255,6 +258,13 @@ def coca_config(
         files="",
         eval_files="",
         class_names="",
+        # A TFDS video dataset instead of files (e.g. "ucf101/ucf101_1_256:2.0.0"): its
+        # `video` feature (a sequence of encoded frames) and `label` ClassLabel, whose
+        # names are the class names unless class_names is set.
+        tfds_name="",
+        tfds_data_dir="",  # "" = TFDS's default data dir
+        train_split="train",
+        eval_split="test",
         frames=8,  # F: clips are cut or padded (last frame repeated) to F frames
         demo_fashion_train=3_000,
         demo_fashion_eval=500,
@@ -286,6 +296,12 @@ def eval_config() -> ml_collections.ConfigDict:
       # retrieval, captioning, frozen, vqa, video, and the public benchmark recipes
       # imagenet2012, imagenet_v2, cifar10, cifar100, coco, flickr30k (`benchmarks`).
       evals="zero_shot,retrieval,captioning",
+      # Evaluate once before the first step too (fresh runs; the reference for a
+      # finetune): those metrics are logged as "eval_at_start/<name>".
+      at_start=False,
+      # Extra keys of the trainer's final JSON line: {name: metric}, metric being a key of
+      # that line (e.g. "eval/captioning/cider", "eval_at_start/captioning/cider").
+      headline={},
       batch_size=64,  # jitted eval batch; the last batch is padded to it
       num_examples=1_000,  # examples per eval split (0: the whole split)
       zero_shot=dict(templates=TEMPLATES, top_k=(1, 5)),

@@ -67,6 +67,10 @@ class Preemption:
     return mngr.reached_preemption(step)
 
 
+# Prefix of the metrics measured before the first step (config.eval.at_start).
+AT_START = "eval_at_start"
+
+
 def evaluate_state(
   config, state, run, eval_step, vocabulary, *, step: int, workdir: str, writer
 ) -> dict:
@@ -182,6 +186,7 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
+  check_headline(config)
   config = loader.resolve(config)
   if jax.process_index() == 0:
     workdir_path.mkdir(parents=True, exist_ok=True)
@@ -218,7 +223,7 @@ def train(config, workdir: str) -> dict:
   eval_step = step_lib.make_eval_step(config, run.layout)
   # The eval suite tokenizes class prompts and captions: its vocabulary, read once.
   vocabulary = None
-  if config.train.eval_every and config.eval.evals:
+  if (config.train.eval_every or config.eval.at_start) and config.eval.evals:
     vocabulary = vocab.load(config.data.vocab_path)
   batches = loader.batches(config, run.mesh, "train", start_step)
   first = next(batches)
@@ -231,7 +236,14 @@ def train(config, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = Preemption()
   speed = Throughput(config, start_step)
-  metrics, fetched, evaluated = None, {}, {}
+  metrics, fetched, evaluated, at_start = None, {}, {}, {}
+  if config.eval.at_start and start_step == 0:
+    measured = evaluate_state(
+      config, state, run, eval_step, vocabulary, step=0, workdir=workdir, writer=writer
+    )
+    at_start = {f"{AT_START}/{k.removeprefix('eval/')}": v for k, v in measured.items()}
+  elif config.eval.at_start:
+    logging.info("config.eval.at_start: skipped, the run resumes at step %d", start_step)
   step = start_step
   batch = first
   while step < config.train.steps:
@@ -277,7 +289,35 @@ def train(config, workdir: str) -> dict:
     suite = {k.removeprefix("eval/"): v for k, v in evaluated.items()}
     chance = evaluate.chance_levels(config, eval_sets.load(config))
     logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
-  return dict(fetched, step=step, **evaluated)
+  return headline(config, dict(fetched, step=step, **evaluated, **at_start))
+
+
+def check_headline(config) -> None:
+  """config.eval.headline may only name metrics that the run can produce."""
+  for name, key in config.eval.headline.items():
+    prefix = key.split("/")[0]
+    if prefix == AT_START and not config.eval.at_start:
+      raise ValueError(f"config.eval.headline[{name!r}]={key!r} needs config.eval.at_start=True")
+    if prefix in ("eval", AT_START) and not (config.train.eval_every or config.eval.at_start):
+      raise ValueError(
+        f"config.eval.headline[{name!r}]={key!r}: no evaluation runs (config.train.eval_every=0)"
+      )
+
+
+def headline(config, final: dict) -> dict:
+  """`final` plus config.eval.headline's names for some of its metrics. A metric from
+  before the first step is absent after a resume (it is not measured again): skipped."""
+  named = {}
+  for name, key in config.eval.headline.items():
+    if key in final:
+      named[name] = final[key]
+    elif key.startswith(AT_START + "/"):
+      logging.info("headline %s: %s not measured in this (resumed) run", name, key)
+    else:
+      raise ValueError(
+        f"config.eval.headline[{name!r}]={key!r} is not among the final metrics: {sorted(final)}"
+      )
+  return {**final, **named}
 
 
 def main(argv):

@@ -6,8 +6,9 @@
 Starts from the demo's export (train it first: `python -m coca_jax.train
 --config=configs/demo.py --workdir=/tmp/coca_demo`), trains on the alt-text source alone
 with the captioning loss alone (contrastive weight 0, as the paper finetunes COCO
-captioning), and scores CIDEr-D / BLEU-4 on the alt-text eval split at the end
-(`eval/captioning/cider` in the final JSON line; gallery in <workdir>/eval/).
+captioning), and scores CIDEr-D / BLEU-4 on the alt-text eval split before the first
+step and at the end: `caption_ft/cider` beside `caption_ft/pretrained_cider` in the final
+JSON line (gallery in <workdir>/eval/).
 
 Your own data: `--config.data.alt_text.files=PATTERN` (TFRecords of tf.train.Examples:
 `image` bytes, `caption` one or several strings) or `--config.data.alt_text.tfds_name=`
@@ -45,4 +46,11 @@ def get_config(arg=None):
   c.train.checkpoint_every = STEPS
   c.train.eval_every = STEPS  # one evaluation, at the end
   c.eval.evals = "captioning"
+  c.eval.at_start = True  # the export's own CIDEr-D: the baseline beside the finetune's
+  c.eval.headline = {
+    "caption_ft/cider": "eval/captioning/cider",
+    "caption_ft/bleu4": "eval/captioning/bleu4",
+    "caption_ft/pretrained_cider": "eval_at_start/captioning/cider",
+    "caption_ft/pretrained_bleu4": "eval_at_start/captioning/bleu4",
+  }
   return c

@@ -39,4 +39,9 @@ def get_config(arg=None):
   c.optim.decay = "cosine"
   c.eval.evals = "video"
   c.eval.num_examples = 0  # every held-out clip (data.video.demo_fashion_eval)
+  c.eval.headline = {
+    "video/zero_shot/top1": "eval/video/zero_shot/top1",
+    "video/top1": "eval/video/top1",
+    "video/chance": "eval/video/chance",
+  }
   return c

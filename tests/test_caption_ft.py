@@ -201,6 +201,9 @@ def tiny_caption_ft(init_from, steps=3):
   config.train.steps = steps
   config.train.log_every = config.train.checkpoint_every = steps
   config.train.eval_every = 0
+  # No eval on synthetic batches, so no before/after CIDEr-D to name (test_train_headline).
+  config.eval.at_start = False
+  config.eval.headline = {}
   config.train.init_from = str(init_from)
   return config
 
@@ -222,6 +225,10 @@ def test_demo_caption_ft_config_reads_as_the_recipe():
   assert c.train.init_from == "/tmp/coca_demo/export"
   assert c.optim.decay == "cosine" and c.optim.lr == demo_caption_ft.LEARNING_RATE < 1e-3
   assert c.eval.evals == "captioning" and c.train.eval_every == c.train.steps
+  # The final JSON line: the finetune's CIDEr-D beside the export's, measured before step 1.
+  assert c.eval.at_start
+  assert c.eval.headline["caption_ft/cider"] == "eval/captioning/cider"
+  assert c.eval.headline["caption_ft/pretrained_cider"] == "eval_at_start/captioning/cider"
 
 
 @pytest.mark.slow

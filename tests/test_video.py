@@ -275,3 +275,5 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
   assert 0.0 <= final["eval/video/top1"] <= 1.0
   assert final["eval/video/chance"] == pytest.approx(0.1)
   assert final["eval/video/examples"] == 16
+  for name in ("video/zero_shot/top1", "video/top1", "video/chance"):
+    assert final[name] == final[f"eval/{name}"]  # config.eval.headline

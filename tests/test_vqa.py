@@ -166,4 +166,6 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
   assert 0.0 <= final["eval/vqa/accuracy"] <= 1.0
   assert 0.0 < final["eval/vqa/majority_baseline"] < 1.0
   assert final["eval/vqa/examples"] == 16
+  for name in ("vqa/accuracy", "vqa/majority_baseline", "vqa/question_prior_baseline"):
+    assert final[name] == final[f"eval/{name}"]  # config.eval.headline
   assert np.isfinite(final["vqa_loss"])

@@ -1,0 +1,41 @@
+"""config.eval.headline / at_start: the trainer's final JSON names (hand-made cases)."""
+
+import pytest
+from tiny_runs import tiny_config
+
+from coca_jax import train
+
+
+def _config(headline, at_start=False, eval_every=5):
+  c = tiny_config(5)
+  c.eval.headline = headline
+  c.eval.at_start = at_start
+  c.train.eval_every = eval_every
+  return c
+
+
+def test_headline_names_final_metrics():
+  c = _config(
+    {"task/cider": "eval/captioning/cider", "task/before": "eval_at_start/captioning/cider"}, True
+  )
+  final = {"loss": 1.0, "eval/captioning/cider": 0.3, "eval_at_start/captioning/cider": 0.2}
+  assert train.headline(c, final) == {**final, "task/cider": 0.3, "task/before": 0.2}
+
+
+def test_a_resumed_run_omits_what_it_did_not_measure_at_start():
+  c = _config({"task/before": "eval_at_start/captioning/cider"}, True)
+  assert train.headline(c, {"loss": 1.0}) == {"loss": 1.0}
+
+
+def test_unknown_metric_is_an_error_naming_the_key():
+  c = _config({"task/cider": "eval/captioning/cidr"})
+  with pytest.raises(ValueError, match=r"headline\['task/cider'\]='eval/captioning/cidr'"):
+    train.headline(c, {"eval/captioning/cider": 0.3})
+
+
+def test_early_checks():
+  with pytest.raises(ValueError, match="needs config.eval.at_start=True"):
+    train.check_headline(_config({"x": "eval_at_start/vqa/accuracy"}))
+  with pytest.raises(ValueError, match="no evaluation runs"):
+    train.check_headline(_config({"x": "eval/vqa/accuracy"}, eval_every=0))
+  train.check_headline(_config({"x": "eval/vqa/accuracy", "y": "loss"}))
