@@ -162,9 +162,10 @@ def label_names(data_config) -> list[str]:
 
 def check_held_out(data_config) -> None:
   """Every name of `jft_style.held_out_classes` must be a class of the source: a misspelt
-  one would hold nothing out."""
+  one would hold nothing out. (Not checked when training reads no JFT-style rows: the
+  source need not be prepared then.)"""
   held_out = tuple(data_config.jft_style.get("held_out_classes", ()))
-  if not held_out:
+  if not held_out or float(data_config.rates.get("jft_style", 0)) <= 0:
     return
   names = label_names(data_config)
   unknown = sorted(set(held_out) - set(names))
