@@ -25,6 +25,10 @@ layout off the rows (`caption`: the demo's emoji, TFRecords; `captions/text`: TF
 coco_captions and datasets shaped like it, several captions per image) and gives each row
 `caption` as [n] strings; no config key names the layout. Training draws one caption per
 image and pass (preprocess.alt_caption), evaluation scores against all of them.
+
+Held-out classes: the JFT-style rows naming a class of `jft_style.held_out_classes` are
+dropped from NAME and NAME_rows (what training reads) and kept in NAME_eval, so that the
+zero-shot eval can score classes the model never trained on.
 """
 
 import functools
