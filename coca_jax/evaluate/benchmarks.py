@@ -36,18 +36,17 @@ def run(predictor: predict.Predictor, config, name: str) -> dict[str, float]:
 
 
 def _zero_shot(predictor: predict.Predictor, config, benchmark) -> dict[str, float]:
-  classifier = zero_shot.class_embeddings(
-    predictor.embed_texts,
-    data.class_names(benchmark),
-    data.templates(benchmark, config.eval.benchmarks.templates),
-  )
+  templates = data.templates(benchmark, config.eval.benchmarks.templates)  # checked first
   embeddings, labels = [], []
-  for batch in data.batches(benchmark, config):
+  for batch in data.batches(benchmark, config):  # a missing dataset fails here, early
     embeddings.append(predictor.embed_images(batch["image"]))
     labels.append(batch["label"])
   if not labels:
     raise ValueError(f"benchmark {benchmark.name!r}: split {benchmark.split!r} has no rows")
   labels = np.concatenate(labels)
+  classifier = zero_shot.class_embeddings(
+    predictor.embed_texts, data.class_names(benchmark), templates
+  )
   scores = zero_shot.evaluate(
     np.concatenate(embeddings), labels, classifier, config.eval.zero_shot.top_k
   )
