@@ -12,7 +12,8 @@ embedding width.
 Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4], uint8 0..255 or
 float 0..1). They go through the evaluation transform of the input pipeline, the same
 function (coca_jax/data/images.py): RGB (transparent pixels over white), shorter side
-resized to S, centre crop, normalised with config.data.image.mean / std. The model runs
+resized to S (config.data.image.resize: bilinear, or bicubic for open_clip imports),
+centre crop, normalised with config.data.image.mean / std. The model runs
 through coca_jax.predict (fixed-size batches, each function compiled once).
 """
 
@@ -46,6 +47,8 @@ class Model:
     self.image_size = config.model.vision.image_size
     self.mean = tuple(config.data.image.mean)
     self.std = tuple(config.data.image.std)
+    # Exports written before `image.resize` existed resize bilinearly, as they did.
+    self.resize = config.data.image.get("resize", "bilinear")
     self.predictor = predict.Predictor(model, config, vocab, batch_size)
 
   def read_images(
@@ -62,7 +65,9 @@ class Model:
     for index, item in enumerate(_as_list(images)):
       try:
         rgb = images_lib.read(item)
-        arrays.append(images_lib.eval_pixels(rgb, self.image_size, self.mean, self.std))
+        arrays.append(
+          images_lib.eval_pixels(rgb, self.image_size, self.mean, self.std, self.resize)
+        )
       except ImageError as e:
         if errors == "raise":
           raise

@@ -237,10 +237,10 @@ def output_features() -> dict:
   }
 
 
-def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std):
+def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std, resize="bilinear"):
   """numpy: F' encoded frames -> ([F, S, S, 3] float32 eval pixels, keep). F evenly spaced
   frames of F' >= F; the last repeated when F' < F; keep False (zeros) when a frame does
-  not decode or there is none."""
+  not decode or there is none. Each frame: images.eval_pixels (`resize` its method)."""
   encoded = list(encoded)
   if not encoded:
     return np.zeros((frames, size, size, 3), np.float32), False
@@ -249,7 +249,7 @@ def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std):
   else:
     picks = np.linspace(0, len(encoded) - 1, frames).round().astype(int)
   try:
-    pixels = [images.eval_pixels(images.decode(encoded[i]), size, mean, std) for i in picks]
+    pixels = [images.eval_pixels(images.decode(encoded[i]), size, mean, std, resize) for i in picks]
   except images.ImageError:
     return np.zeros((frames, size, size, 3), np.float32), False
   return np.stack(pixels).astype(np.float32), True
@@ -264,7 +264,7 @@ def _preprocessors(data_config) -> list:
     if isinstance(encoded, tf.SparseTensor):
       encoded = tf.sparse.to_dense(encoded)
     video, keep = tf.numpy_function(
-      lambda e: clip_pixels(e, frames, options["size"], options["mean"], options["std"]),
+      lambda e: clip_pixels(e, frames, **options),
       [encoded],
       [tf.float32, tf.bool],
       stateful=False,
