@@ -473,7 +473,10 @@ def test_eval_task_and_inference_see_the_same_pixels(tmp_path, data_dir):
   for i, data in enumerate(encoded):
     paths.append(tmp_path / f"{i}.png")
     paths[-1].write_bytes(data)
-  reader = types.SimpleNamespace(image_size=SIZE, mean=config.image.mean, std=config.image.std)
+  image = config.image
+  reader = types.SimpleNamespace(
+    image_size=SIZE, mean=image.mean, std=image.std, resize=image.get("resize", "bilinear")
+  )
   served, failures = inference.Model.read_images(reader, paths)
   assert not failures and served.shape == (len(SHAPES), SIZE, SIZE, 3)
   for i in range(len(SHAPES)):

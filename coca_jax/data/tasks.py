@@ -38,7 +38,7 @@ import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from coca_jax.data import preprocess
+from coca_jax.data import preprocess, vocab
 
 MIXTURE = "coca_mixture"
 EVAL_MIXTURE = "coca_mixture_eval"
@@ -57,7 +57,7 @@ def output_features(vocab_path: str) -> dict:
     "image": seqio.Feature(
       seqio.PassThroughVocabulary(size=0), add_eos=False, dtype=tf.float32, rank=3
     ),
-    "text": seqio.Feature(seqio.SentencePieceVocabulary(vocab_path), add_eos=False),
+    "text": seqio.Feature(vocab.seqio_vocabulary(vocab_path), add_eos=False),
   }
 
 

@@ -43,7 +43,7 @@ import tensorflow_datasets as tfds
 
 from coca_jax import tokens
 from coca_jax.data import answers as vqa_answers
-from coca_jax.data import prepare, preprocess, raw, tasks
+from coca_jax.data import prepare, preprocess, raw, tasks, vocab
 
 DEMO_DIR = "vqa_demo"
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
@@ -195,7 +195,7 @@ def output_features(vocab_path: str) -> dict:
   passthrough = seqio.PassThroughVocabulary(size=0)
   return {
     "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.float32, rank=3),
-    "question": seqio.Feature(seqio.SentencePieceVocabulary(vocab_path), add_eos=False),
+    "question": seqio.Feature(vocab.seqio_vocabulary(vocab_path), add_eos=False),
     "answers": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
   }
 
