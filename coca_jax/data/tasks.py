@@ -229,6 +229,36 @@ def record_examples(data_config, *, train: bool):
 _registered = {"config": None}
 
 
+def read(
+  task_name: str, split: str, data_config, *, shard_index=0, num_shards=1, num_epochs=None
+) -> tf.data.Dataset:
+  """Preprocessed rows of the registered task `task_name` (the VQA and video sources):
+  split "train" shuffled (seed config.data.seed), any other split the task's "validation"
+  rows in order; shard `shard_index` of `num_shards` (one shard reads every row and lists
+  no files: TFDS mock data has none); num_epochs None: endless. Not cached in memory
+  (clips are large; a TFDS dataset's size may be unknown)."""
+  train = split == "train"
+  return seqio.get_mixture_or_task(task_name).get_dataset(
+    sequence_length=None,
+    split="train" if train else "validation",
+    shuffle=train,
+    seed=data_config.seed + (not train),
+    shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
+    num_epochs=num_epochs,
+    use_cached=False,
+    try_in_mem_cache=False,
+  )
+
+
+def dataset_options(data_config) -> tf.data.Options:
+  """Deterministic order (resumes replay the same rows); tf.data's intra-op threads
+  capped by config.data.max_intra_op_parallelism so JAX keeps the host's cores."""
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = data_config.max_intra_op_parallelism
+  return options
+
+
 def register(data_config) -> tuple[str, str]:
   """Registers the tasks and mixtures of `data_config` (again only when it changed);
   -> (train, eval) mixture names."""

@@ -301,26 +301,17 @@ def batches(
 ):
   """Endless host batches {"video" [b,F,S,S,3] float32, "label" [b] int32}; split "train"
   (shuffled) or "eval" (the held-out files, in order)."""
-  data = config.data
-  train_name, eval_name = register(data)
-  task = seqio.get_mixture_or_task(train_name if split == "train" else eval_name)
-  ds = task.get_dataset(
-    sequence_length=None,
-    split="train" if split == "train" else "validation",
-    shuffle=split == "train",
-    seed=data.seed + (split != "train"),
-    # One shard reads everything (and needs no file list: TFDS mock data has none).
-    shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
-    num_epochs=None,
-    use_cached=False,
-    try_in_mem_cache=False,  # clips are large; and TFDS sizes may be unknown (mock data)
+  train_name, eval_name = register(config.data)
+  ds = tasks.read(
+    train_name if split == "train" else eval_name,
+    split,
+    config.data,
+    shard_index=shard_index,
+    num_shards=num_shards,
   )
   ds = ds.skip(start_step * local_batch_size)
   ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = data.max_intra_op_parallelism
-  ds = ds.with_options(options)
+  ds = ds.with_options(tasks.dataset_options(config.data))
   for batch in ds.as_numpy_iterator():
     yield dict(video=batch["video"], label=batch["label"].astype(np.int32))
 
@@ -328,16 +319,8 @@ def batches(
 def eval_set(config) -> dict:
   """The first config.eval.num_examples (0: all) held-out clips:
   {"clips" [N,F,S,S,3] float32, "labels" [N] int, "class_names" [C]}."""
-  register(config.data)
-  task = seqio.get_mixture_or_task(config.data.video.task_name + tasks.EVAL_SUFFIX)
-  ds = task.get_dataset(
-    sequence_length=None,
-    split="validation",
-    shuffle=False,
-    num_epochs=1,
-    use_cached=False,
-    try_in_mem_cache=False,
-  )
+  _, eval_name = register(config.data)
+  ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
   limit = config.eval.num_examples
   clips, labels = [], []
   for row in ds.as_numpy_iterator():

@@ -292,15 +292,12 @@ def _batches(
   data = config.data
   train_name, eval_name = register(data)
   vocabulary = answer_vocabulary(data, config.model.vqa.num_answers)
-  task = seqio.get_mixture_or_task(train_name if split == "train" else eval_name)
-  ds = task.get_dataset(
-    sequence_length=None,
-    split="train" if split == "train" else "validation",
-    shuffle=split == "train",
-    seed=data.seed + (split != "train"),
-    shard_info=seqio.ShardInfo(shard_index, num_shards),
-    num_epochs=None,
-    use_cached=False,
+  ds = tasks.read(
+    train_name if split == "train" else eval_name,
+    split,
+    data,
+    shard_index=shard_index,
+    num_shards=num_shards,
   )
   ds = ds.skip(start_step * local_batch_size)
   ds = ds.map(
@@ -319,10 +316,7 @@ def _batches(
     ),
     drop_remainder=True,
   ).prefetch(2)  # the next batches are read while the model steps
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = data.max_intra_op_parallelism
-  ds = ds.with_options(options)
+  ds = ds.with_options(tasks.dataset_options(data))
   for batch in ds.as_numpy_iterator():
     answers = [[a.decode() for a in row if a] for row in batch["answers"]]
     yield dict(
@@ -335,11 +329,8 @@ def _batches(
 def eval_set(config) -> dict:
   """The first config.eval.num_examples (0: all) held-out rows as arrays:
   {"images" [N,S,S,3], "text" {"ids","labels","mask"} [N,T], "questions", "answers"}."""
-  register(config.data)
-  task = seqio.get_mixture_or_task(config.data.vqa.task_name + tasks.EVAL_SUFFIX)
-  ds = task.get_dataset(
-    sequence_length=None, split="validation", shuffle=False, num_epochs=1, use_cached=False
-  )
+  _, eval_name = register(config.data)
+  ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
   limit = config.eval.num_examples
   rows = []
   for row in ds.as_numpy_iterator():
