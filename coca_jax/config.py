@@ -56,6 +56,56 @@ TEMPLATES = (
 )
 
 
+# Layout options of the model, the paper's CoCa by default. open_clip's CoCa (its public
+# checkpoints: coca_jax/convert, configs/open_clip/) differs in each; `open_clip_layout`
+# sets them. Models read them with `model_option`, so a config written before an option
+# existed (an older export's config.json) gets the default.
+MODEL_OPTIONS = dict(
+  # MLP activation: GELU with the tanh approximation (True) or the exact erf form (False).
+  gelu_approximate=True,
+  # A bias on attention keys. Softmax over keys is invariant to it, so the paper's layout
+  # has none (its gradient is rounding noise); open_clip's in_proj_bias holds one.
+  attention_key_bias=False,
+  vision=dict(
+    width=0,  # 0: model.width (the paper's encoder and decoder share it)
+    heads=0,  # 0: model.heads
+    # A learned class token prepended to the patch tokens, with its own position embedding.
+    class_token=False,
+    pre_norm=False,  # LayerNorm over the embedded patches before the first block (ln_pre)
+    final_norm=True,  # LayerNorm over the output tokens
+    patch_bias=True,  # bias of the patch embedding
+  ),
+  # pooler.mode (above) also takes "single": ONE attentional pooler whose output 0 is the
+  # image embedding (after image_projection) and outputs 1.. the caption tokens.
+  pooler=dict(
+    heads=0,  # 0: model.heads
+  ),
+  text=dict(
+    # The text position embedding has max_len + 1 rows; row T is added to [CLS] (at T).
+    cls_position=False,
+    # "paper": text tokens attend causally to real tokens, [CLS] to every real token and
+    # itself. "open_clip_legacy": open_clip's CoCa mask: every query (causally) attends
+    # key 0 and key j >= 1 iff token j - 1 is not pad, [CLS] included; the multimodal
+    # decoder is causal only.
+    mask_mode="paper",
+    # "fused": a multimodal layer is self-attention, cross-attention, one MLP (the paper).
+    # "split": self-attention + MLP, then cross-attention (with a LayerNorm on the image
+    # tokens) + a second MLP (open_clip).
+    multimodal_block="fused",
+    vocab_bias=True,  # bias of the vocabulary projection
+    # The token contract (coca_jax/tokens.py): decoder BOS, EOS and padding ids;
+    # eos_input: the text rows hold EOS as an input (BOS t1..tn EOS pad ...; labels are
+    # the rows shifted by one) instead of EOS being a label only; stop_at_pad: decoding
+    # also stops at the pad id (open_clip's generate does: its pad 0 is a real token).
+    bos_id=0,
+    eos_id=1,
+    pad_id=0,
+    eos_input=False,
+    stop_at_pad=False,
+  ),
+)
+
+
 def coca_config(
   *,
   width: int,
@@ -79,7 +129,7 @@ def coca_config(
 
   # ---- model (Table 1; hidden width and heads are shared by encoder and decoder) ----
   c.model = m = ml_collections.ConfigDict()
-  m.width = width
+  m.width = width  # the text decoder's and the poolers' width (and the ViT's, by default)
   m.heads = heads
   m.embed_dim = embed_dim  # width of the joint image-text embedding space
   m.dtype = dtype  # compute dtype; params and optimizer state are always float32
@@ -107,6 +157,9 @@ def coca_config(
       mlp_dim=text_mlp,
     )
   )
+  # Layout options (MODEL_OPTIONS below): the paper's CoCa by default; open_clip's CoCa
+  # (configs/open_clip/) sets them with `open_clip_layout`.
+  _set_options(m, MODEL_OPTIONS)
   # Learnable temperature tau, stored as log(1/tau); the optimizer clamps it after each
   # update so tau stays in [1/100, 1] (CLIP clamps its logit scale at 100).
   m.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.01, max=1.0))
@@ -367,3 +420,83 @@ def _apply_switches(c: ml_collections.ConfigDict, arg: str | None) -> None:
       c.model.vision.image_size = 576
     else:
       raise ValueError(f"unknown config switch {switch!r}; known: {', '.join(SWITCHES)}")
+
+
+def _set_options(section: ml_collections.ConfigDict, options: dict) -> None:
+  """Adds `options` (nested dicts of defaults) to a config section, keeping its keys."""
+  for key, value in options.items():
+    if isinstance(value, dict):
+      if key not in section:
+        section[key] = ml_collections.ConfigDict()
+      _set_options(section[key], value)
+    else:
+      section[key] = value
+
+
+def model_option(model_config, name: str):
+  """The layout option `name` ("vision.class_token", "gelu_approximate", ...) of a model
+  config, or its MODEL_OPTIONS default when the config predates it."""
+  *parents, leaf = name.split(".")
+  section, defaults = model_config, MODEL_OPTIONS
+  for parent in parents:
+    section = section.get(parent) if section is not None else None
+    defaults = defaults[parent]
+  if leaf not in defaults:
+    raise KeyError(f"{name!r} is not a model layout option (coca_jax/config.py MODEL_OPTIONS)")
+  if section is None or leaf not in section:
+    return defaults[leaf]
+  return section[leaf]
+
+
+def open_clip_layout(
+  model_config: ml_collections.ConfigDict,
+  *,
+  vision_width: int,
+  vision_heads: int,
+  pooler_heads: int,
+) -> None:
+  """Sets the options that make the model open_clip's CoCa (open_clip 3.3.0,
+  coca_model.py / transformer.py), whose checkpoints coca_jax.convert loads:
+
+  * ViT: its own width and heads, a class token, ln_pre, no norm on its output tokens, no
+    patch-embedding bias;
+  * ONE attentional pooler (mode "single", model.width wide, keys and values from the
+    ViT's width, a LayerNorm on its queries); LayerNorm over all its outputs; output 0 ->
+    image_projection = the image embedding, outputs 1.. = the decoder's image tokens;
+  * text: [CLS] appended with a position of its own, open_clip's legacy padding mask;
+    multimodal layers of self-attention + MLP then cross-attention + MLP, causal only;
+    no vocabulary bias;
+  * exact GELU, LayerNorm eps 1e-5, biases on attention keys;
+  * tokens: SOT 49406 (BOS), EOT 49407 (EOS, an input too), pad 0; decoding stops at
+    EOT or pad as open_clip's generate does.
+  """
+  m = model_config
+  m.layer_norm_eps = 1e-5
+  m.gelu_approximate = False
+  m.attention_key_bias = True
+  m.vision.update(
+    dict(
+      width=vision_width,
+      heads=vision_heads,
+      class_token=True,
+      pre_norm=True,
+      final_norm=False,
+      patch_bias=False,
+    )
+  )
+  m.pooler.mode = "single"
+  m.pooler.heads = pooler_heads
+  m.pooler.contrastive_queries = 0  # no contrastive pooler: query 0 of the single pooler
+  m.text.update(
+    dict(
+      cls_position=True,
+      mask_mode="open_clip_legacy",
+      multimodal_block="split",
+      vocab_bias=False,
+      bos_id=49406,
+      eos_id=49407,
+      pad_id=0,
+      eos_input=True,
+      stop_at_pad=True,
+    )
+  )

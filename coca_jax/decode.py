@@ -16,11 +16,13 @@ Every method is one `lax.while_loop` over positions 0..L-1 around a *step functi
 `recompute_step_model` is the same function by full recompute (the whole prefix through
 both decoder stacks every step), kept as the reference and the benchmark baseline.
 
-Token conventions (coca_jax/tokens.py): the decoder input starts with BOS (the pad id);
-decoding stops at EOS. Input position 0 is BOS and position i > 0 is the token chosen at step i - 1;
-step i chooses output token i. Outputs are [B, L]: (prefix), generated tokens, EOS, then
-pad 0. A prefix ("VQA as a prefix", Section 4.3 of the paper) is forced token by token:
-while i < prefix_length the output is the prefix token, and the loop goes on from there.
+Token conventions (coca_jax/tokens.py, `tokens.Contract` from config.model.text): the
+decoder input starts with BOS (the paper's: the pad id 0; open_clip's: SOT); decoding
+stops at EOS (and at pad when the contract says so, as open_clip's generate does). Input
+position 0 is BOS and position i > 0 is the token chosen at step i - 1; step i chooses
+output token i. Outputs are [B, L]: (prefix), generated tokens, EOS, then pad. A prefix
+("VQA as a prefix", Section 4.3 of the paper) is forced token by token: while
+i < prefix_length the output is the prefix token, and the loop goes on from there.
 
 Nothing here indexes across the batch: gathers are within an example (beams of one
 image), so a batch sharded over ("data", "fsdp") stays sharded through the loop.
@@ -33,9 +35,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from coca_jax.tokens import BOS_ID, EOS_ID, PAD_ID
+from coca_jax import tokens as tokens_lib
 
 METHODS = ("greedy", "beam", "sample")
+
+# The paper's ids (tokens_lib.PAPER), the loops' defaults; a model's own come with
+# DecodeOptions.contract.
+BOS_ID, EOS_ID, PAD_ID = tokens_lib.BOS_ID, tokens_lib.EOS_ID, tokens_lib.PAD_ID
 
 # A very negative score for impossible hypotheses; finite, so sums and divisions of it
 # never make NaN (-inf - -inf would).
@@ -50,6 +56,7 @@ class DecodeOptions:
   max_length: tokens to generate at most, EOS included (<= config.model.text.max_len).
   length_penalty: GNMT's alpha for beam search, score = log p / ((5 + len) / 6)^alpha.
   temperature / top_k / top_p: sampling only; top_k=0 and top_p=1.0 disable the filter.
+  contract: BOS, EOS, pad and stop ids (config.model.text).
   """
 
   method: str
@@ -59,6 +66,7 @@ class DecodeOptions:
   temperature: float
   top_k: int
   top_p: float
+  contract: tokens_lib.Contract = tokens_lib.PAPER
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -85,6 +93,7 @@ class DecodeOptions:
     values.update({k: v for k, v in overrides.items() if v is not None})
     max_len = config.model.text.max_len
     values["max_length"] = min(values["max_length"] or max_len, max_len)
+    values.setdefault("contract", tokens_lib.Contract.from_config(config))
     return cls(**values)
 
 
@@ -105,7 +114,7 @@ class StepModel(NamedTuple):
 
 
 class DecodeOutput(NamedTuple):
-  """tokens: [B, L] int32 (prefix, generated, EOS, pad 0); scores: [B] float32, the
+  """tokens: [B, L] int32 (prefix, generated, EOS, pad); scores: [B] float32, the
   sum of log-probabilities of the generated (non-forced) tokens, divided by the length
   penalty for beam search."""
 
@@ -195,17 +204,25 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def _prefix_table(prefix, prefix_length, batch: int, max_length: int):
-  """-> prefix [B, L] int32 padded with PAD_ID, prefix_length [B] int32."""
+def _prefix_table(prefix, prefix_length, batch: int, max_length: int, pad_id: int):
+  """-> prefix [B, L] int32 padded with pad_id, prefix_length [B] int32."""
   if prefix is None:
-    return jnp.zeros((batch, max_length), jnp.int32), jnp.zeros((batch,), jnp.int32)
+    return jnp.full((batch, max_length), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32)
   prefix = jnp.asarray(prefix, jnp.int32)
   if prefix.shape[1] > max_length:
     raise ValueError(f"prefix of length {prefix.shape[1]} exceeds decode max_length={max_length}")
   if prefix_length is None:
-    prefix_length = jnp.sum(prefix != PAD_ID, axis=1)
-  prefix = jnp.pad(prefix, ((0, 0), (0, max_length - prefix.shape[1])))
+    prefix_length = jnp.sum(prefix != pad_id, axis=1)
+  prefix = jnp.pad(prefix, ((0, 0), (0, max_length - prefix.shape[1])), constant_values=pad_id)
   return prefix, jnp.asarray(prefix_length, jnp.int32)
+
+
+def _is_stop(token: jax.Array, contract: tokens_lib.Contract) -> jax.Array:
+  """token [...] int32 -> bool [...]: does it end a sequence (EOS, or pad if stop_at_pad)."""
+  stop = token == contract.eos_id
+  if contract.stop_at_pad:
+    stop = stop | (token == contract.pad_id)
+  return stop
 
 
 def _map_batch(fn, tree, axes):
@@ -247,16 +264,18 @@ def sample_loop(
   rng: jax.Array | None = None,
   prefix=None,
   prefix_length=None,
+  contract: tokens_lib.Contract = tokens_lib.PAPER,
 ) -> DecodeOutput:
   """Greedy decoding (temperature 0) or ancestral sampling, one token per iteration.
 
-  Each example stops at its first EOS (later outputs are pad); the loop ends when every
-  example has stopped or after `max_length` tokens.
+  Each example stops at its first EOS (or stop id of the contract; later outputs are
+  pad); the loop ends when every example has stopped or after `max_length` tokens.
   """
   greedy = temperature == 0.0
   if not greedy and rng is None:
     raise ValueError("sampling (temperature > 0) needs an rng key")
-  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length)
+  pad = contract.pad_id
+  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length, pad)
 
   def cond(carry):
     i, _, _, done, _, _ = carry
@@ -272,18 +291,18 @@ def sample_loop(
       chosen = jax.random.categorical(jax.random.fold_in(rng, i), filtered).astype(jnp.int32)
     forced = i < prefix_length
     chosen = jnp.where(forced, prefix[:, i], chosen)
-    chosen = jnp.where(done, PAD_ID, chosen)
+    chosen = jnp.where(done, pad, chosen)
     log_probs = jax.nn.log_softmax(logits, axis=-1)
     chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
     scores = scores + jnp.where(done | forced, 0.0, chosen_log_prob)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], i, 1)
-    done = done | (chosen == EOS_ID)
+    done = done | _is_stop(chosen, contract)
     return i + 1, chosen, tokens, done, scores, cache
 
   init = (
     jnp.int32(0),
-    jnp.full((batch,), BOS_ID, jnp.int32),
-    jnp.full((batch, max_length), PAD_ID, jnp.int32),
+    jnp.full((batch,), contract.bos_id, jnp.int32),
+    jnp.full((batch, max_length), pad, jnp.int32),
     jnp.zeros((batch,), bool),
     jnp.zeros((batch,), jnp.float32),
     step_model.cache,
@@ -301,6 +320,7 @@ def beam_search_loop(
   alpha: float = 0.6,
   prefix=None,
   prefix_length=None,
+  contract: tokens_lib.Contract = tokens_lib.PAPER,
 ) -> DecodeOutput:
   """Beam search keeping K hypotheses per example, finished ones included.
 
@@ -311,7 +331,8 @@ def beam_search_loop(
   at max_length. Returns the best hypothesis per example.
   """
   k = beam_size
-  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length)
+  pad = contract.pad_id
+  prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length, pad)
   cache = _map_batch(
     lambda x, a: _repeat_beams(x, a, k), step_model.cache, step_model.cache_batch_axes
   )
@@ -346,7 +367,7 @@ def beam_search_loop(
     _, best = jax.lax.top_k(candidate_scores, k)  # [B, K]; ties go to extensions
     is_kept = best >= k * vocab
     origin = jnp.where(is_kept, best - k * vocab, best // vocab)
-    token = jnp.where(is_kept, PAD_ID, best % vocab).astype(jnp.int32)
+    token = jnp.where(is_kept, pad, best % vocab).astype(jnp.int32)
 
     seqs = jnp.take_along_axis(seqs, origin[:, :, None], axis=1)
     seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], i, 2)
@@ -355,7 +376,7 @@ def beam_search_loop(
     )
     log_probs = jnp.where(is_kept, jnp.take_along_axis(log_probs, origin, axis=1), extended_scores)
     lengths = jnp.where(is_kept, jnp.take_along_axis(lengths, origin, axis=1), i + 1)
-    finished = is_kept | (token == EOS_ID) | (i + 1 == max_length)
+    finished = is_kept | _is_stop(token, contract) | (i + 1 == max_length)
     cache = _map_batch(lambda x, a: _gather_beams(x, a, origin), cache, step_model.cache_batch_axes)
     return i + 1, token, seqs, log_probs, finished, lengths, cache
 
@@ -364,8 +385,8 @@ def beam_search_loop(
   init_log_probs = jnp.where(jnp.arange(k)[None] == 0, 0.0, NEG) * jnp.ones((batch, 1))
   init = (
     jnp.int32(0),
-    jnp.full((batch, k), BOS_ID, jnp.int32),
-    jnp.full((batch, k, max_length), PAD_ID, jnp.int32),
+    jnp.full((batch, k), contract.bos_id, jnp.int32),
+    jnp.full((batch, k, max_length), pad, jnp.int32),
     init_log_probs,
     jnp.zeros((batch, k), bool),
     jnp.zeros((batch, k), jnp.int32),
@@ -397,6 +418,7 @@ def run_loop(
       alpha=options.length_penalty,
       prefix=prefix,
       prefix_length=prefix_length,
+      contract=options.contract,
     )
   sampling = options.method == "sample"
   return sample_loop(
@@ -409,6 +431,7 @@ def run_loop(
     rng=rng,
     prefix=prefix,
     prefix_length=prefix_length,
+    contract=options.contract,
   )
 
 
@@ -429,7 +452,8 @@ def generate(
   """Captions a batch of images with a CoCa model (traceable; jit it, or use `jit_generate`).
 
   images: [B, H, W, 3] float32, preprocessed. prefix: [B, P] int32 tokens (no BOS) to
-  continue, padded with 0; prefix_length: [B] (default: count of non-pad tokens).
+  continue, padded with the pad id; prefix_length: [B] (default: count of non-pad
+  tokens; pass it when pad is a real token, as open_clip's 0).
   cached=False decodes by full recompute (the reference / benchmark baseline).
   """
   max_len = model.text.max_len

@@ -90,6 +90,8 @@ class Predictor:
     self.vocab = vocab
     self.batch_size = batch_size
     self.max_text_len = config.model.text.max_len
+    # BOS / EOS / pad ids and the row layout (the paper's or open_clip's).
+    self.contract = tokens.Contract.from_config(config)
     self.temperature = float(model.temperature())
     self.mesh = mesh
     if mesh is not None:
@@ -118,7 +120,7 @@ class Predictor:
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """N texts -> L2-normalised [N, E] float32."""
-    text = tokens.tokenize(self.vocab, list(texts), self.max_text_len)
+    text = tokens.tokenize(self.vocab, list(texts), self.max_text_len, self.contract)
     fn = _compiled(self.graphdef, "text")
     return map_in_batches(
       lambda i, m: self._call(fn, i, m), [text["ids"], text["mask"]], self.batch_size
@@ -146,24 +148,37 @@ class Predictor:
     return decode.DecodeOptions.from_config(self.config, **overrides)
 
   def caption_tokens(
-    self, images: np.ndarray, options: decode.DecodeOptions, *, prefix=None, seed: int = 0
+    self,
+    images: np.ndarray,
+    options: decode.DecodeOptions,
+    *,
+    prefix=None,
+    prefix_lengths=None,
+    seed: int = 0,
   ) -> tuple[np.ndarray, np.ndarray]:
     """images [N, S, S, 3] -> (tokens [N, L] int32, scores [N] float32).
 
-    prefix: optional [N, P] int32 tokens to continue (0-padded); P is padded to L so
-    every prefix length shares one compilation.
+    prefix: optional [N, P] int32 tokens to continue (padded with the pad id); P is
+    padded to L so every prefix length shares one compilation. prefix_lengths: [N]
+    (default: the non-pad tokens of each row; give them when pad is a real token).
     """
     fn = _compiled(self.graphdef, "caption", options)
     n = len(images)
+    pad = options.contract.pad_id
     if prefix is None:
-      prefix = np.zeros((n, options.max_length), np.int32)
+      prefix = np.full((n, options.max_length), pad, np.int32)
     prefix = np.asarray(prefix, np.int32)
     if prefix.shape[1] > options.max_length:
       raise ValueError(
         f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={options.max_length}"
       )
-    prefix = np.pad(prefix, ((0, 0), (0, options.max_length - prefix.shape[1])))
-    lengths = (prefix != tokens.PAD_ID).sum(1).astype(np.int32)
+    prefix = np.pad(
+      prefix, ((0, 0), (0, options.max_length - prefix.shape[1])), constant_values=pad
+    )
+    if prefix_lengths is None:
+      lengths = (prefix != pad).sum(1).astype(np.int32)
+    else:
+      lengths = np.broadcast_to(np.asarray(prefix_lengths, np.int32), (n,))
     rows = np.arange(n)
 
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):
@@ -202,9 +217,15 @@ class Predictor:
         raise ValueError(
           f"prefix {too_long[0]!r} leaves no room within max_length={options.max_length}"
         )
-      prefix_tokens = np.zeros((len(images), options.max_length), np.int32)
+      prefix_tokens = np.full((len(images), options.max_length), options.contract.pad_id, np.int32)
       for row, ids in enumerate(encoded):
         prefix_tokens[row, : len(ids)] = ids
       prefix_lengths = np.asarray([len(e) for e in encoded])
-    out, _ = self.caption_tokens(images, options, prefix=prefix_tokens, seed=seed)
-    return tokens.detokenize(self.vocab, out, skip=prefix_lengths)
+    out, _ = self.caption_tokens(
+      images,
+      options,
+      prefix=prefix_tokens,
+      prefix_lengths=prefix_lengths if prefix is not None else None,
+      seed=seed,
+    )
+    return tokens.detokenize(self.vocab, out, skip=prefix_lengths, contract=options.contract)

@@ -3,7 +3,8 @@
     {"image": [b, S, S, 3] float32, "text": {"ids", "labels", "mask": [b, T] int32}}
 
 with b = local batch, T = config.data.max_text_len; the text arrays follow the token
-contract of coca_jax/tokens.py (texts longer than T - 1 tokens are cut).
+contract of coca_jax/tokens.py (`contract`, the paper's by default: texts longer than
+T - 1 tokens are cut; T - 2 when EOS is an input).
 
 Sharding: each process reads only its data shard, `seqio.ShardInfo(shard_index,
 num_shards)` where the caller passes the data-replica index of its devices (see
@@ -214,6 +215,7 @@ def _dataset(
   local_batch_size: int,
   seed: int,
   start_step: int,
+  contract: tokens.Contract = tokens.PAPER,
 ):
   """(batched rows, the batch layout, the names of its sources)."""
   if data_config.data_dir == "":
@@ -226,13 +228,13 @@ def _dataset(
   )
   example = tasks.record_examples(data_config, train=split == "train")
   key = stateless_key(seed, shard_index, "examples")
-  width = data_config.max_text_len - 1  # room for BOS (inputs) / EOS (labels)
+  width = contract.max_tokens(data_config.max_text_len)  # room for BOS / EOS
 
   def to_row(position, record):
     ex = example(record, example_seeds(key, position))
     text = ex["text"][:width]
     length = tf.shape(text)[0]
-    padded = tf.pad(text, [[0, width - length]], constant_values=tokens.PAD_ID)
+    padded = tf.pad(text, [[0, width - length]], constant_values=contract.pad_id)
     return dict(image=ex["image"], tokens=padded, length=length, keep=ex["keep"])
 
   ds = ds.map(to_row, num_parallel_calls=data_config.num_parallel_calls)
@@ -262,12 +264,17 @@ def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
 
 
 def _numpy_batches(
-  ds: tf.data.Dataset, start_step: int, max_len: int, layout: np.ndarray, names
+  ds: tf.data.Dataset,
+  start_step: int,
+  max_len: int,
+  layout: np.ndarray,
+  names,
+  contract: tokens.Contract = tokens.PAPER,
 ) -> Iterator[dict]:
   reported = dict(preprocess.BAD_DATA)
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
     rows = replace_rejected(rows, step, layout, names)
-    text = tokens.model_text(rows["tokens"], rows["length"], max_len)
+    text = tokens.model_text(rows["tokens"], rows["length"], max_len, contract)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
       reported = dict(preprocess.BAD_DATA)
@@ -290,12 +297,14 @@ def batches(
   num_shards: int,
   local_batch_size: int,
   start_step: int = 0,
+  contract: tokens.Contract = tokens.PAPER,
 ) -> Iterator[dict]:
   """Endless batches of this host's shard, from `start_step` on.
 
   split "train": the sources' training splits (random crops), seed config.data.seed.
   "eval": their held-out splits with eval preprocessing, seed + 1, always the same
-  sequence so that eval losses are comparable across steps.
+  sequence so that eval losses are comparable across steps. contract: the model's token
+  contract (`tokens.Contract.from_config(config)`).
   """
   if split not in SPLITS:
     raise ValueError(f"split {split!r}; expected one of {SPLITS}")
@@ -303,9 +312,9 @@ def batches(
     ("train", data_config.seed) if split == "train" else ("validation", data_config.seed + 1)
   )
   ds, layout, names = _dataset(
-    data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, start_step
+    data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, start_step, contract
   )
-  return _numpy_batches(ds, start_step, data_config.max_text_len, layout, names)
+  return _numpy_batches(ds, start_step, data_config.max_text_len, layout, names, contract)
 
 
 def bad_data_counts() -> dict:

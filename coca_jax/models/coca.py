@@ -10,13 +10,22 @@ video clip.
                                         -> [B,1,D] -> projection -> image embedding [B,E]
     text  -> unimodal decoder (+[CLS]) -> [CLS] -> projection -> text embedding [B,E]
           -> multimodal decoder (cross-attends caption tokens) -> logits [B,T,V]
+
+open_clip's CoCa (pooler mode "single", configs/open_clip/) has ONE pooler:
+
+    image -> ViT (class token) -> [B,N+1,D_v] -> pooler (Q queries) -> LN -> [B,Q,D]
+             output 0 -> projection -> image embedding [B,E]; outputs 1.. -> caption
+             tokens [B,Q-1,D]
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coca_jax import config as config_lib
 from coca_jax.models import layers
 from coca_jax.models.pooler import AttentionalPooler
 from coca_jax.models.text import TextDecoder
@@ -24,7 +33,7 @@ from coca_jax.models.video import VideoHead
 from coca_jax.models.vit import VisionEncoder
 from coca_jax.models.vqa import VqaHead
 
-POOLER_MODES = ("cascade", "parallel")
+POOLER_MODES = ("cascade", "parallel", "single")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
@@ -42,17 +51,40 @@ class CoCa(nnx.Module):
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     cfg = model_config
+    option = functools.partial(config_lib.model_option, cfg)
     if cfg.pooler.mode not in POOLER_MODES:
       raise ValueError(f"config.model.pooler.mode={cfg.pooler.mode!r}; use one of {POOLER_MODES}")
     dtype = jnp.dtype(cfg.dtype)
     width, heads, eps = cfg.width, cfg.heads, cfg.layer_norm_eps
+    vision_width = option("vision.width") or width
+    pooler_heads = option("pooler.heads") or heads
     self.pooler_mode = cfg.pooler.mode
     self.vision = VisionEncoder(cfg, rngs=rngs)
-    self.caption_pooler = AttentionalPooler(
-      cfg.pooler.caption_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+    single = self.pooler_mode == "single"
+    if single and cfg.pooler.caption_queries < 2:
+      raise ValueError(
+        f"config.model.pooler.caption_queries={cfg.pooler.caption_queries}: the single "
+        "pooler needs 2 or more (query 0 is the image embedding, the rest caption tokens)"
+      )
+    pooler = functools.partial(
+      AttentionalPooler,
+      width=width,
+      heads=pooler_heads,
+      eps=eps,
+      dtype=dtype,
+      rngs=rngs,
+      key_bias=option("attention_key_bias"),
     )
-    self.contrastive_pooler = AttentionalPooler(
-      cfg.pooler.contrastive_queries, width, heads, eps=eps, dtype=dtype, rngs=rngs
+    self.caption_pooler = pooler(
+      cfg.pooler.caption_queries, input_width=vision_width, query_norm=single
+    )
+    self.contrastive_pooler = (
+      None
+      if single
+      else pooler(
+        cfg.pooler.contrastive_queries,
+        input_width=width if self.pooler_mode == "cascade" else vision_width,
+      )
     )
     self.image_projection = layers.Dense(
       width,
@@ -85,8 +117,11 @@ class CoCa(nnx.Module):
     # absent unless config.model.video.num_classes > 0, as the VQA head.
     video = cfg.get("video")
     num_classes = int(video.num_classes) if video is not None else 0
+    vision_heads = option("vision.heads") or heads
     self.video_head = (
-      VideoHead(width, heads, num_classes, eps=eps, dtype=dtype, rngs=rngs) if num_classes else None
+      VideoHead(vision_width, vision_heads, num_classes, eps=eps, dtype=dtype, rngs=rngs)
+      if num_classes
+      else None
     )
     t = cfg.temperature
     if not 0 < t.min <= t.init <= t.max:
@@ -109,9 +144,11 @@ class CoCa(nnx.Module):
 
   def encode_image(self, image: jax.Array) -> tuple[jax.Array, jax.Array]:
     """image [B, H, W, 3] -> (L2-normalised image embedding [B, E] f32,
-    caption tokens [B, Q, D])."""
+    caption tokens [B, Q, D]; Q - 1 of them with the single pooler)."""
     tokens = self.vision(image)
     caption_tokens = self.caption_pooler(tokens)
+    if self.pooler_mode == "single":
+      return l2_normalize(self.image_projection(caption_tokens[:, 0])), caption_tokens[:, 1:]
     pooled = self.contrastive_pooler(caption_tokens if self.pooler_mode == "cascade" else tokens)
     # With more than one contrastive query (an ablation of the paper) average them.
     image_embedding = self.image_projection(pooled.mean(axis=1))

@@ -110,23 +110,38 @@ def causal_mask(query_len: int, key_len: int, query_offset=0) -> jax.Array:
 class Attention(nnx.Module):
   """Multi-head attention with separate query and key/value inputs.
 
-  Keys carry no bias: softmax over keys is invariant to it, so its gradient is only
-  rounding noise (which Adafactor's normalised first steps would amplify).
+  Keys carry no bias by default: softmax over keys is invariant to it, so its gradient is
+  only rounding noise (which Adafactor's normalised first steps would amplify).
+  `key_bias=True` adds one (open_clip's layout, whose checkpoints hold it).
 
   Self-attention passes the same tokens twice; cross-attention passes the image tokens
-  as `kv_inputs`. `project_kv` is public so decoding can compute image-side keys and
-  values once per image and keep text-side keys and values in a cache.
+  as `kv_inputs` (`kv_width` wide, default `width`). `project_kv` is public so decoding
+  can compute image-side keys and values once per image and keep text-side keys and
+  values in a cache.
   """
 
-  def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    width: int,
+    heads: int,
+    *,
+    dtype,
+    rngs: nnx.Rngs,
+    kv_width: int | None = None,
+    key_bias: bool = False,
+  ):
     if width % heads:
       raise ValueError(f"width={width} is not divisible by heads={heads}")
     head_dim = width // heads
+    kv_width = kv_width or width
     qkv_init = fan_in_out_init(0, (1, 2))
     self.query = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
-    self.key = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
-    self.value = param(rngs, qkv_init, (width, heads, head_dim), ("embed", "heads", "kv"))
+    self.key = param(rngs, qkv_init, (kv_width, heads, head_dim), ("embed", "heads", "kv"))
+    self.value = param(rngs, qkv_init, (kv_width, heads, head_dim), ("embed", "heads", "kv"))
     self.query_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
+    self.key_bias = (
+      param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv")) if key_bias else None
+    )
     self.value_bias = param(rngs, nnx.initializers.zeros, (heads, head_dim), ("heads", "kv"))
     self.out = param(
       rngs, fan_in_out_init((0, 1), 2), (heads, head_dim, width), ("heads", "kv", "embed")
@@ -139,9 +154,9 @@ class Attention(nnx.Module):
     return y if bias is None else y + bias[...].astype(self.dtype)
 
   def project_kv(self, kv_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[B, S, D] -> keys, values [B, S, H, K]."""
+    """[B, S, D_kv] -> keys, values [B, S, H, K]."""
     return (
-      self._project(kv_inputs, self.key),
+      self._project(kv_inputs, self.key, self.key_bias),
       self._project(kv_inputs, self.value, self.value_bias),
     )
 
@@ -157,16 +172,21 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-  """Two-layer GELU MLP: [..., D] -> [..., F] -> [..., D]."""
+  """Two-layer GELU MLP: [..., D] -> [..., F] -> [..., D]. GELU with the tanh
+  approximation (`gelu_approximate`, the default) or the exact erf form."""
 
-  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs, gelu_approximate=True):
     self.up = Dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.down = Dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.gelu_approximate = gelu_approximate
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.up(x))
+    h = jax.nn.gelu(self.up(x), approximate=self.gelu_approximate)
     h = sharding.constrain(h, ("batch", "length", "mlp"))
     return self.down(h)
+
+
+MULTIMODAL_BLOCKS = ("fused", "split")
 
 
 class Block(nnx.Module):
@@ -174,18 +194,62 @@ class Block(nnx.Module):
 
   With `cross_attention=True` this is a multimodal decoder layer (Section 3.2 of the
   paper): the text attends to the captioning pooler's outputs after self-attention.
+  `multimodal_block` arranges such a layer:
+
+    "fused" (the paper)   x += SelfAttn(LN(x)); x += CrossAttn(LN(x), img); x += MLP(LN(x))
+    "split" (open_clip)   x += SelfAttn(LN(x)); x += MLP(LN(x));
+                          x += CrossAttn(LN(x), LN(img)); x += MLP(LN(x))
+
+  (open_clip's residual block then its cross-attention block, each with an MLP, the
+  image tokens normed by the cross block's own LayerNorm, `cross_kv_norm`.)
   """
 
-  def __init__(self, width, heads, mlp_dim, *, cross_attention: bool, eps, dtype, rngs):
-    self.self_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-    self.self_attention = Attention(width, heads, dtype=dtype, rngs=rngs)
+  def __init__(
+    self,
+    width,
+    heads,
+    mlp_dim,
+    *,
+    cross_attention: bool,
+    eps,
+    dtype,
+    rngs,
+    gelu_approximate: bool = True,
+    key_bias: bool = False,
+    multimodal_block: str = "fused",
+  ):
+    if multimodal_block not in MULTIMODAL_BLOCKS:
+      raise ValueError(
+        f"config.model.text.multimodal_block={multimodal_block!r}; use one of {MULTIMODAL_BLOCKS}"
+      )
+
+    def norm():
+      return LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+
+    def mlp():
+      return Mlp(width, mlp_dim, dtype=dtype, rngs=rngs, gelu_approximate=gelu_approximate)
+
+    def attention():
+      return Attention(width, heads, dtype=dtype, rngs=rngs, key_bias=key_bias)
+
+    split = cross_attention and multimodal_block == "split"
+    self.self_norm = norm()
+    self.self_attention = attention()
+    self.self_mlp_norm, self.self_mlp = (norm(), mlp()) if split else (None, None)
     if cross_attention:
-      self.cross_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-      self.cross_attention = Attention(width, heads, dtype=dtype, rngs=rngs)
+      self.cross_norm = norm()
+      self.cross_kv_norm = norm() if split else None
+      self.cross_attention = attention()
     else:
-      self.cross_norm = self.cross_attention = None
-    self.mlp_norm = LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
-    self.mlp = Mlp(width, mlp_dim, dtype=dtype, rngs=rngs)
+      self.cross_norm = self.cross_kv_norm = self.cross_attention = None
+    self.mlp_norm = norm()
+    self.mlp = mlp()
+
+  def cross_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Image tokens [B, N, D] -> cross-attention keys, values [B, N, H, K]."""
+    if self.cross_kv_norm is not None:
+      context = self.cross_kv_norm(context)
+    return self.cross_attention.project_kv(context)
 
   def __call__(self, x, mask=None, context=None, cache=None):
     """One layer.
@@ -195,7 +259,7 @@ class Block(nnx.Module):
       mask: self-attention mask, broadcastable to [B, H, T, S]; S = T without a cache,
         S = cache length with one.
       context: cross-attention keys/values: either [B, N, D] tokens, or a precomputed
-        (keys, values) pair of [B, N, H, K] from `Attention.project_kv`.
+        (keys, values) pair of [B, N, H, K] from `cross_kv`.
       cache: None, or a dict with "key"/"value" [B, S, H, K] and "index" (scalar int32,
         position of x[:, 0]); the new keys/values are written at `index`.
     Returns:
@@ -213,14 +277,13 @@ class Block(nnx.Module):
       )
       cache = dict(key=keys, value=values, index=index)
     x = x + self.self_attention.attend(h, keys, values, mask)
+    if self.self_mlp is not None:
+      x = x + self.self_mlp(self.self_mlp_norm(x))
     if self.cross_attention is not None:
       if context is None:
         raise ValueError("a cross-attention block needs `context` (the image tokens)")
-      h = self.cross_norm(x)
-      if isinstance(context, tuple):
-        x = x + self.cross_attention.attend(h, *context, None)
-      else:
-        x = x + self.cross_attention(h, context)
+      context_kv = context if isinstance(context, tuple) else self.cross_kv(context)
+      x = x + self.cross_attention.attend(self.cross_norm(x), *context_kv, None)
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ("batch", "length", "activation_embed")), cache
 
@@ -290,6 +353,6 @@ class LayerStack(nnx.Module):
 
     def project(params):
       layer = nnx.merge(graphdef, params)
-      return layer.cross_attention.project_kv(context)
+      return layer.cross_kv(context)
 
     return jax.lax.map(project, layer_params)

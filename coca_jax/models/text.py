@@ -11,14 +11,46 @@ on the padded length; text tokens attend causally and never see [CLS], which com
 The second half (multimodal layers) runs over the T text positions only (not [CLS]),
 with causal self-attention and cross-attention to the captioning pooler's outputs, and
 ends in vocabulary logits from an output projection untied from the input embedding.
+
+open_clip's layout (config options, coca_jax/config.py MODEL_OPTIONS): [CLS] gets
+position T's embedding too (`cls_position`); masks follow open_clip's legacy CoCa mask
+(`mask_mode="open_clip_legacy"`: computed from the ids, not `mask`; see
+`unimodal_mask`); the multimodal layers are "split" blocks (layers.Block) with a causal
+mask only; the vocabulary projection has no bias.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coca_jax import config as config_lib
 from coca_jax import sharding
 from coca_jax.models import layers
+
+MASK_MODES = ("paper", "open_clip_legacy")
+
+
+def unimodal_mask(ids: jax.Array, mask: jax.Array, mode: str, pad_id: int) -> jax.Array:
+  """Self-attention mask [B, 1, T+1, T+1] bool of the unimodal stack over T tokens and
+  [CLS] at index T.
+
+  "paper": causal; keys are the real tokens (`mask` [B, T] 1) and [CLS]. Text tokens
+  never see [CLS] (it comes last); [CLS] sees every real token and itself.
+  "open_clip_legacy" (open_clip's CoCa, whose [CLS] column is off by one): causal; key 0
+  always, key j >= 1 iff ids[j - 1] != pad_id, for every query. So [CLS] sees the real
+  tokens, the first pad after them, and itself only when ids[T - 1] is not pad;
+  `mask` is not read.
+  """
+  batch, length = ids.shape
+  if mode == "paper":
+    key_valid = jnp.concatenate([mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1)
+  elif mode == "open_clip_legacy":
+    key_valid = jnp.concatenate([jnp.ones((batch, 1), bool), ids != pad_id], axis=1)
+  else:
+    raise ValueError(f"config.model.text.mask_mode={mode!r}; use one of {MASK_MODES}")
+  return layers.causal_mask(length + 1, length + 1) & key_valid[:, None, None, :]
 
 
 class TextDecoder(nnx.Module):
@@ -26,20 +58,36 @@ class TextDecoder(nnx.Module):
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     cfg = model_config.text
+    option = functools.partial(config_lib.model_option, model_config)
     dtype = jnp.dtype(model_config.dtype)
     width, heads, eps = model_config.width, model_config.heads, model_config.layer_norm_eps
     self.dtype = dtype
     self.max_len = cfg.max_len
+    self.mask_mode = option("text.mask_mode")
+    if self.mask_mode not in MASK_MODES:
+      raise ValueError(f"config.model.text.mask_mode={self.mask_mode!r}; use one of {MASK_MODES}")
+    self.pad_id = option("text.pad_id")
+    self.cls_position = option("text.cls_position")
     embed_init = nnx.initializers.normal(0.02)
     self.token_embedding = layers.param(
       rngs, embed_init, (cfg.vocab_size, width), ("vocab", "embed")
     )
-    self.pos_embedding = layers.param(rngs, embed_init, (cfg.max_len, width), ("length", "embed"))
+    positions = cfg.max_len + 1 if self.cls_position else cfg.max_len
+    self.pos_embedding = layers.param(rngs, embed_init, (positions, width), ("length", "embed"))
     self.cls_embedding = layers.param(rngs, embed_init, (width,), ("embed",))
 
     def block(cross_attention):
       return lambda r: layers.Block(
-        width, heads, cfg.mlp_dim, cross_attention=cross_attention, eps=eps, dtype=dtype, rngs=r
+        width,
+        heads,
+        cfg.mlp_dim,
+        cross_attention=cross_attention,
+        eps=eps,
+        dtype=dtype,
+        rngs=r,
+        gelu_approximate=option("gelu_approximate"),
+        key_bias=option("attention_key_bias"),
+        multimodal_block=option("text.multimodal_block"),
       )
 
     self.unimodal = layers.LayerStack(
@@ -51,7 +99,13 @@ class TextDecoder(nnx.Module):
     )
     self.final_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.vocab_projection = layers.Dense(
-      width, cfg.vocab_size, ("embed", "vocab"), dtype=dtype, rngs=rngs, f32_output=True
+      width,
+      cfg.vocab_size,
+      ("embed", "vocab"),
+      dtype=dtype,
+      rngs=rngs,
+      use_bias=option("text.vocab_bias"),
+      f32_output=True,
     )
 
   def embed(self, ids: jax.Array, offset=0) -> jax.Array:
@@ -72,12 +126,23 @@ class TextDecoder(nnx.Module):
     """ids, mask [B, T] -> (text tokens [B, T, D], normed [CLS] output [B, D])."""
     x = self.embed(ids)
     batch, length = ids.shape
-    cls = jnp.broadcast_to(self.cls_embedding[...].astype(self.dtype), (batch, 1, x.shape[-1]))
+    cls = self.cls_embedding[...]
+    if self.cls_position:
+      cls = cls + self.pos_embedding[length]
+    cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, x.shape[-1]))
     x = jnp.concatenate([x, cls], axis=1)  # [B, T+1, D]; [CLS] at index T
-    key_valid = jnp.concatenate([mask.astype(bool), jnp.ones((batch, 1), bool)], axis=1)
-    attn_mask = layers.causal_mask(length + 1, length + 1) & key_valid[:, None, None, :]
+    attn_mask = unimodal_mask(ids, mask, self.mask_mode, self.pad_id)
     x, _ = self.unimodal(x, attn_mask)
     return x[:, :length], self.cls_norm(x[:, length])
+
+  def multimodal_mask(self, mask: jax.Array) -> jax.Array:
+    """Self-attention mask of the multimodal stack, [B or 1, 1, T, T] bool, from the text
+    mask [B, T]: causal over real tokens ("paper") or causal only ("open_clip_legacy")."""
+    length = mask.shape[1]
+    causal = layers.causal_mask(length, length)
+    if self.mask_mode == "open_clip_legacy":
+      return causal
+    return causal & mask.astype(bool)[:, None, None, :]
 
   def multimodal_tokens(
     self, text_tokens: jax.Array, caption_tokens: jax.Array, mask: jax.Array
@@ -85,9 +150,7 @@ class TextDecoder(nnx.Module):
     """text tokens [B, T, D], caption tokens [B, Q, D], mask [B, T] -> the multimodal
     decoder's normed output tokens [B, T, D], before the vocabulary projection (what the
     VQA head pools, Section 4.3)."""
-    length = text_tokens.shape[1]
-    attn_mask = layers.causal_mask(length, length) & mask.astype(bool)[:, None, None, :]
-    x, _ = self.multimodal(text_tokens, attn_mask, context=caption_tokens)
+    x, _ = self.multimodal(text_tokens, self.multimodal_mask(mask), context=caption_tokens)
     return self.final_norm(x)
 
   def vocab_logits(self, multimodal_tokens: jax.Array) -> jax.Array:

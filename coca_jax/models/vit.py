@@ -1,16 +1,26 @@
 """ViT image encoder: patches -> position embedding -> pre-LN blocks -> final norm.
 
 Legend: B batch, H/W image height/width, P patch size, G patch grid side (G = H / P),
-N image tokens (N = G * G), D width.
+N image tokens (N = G * G, or G * G + 1 with a class token), D width (the ViT's:
+config.model.vision.width, default config.model.width).
 
-There is no class token: CoCa's attentional poolers summarise the tokens (Section 3.2).
+The paper's layout has no class token: CoCa's attentional poolers summarise the tokens
+(Section 3.2). open_clip's layout (config options, coca_jax/config.py MODEL_OPTIONS)
+prepends a learned class token with a position embedding of its own
+(`class_pos_embedding`; the patch positions stay a G x G grid, so resampling them to
+another image size works the same), norms the embedded tokens before the blocks
+(`pre_norm`, open_clip's ln_pre) and leaves the output tokens un-normed (its ln_post
+comes after the pooler).
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from coca_jax import config as config_lib
 from coca_jax import sharding
 from coca_jax.models import layers
 
@@ -64,18 +74,27 @@ class VisionEncoder(nnx.Module):
 
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     cfg = model_config.vision
+    option = functools.partial(config_lib.model_option, model_config)
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
         f"config.model.vision.patch_size={cfg.patch_size} does not divide "
         f"image_size={cfg.image_size}"
       )
     dtype = jnp.dtype(model_config.dtype)
-    width = model_config.width
+    width = option("vision.width") or model_config.width
+    heads = option("vision.heads") or model_config.heads
+    eps = model_config.layer_norm_eps
+    self.width = width
     self.patch_size = cfg.patch_size
     self.grid = cfg.image_size // cfg.patch_size
     # A linear map of flattened patches: the same function as a stride-P convolution.
     self.patch_embedding = layers.Dense(
-      cfg.patch_size**2 * 3, width, ("patch", "embed"), dtype=dtype, rngs=rngs
+      cfg.patch_size**2 * 3,
+      width,
+      ("patch", "embed"),
+      dtype=dtype,
+      rngs=rngs,
+      use_bias=option("vision.patch_bias"),
     )
     if cfg.pos_embedding == "learned":
       self.pos_embedding = layers.param(
@@ -84,29 +103,45 @@ class VisionEncoder(nnx.Module):
     elif cfg.pos_embedding == "sincos":
       # A constant, not a parameter: it is rebuilt from the config, never checkpointed.
       self.pos_embedding = None
-      self.width = width
     else:
       raise ValueError(
         f"config.model.vision.pos_embedding={cfg.pos_embedding!r}; use 'learned' or 'sincos'"
       )
+    if option("vision.class_token"):
+      embed_init = nnx.initializers.normal(0.02)
+      self.class_embedding = layers.param(rngs, embed_init, (width,), ("embed",))
+      self.class_pos_embedding = layers.param(rngs, embed_init, (width,), ("embed",))
+    else:
+      self.class_embedding = self.class_pos_embedding = None
+    self.pre_norm = (
+      layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+      if option("vision.pre_norm")
+      else None
+    )
     self.blocks = layers.LayerStack(
       lambda r: layers.Block(
         width,
-        model_config.heads,
+        heads,
         cfg.mlp_dim,
         cross_attention=False,
-        eps=model_config.layer_norm_eps,
+        eps=eps,
         dtype=dtype,
         rngs=r,
+        gelu_approximate=option("gelu_approximate"),
+        key_bias=option("attention_key_bias"),
       ),
       cfg.layers,
       model_config.remat_policy,
       rngs,
     )
-    self.norm = layers.LayerNorm(width, eps=model_config.layer_norm_eps, dtype=dtype, rngs=rngs)
+    self.norm = (
+      layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
+      if option("vision.final_norm")
+      else None
+    )
 
   def __call__(self, image: jax.Array) -> jax.Array:
-    """image: [B, H, W, 3] float (normalised) -> tokens [B, N, D]."""
+    """image: [B, H, W, 3] float (normalised) -> tokens [B, N, D] (the class token first)."""
     expected = self.grid * self.patch_size
     if image.shape[1:3] != (expected, expected):
       raise ValueError(f"image of shape {image.shape} does not match config image_size={expected}")
@@ -116,6 +151,11 @@ class VisionEncoder(nnx.Module):
     else:
       positions = self.pos_embedding[...]
     x = x + positions.astype(x.dtype)[None]
+    if self.class_embedding is not None:
+      cls = (self.class_embedding[...] + self.class_pos_embedding[...]).astype(x.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
     x = sharding.constrain(x, ("batch", "length", "activation_embed"))
     x, _ = self.blocks(x)
-    return self.norm(x)
+    return x if self.norm is None else self.norm(x)
