@@ -296,7 +296,8 @@ def sample_loop(
     chosen_log_prob = jnp.take_along_axis(log_probs, chosen[:, None], axis=-1)[:, 0]
     scores = scores + jnp.where(done | forced, 0.0, chosen_log_prob)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, chosen[:, None], i, 1)
-    done = done | _is_stop(chosen, contract)
+    # A forced prefix token never ends the sequence (open_clip's pad 0 is the real "!").
+    done = done | (_is_stop(chosen, contract) & ~forced)
     return i + 1, chosen, tokens, done, scores, cache
 
   init = (
@@ -376,7 +377,8 @@ def beam_search_loop(
     )
     log_probs = jnp.where(is_kept, jnp.take_along_axis(log_probs, origin, axis=1), extended_scores)
     lengths = jnp.where(is_kept, jnp.take_along_axis(lengths, origin, axis=1), i + 1)
-    finished = is_kept | _is_stop(token, contract) | (i + 1 == max_length)
+    stop = _is_stop(token, contract) & ~forced[:, :, 0]
+    finished = is_kept | stop | (i + 1 == max_length)
     cache = _map_batch(lambda x, a: _gather_beams(x, a, origin), cache, step_model.cache_batch_axes)
     return i + 1, token, seqs, log_probs, finished, lengths, cache
 

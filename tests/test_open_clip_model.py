@@ -3,6 +3,8 @@ leave the paper's models alone, the legacy [CLS] mask by hand, the single pooler
 token contract (SOT ... EOT rows, stop at pad), cached decoding of the open_clip layout,
 parameter counts of open_clip's two models."""
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -173,3 +175,7 @@ def test_decoding_stops_at_eos_or_pad_by_contract():
   np.testing.assert_array_equal(out.tokens, [[5, 0, 7, 7]])
   out = decode.beam_search_loop(step_model, batch=1, max_length=4, beam_size=1, contract=stop)
   np.testing.assert_array_equal(out.tokens, [[5, 0, 0, 0]])
+  # A forced prefix token equal to pad (open_clip's "!") does not stop decoding.
+  for loop in (decode.sample_loop, functools.partial(decode.beam_search_loop, beam_size=1)):
+    out = loop(step_model, batch=1, max_length=4, contract=stop, prefix=[[5, 0]], prefix_length=[2])
+    np.testing.assert_array_equal(out.tokens, [[5, 0, 7, 7]])
