@@ -81,6 +81,7 @@ def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict
       local_batch_size=len(shard.rows),
       start_step=start_step,
     )
+  from coca_jax import tokens
   from coca_jax.data import pipeline  # TensorFlow is imported only when needed
 
   return pipeline.batches(
@@ -90,6 +91,7 @@ def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict
     num_shards=shard.count,
     local_batch_size=len(shard.rows),
     start_step=start_step,
+    contract=tokens.Contract.from_config(config),  # the model's BOS / EOS / pad ids
   )
 
 

@@ -257,12 +257,13 @@ def register(data_config) -> tuple[str, str]:
   return name, name + tasks.EVAL_SUFFIX
 
 
-def _text(question_ids: list[np.ndarray], max_len: int) -> dict[str, np.ndarray]:
+def _text(question_ids: list[np.ndarray], max_len: int, contract) -> dict[str, np.ndarray]:
   width = max(1, max(len(q) for q in question_ids))
   padded = np.zeros((len(question_ids), width), np.int32)
   for i, q in enumerate(question_ids):
     padded[i, : len(q)] = q
-  return tokens.model_text(padded, np.asarray([len(q) for q in question_ids]), max_len)
+  lengths = np.asarray([len(q) for q in question_ids])
+  return tokens.model_text(padded, lengths, max_len, contract)
 
 
 # Batch generators still open. A live tf.data iterator over this pipeline (PIL decoding in
@@ -292,6 +293,7 @@ def _batches(
   data = config.data
   train_name, eval_name = register(data)
   vocabulary = answer_vocabulary(data, config.model.vqa.num_answers)
+  contract = tokens.Contract.from_config(config)  # the model's BOS / EOS / pad ids
   ds = tasks.read(
     train_name if split == "train" else eval_name,
     split,
@@ -321,7 +323,7 @@ def _batches(
     answers = [[a.decode() for a in row if a] for row in batch["answers"]]
     yield dict(
       image=batch["image"].astype(np.float32),
-      text=tokens.model_text(batch["question"], batch["length"], data.max_text_len),
+      text=tokens.model_text(batch["question"], batch["length"], data.max_text_len, contract),
       answer_scores=vqa_answers.answer_scores(answers, vocabulary),
     )
 
@@ -339,7 +341,9 @@ def eval_set(config) -> dict:
       break
   return dict(
     images=np.stack([r["image"] for r in rows]).astype(np.float32),
-    text=_text([r["question"] for r in rows], config.data.max_text_len),
+    text=_text(
+      [r["question"] for r in rows], config.data.max_text_len, tokens.Contract.from_config(config)
+    ),
     questions=[r["question_pretokenized"].decode() for r in rows],
     answers=[[a.decode() for a in r["answers"]] for r in rows],
   )
