@@ -1,19 +1,44 @@
-"""Decoding throughput: KV-cached greedy decoding vs full recompute.
+"""Decoding throughput: KV-cached vs recompute, open_clip's B/32 shapes, bfloat16, the API.
 
-    python -m coca_jax.bench decode [--batch_sizes=1,32] [--lengths=32,64] [--repeats=3]
+    python -m coca_jax.bench decode [--sections=small,open_clip,demo] [--repeats=3]
+        [--batch_sizes=1,32] [--lengths=32,64]                         # small
+        [--open_clip_config=configs/open_clip/coca_vit_b32.py] [--tokens=32]
+        [--greedy_batches=1,16] [--beam_size=3] [--beam_batch=16]      # open_clip
+        [--demo_export=/tmp/coca_demo/export] [--demo_images=128]      # demo
 
-Model: a small-but-real decoder built with `coca_jax.config.coca_config` (width 256,
-4 heads, 2 + 2 decoder layers, MLP 1024, vocabulary 1024, 32 caption queries; max text
-length 64; ViT 2 layers on 32px images in 4px patches; float32, no rematerialisation).
-Both variants run the same greedy `lax.while_loop` of `coca_jax.decode`; only the step
-function differs (cache + precomputed cross-attention keys/values, or the whole prefix
-through both stacks each step). EOS is suppressed so every run decodes exactly
-`length` tokens. Compilation is excluded (one warm-up call); the median of `repeats`
-timed calls is reported. Prints a table; asserts nothing about time.
+Three sections, each a table; compilation is excluded (one warm-up call) and the median of
+`repeats` timed calls is reported. Asserts nothing about time.
+
+small: a small-but-real decoder built with `coca_jax.config.coca_config` (width 256,
+  4 heads, 2 + 2 decoder layers, MLP 1024, vocabulary 1024, 32 caption queries; max text
+  length 64; ViT 2 layers on 32px images in 4px patches; float32). Both variants run the
+  same greedy `lax.while_loop` of `coca_jax.decode`; only the step function differs (KV
+  cache + cross-attention keys/values projected once, or the whole prefix through both
+  stacks each step).
+open_clip: exactly open_clip coca_ViT-B-32's shapes (configs/open_clip/coca_vit_b32.py,
+  random init: 224px, ViT-B/32, text width 512, 12 + 12 decoder layers, vocabulary
+  49,408, context 76), greedy and beam-search rows in float32 and bfloat16 (weights
+  stored in bfloat16, bfloat16 compute), image encoding included as open_clip's
+  `generate` includes it. EOS (and pad, a stop id of open_clip's contract) is suppressed
+  so every run decodes exactly `tokens` tokens. Per row: tokens/s, ms per decode step,
+  decoder weights read per step (every step reads each decoder weight once, whatever the
+  batch; the token embedding table only one row per token, the cross-attention key/value
+  projections not at all: they run once per image) and that over the step time, against
+  this machine's copy bandwidth measured in the same run. Then the quality cost of
+  bfloat16: its greedy tokens against float32's on the same images.
+demo: a trained export (`python -m coca_jax.demo`'s, real weights) on real images (the
+  demo's emoji validation split, raw 64px RGBA PNG pixels): captions/s through
+  `coca_jax.load(export).caption` at batch 32 against the benchmark loop (the same
+  jitted decode on the same preprocessed batches), the API's time split into its parts,
+  and bfloat16 vs float32 greedy captions of those images.
+
+The PyTorch side (open_clip's `generate` on the same shapes) is
+`python benchmarks/open_clip_decode.py`, which runs the open_clip section of this file.
 """
 
 import argparse
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +47,17 @@ from flax import nnx
 
 from coca_jax import config as config_lib
 from coca_jax import decode
+from coca_jax import tokens as tokens_lib
 from coca_jax.models import coca
+
+SECTIONS = ("small", "open_clip", "demo")
+OPEN_CLIP_CONFIG = "configs/open_clip/coca_vit_b32.py"
+DEMO_EXPORT = "/tmp/coca_demo/export"
+DEMO_IMAGES = "~/.cache/coca_jax/tfds/coca_emoji/1.0.0"  # the demo's prepared TFDS emoji
 
 
 def bench_config():
-  """The benchmark model, built from the package's own config builder (float32)."""
+  """The small benchmark model, built from the package's own config builder (float32)."""
   config = config_lib.coca_config(
     width=256,
     heads=4,
@@ -46,29 +77,46 @@ def bench_config():
   return config
 
 
-def _no_eos(step_model: decode.StepModel) -> decode.StepModel:
+def _no_stop(step_model: decode.StepModel, contract: tokens_lib.Contract) -> decode.StepModel:
+  """The step with every stop id of `contract` (EOS; pad too for open_clip) made impossible."""
+  stop_ids = jnp.asarray(contract.stop_ids)
+
   def step(ids, cache, context):
     logits, cache = step_model.step(ids, cache, context)
-    return logits.at[:, decode.EOS_ID].set(decode.NEG), cache
+    return logits.at[:, stop_ids].set(decode.NEG), cache
 
   return step_model._replace(step=step)
 
 
-def make_decoder(graphdef, length: int, cached: bool):
+def make_decoder(
+  graphdef,
+  length: int,
+  cached: bool = True,
+  beam_size: int = 0,
+  contract: tokens_lib.Contract = tokens_lib.PAPER,
+) -> Callable:
+  """-> jitted fn(params, images [B, S, S, 3]) -> tokens [B, length]: image encoding then
+  `length` greedy (beam_size 0) or beam-search steps, stop ids suppressed."""
   make_step_model = decode.cached_step_model if cached else decode.recompute_step_model
 
   @jax.jit
   def run(params, images):
     model = nnx.merge(graphdef, params)
     _, caption_tokens = model.encode_image(images)
-    step_model = _no_eos(make_step_model(model, caption_tokens, length))
-    return decode.sample_loop(step_model, batch=images.shape[0], max_length=length).tokens
+    step_model = _no_stop(make_step_model(model, caption_tokens, length), contract)
+    batch = images.shape[0]
+    if beam_size:
+      return decode.beam_search_loop(
+        step_model, batch=batch, max_length=length, beam_size=beam_size, contract=contract
+      ).tokens
+    return decode.sample_loop(step_model, batch=batch, max_length=length, contract=contract).tokens
 
   return run
 
 
 def time_call(fn, *args, repeats: int) -> float:
-  jax.block_until_ready(fn(*args))  # compile + warm up
+  """Median seconds of `repeats` calls of fn(*args), after one untimed (compiling) call."""
+  jax.block_until_ready(fn(*args))
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -77,28 +125,25 @@ def time_call(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-    prog="python -m coca_jax.bench decode", description=__doc__.splitlines()[0]
-  )
-  parser.add_argument("--batch_sizes", default="1,32")
-  parser.add_argument("--lengths", default="32,64")
-  parser.add_argument("--repeats", type=int, default=3)
-  args = parser.parse_args(argv)
-  batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-  lengths = [int(n) for n in args.lengths.split(",")]
+def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
+  """[B, S, S, 3] float32 standard normal (preprocessed-image statistics)."""
+  return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
 
+
+# ---------------------------------------------------------------------------------------
+# Section "small": cached vs recompute.
+
+
+def small_section(batch_sizes, lengths, repeats: int) -> list[tuple]:
   config = bench_config()
-  model = coca.build(config.model, seed=0)
-  graphdef, params = nnx.split(model)
+  graphdef, params = nnx.split(coca.build(config.model, seed=0))
   size = config.model.vision.image_size
   m = config.model
   print(
-    f"decoder: width {m.width}, heads {m.heads}, "
+    f"\n[small] decoder: width {m.width}, heads {m.heads}, "
     f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers, "
     f"MLP {m.text.mlp_dim}, vocab {m.text.vocab_size}, "
-    f"{m.pooler.caption_queries} caption queries; "
-    f"device {jax.devices()[0].device_kind}, {jax.device_count()} device(s)"
+    f"{m.pooler.caption_queries} caption queries; greedy, float32"
   )
   header = (
     f"{'batch':>5} {'tokens':>6} {'cached tok/s':>13} {'recompute tok/s':>16} {'speed-up':>9}"
@@ -107,7 +152,7 @@ def main(argv=None):
   print("-" * len(header))
   rows = []
   for batch in batch_sizes:
-    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, size, size, 3)), jnp.float32)
+    images = jnp.asarray(random_images(batch, size))
     for length in lengths:
       cached = make_decoder(graphdef, length, cached=True)
       recompute = make_decoder(graphdef, length, cached=False)
@@ -115,8 +160,8 @@ def main(argv=None):
       same = np.array_equal(
         np.asarray(cached(params, images)), np.asarray(recompute(params, images))
       )
-      cached_s = time_call(cached, params, images, repeats=args.repeats)
-      recompute_s = time_call(recompute, params, images, repeats=args.repeats)
+      cached_s = time_call(cached, params, images, repeats=repeats)
+      recompute_s = time_call(recompute, params, images, repeats=repeats)
       tokens = batch * length
       row = (batch, length, tokens / cached_s, tokens / recompute_s, recompute_s / cached_s, same)
       rows.append(row)
@@ -125,6 +170,328 @@ def main(argv=None):
         + ("" if same else "  (tokens differ!)")
       )
   return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Section "open_clip": open_clip coca_ViT-B-32's shapes, float32 and bfloat16.
+
+
+def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+  """Best copy bandwidth in GB/s (bytes read + bytes written, as STREAM's copy counts):
+  numpy's copy of a `megabytes` float32 array (one core) and XLA's (all cores)."""
+  src = np.ones(megabytes * 2**20 // 4, np.float32)
+  dst = np.empty_like(src)
+  x = jnp.asarray(src)
+  xla_copy = jax.jit(lambda a: a + 1.0)
+  jax.block_until_ready(xla_copy(x))
+  best = np.inf
+  for _ in range(repeats):
+    for copy in (lambda: np.copyto(dst, src), lambda: jax.block_until_ready(xla_copy(x))):
+      start = time.perf_counter()
+      copy()
+      best = min(best, time.perf_counter() - start)
+  return 2 * src.nbytes / best / 1e9
+
+
+def as_bfloat16(config, params):
+  """(graphdef, params) of the model computing in bfloat16 with its weights STORED in
+  bfloat16 (the config's bf16 switch alone keeps float32 weights and casts them at use,
+  which reads as many weight bytes as float32)."""
+  config = config.copy_and_resolve_references()
+  config.model.dtype = "bfloat16"
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: coca.build(config.model)))
+  cast = jax.tree.map(
+    lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+  )
+  return graphdef, cast
+
+
+def weight_bytes_per_step(params, batch: int) -> int:
+  """Decoder weight bytes one decode step reads: every text-side weight once, except the
+  token embedding table (`batch` rows), the position embeddings (one row) and what no step
+  touches (cross-attention key/value projections and their norm: run once per image;
+  the [CLS] embedding and its norm: contrastive side only)."""
+  total = 0
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params["text"]))[0]
+  for path, leaf in flat:
+    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    if name in ("token_embedding", "pos_embedding"):
+      total += min(batch, leaf.shape[0]) * leaf[0].nbytes
+    elif not any(
+      part in name for part in ("cross_attention/key", "cross_attention/value", "cross_kv_norm")
+    ) and not name.startswith("cls_"):
+      total += leaf.nbytes
+  return total
+
+
+def load_config_file(path: str):
+  """A config file's get_config() (run from the repository root: configs/ imports itself)."""
+  import importlib.util
+  import pathlib
+
+  file = pathlib.Path(path)
+  spec = importlib.util.spec_from_file_location(f"bench_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def token_agreement(a: np.ndarray, b: np.ndarray, contract: tokens_lib.Contract) -> dict:
+  """Two decodes of the same images, a and b [N, L] int32 -> agreement.
+
+  Positions compared per row: up to the longer caption's stop token (all L when neither
+  stops). token_agreement: equal tokens / positions compared; identical: rows equal in
+  every compared position; first_divergence: mean over rows of the first differing
+  position (L when none).
+  """
+
+  def lengths(t):
+    stops = np.isin(t, contract.stop_ids)
+    return np.where(stops.any(1), stops.argmax(1) + 1, t.shape[1])
+
+  compared = np.maximum(lengths(a), lengths(b))
+  within = np.arange(a.shape[1])[None] < compared[:, None]
+  equal = (a == b) & within
+  differs = (a != b) & within
+  first = np.where(differs.any(1), differs.argmax(1), a.shape[1])
+  return dict(
+    token_agreement=float(equal.sum() / within.sum()),
+    identical=float(np.mean(~differs.any(1))),
+    first_divergence=float(first.mean()),
+    rows=len(a),
+  )
+
+
+def open_clip_rows(
+  config,
+  *,
+  tokens: int,
+  greedy_batches,
+  beam_size: int,
+  beam_batch: int,
+  repeats: int,
+  dtypes=("float32", "bfloat16"),
+  log=print,
+) -> dict:
+  """coca_jax's decoding at `config`'s shapes (random init); -> dict with "rows" (one per
+  dtype x method x batch: seconds, tokens_per_s, step_ms, weight_bytes_per_step, gb_per_s),
+  "copy_gb_per_s" and "bf16_agreement" (greedy tokens of the largest greedy batch)."""
+  contract = tokens_lib.Contract.from_config(config)
+  graphdef, params = nnx.split(coca.build(config.model, seed=0))
+  models = {"float32": (graphdef, params)}
+  if "bfloat16" in dtypes:
+    models["bfloat16"] = as_bfloat16(config, params)
+  size = config.model.vision.image_size
+  runs = [("greedy", b) for b in greedy_batches] + ([("beam", beam_batch)] if beam_size else [])
+  rows, greedy_tokens = [], {}
+  for dtype in dtypes:
+    graphdef, params = models[dtype]
+    greedy = make_decoder(graphdef, tokens, contract=contract)
+    beam = make_decoder(graphdef, tokens, beam_size=beam_size, contract=contract)
+    for method, batch in runs:
+      images = jnp.asarray(random_images(batch, size))
+      fn = beam if method == "beam" else greedy
+      log(f"  coca_jax {dtype} {method} batch {batch} ...")
+      seconds = time_call(fn, params, images, repeats=repeats)
+      if method == "greedy":
+        greedy_tokens[dtype, batch] = np.asarray(fn(params, images))
+      sequences = batch * (beam_size if method == "beam" else 1)
+      weight_bytes = weight_bytes_per_step(params, sequences)
+      rows.append(
+        dict(
+          dtype=dtype,
+          method=f"beam {beam_size}" if method == "beam" else "greedy",
+          batch=batch,
+          seconds=seconds,
+          tokens_per_s=batch * tokens / seconds,
+          step_ms=seconds / tokens * 1e3,
+          weight_bytes_per_step=weight_bytes,
+          gb_per_s=weight_bytes * tokens / seconds / 1e9,
+        )
+      )
+  result = dict(rows=rows, copy_gb_per_s=copy_bandwidth(), tokens=tokens)
+  if "bfloat16" in dtypes and greedy_batches:
+    batch = max(greedy_batches)
+    result["bf16_agreement"] = token_agreement(
+      greedy_tokens["float32", batch], greedy_tokens["bfloat16", batch], contract
+    )
+  return result
+
+
+def describe(config) -> str:
+  m = config.model
+  return (
+    f"{m.vision.image_size}px / {m.vision.patch_size}px patches, ViT width "
+    f"{m.vision.get('width') or m.width} x {m.vision.layers} layers; text width {m.width}, "
+    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} decoder layers, MLP "
+    f"{m.text.mlp_dim}, vocab {m.text.vocab_size:,}, context {m.text.max_len}, "
+    f"{m.pooler.caption_queries} pooler queries"
+  )
+
+
+def print_open_clip_rows(result: dict) -> None:
+  """The open_clip section's table (coca_jax's side alone)."""
+  copy = result["copy_gb_per_s"]
+  header = (
+    f"{'dtype':<9} {'method':<7} {'batch':>5} {'seconds':>8} {'tokens/s':>9} {'ms/step':>8} "
+    f"{'weight MB/step':>15} {'GB/s':>6} {'of copy':>8}"
+  )
+  print(header)
+  print("-" * len(header))
+  for r in result["rows"]:
+    print(
+      f"{r['dtype']:<9} {r['method']:<7} {r['batch']:>5} {r['seconds']:>8.2f} "
+      f"{r['tokens_per_s']:>9.1f} {r['step_ms']:>8.1f} {r['weight_bytes_per_step'] / 1e6:>15.1f} "
+      f"{r['gb_per_s']:>6.1f} {r['gb_per_s'] / copy:>7.0%}"
+    )
+  print(
+    f"copy bandwidth of this machine (read + write, measured now): {copy:.1f} GB/s; "
+    f"{result['tokens']} tokens per caption, image encoding included"
+  )
+  agreement = result.get("bf16_agreement")
+  if agreement:
+    print(
+      f"bfloat16 vs float32 greedy tokens ({agreement['rows']} random images, random init): "
+      f"{agreement['token_agreement']:.1%} equal, {agreement['identical']:.0%} of captions "
+      f"identical, first divergence at token {agreement['first_divergence']:.1f} on average"
+    )
+
+
+def open_clip_section(args) -> dict:
+  config = load_config_file(args.open_clip_config)
+  print(f"\n[open_clip] {args.open_clip_config} (random init): {describe(config)}")
+  result = open_clip_rows(
+    config,
+    tokens=args.tokens,
+    greedy_batches=[int(b) for b in args.greedy_batches.split(",")],
+    beam_size=args.beam_size,
+    beam_batch=args.beam_batch,
+    repeats=args.repeats,
+  )
+  print_open_clip_rows(result)
+  return result
+
+
+# ---------------------------------------------------------------------------------------
+# Section "demo": a trained export through coca_jax.load(...).caption.
+
+
+def demo_images(count: int, directory: str = DEMO_IMAGES) -> np.ndarray:
+  """The first `count` images of the demo's emoji validation split: [N, 64, 64, 4] uint8."""
+  import os
+
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder_from_directory(os.path.expanduser(directory))
+  rows = builder.as_dataset(split="validation").take(count).as_numpy_iterator()
+  return np.stack([row["image"] for row in rows])
+
+
+def demo_section(export_dir: str, count: int, repeats: int, images_dir: str = DEMO_IMAGES) -> dict:
+  """API vs benchmark loop and bfloat16 agreement on a trained export."""
+  from coca_jax import inference
+
+  api = inference.load(export_dir, batch_size=32)
+  batch = api.predictor.batch_size
+  raw = demo_images(count, images_dir)
+  count = len(raw)
+  options = api.predictor.decode_options()
+  graphdef, params = api.predictor.graphdef, api.predictor.params
+  print(
+    f"\n[demo] {export_dir}: {describe(api.config)}; {count} emoji validation images "
+    f"(raw {raw.shape[1]}px RGBA), batch {batch}, {options.method} decoding, "
+    f"max {options.max_length} tokens"
+  )
+
+  def timed(fn) -> tuple[float, object]:
+    fn()  # compile, warm up
+    times, out = [], None
+    for _ in range(repeats):
+      start = time.perf_counter()
+      out = fn()
+      times.append(time.perf_counter() - start)
+    return float(np.median(times)), out
+
+  read_s, (pixels, _) = timed(lambda: api.read_images(list(raw)))
+  # The benchmark loop: the jitted decode on preprocessed device batches of `batch`.
+  loop_fn = decode.jit_generate(graphdef, options)
+  batches = [jnp.asarray(pixels[i : i + batch]) for i in range(0, count, batch)]
+  loop_s, _ = timed(lambda: jax.block_until_ready([loop_fn(params, b).tokens for b in batches]))
+  tokens_s, (out_tokens, _) = timed(lambda: api.predictor.caption_tokens(pixels, options))
+  detok_s, _ = timed(
+    lambda: tokens_lib.detokenize(api.vocab, out_tokens, contract=options.contract)
+  )
+  api_pixels_s, _ = timed(lambda: api.caption(pixels))
+  api_raw_s, captions = timed(lambda: api.caption(list(raw)))
+  timings = [
+    ("benchmark loop: jitted decode, preprocessed device batches", loop_s),
+    ("API caption(preprocessed float32 pixels)", api_pixels_s),
+    ("API caption(raw uint8 RGBA images)", api_raw_s),
+    ("  of which read_images (decode, resize, normalise)", read_s),
+    ("  of which predictor.caption_tokens (batching, padding, transfers, decode)", tokens_s),
+    ("  of which detokenize", detok_s),
+  ]
+  header = f"{'':<76} {'seconds':>8} {'captions/s':>11} {'vs loop':>8}"
+  print(header)
+  print("-" * len(header))
+  for name, seconds in timings:
+    print(f"{name:<76} {seconds:>8.3f} {count / seconds:>11.1f} {seconds / loop_s:>7.2f}x")
+
+  bf16_graphdef, bf16_params = as_bfloat16(api.config, params)
+  f32_tokens = np.asarray(out_tokens)
+  bf16_fn = decode.jit_generate(bf16_graphdef, options)
+  bf16_tokens = np.concatenate([np.asarray(bf16_fn(bf16_params, b).tokens) for b in batches])
+  agreement = token_agreement(f32_tokens, bf16_tokens[:count], options.contract)
+  print(
+    f"bfloat16 vs float32 greedy captions ({count} demo images, trained weights): "
+    f"{agreement['token_agreement']:.1%} of tokens equal, {agreement['identical']:.0%} of "
+    f"captions identical, first divergence at token {agreement['first_divergence']:.1f} on "
+    f"average (of {options.max_length}); e.g. {captions[0]!r}"
+  )
+  return dict(timings=dict(timings), images=count, batch=batch, bf16_agreement=agreement)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(
+    prog="python -m coca_jax.bench decode",
+    description=__doc__.splitlines()[0],
+    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+  )
+  parser.add_argument("--sections", default=",".join(SECTIONS), help=f"of {SECTIONS}")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--batch_sizes", default="1,32", help="small")
+  parser.add_argument("--lengths", default="32,64", help="small")
+  parser.add_argument("--open_clip_config", default=OPEN_CLIP_CONFIG)
+  parser.add_argument("--tokens", type=int, default=32, help="open_clip: tokens per caption")
+  parser.add_argument("--greedy_batches", default="1,16", help="open_clip")
+  parser.add_argument("--beam_size", type=int, default=3, help="open_clip; 0: no beam rows")
+  parser.add_argument("--beam_batch", type=int, default=16, help="open_clip")
+  parser.add_argument("--demo_export", default=DEMO_EXPORT)
+  parser.add_argument("--demo_images", type=int, default=128, help="demo: validation images")
+  parser.add_argument("--demo_images_dir", default=DEMO_IMAGES, help="demo: prepared TFDS data")
+  args = parser.parse_args(argv)
+  sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+  unknown = set(sections) - set(SECTIONS)
+  if unknown:
+    parser.error(f"--sections: unknown {sorted(unknown)}; known {SECTIONS}")
+  print(
+    f"device {jax.devices()[0].device_kind}, {jax.device_count()} device(s); median of "
+    f"{args.repeats} timed calls after a compiling one"
+  )
+  results = {}
+  if "small" in sections:
+    results["small"] = small_section(
+      [int(b) for b in args.batch_sizes.split(",")],
+      [int(n) for n in args.lengths.split(",")],
+      args.repeats,
+    )
+  if "open_clip" in sections:
+    results["open_clip"] = open_clip_section(args)
+  if "demo" in sections:
+    results["demo"] = demo_section(
+      args.demo_export, args.demo_images, args.repeats, args.demo_images_dir
+    )
+  return results
 
 
 if __name__ == "__main__":
