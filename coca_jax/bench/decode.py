@@ -207,20 +207,23 @@ def as_bfloat16(config, params):
 
 
 def weight_bytes_per_step(params, batch: int) -> int:
-  """Decoder weight bytes one decode step reads: every text-side weight once, except the
-  token embedding table (`batch` rows), the position embeddings (one row) and what no step
-  touches (cross-attention key/value projections and their norm: run once per image;
-  the [CLS] embedding and its norm: contrastive side only)."""
+  """Decoder weight bytes one decode step of `batch` sequences reads (params: a CoCa's
+  nnx.State, arrays or abstract): every text-side weight once, except the token embedding
+  table (`batch` rows), the position embeddings (one row) and what no step touches
+  (cross-attention key/value projections and their norm: run once per image; the [CLS]
+  embedding and its norm: contrastive side only)."""
   total = 0
   flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params["text"]))[0]
   for path, leaf in flat:
     name = "/".join(str(getattr(p, "key", p)) for p in path)
+    nbytes = leaf.size * jnp.dtype(leaf.dtype).itemsize
     if name in ("token_embedding", "pos_embedding"):
-      total += min(batch, leaf.shape[0]) * leaf[0].nbytes
+      rows = min(batch, leaf.shape[0]) if name == "token_embedding" else 1
+      total += rows * nbytes // leaf.shape[0]
     elif not any(
       part in name for part in ("cross_attention/key", "cross_attention/value", "cross_kv_norm")
     ) and not name.startswith("cls_"):
-      total += leaf.nbytes
+      total += nbytes
   return total
 
 
@@ -271,6 +274,7 @@ def open_clip_rows(
   beam_batch: int,
   repeats: int,
   dtypes=("float32", "bfloat16"),
+  copy_megabytes: int = 512,
   log=print,
 ) -> dict:
   """coca_jax's decoding at `config`'s shapes (random init); -> dict with "rows" (one per
@@ -309,7 +313,7 @@ def open_clip_rows(
           gb_per_s=weight_bytes * tokens / seconds / 1e9,
         )
       )
-  result = dict(rows=rows, copy_gb_per_s=copy_bandwidth(), tokens=tokens)
+  result = dict(rows=rows, copy_gb_per_s=copy_bandwidth(copy_megabytes), tokens=tokens)
   if "bfloat16" in dtypes and greedy_batches:
     batch = max(greedy_batches)
     result["bf16_agreement"] = token_agreement(
@@ -367,6 +371,7 @@ def open_clip_section(args) -> dict:
     beam_size=args.beam_size,
     beam_batch=args.beam_batch,
     repeats=args.repeats,
+    copy_megabytes=args.copy_megabytes,
   )
   print_open_clip_rows(result)
   return result
@@ -387,19 +392,19 @@ def demo_images(count: int, directory: str = DEMO_IMAGES) -> np.ndarray:
   return np.stack([row["image"] for row in rows])
 
 
-def demo_section(export_dir: str, count: int, repeats: int, images_dir: str = DEMO_IMAGES) -> dict:
-  """API vs benchmark loop and bfloat16 agreement on a trained export."""
+def demo_section(export_dir: str, raw: np.ndarray, repeats: int, batch: int = 32) -> dict:
+  """API vs benchmark loop and bfloat16 agreement on an export; raw: [N, h, w, C] uint8
+  images as a user would pass them (N a multiple of `batch`, so both sides decode the
+  same full batches)."""
   from coca_jax import inference
 
-  api = inference.load(export_dir, batch_size=32)
-  batch = api.predictor.batch_size
-  raw = demo_images(count, images_dir)
+  api = inference.load(export_dir, batch_size=batch)
   count = len(raw)
   options = api.predictor.decode_options()
   graphdef, params = api.predictor.graphdef, api.predictor.params
   print(
-    f"\n[demo] {export_dir}: {describe(api.config)}; {count} emoji validation images "
-    f"(raw {raw.shape[1]}px RGBA), batch {batch}, {options.method} decoding, "
+    f"\n[demo] {export_dir}: {describe(api.config)}; {count} images "
+    f"({'x'.join(map(str, raw.shape[1:]))} uint8), batch {batch}, {options.method} decoding, "
     f"max {options.max_length} tokens"
   )
 
@@ -466,8 +471,11 @@ def main(argv=None):
   parser.add_argument("--greedy_batches", default="1,16", help="open_clip")
   parser.add_argument("--beam_size", type=int, default=3, help="open_clip; 0: no beam rows")
   parser.add_argument("--beam_batch", type=int, default=16, help="open_clip")
+  parser.add_argument("--copy_megabytes", type=int, default=512, help="open_clip: bandwidth probe")
   parser.add_argument("--demo_export", default=DEMO_EXPORT)
-  parser.add_argument("--demo_images", type=int, default=128, help="demo: validation images")
+  parser.add_argument(
+    "--demo_images", type=int, default=128, help="demo: validation images (a multiple of 32)"
+  )
   parser.add_argument("--demo_images_dir", default=DEMO_IMAGES, help="demo: prepared TFDS data")
   args = parser.parse_args(argv)
   sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -488,9 +496,8 @@ def main(argv=None):
   if "open_clip" in sections:
     results["open_clip"] = open_clip_section(args)
   if "demo" in sections:
-    results["demo"] = demo_section(
-      args.demo_export, args.demo_images, args.repeats, args.demo_images_dir
-    )
+    raw = demo_images(args.demo_images, args.demo_images_dir)
+    results["demo"] = demo_section(args.demo_export, raw, args.repeats)
   return results
 
 
