@@ -363,7 +363,9 @@ def eval_config() -> ml_collections.ConfigDict:
         gallery_size=32,  # images in <workdir>/eval/captions_<step>.html
       ),
       decode=dict(
-        method="greedy",  # greedy | beam | sample
+        # greedy | beam | sample. Beam: on the demo's emoji validation CIDEr-D 0.224 vs
+        # greedy's 0.180 (BLEU-4 0.085 vs 0.080), 13 s vs 11 s for the 362 images (README).
+        method="beam",
         max_length=0,  # 0: config.model.text.max_len
         beam_size=4,
         length_penalty=0.6,  # GNMT alpha

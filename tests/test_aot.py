@@ -23,6 +23,7 @@ def tiny_report():
   return aot.report(tiny.get_config(), jax.devices())
 
 
+@pytest.mark.slow  # the tiny report compiles the train step (~30 s)
 def test_report_on_eight_host_devices(tiny_report):
   config = tiny.get_config()
   abstract = nnx.eval_shape(lambda: coca.build(config.model))
@@ -60,6 +61,7 @@ def test_report_on_eight_host_devices(tiny_report):
   json.dumps(tiny_report)  # the CLI prints it as one JSON line
 
 
+@pytest.mark.slow
 def test_table_names_every_number(tiny_report):
   text = aot.table(tiny_report)
   for label in (

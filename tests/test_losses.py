@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from coca_jax import losses
@@ -86,6 +87,7 @@ def test_total_loss_weights_the_terms():
   )
 
 
+@pytest.mark.slow  # ~15 s of compiles
 def test_one_gradient_step_lowers_the_loss():
   config = tiny.get_config()
   model = coca.build(config.model)

@@ -66,7 +66,11 @@ def single_device_run():
   return run_three_steps(configured((1, 1, 1)))
 
 
-@pytest.mark.parametrize("mesh_shape", MESHES[1:])
+@pytest.mark.parametrize(
+  "mesh_shape",
+  # One mesh in the quick loop; the 2-D and 3-D ones (~20 s each) in the slow set.
+  [MESHES[1], *(pytest.param(m, marks=pytest.mark.slow) for m in MESHES[2:])],
+)
 def test_meshes_agree_with_a_single_device(mesh_shape, single_device_run):
   params, metrics = run_three_steps(configured(mesh_shape))
   ref_params, ref_metrics = single_device_run
