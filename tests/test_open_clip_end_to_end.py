@@ -1,13 +1,19 @@
-"""An open_clip-layout model trains on the seqio mixture with CLIP's BPE: the tasks
-tokenize with it and the loader builds open_clip's rows (SOT t1..tn EOT pad, EOT an
-input, labels shifted by one), and the trainer runs on them."""
+"""An open_clip-layout model with CLIP's BPE end to end: it trains on the seqio mixture
+(the tasks tokenize with CLIP's BPE and the loader builds open_clip's rows: SOT t1..tn EOT
+pad, EOT an input, labels shifted by one), and its export serves coca_jax.load and a
+public benchmark recipe of `python -m coca_jax.evaluate`."""
+
+import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
-from coca_jax import sharding, train
+from coca_jax import export, inference, sharding, train
 from coca_jax.convert import open_clip as convert_lib
 from coca_jax.data import clip_bpe, loader
+from coca_jax.evaluate import __main__ as evaluate_main
+from coca_jax.models import coca
 from configs.open_clip import tiny
 
 pytestmark = pytest.mark.slow  # the demo mixture through CLIP's tokenizer, a short run
@@ -48,3 +54,26 @@ def test_mixture_rows_follow_open_clips_contract():
 def test_trains_on_the_mixture(tmp_path):
   final = train.train(clip_tiny(), str(tmp_path / "run"))
   assert final["step"] == 2 and np.isfinite(final["loss"])
+
+
+def test_export_serves_the_api_and_a_benchmark_recipe(tmp_path, run_main):
+  import tensorflow_datasets as tfds
+
+  config = clip_tiny()
+  params = nnx.to_pure_dict(nnx.state(coca.build(config.model, seed=0), nnx.Param))
+  path = str(tmp_path / "export")
+  export.write(params, config, path, "float32", config.data.vocab_path)
+  model = inference.load(path, batch_size=4)
+  rng = np.random.default_rng(0)
+  pictures = rng.integers(0, 256, (3, 20, 24, 3), dtype=np.uint8)
+  captions = model.caption(pictures, max_length=6)
+  assert len(captions) == 3 and all(isinstance(c, str) for c in captions)
+  probabilities = model.classify(pictures, ["cat", "dog"]).probabilities
+  np.testing.assert_allclose(probabilities.sum(-1), 1.0, rtol=1e-5)
+  with tfds.testing.mock_data(num_examples=6):
+    status, out, err = run_main(
+      evaluate_main, f"--export={path}", "--config=configs/eval/cifar.py:cifar10"
+    )
+  assert status == 0, err
+  final = json.loads(out.strip().splitlines()[-1])
+  assert final["cifar10/examples"] == 6.0 and 0.0 <= final["cifar10/zero_shot/top1"] <= 1.0
