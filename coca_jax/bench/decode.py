@@ -125,6 +125,20 @@ def time_call(fn, *args, repeats: int) -> float:
   return float(np.median(times))
 
 
+def interleaved_medians(candidates: dict[str, Callable], repeats: int) -> dict[str, float]:
+  """Median seconds of each candidate over `repeats` rounds, one call of each per round
+  (after one untimed call each), so drifting load on a shared machine hits all alike."""
+  for fn in candidates.values():
+    fn()
+  times = {name: [] for name in candidates}
+  for _ in range(repeats):
+    for name, fn in candidates.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
 def random_images(batch: int, size: int, seed: int = 0) -> np.ndarray:
   """[B, S, S, 3] float32 standard normal (preprocessed-image statistics)."""
   return np.random.default_rng(seed).standard_normal((batch, size, size, 3)).astype(np.float32)
@@ -408,33 +422,32 @@ def demo_section(export_dir: str, raw: np.ndarray, repeats: int, batch: int = 32
     f"max {options.max_length} tokens"
   )
 
-  def timed(fn) -> tuple[float, object]:
-    fn()  # compile, warm up
-    times, out = [], None
-    for _ in range(repeats):
-      start = time.perf_counter()
-      out = fn()
-      times.append(time.perf_counter() - start)
-    return float(np.median(times)), out
-
-  read_s, (pixels, _) = timed(lambda: api.read_images(list(raw)))
+  pixels, _ = api.read_images(list(raw))
+  out_tokens, _ = api.predictor.caption_tokens(pixels, options)
   # The benchmark loop: the jitted decode on preprocessed device batches of `batch`.
   loop_fn = decode.jit_generate(graphdef, options)
   batches = [jnp.asarray(pixels[i : i + batch]) for i in range(0, count, batch)]
-  loop_s, _ = timed(lambda: jax.block_until_ready([loop_fn(params, b).tokens for b in batches]))
-  tokens_s, (out_tokens, _) = timed(lambda: api.predictor.caption_tokens(pixels, options))
-  detok_s, _ = timed(
-    lambda: tokens_lib.detokenize(api.vocab, out_tokens, contract=options.contract)
+  candidates = dict(
+    loop=lambda: jax.block_until_ready([loop_fn(params, b).tokens for b in batches]),
+    api_pixels=lambda: api.caption(pixels),
+    api_raw=lambda: api.caption(list(raw)),
+    read=lambda: api.read_images(list(raw)),
+    tokens=lambda: api.predictor.caption_tokens(pixels, options),
+    detokenize=lambda: tokens_lib.detokenize(api.vocab, out_tokens, contract=options.contract),
   )
-  api_pixels_s, _ = timed(lambda: api.caption(pixels))
-  api_raw_s, captions = timed(lambda: api.caption(list(raw)))
+  seconds = interleaved_medians(candidates, repeats)
+  captions = tokens_lib.detokenize(api.vocab, out_tokens[:1], contract=options.contract)
+  loop_s = seconds["loop"]
   timings = [
     ("benchmark loop: jitted decode, preprocessed device batches", loop_s),
-    ("API caption(preprocessed float32 pixels)", api_pixels_s),
-    ("API caption(raw uint8 RGBA images)", api_raw_s),
-    ("  of which read_images (decode, resize, normalise)", read_s),
-    ("  of which predictor.caption_tokens (batching, padding, transfers, decode)", tokens_s),
-    ("  of which detokenize", detok_s),
+    ("API caption(preprocessed float32 pixels)", seconds["api_pixels"]),
+    ("API caption(raw uint8 RGBA images)", seconds["api_raw"]),
+    ("  of which read_images (decode, resize, normalise)", seconds["read"]),
+    (
+      "  of which predictor.caption_tokens (batching, padding, transfers, decode)",
+      seconds["tokens"],
+    ),
+    ("  of which detokenize", seconds["detokenize"]),
   ]
   header = f"{'':<76} {'seconds':>8} {'captions/s':>11} {'vs loop':>8}"
   print(header)
