@@ -128,6 +128,7 @@ def main(argv=None):
   parser.add_argument("--beam_batch", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=2, help="coca_jax timed calls")
   parser.add_argument("--open_clip_repeats", type=int, default=1)
+  parser.add_argument("--copy_megabytes", type=int, default=512, help="bandwidth probe size")
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
   parser.add_argument("--python", help="a Python with torch + open_clip (default: see above)")
   parser.add_argument("--skip_open_clip", action="store_true", help="time coca_jax only")
@@ -162,6 +163,7 @@ def main(argv=None):
     beam_size=args.beam_size,
     beam_batch=args.beam_batch,
     repeats=args.repeats,
+    copy_megabytes=args.copy_megabytes,
   )
   print(f"load average {os.getloadavg()[0]:.2f} after")
   decode_bench.print_open_clip_rows(coca)
