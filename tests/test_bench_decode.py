@@ -16,7 +16,7 @@ from configs import tiny
 TINY_OPEN_CLIP = [
   "--open_clip_config=configs/open_clip/tiny.py",
   "--tokens=4",
-  "--greedy_batches=1,2",
+  "--greedy_batches=2",
   "--beam_batch=2",
   "--repeats=1",
 ]
@@ -49,30 +49,26 @@ def test_weight_bytes_skip_what_a_step_does_not_read():
   assert decode_bench.weight_bytes_per_step(params, batch=3) == 4 * (total - unread)
 
 
-@pytest.mark.slow  # compiles greedy and beam decoders of three tiny models
-def test_small_and_open_clip_sections_print_their_tables(capsys):
+@pytest.mark.slow  # compiles greedy and beam decoders, float32 and bfloat16
+def test_open_clip_section_prints_its_table(capsys):
   results = decode_bench.main(
     [
-      "--sections=small,open_clip",
-      "--batch_sizes=1",
-      "--lengths=3",
+      "--sections=open_clip",
       "--copy_megabytes=8",
       *TINY_OPEN_CLIP,
     ]
   )
   out = capsys.readouterr().out
-  assert "cached tok/s" in out and "weight MB/step" in out and "copy bandwidth" in out
+  assert "weight MB/step" in out and "copy bandwidth" in out
   assert "bfloat16 vs float32 greedy tokens" in out
-  (small,) = results["small"]
-  assert small[-1]  # cached and recompute decode the same tokens
   rows = results["open_clip"]["rows"]
   assert [(r["dtype"], r["method"], r["batch"]) for r in rows] == [
     (dtype, method, batch)
     for dtype in ("float32", "bfloat16")
-    for method, batch in (("greedy", 1), ("greedy", 2), ("beam 3", 2))
+    for method, batch in (("greedy", 2), ("beam 3", 2))
   ]
   # bfloat16 weights are half the bytes of float32's.
-  assert rows[3]["weight_bytes_per_step"] * 2 == rows[0]["weight_bytes_per_step"]
+  assert rows[2]["weight_bytes_per_step"] * 2 == rows[0]["weight_bytes_per_step"]
   assert 0 <= results["open_clip"]["bf16_agreement"]["token_agreement"] <= 1
 
 
@@ -102,9 +98,5 @@ def test_open_clip_decode_script_without_open_clip(repo, capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   assert any(line.startswith("method") and "open_clip s" in line for line in lines)
   assert lines[-1].startswith('{"bench": "open_clip_decode"')
-  assert [(r["method"], r["batch"]) for r in summary["table"]] == [
-    ("greedy", 1),
-    ("greedy", 2),
-    ("beam 3", 2),
-  ]
+  assert [(r["method"], r["batch"]) for r in summary["table"]] == [("greedy", 2), ("beam 3", 2)]
   assert script.WORKER.exists()
