@@ -26,8 +26,8 @@ open_clip: exactly open_clip coca_ViT-B-32's shapes (configs/open_clip/coca_vit_
   projections not at all: they run once per image) and that over the step time, against
   this machine's copy bandwidth measured in the same run. Then the quality cost of
   bfloat16: its greedy tokens against float32's on the same images.
-demo: a trained export (`python -m coca_jax.demo`'s, real weights) on real images (the
-  demo's emoji validation split, raw 64px RGBA PNG pixels): captions/s through
+demo: a trained export (the demo run's, real weights; skipped when absent) on real
+  images (the demo's emoji validation split, raw 64px RGBA PNG pixels): captions/s through
   `coca_jax.load(export).caption` at batch 32 against the benchmark loop (the same
   jitted decode on the same preprocessed batches), the API's time split into its parts,
   and bfloat16 vs float32 greedy captions of those images.
@@ -37,6 +37,7 @@ The PyTorch side (open_clip's `generate` on the same shapes) is
 """
 
 import argparse
+import os
 import time
 from typing import Callable
 
@@ -397,8 +398,6 @@ def open_clip_section(args) -> dict:
 
 def demo_images(count: int, directory: str = DEMO_IMAGES) -> np.ndarray:
   """The first `count` images of the demo's emoji validation split: [N, 64, 64, 4] uint8."""
-  import os
-
   import tensorflow_datasets as tfds
 
   builder = tfds.builder_from_directory(os.path.expanduser(directory))
@@ -508,7 +507,12 @@ def main(argv=None):
     )
   if "open_clip" in sections:
     results["open_clip"] = open_clip_section(args)
-  if "demo" in sections:
+  if "demo" in sections and not os.path.exists(os.path.join(args.demo_export, "params")):
+    print(
+      f"\n[demo] skipped: no export at {args.demo_export} "
+      "(the demo run, `bash launch/local.sh`, writes it)"
+    )
+  elif "demo" in sections:
     raw = demo_images(args.demo_images, args.demo_images_dir)
     results["demo"] = demo_section(args.demo_export, raw, args.repeats)
   return results
