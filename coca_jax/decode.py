@@ -134,7 +134,7 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
   graphdef, state = nnx.split(model)
   text = model.text
   cache = text.init_cache(caption_tokens.shape[0], max_length)
-  context = text.multimodal.precompute_context(caption_tokens)  # 2 x [Lm, B, N, H, K]
+  context = text.multimodal.precompute_context(caption_tokens)  # 2 x [Lm, B, H, N, K]
 
   def step(ids, cache, context):
     decoder = nnx.merge(graphdef, state).text
