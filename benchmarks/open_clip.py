@@ -1,13 +1,19 @@
 """Training throughput of coca_jax vs open_clip's CoCa (PyTorch), same model size, this CPU.
 
-    python benchmarks/open_clip.py [--width=256] [--batch_size=32] [--steps=20] [--no_install]
+    python -m coca_jax.bench open_clip [--width=128,256,512] [--precision=float32,bfloat16]
+        [--batch_size=32] [--steps=20] [--no_install]
 
-(from the repository root; it lives outside the coca_jax package because it installs torch.)
+(the same as `python benchmarks/open_clip.py ...` from the repository root; the script
+lives outside the coca_jax package because open_clip needs torch.)
 
 Both sides train the same shapes from random init on synthetic data (no downloads):
 width D=256, 4 heads, ViT 4 layers MLP 1024 on 64x64 images in 8x8 patches (64 tokens),
 2 unimodal + 2 multimodal decoder layers MLP 1024, vocabulary 4096, text length 32,
-64 caption queries, joint embedding 256, batch 32, float32, no rematerialisation. A
+64 caption queries, joint embedding 256, batch 32, no rematerialisation; `--width`
+takes a comma list (heads stay 4, MLPs 4 x width) and each width is one row group.
+Each `--precision` is a row: float32 on both sides, or bfloat16 mixed precision:
+coca_jax with model.dtype = bfloat16 (float32 parameters and optimizer state), open_clip
+under torch.autocast(bfloat16) (its `--precision amp_bf16`). A
 training example/s counts forward + backward + optimizer step; compilation (JAX) and
 warm-up steps are excluded; the median (and best) step time of `--steps` timed steps is
 reported. The sides run one after the other (never together: they would share the cores),
@@ -17,9 +23,10 @@ skews it (torch's OpenMP threads suffer more from a busy core than XLA's pool): 
 average is printed before each side, run it on an otherwise idle machine. Prints a table
 and a final JSON line; asserts nothing about time.
 
-open_clip runs in its own virtualenv, `.bench-venv` at the repository root (ignored by
-git), so the project's environment never sees torch. Without it the script creates it
-(unless --no_install) with the project's Python 3.11, printing the command:
+open_clip runs in a subprocess with this Python when it imports open_clip (the
+`[open_clip]` extra), else in its own virtualenv, `.bench-venv` at the repository root
+(ignored by git). Without either the script creates the latter (unless --no_install)
+with the project's Python 3.11, printing the command:
     python3.11 -m venv .bench-venv && .bench-venv/bin/pip install torch==2.14.1 \\
         torchvision==0.29.1 open-clip-torch==3.3.0
 (pip takes torch and torchvision from this machine's local wheel store; 5.5 GB). The
@@ -56,7 +63,7 @@ import jax
 import numpy as np
 
 from coca_jax import config as config_lib
-from coca_jax import flops, sharding
+from coca_jax import flops, host_memory, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -70,24 +77,25 @@ BENCH_VENV = REPO_ROOT / ".bench-venv"
 BENCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0")
 
 
-def bench_config(args):
+def bench_config(args, width: int, precision: str):
   """coca_jax's config for the benchmark model: coca_jax.config.coca_config, benchmark numbers."""
   config = config_lib.coca_config(
-    width=args.width,
+    width=width,
     heads=args.heads,
     vision_layers=args.vision_layers,
-    vision_mlp=4 * args.width,
+    vision_mlp=4 * width,
     unimodal_layers=args.unimodal_layers,
     multimodal_layers=args.multimodal_layers,
     # open_clip's decoder tower always uses MLP ratio 4.
-    text_mlp=4 * args.width,
-    embed_dim=args.width,
+    text_mlp=4 * width,
+    embed_dim=width,
     image_size=args.image_size,
     patch_size=args.patch_size,
     vocab_size=args.vocab_size,
     max_text_len=args.text_len,
     caption_queries=args.caption_queries,
   )
+  config.model.dtype = precision
   config.model.remat_policy = "none"  # open_clip does not recompute activations by default
   config.data.source = "synthetic"
   config.data.global_batch_size = args.batch_size
@@ -116,6 +124,7 @@ def worker_spec(config, args) -> dict:
     contrastive_weight=config.loss.contrastive_weight,
     caption_weight=config.loss.caption_weight,
     lr=config.optim.lr,
+    precision="amp_bf16" if m.dtype == "bfloat16" else "fp32",
     threads=args.threads,
     warmup_steps=args.warmup_steps,
     steps=args.steps,
@@ -129,13 +138,17 @@ def install_command(venv: Path) -> list[list[str]]:
   ]
 
 
+def imports_open_clip(python) -> bool:
+  return subprocess.run([python, "-c", "import open_clip"], capture_output=True).returncode == 0
+
+
 def ensure_bench_venv(venv: Path, install: bool) -> Path:
-  """The benchmark venv's python, creating it when missing (5.5 GB: torch is a CUDA build)."""
+  """A Python with open_clip: this one, else the benchmark venv's, creating it when
+  missing (5.5 GB: torch is a CUDA build)."""
+  if imports_open_clip(sys.executable):
+    return Path(sys.executable)
   python = venv / "bin" / "python"
-  if (
-    python.exists()
-    and subprocess.run([python, "-c", "import open_clip"], capture_output=True).returncode == 0
-  ):
+  if python.exists() and imports_open_clip(python):
     return python
   commands = install_command(venv)
   shown = " && ".join(" ".join(c) for c in commands)
@@ -210,13 +223,31 @@ def run_coca_jax(config, args, batch: dict) -> dict:
   )
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def int_list(text: str) -> list[int]:
+  return [int(x) for x in text.split(",") if x]
+
+
+def precision_list(text: str) -> list[str]:
+  names = [x for x in text.split(",") if x]
+  unknown = sorted(set(names) - set(PRECISIONS))
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"--precision {text!r}: use {', '.join(PRECISIONS)}")
+  return names
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(
-    prog="python benchmarks/open_clip.py",
+    prog="python -m coca_jax.bench open_clip",
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )
-  parser.add_argument("--width", type=int, default=256)
+  parser.add_argument(
+    "--width", type=int_list, default=[256], help="comma list: one row group each"
+  )
+  parser.add_argument("--precision", type=precision_list, default=list(PRECISIONS))
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--vision_layers", type=int, default=4)
   parser.add_argument("--unimodal_layers", type=int, default=2)
@@ -242,63 +273,69 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.warmup_steps < 1 or args.steps < 1:
     parser.error("--warmup_steps and --steps must be at least 1")
+  if not args.width or any(w % args.heads for w in args.width):
+    parser.error(f"--width {args.width}: each must be a multiple of --heads={args.heads}")
+  # Before JAX's CPU client exists (coca_jax.train does the same).
+  host_memory.tune_for_cpu()
+  python = None if args.skip_open_clip else ensure_bench_venv(args.bench_venv, not args.no_install)
 
-  config = bench_config(args)
-  m = config.model
-  batch = synthetic.batch(
-    0, 0, range(args.batch_size), m.vision.image_size, m.text.max_len, m.text.vocab_size
-  )
-  tokens = (m.vision.image_size // m.vision.patch_size) ** 2
-  print(
-    f"model: width {m.width}, {m.heads} heads, "
-    f"ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
-    f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
-    f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, "
-    f"vocab {m.text.vocab_size}, text {m.text.max_len}, "
-    f"{m.pooler.caption_queries} caption queries; batch {args.batch_size}, float32; "
-    f"{args.threads} threads",
-    flush=True,
-  )
-  results = {}
-  if not args.skip_open_clip:
-    python = ensure_bench_venv(args.bench_venv, install=not args.no_install)
-    print(f"open_clip: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
-    results["open_clip"] = run_open_clip(python, worker_spec(config, args), batch)
-  print(f"coca_jax: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
-  results["coca_jax"] = run_coca_jax(config, args, batch)
+  rows = []
+  for width in args.width:
+    for precision in args.precision:
+      config = bench_config(args, width, precision)
+      m = config.model
+      batch = synthetic.batch(
+        0, 0, range(args.batch_size), m.vision.image_size, m.text.max_len, m.text.vocab_size
+      )
+      tokens = (m.vision.image_size // m.vision.patch_size) ** 2
+      print(
+        f"model: width {m.width}, {m.heads} heads, "
+        f"ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
+        f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
+        f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, "
+        f"vocab {m.text.vocab_size}, text {m.text.max_len}, "
+        f"{m.pooler.caption_queries} caption queries; batch {args.batch_size}, {precision}; "
+        f"{args.threads} threads",
+        flush=True,
+      )
+      row = dict(width=width, precision=precision)
+      if python is not None:
+        print(f"open_clip: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
+        row["open_clip"] = run_open_clip(python, worker_spec(config, args), batch)
+      print(f"coca_jax: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
+      row["coca_jax"] = run_coca_jax(config, args, batch)
+      row["coca_jax_model_gflops_per_example"] = flops.train_flops_per_example(m) / 1e9
+      if python is not None:
+        row["ratio"] = row["coca_jax"]["examples_per_s"] / row["open_clip"]["examples_per_s"]
+        row["ratio_best_steps"] = row["open_clip"]["best_step_s"] / row["coca_jax"]["best_step_s"]
+      rows.append(row)
 
-  model_flops = flops.train_flops_per_example(config.model)
   header = (
-    f"{'side':<10} {'params':>8} {'step s':>7} {'best s':>7} {'examples/s':>11} "
-    f"{'loss first->last':>17}  versions"
+    f"{'width':>5} {'precision':<9} {'side':<10} {'params':>8} {'step s':>7} {'best s':>7} "
+    f"{'examples/s':>11} {'loss first->last':>17} {'ratio':>6}"
   )
   print(header)
   print("-" * len(header))
-  for side, r in results.items():
-    versions = (
-      f"torch {r['torch']}, open_clip {r['open_clip']}"
-      if side == "open_clip"
-      else f"jax {r['jax']}, {r['device']}"
-    )
-    print(
-      f"{side:<10} {r['params'] / 1e6:>7.2f}M {r['step_s']:>7.3f} {r['best_step_s']:>7.3f} "
-      f"{r['examples_per_s']:>11.1f} {r['first_loss']:>8.3f}->{r['last_loss']:<8.3f}  {versions}"
-    )
-  summary = dict(
-    bench="open_clip",
-    batch_size=args.batch_size,
-    coca_jax_model_gflops_per_example=model_flops / 1e9,
-    **{side: r for side, r in results.items()},
+  for row in rows:
+    for side in ("open_clip", "coca_jax"):
+      if side not in row:
+        continue
+      r = row[side]
+      ratio = f"{row['ratio']:>5.2f}x" if side == "coca_jax" and "ratio" in row else ""
+      print(
+        f"{row['width']:>5} {row['precision']:<9} {side:<10} {r['params'] / 1e6:>7.2f}M "
+        f"{r['step_s']:>7.3f} {r['best_step_s']:>7.3f} {r['examples_per_s']:>11.1f} "
+        f"{r['first_loss']:>8.3f}->{r['last_loss']:<8.3f} {ratio:>6}"
+      )
+  sides = rows[0]
+  if "open_clip" in sides:
+    o = sides["open_clip"]
+    print(f"open_clip: torch {o['torch']}, open_clip {o['open_clip']}, {o['threads']} threads")
+  print(f"coca_jax: jax {sides['coca_jax']['jax']}, {sides['coca_jax']['device']}")
+  print(
+    "ratio: coca_jax / open_clip training examples/s at the same width and precision (median steps)"
   )
-  if "open_clip" in results:
-    ratio = results["coca_jax"]["examples_per_s"] / results["open_clip"]["examples_per_s"]
-    best_ratio = results["open_clip"]["best_step_s"] / results["coca_jax"]["best_step_s"]
-    summary["ratio_coca_jax_over_open_clip"] = ratio
-    summary["ratio_best_steps"] = best_ratio
-    print(
-      f"coca_jax / open_clip training examples/s: {ratio:.2f}x (median steps), "
-      f"{best_ratio:.2f}x (best steps)"
-    )
+  summary = dict(bench="open_clip", batch_size=args.batch_size, rows=rows)
   print(json.dumps(summary))
   return summary
 

@@ -116,7 +116,7 @@ def print_table(coca: dict, reference: dict | None, beam_size: int) -> list[dict
 
 def main(argv=None):
   parser = argparse.ArgumentParser(
-    prog="python benchmarks/open_clip_decode.py",
+    prog="python -m coca_jax.bench open_clip_decode",
     description=__doc__.splitlines()[0],
     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
   )

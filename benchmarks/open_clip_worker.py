@@ -2,7 +2,9 @@
 
 Runs inside the benchmark virtualenv (.bench-venv: torch + open-clip-torch), never in the
 project's, and imports nothing from coca_jax. Reads a JSON spec and a .npz batch in the
-coca_jax batch format, times forward + backward + AdamW step on the CPU, prints one JSON
+coca_jax batch format, times forward + backward + AdamW step on the CPU (float32, or
+with spec "precision" = "amp_bf16" under torch.autocast(bfloat16) as open_clip's
+`--precision amp_bf16` trains), prints one JSON
 line: {"params", "examples_per_s", "step_s", "best_step_s", "steps", "threads",
 "first_loss", "last_loss", "torch", "open_clip"}.
 
@@ -90,12 +92,15 @@ def main(argv) -> None:
     model.parameters(), lr=spec["lr"], betas=(0.9, 0.999), weight_decay=0.01
   )
 
+  amp = spec.get("precision", "fp32") == "amp_bf16"
+
   def train_step() -> float:
     optimizer.zero_grad(set_to_none=True)
-    outputs = model(image, text)
-    outputs.pop("logit_bias", None)
-    clip_loss, caption_loss = loss_fn(**outputs)
-    loss = clip_loss + caption_loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+      outputs = model(image, text)
+      outputs.pop("logit_bias", None)
+      clip_loss, caption_loss = loss_fn(**outputs)
+      loss = clip_loss + caption_loss
     loss.backward()
     optimizer.step()
     return loss.item()

@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, console, export, flops, init_from, multihost, optim
+from coca_jax import checkpoint, console, export, flops, host_memory, init_from, multihost, optim
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -327,6 +327,7 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir:
     raise app.UsageError("--workdir is required")
+  host_memory.tune_for_cpu()  # before JAX's CPU client exists
   if f.config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
   multihost.initialize(f.coordinator_address, f.num_processes, f.process_id)

@@ -1,9 +1,12 @@
-"""benchmarks/open_clip.py lives outside the package: it still runs, and installs nothing here.
+"""benchmarks/open_clip.py lives outside the package: it still runs (also as
+`python -m coca_jax.bench open_clip`), and installs nothing here.
 
 Only the coca_jax side runs (--skip_open_clip); torch and open_clip are never installed.
 """
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +44,15 @@ def test_help_installs_nothing(tmp_path, capsys):
   with pytest.raises(SystemExit) as exit_info:
     bench.main(["--help", f"--bench_venv={tmp_path / 'venv'}"])
   assert exit_info.value.code == 0
-  assert "python benchmarks/open_clip.py" in capsys.readouterr().out
+  assert "python -m coca_jax.bench open_clip" in capsys.readouterr().out
   assert not (tmp_path / "venv").exists()
   assert bench.WORKER.exists()
 
 
-def test_no_install_names_the_command(tmp_path):
+def test_no_install_names_the_command(tmp_path, monkeypatch):
   bench = load_benchmark()
+  # As on a machine without the [open_clip] extra.
+  monkeypatch.setattr(bench, "imports_open_clip", lambda python: False)
   venv = tmp_path / "venv"
   with pytest.raises(SystemExit, match="pip install torch=="):
     bench.main([*TINY, "--no_install", f"--bench_venv={venv}"])
@@ -56,11 +61,37 @@ def test_no_install_names_the_command(tmp_path):
 
 @pytest.mark.slow  # end to end: compiles and runs the benchmark's train steps
 def test_coca_jax_side_runs(capsys):
-  summary = load_benchmark().main([*TINY, "--skip_open_clip"])
-  assert set(summary) >= {"bench", "batch_size", "coca_jax"}
-  assert "open_clip" not in summary
-  side = summary["coca_jax"]
-  assert side["params"] > 0 and side["examples_per_s"] > 0
-  assert np.isfinite(side["first_loss"]) and np.isfinite(side["last_loss"])
+  summary = load_benchmark().main(
+    [*TINY, "--width=32,16", "--precision=float32,bfloat16", "--skip_open_clip"]
+  )
+  assert set(summary) == {"bench", "batch_size", "rows"}
+  assert [(r["width"], r["precision"]) for r in summary["rows"]] == [
+    (32, "float32"),
+    (32, "bfloat16"),
+    (16, "float32"),
+    (16, "bfloat16"),
+  ]
+  for row in summary["rows"]:
+    assert "open_clip" not in row and "ratio" not in row
+    side = row["coca_jax"]
+    assert side["params"] > 0 and side["examples_per_s"] > 0
+    assert np.isfinite(side["first_loss"]) and np.isfinite(side["last_loss"])
   lines = capsys.readouterr().out.strip().splitlines()
   assert lines[-1].startswith('{"bench": "open_clip"')
+
+
+def test_bad_width_is_named():
+  with pytest.raises(SystemExit, match="2"):
+    load_benchmark().main([*TINY, "--width=31", "--skip_open_clip"])
+
+
+@pytest.mark.slow  # a subprocess that imports jax
+def test_bench_entry_point_runs_the_script():
+  result = subprocess.run(
+    [sys.executable, "-m", "coca_jax.bench", "open_clip", "--help"],
+    capture_output=True,
+    text=True,
+    cwd=SCRIPT.parents[1],
+  )
+  assert result.returncode == 0, result.stderr
+  assert "--precision" in result.stdout and "--width" in result.stdout

@@ -91,11 +91,11 @@ class TextDecoder(nnx.Module):
       )
 
     self.unimodal = layers.LayerStack(
-      block(False), cfg.unimodal_layers, model_config.remat_policy, rngs
+      block(False), cfg.unimodal_layers, model_config.remat_policy, rngs, model_config.scan_layers
     )
     self.cls_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.multimodal = layers.LayerStack(
-      block(True), cfg.multimodal_layers, model_config.remat_policy, rngs
+      block(True), cfg.multimodal_layers, model_config.remat_policy, rngs, model_config.scan_layers
     )
     self.final_norm = layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)
     self.vocab_projection = layers.Dense(

@@ -133,6 +133,7 @@ class VisionEncoder(nnx.Module):
       cfg.layers,
       model_config.remat_policy,
       rngs,
+      model_config.scan_layers,
     )
     self.norm = (
       layers.LayerNorm(width, eps=eps, dtype=dtype, rngs=rngs)

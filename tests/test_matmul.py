@@ -1,0 +1,91 @@
+"""layers.matmul: values and gradients against float64 NumPy, in float32 and bfloat16.
+
+bfloat16 runs its own backward (bf16 x bf16 -> f32 matmuls, a float32 bias sum); the
+reference is float64 on the same bfloat16-rounded inputs and cotangents.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coca_jax.models import layers
+
+# (spec, x shape, kernel shape, bias shape): the model's matmuls (Dense, the attention
+# projections in and out, attention weights x values).
+CASES = [
+  ("...i,io->...o", (2, 3, 8), (8, 6), (6,)),
+  ("bsd,dhk->bshk", (2, 5, 8), (8, 2, 4), (2, 4)),
+  ("bthk,hkd->btd", (2, 5, 2, 4), (2, 4, 8), (8,)),
+  ("bhts,bshk->bthk", (2, 2, 3, 5), (2, 5, 2, 4), None),
+]
+
+
+def rounded(a, dtype):
+  return np.asarray(jnp.asarray(a, jnp.float32).astype(dtype).astype(jnp.float32), np.float64)
+
+
+def np_spec(spec, ndim):
+  return spec.replace("...", "ABCDEFGH"[: ndim - 1]) if "..." in spec else spec
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("out", ["same", "float32"])
+@pytest.mark.parametrize("spec,x_shape,k_shape,b_shape", CASES)
+def test_matmul_value_and_gradients(spec, x_shape, k_shape, b_shape, dtype, out):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=x_shape).astype(np.float32)
+  kernel = rng.normal(size=k_shape).astype(np.float32)
+  bias = None if b_shape is None else rng.normal(size=b_shape).astype(np.float32)
+  dtype = jnp.dtype(dtype)
+  out_dtype = dtype if out == "same" else jnp.dtype(jnp.float32)
+
+  def f(x, kernel, bias):
+    return layers.matmul(spec, x, kernel, dtype, out_dtype, bias)
+
+  y, vjp = jax.vjp(f, x, kernel, bias)
+  cotangent = rng.normal(size=y.shape).astype(np.float32)
+  dx, dk, db = vjp(jnp.asarray(cotangent).astype(y.dtype))
+  assert y.dtype == out_dtype
+  assert dx.dtype == np.float32 and dk.dtype == np.float32
+
+  # float64 reference on the rounded inputs; the output's cotangent is rounded to its dtype.
+  s = np_spec(spec, len(x_shape))
+  xr, kr = rounded(x, dtype), rounded(kernel, dtype)
+  ref = np.einsum(s, xr, kr) + (0.0 if bias is None else bias.astype(np.float64))
+  g = rounded(cotangent, out_dtype)
+  (ins, o) = s.split("->")
+  xs, ks = ins.split(",")
+  ref_dx = np.einsum(f"{o},{ks}->{xs}", rounded(g, dtype), kr)
+  ref_dk = np.einsum(f"{xs},{o}->{ks}", xr, rounded(g, dtype))
+  if out_dtype == jnp.float32 and dtype == jnp.float32:
+    ref_dx, ref_dk = np.einsum(f"{o},{ks}->{xs}", g, kr), np.einsum(f"{xs},{o}->{ks}", xr, g)
+  # bfloat16 results carry 8 bits of mantissa; float32 ones about 24.
+  tol = 1e-5 if dtype == jnp.float32 else 2e-2
+  # A float32 output's cotangent keeps float32 digits in bfloat16: up to bf16 rounding.
+  grad_tol = tol if (out_dtype == dtype or dtype == jnp.float32) else 2e-2
+  scale = lambda a: np.abs(a).max() + 1e-6  # noqa: E731
+  np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=tol * scale(ref), rtol=0)
+  np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=grad_tol * scale(ref_dx), rtol=0)
+  np.testing.assert_allclose(np.asarray(dk), ref_dk, atol=grad_tol * scale(ref_dk), rtol=0)
+  if bias is None:
+    assert not np.any(np.asarray(db))
+  else:
+    axes = tuple(range(len(y.shape) - len(b_shape)))
+    np.testing.assert_allclose(np.asarray(db), g.sum(axes), atol=1e-5 * scale(g.sum(axes)))
+
+
+def test_bfloat16_backward_matmuls_accumulate_in_float32():
+  """The backward dots of a bfloat16 matmul take bfloat16 operands and give float32."""
+  x = jnp.ones((4, 8), jnp.float32)
+  kernel = jnp.ones((8, 16), jnp.float32)
+
+  def loss(x, kernel):
+    return layers.matmul("...i,io->...o", x, kernel, jnp.bfloat16).astype(jnp.float32).sum()
+
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+  dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+  assert len(dots) == 2  # d(x), d(kernel); the loss does not need the forward value
+  for line in dots:
+    assert "(tensor<" in line and "bf16>, tensor<" in line and "-> tensor<" in line, line
+    assert line.rstrip().endswith("xf32>"), line
