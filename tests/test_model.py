@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from coca_jax import decode, losses
 from coca_jax import params as params_lib
 from coca_jax.models import coca
 from configs import base, large, tiny
@@ -145,3 +146,34 @@ def test_temperature_starts_at_its_init_and_is_stored_as_log_inverse():
   np.testing.assert_allclose(float(m.temperature()), 0.07, rtol=1e-6)
   m.log_inv_temperature[...] = jnp.float32(np.log(20.0))
   np.testing.assert_allclose(float(m.temperature()), 0.05, rtol=1e-6)
+
+
+@pytest.mark.slow  # compiles the gradient and the decoder twice (16 s)
+def test_bfloat16_gradients_and_decoding_follow_float32():
+  """Every bfloat16 matmul (forward, the custom backward, the cached decoding steps)
+  compiles and runs on CPU, and the loss, its gradient and greedy decoding of the same
+  parameters stay close to float32's."""
+  config = tiny.get_config()
+  batch = tiny_batch()
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    config.model.dtype = dtype
+    graphdef, params = nnx.split(coca.build(config.model, seed=3))
+
+    def loss(params, batch):
+      outputs = nnx.merge(graphdef, params)(batch)
+      return losses.total_loss(outputs, batch, config.loss)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params, batch)
+    options = decode.DecodeOptions.from_config(config, method="greedy")
+    tokens = decode.jit_generate(graphdef, options)(params, batch["image"])
+    results[dtype] = value, jax.tree.leaves(grads), np.asarray(tokens.tokens)
+  (f32_loss, f32_grads, f32_tokens), (bf16_loss, bf16_grads, bf16_tokens) = results.values()
+  np.testing.assert_allclose(float(bf16_loss), float(f32_loss), rtol=2e-2)
+  flat32 = np.concatenate([np.ravel(g) for g in f32_grads])
+  flat16 = np.concatenate([np.ravel(g) for g in bf16_grads])
+  assert np.all(np.isfinite(flat16))
+  cosine = flat32 @ flat16 / (np.linalg.norm(flat32) * np.linalg.norm(flat16))
+  assert cosine > 0.99, cosine
+  assert bf16_tokens.shape == f32_tokens.shape
+  assert np.mean(bf16_tokens == f32_tokens) > 0.7
