@@ -61,6 +61,9 @@ TEMPLATES = (
 # sets them. Models read them with `model_option`, so a config written before an option
 # existed (an older export's config.json) gets the default.
 MODEL_OPTIONS = dict(
+  # Attention kernel (no parameters): "einsum" (coca_jax/models/layers.py), or
+  # jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU only).
+  attention="einsum",
   # MLP activation: GELU with the tanh approximation (True) or the exact erf form (False).
   gelu_approximate=True,
   # A bias on attention keys. Softmax over keys is invariant to it, so the paper's layout

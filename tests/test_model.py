@@ -177,3 +177,30 @@ def test_bfloat16_gradients_and_decoding_follow_float32():
   assert cosine > 0.99, cosine
   assert bf16_tokens.shape == f32_tokens.shape
   assert np.mean(bf16_tokens == f32_tokens) > 0.7
+
+
+@pytest.mark.slow  # builds and compiles the decoder twice (14 s)
+def test_xla_attention_kernel_matches_einsum():
+  """config.model.attention="xla" (jax.nn.dot_product_attention, the "cudnn" kernel's
+  CPU stand-in) gives the einsum kernel's outputs and captions, same parameters."""
+  config = tiny.get_config()
+  batch = tiny_batch()
+  outputs = {}
+  for kernel in ("einsum", "xla"):
+    config.model.attention = kernel
+    model = coca.build(config.model, seed=2)
+    kernels = {m.implementation for _, m in nnx.iter_modules(model) if hasattr(m, "implementation")}
+    assert kernels == {kernel}
+    graphdef, params = nnx.split(model)
+    options = decode.DecodeOptions.from_config(config, method="greedy")
+    tokens = decode.jit_generate(graphdef, options)(params, batch["image"]).tokens
+    outputs[kernel] = dict(model(batch), tokens=tokens)
+  for key in ("logits", "image_embedding", "text_embedding", "tokens"):
+    np.testing.assert_allclose(outputs["xla"][key], outputs["einsum"][key], atol=2e-5, rtol=0)
+
+
+def test_unknown_attention_kernel_is_named():
+  config = tiny.get_config()
+  config.model.attention = "flash"
+  with pytest.raises(ValueError, match="config.model.attention='flash'"):
+    coca.build(config.model)

@@ -219,5 +219,16 @@ def build(model_config, seed: int = 0) -> CoCa:
   Shardings are applied by `coca_jax.sharding` from the abstract state, so the same
   constructor serves eval_shape, single-device tests and sharded initialisation.
   """
+  implementation = config_lib.model_option(model_config, "attention")
+  if implementation not in layers.ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(
+      f"config.model.attention={implementation!r}; use one of {layers.ATTENTION_IMPLEMENTATIONS}"
+    )
   with nnx.use_eager_sharding(False):
-    return CoCa(model_config, rngs=nnx.Rngs(seed))
+    model = CoCa(model_config, rngs=nnx.Rngs(seed))
+  # A kernel choice, not a parameter layout: every attention layer (encoder, poolers,
+  # decoder, task heads) runs the same one.
+  for _, module in nnx.iter_modules(model):
+    if isinstance(module, layers.Attention):
+      module.implementation = implementation
+  return model

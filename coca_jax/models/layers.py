@@ -131,7 +131,12 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
-def dot_product_attention(q, k, v, mask, heads_first: bool = False):
+# config.model.attention: "einsum" (below) or an implementation of
+# jax.nn.dot_product_attention ("xla"; "cudnn": the fused GPU kernel).
+ATTENTION_IMPLEMENTATIONS = ("einsum", "xla", "cudnn")
+
+
+def dot_product_attention(q, k, v, mask, heads_first: bool = False, implementation="einsum"):
   """Multi-head attention weights applied to values.
 
   Args:
@@ -143,9 +148,14 @@ def dot_product_attention(q, k, v, mask, heads_first: bool = False):
     heads_first: keys and values already head-major, as decoding keeps the image-side
       ones (`LayerStack.precompute_context`): the dots then read them in place instead
       of transposing them every step (8.6x faster cross-attention at batch 16 on CPU).
+    implementation: one of ATTENTION_IMPLEMENTATIONS; jax.nn.dot_product_attention
+      takes [B, T, H, K] keys and values, so head-major ones always use "einsum".
   Returns:
     [B, T, H, K] in the dtype of v.
   """
+  if implementation != "einsum" and not heads_first:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    return out.astype(v.dtype)
   kv = "bhsk" if heads_first else "bshk"
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum(f"bthk,{kv}->bhts", q, k, preferred_element_type=jnp.float32) * scale
@@ -168,6 +178,8 @@ class Attention(nnx.Module):
   Keys carry no bias by default: softmax over keys is invariant to it, so its gradient is
   only rounding noise (which Adafactor's normalised first steps would amplify).
   `key_bias=True` adds one (open_clip's layout, whose checkpoints hold it).
+  `implementation` picks `dot_product_attention`'s kernel (`coca.build` sets it from
+  config.model.attention on every Attention; it holds no parameters).
 
   Self-attention passes the same tokens twice; cross-attention passes the image tokens
   as `kv_inputs` (`kv_width` wide, default `width`). `project_kv` is public so decoding
@@ -203,6 +215,7 @@ class Attention(nnx.Module):
     )
     self.out_bias = param(rngs, nnx.initializers.zeros, (width,), ("embed",))
     self.dtype = dtype
+    self.implementation = "einsum"
 
   def _project(self, x, kernel, bias=None):
     return matmul(
@@ -220,7 +233,7 @@ class Attention(nnx.Module):
     """Queries from inputs [B, T, D] attend given keys/values [B, S, H, K] (or
     [B, H, S, K] when heads_first) -> [B, T, D]."""
     q = self._project(inputs, self.query, self.query_bias)
-    out = dot_product_attention(q, keys, values, mask, heads_first)
+    out = dot_product_attention(q, keys, values, mask, heads_first, self.implementation)
     return matmul("bthk,hkd->btd", out, self.out[...], self.dtype, bias=self.out_bias[...])
 
   def __call__(self, inputs: jax.Array, kv_inputs: jax.Array, mask=None) -> jax.Array:
