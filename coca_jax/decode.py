@@ -9,8 +9,8 @@ Every method is one `lax.while_loop` over positions 0..L-1 around a *step functi
   * `cache` changes every step (the decoder's self-attention keys/values and the write
     index); beam search reorders it when beams are re-ranked.
   * `context` is fixed for the whole loop (the image side of cross-attention, its keys
-    and values projected ONCE per image by `precompute_context`); beam search only
-    repeats it per beam.
+    and values projected ONCE per image by `precompute_context`); beam search keeps one
+    copy per image: the K beams of an image fold into cross-attention's query axis.
 
 `cached_step_model` builds the step function of a CoCa model from its KV cache;
 `recompute_step_model` is the same function by full recompute (the whole prefix through
@@ -103,7 +103,8 @@ class StepModel(NamedTuple):
   step: (ids [B] int32, cache, context) -> (logits [B, V] float32, new cache).
   cache / context: pytrees; `*_batch_axes` give each leaf's batch axis (a pytree with
     the cache's structure, or a prefix of it; None for a leaf shared by the batch, like
-    the write index).
+    the write index). context_batch_axes None: `step` takes a context of B images with
+    B x K ids (K beams per image) and beam search does not repeat it.
   """
 
   step: Callable[..., tuple[jax.Array, Any]]
@@ -147,7 +148,7 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
     cache=cache,
     context=context,
     cache_batch_axes=dict(unimodal=stack_axes, multimodal=stack_axes),
-    context_batch_axes=(1, 1),
+    context_batch_axes=None,  # Block folds beams into the query axis
   )
 
 

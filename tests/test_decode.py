@@ -93,6 +93,18 @@ def test_cached_greedy_equals_full_recompute(model, images, graphdef_params):
   np.testing.assert_allclose(np.asarray(recomputed.scores), np.asarray(cached.scores), rtol=1e-4)
 
 
+def test_cached_beam_search_equals_full_recompute(graphdef_params, images):
+  """The cached decoder folds each image's beams into cross-attention's query axis (one
+  copy of the image keys/values); the recompute baseline repeats the image tokens per
+  beam. Same hypotheses, same scores."""
+  graphdef, params = graphdef_params
+  options = make_options("beam", max_length=L, beam_size=3)
+  cached = jitted(graphdef, options)(params, images)
+  recomputed = jitted(graphdef, options, cached=False)(params, images)
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(recomputed.tokens))
+  np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(recomputed.scores), rtol=1e-4)
+
+
 def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   graphdef, params = graphdef_params
   greedy = jitted(graphdef, make_options("greedy", max_length=L))(params, images)

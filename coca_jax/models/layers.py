@@ -328,7 +328,8 @@ class Block(nnx.Module):
       mask: self-attention mask, broadcastable to [B, H, T, S]; S = T without a cache,
         S = cache length with one.
       context: cross-attention keys/values: either [B, N, D] tokens, or a precomputed
-        head-major (keys, values) pair of [B, H, N, K] (`LayerStack.precompute_context`).
+        head-major (keys, values) pair of [B', H, N, K] (`LayerStack.precompute_context`)
+        for B' images, B a multiple of B' (beam search: B / B' beams per image).
       cache: None, or a dict with "key"/"value" [B, S, H, K] and "index" (scalar int32,
         position of x[:, 0]); the new keys/values are written at `index`.
     Returns:
@@ -351,11 +352,16 @@ class Block(nnx.Module):
     if self.cross_attention is not None:
       if context is None:
         raise ValueError("a cross-attention block needs `context` (the image tokens)")
-      precomputed = isinstance(context, tuple)
-      context_kv = context if precomputed else self.cross_kv(context)
-      x = x + self.cross_attention.attend(
-        self.cross_norm(x), *context_kv, None, heads_first=precomputed
-      )
+      if isinstance(context, tuple):
+        # Precomputed keys/values of B images for B x K rows of x (K beams per image,
+        # image-major): each image's K rows fold into the query axis, so the unmasked
+        # cross-attention reads every image's keys/values once, not K times.
+        images = context[0].shape[0]
+        h = self.cross_norm(x).reshape(images, -1, x.shape[-1])  # [B, K * T, D]
+        h = self.cross_attention.attend(h, *context, None, heads_first=True)
+        x = x + h.reshape(x.shape)
+      else:
+        x = x + self.cross_attention.attend(self.cross_norm(x), *self.cross_kv(context), None)
     x = x + self.mlp(self.mlp_norm(x))
     return sharding.constrain(x, ("batch", "length", "activation_embed")), cache
 
