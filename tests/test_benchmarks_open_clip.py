@@ -65,11 +65,11 @@ def test_coca_jax_side_runs(capsys):
     [*TINY, "--width=32,16", "--precision=float32,bfloat16", "--skip_open_clip"]
   )
   assert set(summary) == {"bench", "batch_size", "rows"}
-  assert [(r["width"], r["precision"]) for r in summary["rows"]] == [
-    (32, "float32"),
-    (32, "bfloat16"),
-    (16, "float32"),
-    (16, "bfloat16"),
+  assert [(r["width"], r["precision"], r["layers"]) for r in summary["rows"]] == [
+    (32, "float32", "scan"),
+    (32, "bfloat16", "unrolled"),
+    (16, "float32", "scan"),
+    (16, "bfloat16", "unrolled"),
   ]
   for row in summary["rows"]:
     assert "open_clip" not in row and "ratio" not in row
