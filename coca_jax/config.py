@@ -137,7 +137,7 @@ def coca_config(
   m.embed_dim = embed_dim  # width of the joint image-text embedding space
   m.dtype = dtype  # compute dtype; params and optimizer state are always float32
   m.remat_policy = "nothing_saveable"  # see coca_jax/models/layers.py REMAT_POLICIES
-  m.scan_layers = True  # False unrolls the layer loop (same parameters; faster shallow stacks)
+  m.scan_layers = True  # False unrolls the layer loop over the same parameters (README)
   m.layer_norm_eps = 1e-6
   m.vision = ml_collections.ConfigDict(
     dict(

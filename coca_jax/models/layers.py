@@ -8,7 +8,6 @@ Parameters are float32 and carry logical axis names (`embed`, `heads`, `kv`, `ml
 configured `dtype`; softmax, norms and the attention logits run in float32.
 """
 
-import functools
 from typing import Callable
 
 import jax
@@ -42,10 +41,9 @@ def matmul(spec: str, x, kernel, dtype, out_dtype=None, bias=None) -> jax.Array:
   """
   out_dtype = jnp.dtype(out_dtype or dtype)
   x, kernel = x.astype(dtype), kernel.astype(dtype)
-  bias = jnp.zeros([], jnp.float32) if bias is None else bias.astype(jnp.float32)
+  bias = None if bias is None else bias.astype(jnp.float32)
   if jnp.dtype(dtype) == jnp.float32:
-    y = jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
-    return (y + bias).astype(out_dtype)
+    return _matmul_forward(spec, out_dtype, x, kernel, bias)
   return _low_precision_matmul(_explicit(spec, x.ndim), out_dtype, x, kernel, bias)
 
 
@@ -57,19 +55,23 @@ def _explicit(spec: str, x_ndim: int) -> str:
   return spec.replace("...", "ABCDEFGH"[: x_ndim - named])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _low_precision_matmul(spec, out_dtype, x, kernel, bias):
+def _matmul_forward(spec, out_dtype, x, kernel, bias):
   y = jnp.einsum(spec, x, kernel, preferred_element_type=jnp.float32)
-  return (y + bias).astype(out_dtype)
+  return (y if bias is None else y + bias).astype(out_dtype)
+
+
+_low_precision_matmul = jax.custom_vjp(_matmul_forward, nondiff_argnums=(0, 1))
 
 
 def _low_precision_matmul_fwd(spec, out_dtype, x, kernel, bias):
-  return _low_precision_matmul(spec, out_dtype, x, kernel, bias), (x, kernel, bias)
+  return _matmul_forward(spec, out_dtype, x, kernel, bias), (x, kernel, bias)
 
 
 def _low_precision_matmul_bwd(spec, out_dtype, residuals, grad):
   x, kernel, bias = residuals
-  dbias = jnp.sum(grad.astype(jnp.float32), axis=tuple(range(grad.ndim - bias.ndim)))
+  dbias = None
+  if bias is not None:
+    dbias = jnp.sum(grad.astype(jnp.float32), axis=tuple(range(grad.ndim - bias.ndim)))
   # A low-precision output's cotangent holds low-precision values: the cast is exact.
   # A float32 output's (e.g. the vocabulary logits) stays float32.
   if out_dtype == x.dtype:
