@@ -8,9 +8,10 @@ Every method is one `lax.while_loop` over positions 0..L-1 around a *step functi
 
   * `cache` changes every step (the decoder's self-attention keys/values and the write
     index); beam search reorders it when beams are re-ranked.
-  * `context` is fixed for the whole loop (the image side of cross-attention, its keys
-    and values projected ONCE per image by `precompute_context`); beam search keeps one
-    copy per image: the K beams of an image fold into cross-attention's query axis.
+  * `context` is fixed for the whole loop: the decoder's layers sliced out of their
+    stacks and the image side of cross-attention, its keys and values projected ONCE per
+    image (`TextDecoder.decoding_layers`); beam search keeps one copy per image: the K
+    beams of an image fold into cross-attention's query axis.
 
 `cached_step_model` builds the step function of a CoCa model from its KV cache;
 `recompute_step_model` is the same function by full recompute (the whole prefix through
@@ -135,7 +136,8 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
   graphdef, state = nnx.split(model)
   text = model.text
   cache = text.init_cache(caption_tokens.shape[0], max_length)
-  context = text.multimodal.precompute_context(caption_tokens)  # 2 x [Lm, B, H, N, K]
+  # Per-layer weights, and image keys/values (2 x [B, H, N, K] per multimodal layer).
+  context = text.decoding_layers(caption_tokens)
 
   def step(ids, cache, context):
     decoder = nnx.merge(graphdef, state).text

@@ -400,39 +400,47 @@ class LayerStack(nnx.Module):
     self.remat_policy = remat_policy
     self.scan = scan
 
-  def __call__(self, x, mask=None, context=None, cache=None):
-    """Runs every layer over x [B, T, D].
-
-    `context` as in `Block`; a precomputed (keys, values) context has a leading layer
-    axis: [L, B, H, N, K] each. `cache` has "key"/"value" [L, B, S, H, K] and a scalar
-    "index". Returns (x [B, T, D], new cache or None).
-    """
+  def __call__(self, x, mask=None, context=None):
+    """Runs every layer over x [B, T, D] (context as in `Block`) -> [B, T, D]."""
     graphdef, layer_params = nnx.split(self.layers)
-    per_layer_context = context if isinstance(context, tuple) else None
-    shared_context = None if isinstance(context, tuple) else context
 
-    def body(h, scanned):
-      params, layer_context, layer_cache = scanned
-      layer = nnx.merge(graphdef, params)
-      if layer_cache is not None:
-        layer_cache = dict(layer_cache, index=cache["index"])
-      h, new_cache = layer(
-        h, mask, layer_context if layer_context is not None else shared_context, layer_cache
-      )
-      if new_cache is not None:
-        new_cache = dict(key=new_cache["key"], value=new_cache["value"])
-      return h, new_cache
+    def body(h, params):
+      return nnx.merge(graphdef, params)(h, mask, context)[0], None
 
     policy = REMAT_POLICIES[self.remat_policy]
     if self.remat_policy != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-    layer_cache = None if cache is None else dict(key=cache["key"], value=cache["value"])
-    x, new_cache = jax.lax.scan(
-      body, x, (layer_params, per_layer_context, layer_cache), unroll=not self.scan
+    x, _ = jax.lax.scan(body, x, layer_params, unroll=not self.scan)
+    return x
+
+  def unstack(self, context=None) -> tuple:
+    """Each layer's parameters (and its slice of a `precompute_context` pair, or None),
+    sliced out of the stack: a tuple of `num_layers` (params, context) pairs.
+
+    Decoding slices them once per call, before its token loop, and `decode` runs the
+    layers unrolled over them. A scanned stack inside the token loop made XLA's CPU
+    backend copy every layer's weights (and its cross-attention keys/values) out of the
+    stack at every token: most of a batch-1 step at open_clip's B/32 shapes.
+    """
+    _, layer_params = nnx.split(self.layers)
+    return tuple(
+      jax.tree.map(lambda a, i=i: a[i], (layer_params, context)) for i in range(self.num_layers)
     )
-    if new_cache is not None:
-      new_cache = dict(new_cache, index=cache["index"] + x.shape[1])
-    return x, new_cache
+
+  def decode(self, x, mask, cache: dict, unstacked: tuple):
+    """Runs new tokens x [B, t, D] through every layer, reading and extending the KV cache.
+
+    `unstacked`: `unstack(...)`. `cache` has "key"/"value" [L, B, S, H, K] and a scalar
+    "index"; `mask` is the self-attention mask [.., t, S]. Returns (x [B, t, D], new cache).
+    """
+    graphdef = nnx.graphdef(self.layers)
+    keys, values = [], []
+    for i, (params, context) in enumerate(unstacked):
+      layer_cache = dict(key=cache["key"][i], value=cache["value"][i], index=cache["index"])
+      x, new = nnx.merge(graphdef, params)(x, mask, context, layer_cache)
+      keys.append(new["key"])
+      values.append(new["value"])
+    return x, dict(key=jnp.stack(keys), value=jnp.stack(values), index=cache["index"] + x.shape[1])
 
   def precompute_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cross-attention keys/values of every layer for fixed image tokens [B, N, D].

@@ -132,7 +132,7 @@ class TextDecoder(nnx.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, x.shape[-1]))
     x = jnp.concatenate([x, cls], axis=1)  # [B, T+1, D]; [CLS] at index T
     attn_mask = unimodal_mask(ids, mask, self.mask_mode, self.pad_id)
-    x, _ = self.unimodal(x, attn_mask)
+    x = self.unimodal(x, attn_mask)
     return x[:, :length], self.cls_norm(x[:, length])
 
   def multimodal_mask(self, mask: jax.Array) -> jax.Array:
@@ -150,7 +150,7 @@ class TextDecoder(nnx.Module):
     """text tokens [B, T, D], caption tokens [B, Q, D], mask [B, T] -> the multimodal
     decoder's normed output tokens [B, T, D], before the vocabulary projection (what the
     VQA head pools, Section 4.3)."""
-    x, _ = self.multimodal(text_tokens, self.multimodal_mask(mask), context=caption_tokens)
+    x = self.multimodal(text_tokens, self.multimodal_mask(mask), context=caption_tokens)
     return self.final_norm(x)
 
   def vocab_logits(self, multimodal_tokens: jax.Array) -> jax.Array:
@@ -181,13 +181,22 @@ class TextDecoder(nnx.Module):
 
     return dict(unimodal=empty(self.unimodal), multimodal=empty(self.multimodal))
 
-  def decode_step(self, ids: jax.Array, cache: dict, cross_kv) -> tuple[jax.Array, dict]:
+  def decoding_layers(self, caption_tokens: jax.Array) -> dict:
+    """Both stacks' layers for `decode_step`, sliced out once per decode call:
+    {"unimodal", "multimodal": `LayerStack.unstack`}, the multimodal layers with their
+    cross-attention keys/values of caption_tokens [B, N, D] ([B, H, N, K] each)."""
+    return dict(
+      unimodal=self.unimodal.unstack(),
+      multimodal=self.multimodal.unstack(self.multimodal.precompute_context(caption_tokens)),
+    )
+
+  def decode_step(self, ids: jax.Array, cache: dict, decoding_layers: dict) -> tuple:
     """Runs new tokens through both stacks using and extending the KV caches.
 
     Args:
       ids: [B, t] new tokens at positions cache index .. index + t - 1.
       cache: from `init_cache` or a previous step.
-      cross_kv: `multimodal.precompute_context(caption_tokens)`.
+      decoding_layers: `decoding_layers(caption_tokens)`.
     Returns:
       (logits [B, t, V] float32, new cache).
     """
@@ -195,7 +204,11 @@ class TextDecoder(nnx.Module):
     x = self.embed(ids, offset=index)
     cache_len = cache["unimodal"]["key"].shape[2]
     mask = layers.causal_mask(ids.shape[1], cache_len, query_offset=index)
-    x, unimodal_cache = self.unimodal(x, mask, cache=cache["unimodal"])
-    x, multimodal_cache = self.multimodal(x, mask, context=cross_kv, cache=cache["multimodal"])
+    x, unimodal_cache = self.unimodal.decode(
+      x, mask, cache["unimodal"], decoding_layers["unimodal"]
+    )
+    x, multimodal_cache = self.multimodal.decode(
+      x, mask, cache["multimodal"], decoding_layers["multimodal"]
+    )
     logits = self.vocab_projection(self.final_norm(x))
     return logits, dict(unimodal=unimodal_cache, multimodal=multimodal_cache)

@@ -158,5 +158,5 @@ class VisionEncoder(nnx.Module):
     if self.pre_norm is not None:
       x = self.pre_norm(x)
     x = sharding.constrain(x, ("batch", "length", "activation_embed"))
-    x, _ = self.blocks(x)
+    x = self.blocks(x)
     return x if self.norm is None else self.norm(x)
