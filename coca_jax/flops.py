@@ -6,6 +6,8 @@ and value products at full, not causal, length as PaLM's appendix B does) times 
 forward + backward; rematerialisation is not counted, so MFU does not reward it.
 """
 
+from coca_jax.config import model_option
+
 # Dense bfloat16 peak FLOP/s per device (chip for TPU), from the vendors' data sheets.
 # Matched as substrings of `device.device_kind`, most specific first.
 PEAK_FLOPS = (
@@ -33,41 +35,46 @@ def peak_flops_per_device(device, override: float = 0.0) -> float | None:
   return None
 
 
-def _attention_macs(queries: int, keys: int, width: int, *, self_attention: bool) -> int:
-  """Multiply-adds of one attention layer: projections plus scores and weighted values."""
-  projections = (
-    (4 * queries * width * width) if self_attention else (2 * queries + 2 * keys) * width * width
-  )
+def _attention_macs(queries: int, keys: int, width: int, kv_width: int | None = None) -> int:
+  """Multiply-adds of one attention layer `width` wide: query, key, value and output
+  projections (keys and values from `kv_width`-wide tokens, default `width`) plus the
+  scores and weighted values."""
+  kv_width = kv_width or width
+  projections = 2 * queries * width * width + 2 * keys * kv_width * width
   return projections + 2 * queries * keys * width
 
 
 def forward_macs(model_config) -> int:
-  """Multiply-adds of one example's forward pass through the whole model."""
+  """Multiply-adds of one example's forward pass through the whole model, in either
+  layout (the paper's, or open_clip's: config.open_clip_layout)."""
   m = model_config
   d = m.width
   v = m.vision
+  dv = model_option(m, "vision.width") or d
   patches = (v.image_size // v.patch_size) ** 2
+  tokens = patches + int(model_option(m, "vision.class_token"))
   t = m.text.max_len
   q = m.pooler.caption_queries
 
-  vision = patches * v.patch_size**2 * 3 * d  # patch embedding
-  vision += v.layers * (
-    _attention_macs(patches, patches, d, self_attention=True) + 2 * patches * d * v.mlp_dim
-  )
-  poolers = _attention_macs(q, patches, d, self_attention=False)
-  contrastive_keys = q if m.pooler.mode == "cascade" else patches
-  poolers += _attention_macs(
-    m.pooler.contrastive_queries, contrastive_keys, d, self_attention=False
-  )
+  vision = patches * v.patch_size**2 * 3 * dv  # patch embedding
+  vision += v.layers * (_attention_macs(tokens, tokens, dv) + 2 * tokens * dv * v.mlp_dim)
+  poolers = _attention_macs(q, tokens, d, dv)
+  if m.pooler.mode == "single":  # output 0 is the image embedding, 1.. the decoder's
+    image_tokens = q - 1
+  else:
+    image_tokens = q
+    contrastive_keys = q if m.pooler.mode == "cascade" else tokens
+    poolers += _attention_macs(
+      m.pooler.contrastive_queries, contrastive_keys, d, d if m.pooler.mode == "cascade" else dv
+    )
 
-  text_layer = (
-    _attention_macs(t + 1, t + 1, d, self_attention=True) + 2 * (t + 1) * d * m.text.mlp_dim
+  mlp = 2 * t * d * m.text.mlp_dim
+  unimodal = m.text.unimodal_layers * (
+    _attention_macs(t + 1, t + 1, d) + 2 * (t + 1) * d * m.text.mlp_dim
   )
-  unimodal = m.text.unimodal_layers * text_layer
+  mlps = 2 if model_option(m, "text.multimodal_block") == "split" else 1
   multimodal = m.text.multimodal_layers * (
-    _attention_macs(t, t, d, self_attention=True)
-    + _attention_macs(t, q, d, self_attention=False)
-    + 2 * t * d * m.text.mlp_dim
+    _attention_macs(t, t, d) + _attention_macs(t, image_tokens, d) + mlps * mlp
   )
   logits = t * d * m.text.vocab_size
   projections = 2 * d * m.embed_dim

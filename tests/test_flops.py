@@ -1,0 +1,66 @@
+"""flops.forward_macs against the multiply-adds of the model's own traced forward pass."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+from coca_jax import config as config_lib
+from coca_jax import flops
+from coca_jax.models import coca
+from configs import tiny
+
+
+def traced_macs(fn, *args) -> int:
+  """Multiply-adds of every dot_general in fn's jaxpr (the patch embedding is one too),
+  a scan body's once per iteration."""
+
+  def count(jaxpr, times: int = 1) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        (contracting, _), _ = eqn.params["dimension_numbers"]
+        lhs = eqn.invars[0].aval.shape
+        out = eqn.outvars[0].aval.shape
+        total += times * math.prod(out) * math.prod(lhs[d] for d in contracting)
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        total += count(sub, times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1))
+    return total
+
+  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
+def open_clip_tiny():
+  """tiny's sizes in open_clip's layout, with a ViT wider than the text side."""
+  c = tiny.get_config()
+  config_lib.open_clip_layout(c.model, vision_width=48, vision_heads=2, pooler_heads=2)
+  return c
+
+
+def parallel_wide_vit():
+  """The paper's layout with parallel poolers (both read the ViT) and a wider ViT."""
+  c = tiny.get_config()
+  c.model.pooler.update(mode="parallel", contrastive_queries=2)
+  c.model.vision.width = 48
+  return c
+
+
+@pytest.mark.parametrize(
+  "make",
+  [tiny.get_config, pytest.param(parallel_wide_vit, marks=pytest.mark.slow), open_clip_tiny],
+  ids=["paper", "parallel", "open_clip"],
+)
+def test_forward_macs_match_the_traced_model(make):
+  config = make()
+  m = config.model
+  model = coca.build(m)
+  graphdef, state = nnx.split(model)
+  size, length = m.vision.image_size, m.text.max_len
+  batch = dict(
+    image=jnp.zeros((1, size, size, 3)),
+    text=dict(ids=jnp.ones((1, length), jnp.int32), mask=jnp.ones((1, length), jnp.int32)),
+  )
+  traced = traced_macs(lambda s, b: nnx.merge(graphdef, s)(b), state, batch)
+  assert flops.forward_macs(m) == traced
