@@ -56,9 +56,12 @@ def make_gradients(config, graphdef, param_shardings=None):
        is the embeddings' cached gradients back-propagated plus its captioning loss's
        share: sum over its real tokens / real tokens of the whole batch (a global
        token mean, not a mean of micro-batch means).
-  Pass 1 costs one extra forward of the image encoder and the unimodal decoder. The
-  accumulator has the parameters' shardings (`param_shardings`, NamedSharding tree).
-  terms: loss, contrastive_loss, captioning_loss, contrastive_accuracy, temperature.
+  Pass 1 costs one extra forward of the image encoder and the unimodal decoder. With a
+  VQA head the surrogate adds each micro-batch's VQA loss / A (a per-example mean over
+  micro-batches of equal size). A video batch has only the video head's per-example
+  mean loss: its gradient is the mean of the micro-batches' gradients. The accumulator
+  has the parameters' shardings (`param_shardings`, NamedSharding tree).
+  terms: those of losses.total_loss, and temperature.
   """
   accum_steps = config.train.grad_accum_steps
   loss_fn = _loss_fn(config, graphdef)
@@ -70,23 +73,9 @@ def make_gradients(config, graphdef, param_shardings=None):
 
     return gradients
 
-  vqa = config.model.get("vqa")
-  if vqa is not None and vqa.num_answers > 0:
-    # The cached-embedding path below knows only the pretraining losses.
-    raise ValueError(
-      f"config.train.grad_accum_steps={accum_steps} with a VQA head "
-      f"(config.model.vqa.num_answers={vqa.num_answers}): gradient accumulation supports "
-      "the pretraining losses only; use grad_accum_steps=1 (a smaller batch for VQA)"
-    )
-  video = config.model.get("video")
-  if video is not None and video.num_classes > 0:
-    raise ValueError(
-      f"config.train.grad_accum_steps={accum_steps} with a video head "
-      f"(config.model.video.num_classes={video.num_classes}): gradient accumulation "
-      "supports the pretraining losses only; use grad_accum_steps=1"
-    )
   contrastive_weight = config.loss.contrastive_weight
   caption_weight = config.loss.caption_weight
+  vqa_weight = config.loss.vqa_weight
 
   def constrain_like_params(tree):
     if param_shardings is None:
@@ -105,7 +94,21 @@ def make_gradients(config, graphdef, param_shardings=None):
     loss, accuracy = losses.contrastive_loss(image_embedding, text_embedding, temperature)
     return contrastive_weight * loss, (loss, accuracy, temperature)
 
+  def mean_gradients(params, batch):
+    """The gradient of a loss that is a mean over examples: the micro-batches' mean."""
+
+    def accumulate(grads, micro_batch):
+      (_, terms), micro_grads = jax.value_and_grad(loss_fn, has_aux=True)(params, micro_batch)
+      return constrain_like_params(jax.tree.map(jnp.add, grads, micro_grads)), terms
+
+    zeros = constrain_like_params(jax.tree.map(jnp.zeros_like, params))
+    grads, terms = jax.lax.scan(accumulate, zeros, _split_micro_batches(batch, accum_steps))
+    grads = jax.tree.map(lambda g: g / accum_steps, grads)
+    return grads, jax.tree.map(lambda t: jnp.mean(t, axis=0), terms)
+
   def gradients(params, batch):
+    if "video" in batch:
+      return mean_gradients(params, batch)
     micro_batches = _split_micro_batches(batch, accum_steps)
     # 1. Embeddings of every micro-batch; nothing is differentiated, nothing kept.
     image_embedding, text_embedding = jax.lax.map(lambda mb: embed(params, mb), micro_batches)
@@ -125,32 +128,35 @@ def make_gradients(config, graphdef, param_shardings=None):
         + jnp.sum(outputs["text_embedding"] * text_grad)
         + caption_weight * caption_sum / tokens
       )
-      return value, caption_sum
+      parts = dict(caption=caption_sum)  # per micro-batch: caption sum, VQA means
+      if "vqa_logits" in outputs:
+        parts["vqa_loss"] = losses.vqa_loss(outputs["vqa_logits"], micro_batch["answer_scores"])
+        parts["vqa_accuracy"] = losses.vqa_accuracy(
+          outputs["vqa_logits"], micro_batch["answer_scores"]
+        )
+        value += vqa_weight * parts["vqa_loss"] / accum_steps
+      return value, parts
 
     # 3. Each micro-batch again, forward and backward.
-    def accumulate(carry, scanned):
-      grads, caption_sum = carry
+    def accumulate(grads, scanned):
       micro_batch, (image_grad, text_grad) = scanned
-      micro_grads, micro_caption_sum = jax.grad(surrogate, has_aux=True)(
+      micro_grads, parts = jax.grad(surrogate, has_aux=True)(
         params, micro_batch, image_grad, text_grad
       )
-      grads = constrain_like_params(jax.tree.map(jnp.add, grads, micro_grads))
-      return (grads, caption_sum + micro_caption_sum), None
+      return constrain_like_params(jax.tree.map(jnp.add, grads, micro_grads)), parts
 
-    (grads, caption_sum), _ = jax.lax.scan(
-      accumulate,
-      (constrain_like_params(grads), jnp.zeros([], jnp.float32)),
-      (micro_batches, embedding_grads),
+    grads, parts = jax.lax.scan(
+      accumulate, constrain_like_params(grads), (micro_batches, embedding_grads)
     )
-    cap = caption_sum / tokens
-    terms = dict(
-      loss=contrastive_weight * con + caption_weight * cap,
-      contrastive_loss=con,
-      captioning_loss=cap,
-      contrastive_accuracy=accuracy,
-      temperature=temperature,
-    )
-    return grads, terms
+    cap = jnp.sum(parts["caption"]) / tokens
+    loss = contrastive_weight * con + caption_weight * cap
+    terms = dict(contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy)
+    if "vqa_loss" in parts:
+      terms.update(
+        vqa_loss=jnp.mean(parts["vqa_loss"]), vqa_accuracy=jnp.mean(parts["vqa_accuracy"])
+      )
+      loss += vqa_weight * terms["vqa_loss"]
+    return grads, dict(terms, loss=loss, temperature=temperature)
 
   return gradients
 

@@ -1,4 +1,5 @@
-"""Gradient accumulation is exact: A micro-batches give the full batch's gradient and losses.
+"""Gradient accumulation is exact: A micro-batches give the full batch's gradient and losses
+(pretraining, with a VQA head, and video batches).
 
 The reference is the same step with A = 1 on the same global batch, whose losses are
 themselves checked against NumPy in test_losses.py and test_sharding.py. Tolerance, for
@@ -115,3 +116,39 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(mesh_shape):
   initial = state_lib.create(one_device, state_lib.setup(one_device, jax.devices()[:1]))
   want = numpy_contrastive_loss(one_device, jax.device_get(initial["params"]), batch)
   np.testing.assert_allclose(metrics["contrastive_loss"], want, rtol=1e-5)
+
+
+def assert_same_gradient_and_terms(config, batch, names):
+  """A micro-batches vs the same config with A = 1, on one device (tolerances above)."""
+  full = config.copy_and_resolve_references()
+  full.train.grad_accum_steps = 1
+  full_grads, full_terms, _ = grads_metrics_params(full, batch, train_step=False)
+  grads, terms, _ = grads_metrics_params(config, batch, train_step=False)
+  difference = jax.tree.map(lambda a, b: a - b, grads, full_grads)
+  assert optax.tree.norm(difference) < 1e-5 * optax.tree.norm(full_grads)
+  for name in names:
+    np.testing.assert_allclose(terms[name], full_terms[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_accumulation_with_a_vqa_head_equals_the_full_batch():
+  config = config_with(ACCUM, (1, 1, 1))
+  config.model.vqa.num_answers = 5
+  batch = real_batch(config)
+  rng = np.random.default_rng(0)
+  batch["answer_scores"] = np.minimum(rng.integers(0, 4, size=(BATCH, 5)) / 3, 1).astype(np.float32)
+  names = ("loss", "contrastive_loss", "captioning_loss", "vqa_loss", "vqa_accuracy")
+  assert_same_gradient_and_terms(config, batch, names)
+
+
+@pytest.mark.slow
+def test_accumulation_of_video_batches_equals_the_full_batch():
+  config = config_with(ACCUM, (1, 1, 1))
+  config.model.video.num_classes = 3
+  size = config.model.vision.image_size
+  rng = np.random.default_rng(0)
+  batch = dict(
+    video=rng.normal(size=(BATCH, 2, size, size, 3)).astype(np.float32),
+    label=rng.integers(0, 3, size=BATCH).astype(np.int32),
+  )
+  assert_same_gradient_and_terms(config, batch, ("loss", "video_loss", "video_accuracy"))

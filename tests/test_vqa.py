@@ -9,7 +9,6 @@ from tiny_runs import tiny_config
 from coca_jax import export, losses, train
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
-from coca_jax import step as step_lib
 from coca_jax.data import answers as answers_lib
 from coca_jax.evaluate import vqa as vqa_eval
 from coca_jax.models import coca
@@ -124,13 +123,6 @@ def test_head_ignores_question_padding():
   np.testing.assert_allclose(model.vqa_logits(image, other, mask), logits, rtol=1e-5, atol=1e-6)
   outputs = model(dict(image=image, text=dict(ids=ids, mask=mask)))
   np.testing.assert_allclose(outputs["vqa_logits"], logits, rtol=1e-5, atol=1e-6)
-
-
-def test_gradient_accumulation_with_vqa_is_a_clear_error():
-  config = tiny_config(1, train=dict(grad_accum_steps=2))
-  config.model.vqa.num_answers = 5
-  with pytest.raises(ValueError, match="grad_accum_steps=2 with a VQA head"):
-    step_lib.make_gradients(config, None)
 
 
 # ---- the demo config, on tiny shapes, from a tiny export ----
