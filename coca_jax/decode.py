@@ -144,7 +144,7 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
     logits, cache = decoder.decode_step(ids[:, None], cache, context)
     return logits[:, 0], cache
 
-  stack_axes = dict(key=1, value=1, index=None)  # key/value: [layers, B, S, H, K]
+  stack_axes = dict(key=0, value=0, index=None)  # key/value: L x [B, S, H, K]
   return StepModel(
     step=step,
     cache=cache,

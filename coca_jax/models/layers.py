@@ -430,17 +430,18 @@ class LayerStack(nnx.Module):
   def decode(self, x, mask, cache: dict, unstacked: tuple):
     """Runs new tokens x [B, t, D] through every layer, reading and extending the KV cache.
 
-    `unstacked`: `unstack(...)`. `cache` has "key"/"value" [L, B, S, H, K] and a scalar
-    "index"; `mask` is the self-attention mask [.., t, S]. Returns (x [B, t, D], new cache).
+    `unstacked`: `unstack(...)`. `cache` has "key"/"value": one [B, S, H, K] per layer
+    (each written in place), and a scalar "index"; `mask` is the self-attention mask
+    [.., t, S]. Returns (x [B, t, D], new cache).
     """
     graphdef = nnx.graphdef(self.layers)
     keys, values = [], []
-    for i, (params, context) in enumerate(unstacked):
-      layer_cache = dict(key=cache["key"][i], value=cache["value"][i], index=cache["index"])
+    for (params, context), key, value in zip(unstacked, cache["key"], cache["value"]):
+      layer_cache = dict(key=key, value=value, index=cache["index"])
       x, new = nnx.merge(graphdef, params)(x, mask, context, layer_cache)
       keys.append(new["key"])
       values.append(new["value"])
-    return x, dict(key=jnp.stack(keys), value=jnp.stack(values), index=cache["index"] + x.shape[1])
+    return x, dict(key=tuple(keys), value=tuple(values), index=cache["index"] + x.shape[1])
 
   def precompute_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cross-attention keys/values of every layer for fixed image tokens [B, N, D].

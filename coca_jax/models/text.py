@@ -167,17 +167,18 @@ class TextDecoder(nnx.Module):
   def init_cache(self, batch: int, length: int) -> dict:
     """Empty KV caches of both stacks for decoding up to `length` tokens.
 
-    Returns {"unimodal": c, "multimodal": c} with c = {"key", "value": [L, B, S, H, K],
-    "index": 0}.
+    Returns {"unimodal": c, "multimodal": c} with c = {"key", "value": a tuple of one
+    [B, S, H, K] per layer, "index": 0}: per-layer buffers, so that each step updates
+    each in place (a stacked [L, ...] cache was sliced and restacked, copied, every step).
     """
 
     def empty(stack):
       attention = stack.layers.self_attention
       _, _, heads, head_dim = attention.key.shape
-      shape = (stack.num_layers, batch, length, heads, head_dim)
-      return dict(
-        key=jnp.zeros(shape, self.dtype), value=jnp.zeros(shape, self.dtype), index=jnp.int32(0)
+      layers = tuple(
+        jnp.zeros((batch, length, heads, head_dim), self.dtype) for _ in range(stack.num_layers)
       )
+      return dict(key=layers, value=layers, index=jnp.int32(0))
 
     return dict(unimodal=empty(self.unimodal), multimodal=empty(self.multimodal))
 
@@ -202,7 +203,7 @@ class TextDecoder(nnx.Module):
     """
     index = cache["unimodal"]["index"]
     x = self.embed(ids, offset=index)
-    cache_len = cache["unimodal"]["key"].shape[2]
+    cache_len = cache["unimodal"]["key"][0].shape[1]
     mask = layers.causal_mask(ids.shape[1], cache_len, query_offset=index)
     x, unimodal_cache = self.unimodal.decode(
       x, mask, cache["unimodal"], decoding_layers["unimodal"]
