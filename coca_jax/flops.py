@@ -45,8 +45,9 @@ def _attention_macs(queries: int, keys: int, width: int, kv_width: int | None = 
 
 
 def forward_macs(model_config) -> int:
-  """Multiply-adds of one example's forward pass through the whole model, in either
-  layout (the paper's, or open_clip's: config.open_clip_layout)."""
+  """Multiply-adds of one image-text example's forward pass through the model, in
+  either layout (the paper's, or open_clip's: config.open_clip_layout). The VQA and
+  video heads are not counted (a video step's MFU uses this image-text count)."""
   m = model_config
   d = m.width
   v = m.vision
@@ -68,13 +69,13 @@ def forward_macs(model_config) -> int:
       m.pooler.contrastive_queries, contrastive_keys, d, d if m.pooler.mode == "cascade" else dv
     )
 
-  mlp = 2 * t * d * m.text.mlp_dim
-  unimodal = m.text.unimodal_layers * (
-    _attention_macs(t + 1, t + 1, d) + 2 * (t + 1) * d * m.text.mlp_dim
-  )
+  def mlp(n):  # the decoder MLP over n tokens
+    return 2 * n * d * m.text.mlp_dim
+
+  unimodal = m.text.unimodal_layers * (_attention_macs(t + 1, t + 1, d) + mlp(t + 1))
   mlps = 2 if model_option(m, "text.multimodal_block") == "split" else 1
   multimodal = m.text.multimodal_layers * (
-    _attention_macs(t, t, d) + _attention_macs(t, image_tokens, d) + mlps * mlp
+    _attention_macs(t, t, d) + _attention_macs(t, image_tokens, d) + mlps * mlp(t)
   )
   logits = t * d * m.text.vocab_size
   projections = 2 * d * m.embed_dim

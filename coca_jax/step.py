@@ -165,7 +165,8 @@ def make_train_step(config, run: Setup):
   """Returns train_step(state, batch) -> (state, metrics), jitted, state donated.
 
   Metrics (scalars, left on device): loss, contrastive_loss, captioning_loss,
-  contrastive_accuracy, temperature, grad_norm, param_norm, learning_rate. With
+  contrastive_accuracy, temperature, grad_norm, param_norm, learning_rate (and
+  vqa_loss / vqa_accuracy with a VQA head, video_loss / video_accuracy on video batches). With
   config.train.grad_accum_steps = A > 1 the gradient and the losses are the full
   batch's (see `make_gradients`): every example still sees B - 1 negatives.
   """

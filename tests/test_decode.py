@@ -105,6 +105,21 @@ def test_cached_beam_search_equals_full_recompute(graphdef_params, images):
   np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(recomputed.scores), rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["greedy", "beam"])
+def test_cached_decoding_with_several_layers_per_stack_equals_full_recompute(images, method):
+  """Two unimodal and three multimodal layers: each unrolled layer must read its own
+  weights, image keys/values and KV cache buffer (tiny has one layer per stack)."""
+  config = tiny.get_config()
+  config.model.text.update(unimodal_layers=2, multimodal_layers=3)
+  graphdef, params = nnx.split(coca.build(config.model, seed=2))
+  options = make_options(method, max_length=L, beam_size=3)
+  cached = jitted(graphdef, options)(params, images)
+  recomputed = jitted(graphdef, options, cached=False)(params, images)
+  np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(recomputed.tokens))
+  np.testing.assert_allclose(np.asarray(cached.scores), np.asarray(recomputed.scores), rtol=1e-4)
+
+
 def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   graphdef, params = graphdef_params
   greedy = jitted(graphdef, make_options("greedy", max_length=L))(params, images)

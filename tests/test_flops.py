@@ -3,6 +3,7 @@
 import math
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import pytest
 from flax import nnx
@@ -25,7 +26,7 @@ def traced_macs(fn, *args) -> int:
         lhs = eqn.invars[0].aval.shape
         out = eqn.outvars[0].aval.shape
         total += times * math.prod(out) * math.prod(lhs[d] for d in contracting)
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         total += count(sub, times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1))
     return total
 

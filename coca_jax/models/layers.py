@@ -148,7 +148,7 @@ def dot_product_attention(q, k, v, mask, heads_first: bool = False, implementati
     mask: bool, broadcastable to [B, H, T, S]; True where a query may attend a key,
       or None for no mask. Every query row must allow at least one key.
     heads_first: keys and values already head-major, as decoding keeps the image-side
-      ones (`LayerStack.precompute_context`): the dots then read them in place instead
+      ones (`LayerStack.unstack`): the dots then read them in place instead
       of transposing them every step (8.6x faster cross-attention at batch 16 on CPU).
     implementation: one of ATTENTION_IMPLEMENTATIONS; jax.nn.dot_product_attention
       takes [B, T, H, K] keys and values, so head-major ones always use "einsum".
@@ -329,8 +329,8 @@ class Block(nnx.Module):
       x: [B, T, D] tokens.
       mask: self-attention mask, broadcastable to [B, H, T, S]; S = T without a cache,
         S = cache length with one.
-      context: cross-attention keys/values: either [B, N, D] tokens, or a precomputed
-        head-major (keys, values) pair of [B', H, N, K] (`LayerStack.precompute_context`)
+      context: cross-attention keys/values: either [B, N, D] tokens, or this layer's
+        precomputed head-major (keys, values) pair of [B', H, N, K] (`LayerStack.unstack`)
         for B' images, B a multiple of B' (beam search: B / B' beams per image).
       cache: None, or a dict with "key"/"value" [B, S, H, K] and "index" (scalar int32,
         position of x[:, 0]); the new keys/values are written at `index`.
@@ -374,7 +374,8 @@ class LayerStack(nnx.Module):
   Every parameter gains a leading `layers` axis, so compile time does not grow with
   depth (as in MaxText). Each scanned layer is rematerialised by `remat_policy`.
   `scan=False` unrolls the same loop (same parameters): compile time grows with depth,
-  but XLA sees the whole stack at once and no loop carries the activations.
+  but XLA sees the whole stack at once and no loop carries the activations. Decoding
+  always unrolls (`unstack`, `decode`), whatever `scan` says.
   """
 
   def __init__(
@@ -401,7 +402,8 @@ class LayerStack(nnx.Module):
     self.scan = scan
 
   def __call__(self, x, mask=None, context=None):
-    """Runs every layer over x [B, T, D] (context as in `Block`) -> [B, T, D]."""
+    """Runs every layer over x [B, T, D], cross-attending to context tokens [B, N, D]
+    (or None) -> [B, T, D]."""
     graphdef, layer_params = nnx.split(self.layers)
 
     def body(h, params):
@@ -414,18 +416,26 @@ class LayerStack(nnx.Module):
     return x
 
   def unstack(self, context=None) -> tuple:
-    """Each layer's parameters (and its slice of a `precompute_context` pair, or None),
-    sliced out of the stack: a tuple of `num_layers` (params, context) pairs.
+    """Each layer's parameters sliced out of the stack, with its cross-attention keys
+    and values of context tokens [B, N, D] (head-major [B, H, N, K] each; None without
+    context): a tuple of `num_layers` (params, (keys, values) or None) pairs.
 
-    Decoding slices them once per call, before its token loop, and `decode` runs the
-    layers unrolled over them. A scanned stack inside the token loop made XLA's CPU
-    backend copy every layer's weights (and its cross-attention keys/values) out of the
-    stack at every token: most of a batch-1 step at open_clip's B/32 shapes.
+    Decoding calls this once per decode call, before its token loop, and `decode` runs
+    the layers unrolled over the result. A scanned stack inside the token loop made XLA's
+    CPU backend copy every layer's weights (and its image keys/values) out of the stack
+    at every token: most of a batch-1 step at open_clip's B/32 shapes. The price is one
+    copy of the stack's weights per decode call, held while it runs.
     """
-    _, layer_params = nnx.split(self.layers)
-    return tuple(
-      jax.tree.map(lambda a, i=i: a[i], (layer_params, context)) for i in range(self.num_layers)
-    )
+    graphdef, layer_params = nnx.split(self.layers)
+    layers = []
+    for i in range(self.num_layers):
+      params = jax.tree.map(lambda a, i=i: a[i], layer_params)
+      kv = None
+      if context is not None:
+        keys, values = nnx.merge(graphdef, params).cross_kv(context)
+        kv = (keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3))
+      layers.append((params, kv))
+    return tuple(layers)
 
   def decode(self, x, mask, cache: dict, unstacked: tuple):
     """Runs new tokens x [B, t, D] through every layer, reading and extending the KV cache.
@@ -442,18 +452,3 @@ class LayerStack(nnx.Module):
       keys.append(new["key"])
       values.append(new["value"])
     return x, dict(key=tuple(keys), value=tuple(values), index=cache["index"] + x.shape[1])
-
-  def precompute_context(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Cross-attention keys/values of every layer for fixed image tokens [B, N, D].
-
-    Returns head-major ([L, B, H, N, K], [L, B, H, N, K]); decoding computes them once
-    per image and every step reads them without a transpose.
-    """
-    graphdef, layer_params = nnx.split(self.layers)
-
-    def project(params):
-      layer = nnx.merge(graphdef, params)
-      keys, values = layer.cross_kv(context)
-      return keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-
-    return jax.lax.map(project, layer_params)

@@ -187,8 +187,7 @@ class TextDecoder(nnx.Module):
     {"unimodal", "multimodal": `LayerStack.unstack`}, the multimodal layers with their
     cross-attention keys/values of caption_tokens [B, N, D] ([B, H, N, K] each)."""
     return dict(
-      unimodal=self.unimodal.unstack(),
-      multimodal=self.multimodal.unstack(self.multimodal.precompute_context(caption_tokens)),
+      unimodal=self.unimodal.unstack(), multimodal=self.multimodal.unstack(caption_tokens)
     )
 
   def decode_step(self, ids: jax.Array, cache: dict, decoding_layers: dict) -> tuple:
