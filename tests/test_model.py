@@ -204,3 +204,6 @@ def test_unknown_attention_kernel_is_named():
   config.model.attention = "flash"
   with pytest.raises(ValueError, match="config.model.attention='flash'"):
     coca.build(config.model)
+  config.model.attention = "cudnn"  # fused cuDNN attention: fp16 / bf16 inputs only
+  with pytest.raises(ValueError, match="'cudnn' needs config.model.dtype bfloat16"):
+    coca.build(config.model)

@@ -224,6 +224,12 @@ def build(model_config, seed: int = 0) -> CoCa:
     raise ValueError(
       f"config.model.attention={implementation!r}; use one of {layers.ATTENTION_IMPLEMENTATIONS}"
     )
+  if implementation == "cudnn" and model_config.dtype not in ("bfloat16", "float16"):
+    # cuDNN's fused attention takes fp16/bf16 inputs only; jax would fail at trace time.
+    raise ValueError(
+      f"config.model.attention='cudnn' needs config.model.dtype bfloat16 or float16, "
+      f"not {model_config.dtype!r} (or use attention 'xla' / 'einsum')"
+    )
   with nnx.use_eager_sharding(False):
     model = CoCa(model_config, rngs=nnx.Rngs(seed))
   # A kernel choice, not a parameter layout: every attention layer (encoder, poolers,
