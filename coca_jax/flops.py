@@ -64,10 +64,9 @@ def forward_macs(model_config) -> int:
     image_tokens = q - 1
   else:
     image_tokens = q
-    contrastive_keys = q if m.pooler.mode == "cascade" else tokens
-    poolers += _attention_macs(
-      m.pooler.contrastive_queries, contrastive_keys, d, d if m.pooler.mode == "cascade" else dv
-    )
+    # The contrastive pooler reads the caption pooler's outputs (cascade) or the ViT's.
+    keys, kv_width = (q, d) if m.pooler.mode == "cascade" else (tokens, dv)
+    poolers += _attention_macs(m.pooler.contrastive_queries, keys, d, kv_width)
 
   def mlp(n):  # the decoder MLP over n tokens
     return 2 * n * d * m.text.mlp_dim
