@@ -321,7 +321,7 @@ def main(argv=None):
         row["open_clip"] = run_open_clip(python, worker_spec(config, args), batch)
       print(f"coca_jax: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
       row["coca_jax"] = run_coca_jax(config, args, batch)
-      row["coca_jax_model_gflops_per_example"] = flops.train_flops_per_example(m) / 1e9
+      row["coca_jax_model_gflops_per_example"] = flops.train_flops_per_example(config) / 1e9
       if python is not None:
         row["ratio"] = row["coca_jax"]["examples_per_s"] / row["open_clip"]["examples_per_s"]
         row["ratio_best_steps"] = row["open_clip"]["best_step_s"] / row["coca_jax"]["best_step_s"]

@@ -215,7 +215,7 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   costs = compiled.cost_analysis()
   costs = (costs[0] if costs else {}) if isinstance(costs, (list, tuple)) else (costs or {})
   hbm_bytes, hbm_source = memory_per_device(devices, hbm_gib)
-  flops_per_example = flops.train_flops_per_example(config.model)
+  flops_per_example = flops.train_flops_per_example(config)
   return dict(
     topology=topology or f"{devices[0].platform}:{len(devices)}",
     device_kind=devices[0].device_kind,

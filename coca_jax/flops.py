@@ -44,21 +44,34 @@ def _attention_macs(queries: int, keys: int, width: int, kv_width: int | None = 
   return projections + 2 * queries * keys * width
 
 
+def _vision_macs(m) -> int:
+  """Multiply-adds of the ViT on one image: patch embedding and encoder layers."""
+  v = m.vision
+  dv = model_option(m, "vision.width") or m.width
+  patches = (v.image_size // v.patch_size) ** 2
+  tokens = _vision_tokens(m)
+  embedding = patches * v.patch_size**2 * 3 * dv
+  return embedding + v.layers * (_attention_macs(tokens, tokens, dv) + 2 * tokens * dv * v.mlp_dim)
+
+
+def _vision_tokens(m) -> int:
+  """Tokens the ViT outputs per image: its patches, plus the class token if it has one."""
+  patches = (m.vision.image_size // m.vision.patch_size) ** 2
+  return patches + int(model_option(m, "vision.class_token"))
+
+
 def forward_macs(model_config) -> int:
   """Multiply-adds of one image-text example's forward pass through the model, in
-  either layout (the paper's, or open_clip's: config.open_clip_layout). The VQA and
-  video heads are not counted (a video step's MFU uses this image-text count)."""
+  either layout (the paper's, or open_clip's: config.open_clip_layout), with the VQA
+  head when the model has one (its batches are image-question examples through the
+  whole model: the captioning loss stays on as an auxiliary term)."""
   m = model_config
   d = m.width
-  v = m.vision
   dv = model_option(m, "vision.width") or d
-  patches = (v.image_size // v.patch_size) ** 2
-  tokens = patches + int(model_option(m, "vision.class_token"))
+  tokens = _vision_tokens(m)
   t = m.text.max_len
   q = m.pooler.caption_queries
 
-  vision = patches * v.patch_size**2 * 3 * dv  # patch embedding
-  vision += v.layers * (_attention_macs(tokens, tokens, dv) + 2 * tokens * dv * v.mlp_dim)
   poolers = _attention_macs(q, tokens, d, dv)
   if m.pooler.mode == "single":  # output 0 is the image embedding, 1.. the decoder's
     image_tokens = q - 1
@@ -78,9 +91,29 @@ def forward_macs(model_config) -> int:
   )
   logits = t * d * m.text.vocab_size
   projections = 2 * d * m.embed_dim
-  return vision + poolers + unimodal + multimodal + logits + projections
+  # models/vqa.py: a 1-query pooler over the multimodal decoder's T outputs + classifier
+  # (configs written before the head existed have no `vqa` block).
+  answers = int(m.vqa.num_answers) if m.get("vqa") is not None else 0
+  vqa_head = _attention_macs(1, t, d) + d * answers if answers else 0
+  return _vision_macs(m) + poolers + unimodal + multimodal + logits + projections + vqa_head
 
 
-def train_flops_per_example(model_config) -> float:
-  """Model FLOPs of one training example: 3 x forward (backward costs twice forward)."""
-  return 3.0 * 2.0 * forward_macs(model_config)
+def video_forward_macs(model_config, frames: int) -> int:
+  """Multiply-adds of one video clip's forward pass (models/video.py): the ViT on each
+  of `frames` frames, the head's 1-query pooler over all their tokens, its classifier.
+  No poolers, no text: a video batch runs the video head alone."""
+  m = model_config
+  dv = model_option(m, "vision.width") or m.width
+  head = _attention_macs(1, frames * _vision_tokens(m), dv) + dv * m.video.num_classes
+  return frames * _vision_macs(m) + head
+
+
+def train_flops_per_example(config) -> float:
+  """Model FLOPs of one training example of `config`'s batches: 3 x forward (backward
+  costs twice forward); a clip of `config.data.video.frames` frames when
+  config.data.source is "video", an image-text (or image-question) example otherwise."""
+  if config.data.source == "video":
+    macs = video_forward_macs(config.model, config.data.video.frames)
+  else:
+    macs = forward_macs(config.model)
+  return 3.0 * 2.0 * macs

@@ -1,4 +1,5 @@
-"""flops.forward_macs against the multiply-adds of the model's own traced forward pass."""
+"""flops.forward_macs / video_forward_macs against the multiply-adds of the model's own
+traced forward pass; train_flops_per_example picks between them by the data source."""
 
 import math
 
@@ -40,6 +41,12 @@ def open_clip_tiny():
   return c
 
 
+def with_vqa_head():
+  c = tiny.get_config()
+  c.model.vqa.num_answers = 7
+  return c
+
+
 def parallel_wide_vit():
   """The paper's layout with parallel poolers (both read the ViT) and a wider ViT."""
   c = tiny.get_config()
@@ -50,8 +57,13 @@ def parallel_wide_vit():
 
 @pytest.mark.parametrize(
   "make",
-  [tiny.get_config, pytest.param(parallel_wide_vit, marks=pytest.mark.slow), open_clip_tiny],
-  ids=["paper", "parallel", "open_clip"],
+  [
+    tiny.get_config,
+    pytest.param(parallel_wide_vit, marks=pytest.mark.slow),
+    open_clip_tiny,
+    with_vqa_head,
+  ],
+  ids=["paper", "parallel", "open_clip", "vqa"],
 )
 def test_forward_macs_match_the_traced_model(make):
   config = make()
@@ -65,3 +77,20 @@ def test_forward_macs_match_the_traced_model(make):
   )
   traced = traced_macs(lambda s, b: nnx.merge(graphdef, s)(b), state, batch)
   assert flops.forward_macs(m) == traced
+
+
+@pytest.mark.parametrize("layout", ["paper", "open_clip"])
+def test_video_forward_macs_match_the_traced_model(layout):
+  config = tiny.get_config() if layout == "paper" else open_clip_tiny()
+  config.model.video.num_classes = 5
+  config.data.source = "video"
+  config.data.video.frames = 3
+  model = coca.build(config.model)
+  graphdef, state = nnx.split(model)
+  size = config.model.vision.image_size
+  batch = dict(video=jnp.zeros((1, 3, size, size, 3)), label=jnp.zeros((1,), jnp.int32))
+  traced = traced_macs(lambda s, b: nnx.merge(graphdef, s)(b), state, batch)
+  assert flops.video_forward_macs(config.model, 3) == traced
+  assert flops.train_flops_per_example(config) == 6.0 * traced
+  config.data.source = "synthetic"  # image-text batches: the image-text count
+  assert flops.train_flops_per_example(config) == 6.0 * flops.forward_macs(config.model)

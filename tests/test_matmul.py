@@ -1,7 +1,7 @@
 """layers.matmul: values and gradients against float64 NumPy, in float32 and bfloat16.
 
-bfloat16 runs its own backward (bf16 x bf16 -> f32 matmuls, a float32 bias sum); the
-reference is float64 on the same bfloat16-rounded inputs and cotangents.
+matmul runs its own backward in both (bfloat16: bf16 x bf16 -> f32 matmuls, a float32
+bias sum); the reference is float64 on the same dtype-rounded inputs and cotangents.
 """
 
 import jax

@@ -99,7 +99,7 @@ def run(config, *, steps: int, warmup: int) -> dict:
   step_s = (time.perf_counter() - start) / steps
 
   global_batch = config.data.global_batch_size
-  flops_per_step = flops.train_flops_per_example(config.model) * global_batch
+  flops_per_step = flops.train_flops_per_example(config) * global_batch
   peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
   achieved = flops_per_step / step_s
   m = config.model
