@@ -84,13 +84,6 @@ from coca_jax import tokens
 from coca_jax.data import preprocess, tasks
 
 
-def _options(data_config) -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  options.threading.max_intra_op_parallelism = data_config.max_intra_op_parallelism
-  return options
-
-
 def derive_seed(*values) -> int:
   """A seed in [0, 2**63) that is a fixed function of `values` (ints and strings)."""
   digest = hashlib.sha256(repr(values).encode()).digest()
@@ -239,7 +232,7 @@ def _dataset(
 
   ds = ds.map(to_row, num_parallel_calls=data_config.num_parallel_calls)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.with_options(_options(data_config)).prefetch(2), layout, names
+  return ds.with_options(tasks.dataset_options(data_config)).prefetch(2), layout, names
 
 
 def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
@@ -284,6 +277,63 @@ def _numpy_batches(
         ", ".join(f"{v} {k}" for k, v in sorted(reported.items())),
       )
     yield batch
+
+
+def row_batches(
+  data_config,
+  rows_task: str,
+  split: str,
+  example,
+  *,
+  shard_index: int,
+  num_shards: int,
+  local_batch_size: int,
+  start_step: int = 0,
+) -> Iterator[dict]:
+  """Endless numpy batches of a one-source Task (the VQA and video sources), resumable
+  like the mixture's: a resume preprocesses none of the rows it skips.
+
+  `rows_task` is a registered Task of unprocessed rows (encoded images): this shard's
+  rows (tasks.read: split "train" shuffled with seed config.data.seed, "eval" the
+  held-out rows in order) skip the k b rows of the batches before `start_step`, then
+  example(row, seeds) -> {..., "keep"} preprocesses each, `seeds` [tasks.NUM_SEEDS, 2]
+  a stateless function of (seed, shard, position) as in the mixture; ragged features are
+  padded per batch (0, "" or False); a row whose keep is False is replaced by another
+  row of its batch (`replace_rejected`). Batch k is thus a function of positions
+  [k b, (k + 1) b) alone: a resume gives bitwise the uninterrupted sequence, and the
+  shuffle buffer holds encoded rows, not decoded pixels.
+  """
+  seed = data_config.seed + (split != "train")
+  first = start_step * local_batch_size
+  if start_step:
+    logging.info(
+      "input pipeline: resuming at step %d of shard %d, skipping %d rows of %s",
+      start_step,
+      shard_index,
+      first,
+      rows_task,
+    )
+  key = stateless_key(seed, shard_index, "examples")
+  rows = tasks.read(rows_task, split, data_config, shard_index=shard_index, num_shards=num_shards)
+  ds = rows.skip(first).enumerate(start=first)
+  ds = ds.map(
+    lambda position, row: example(row, example_seeds(key, position)),
+    num_parallel_calls=data_config.num_parallel_calls,
+  )
+  ds = ds.padded_batch(local_batch_size, drop_remainder=True)
+  ds = ds.with_options(tasks.dataset_options(data_config)).prefetch(2)
+  layout, names = np.zeros(local_batch_size, np.int64), [rows_task]
+  for step, batch in enumerate(ds.as_numpy_iterator(), start_step):
+    rejected = int((~batch["keep"]).sum())
+    if rejected:
+      logging.warning(
+        "input batch of step %d: %d rows of %s rejected (undecodable), replaced by other "
+        "rows of the batch",
+        step,
+        rejected,
+        rows_task,
+      )
+    yield replace_rejected(batch, step, layout, names)
 
 
 SPLITS = ("train", "eval")

@@ -232,7 +232,8 @@ _registered = {"config": None}
 def read(
   task_name: str, split: str, data_config, *, shard_index=0, num_shards=1, num_epochs=None
 ) -> tf.data.Dataset:
-  """Preprocessed rows of the registered task `task_name` (the VQA and video sources):
+  """Rows of the registered task `task_name` (the VQA and video sources: their tasks'
+  preprocessed examples, or their NAME_rows tasks' unprocessed rows):
   split "train" shuffled (seed config.data.seed), any other split the task's "validation"
   rows in order; shard `shard_index` of `num_shards` (one shard reads every row and lists
   no files: TFDS mock data has none); num_epochs None: endless. Not cached in memory

@@ -25,7 +25,8 @@ Tasks (registered by `register`): NAME and NAME_eval, output features `video`
 the camera motion is the augmentation) and `label` int32.
 
 Trainer batches (`batches`, config.data.source = "video"): {"video" [b, F, S, S, 3],
-"label" [b] int32}. A resume at step k skips k b preprocessed rows.
+"label" [b] int32}, read from NAME_rows: a resume at step k skips k b clips undecoded
+(pipeline.row_batches), and the shuffle buffer holds encoded clips.
 """
 
 import io
@@ -37,7 +38,7 @@ import seqio
 import tensorflow as tf
 from PIL import Image
 
-from coca_jax.data import images, prepare, raw, tasks
+from coca_jax.data import images, pipeline, prepare, raw, tasks
 
 DEMO_DIR = "video_demo"
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
@@ -255,42 +256,71 @@ def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std, resize="
   return np.stack(pixels).astype(np.float32), True
 
 
-def _preprocessors(data_config) -> list:
+def _rows(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Source rows -> {"frames" [F'] encoded frames, "label" int32} (TFDS names them
+  `video`; TFRecords hold them sparse)."""
+
+  def convert(row):
+    encoded = row["frames"] if "frames" in row else row["video"]
+    if isinstance(encoded, tf.SparseTensor):
+      encoded = tf.sparse.to_dense(encoded)
+    return dict(frames=encoded, label=tf.cast(row["label"], tf.int32))
+
+  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def example_fn(data_config):
+  """(row of `_rows`, seeds) -> {"video" [F, S, S, 3] float32, "label", "keep"}: the
+  clip's frames decoded (`clip_pixels`; no randomness, `seeds` unused), keep False when
+  one does not decode."""
   options = tasks.eval_image_options(data_config)
   frames = data_config.video.frames
 
-  def decode(row):
-    encoded = row["frames"] if "frames" in row else row["video"]  # TFDS: `video`
-    if isinstance(encoded, tf.SparseTensor):
-      encoded = tf.sparse.to_dense(encoded)
+  def example(row, seeds=None):
     video, keep = tf.numpy_function(
       lambda e: clip_pixels(e, frames, **options),
-      [encoded],
+      [row["frames"]],
       [tf.float32, tf.bool],
       stateful=False,
     )
     video.set_shape([frames, options["size"], options["size"], 3])
     keep.set_shape([])
-    return dict(video=video, label=tf.cast(row["label"], tf.int32), keep=keep)
+    return dict(video=video, label=row["label"], keep=keep)
+
+  return example
+
+
+def _preprocessors(data_config) -> list:
+  example = example_fn(data_config)
 
   def decode_and_filter(ds):
-    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda r: r["keep"])
+    ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda r: r["keep"])
     return ds.map(lambda r: dict(video=r["video"], label=r["label"]))
 
-  return [decode_and_filter]
+  return [_rows, decode_and_filter]
 
 
 def register(data_config) -> tuple[str, str]:
-  """Registers NAME and NAME_eval over the clips (`source`); -> (train, eval) task names."""
+  """Registers NAME and NAME_eval over the clips (`source`), and NAME_rows (the clips
+  undecoded, which `batches` reads); -> (train, eval) task names."""
   name = data_config.video.task_name
   clips = source(data_config)
-  for task_name in (name, name + tasks.EVAL_SUFFIX):
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  row_features = {
+    "frames": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
+    "label": seqio.Feature(passthrough, add_eos=False, dtype=tf.int32, rank=0),
+  }
+  for task_name, preprocessors, features in (
+    (name, _preprocessors(data_config), output_features()),
+    (name + tasks.EVAL_SUFFIX, _preprocessors(data_config), output_features()),
+    (name + tasks.ROWS_SUFFIX, [_rows], row_features),
+  ):
     seqio.TaskRegistry.remove(task_name)
     seqio.TaskRegistry.add(
       task_name,
       source=clips,
-      preprocessors=_preprocessors(data_config),
-      output_features=output_features(),
+      preprocessors=preprocessors,
+      output_features=features,
       shuffle_buffer_size=data_config.shuffle_buffer,
     )
   return name, name + tasks.EVAL_SUFFIX
@@ -300,19 +330,20 @@ def batches(
   config, split: str, *, shard_index: int, num_shards: int, local_batch_size: int, start_step=0
 ):
   """Endless host batches {"video" [b,F,S,S,3] float32, "label" [b] int32}; split "train"
-  (shuffled) or "eval" (the held-out files, in order)."""
-  train_name, eval_name = register(config.data)
-  ds = tasks.read(
-    train_name if split == "train" else eval_name,
-    split,
+  (shuffled) or "eval" (the held-out files, in order); resumable without decoding the
+  skipped clips (pipeline.row_batches)."""
+  name, _ = register(config.data)
+  rows = pipeline.row_batches(
     config.data,
+    name + tasks.ROWS_SUFFIX,
+    split,
+    example_fn(config.data),
     shard_index=shard_index,
     num_shards=num_shards,
+    local_batch_size=local_batch_size,
+    start_step=start_step,
   )
-  ds = ds.skip(start_step * local_batch_size)
-  ds = ds.batch(local_batch_size, drop_remainder=True).prefetch(2)
-  ds = ds.with_options(tasks.dataset_options(config.data))
-  for batch in ds.as_numpy_iterator():
+  for batch in rows:
     yield dict(video=batch["video"], label=batch["label"].astype(np.int32))
 
 

@@ -25,8 +25,9 @@ Tasks (registered by `register`): NAME (training: random resized crop) and NAME_
 answers of the training files (`answer_vocabulary`).
 
 Trainer batches (`batches`, config.data.source = "vqa"): {"image", "text": the question
-as {"ids", "labels", "mask"} [b, T], "answer_scores": [b, A]}. A resume at step k skips
-k b preprocessed rows (decoded: fine for VQA-sized runs, unlike the pretraining mixture).
+as {"ids", "labels", "mask"} [b, T], "answer_scores": [b, A]}, read from NAME_rows: a
+resume at step k skips k b rows undecoded (pipeline.row_batches), and the shuffle buffer
+holds encoded images.
 """
 
 import atexit
@@ -43,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from coca_jax import tokens
 from coca_jax.data import answers as vqa_answers
-from coca_jax.data import prepare, preprocess, raw, tasks, vocab
+from coca_jax.data import pipeline, prepare, preprocess, raw, tasks, vocab
 
 DEMO_DIR = "vqa_demo"
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
@@ -200,58 +201,83 @@ def output_features(vocab_path: str) -> dict:
   }
 
 
-def _preprocessors(data_config, *, train: bool) -> list:
+def _rows(ds: tf.data.Dataset) -> tf.data.Dataset:
+  """Source rows -> {"image" encoded, "question", "answers" [n] strings} (dense)."""
+
+  def convert(row):
+    answers = row["answers"]
+    if isinstance(answers, tf.SparseTensor):
+      answers = tf.sparse.to_dense(answers)
+    return dict(image=row["image"], question=row["question"], answers=answers)
+
+  return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def example_fn(data_config, *, train: bool):
+  """(row of `_rows`, seeds) -> {"image" [S, S, 3] float32, "question" ids,
+  "question_pretokenized", "answers", "keep"}: training images randomly cropped with
+  seeds[2:] of `seeds` [tasks.NUM_SEEDS, 2] (the mixture's convention), eval images
+  through the one eval transform; keep False (counted in preprocess.BAD_DATA) when the
+  image does not decode or the question is blank."""
   vocabulary = output_features(data_config.vocab_path)["question"].vocabulary
+  train_options = tasks.train_image_options(data_config)
+  eval_options = tasks.eval_image_options(data_config)
 
-  def parse(ds):
-    def convert(row):
-      image, keep = preprocess.decode(row["image"], row["question"])
-      answers = row["answers"]
-      if isinstance(answers, tf.SparseTensor):
-        answers = tf.sparse.to_dense(answers)
-      return dict(image=image, question=row["question"], answers=answers, keep=keep)
-
-    return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE).filter(lambda r: r.pop("keep"))
-
-  def drop_keep(ds):
-    return ds.map(lambda r: {k: v for k, v in r.items() if k != "keep"})
-
-  @seqio.map_over_dataset(num_seeds=2)
-  def train_image(row, seeds):
-    options = tasks.train_image_options(data_config)
-    return dict(row, image=preprocess.train_pixels(row["image"], seeds, **options))
-
-  @seqio.map_over_dataset
-  def eval_image(row):
-    options = tasks.eval_image_options(data_config)
-    return dict(row, image=preprocess.eval_pixels(row["image"], **options))
-
-  @seqio.map_over_dataset
-  def tokenize(row):
+  def example(row, seeds=None):
+    image, keep = preprocess.decode(row["image"], row["question"])
+    if train:
+      pixels = preprocess.train_pixels(image, seeds[2:], **train_options)
+    else:
+      pixels = preprocess.eval_pixels(image, **eval_options)
     return dict(
-      row, question=vocabulary.encode_tf(row["question"]), question_pretokenized=row["question"]
+      image=pixels,
+      question=vocabulary.encode_tf(row["question"]),
+      question_pretokenized=row["question"],
+      answers=row["answers"],
+      keep=keep,
     )
 
-  def parse_and_filter(ds):
-    return drop_keep(parse(ds))
+  return example
 
-  return [parse_and_filter, train_image if train else eval_image, tokenize]
+
+def _preprocessors(data_config, *, train: bool) -> list:
+  example = example_fn(data_config, train=train)
+  if train:
+    examples = seqio.map_over_dataset(num_seeds=tasks.NUM_SEEDS)(example)
+  else:
+    examples = seqio.map_over_dataset(example)
+
+  def drop_rejected(ds):
+    return ds.filter(lambda r: r["keep"]).map(lambda r: {k: v for k, v in r.items() if k != "keep"})
+
+  return [_rows, examples, drop_rejected]
 
 
 def register(data_config) -> tuple[str, str]:
-  """Registers NAME and NAME_eval over the VQA files; -> (train, eval) task names."""
+  """Registers NAME and NAME_eval over the VQA files, and NAME_rows (the rows
+  unprocessed, which `batches` reads); -> (train, eval) task names."""
   name = data_config.vqa.task_name
   source = seqio.TFExampleDataSource(
     split_to_filepattern=files(data_config), feature_description=FEATURES
   )
   features = output_features(data_config.vocab_path)
-  for task_name, train in ((name, True), (name + tasks.EVAL_SUFFIX, False)):
+  passthrough = seqio.PassThroughVocabulary(size=0)
+  row_features = {
+    "image": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
+    "question": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
+    "answers": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
+  }
+  for task_name, preprocessors, task_features in (
+    (name, _preprocessors(data_config, train=True), features),
+    (name + tasks.EVAL_SUFFIX, _preprocessors(data_config, train=False), features),
+    (name + tasks.ROWS_SUFFIX, [_rows], row_features),
+  ):
     seqio.TaskRegistry.remove(task_name)
     seqio.TaskRegistry.add(
       task_name,
       source=source,
-      preprocessors=_preprocessors(data_config, train=train),
-      output_features=features,
+      preprocessors=preprocessors,
+      output_features=task_features,
       shuffle_buffer_size=data_config.shuffle_buffer,
     )
   return name, name + tasks.EVAL_SUFFIX
@@ -291,35 +317,27 @@ def _batches(
   """Endless host batches of the VQA task: {"image" [b,S,S,3], "text" (the question),
   "answer_scores" [b,A]}; split "train" (shuffled, augmented) or "eval" (held-out files)."""
   data = config.data
-  train_name, eval_name = register(data)
+  name, _ = register(data)
   vocabulary = answer_vocabulary(data, config.model.vqa.num_answers)
   contract = tokens.Contract.from_config(config)  # the model's BOS / EOS / pad ids
-  ds = tasks.read(
-    train_name if split == "train" else eval_name,
-    split,
+  example = example_fn(data, train=split == "train")
+
+  def with_length(row, seeds):
+    ex = example(row, seeds)
+    return dict(ex, length=tf.size(ex["question"]))
+
+  rows = pipeline.row_batches(
     data,
+    name + tasks.ROWS_SUFFIX,
+    split,
+    with_length,
     shard_index=shard_index,
     num_shards=num_shards,
+    local_batch_size=local_batch_size,
+    start_step=start_step,
   )
-  ds = ds.skip(start_step * local_batch_size)
-  ds = ds.map(
-    lambda r: dict(
-      image=r["image"],
-      question=r["question"],
-      length=tf.size(r["question"]),
-      answers=r["answers"],
-    )
-  )
-  # Answers are padded with "" (never an answer) to the batch's longest list.
-  ds = ds.padded_batch(
-    local_batch_size,
-    padding_values=dict(
-      image=0.0, question=tf.constant(0, tf.int32), length=0, answers=tf.constant("")
-    ),
-    drop_remainder=True,
-  ).prefetch(2)  # the next batches are read while the model steps
-  ds = ds.with_options(tasks.dataset_options(data))
-  for batch in ds.as_numpy_iterator():
+  for batch in rows:
+    # Answers are padded with "" (never an answer) to the batch's longest list.
     answers = [[a.decode() for a in row if a] for row in batch["answers"]]
     yield dict(
       image=batch["image"].astype(np.float32),
