@@ -14,7 +14,7 @@ takes a comma list (heads stay 4, MLPs 4 x width) and each width is one row grou
 Each `--precision` is a row: float32 on both sides, or bfloat16 mixed precision:
 coca_jax with model.dtype = bfloat16 (float32 parameters and optimizer state), open_clip
 under torch.autocast(bfloat16) (its `--precision amp_bf16`). coca_jax's layer loop is
-`--layers`: by default lax.scan in float32 and unrolled in bfloat16 (AUTO_SCAN). A
+`--layers`: unrolled by default (the faster loop for these shallow stacks), or lax.scan. A
 training example/s counts forward + backward + optimizer step; compilation (JAX) and
 warm-up steps are excluded; the median (and best) step time of `--steps` timed steps is
 reported. The sides run one after the other (never together: they would share the cores),
@@ -78,12 +78,6 @@ BENCH_VENV = REPO_ROOT / ".bench-venv"
 BENCH_PACKAGES = ("torch==2.14.1", "torchvision==0.29.1", "open-clip-torch==3.3.0")
 
 
-# Layer loop per precision (`--layers=auto`), measured here at widths 128/256/512: in
-# float32 lax.scan is 10-20% faster than the unrolled loop; in bfloat16 the unrolled
-# loop is 1.35-1.6x faster (scan's stacked bf16 residuals go through float32 on XLA CPU).
-AUTO_SCAN = {"float32": True, "bfloat16": False}
-
-
 def bench_config(args, width: int, precision: str):
   """coca_jax's config for the benchmark model: coca_jax.config.coca_config, benchmark numbers."""
   config = config_lib.coca_config(
@@ -103,9 +97,7 @@ def bench_config(args, width: int, precision: str):
     caption_queries=args.caption_queries,
   )
   config.model.dtype = precision
-  config.model.scan_layers = (
-    AUTO_SCAN[precision] if args.layers == "auto" else args.layers == "scan"
-  )
+  config.model.scan_layers = args.layers == "scan"
   config.model.remat_policy = "none"  # open_clip does not recompute activations by default
   config.data.source = "synthetic"
   config.data.global_batch_size = args.batch_size
@@ -260,10 +252,12 @@ def main(argv=None):
   parser.add_argument("--precision", type=precision_list, default=list(PRECISIONS))
   parser.add_argument(
     "--layers",
-    choices=("auto", "scan", "unrolled"),
-    default="auto",
-    help="coca_jax's layer loop (config.model.scan_layers); auto: scan in float32, "
-    "unrolled in bfloat16 (the faster one of each, see AUTO_SCAN)",
+    choices=("scan", "unrolled"),
+    default="unrolled",
+    # Measured here at widths 128/256/512 (2026-11-29): unrolled is 1.35-1.6x faster in
+    # bfloat16 (scan's stacked bf16 residuals go through float32 on XLA CPU) and 0-12%
+    # faster in float32 (scan was 10-20% faster before matmul's float32 backward).
+    help="coca_jax's layer loop (config.model.scan_layers)",
   )
   parser.add_argument("--heads", type=int, default=4)
   parser.add_argument("--vision_layers", type=int, default=4)
