@@ -6,6 +6,8 @@ and value products at full, not causal, length as PaLM's appendix B does) times 
 forward + backward; rematerialisation is not counted, so MFU does not reward it.
 """
 
+import jax
+
 from coca_jax.config import model_option
 
 # Dense bfloat16 peak FLOP/s per device (chip for TPU), from the vendors' data sheets.
@@ -44,7 +46,7 @@ def _attention_macs(queries: int, keys: int, width: int, kv_width: int | None = 
   return projections + 2 * queries * keys * width
 
 
-def _vision_macs(m) -> int:
+def vision_macs(m) -> int:
   """Multiply-adds of the ViT on one image: patch embedding and encoder layers."""
   v = m.vision
   dv = model_option(m, "vision.width") or m.width
@@ -95,7 +97,7 @@ def forward_macs(model_config) -> int:
   # (configs written before the head existed have no `vqa` block).
   answers = int(m.vqa.num_answers) if m.get("vqa") is not None else 0
   vqa_head = _attention_macs(1, t, d) + d * answers if answers else 0
-  return _vision_macs(m) + poolers + unimodal + multimodal + logits + projections + vqa_head
+  return vision_macs(m) + poolers + unimodal + multimodal + logits + projections + vqa_head
 
 
 def video_forward_macs(model_config, frames: int) -> int:
@@ -105,15 +107,34 @@ def video_forward_macs(model_config, frames: int) -> int:
   m = model_config
   dv = model_option(m, "vision.width") or m.width
   head = _attention_macs(1, frames * _vision_tokens(m), dv) + dv * m.video.num_classes
-  return frames * _vision_macs(m) + head
+  return frames * vision_macs(m) + head
+
+
+def vision_frozen(config) -> bool:
+  """Whether config.train.frozen covers every image-encoder parameter: the train step
+  then runs no backward pass through the ViT (coca_jax.step stops frozen gradients)."""
+  from coca_jax import optim
+  from coca_jax import params as params_lib
+
+  patterns = tuple(config.train.get("frozen", ()))
+  if not patterns:
+    return False
+  mask = optim.frozen_mask(params_lib.abstract(config.model), patterns)
+  flags = jax.tree_util.tree_flatten_with_path(mask)[0]
+  return all(f for path, f in flags if params_lib.path_names(path)[0] == "vision")
 
 
 def train_flops_per_example(config) -> float:
   """Model FLOPs of one training example of `config`'s batches: 3 x forward (backward
   costs twice forward); a clip of `config.data.video.frames` frames when
-  config.data.source is "video", an image-text (or image-question) example otherwise."""
+  config.data.source is "video", an image-text (or image-question) example otherwise.
+  A frozen image encoder (`vision_frozen`) counts its forward only."""
+  frames = config.data.video.frames if config.data.source == "video" else 1
   if config.data.source == "video":
-    macs = video_forward_macs(config.model, config.data.video.frames)
+    macs = video_forward_macs(config.model, frames)
   else:
     macs = forward_macs(config.model)
+  vision = frames * vision_macs(config.model)
+  if vision_frozen(config):
+    return 2.0 * (3.0 * (macs - vision) + vision)
   return 3.0 * 2.0 * macs

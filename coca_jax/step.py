@@ -8,13 +8,31 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from coca_jax import losses, sharding
-from coca_jax.state import Setup, StateLayout, model_from_params
+from coca_jax import losses, optim, sharding
+from coca_jax.state import Setup, StateLayout, frozen_patterns, model_from_params
+
+
+def _model_fn(config, graphdef):
+  """params -> the model, with the gradients of config.train.frozen parameters stopped:
+  their gradient is zero and autodiff runs no backward pass through a frozen tower (a
+  frozen image encoder's backward would otherwise run in full, only to be discarded by
+  the optimizer's `optim.freeze` and counted in grad_norm)."""
+  patterns = frozen_patterns(config)
+
+  def model_fn(params):
+    if patterns:
+      mask = optim.frozen_mask(params, patterns)
+      params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, mask)
+    return model_from_params(graphdef, params)
+
+  return model_fn
 
 
 def _loss_fn(config, graphdef):
+  model_fn = _model_fn(config, graphdef)
+
   def loss_fn(params, batch):
-    model = model_from_params(graphdef, params)
+    model = model_fn(params)
     outputs = model(batch)
     loss, terms = losses.total_loss(outputs, batch, config.loss)
     return loss, dict(terms, temperature=outputs["temperature"])
@@ -65,6 +83,7 @@ def make_gradients(config, graphdef, param_shardings=None):
   """
   accum_steps = config.train.grad_accum_steps
   loss_fn = _loss_fn(config, graphdef)
+  model_fn = _model_fn(config, graphdef)
   if accum_steps == 1:
 
     def gradients(params, batch):
@@ -83,14 +102,14 @@ def make_gradients(config, graphdef, param_shardings=None):
     return jax.lax.with_sharding_constraint(tree, param_shardings)
 
   def embed(params, micro_batch):
-    model = model_from_params(graphdef, params)
+    model = model_fn(params)
     image_embedding, _ = model.encode_image(micro_batch["image"])
     text = micro_batch["text"]
     text_embedding, _ = model.encode_text(text["ids"], text["mask"])
     return image_embedding, text_embedding
 
   def contrastive(params, image_embedding, text_embedding):
-    temperature = model_from_params(graphdef, params).temperature()
+    temperature = model_fn(params).temperature()
     loss, accuracy = losses.contrastive_loss(image_embedding, text_embedding, temperature)
     return contrastive_weight * loss, (loss, accuracy, temperature)
 
@@ -120,7 +139,7 @@ def make_gradients(config, graphdef, param_shardings=None):
     tokens = jnp.maximum(jnp.sum(batch["text"]["mask"].astype(jnp.float32)), 1.0)
 
     def surrogate(params, micro_batch, image_grad, text_grad):
-      outputs = model_from_params(graphdef, params)(micro_batch)
+      outputs = model_fn(params)(micro_batch)
       text = micro_batch["text"]
       caption_sum, _ = losses.captioning_loss_sum(outputs["logits"], text["labels"], text["mask"])
       value = (

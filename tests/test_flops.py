@@ -94,3 +94,21 @@ def test_video_forward_macs_match_the_traced_model(layout):
   assert flops.train_flops_per_example(config) == 6.0 * traced
   config.data.source = "synthetic"  # image-text batches: the image-text count
   assert flops.train_flops_per_example(config) == 6.0 * flops.forward_macs(config.model)
+
+
+def test_a_frozen_image_encoder_counts_its_forward_only():
+  config = tiny.get_config()
+  vision = flops.vision_macs(config.model)
+  trained = flops.train_flops_per_example(config)
+  assert not flops.vision_frozen(config)
+  config.train.frozen = ("^vision/blocks/",)  # part of the ViT: its backward still runs
+  assert not flops.vision_frozen(config)
+  assert flops.train_flops_per_example(config) == trained
+  config.train.frozen = ("^vision/", "caption_pooler")
+  assert flops.vision_frozen(config)
+  assert flops.train_flops_per_example(config) == trained - 2.0 * 2.0 * vision
+  config.model.video.num_classes = 5
+  config.data.update(source="video")
+  config.data.video.frames = 3
+  clip = flops.video_forward_macs(config.model, 3)
+  assert flops.train_flops_per_example(config) == 2.0 * (3.0 * (clip - 3 * vision) + 3 * vision)

@@ -89,3 +89,12 @@ def test_bfloat16_backward_matmuls_accumulate_in_float32():
   for line in dots:
     assert "(tensor<" in line and "bf16>, tensor<" in line and "-> tensor<" in line, line
     assert line.rstrip().endswith("xf32>"), line
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_every_precision_runs_the_written_out_backward(dtype):
+  """Autodiff's own transposes of these einsums ran on XLA CPU's generic dot (float32)
+  or upcast to float32 x float32 (bfloat16); see layers.matmul."""
+  x, kernel = jnp.ones((2, 3, 8)), jnp.ones((8, 6))
+  jaxpr = jax.make_jaxpr(lambda x, k: layers.matmul("...i,io->...o", x, k, jnp.dtype(dtype)))
+  assert "custom_vjp_call" in str(jaxpr(x, kernel))

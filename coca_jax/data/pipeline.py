@@ -250,7 +250,7 @@ def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
         f"input batch of step {step}: all {mine.sum()} rows of source {names[source]!r} "
         f"rejected (undecodable images or empty texts; so far {dict(preprocess.BAD_DATA)}); "
         "check the data (a source's rows are replaced only by its own rows, so that each "
-        "batch holds the config.data.rates proportions exactly)"
+        "batch holds each source's share exactly)"
       )
     index[rejected] = kept[np.arange(len(rejected)) % len(kept)]
   return {k: v[index] for k, v in rows.items()}
@@ -327,8 +327,8 @@ def row_batches(
     rejected = int((~batch["keep"]).sum())
     if rejected:
       logging.warning(
-        "input batch of step %d: %d rows of %s rejected (undecodable), replaced by other "
-        "rows of the batch",
+        "input batch of step %d: %d rows of %s rejected (undecodable, or an empty text), "
+        "replaced by other rows of the batch",
         step,
         rejected,
         rows_task,
