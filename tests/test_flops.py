@@ -4,10 +4,10 @@ traced forward pass; train_flops_per_example picks between them by the data sour
 import math
 
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import pytest
 from flax import nnx
+from jaxpr_dots import dot_generals
 
 from coca_jax import config as config_lib
 from coca_jax import flops
@@ -18,20 +18,12 @@ from configs import tiny
 def traced_macs(fn, *args) -> int:
   """Multiply-adds of every dot_general in fn's jaxpr (the patch embedding is one too),
   a scan body's once per iteration."""
-
-  def count(jaxpr, times: int = 1) -> int:
-    total = 0
-    for eqn in jaxpr.eqns:
-      if eqn.primitive.name == "dot_general":
-        (contracting, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        out = eqn.outvars[0].aval.shape
-        total += times * math.prod(out) * math.prod(lhs[d] for d in contracting)
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        total += count(sub, times * (eqn.params["length"] if eqn.primitive.name == "scan" else 1))
-    return total
-
-  return count(jax.make_jaxpr(fn)(*args).jaxpr)
+  total = 0
+  for eqn, times in dot_generals(jax.make_jaxpr(fn)(*args).jaxpr):
+    (contracting, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    total += times * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in contracting)
+  return total
 
 
 def open_clip_tiny():
