@@ -3,7 +3,8 @@
     python -m coca_jax.params --config=configs/base.py
 
 Prints a breakdown and a final JSON line
-{"total": ..., "image_encoder": ..., "text_decoder": ..., "poolers": ..., "projections": ...}.
+{"total": ..., "image_encoder": ..., "text_decoder": ..., "poolers": ..., "projections": ...,
+"task_heads": ...} (task_heads: the VQA and video heads of a finetune; 0 for the paper's models).
 """
 
 import json
@@ -26,6 +27,8 @@ COMPONENTS = {
   "image_projection": "projections",
   "text_projection": "projections",
   "log_inv_temperature": "projections",
+  "vqa_head": "task_heads",
+  "video_head": "task_heads",
 }
 
 
@@ -54,10 +57,14 @@ def abstract(model_config) -> dict:
 
 
 def count(params) -> dict[str, int]:
-  """{"total", "image_encoder", "text_decoder", "poolers", "projections"} of a params tree."""
-  counts = dict(total=0, image_encoder=0, text_decoder=0, poolers=0, projections=0)
+  """{"total", "image_encoder", "text_decoder", "poolers", "projections", "task_heads"} of
+  a params tree."""
+  counts = dict(total=0, image_encoder=0, text_decoder=0, poolers=0, projections=0, task_heads=0)
   for path, n in count_by_path(params).items():
-    counts[COMPONENTS[path.split("/")[0]]] += n
+    top = path.split("/")[0]
+    if top not in COMPONENTS:
+      raise ValueError(f"parameter {path}: top-level module {top!r} is not in params.COMPONENTS")
+    counts[COMPONENTS[top]] += n
     counts["total"] += n
   return counts
 

@@ -207,3 +207,19 @@ def test_unknown_attention_kernel_is_named():
   config.model.attention = "cudnn"  # fused cuDNN attention: fp16 / bf16 inputs only
   with pytest.raises(ValueError, match="'cudnn' needs config.model.dtype bfloat16"):
     coca.build(config.model)
+
+
+@pytest.mark.parametrize(
+  "config_name, head", [("demo_vqa", "vqa_head"), ("demo_video", "video_head")]
+)
+def test_param_counts_of_finetunes_with_task_heads(config_name, head):
+  """`python -m coca_jax.params` counts a VQA or video head (it raised KeyError)."""
+  import importlib
+
+  model_config = importlib.import_module(f"configs.{config_name}").get_config().model
+  params = params_lib.abstract(model_config)
+  counts = params_lib.count(params)
+  leaves = jax.tree_util.tree_flatten_with_path(params[head])[0]
+  assert counts["task_heads"] == sum(int(np.prod(leaf.shape)) for _, leaf in leaves) > 0
+  assert counts["total"] == params_lib.total(params)
+  assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
