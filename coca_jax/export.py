@@ -7,7 +7,9 @@ Layout of an export directory:
     config.json   the full config of the run
     vocab.model   the vocabulary (when the run had one): a SentencePiece model, or
     vocab.txt.gz  CLIP's BPE merges (models imported from open_clip)
-An existing export at the output path is replaced only after the new one is complete.
+An existing export at the output path is replaced only after the new one is complete; any
+other existing directory (a training workdir given as --output, say) is an error, and
+nothing in it is touched.
 """
 
 import json
@@ -29,6 +31,7 @@ from coca_jax.models import coca
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
 CLIP_VOCAB_FILE = "vocab.txt.gz"
+EXPORT_ENTRIES = ("params", CONFIG_FILE, VOCAB_FILE, CLIP_VOCAB_FILE)
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -46,7 +49,9 @@ def write(
   dtype: str,
   vocab_file: str | None,
 ) -> None:
-  """Writes an export of `params` (nested dict of arrays) to `output_dir`."""
+  """Writes an export of `params` (nested dict of arrays) to `output_dir`, which must be
+  absent, empty or an export (`check_output`)."""
+  check_output(output_dir)
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
   if jax.process_index() == 0 and staging.exists():
@@ -70,6 +75,22 @@ def write(
   else:
     staging.rename(output)
   logging.info("Exported %s parameters to %s", dtype, output)
+
+
+def check_output(output_dir: str) -> None:
+  """Raises FileExistsError unless `output_dir` is absent, an empty directory or an export
+  (only EXPORT_ENTRIES): `write` replaces it whole, so anything else there would be lost."""
+  output = epath.Path(output_dir)
+  if not output.exists():
+    return
+  if not output.is_dir():
+    raise FileExistsError(f"export output {output} is a file, not a directory")
+  other = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_ENTRIES)
+  if other:
+    raise FileExistsError(
+      f"export output {output} exists and is not a coca_jax export (it holds {other[:5]}); "
+      "an export replaces only an older export: pick a new directory or remove this one"
+    )
 
 
 def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
@@ -98,6 +119,7 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
 def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
   """Exports the params of a training checkpoint (default: the newest readable one, as a
   resume would pick); returns the exported step."""
+  check_output(output)  # before the restore, which can take minutes
   config = read_config(epath.Path(workdir) / CONFIG_FILE)
   # The run's own mesh may need more devices than this machine has; any mesh restores.
   config.mesh = config_lib.default_mesh()

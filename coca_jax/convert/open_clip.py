@@ -551,7 +551,10 @@ def convert_checkpoint(
 ) -> dict:
   """Reads, converts and exports one checkpoint; returns a summary (the CLI's JSON line).
   `layers`: a reduced-depth model (tests)."""
+  from coca_jax import export
+
   start = time.perf_counter()
+  export.check_output(output)  # before reading and converting the checkpoint
   config = load_config(model, config_file, layers)
   vocab_file = find_vocab(checkpoint, vocab)
   state = read_checkpoint(checkpoint)
