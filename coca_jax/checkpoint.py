@@ -161,9 +161,22 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
 
 def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
   """The abstract state to read: the layout's, except entries stored at another shape,
-  which are read replicated at their stored shape (returned as the second value)."""
+  which are read replicated at their stored shape (returned as the second value).
+  ValueError (not UnreadableCheckpointError: the files are fine) when the checkpoint and
+  the config disagree on which entries there are."""
   replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
   mismatched = set()
+  expected = {
+    params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
+  }
+  extra = sorted("/".join(p) for p in set(stored_shapes) - expected)
+  if extra:
+    raise ValueError(
+      f"checkpoint step {step} holds {len(extra)} entries the config has no place for "
+      f"(e.g. {extra[:3]}): the model, the optimizer or config.train.frozen (which drops "
+      "frozen parameters' optimizer state) changed since it was written. Resume with the "
+      "run's config, or start a new workdir with config.train.init_from to reuse its weights"
+    )
 
   def restore_target(path, target):
     shape = stored_shapes.get(params_lib.path_names(path))

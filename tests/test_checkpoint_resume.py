@@ -206,3 +206,16 @@ def test_two_processes_agree_on_the_step(tmp_path):
 
 if __name__ == "__main__":
   _two_process_worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_a_config_with_fewer_state_entries_is_a_config_error_not_an_unreadable_step(run6):
+  """Freezing the image encoder drops its optimizer state: the checkpoint's extra entries
+  are named as a config mismatch, and no step is called unreadable (whose advice is to
+  delete them)."""
+  run_dir, config, _ = run6
+  frozen = tiny_config(6)
+  frozen.train.frozen = ("vision/.*",)
+  with pytest.raises(ValueError, match=r"checkpoint step 6 holds \d+ entries .*frozen") as e:
+    restore(run_dir, frozen)
+  assert not isinstance(e.value, checkpoint.UnreadableCheckpointError)
+  assert steps_in(run_dir / "checkpoints") == [3, 6]
