@@ -61,6 +61,36 @@ def _merge_micro_batches(x: jax.Array) -> jax.Array:
   return sharding.constrain(y, ("batch",) + (None,) * (x.ndim - 2))
 
 
+def _micro_batch_parts(outputs: dict, micro_batch: dict) -> dict:
+  """A micro-batch's share of the full batch's terms: its caption cross-entropy summed
+  over real tokens, and with a VQA head its VQA loss and accuracy (means)."""
+  text = micro_batch["text"]
+  caption_sum, _ = losses.captioning_loss_sum(outputs["logits"], text["labels"], text["mask"])
+  parts = dict(caption=caption_sum)
+  if "vqa_logits" in outputs:
+    parts["vqa_loss"] = losses.vqa_loss(outputs["vqa_logits"], micro_batch["answer_scores"])
+    parts["vqa_accuracy"] = losses.vqa_accuracy(outputs["vqa_logits"], micro_batch["answer_scores"])
+  return parts
+
+
+def _full_batch_terms(loss_config, contrastive, accuracy, temperature, parts, tokens) -> dict:
+  """losses.total_loss's terms (and temperature) of the full batch from its A micro-batches:
+  the InfoNCE `contrastive` / `accuracy` over all B pairs; `parts` stacked [A] from
+  `_micro_batch_parts`: the caption loss is their token sums over the batch's `tokens`,
+  the VQA terms the mean of the micro-batches' means (micro-batches of equal size)."""
+  cap = jnp.sum(parts["caption"]) / tokens
+  loss = loss_config.contrastive_weight * contrastive + loss_config.caption_weight * cap
+  terms = dict(contrastive_loss=contrastive, captioning_loss=cap, contrastive_accuracy=accuracy)
+  if "vqa_loss" in parts:
+    terms.update(vqa_loss=jnp.mean(parts["vqa_loss"]), vqa_accuracy=jnp.mean(parts["vqa_accuracy"]))
+    loss += loss_config.vqa_weight * terms["vqa_loss"]
+  return dict(terms, loss=loss, temperature=temperature)
+
+
+def _real_tokens(batch) -> jax.Array:
+  return jnp.maximum(jnp.sum(batch["text"]["mask"].astype(jnp.float32)), 1.0)
+
+
 def make_gradients(config, graphdef, param_shardings=None):
   """Returns gradients(params, batch) -> (grads, terms): the full-batch loss's gradient.
 
@@ -136,23 +166,17 @@ def make_gradients(config, graphdef, param_shardings=None):
       contrastive, argnums=(0, 1, 2), has_aux=True
     )(params, _merge_micro_batches(image_embedding), _merge_micro_batches(text_embedding))
     embedding_grads = _split_micro_batches((image_grad, text_grad), accum_steps)
-    tokens = jnp.maximum(jnp.sum(batch["text"]["mask"].astype(jnp.float32)), 1.0)
+    tokens = _real_tokens(batch)
 
     def surrogate(params, micro_batch, image_grad, text_grad):
       outputs = model_fn(params)(micro_batch)
-      text = micro_batch["text"]
-      caption_sum, _ = losses.captioning_loss_sum(outputs["logits"], text["labels"], text["mask"])
+      parts = _micro_batch_parts(outputs, micro_batch)
       value = (
         jnp.sum(outputs["image_embedding"] * image_grad)
         + jnp.sum(outputs["text_embedding"] * text_grad)
-        + caption_weight * caption_sum / tokens
+        + caption_weight * parts["caption"] / tokens
       )
-      parts = dict(caption=caption_sum)  # per micro-batch: caption sum, VQA means
-      if "vqa_logits" in outputs:
-        parts["vqa_loss"] = losses.vqa_loss(outputs["vqa_logits"], micro_batch["answer_scores"])
-        parts["vqa_accuracy"] = losses.vqa_accuracy(
-          outputs["vqa_logits"], micro_batch["answer_scores"]
-        )
+      if "vqa_loss" in parts:
         value += vqa_weight * parts["vqa_loss"] / accum_steps
       return value, parts
 
@@ -167,15 +191,7 @@ def make_gradients(config, graphdef, param_shardings=None):
     grads, parts = jax.lax.scan(
       accumulate, constrain_like_params(grads), (micro_batches, embedding_grads)
     )
-    cap = jnp.sum(parts["caption"]) / tokens
-    loss = contrastive_weight * con + caption_weight * cap
-    terms = dict(contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy)
-    if "vqa_loss" in parts:
-      terms.update(
-        vqa_loss=jnp.mean(parts["vqa_loss"]), vqa_accuracy=jnp.mean(parts["vqa_accuracy"])
-      )
-      loss += vqa_weight * terms["vqa_loss"]
-    return grads, dict(terms, loss=loss, temperature=temperature)
+    return grads, _full_batch_terms(config.loss, con, accuracy, temperature, parts, tokens)
 
   return gradients
 
@@ -209,10 +225,38 @@ def make_train_step(config, run: Setup):
 
 
 def make_eval_step(config, state_layout: StateLayout):
-  """Returns eval_step(state, batch) -> metrics (losses without an update), jitted."""
+  """Returns eval_step(state, batch) -> metrics (losses without an update), jitted.
+
+  With config.train.grad_accum_steps = A > 1 the batch runs as A forward passes, so an
+  eval batch needs no more activation memory than a training micro-batch; the terms are
+  still the full batch's (one InfoNCE over all B pairs, the caption loss's global token
+  mean), as in `make_gradients`.
+  """
+  accum_steps = config.train.grad_accum_steps
   loss_fn = _loss_fn(config, state_layout.graphdef)
+  model_fn = _model_fn(config, state_layout.graphdef)
+
+  def micro_batched(params, batch):
+    micro_batches = _split_micro_batches(batch, accum_steps)
+    if "video" in batch:  # per-example means over micro-batches of equal size
+      terms = jax.lax.map(lambda mb: loss_fn(params, mb)[1], micro_batches)
+      return jax.tree.map(lambda t: jnp.mean(t, axis=0), terms)
+
+    def forward(micro_batch):
+      outputs = model_fn(params)(micro_batch)
+      embeddings = outputs["image_embedding"], outputs["text_embedding"]
+      return embeddings, _micro_batch_parts(outputs, micro_batch)
+
+    (image_embedding, text_embedding), parts = jax.lax.map(forward, micro_batches)
+    temperature = model_fn(params).temperature()
+    con, accuracy = losses.contrastive_loss(
+      _merge_micro_batches(image_embedding), _merge_micro_batches(text_embedding), temperature
+    )
+    return _full_batch_terms(config.loss, con, accuracy, temperature, parts, _real_tokens(batch))
 
   def eval_step(state, batch):
+    if accum_steps > 1:
+      return micro_batched(state["params"], batch)
     _, terms = loss_fn(state["params"], batch)
     return terms
 

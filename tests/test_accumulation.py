@@ -118,16 +118,52 @@ def test_accumulated_gradient_equals_the_full_batch_gradient(mesh_shape):
   np.testing.assert_allclose(metrics["contrastive_loss"], want, rtol=1e-5)
 
 
-def assert_same_gradient_and_terms(config, batch, names):
-  """A micro-batches vs the same config with A = 1, on one device (tolerances above)."""
+def eval_terms_and_temp_memory(config, batch) -> tuple[dict, int]:
+  """The eval step's terms on the initial state (one device) and its compiled temp bytes."""
+  run = state_lib.setup(config, jax.devices()[:1])
+  eval_step = step_lib.make_eval_step(config, run.layout)
+  global_rows = sharding.global_batch(batch, run.mesh, config.sharding_rules)
+  with jax.set_mesh(run.mesh):
+    compiled = eval_step.jitted.lower(run.layout.abstract, global_rows).compile()
+  terms = jax.device_get(compiled(state_lib.create(config, run), global_rows))
+  return terms, compiled.memory_analysis().temp_size_in_bytes
+
+
+def without_accumulation(config):
   full = config.copy_and_resolve_references()
   full.train.grad_accum_steps = 1
+  return full
+
+
+def assert_same_gradient_and_terms(config, batch, names):
+  """A micro-batches vs the same config with A = 1, on one device (tolerances above):
+  the gradient and the train and eval steps' terms."""
+  full = without_accumulation(config)
   full_grads, full_terms, _ = grads_metrics_params(full, batch, train_step=False)
   grads, terms, _ = grads_metrics_params(config, batch, train_step=False)
   difference = jax.tree.map(lambda a, b: a - b, grads, full_grads)
   assert optax.tree.norm(difference) < 1e-5 * optax.tree.norm(full_grads)
+  eval_terms, _ = eval_terms_and_temp_memory(config, batch)
   for name in names:
     np.testing.assert_allclose(terms[name], full_terms[name], rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(eval_terms[name], full_terms[name], rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_eval_runs_micro_batches_and_gives_the_full_batch_terms():
+  """Eval with A micro-batches needs a training micro-batch's activation memory, not the
+  full batch's (it ran all B at once), and its InfoNCE is still over all B pairs."""
+  config = config_with(ACCUM, (1, 1, 1))
+  config.model.text.vocab_size = 4096  # the [B, T, V] logits dominate, as at scale
+  batch = real_batch(config)
+  terms, memory = eval_terms_and_temp_memory(config, batch)
+  full_terms, full_memory = eval_terms_and_temp_memory(without_accumulation(config), batch)
+  for name in ("loss", "contrastive_loss", "captioning_loss", "contrastive_accuracy"):
+    np.testing.assert_allclose(terms[name], full_terms[name], rtol=1e-5, err_msg=name)
+  initial = state_lib.create(config, state_lib.setup(config, jax.devices()[:1]))
+  want = numpy_contrastive_loss(config, jax.device_get(initial["params"]), batch)
+  np.testing.assert_allclose(terms["contrastive_loss"], want, rtol=1e-5)
+  assert memory < 0.5 * full_memory, (memory, full_memory)
 
 
 @pytest.mark.slow
