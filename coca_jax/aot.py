@@ -13,7 +13,9 @@ Prints per-device memory (arguments, outputs, temporaries, generated code), XLA'
 and bytes accessed, the model FLOPs by formula (coca_jax/flops.py), the memory of one
 device and whether the step fits in it, then one JSON line with the same numbers.
 The state, mesh, shardings and step are the trainer's own (coca_jax.state, .step,
-.sharding), so a step that compiles and fits here compiles and fits in `train`.
+.sharding) and the batch has the shapes of config.data.source's batches (`batch_spec`:
+image-text, VQA or video, each its own step), so a step that compiles and fits here
+compiles and fits in `train`.
 """
 
 import json
@@ -32,7 +34,7 @@ from coca_jax import console, flops, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import synthetic
+from coca_jax.data import loader
 from coca_jax.sharding import MeshError
 
 GIB = 2**30
@@ -139,14 +141,44 @@ def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | Non
   return None, f"{kind}: memory unknown, pass --hbm_gib"
 
 
+def batch_spec(config) -> dict:
+  """ShapeDtypeStructs (unsharded) of one global training batch of config.data.source, as
+  its loader yields it (coca_jax/data/loader.py; B global batch, S image size, T text
+  length, A answers, F frames):
+
+    "mixture", "synthetic": {"image" [B,S,S,3] f32, "text" {"ids","labels","mask" [B,T] i32}}
+    "vqa":   the same, the question as "text", + "answer_scores" [B,A] f32 (data/vqa.py)
+    "video": {"video" [B,F,S,S,3] f32, "label" [B] i32} (data/video.py)
+
+  S is config.data.image_size (config.model.vision.image_size for "synthetic"); the train
+  step compiles the video step for a batch with "video" (coca_jax/step.py).
+  """
+  data = config.data
+  if data.source not in loader.SOURCES:
+    raise ValueError(f"config.data.source={data.source!r}; expected one of {loader.SOURCES}")
+  b = data.global_batch_size
+  size = config.model.vision.image_size if data.source == "synthetic" else data.image_size
+  if data.source == "video":
+    return dict(
+      video=jax.ShapeDtypeStruct((b, data.video.frames, size, size, 3), np.float32),
+      label=jax.ShapeDtypeStruct((b,), np.int32),
+    )
+  text = jax.ShapeDtypeStruct((b, data.max_text_len), np.int32)
+  spec = dict(
+    image=jax.ShapeDtypeStruct((b, size, size, 3), np.float32),
+    text=dict(ids=text, labels=text, mask=text),
+  )
+  if data.source == "vqa":
+    spec["answer_scores"] = jax.ShapeDtypeStruct((b, config.model.vqa.num_answers), np.float32)
+  return spec
+
+
 def abstract_batch(config, mesh) -> dict:
-  """ShapeDtypeStructs of one global batch, sharded as the trainer shards it."""
-  m = config.model
-  row = synthetic.batch(0, 0, [0], m.vision.image_size, config.data.max_text_len, m.text.vocab_size)
-  shardings = sharding.named(mesh, sharding.batch_specs(row, config.sharding_rules))
-  size = config.data.global_batch_size
+  """`batch_spec`, sharded as the trainer shards a batch (over its leading axis)."""
+  spec = batch_spec(config)
+  shardings = sharding.named(mesh, sharding.batch_specs(spec, config.sharding_rules))
   return jax.tree.map(
-    lambda x, s: jax.ShapeDtypeStruct((size,) + x.shape[1:], x.dtype, sharding=s), row, shardings
+    lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), spec, shardings
   )
 
 

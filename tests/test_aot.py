@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 
 from coca_jax import aot
+from coca_jax.data import synthetic
 from coca_jax.models import coca
-from configs import tiny
+from configs import demo_video, demo_vqa, tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,8 +77,88 @@ def test_table_names_every_number(tiny_report):
     assert label in text
 
 
-def test_indivisible_batch_is_named():
-  config = tiny.get_config()
+def small_finetune(config):
+  """A finetune config (configs/demo_vqa.py, demo_video.py) on tiny.py's model sizes,
+  global batch 8 (one row per host device)."""
+  small = tiny.get_config().model
+  m = config.model
+  for key in ("width", "heads", "embed_dim"):
+    m[key] = small[key]
+  m.vision.update(layers=1, mlp_dim=64, image_size=16, patch_size=4)
+  m.text.update(unimodal_layers=1, multimodal_layers=1, mlp_dim=64, vocab_size=64, max_len=8)
+  m.pooler.caption_queries = 8
+  config.data.global_batch_size = 8
+  return config
+
+
+def test_batch_spec_of_each_source():
+  synthetic_config = tiny.get_config()
+  synthetic_config.data.source = "synthetic"
+  rows = synthetic.batch(0, 0, range(8), 16, 8, 64)
+  assert jax.tree.map(lambda x: (x.shape, x.dtype), aot.batch_spec(synthetic_config)) == (
+    jax.tree.map(lambda x: (x.shape, x.dtype), rows)
+  )
+  vqa = aot.batch_spec(small_finetune(demo_vqa.get_config()))
+  assert set(vqa) == {"image", "text", "answer_scores"}
+  assert vqa["answer_scores"].shape == (8, 128) and vqa["answer_scores"].dtype == np.float32
+  assert vqa["text"]["ids"].shape == (8, 8) and vqa["image"].shape == (8, 16, 16, 3)
+  video = aot.batch_spec(small_finetune(demo_video.get_config()))
+  assert set(video) == {"video", "label"}
+  assert video["video"].shape == (8, 4, 16, 16, 3) and video["video"].dtype == np.float32
+  assert video["label"].shape == (8,) and video["label"].dtype == np.int32
+  synthetic_config.data.source = "webdataset"
+  with pytest.raises(ValueError, match="source='webdataset'; expected one of"):
+    aot.batch_spec(synthetic_config)
+
+
+def lowered_steps(monkeypatch) -> list:
+  """The jax.stages.Lowered of every train step that `aot.report` lowers from now on."""
+  lowered = []
+  make_train_step = aot.step_lib.make_train_step
+
+  def make_and_watch(config, run):
+    train_step = make_train_step(config, run)
+    lower = train_step.jitted.lower
+
+    def lower_and_keep(*args):
+      lowered.append(lower(*args))
+      return lowered[-1]
+
+    train_step.jitted = types.SimpleNamespace(lower=lower_and_keep)
+    return train_step
+
+  monkeypatch.setattr(aot.step_lib, "make_train_step", make_and_watch)
+  return lowered
+
+
+@pytest.mark.slow  # compiles two train steps (~20 s)
+@pytest.mark.parametrize(
+  "module, key, shape, metric",
+  [
+    (demo_vqa, "answer_scores", (8, 128), "vqa_loss"),  # the old report: KeyError
+    (demo_video, "video", (8, 4, 16, 16, 3), "video_loss"),  # the old: the image-text step
+  ],
+  ids=["vqa", "video"],
+)
+def test_report_compiles_the_step_of_the_data_source(monkeypatch, module, key, shape, metric):
+  lowered = lowered_steps(monkeypatch)
+  rep = aot.report(small_finetune(module.get_config()), jax.devices())
+  assert len(lowered) == 1
+  (_, batch), _ = lowered[0].args_info
+  assert batch[key].shape == shape
+  assert f"tensor<{'x'.join(map(str, shape))}xf32>" in lowered[0].as_text()
+  _, metrics = lowered[0].out_info
+  assert metric in metrics
+  assert rep["memory_per_device"]["total"] > 0 and rep["fits"] is True
+
+
+@pytest.mark.parametrize(
+  "make_config",
+  [tiny.get_config, lambda: small_finetune(demo_video.get_config())],
+  ids=["image_text", "video"],
+)
+def test_indivisible_batch_is_named(make_config):
+  config = make_config()
   config.data.global_batch_size = 12  # 8 batch shards
   with pytest.raises(
     aot.MeshError, match="global_batch_size=12 is not divisible by 8 batch shards"
