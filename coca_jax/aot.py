@@ -216,14 +216,10 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   """Compiles config's train step for `devices` (not run) and returns the compile report."""
   run = state_lib.setup(config, devices)
   mesh, layout = run.mesh, run.layout
+  step_lib.check_batch_size(config, mesh)
   shards = sharding.batch_ways(mesh, config.sharding_rules)
   accum = config.train.grad_accum_steps
   global_batch = config.data.global_batch_size
-  if global_batch % (shards * accum):
-    raise MeshError(
-      f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
-      f"config.train.grad_accum_steps={accum}"
-    )
   local_batch, host_batches_error = check_host_batches(mesh, config.sharding_rules, global_batch)
   check_divisible(layout.abstract["params"], layout.shardings["params"], config.mesh)
   train_step = step_lib.make_train_step(config, run)

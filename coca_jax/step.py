@@ -40,6 +40,20 @@ def _loss_fn(config, graphdef):
   return loss_fn
 
 
+def check_batch_size(config, mesh) -> None:
+  """Raises sharding.MeshError unless config.data.global_batch_size splits into the mesh's
+  batch shards x config.train.grad_accum_steps micro-batches: before the trainer restores
+  or builds any state (minutes on a pod), not at the first step's compile."""
+  shards = sharding.batch_ways(mesh, config.sharding_rules)
+  accum = config.train.grad_accum_steps
+  global_batch = config.data.global_batch_size
+  if global_batch % (shards * accum):
+    raise sharding.MeshError(
+      f"config.data.global_batch_size={global_batch} is not divisible by {shards} batch shards x "
+      f"config.train.grad_accum_steps={accum}"
+    )
+
+
 def _split_micro_batches(batch, accum_steps: int):
   """[B, ...] -> [A, B/A, ...] keeping every micro-batch spread over the batch shards."""
 

@@ -21,7 +21,17 @@ from absl import app, flags, logging
 from etils import epath
 from ml_collections import config_flags
 
-from coca_jax import checkpoint, console, export, flops, host_memory, init_from, multihost, optim
+from coca_jax import (
+  checkpoint,
+  console,
+  export,
+  flops,
+  host_memory,
+  init_from,
+  multihost,
+  optim,
+  sharding,
+)
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -183,6 +193,37 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
     )
 
 
+def data_position(config, shard_count: int, step: int) -> dict:
+  """What a checkpoint records of the data stream: the step, and what must not change for
+  a resume at that step to continue the same stream (each host skips step x its batch
+  rows of its own shard)."""
+  return dict(
+    step=step,
+    seed=config.data.seed,
+    source=config.data.source,
+    global_batch_size=config.data.global_batch_size,
+    data_shards=shard_count,
+  )
+
+
+def check_data_position(config, shard_count: int, stored: dict) -> None:
+  """Warns when a resume changes the data stream (checkpoints from before these fields
+  were recorded hold only the step and seed): a changed seed, source, batch size or number
+  of data shards (hosts) reads other examples, so within the epoch some repeat or are
+  skipped. Allowed (a pod slice of another size, a new batch size), but not silently."""
+  current = data_position(config, shard_count, stored["step"])
+  changed = [
+    f"{k} {stored[k]} -> {current[k]}" for k in current if stored.get(k, current[k]) != current[k]
+  ]
+  if changed:
+    logging.warning(
+      "resuming at step %d with another data stream (%s): the data position is not exact, "
+      "examples of the current epoch may repeat or be skipped",
+      stored["step"],
+      ", ".join(changed),
+    )
+
+
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
@@ -195,6 +236,11 @@ def train(config, workdir: str) -> dict:
 
   run = state_lib.setup(config)
   logging.info("mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason)
+  # Batch errors now, not after a restore (raises naming the processes' rows if no split).
+  step_lib.check_batch_size(config, run.mesh)
+  shard_count = sharding.host_shard(
+    run.mesh, config.sharding_rules, config.data.global_batch_size
+  ).count
   n_params = params_lib.total(run.layout.abstract["params"])
   logging.info("parameters: %s (%.1fM)", f"{n_params:,}", n_params / 1e6)
 
@@ -210,9 +256,10 @@ def train(config, workdir: str) -> dict:
       state = state_lib.create(config, run)
     start_step = 0
   else:
-    state, data_position = restored
-    start_step = int(data_position["step"])
+    state, stored_position = restored
+    start_step = int(stored_position["step"])
     logging.info("resumed from checkpoint step %d", start_step)
+    check_data_position(config, shard_count, stored_position)
     if config.train.init_from:
       logging.info(
         "config.train.init_from=%s ignored: the run resumes its own checkpoint",
@@ -225,11 +272,15 @@ def train(config, workdir: str) -> dict:
   vocabulary = None
   if (config.train.eval_every or config.eval.at_start) and config.eval.evals:
     vocabulary = vocab.load(config.data.vocab_path)
-  batches = loader.batches(config, run.mesh, "train", start_step)
-  first = next(batches)
-  with jax.set_mesh(run.mesh):
-    compiled_step = train_step.jitted.lower(run.layout.abstract, first).compile()
-  log_memory(compiled_step)
+  finished = start_step >= config.train.steps
+  if finished:  # a finished run started again: its final evaluation, export and JSON line
+    logging.info("the run finished at step %d: evaluating and exporting only", start_step)
+  else:
+    batches = loader.batches(config, run.mesh, "train", start_step)
+    batch = next(batches)
+    with jax.set_mesh(run.mesh):
+      compiled_step = train_step.jitted.lower(run.layout.abstract, batch).compile()
+    log_memory(compiled_step)
 
   from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
@@ -245,7 +296,10 @@ def train(config, workdir: str) -> dict:
   elif config.eval.at_start:
     logging.info("config.eval.at_start: skipped, the run resumes at step %d", start_step)
   step = start_step
-  batch = first
+  if finished and config.train.eval_every:
+    evaluated = evaluate_state(
+      config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
+    )
   while step < config.train.steps:
     state, metrics = compiled_step(state, batch)
     step += 1
@@ -260,7 +314,7 @@ def train(config, workdir: str) -> dict:
         logging.info("%s", console_line(step, config.train.steps, fetched, rates))
         writer.write_scalars(step, {**fetched, **rates})
     if saving:
-      checkpoint.save(mngr, state, dict(step=step, seed=config.data.seed))
+      checkpoint.save(mngr, state, data_position(config, shard_count, step))
     if config.train.eval_every and (step % config.train.eval_every == 0 or last):
       evaluated = evaluate_state(
         config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
@@ -273,7 +327,7 @@ def train(config, workdir: str) -> dict:
 
   mngr.wait_until_finished()
   writer.flush()
-  if step == config.train.steps:
+  if step >= config.train.steps:
     export.write(
       state["params"],
       config,
@@ -289,7 +343,10 @@ def train(config, workdir: str) -> dict:
     suite = {k.removeprefix("eval/"): v for k, v in evaluated.items()}
     chance = evaluate.chance_levels(config, eval_sets.load(config))
     logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
-  return headline(config, dict(fetched, step=step, **evaluated, **at_start))
+  final = dict(fetched, step=step, **evaluated, **at_start)
+  if step < config.train.steps:  # preempted: the headline names the finished run's metrics
+    return final
+  return headline(config, final)
 
 
 def check_headline(config) -> None:
@@ -306,12 +363,13 @@ def check_headline(config) -> None:
 
 def headline(config, final: dict) -> dict:
   """`final` plus config.eval.headline's names for some of its metrics. A metric from
-  before the first step is absent after a resume (it is not measured again): skipped."""
+  before the first step is absent after a resume (it is not measured again), and a
+  training metric after a finished run is started again (no step runs): skipped."""
   named = {}
   for name, key in config.eval.headline.items():
     if key in final:
       named[name] = final[key]
-    elif key.startswith(AT_START + "/"):
+    elif key.startswith(AT_START + "/") or ("loss" not in final and not key.startswith("eval/")):
       logging.info("headline %s: %s not measured in this (resumed) run", name, key)
     else:
       raise ValueError(

@@ -1,6 +1,7 @@
 """The trainer end to end on the tiny config: overrides, kill/resume, SIGTERM, NaN,
 restore onto another mesh, export, resolution change."""
 
+import json
 import pathlib
 import re
 import signal
@@ -15,6 +16,7 @@ import pytest
 from tiny_runs import OVERRIDES, tiny_config
 
 from coca_jax import checkpoint, export, train
+from coca_jax import sharding as sharding_lib
 from coca_jax import state as state_lib
 
 pytestmark = pytest.mark.slow  # subprocesses / end-to-end training
@@ -217,3 +219,33 @@ def test_resolution_change_on_resume_resamples_position_embeddings(tmp_path):
   final = train.train(high, str(tmp_path))
   assert final["step"] == 6 and np.isfinite(final["loss"])
   assert np.isfinite(final["eval/loss"]) and np.isfinite(final["eval/captioning_loss"])
+
+
+def test_preempted_then_finished_then_started_again(tmp_path, monkeypatch, caplog):
+  """A preempted run returns its metrics without resolving the headline (it raised: the
+  final eval had not run); the resumed run finishes; started again, a finished run
+  evaluates and exports once more and names its headline instead of failing on it."""
+  config = tiny_config(6, train=dict(eval_every=6))
+  config.eval.headline = {"final/loss": "eval/loss", "final/train_loss": "loss"}
+  monkeypatch.setattr(train.Preemption, "reached", lambda self, mngr, step: step == 3)
+  preempted = train.train(config, str(tmp_path))
+  assert preempted["step"] == 3 and "final/loss" not in preempted
+  monkeypatch.undo()
+  finished = train.train(config, str(tmp_path))
+  assert finished["step"] == 6 and finished["final/loss"] == finished["eval/loss"]
+  data = json.loads((tmp_path / "checkpoints" / "6" / "data" / "metadata").read_text())
+  assert data == dict(step=6, seed=0, source="synthetic", global_batch_size=8, data_shards=1)
+  (tmp_path / "export" / "config.json").unlink()
+  with caplog.at_level("INFO"):
+    again = train.train(config, str(tmp_path))
+  assert again["step"] == 6 and "loss" not in again and "final/train_loss" not in again
+  assert again["final/loss"] == pytest.approx(finished["eval/loss"], rel=1e-6)
+  assert (tmp_path / "export" / "config.json").exists()
+  assert "the run finished at step 6: evaluating and exporting only" in caplog.text
+
+
+def test_a_batch_that_does_not_split_fails_before_any_state_is_built(tmp_path):
+  config = tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1), data=dict(global_batch_size=12))
+  with pytest.raises(sharding_lib.MeshError, match=r"global_batch_size=12 .* 8 batch shards"):
+    train.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists()

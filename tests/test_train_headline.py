@@ -39,3 +39,28 @@ def test_early_checks():
   with pytest.raises(ValueError, match="no evaluation runs"):
     train.check_headline(_config({"x": "eval/vqa/accuracy"}, eval_every=0))
   train.check_headline(_config({"x": "eval/vqa/accuracy", "y": "loss"}))
+
+
+def test_a_resume_that_changes_the_data_stream_is_named(caplog):
+  c = _config({})
+  stored = dict(step=30, seed=0, source="synthetic", global_batch_size=8, data_shards=2)
+  with caplog.at_level("WARNING"):
+    train.check_data_position(c, 2, stored)
+    train.check_data_position(c, 2, dict(step=30, seed=0))  # written before the fields
+  assert not caplog.records
+  c.data.global_batch_size = 16
+  with caplog.at_level("WARNING"):
+    train.check_data_position(c, 4, stored)
+  assert "global_batch_size 8 -> 16, data_shards 2 -> 4" in caplog.text
+  assert "step 30" in caplog.text
+
+
+def test_a_finished_run_started_again_skips_training_metrics_only():
+  c = _config({"train/loss": "loss", "final/loss": "eval/loss"})
+  assert train.headline(c, {"step": 5, "eval/loss": 2.0}) == {
+    "step": 5,
+    "eval/loss": 2.0,
+    "final/loss": 2.0,
+  }
+  with pytest.raises(ValueError, match="final/loss"):  # trained: a missing name is an error
+    train.headline(c, {"step": 5, "loss": 1.0, "eval/los": 2.0})
