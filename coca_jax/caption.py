@@ -40,7 +40,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "prefix", None, "Text every caption continues (e.g. a question).", flag_values=flag_values
   )
   flags.DEFINE_integer("batch_size", 32, "Jitted batch size.", flag_values=flag_values)
-  flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=flag_values)
+  flags.DEFINE_integer(
+    "seed",
+    None,
+    "Sampling seed (default: the export config's eval.decode.seed).",
+    flag_values=flag_values,
+  )
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
@@ -65,6 +70,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       top_p=f.top_p,
       prefix=f.prefix,
       seed=f.seed,
+      preprocessed=True,
     )
     if len(pixels)
     else []

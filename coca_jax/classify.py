@@ -43,7 +43,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
 
   model = inference.load(f.export, batch_size=f.batch_size)
   pixels, failures = model.read_images(paths, errors="collect")
-  result = model.classify(pixels, classes, f.template) if len(pixels) else None
+  result = model.classify(pixels, classes, f.template, preprocessed=True) if len(pixels) else None
   row = 0
   for index, path in enumerate(paths):
     if index in failures:

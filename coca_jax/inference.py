@@ -9,12 +9,14 @@
 Legend: N images/texts, B clips, F frames per clip, S model image size, C classes, E joint
 embedding width.
 
-Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4], uint8 0..255 or
-float 0..1). They go through the evaluation transform of the input pipeline, the same
-function (coca_jax/data/images.py): RGB (transparent pixels over white), shorter side
-resized to S (config.data.image.resize: bilinear, or bicubic for open_clip imports),
-centre crop, normalised with config.data.image.mean / std. The model runs
-through coca_jax.predict (fixed-size batches, each function compiled once).
+Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4]; uint8 0..255,
+uint16 0..65535, other integers 0..255, float 0..1: coca_jax.data.images.read). They go
+through the evaluation transform of the input pipeline, the same function
+(coca_jax/data/images.py): RGB (transparent pixels over white), shorter side resized to S
+(config.data.image.resize: bilinear, or bicubic for open_clip imports), centre crop,
+normalised with config.data.image.mean / std. Pixels already through it (`read_images`)
+are passed with `preprocessed=True`; an array is never taken as preprocessed otherwise.
+The model runs through coca_jax.predict (fixed-size batches, each function compiled once).
 """
 
 import os
@@ -75,39 +77,45 @@ class Model:
     shape = (0, self.image_size, self.image_size, 3)
     return (np.stack(arrays) if arrays else np.zeros(shape, np.float32)), failures
 
-  def _pixels(self, images) -> np.ndarray:
-    preprocessed = (self.image_size, self.image_size, 3)
-    if (
-      isinstance(images, np.ndarray)
-      and images.ndim == 4
-      and images.dtype == np.float32
-      and images.shape[1:] == preprocessed
-    ):
-      return images  # already preprocessed (as from read_images)
-    return self.read_images(images)[0]
+  def _pixels(self, images, preprocessed: bool) -> np.ndarray:
+    """Images -> [N, S, S, 3] float32: read and preprocessed, or with preprocessed=True
+    (pixels from `read_images`) only checked to be [N, S, S, 3]."""
+    if not preprocessed:
+      return self.read_images(images)[0]
+    pixels = np.asarray(images, np.float32)
+    size = self.image_size
+    if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
+      raise ValueError(
+        f"preprocessed images must be [N, {size}, {size}, 3] (from read_images), got shape "
+        f"{pixels.shape}"
+      )
+    return pixels
 
-  def embed_images(self, images) -> np.ndarray:
-    """Images -> L2-normalised embeddings [N, E] float32."""
-    return self.predictor.embed_images(self._pixels(images))
+  def embed_images(self, images, *, preprocessed: bool = False) -> np.ndarray:
+    """Images (N of them; none gives [0, E]) -> L2-normalised embeddings [N, E] float32.
 
-  def embed_videos(self, clips) -> np.ndarray:
+    preprocessed: `images` are [N, S, S, 3] pixels from `read_images`.
+    """
+    return self.predictor.embed_images(self._pixels(images, preprocessed))
+
+  def embed_videos(self, clips, *, preprocessed: bool = False) -> np.ndarray:
     """Clips [B, F, H, W, 3] (uint8 0..255 or float 0..1 frames, or a list of B lists of F
-    images of any kind `embed_images` takes; float32 [B, F, S, S, 3] counts as
-    preprocessed, as for images) -> L2-normalised [B, E] float32: the mean of the frames'
+    images of any kind `embed_images` takes; with preprocessed=True, [B, F, S, S, 3]
+    pixels from `read_images`) -> L2-normalised [B, E] float32: the mean of the frames'
     image embeddings, normalised (Section 4.2 of the paper: zero-shot video
     classification and video-text retrieval)."""
     if isinstance(clips, np.ndarray):
       if clips.ndim != 5 or not clips.shape[1]:
         raise ValueError(f"clips must be [B, F > 0, H, W, C], got shape {clips.shape}")
       count, frames = clips.shape[:2]
-      pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]))
+      pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]), preprocessed)
     else:
       frame_lists = [list(clip) for clip in clips]
       lengths = sorted({len(clip) for clip in frame_lists})
       if len(lengths) != 1 or not lengths[0]:
         raise ValueError(f"every clip needs the same number (> 0) of frames, got {lengths}")
       count, frames = len(frame_lists), lengths[0]
-      pixels = self._pixels([frame for clip in frame_lists for frame in clip])
+      pixels = self._pixels([frame for clip in frame_lists for frame in clip], preprocessed)
     return self.predictor.embed_videos(pixels.reshape(count, frames, *pixels.shape[1:]))
 
   def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
@@ -115,17 +123,24 @@ class Model:
     return self.predictor.embed_texts([texts] if isinstance(texts, str) else list(texts))
 
   def classify(
-    self, images, class_names: Sequence[str], templates: Sequence[str] | None = None
+    self,
+    images,
+    class_names: Sequence[str],
+    templates: Sequence[str] | None = None,
+    *,
+    preprocessed: bool = False,
   ) -> Classification:
     """Zero-shot: ranks `class_names` (through the prompt ensemble of config.eval) per image.
 
-    Probabilities are a softmax of cosine similarities over the model's learned temperature.
+    Probabilities are a softmax of cosine similarities over the model's learned temperature;
+    no images give no labels and probabilities [0, C]. preprocessed: as for `embed_images`.
     """
     if not class_names:
       raise ValueError("classify needs at least one class name")
     templates = templates or tuple(self.config.eval.zero_shot.templates)
     classifier = zero_shot.class_embeddings(self.embed_texts, class_names, templates)
-    logits = self.embed_images(images) @ classifier.T / self.predictor.temperature
+    embeddings = self.embed_images(images, preprocessed=preprocessed)
+    logits = embeddings @ classifier.T / self.predictor.temperature
     logits = logits - logits.max(axis=1, keepdims=True)
     probabilities = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
     return Classification(
@@ -144,12 +159,18 @@ class Model:
     top_k: int | None = None,
     top_p: float | None = None,
     prefix: str | Sequence[str] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
+    preprocessed: bool = False,
   ) -> list[str]:
-    """Captions per image; unset options come from config.eval.decode.
+    """Captions per image (none for no images); unset options come from config.eval.decode.
 
+    method: "greedy", "beam" or "sample"; unset, the options given pick it (beam_size or
+    length_penalty: beam search; temperature, top_k or top_p: sampling), else the
+    config's. An option that does not apply to the method raises ValueError.
     prefix: text the caption must continue (one for all images or one per image), e.g.
     a question for "VQA as a prefix"; it is not repeated in the returned text.
+    seed: sampling seed (None: config.eval.decode.seed). preprocessed: as for
+    `embed_images`.
     """
     options = self.predictor.decode_options(
       method=method,
@@ -160,7 +181,8 @@ class Model:
       top_k=top_k,
       top_p=top_p,
     )
-    return self.predictor.caption(self._pixels(images), options, prefix=prefix, seed=seed)
+    pixels = self._pixels(images, preprocessed)
+    return self.predictor.caption(pixels, options, prefix=prefix, seed=seed)
 
 
 def _as_list(images) -> list:

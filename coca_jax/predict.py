@@ -28,16 +28,21 @@ from jax.sharding import Mesh, NamedSharding
 
 from coca_jax import decode, sharding, tokens
 
+# Decode options that only one method uses (Predictor.decode_options).
+BEAM_OPTIONS = ("beam_size", "length_penalty")
+SAMPLE_OPTIONS = ("temperature", "top_k", "top_p")
+
 
 def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> list:
   """Applies fn(*batch) -> array or tuple of arrays over axis 0 of `arrays` in batches.
 
   Every call sees exactly `batch_size` rows (the last batch is zero-padded), so fn
-  compiles once. Returns the outputs concatenated over axis 0, padding removed.
+  compiles once. Returns the outputs concatenated over axis 0, padding removed. With no
+  rows, fn still runs once on a batch of padding, for the empty outputs' shapes and dtypes.
   """
   total = len(arrays[0])
   chunks = []
-  for start in range(0, total, batch_size):
+  for start in range(0, max(total, 1), batch_size):
     batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
     real = len(batch[0])
     if real < batch_size:
@@ -47,8 +52,6 @@ def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) 
     out = fn(*batch)
     out = out if isinstance(out, tuple) else (out,)
     chunks.append([np.asarray(o)[:real] for o in out])
-  if not chunks:
-    raise ValueError("map_in_batches got no examples")
   return [np.concatenate(parts) for parts in zip(*chunks)]
 
 
@@ -143,9 +146,27 @@ class Predictor:
     fn = _compiled(self.graphdef, "video_logits")
     return map_in_batches(lambda x: self._call(fn, x), [clips], self.batch_size)[0]
 
-  def decode_options(self, **overrides) -> decode.DecodeOptions:
-    """config.eval.decode with keyword overrides (None keeps the config's value)."""
-    return decode.DecodeOptions.from_config(self.config, **overrides)
+  def decode_options(self, method: str | None = None, **overrides) -> decode.DecodeOptions:
+    """config.eval.decode with keyword overrides (None keeps the config's value).
+
+    Without `method`, the options given pick it: beam_size or length_penalty "beam",
+    temperature, top_k or top_p "sample"; neither, the config's method. Options of another
+    method than the one given (or of both) raise ValueError naming them.
+    """
+    given = {name for name, value in overrides.items() if value is not None}
+    beam, sample = sorted(given & set(BEAM_OPTIONS)), sorted(given & set(SAMPLE_OPTIONS))
+    if method is None:
+      if beam and sample:
+        raise ValueError(
+          f"decode options {', '.join(beam)} (beam search) and {', '.join(sample)} "
+          "(sampling) exclude each other"
+        )
+      method = "beam" if beam else "sample" if sample else None
+    else:
+      other = {"greedy": beam + sample, "beam": sample, "sample": beam}.get(method, [])
+      if other:
+        raise ValueError(f"decode option {', '.join(other)} does not apply to method={method!r}")
+    return decode.DecodeOptions.from_config(self.config, method=method, **overrides)
 
   def caption_tokens(
     self,
@@ -154,14 +175,17 @@ class Predictor:
     *,
     prefix=None,
     prefix_lengths=None,
-    seed: int = 0,
+    seed: int | None = None,
   ) -> tuple[np.ndarray, np.ndarray]:
     """images [N, S, S, 3] -> (tokens [N, L] int32, scores [N] float32).
 
     prefix: optional [N, P] int32 tokens to continue (padded with the pad id); P is
     padded to L so every prefix length shares one compilation. prefix_lengths: [N]
     (default: the non-pad tokens of each row; give them when pad is a real token).
+    seed: sampling seed (None: config.eval.decode.seed, 0 in configs without one).
     """
+    if seed is None:
+      seed = self.config.eval.decode.get("seed", 0)
     fn = _compiled(self.graphdef, "caption", options)
     n = len(images)
     pad = options.contract.pad_id
@@ -198,14 +222,17 @@ class Predictor:
     options: decode.DecodeOptions | None = None,
     *,
     prefix: str | Sequence[str] | None = None,
-    seed: int = 0,
+    seed: int | None = None,
   ) -> list[str]:
     """images [N, S, S, 3] -> N captions (options default: config.eval.decode).
 
     prefix: text the caption must continue (one for all images or one per image), e.g.
-    a question for "VQA as a prefix"; it is not repeated in the returned text.
+    a question for "VQA as a prefix"; it is not repeated in the returned text. seed:
+    as for `caption_tokens`. No images return [] without running the decoder.
     """
     options = options or self.decode_options()
+    if not len(images):
+      return []
     prefix_tokens, prefix_lengths = None, 0
     if prefix is not None:
       prefixes = [prefix] * len(images) if isinstance(prefix, str) else list(prefix)

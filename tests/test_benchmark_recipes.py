@@ -229,7 +229,9 @@ def test_cifar_recipes_agree_with_the_inference_api(run_main, bicubic_export):
     [images.eval_pixels(p, 16, OPEN_CLIP_MEAN, OPEN_CLIP_STD, "bicubic") for p in pixels]
   )
   names = benchmarks.read_lines("cifar10_classes")
-  probabilities = model.classify(pixels, names, benchmarks.read_lines("templates_clip_cifar"))
+  probabilities = model.classify(
+    pixels, names, benchmarks.read_lines("templates_clip_cifar"), preprocessed=True
+  )
   expected = zero_shot.top_k_accuracy(probabilities.probabilities, labels, (1, 5))
   assert metrics["cifar10/zero_shot/top1"] == pytest.approx(expected["top1"])
   assert metrics["cifar10/zero_shot/top5"] == pytest.approx(expected["top5"])

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from coca_jax import caption, classify, export, inference
+from coca_jax import caption, classify, export, inference, predict
 from coca_jax.data import images
 from coca_jax.evaluate import __main__ as evaluate_main
 from coca_jax.models import coca
@@ -99,6 +99,80 @@ def test_caption_with_a_prefix_continues_it(loaded, image_files):
   assert len(with_prefix) == 3 and all(isinstance(c, str) for c in with_prefix)
 
 
+@pytest.mark.slow  # compiles the greedy decoder
+def test_arrays_are_never_taken_as_preprocessed_by_dtype(loaded):
+  size = loaded.image_size
+  unit = np.random.default_rng(1).random((2, size, size, 3)).astype(np.float32)  # 0..1
+  # Reference: the pixels by hand (0..1 -> 0..255 rounded), then the eval transform.
+  rgb = np.round(unit * 255).astype(np.uint8)
+  pixels = np.stack([images.eval_pixels(x, size, loaded.mean, loaded.std) for x in rgb])
+  expected = loaded.predictor.embed_images(pixels)
+  for given in (unit, list(unit), unit.astype(np.float64), rgb):
+    np.testing.assert_allclose(loaded.embed_images(given), expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    loaded.embed_images(pixels, preprocessed=True), expected, rtol=1e-5, atol=1e-6
+  )
+  same = loaded.caption(pixels, method="greedy", preprocessed=True)
+  assert loaded.caption(unit, method="greedy") == same
+  with pytest.raises(ValueError, match=rf"\[N, {size}, {size}, 3\].*\(2, 8, 8, 3\)"):
+    loaded.embed_images(np.zeros((2, 8, 8, 3), np.float32), preprocessed=True)
+
+
+def test_decode_method_follows_the_options_given(loaded):
+  beam_default = loaded.predictor  # the tiny config decodes with beam search
+  assert beam_default.decode_options().method == "beam"
+  options = beam_default.decode_options(temperature=0.7, top_p=0.9)
+  assert (options.method, options.temperature, options.top_p) == ("sample", 0.7, 0.9)
+  assert beam_default.decode_options(top_k=3).method == "sample"
+  assert beam_default.decode_options(max_length=5).method == "beam"
+  config = loaded.config.copy_and_resolve_references()
+  config.eval.decode.method = "greedy"
+  greedy_default = predict.Predictor(loaded.module, config, loaded.vocab, 4)
+  assert greedy_default.decode_options().method == "greedy"
+  options = greedy_default.decode_options(beam_size=8)
+  assert (options.method, options.beam_size) == ("beam", 8)
+  assert greedy_default.decode_options(length_penalty=0.0).method == "beam"
+  with pytest.raises(ValueError, match="temperature does not apply to method='beam'"):
+    loaded.caption(np.zeros((8, 8, 3), np.uint8), method="beam", temperature=0.7)
+  with pytest.raises(ValueError, match="beam_size does not apply to method='greedy'"):
+    loaded.caption(np.zeros((8, 8, 3), np.uint8), method="greedy", beam_size=4)
+  with pytest.raises(ValueError, match="top_p does not apply to method='greedy'"):
+    beam_default.decode_options(method="greedy", top_p=0.5)
+  with pytest.raises(ValueError, match="length_penalty does not apply to method='sample'"):
+    beam_default.decode_options(method="sample", length_penalty=0.6)
+  with pytest.raises(ValueError, match="beam_size .* and top_k .* exclude each other"):
+    beam_default.decode_options(beam_size=2, top_k=3)
+
+
+@pytest.mark.slow  # compiles the sampling decoder
+def test_sampling_seed_defaults_to_the_configs(loaded, image_files):
+  paths, _, _ = image_files
+  config = loaded.config.copy_and_resolve_references()
+  config.eval.decode.seed = 7
+  predictor = predict.Predictor(loaded.module, config, loaded.vocab, 4)
+  pixels = loaded.read_images(paths)[0]
+  options = predictor.decode_options(method="sample", temperature=3.0)
+  by_seed = {seed: predictor.caption_tokens(pixels, options, seed=seed)[0] for seed in (0, 7)}
+  assert (by_seed[0] != by_seed[7]).any()  # else the test below proves nothing
+  np.testing.assert_array_equal(predictor.caption_tokens(pixels, options)[0], by_seed[7])
+  assert predictor.caption(pixels, options) == predictor.caption(pixels, options, seed=7)
+
+
+def test_no_images_give_empty_results(loaded):
+  assert loaded.caption([]) == []
+  assert loaded.caption([], prefix="a cat", method="greedy") == []
+  embeddings = loaded.embed_images([])
+  assert embeddings.shape == (0, 16) and embeddings.dtype == np.float32
+  result = loaded.classify([], ["cat", "dog", "red heart"])
+  assert isinstance(result, inference.Classification) and result.labels == []
+  assert result.probabilities.shape == (0, 3) and result.probabilities.dtype == np.float32
+  assert loaded.embed_texts([]).shape == (0, 16)
+  doubled, sums = predict.map_in_batches(
+    lambda x: (2 * x, x.sum(1)), [np.zeros((0, 3), np.int32)], 4
+  )
+  assert doubled.shape == (0, 3) and sums.shape == (0,) and doubled.dtype == np.int32
+
+
 def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
   paths, broken, missing = image_files
   with pytest.raises(inference.ImageError, match="missing.png"):
@@ -110,7 +184,7 @@ def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
     inference.load(str(tmp_path))
 
 
-def test_caption_and_classify_cli(export_dir, image_files, run_main):
+def test_caption_and_classify_cli(export_dir, loaded, image_files, run_main):
   paths, broken, missing = image_files
   status, out, err = run_main(
     caption, f"--export={export_dir}", "--beam=2", paths[0], missing, broken, paths[1]
@@ -118,11 +192,16 @@ def test_caption_and_classify_cli(export_dir, image_files, run_main):
   assert status == 1, err
   lines = out.strip().splitlines()
   assert [line.split("\t")[0] for line in lines] == [paths[0], paths[1]]
+  # The CLIs read the images once and pass the pixels on as preprocessed.
+  api = loaded.caption([paths[0], paths[1]], beam_size=2)
+  assert [line.split("\t")[1].strip() for line in lines] == [c.strip() for c in api]
   assert f"{missing}\tERROR" in err and f"{broken}\tERROR" in err
   status, out, err = run_main(classify, f"--export={export_dir}", "--classes=cat,dog", paths[0])
   assert status == 0, err
   path, label, probability, _ = out.strip().split("\t")
   assert path == paths[0] and label in ("cat", "dog") and 0.5 <= float(probability) <= 1.0
+  api = loaded.classify([paths[0]], ["cat", "dog"])
+  assert (label, probability) == (api.labels[0], f"{api.probabilities.max():.4f}")
 
 
 def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path, run_main, repo):

@@ -428,7 +428,7 @@ def demo_section(export_dir: str, raw: np.ndarray, repeats: int, batch: int = 32
   batches = [jnp.asarray(pixels[i : i + batch]) for i in range(0, count, batch)]
   candidates = dict(
     loop=lambda: jax.block_until_ready([loop_fn(params, b).tokens for b in batches]),
-    api_pixels=lambda: api.caption(pixels),
+    api_pixels=lambda: api.caption(pixels, preprocessed=True),
     api_raw=lambda: api.caption(list(raw)),
     read=lambda: api.read_images(list(raw)),
     tokens=lambda: api.predictor.caption_tokens(pixels, options),

@@ -21,12 +21,36 @@ class ImageShapeError(ImageError):
 
 
 def to_rgb(image: Image.Image) -> np.ndarray:
-  """[h, w, 3] uint8: grey and palette to RGB, alpha composited on white."""
+  """[h, w, 3] uint8: grey and palette to RGB, alpha composited on white.
+
+  Grey images of more than 8 bits are scaled to 8 bits first (PIL's own conversion clips
+  them at 255): 16-bit ("I;16", "I;16B", ...) by 255 / 65535; 32-bit integer ("I")
+  likewise when its values lie in 0..65535 (16-bit PNGs may open as "I"), else an
+  ImageError; float ("F") as 0..1 when its maximum is <= 1, else as 0..255 (clipped).
+  """
+  if image.mode.startswith("I") or image.mode == "F":
+    image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode))
   if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image = Image.alpha_composite(white, rgba)
   return np.asarray(image.convert("RGB"), np.uint8)
+
+
+def _grey_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+  """A PIL "I*" or "F" image's pixels [h, w] -> [h, w] uint8 (see `to_rgb`)."""
+  if mode == "F":
+    peak = 1.0 if pixels.max() <= 1.0 else 255.0
+    return np.round(np.clip(pixels / peak, 0.0, 1.0) * 255).astype(np.uint8)
+  low, high = int(pixels.min()), int(pixels.max())
+  if low < 0 or high > 65535:
+    raise ImageError(f"{mode!r} image with values in [{low}, {high}]; expected 0..65535")
+  return _from_16bit(pixels)
+
+
+def _from_16bit(pixels: np.ndarray) -> np.ndarray:
+  """Integers 0..65535 -> uint8, x / 257 rounded (65535 -> 255, 257 k -> k)."""
+  return np.round(pixels.astype(np.float32) / 257.0).astype(np.uint8)
 
 
 def decode(encoded: bytes) -> np.ndarray:
@@ -49,7 +73,13 @@ def decode(encoded: bytes) -> np.ndarray:
 def read(item) -> np.ndarray:
   """A path, PIL image or array -> [h, w, 3] uint8 RGB. Raises ImageError naming the path.
 
-  Arrays: [h, w], [h, w, 1|3|4], uint8 0..255 or float 0..1.
+  Arrays: [h, w] or [h, w, 1|3|4] (4: RGBA, composited on white), by dtype:
+    uint8             0..255;
+    uint16            0..65535 (16-bit), scaled to 8 bits (65535 -> 255);
+    other integers    0..255 (e.g. int64 from np.array of a list); values outside it
+                      raise ImageError naming the dtype and the range;
+    float, bool       0..1, clipped.
+  PIL images: see `to_rgb` (16-bit and float grey images are scaled to 8 bits).
   """
   if isinstance(item, (str, os.PathLike)):
     path = os.fspath(item)
@@ -67,9 +97,28 @@ def read(item) -> np.ndarray:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
     raise ImageError(f"array of shape {array.shape} is not an image ([h, w] or [h, w, 1|3|4])")
-  if array.dtype != np.uint8:
-    array = np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
-  return to_rgb(Image.fromarray(array))
+  if min(array.shape[:2]) == 0:
+    raise ImageShapeError(f"image of shape {array.shape}")
+  return to_rgb(Image.fromarray(_to_uint8(array)))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+  """An image array of any dtype `read` accepts -> the same shape in uint8."""
+  if array.dtype == np.uint8:
+    return array
+  if array.dtype == np.uint16:
+    return _from_16bit(array)
+  if array.dtype.kind in "iu":
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > 255:
+      raise ImageError(
+        f"{array.dtype} image array with values in [{low}, {high}]; integer arrays must be "
+        "0..255 (or uint16 0..65535)"
+      )
+    return array.astype(np.uint8)
+  if array.dtype.kind in "fb":
+    return np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+  raise ImageError(f"{array.dtype} array is not an image (use uint8, uint16, int or float)")
 
 
 def normalize(pixels: np.ndarray, mean, std) -> np.ndarray:
