@@ -31,7 +31,12 @@ def initialize(
   if coordinator_address or (num_processes or 1) > 1:
     if coordinator_address is None or num_processes is None or process_id is None:
       raise ValueError("--coordinator_address, --num_processes and --process_id go together")
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    # Explicit flags say everything: no cluster detection. Under SLURM it would also set
+    # local_device_ids = [SLURM_LOCALID], one GPU per process whatever the launcher's
+    # CUDA_VISIBLE_DEVICES (launch/gpu_multinode.sh gives each process its GPUs).
+    jax.distributed.initialize(
+      coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
+    )
   elif _cluster_detected():
     jax.distributed.initialize()
   logging.info(
