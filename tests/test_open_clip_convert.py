@@ -218,3 +218,17 @@ def test_parity_with_open_clip_at_reduced_depth(tmp_path, repo):
   # Not a degenerate decode: the captions differ and use several tokens.
   assert len({tuple(t) for t in summary["greedy_tokens"]}) > 1
   assert summary["parity"]
+
+
+def test_every_model_config_loads_from_another_working_directory(tmp_path):
+  """configs/open_clip/coca_vit_l14.py imports its sibling as `configs.open_clip...`, which
+  failed (ModuleNotFoundError) outside the repository root, where checkpoints live."""
+  code = (
+    "from coca_jax.convert import open_clip as c\n"
+    "for m in sorted(c.MODELS): print(m, c.load_config(m).model.width)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "coca_ViT-L-14 768" in out.stdout and "coca_ViT-B-32 512" in out.stdout, out.stdout

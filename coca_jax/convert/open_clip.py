@@ -60,6 +60,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Callable, Mapping
 
@@ -96,6 +97,11 @@ def load_config(model: str, config_file: str | None = None, layers: int | None =
     raise FileNotFoundError(
       f"config file {path} not found (the repository's configs/open_clip/; or pass --config)"
     )
+  # Config files import their siblings as `configs.<...>` (configs/ is not installed):
+  # the repository root on sys.path lets them, from any working directory.
+  repository = os.fspath(CONFIG_DIR.parents[1])
+  if repository not in sys.path:
+    sys.path.append(repository)
   spec = importlib.util.spec_from_file_location(f"open_clip_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
