@@ -502,3 +502,23 @@ def test_held_out_classes_never_reach_training(data_dir):
   config.jft_style.held_out_classes = ("trouser",)
   with pytest.raises(ValueError, match=r"held_out_classes names \['trouser'\]"):
     tasks.register(config)
+
+
+def test_special_ids_outside_the_vocabulary_are_a_config_error(data_dir):
+  path = str(data_dir / "vocab.model")
+  vocab.check_fits(path, 50_000, {"config.model.text.eos_id": 1})
+  with pytest.raises(ValueError, match=r"config.model.text.bos_id=49406 outside the \d+ pieces"):
+    vocab.check_fits(path, 50_000, {"config.model.text.bos_id": 49406})
+
+
+@pytest.mark.skipif(
+  not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)"
+)
+def test_an_open_clip_config_with_the_demo_vocabulary_is_a_config_error():
+  """open_clip's configs set start/end of text 49406/49407 and name no vocabulary: with
+  the demo's 1,000-piece model filled in, training tokenised captions with it."""
+  from coca_jax.data import loader
+  from configs.open_clip import coca_vit_b32
+
+  with pytest.raises(ValueError, match=r"bos_id=49406, config.model.text.eos_id=49407 outside"):
+    loader.resolve(coca_vit_b32.get_config())

@@ -19,7 +19,7 @@ import itertools
 import logging
 from typing import Iterator
 
-from coca_jax import sharding
+from coca_jax import sharding, tokens
 
 SOURCES = ("mixture", "synthetic", "vqa", "video")
 
@@ -39,7 +39,11 @@ def resolve(config):
   data.data_dir = data.data_dir or prepare.default_data_dir()
   prepare.ensure(data)
   data.vocab_path = data.vocab_path or prepare.paths(data.data_dir)["vocab"]
-  vocab.check_fits(data.vocab_path, config.model.text.vocab_size)
+  contract = tokens.Contract.from_config(config)
+  special_ids = {
+    f"config.model.text.{name}": getattr(contract, name) for name in ("bos_id", "eos_id", "pad_id")
+  }
+  vocab.check_fits(data.vocab_path, config.model.text.vocab_size, special_ids)
   return config
 
 

@@ -82,11 +82,22 @@ def seqio_vocabulary(path: str):
   return seqio.SentencePieceVocabulary(os.fspath(path))
 
 
-def check_fits(vocab_path: str, model_vocab_size: int) -> None:
-  """The model's vocabulary must hold every id of the tokenizer."""
+def check_fits(vocab_path: str, model_vocab_size: int, special_ids: dict | None = None) -> None:
+  """The model's vocabulary must hold every id of the tokenizer, and the tokenizer every
+  special id of the text contract (`special_ids`: {"config.model.text.bos_id": id, ...}):
+  an open_clip model (start/end of text 49406/49407) given the demo's 1,000-piece
+  SentencePiece model would otherwise train on ids the tokenizer never makes."""
   n = load(vocab_path).get_piece_size()
   if n > model_vocab_size:
     raise ValueError(
       f"config.model.text.vocab_size={model_vocab_size} is smaller than the "
       f"vocabulary at config.data.vocab_path ({n} pieces, {vocab_path})"
+    )
+  outside = {key: i for key, i in (special_ids or {}).items() if not 0 <= i < n}
+  if outside:
+    raise ValueError(
+      f"{', '.join(f'{k}={i}' for k, i in outside.items())} outside the {n} pieces of "
+      f"config.data.vocab_path={vocab_path}: the config's text contract is another "
+      "vocabulary's (an open_clip model needs CLIP's BPE merges, bpe_simple_vocab_16e6.txt.gz "
+      "from the open_clip package, or the vocab.txt.gz of its converted export)"
     )
