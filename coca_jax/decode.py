@@ -326,13 +326,25 @@ def beam_search_loop(
   prefix_length=None,
   contract: tokens_lib.Contract = tokens_lib.PAPER,
 ) -> DecodeOutput:
-  """Beam search keeping K hypotheses per example, finished ones included.
+  """Beam search with K live and K finished hypotheses per example (t5x's scheme).
 
-  A hypothesis that has produced EOS stays in the beam with its final score and competes
-  with the extensions of the live ones; hypotheses are ranked by log p / penalty(len).
-  With K = 1 this is exactly greedy decoding (the single best token each step), and an
-  example stops when all its K hypotheses have finished. Live hypotheses become finished
-  at max_length. Returns the best hypothesis per example.
+  Hypotheses are scored log p / penalty(len): log p of the generated (non-forced) tokens,
+  len counting the prefix too. Each step extends the K live hypotheses by every token and
+  takes the 2K most likely extensions; those that end join the finished set, which keeps
+  its K best, so a finished hypothesis never gives its place to a live one. A hypothesis
+  ends with a stop id of the contract (not one the prefix forces) or, at the last step, is
+  cut off at max_length; cut-off hypotheses rank with ended ones by score (t5x returns them
+  only where nothing ended). The K most likely extensions that do not end live on.
+
+  Early stop (t5x's bound): an example is done when its finished set is full and its best
+  live hypothesis's log p, divided by the largest penalty a continuation can get, is below
+  the worst finished score; log p only falls as a hypothesis grows, so no continuation can
+  enter the set. The loop ends when every example is done, or at max_length. Returns the
+  best finished hypothesis.
+
+  K = 1 is not greedy decoding: the live hypothesis takes greedy's path (the best token
+  that does not end), but a stop token ranked second joins the finished set too, so the
+  result is greedy's caption or one that scores better.
   """
   k = beam_size
   pad = contract.pad_id
@@ -345,63 +357,77 @@ def beam_search_loop(
   )
 
   def cond(carry):
-    i, finished = carry[0], carry[4]
-    return (i < max_length) & ~jnp.all(finished)
+    i, _, _, live_log_probs, _, finished_scores, _ = carry
+    # A continuation of a live hypothesis has log p <= its own (<= 0) and its length in
+    # (i, max_length]: its score is at most log p / the largest penalty among those.
+    largest = jnp.maximum(
+      length_penalty(i + 1, alpha), length_penalty(jnp.int32(max_length), alpha)
+    )
+    best_live = jnp.max(live_log_probs, axis=1) / largest  # [B]
+    worst_finished = jnp.min(finished_scores, axis=1)  # [B]; NEG while not full
+    done = (worst_finished > NEG) & (worst_finished > best_live)
+    return (i < max_length) & ~jnp.all(done)
 
   def body(carry):
-    i, inputs, seqs, log_probs, finished, lengths, cache = carry
+    i, inputs, live_seqs, live_log_probs, finished_seqs, finished_scores, cache = carry
     logits, cache = step_model.step(inputs.reshape(batch * k), cache, context)
     vocab = logits.shape[-1]
     token_log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
-    forced = (i < prefix_length)[:, None, None]
+    forced = i < prefix_length  # [B]
     is_forced_token = jnp.arange(vocab)[None, None, :] == prefix[:, i][:, None, None]
-    token_log_probs = jnp.where(forced, jnp.where(is_forced_token, 0.0, NEG), token_log_probs)
-
-    # Candidates: V extensions of every live hypothesis, and each finished one as is.
-    extended = log_probs[:, :, None] + token_log_probs  # [B, K, V]
-    extended = jnp.where(finished[:, :, None], 2 * NEG, extended)
-    kept = jnp.where(finished, log_probs, 2 * NEG)  # [B, K]
-    candidate_scores = jnp.concatenate(
-      [
-        (extended / length_penalty(i + 1, alpha)).reshape(batch, k * vocab),
-        kept / length_penalty(lengths, alpha),
-      ],
-      axis=1,
+    token_log_probs = jnp.where(
+      forced[:, None, None], jnp.where(is_forced_token, 0.0, NEG), token_log_probs
     )
-    _, best = jax.lax.top_k(candidate_scores, k)  # [B, K]; ties go to extensions
-    is_kept = best >= k * vocab
-    origin = jnp.where(is_kept, best - k * vocab, best // vocab)
-    token = jnp.where(is_kept, pad, best % vocab).astype(jnp.int32)
+    # [B, K * V]: log p of every extension, NEG for those of empty beams and for tokens
+    # the prefix excludes; flat index = beam * V + token.
+    extended = (live_log_probs[:, :, None] + token_log_probs).reshape(batch, k * vocab)
+    extended = jnp.where(extended > NEG / 2, extended, NEG)
 
-    seqs = jnp.take_along_axis(seqs, origin[:, :, None], axis=1)
-    seqs = jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], i, 2)
-    extended_scores = jnp.take_along_axis(
-      extended.reshape(batch, k * vocab), jnp.minimum(best, k * vocab - 1), axis=1
+    # [B, V]: does a hypothesis end with this token: a stop id the prefix does not force,
+    # or any token at the last step (cut off at max_length).
+    ends = (_is_stop(jnp.arange(vocab), contract)[None] & ~forced[:, None]) | (i + 1 == max_length)
+
+    def extend(index):
+      """Flat extension indices [B, N] -> sequences [B, N, L], last tokens [B, N]."""
+      token = (index % vocab).astype(jnp.int32)
+      seqs = jnp.take_along_axis(live_seqs, (index // vocab)[:, :, None], axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(seqs, token[:, :, None], i, 2), token
+
+    # The ending ones among the 2K most likely extensions join the finished set.
+    top_log_probs, top = jax.lax.top_k(extended, min(2 * k, k * vocab))  # [B, 2K]
+    new_scores = jnp.where(
+      jnp.take_along_axis(ends, top % vocab, axis=1) & (top_log_probs > NEG),
+      top_log_probs / length_penalty(i + 1, alpha),
+      NEG,
     )
-    log_probs = jnp.where(is_kept, jnp.take_along_axis(log_probs, origin, axis=1), extended_scores)
-    lengths = jnp.where(is_kept, jnp.take_along_axis(lengths, origin, axis=1), i + 1)
-    stop = _is_stop(token, contract) & ~forced[:, :, 0]
-    finished = is_kept | stop | (i + 1 == max_length)
+    finished_scores, keep = jax.lax.top_k(jnp.concatenate([finished_scores, new_scores], 1), k)
+    candidates = jnp.concatenate([finished_seqs, extend(top)[0]], axis=1)  # [B, 3K, L]
+    finished_seqs = jnp.take_along_axis(candidates, keep[:, :, None], axis=1)
+
+    # The K most likely extensions that do not end live on, with their cache rows.
+    live_log_probs, best = jax.lax.top_k(jnp.where(jnp.tile(ends, (1, k)), NEG, extended), k)
+    live_seqs, inputs = extend(best)
+    origin = best // vocab  # [B, K]
     cache = _map_batch(lambda x, a: _gather_beams(x, a, origin), cache, step_model.cache_batch_axes)
-    return i + 1, token, seqs, log_probs, finished, lengths, cache
+    return i + 1, inputs, live_seqs, live_log_probs, finished_seqs, finished_scores, cache
 
   # Only beam 0 is live at the start, so the first step does not pick K copies of the
   # same token.
   init_log_probs = jnp.where(jnp.arange(k)[None] == 0, 0.0, NEG) * jnp.ones((batch, 1))
+  empty_seqs = jnp.full((batch, k, max_length), pad, jnp.int32)
   init = (
     jnp.int32(0),
     jnp.full((batch, k), contract.bos_id, jnp.int32),
-    jnp.full((batch, k, max_length), pad, jnp.int32),
+    empty_seqs,
     init_log_probs,
-    jnp.zeros((batch, k), bool),
-    jnp.zeros((batch, k), jnp.int32),
+    empty_seqs,
+    jnp.full((batch, k), NEG, jnp.float32),
     cache,
   )
-  _, _, seqs, log_probs, _, lengths, _ = jax.lax.while_loop(cond, body, init)
-  final = log_probs / length_penalty(jnp.maximum(lengths, 1), alpha)
-  best = jnp.argmax(final, axis=1)
-  tokens = jnp.take_along_axis(seqs, best[:, None, None], axis=1)[:, 0]
-  return DecodeOutput(tokens, jnp.take_along_axis(final, best[:, None], axis=1)[:, 0])
+  _, _, _, _, finished_seqs, finished_scores, _ = jax.lax.while_loop(cond, body, init)
+  # top_k keeps the finished set sorted, best first; it is never empty at the end (the
+  # last step finishes every extension).
+  return DecodeOutput(finished_seqs[:, 0], finished_scores[:, 0])
 
 
 def run_loop(

@@ -121,14 +121,26 @@ def test_cached_decoding_with_several_layers_per_stack_equals_full_recompute(ima
 
 
 def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
+  """top-k 1 sampling is greedy. Beam search with one beam follows greedy's path, and a
+  stop token among the 2 most likely tokens (t5x's 2K candidates) joins its finished set
+  even where greedy goes on: it returns greedy's caption or one that scores better under
+  the length penalty, and greedy's where neither stops."""
   graphdef, params = graphdef_params
   greedy = jitted(graphdef, make_options("greedy", max_length=L))(params, images)
-  beam = jitted(graphdef, make_options("beam", max_length=L, beam_size=1))(params, images)
+  options = make_options("beam", max_length=L, beam_size=1)
+  beam = jitted(graphdef, options)(params, images)
   sample = jitted(graphdef, make_options("sample", max_length=L, top_k=1, temperature=0.7))(
     params, images, rng=jax.random.key(3)
   )
-  np.testing.assert_array_equal(np.asarray(beam.tokens), np.asarray(greedy.tokens))
   np.testing.assert_array_equal(np.asarray(sample.tokens), np.asarray(greedy.tokens))
+  greedy_tokens, beam_tokens = np.asarray(greedy.tokens), np.asarray(beam.tokens)
+  stops = greedy_tokens == decode.EOS_ID
+  lengths = np.where(stops.any(1), stops.argmax(1) + 1, L)
+  greedy_scores = np.asarray(greedy.scores) / ((5 + lengths) / 6) ** options.length_penalty
+  assert np.all(np.asarray(beam.scores) >= greedy_scores - 1e-5)
+  neither_stops = ~stops.any(1) & ~(beam_tokens == decode.EOS_ID).any(1)
+  assert neither_stops.sum() >= 2
+  np.testing.assert_array_equal(beam_tokens[neither_stops], greedy_tokens[neither_stops])
 
 
 def test_prefix_is_forced_and_continued(model, images, graphdef_params):

@@ -1,0 +1,173 @@
+"""Beam search keeps finished hypotheses apart from the live ones: a finished caption is
+never pushed out of the beam by live extensions, and the search returns the best
+hypothesis it found. Toy Markov step models (the next token depends on the last one)
+against exhaustive enumeration with GNMT length penalties, prefixes and both stop
+contracts."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from coca_jax import decode
+from coca_jax import tokens as tokens_lib
+
+# The paper's ids: 0 pad/BOS (not a stop), 1 EOS, 2 "A", 3 "B".
+PAPER = tokens_lib.PAPER
+# open_clip's layout: pad 0 stops like EOS 1, BOS 4 is never an output.
+STOP_AT_PAD = tokens_lib.Contract(bos_id=4, eos_id=1, pad_id=0, eos_input=True, stop_at_pad=True)
+
+
+def markov(tables: np.ndarray) -> decode.StepModel:
+  """tables [B, L, V, V] of log-probabilities, one per example and position, row = the
+  previous token (position-dependent, so no two sequences tie by reordering). Beam search
+  repeats the tables per beam (context batch axis 0); the cache counts the steps."""
+
+  def step(ids, cache, context):
+    return context[jnp.arange(ids.shape[0]), cache, ids], cache + 1
+
+  batch = tables.shape[0]
+  return decode.StepModel(
+    step, jnp.zeros((batch,), jnp.int32), jnp.asarray(tables, jnp.float32), 0, 0
+  )
+
+
+def gnmt(length: int, alpha: float) -> float:
+  return ((5.0 + length) / 6.0) ** alpha
+
+
+def enumerate_best(tables, max_length, alpha, contract, real, prefix=()):
+  """The best hypothesis by brute force, in float64: every sequence of `real` tokens
+  after the forced prefix that ends at its first stop id (EOS; pad too with
+  stop_at_pad) or runs to max_length, scored by the log p of its generated tokens /
+  gnmt(len, alpha). tables: [L, V, V]. -> (tokens [max_length] padded with pad, score,
+  the second best score)."""
+  stops = {contract.eos_id} | ({contract.pad_id} if contract.stop_at_pad else set())
+  tables = np.asarray(tables, np.float64)
+  scored = []
+  for n in range(len(prefix) + 1, max_length + 1):
+    for rest in itertools.product(real, repeat=n - len(prefix)):
+      if stops & set(rest[:-1]) or (rest[-1] not in stops and n < max_length):
+        continue
+      seq = (contract.bos_id, *prefix, *rest)
+      log_p = sum(tables[i, seq[i], seq[i + 1]] for i in range(len(prefix), n))
+      scored.append((log_p / gnmt(n, alpha), list(seq[1:])))
+  scored.sort(key=lambda s: -s[0])
+  (best_score, best), (second_score, _) = scored[:2]
+  return best + [contract.pad_id] * (max_length - len(best)), best_score, second_score
+
+
+# ---- the reviewer's case: finished hypotheses lost their beam slots.
+# V = 4, 0 BOS/pad, 1 EOS, 2 "a", 3 "b"; the same table at every position. The empty
+# caption (EOS first, p 0.3) beats every longer one, but "a" and "b" (0.35 each) take
+# both beam slots at step 0.
+TOY = np.log(
+  np.array(
+    [
+      [1e-9, 0.30, 0.35, 0.35],  # after BOS
+      [1e-9, 0.25, 0.375, 0.375],  # after EOS (never used)
+      [1e-9, 0.20, 0.40, 0.40],  # after a
+      [1e-9, 0.20, 0.40, 0.40],  # after b
+    ]
+  )
+).astype(np.float32)
+
+
+@pytest.mark.parametrize("max_length", [2, 3, 5])
+def test_a_finished_caption_is_not_pushed_out_by_live_ones(max_length):
+  """Two beams, alpha 0: the empty caption (log p -1.20) must win over "a a a a a"
+  (-4.71), which the search used to return because EOS was not kept apart."""
+  tables = np.stack([TOY] * max_length)
+  expected, expected_score, _ = enumerate_best(tables, max_length, 0.0, PAPER, (1, 2, 3))
+  assert expected == [1] + [0] * (max_length - 1)
+  np.testing.assert_allclose(expected_score, np.log(0.3))
+  out = decode.beam_search_loop(
+    markov(np.stack([tables] * 2)), batch=2, max_length=max_length, beam_size=2, alpha=0.0
+  )
+  np.testing.assert_array_equal(np.asarray(out.tokens), [expected] * 2)
+  np.testing.assert_allclose(np.asarray(out.scores), expected_score, rtol=1e-5)
+
+
+# ---- random chains against enumeration, where nothing is pruned.
+L, BATCH = 4, 64
+
+
+def random_tables(contract: tokens_lib.Contract, vocab: int) -> np.ndarray:
+  """[BATCH, L, V, V] log-probabilities over the real tokens (0-3 but BOS; ~0 elsewhere):
+  a stop (split between the stop ids) with probability 0.1-0.3 at the first position and
+  0.002-0.02 later, "A" and "B" near even. So an early end competes with longer captions
+  that outscore it half-way (more likely, longer under the penalty) and may fall behind it
+  by max_length."""
+  rng = np.random.default_rng(0)
+  stops = [contract.eos_id] + ([contract.pad_id] if contract.stop_at_pad else [])
+  go = [2, 3]
+  end = rng.uniform(0.002, 0.02, (BATCH, L, vocab))
+  end[:, 0] = rng.uniform(0.1, 0.3, (BATCH, vocab))
+  probs = np.full((BATCH, L, vocab, vocab), 1e-9)
+  probs[..., go] = (1 - end)[..., None] * rng.dirichlet([200.0] * len(go), (BATCH, L, vocab))
+  probs[..., stops] = end[..., None] * rng.dirichlet([1.0] * len(stops), (BATCH, L, vocab))
+  return np.log(probs / probs.sum(-1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("alpha", [0.6, 1.0])
+@pytest.mark.parametrize("contract", [PAPER, STOP_AT_PAD], ids=["paper", "stop_at_pad"])
+def test_beam_search_equals_enumeration_with_length_penalty(alpha, contract):
+  """Two tokens go on ("A", "B"), so 2^3 = 8 beams hold every live hypothesis up to
+  length 3, and the 2K = 16 most likely extensions hold every one that ends before the
+  last step: beam search must return the exhaustive optimum, whether it ends early or is
+  cut off at max_length. A third of the examples have a forced one-token prefix "A", a
+  third a forced pad (with stop_at_pad, a forced pad does not end the caption)."""
+  vocab = 4 if contract is PAPER else 5
+  tables = random_tables(contract, vocab)
+  real = tuple(t for t in range(4) if t != contract.bos_id)
+  prefixes = [[(), (2,), (contract.pad_id,)][b % 3] for b in range(BATCH)]
+  out = decode.beam_search_loop(
+    markov(tables),
+    batch=BATCH,
+    max_length=L,
+    beam_size=8,
+    alpha=alpha,
+    prefix=np.array([p or (contract.pad_id,) for p in prefixes], np.int32),
+    prefix_length=np.array([len(p) for p in prefixes], np.int32),
+    contract=contract,
+  )
+  refs = [enumerate_best(t, L, alpha, contract, real, p) for t, p in zip(tables, prefixes)]
+  # Float32 search, float64 reference: no near ties at the top.
+  assert min(best - second for _, best, second in refs) > 1e-4
+  # The winners include captions that end early and ones cut off at max_length.
+  stops = {contract.eos_id, contract.pad_id} if contract.stop_at_pad else {contract.eos_id}
+  generated = [tokens[len(p) :] for (tokens, _, _), p in zip(refs, prefixes)]
+  assert any(stops & set(g[:-1]) for g in generated)
+  assert any(not stops & set(g) for g in generated)
+  np.testing.assert_array_equal(np.asarray(out.tokens), [tokens for tokens, _, _ in refs])
+  np.testing.assert_allclose(np.asarray(out.scores), [s for _, s, _ in refs], rtol=1e-5)
+
+
+def test_search_stops_once_no_live_hypothesis_can_win():
+  """EOS is likely after every token: both finished slots fill within two steps, and the
+  live hypotheses, even penalised at max_length, cannot beat them; the loop ends there."""
+  probs = np.array(
+    [
+      [1e-9, 0.7, 0.2, 0.1],
+      [1e-9, 0.7, 0.2, 0.1],
+      [1e-9, 0.8, 0.1, 0.1],
+      [1e-9, 0.8, 0.1, 0.1],
+    ]
+  )
+  table = jnp.asarray(np.log(probs), jnp.float32)
+  steps = []
+
+  def step(ids, cache, context):
+    jax.debug.callback(lambda: steps.append(1))
+    return table[ids], cache
+
+  step_model = decode.StepModel(step, jnp.zeros((1,)), jnp.zeros((1,)), 0, 0)
+  out = decode.beam_search_loop(step_model, batch=1, max_length=8, beam_size=2, alpha=0.6)
+  jax.effects_barrier()
+  assert len(steps) == 2
+  tables = np.log(np.stack([probs] * 8))
+  expected, expected_score, _ = enumerate_best(tables, 8, 0.6, PAPER, (1, 2, 3))
+  np.testing.assert_array_equal(np.asarray(out.tokens), [expected])
+  np.testing.assert_allclose(np.asarray(out.scores), [expected_score], rtol=1e-5)
