@@ -147,8 +147,32 @@ def test_bleu4_of_an_exact_match_is_one():
   assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
 
 
-def test_normalize_matches_ptb_style_for_plain_text():
-  assert captioning.normalize("A Cat's hat, on   a MAT.") == "a cat's hat on a mat"
+@pytest.mark.parametrize(
+  "text, ptb",
+  # What the COCO toolkit's PTBTokenizer (lower case, its punctuation tokens removed)
+  # gives for these: clitics split, hyphenated words whole, letters of any script.
+  [
+    ("A Cat's hat, on   a MAT.", "a cat 's hat on a mat"),
+    ("A man's t-shirt (blue)!", "a man 's t-shirt blue"),
+    ("person: medium-dark skin tone", "person medium-dark skin tone"),
+    ("Piñata; left-right arrow...", "piñata left-right arrow"),
+  ],
+)
+def test_normalize_matches_ptb_style_for_plain_text(text, ptb):
+  assert captioning.normalize(text) == ptb
+
+
+def test_ties_and_nan_never_count_as_hits():
+  """Collapsed embeddings (every score equal) rank every match last; NaN is an error."""
+  text_image = np.repeat(np.arange(10), 2)
+  tied = retrieval.recall_at_k(np.ones((10, 20)), text_image, ks=(1, 5))
+  assert all(v == 0.0 for v in tied.values()), tied
+  with pytest.raises(ValueError, match="non-finite"):
+    retrieval.recall_at_k(np.full((10, 20), np.nan), text_image)
+  with pytest.raises(ValueError, match=r"labels \[5, 7\] outside the 3 classes"):
+    zero_shot.top_k_accuracy(np.zeros((3, 3)), [0, 5, 7])
+  with pytest.raises(ValueError, match="non-finite"):
+    zero_shot.top_k_accuracy(np.full((2, 3), np.nan), [0, 1])
 
 
 # ---- the whole suite on a tiny model

@@ -5,8 +5,10 @@ Legend: N images, R references per image (may vary), H/W image size.
 Scores come from pycocoevalcap 1.2's pure-Python scorers: `Cider` (which implements
 CIDEr-D: clipped n-gram counts and a Gaussian length penalty, sigma 6) and `Bleu(4)`
 ("closest" reference length). The COCO toolkit's PTBTokenizer needs Java; `normalize`
-replaces it with a regex tokenizer (lower case, punctuation dropped), which matches it on
-plain alt-text like ours.
+replaces it with a regex tokenizer that follows it on plain alt-text: lower case, words
+of any script, hyphenated words kept whole ("t-shirt"), clitics split off ("man 's"),
+punctuation dropped (the toolkit drops PTB's punctuation tokens). Not Java's tokenizer
+in every corner ("don't" stays "don 't" where PTB gives "do n't").
 """
 
 import base64
@@ -18,11 +20,13 @@ from typing import Sequence
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+# A word: letters or digits of any script ([^\W_]), hyphen-joined parts kept together; or a
+# clitic ("'s") split off its word, as PTB does.
+_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|'[^\W_]+")
 
 
 def normalize(text: str) -> str:
-  """Lower-cased words separated by single spaces, punctuation dropped."""
+  """Lower-cased words separated by single spaces, punctuation dropped (see above)."""
   return " ".join(_WORD.findall(text.lower()))
 
 

@@ -15,11 +15,12 @@ import numpy as np
 def _rank_of_best_match(similarity: np.ndarray, is_match: np.ndarray) -> np.ndarray:
   """similarity, is_match [Q, G] -> [Q] 0-based rank of the best-ranked match.
 
-  Rank = number of candidates scoring strictly higher than the best match, so ties are
-  resolved in the query's favour only when scores are exactly equal.
+  Rank = number of non-matching candidates scoring at least as high as the best match:
+  ties count against the query, so collapsed embeddings (every score equal) rank last,
+  not first.
   """
   best_match = np.max(np.where(is_match, similarity, -np.inf), axis=1, keepdims=True)
-  return np.sum(similarity > best_match, axis=1)
+  return np.sum((similarity >= best_match) & ~is_match, axis=1)
 
 
 def recall_at_k(
@@ -31,6 +32,8 @@ def recall_at_k(
   """
   num_images = similarity.shape[0]
   text_image = np.asarray(text_image)
+  if not np.all(np.isfinite(similarity)):
+    raise ValueError("retrieval: the similarity matrix has non-finite entries (NaN embeddings?)")
   is_match = np.arange(num_images)[:, None] == text_image[None, :]  # [I, J]
   image_rank = _rank_of_best_match(similarity, is_match)
   text_rank = _rank_of_best_match(similarity.T, is_match.T)

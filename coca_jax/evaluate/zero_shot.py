@@ -30,9 +30,18 @@ def top_k_accuracy(
   scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
   """scores [N, C], labels [N] int -> {"top{k}": fraction whose label is among the k
-  highest scores}. Ties are broken toward the lower class index (stable sort)."""
+  highest scores}. Ties are broken toward the lower class index (stable sort). A label
+  outside [0, C) or a non-finite score is an error (either had counted as a top-1 hit)."""
+  scores, labels = np.asarray(scores), np.asarray(labels)
+  bad = labels[(labels < 0) | (labels >= scores.shape[1])]
+  if bad.size:
+    raise ValueError(
+      f"zero-shot labels {sorted(set(bad.tolist()))[:5]} outside the {scores.shape[1]} classes"
+    )
+  if not np.all(np.isfinite(scores)):
+    raise ValueError("zero-shot: the class scores have non-finite entries (NaN embeddings?)")
   order = np.argsort(-scores, axis=1, kind="stable")
-  rank = np.argmax(order == np.asarray(labels)[:, None], axis=1)  # 0 = best
+  rank = np.argmax(order == labels[:, None], axis=1)  # 0 = best
   return {f"top{k}": float(np.mean(rank < k)) for k in ks}
 
 
