@@ -522,3 +522,11 @@ def test_an_open_clip_config_with_the_demo_vocabulary_is_a_config_error():
 
   with pytest.raises(ValueError, match=r"bos_id=49406, config.model.text.eos_id=49407 outside"):
     loader.resolve(coca_vit_b32.get_config())
+
+
+def test_evaluating_on_the_training_files_is_named(caplog):
+  with caplog.at_level("WARNING"):
+    assert tasks.split_files("config.data.vqa", "t*", "e*") == dict(train="t*", validation="e*")
+    assert not caplog.records
+    assert tasks.split_files("config.data.vqa", "t*", "") == dict(train="t*", validation="t*")
+  assert "config.data.vqa.eval_files is empty: evaluation reads the training files" in caplog.text

@@ -37,6 +37,7 @@ import os
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from absl import logging
 
 from coca_jax.data import preprocess, vocab
 
@@ -61,6 +62,21 @@ def output_features(vocab_path: str) -> dict:
   }
 
 
+def split_files(key: str, files: str, eval_files: str) -> dict[str, str]:
+  """{"train", "validation"} file patterns of a file source (`key`: its config section, for
+  the message). Without eval_files the evaluation reads the training files: allowed (a
+  quick check of a pipeline), but its metrics are then training-set metrics, so it warns."""
+  if not eval_files:
+    logging.warning(
+      "%s.eval_files is empty: evaluation reads the training files (%s.files=%s); its "
+      "losses and metrics are on training data",
+      key,
+      key,
+      files,
+    )
+  return dict(train=files, validation=eval_files or files)
+
+
 def tfds_data_dir(data_config, source_config) -> str:
   return source_config.tfds_data_dir or os.path.join(data_config.data_dir, "tfds")
 
@@ -70,7 +86,7 @@ def source(data_config, kind: str) -> seqio.DataSource:
   c = data_config[kind]
   if kind == "alt_text" and c.files:
     return seqio.TFExampleDataSource(
-      split_to_filepattern=dict(train=c.files, validation=c.eval_files or c.files),
+      split_to_filepattern=split_files("config.data.alt_text", c.files, c.eval_files),
       feature_description=TF_EXAMPLE_FEATURES,
     )
   return seqio.TfdsDataSource(

@@ -165,7 +165,7 @@ def files(data_config) -> dict[str, str]:
   """{"train", "validation"}: the file patterns of the video source (the demo's built)."""
   v = data_config.video
   if v.files:
-    return dict(train=v.files, validation=v.eval_files or v.files)
+    return tasks.split_files("config.data.video", v.files, v.eval_files)
   return build_demo(data_config)
 
 

@@ -150,7 +150,7 @@ def files(data_config) -> dict[str, str]:
   """{"train", "validation"}: the file patterns of the VQA source (the demo's built)."""
   v = data_config.vqa
   if v.files:
-    return dict(train=v.files, validation=v.eval_files or v.files)
+    return tasks.split_files("config.data.vqa", v.files, v.eval_files)
   return build_demo(data_config)
 
 
