@@ -139,7 +139,7 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
   tasks_per_node=$((num_processes / ${#hosts[@]}))
   coordinator="${hosts[0]}:$PORT"
   srun=(srun --kill-on-bad-exit=1 --ntasks="$num_processes" --ntasks-per-node="$tasks_per_node"
-    bash "$SCRIPT" --task --coordinator="$coordinator" "${PASSTHROUGH[@]}" -- "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+    bash "$SCRIPT" --task --coordinator="$coordinator" "${PASSTHROUGH[@]+"${PASSTHROUGH[@]}"}" -- "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
   if [[ "$DRY_RUN" == 1 ]]; then
     echo "+ $(quote_all "${srun[@]}")"
     for ((process_id = 0; process_id < num_processes; process_id++)); do
