@@ -284,7 +284,8 @@ def coca_config(
         std=(0.5, 0.5, 0.5),
         crop_area=(0.5, 1.0),  # random resized crop: fraction of the image area
         crop_aspect=(3 / 4, 4 / 3),
-        # Horizontal flips in training; off for the demo (emoji names say "left").
+        # Horizontal flips in training (configs/demo.py turns them off: emoji names say
+        # "left" and "right").
         flip=True,
         # Eval / serving resize of the shorter side before the center crop: "bilinear"
         # (coca_jax's own models) or "bicubic" (open_clip's preprocessing).
