@@ -41,8 +41,8 @@ def get_config(arg=None):
   c.optim.warmup_fraction = 0.05
   c.optim.decay = "cosine"
   c.optim.factored_min_dim = 128
-  # 800 steps: 7m42s end to end at load 2 (README); 500 gave lower retrieval and
-  # zero-shot (R@1 9.9 / 11.1 vs 14.4 / 13.8, seen top-1 53.3% vs 61.1%).
+  # 800 steps: 8m07s end to end at load 1-2 (README); 500 gave lower retrieval and
+  # zero-shot (R@1 9.9 / 11.1 vs 15.5 / 14.9, seen top-1 53.3% vs 62.7%).
   c.train.steps = 800
   c.train.log_every = 25
   c.train.checkpoint_every = 100
