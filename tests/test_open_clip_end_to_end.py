@@ -11,7 +11,7 @@ from flax import nnx
 
 from coca_jax import export, inference, sharding, train
 from coca_jax.convert import open_clip as convert_lib
-from coca_jax.data import clip_bpe, loader
+from coca_jax.data import clip_bpe, loader, prepare
 from coca_jax.evaluate import __main__ as evaluate_main
 from coca_jax.models import coca
 from configs.open_clip import tiny
@@ -77,3 +77,10 @@ def test_export_serves_the_api_and_a_benchmark_recipe(tmp_path, run_main):
   assert status == 0, err
   final = json.loads(out.strip().splitlines()[-1])
   assert final["cifar10/examples"] == 6.0 and 0.0 <= final["cifar10/zero_shot/top1"] <= 1.0
+  if prepare.is_prepared():  # the default suite on the demo's eval sets, CLIP's vocabulary
+    config_without_vocab = json.loads((tmp_path / "export" / "config.json").read_text())
+    config_without_vocab["data"]["vocab_path"] = ""  # as a converted export has it
+    (tmp_path / "export" / "config.json").write_text(json.dumps(config_without_vocab))
+    status, out, err = run_main(evaluate_main, f"--export={path}", "--config=configs/demo.py")
+    assert status == 0, err
+    assert "retrieval/image_to_text_r1" in json.loads(out.strip().splitlines()[-1])

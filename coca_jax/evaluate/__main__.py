@@ -54,6 +54,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   from coca_jax.data import eval_sets
 
   model, config = export.load_model(f.export)
+  # The eval sets are read with the export's own vocabulary (a converted open_clip export
+  # holds CLIP's merges and names no config.data.vocab_path).
+  config.data.vocab_path = export.vocab_file_in(f.export) or config.data.vocab_path
   if f.config is not None:
     config.eval = f.config.eval
   predictor = predict.Predictor(
