@@ -58,11 +58,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
 
   model = inference.load(f.export, batch_size=f.batch_size)
   pixels, failures = model.read_images(paths, errors="collect")
-  method = f.method or ("beam" if f.beam > 0 else None)
   captions = iter(
     model.caption(
       pixels,
-      method,
+      f.method,  # unset: --beam > 0 picks beam search, sampling flags sampling
       beam_size=f.beam or None,
       max_length=f.max_length,
       temperature=f.temperature,

@@ -346,7 +346,7 @@ def train(config, workdir: str) -> dict:
   final = dict(fetched, step=step, **evaluated, **at_start)
   if step < config.train.steps:  # preempted: the headline names the finished run's metrics
     return final
-  return headline(config, final)
+  return headline(config, final, trained=step > start_step)
 
 
 def check_headline(config) -> None:
@@ -361,15 +361,16 @@ def check_headline(config) -> None:
       )
 
 
-def headline(config, final: dict) -> dict:
+def headline(config, final: dict, trained: bool = True) -> dict:
   """`final` plus config.eval.headline's names for some of its metrics. A metric from
   before the first step is absent after a resume (it is not measured again), and a
-  training metric after a finished run is started again (no step runs): skipped."""
+  training metric when no step ran (`trained` False: a finished run started again):
+  skipped."""
   named = {}
   for name, key in config.eval.headline.items():
     if key in final:
       named[name] = final[key]
-    elif key.startswith(AT_START + "/") or ("loss" not in final and not key.startswith("eval/")):
+    elif key.startswith(AT_START + "/") or not (trained or key.startswith("eval/")):
       logging.info("headline %s: %s not measured in this (resumed) run", name, key)
     else:
       raise ValueError(

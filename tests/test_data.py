@@ -529,4 +529,6 @@ def test_evaluating_on_the_training_files_is_named(caplog):
     assert tasks.split_files("config.data.vqa", "t*", "e*") == dict(train="t*", validation="e*")
     assert not caplog.records
     assert tasks.split_files("config.data.vqa", "t*", "") == dict(train="t*", validation="t*")
+    tasks.split_files("config.data.vqa", "t*", "")
   assert "config.data.vqa.eval_files is empty: evaluation reads the training files" in caplog.text
+  assert len(caplog.records) == 1  # once per source and pattern

@@ -162,11 +162,19 @@ def test_normalize_matches_ptb_style_for_plain_text(text, ptb):
   assert captioning.normalize(text) == ptb
 
 
-def test_ties_and_nan_never_count_as_hits():
-  """Collapsed embeddings (every score equal) rank every match last; NaN is an error."""
-  text_image = np.repeat(np.arange(10), 2)
-  tied = retrieval.recall_at_k(np.ones((10, 20)), text_image, ks=(1, 5))
-  assert all(v == 0.0 for v in tied.values()), tied
+def test_ties_are_broken_at_random_in_expectation_and_nan_is_an_error():
+  """A match tied with one non-match is a hit at K = 1 half the time (one query of two
+  each way); collapsed
+  embeddings (every score equal) give chance, not 1.0; NaN is an error."""
+  half = retrieval.recall_at_k(np.array([[1.0, 1.0], [0.0, 1.0]]), [0, 1], ks=(1, 2))
+  assert half == dict(
+    image_to_text_r1=0.75, text_to_image_r1=0.75, image_to_text_r2=1.0, text_to_image_r2=1.0
+  )
+  text_image = np.arange(10)  # one caption per image: 9 tied non-matches per query
+  tied = retrieval.recall_at_k(np.ones((10, 10)), text_image, ks=(1, 5))
+  assert tied == dict(
+    image_to_text_r1=0.1, text_to_image_r1=0.1, image_to_text_r5=0.5, text_to_image_r5=0.5
+  )
   with pytest.raises(ValueError, match="non-finite"):
     retrieval.recall_at_k(np.full((10, 20), np.nan), text_image)
   with pytest.raises(ValueError, match=r"labels \[5, 7\] outside the 3 classes"):

@@ -57,7 +57,7 @@ def test_a_resume_that_changes_the_data_stream_is_named(caplog):
 
 def test_a_finished_run_started_again_skips_training_metrics_only():
   c = _config({"train/loss": "loss", "final/loss": "eval/loss"})
-  assert train.headline(c, {"step": 5, "eval/loss": 2.0}) == {
+  assert train.headline(c, {"step": 5, "eval/loss": 2.0}, trained=False) == {
     "step": 5,
     "eval/loss": 2.0,
     "final/loss": 2.0,

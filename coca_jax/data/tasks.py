@@ -62,11 +62,16 @@ def output_features(vocab_path: str) -> dict:
   }
 
 
+_WARNED_EVAL_ON_TRAIN: set[tuple[str, str]] = set()
+
+
 def split_files(key: str, files: str, eval_files: str) -> dict[str, str]:
   """{"train", "validation"} file patterns of a file source (`key`: its config section, for
   the message). Without eval_files the evaluation reads the training files: allowed (a
-  quick check of a pipeline), but its metrics are then training-set metrics, so it warns."""
-  if not eval_files:
+  quick check of a pipeline), but its metrics are then training-set metrics, so it warns
+  (once per source and pattern)."""
+  if not eval_files and (key, files) not in _WARNED_EVAL_ON_TRAIN:
+    _WARNED_EVAL_ON_TRAIN.add((key, files))
     logging.warning(
       "%s.eval_files is empty: evaluation reads the training files (%s.files=%s); its "
       "losses and metrics are on training data",

@@ -12,15 +12,21 @@ from typing import Sequence
 import numpy as np
 
 
-def _rank_of_best_match(similarity: np.ndarray, is_match: np.ndarray) -> np.ndarray:
-  """similarity, is_match [Q, G] -> [Q] 0-based rank of the best-ranked match.
-
-  Rank = number of non-matching candidates scoring at least as high as the best match:
-  ties count against the query, so collapsed embeddings (every score equal) rank last,
-  not first.
-  """
+def _ahead_and_tied(similarity: np.ndarray, is_match: np.ndarray):
+  """similarity, is_match [Q, G] -> ([Q] non-matches scoring above the best match, [Q]
+  non-matches scoring exactly as the best match)."""
   best_match = np.max(np.where(is_match, similarity, -np.inf), axis=1, keepdims=True)
-  return np.sum((similarity >= best_match) & ~is_match, axis=1)
+  ahead = np.sum((similarity > best_match) & ~is_match, axis=1)
+  tied = np.sum((similarity == best_match) & ~is_match, axis=1)
+  return ahead, tied
+
+
+def _recall(ahead: np.ndarray, tied: np.ndarray, k: int) -> float:
+  """Recall at k with ties broken at random, in expectation: the best match lands at a
+  uniform place among its `tied` equals, after the `ahead` ones. Equal scores are real on
+  COCO-style sets (one caption string under two images); collapsed embeddings (every
+  score equal) give chance, not 1.0 as counting only strictly higher scores did."""
+  return float(np.mean(np.clip((k - ahead) / (tied + 1), 0.0, 1.0)))
 
 
 def recall_at_k(
@@ -35,12 +41,12 @@ def recall_at_k(
   if not np.all(np.isfinite(similarity)):
     raise ValueError("retrieval: the similarity matrix has non-finite entries (NaN embeddings?)")
   is_match = np.arange(num_images)[:, None] == text_image[None, :]  # [I, J]
-  image_rank = _rank_of_best_match(similarity, is_match)
-  text_rank = _rank_of_best_match(similarity.T, is_match.T)
+  image_to_text = _ahead_and_tied(similarity, is_match)
+  text_to_image = _ahead_and_tied(similarity.T, is_match.T)
   metrics = {}
   for k in ks:
-    metrics[f"image_to_text_r{k}"] = float(np.mean(image_rank < k))
-    metrics[f"text_to_image_r{k}"] = float(np.mean(text_rank < k))
+    metrics[f"image_to_text_r{k}"] = _recall(*image_to_text, k)
+    metrics[f"text_to_image_r{k}"] = _recall(*text_to_image, k)
   return metrics
 
 
