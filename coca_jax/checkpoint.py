@@ -7,12 +7,15 @@ was killed half-way is never listed by `latest_step` (and is cleaned up on the n
 start).
 
 A complete step can still be unreadable (a file overwritten or truncated later). Resuming
-skips such steps, newest first, with a warning naming them, and restores the newest step
-that every process can read; the skipped steps stay where they are until the resumed run
-saves: its first save moves every step at or above the one it writes to
-`<workdir>/skipped_checkpoints/` (Orbax would not overwrite them, and they must not count
-towards the checkpoints kept), then writes.
+reads such a step a second time (`RETRY_S` later: a passing storage error), then skips it,
+newest first, with a warning naming it, and restores the newest step that every process
+can read; the skipped steps stay where they are until the resumed run saves: its first
+save moves every step at or above the one it writes to `<workdir>/skipped_checkpoints/`
+(Orbax would not overwrite them, and they must not count towards the checkpoints kept),
+then writes.
 """
+
+import time
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,7 @@ from coca_jax.state import StateLayout
 POS_EMBEDDING = ("params", *vit.POS_EMBEDDING_PATH)
 STATE, DATA = "state", "data"  # the items of a step
 SKIPPED_DIR = "skipped_checkpoints"  # in the workdir, next to `checkpoints`
+RETRY_S = 2.0  # before reading an unreadable step a second time
 
 
 class UnreadableCheckpointError(ValueError):
@@ -106,10 +110,7 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
     return _restore_step(mngr, layout, step)
   failures = {}
   for candidate in sorted(mngr.all_steps(), reverse=True):
-    try:
-      restored, error = _restore_step(mngr, layout, candidate), None
-    except UnreadableCheckpointError as e:
-      restored, error = None, e
+    restored, error = _restore_with_one_retry(mngr, layout, candidate)
     failing = failing_processes(candidate, error is not None)
     if not failing:
       if failures:
@@ -127,6 +128,21 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
       "workdir, to start afresh): " + "; ".join(f"{p}: {r}" for p, r in failures.items())
     )
   return None
+
+
+def _restore_with_one_retry(mngr, layout: StateLayout, step: int):
+  """(restored, None), or (None, the UnreadableCheckpointError) after a second try
+  `RETRY_S` later: a passing storage error on one host must not make every host skip the
+  newest good step (which the first save would then set aside)."""
+  try:
+    return _restore_step(mngr, layout, step), None
+  except UnreadableCheckpointError as e:
+    logging.warning("Reading checkpoint step %d failed (%s); trying once more", step, e.reason)
+  time.sleep(RETRY_S)
+  try:
+    return _restore_step(mngr, layout, step), None
+  except UnreadableCheckpointError as e:
+    return None, e
 
 
 def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):

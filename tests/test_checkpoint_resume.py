@@ -81,7 +81,7 @@ def test_restore_skips_an_unreadable_newest_step(tmp_path, run6, caplog, what):
   assert data["step"] == 3 and int(state["step"]) == 3
   assert_same(state, intact[3][0])
   bad_step = str(workdir / "checkpoints" / "6")
-  skipped = [r.getMessage() for r in caplog.records if bad_step in r.getMessage()]
+  skipped = [m for m in caplog.messages if bad_step in m and m.startswith("Skipping")]
   assert skipped and "left on disk" in skipped[0], caplog.text
   if what == "sharding":
     assert "Invalid JSON" in skipped[0]
@@ -219,3 +219,23 @@ def test_a_config_with_fewer_state_entries_is_a_config_error_not_an_unreadable_s
     restore(run_dir, frozen)
   assert not isinstance(e.value, checkpoint.UnreadableCheckpointError)
   assert steps_in(run_dir / "checkpoints") == [3, 6]
+
+
+def test_a_step_that_fails_once_is_read_again_not_skipped(run6, monkeypatch, caplog):
+  """A passing storage error must not make the resume skip the newest good step."""
+  run_dir, config, intact = run6
+  real, calls = checkpoint._restore_step, []
+
+  def flaky(mngr, layout, step):
+    calls.append(step)
+    if len(calls) == 1:
+      raise checkpoint.UnreadableCheckpointError("transient", "connection reset")
+    return real(mngr, layout, step)
+
+  monkeypatch.setattr(checkpoint, "_restore_step", flaky)
+  monkeypatch.setattr(checkpoint, "RETRY_S", 0.0)
+  with caplog.at_level("WARNING"):
+    state, data = restore(run_dir, config)
+  assert calls == [6, 6] and data["step"] == 6
+  assert_same(state, intact[6][0])
+  assert "trying once more" in caplog.text
