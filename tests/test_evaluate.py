@@ -156,6 +156,7 @@ def test_bleu4_of_an_exact_match_is_one():
     ("A man's t-shirt (blue)!", "a man 's t-shirt blue"),
     ("person: medium-dark skin tone", "person medium-dark skin tone"),
     ("Piñata; left-right arrow...", "piñata left-right arrow"),
+    ("a sign saying 'hello'", "a sign saying hello"),
   ],
 )
 def test_normalize_matches_ptb_style_for_plain_text(text, ptb):

@@ -21,8 +21,8 @@ from typing import Sequence
 import numpy as np
 
 # A word: letters or digits of any script ([^\W_]), hyphen-joined parts kept together; or a
-# clitic ("'s") split off its word, as PTB does.
-_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|'[^\W_]+")
+# clitic ("'s") split off the word it follows, as PTB does (a quote before a word is not one).
+_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|(?<=[^\W_])'[^\W_]+")
 
 
 def normalize(text: str) -> str:
