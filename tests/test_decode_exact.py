@@ -2,14 +2,14 @@
 penalty against exhaustive enumeration, and sampling frequencies (temperature, top-k,
 top-p) against the exact distribution, token by token and over whole sequences."""
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from beam_enumeration import enumerate_best
 
 from coca_jax import decode
+from coca_jax import tokens as tokens_lib
 
 pytestmark = pytest.mark.slow  # ~12 s of compiles and 40,000-row draws
 
@@ -37,29 +37,17 @@ def markov(batch: int) -> decode.StepModel:
   return decode.StepModel(step, jnp.zeros((batch,)), jnp.zeros((batch,)), 0, 0)
 
 
-def gnmt(length: int, alpha: float) -> float:
-  return ((5.0 + length) / 6.0) ** alpha
-
-
-def enumerate_best(max_length: int, alpha: float):
-  """The best hypothesis by brute force: every sequence that ends at its first EOS, or
-  runs to max_length without one, scored by log p / gnmt(len, alpha)."""
-  best, best_score = None, -np.inf
-  for n in range(1, max_length + 1):
-    for seq in itertools.product(REAL, repeat=n):
-      if 1 in seq[:-1] or (seq[-1] != 1 and n < max_length):
-        continue
-      log_p = sum(float(TABLE[a, b]) for a, b in zip((0,) + seq[:-1], seq))
-      score = log_p / gnmt(n, alpha)
-      if score > best_score:
-        best, best_score = list(seq), score
-  return best + [0] * (max_length - len(best)), best_score
+def chain_best(max_length: int, alpha: float):
+  """The exhaustive optimum of the chain above (beam_enumeration.enumerate_best, with
+  the same table at every position): (tokens [max_length], score, second best score)."""
+  tables = np.broadcast_to(TABLE, (max_length, *TABLE.shape))
+  return enumerate_best(tables, max_length, alpha, tokens_lib.PAPER, REAL)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.6, 1.0])
 def test_beam_search_with_length_penalty_equals_enumeration(alpha):
   length = 4
-  expected, expected_score = enumerate_best(length, alpha)
+  expected, expected_score, _ = chain_best(length, alpha)
   # Beams wide enough to hold every hypothesis (4^4 = 256 live at most): nothing is
   # pruned, so the search must return the exhaustive optimum under the same penalty.
   out = decode.beam_search_loop(markov(2), batch=2, max_length=length, beam_size=256, alpha=alpha)
@@ -69,8 +57,8 @@ def test_beam_search_with_length_penalty_equals_enumeration(alpha):
 
 def test_length_penalty_changes_the_winner():
   """The case above has teeth: the penalty decides between a short and a long caption."""
-  assert enumerate_best(4, 0.0)[0] == [2, 1, 0, 0]  # A EOS: p 0.18
-  assert enumerate_best(4, 1.0)[0] == [2, 2, 2, 2]  # p 0.13, but 4 tokens long
+  assert chain_best(4, 0.0)[0] == [2, 1, 0, 0]  # A EOS: p 0.18
+  assert chain_best(4, 1.0)[0] == [2, 2, 2, 2]  # p 0.13, but 4 tokens long
 
 
 def exact_next(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
