@@ -59,7 +59,7 @@ def abstract(model_config) -> dict:
 def count(params) -> dict[str, int]:
   """{"total", "image_encoder", "text_decoder", "poolers", "projections", "task_heads"} of
   a params tree."""
-  counts = dict(total=0, image_encoder=0, text_decoder=0, poolers=0, projections=0, task_heads=0)
+  counts = dict(total=0, **dict.fromkeys(COMPONENTS.values(), 0))
   for path, n in count_by_path(params).items():
     top = path.split("/")[0]
     if top not in COMPONENTS:
