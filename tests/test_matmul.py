@@ -12,11 +12,13 @@ import pytest
 from coca_jax.models import layers
 
 # (spec, x shape, kernel shape, bias shape): the model's matmuls (Dense, the attention
-# projections in and out, attention weights x values).
+# projections in and out, attention weights x values). Where the output is smaller than x
+# (the first and the fourth), float32 on CPU takes the transposed kernel gradient.
 CASES = [
   ("...i,io->...o", (2, 3, 8), (8, 6), (6,)),
   ("bsd,dhk->bshk", (2, 5, 8), (8, 2, 4), (2, 4)),
   ("bthk,hkd->btd", (2, 5, 2, 4), (2, 4, 8), (8,)),
+  ("bthk,hkd->btd", (2, 5, 2, 4), (2, 4, 3), (3,)),  # output narrower than x
   ("bhts,bshk->bthk", (2, 2, 3, 5), (2, 5, 2, 4), None),
 ]
 
@@ -98,3 +100,23 @@ def test_every_precision_runs_the_written_out_backward(dtype):
   x, kernel = jnp.ones((2, 3, 8)), jnp.ones((8, 6))
   jaxpr = jax.make_jaxpr(lambda x, k: layers.matmul("...i,io->...o", x, k, jnp.dtype(dtype)))
   assert "custom_vjp_call" in str(jaxpr(x, kernel))
+
+
+@pytest.mark.parametrize(
+  "dtype,width,transposed",
+  [
+    ("float32", 6, True),
+    ("float32", 8, False),
+    ("bfloat16", 6, False),
+  ],
+)
+def test_kernel_gradient_form_on_cpu(dtype, width, transposed):
+  """The float32 kernel gradient is computed transposed (grad^T x, behind a barrier)
+  exactly where the output is narrower than x; see layers._kernel_grad."""
+  x, kernel = jnp.ones((2, 3, 8)), jnp.ones((8, width))
+
+  def loss(x, kernel):
+    return layers.matmul("...i,io->...o", x, kernel, jnp.dtype(dtype)).astype(jnp.float32).sum()
+
+  hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, kernel).as_text()
+  assert ("optimization_barrier" in hlo) == transposed
