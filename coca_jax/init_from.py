@@ -9,7 +9,8 @@ parameters of this run's model are matched with the source's by path:
   loaded     in both at the same shape: read straight into this run's shardings (float32)
   resampled  `vision/pos_embedding` stored for another image size: read, then resampled
              with `vit.resize_pos_embedding` (as a resume at 576px does)
-  new        only in this model (a task head): initialised fresh, as without init_from
+  new        only in this model (a task head): initialised fresh, as without init_from;
+             one that config.train.frozen matches is an error (it would stay random)
   unused     only in the source: not read
 Any other difference of shape (vocabulary, width, layer count, text length) is an error
 naming the parameters and both shapes. The optimizer state starts fresh from the loaded
@@ -25,7 +26,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from coca_jax import checkpoint, export
+from coca_jax import checkpoint, export, optim
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax.models import vit
@@ -61,10 +62,12 @@ def compact(names) -> str:
   )
 
 
-def plan(stored: dict, target: dict, source: str) -> Report:
-  """Classifies parameters by path; raises ValueError on a shape that cannot be adapted.
+def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
+  """Classifies parameters by path; raises ValueError on a shape that cannot be adapted,
+  and on a frozen parameter the source lacks (it would keep its random init all run).
 
   stored, target: {path names (tuple): shape} of the source and of this run's model.
+  frozen: '/'-joined names of the parameters config.train.frozen matches.
   """
   pos = vit.POS_EMBEDDING_PATH
   loaded, resampled, mismatched = [], [], []
@@ -89,11 +92,20 @@ def plan(stored: dict, target: dict, source: str) -> Report:
   def names(paths):
     return tuple(sorted("/".join(p) for p in paths))
 
+  new = names(p for p in target if p not in stored)
+  frozen_new = sorted(set(new) & set(frozen))
+  if frozen_new:
+    raise ValueError(
+      f"config.train.frozen freezes {compact(frozen_new)}, which config.train.init_from="
+      f"{source} does not hold: frozen, they would keep their random initialisation for the "
+      "whole run. Narrow config.train.frozen, or start from a source that has them "
+      f"(for example: {', '.join(frozen_new[:3])})."
+    )
   return Report(
     source=source,
     loaded=names(loaded),
     resampled=names(resampled),
-    new=names(p for p in target if p not in stored),
+    new=new,
     unused=names(p for p in stored if p not in target),
   )
 
@@ -102,16 +114,22 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   """The initial state of `run` with the parameters of `config.train.init_from`, in the
   layout's shardings, its optimizer state initialised from them; logs the Report."""
   source = epath.Path(config.train.init_from)
+  abstract = run.layout.abstract["params"]
   target = {
-    params_lib.path_names(p): leaf
-    for p, leaf in jax.tree_util.tree_flatten_with_path(run.layout.abstract["params"])[0]
+    params_lib.path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
   }
+  mask = optim.frozen_mask(abstract, state_lib.frozen_patterns(config))
+  frozen = frozenset(
+    "/".join(params_lib.path_names(p))
+    for p, is_frozen in jax.tree_util.tree_flatten_with_path(mask)[0]
+    if is_frozen
+  )
   if (source / "params").exists():
-    loaded, report = _read(source / "params", (), target, run, f"export {source}")
+    loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen)
     held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)
     vocab_file = epath.Path(held) if held else None
   elif (source / "checkpoints").exists():
-    loaded, report = _read_newest_checkpoint(source, target, run, config.train)
+    loaded, report = _read_newest_checkpoint(source, target, run, config.train, frozen)
     vocab_file = _run_vocab(source)
   else:
     raise FileNotFoundError(
@@ -124,7 +142,7 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   return state_lib.create(config, run, loaded), report
 
 
-def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str):
+def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str, frozen=frozenset()):
   """({path names: float32 array in its target sharding}, Report) of the Orbax tree at
   `item` (its parameters under `prefix`: () for an export, ("params",) for a state)."""
   handler = ocp.PyTreeCheckpointHandler()
@@ -140,7 +158,7 @@ def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str):
       }
     except Exception as e:  # any failure to read or parse the metadata
       raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
-    report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source)
+    report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source, frozen)
     request = _nest({(*prefix, *p): s for p, s in _requests(report, stored_shapes, target, run)})
     try:
       restored = handler.restore(
@@ -179,7 +197,7 @@ def _requests(report: Report, stored_shapes: dict, target: dict, run):
       yield path, jax.ShapeDtypeStruct(t.shape, jnp.float32, sharding=t.sharding)
 
 
-def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config):
+def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config, frozen):
   """`_read` of the newest step of `workdir` that every process can read (as a resume
   picks it: an unreadable step is skipped with a warning)."""
   mngr = checkpoint.manager(str(workdir), train_config, read_only=True)
@@ -189,7 +207,8 @@ def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config
   for step in steps:
     item = checkpoint.step_path(mngr, step) / checkpoint.STATE
     try:
-      result = _read(item, ("params",), target, run, f"checkpoint step {step} of {workdir}")
+      source = f"checkpoint step {step} of {workdir}"
+      result = _read(item, ("params",), target, run, source, frozen)
       error = None
     except checkpoint.UnreadableCheckpointError as e:
       result, error = None, e

@@ -179,6 +179,29 @@ def test_new_and_unused_parameters_are_reported_and_new_ones_initialised_fresh(
   assert_params_equal({k: v for k, v in loaded.items() if k in params}, params)
 
 
+def test_a_frozen_parameter_the_source_lacks_is_an_error_before_reading(source, tmp_path):
+  """Frozen and initialised fresh, it would stay random all run (the review's case: a
+  sincos-position export into a learned-position model with the vision tower frozen)."""
+  params = {k: v for k, v in source["params"].items() if k != "text_projection/kernel"}
+  tree = {}
+  for name, value in params.items():
+    node = tree
+    *parents, leaf = name.split("/")
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  config = finetune(tmp_path / "export")
+  export.write(tree, config, str(tmp_path / "export"), "float32", None)
+  config.train.frozen = ("^text_projection/",)
+  with pytest.raises(ValueError, match="freezes text_projection/kernel, which config.train"):
+    init_from.create(config, state_lib.setup(config))
+  # Unfrozen, the same source is a plain "new" parameter.
+  report = init_from.plan({("a",): (2,)}, {("a",): (2,), ("b",): (3,)}, "src", {"a"})
+  assert report.new == ("b",) and report.loaded == ("a",)
+  with pytest.raises(ValueError, match="freezes b, which"):
+    init_from.plan({("a",): (2,)}, {("a",): (2,), ("b",): (3,)}, "src", {"a", "b"})
+
+
 def test_compact_names_groups_by_first_component():
   names = ["vision/a", "vision/b/c", "text_projection/kernel", "log_inv_temperature"]
   assert init_from.compact(names) == "log_inv_temperature, text_projection/kernel, vision/* (2)"
