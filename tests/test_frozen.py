@@ -112,3 +112,20 @@ def test_without_a_train_split_the_probe_splits_the_eval_examples():
   # The two halves are disjoint and together the first num_examples eval images.
   together = {row.tobytes() for row in np.concatenate([trained_on, scored_on])}
   assert together == {row.tobytes() for row in sets.classification.images[:24]}
+
+
+def test_the_probe_pools_with_the_vision_towers_head_count():
+  """The probe reads the image encoder's tokens; it used config.model.heads (the text
+  side's), which need not divide the vision width (open_clip L/14: 12 vs 1024)."""
+  sets = eval_sets.synthetic(image_size=16, num_examples=16)
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.eval.evals = "frozen"
+  config.eval.num_examples = 16
+  config.eval.frozen.steps = 1
+  config.eval.frozen.batch_size = 8
+  config.model.heads = 5  # does not divide the 192-wide patch tokens
+  config.model.vision.heads = 4
+  metrics = evaluate.run(PatchTokens(), config, step=0, datasets=sets)
+  assert metrics["frozen/test_examples"] == 8

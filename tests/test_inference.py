@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from absl import app
 from flax import nnx
 from PIL import Image
 
@@ -223,3 +224,16 @@ def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path, run_main, r
   )
   assert "chance" in out
   assert (tmp_path / "eval" / "captions_0.html").exists()
+
+
+def test_evaluate_cli_refuses_overrides_outside_eval(export_dir, run_main, repo):
+  """They were ignored: the model and data sources are the export's."""
+  with pytest.raises(app.UsageError, match=r"--config.data.image.resize, --config.model.width: "):
+    run_main(
+      evaluate_main,
+      f"--export={export_dir}",
+      f"--config={repo / 'configs' / 'tiny.py'}",
+      "--config.eval.evals=",
+      "--config.model.width=7",
+      "--config.data.image.resize=nonsense",
+    )

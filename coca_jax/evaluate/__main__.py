@@ -50,6 +50,13 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not f.export:
     raise app.UsageError("--export=DIR is required")
+  ignored = [n for n in f if n.startswith("config.") and not n.startswith("config.eval.")]
+  ignored = sorted(f"--{n}" for n in ignored if f[n].present)
+  if ignored:
+    raise app.UsageError(
+      f"{', '.join(ignored)}: only --config's `eval` section is used; the model, its "
+      "preprocessing and its data sources are the export's (config.json)"
+    )
   from coca_jax import evaluate, export, predict
   from coca_jax.data import eval_sets
 

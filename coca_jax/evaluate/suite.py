@@ -46,6 +46,7 @@ import time
 import numpy as np
 from absl import logging
 
+from coca_jax import config as config_lib
 from coca_jax import predict
 from coca_jax.data import eval_sets
 from coca_jax.evaluate import benchmarks, captioning, frozen, retrieval, zero_shot
@@ -190,7 +191,8 @@ def _frozen_eval(predictor: predict.Predictor, datasets: eval_sets.EvalSets, con
     predictor.image_tokens(test.images),
     test.labels,
     num_classes=len(test.class_names),
-    heads=config.model.heads,
+    # The probe pools the image encoder's tokens: the vision tower's head count.
+    heads=config_lib.model_option(config.model, "vision.heads") or config.model.heads,
     lr=cfg.lr,
     steps=cfg.steps,
     batch_size=cfg.batch_size,
