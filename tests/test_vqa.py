@@ -36,6 +36,94 @@ def test_soft_accuracy_hand_cases():
   assert vqa_eval.majority_baseline("red", answers) == pytest.approx((2 / 3) / 4)
 
 
+@pytest.mark.parametrize(
+  "prediction, annotated",
+  [("2", "two"), ("yes", "yes."), ("dog", "a dog"), ("1000", "1,000"), ("don't", "dont")],
+)
+def test_normalised_answers_get_full_credit(prediction, annotated):
+  # Before the VQA answer processing, each of these scored 0.0 against 10 equal answers.
+  assert vqa_eval.answer_score(prediction, [annotated] * 10) == 1.0
+
+
+@pytest.mark.parametrize(
+  "raw, want",
+  [
+    # whitespace: newlines, tabs and runs of spaces; ends trimmed
+    ("  Red\tand\nwhite  ", "red and white"),
+    # numbers: a comma between digits joins them; a period before a digit stays
+    ("1,000", "1000"),
+    ("2.5", "2.5"),
+    (".5", ".5"),
+    ("3.", "3"),
+    ("10:30", "10:30"),
+    # number words zero..ten (and "none") to digits; others unchanged
+    ("Two", "2"),
+    ("zero", "0"),
+    ("ten", "10"),
+    ("none", "0"),
+    ("eleven", "eleven"),
+    ("two dogs", "2 dogs"),
+    # articles dropped as words only
+    ("a dog", "dog"),
+    ("An apple", "apple"),
+    ("the man on the left", "man on left"),
+    ("another", "another"),
+    # punctuation: next to a space deleted, else a space; periods not before a digit deleted
+    ("yes.", "yes"),
+    ("black-and-white", "black and white"),
+    ("black - white", "black white"),
+    ("t-shirt/top", "t shirt top"),
+    ("what?!", "what"),
+    ("(a) cat", "cat"),
+    ('"stop"', "stop"),
+    ("a.m.", "am"),
+    ("$3.50", "$3.50"),
+    # contractions: apostrophes kept, missing ones restored
+    ("dont", "don't"),
+    ("isnt", "isn't"),
+    ("im", "i'm"),
+    ("Its", "its"),  # an everyday word: left alone
+    ("whats", "what's"),
+    ("couldnt've", "couldn't've"),
+    ("couldn'tve", "couldn't've"),
+    ("dog's", "dog's"),
+  ],
+)
+def test_normalize_answer_vqa_rules(raw, want):
+  assert answers_lib.normalize_answer(raw) == want
+
+
+@pytest.mark.parametrize("k, want", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_ten_answers_average_the_leave_one_out_subsets(k, want):
+  # 10 subsets of 9: the k agreeing annotators left out leave k - 1 matches, the others k.
+  answers = ["cat"] * k + ["dog", "bird", "cow", "fox", "owl", "ant", "bee", "elk", "emu", "yak"][
+    k:
+  ]
+  assert vqa_eval.answer_score("cat", answers) == pytest.approx(want)
+  assert answers_lib.vqa_score(k, 10) == pytest.approx(want)
+
+
+def test_other_answer_counts_use_the_plain_formula():
+  # 3 answers (the demo): min(k / 3, 1), no leave-one-out; 9 answers likewise.
+  for k, want in [(0, 0.0), (1, 1 / 3), (2, 2 / 3), (3, 1.0)]:
+    assert vqa_eval.answer_score("cat", ["cat"] * k + ["dog"] * (3 - k)) == pytest.approx(want)
+  assert vqa_eval.answer_score("cat", ["cat"] * 3 + ["dog"] * 6) == 1.0
+  assert vqa_eval.answer_score("cat", ["cat"] * 2 + ["dog"] * 7) == pytest.approx(2 / 3)
+
+
+def test_training_targets_equal_the_evaluation_credit():
+  ten = ["two", "2", "a dog", "dog", "dog.", "Dog", "cat", "yes", "yes", "no"]
+  vocabulary = ["2", "dog", "cat", "yes", "no", "bird"]
+  scores = answers_lib.answer_scores([ten, ["Two", "2", "a cat"]], vocabulary)
+  # 10 answers: 2 x2 -> 0.6, dog x4 -> 1.0, cat x1 -> 0.3, yes x2 -> 0.6, no x1 -> 0.3.
+  np.testing.assert_allclose(scores[0], [0.6, 1.0, 0.3, 0.6, 0.3, 0.0], rtol=1e-6)
+  # 3 answers: the plain formula, after normalisation ("Two" = "2", "a cat" = "cat").
+  np.testing.assert_allclose(scores[1], [2 / 3, 0, 1 / 3, 0, 0, 0], rtol=1e-6)
+  for row, answers in enumerate([ten, ["Two", "2", "a cat"]]):
+    for column, answer in enumerate(vocabulary):
+      assert scores[row, column] == pytest.approx(vqa_eval.answer_score(answer, answers))
+
+
 def test_question_prior_baseline_and_vocabulary():
   train_q = ["what?", "what?", "what?", "which?"]
   train_a = [["x", "x", "y"], ["x"], ["y"], ["z", "z", "z"]]

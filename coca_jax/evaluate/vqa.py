@@ -2,12 +2,14 @@
 
 Legend: N questions, A answer vocabulary.
 
-A predicted answer scores min(#annotators who gave it / 3, 1) against the question's human
-answers: full credit when 3 or more annotators agree with it, a third per annotator below
-that. The official VQA script averages this over the 10 leave-one-annotator-out subsets of
-its 10 answers; with other numbers of answers (the demo has 3 or 4) the plain formula is
-the one that is defined, and it is what we report. Answers are compared after
-`coca_jax.data.answers.normalize_answer` (lower case, spaces collapsed).
+The standard VQA accuracy. A prediction and the question's human answers are compared after
+`coca_jax.data.answers.normalize_answer`, the official answer processing (case, spacing,
+punctuation, number words to digits, articles dropped, missing apostrophes restored). The
+credit of a prediction that k annotators gave is `coca_jax.data.answers.vqa_score`: with 10
+human answers (VQA v1/v2) the official mean over the 10 leave-one-annotator-out subsets of
+min(k' / 3, 1), k' the matches among the other 9 (k = 1, 2, 3, >= 4 -> 0.3, 0.6, 0.9, 1);
+with any other number (the demo set has 3 or 4) the plain min(k / 3, 1), since the official
+rule is defined for 10. Training targets (`answer_scores`) use the same credit.
 """
 
 import collections
@@ -19,14 +21,17 @@ import numpy as np
 from flax import nnx
 
 from coca_jax import predict
-from coca_jax.data.answers import answer_counts, normalize_answer
+from coca_jax.data.answers import answer_counts, normalize_answer, vqa_score
 
 
 def answer_score(prediction: str, answers: Sequence[str]) -> float:
-  """min(#answers equal to `prediction` / 3, 1)."""
+  """The VQA accuracy of `prediction` against one question's human `answers` (one per
+  annotator), both normalised: with exactly 10 answers the official leave-one-annotator-out
+  mean (1, 2, 3, >= 4 matching -> 0.3, 0.6, 0.9, 1.0), otherwise the plain
+  min(#matching / 3, 1) (`coca_jax.data.answers.vqa_score`)."""
   prediction = normalize_answer(prediction)
-  count = sum(normalize_answer(a) == prediction for a in answers)
-  return min(count / 3.0, 1.0)
+  matches = sum(normalize_answer(a) == prediction for a in answers)
+  return vqa_score(matches, len(answers))
 
 
 def soft_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:

@@ -8,9 +8,9 @@ Legend: B batch, T question length, D width, A answers (config.model.vqa.num_ans
              -> NEW attentional pooler (1 query, question padding masked) -> [B, D]
              -> linear classifier -> answer logits [B, A]
 
-The head is built only when num_answers > 0, as new submodules of CoCa (`vqa_pooler`,
-`vqa_classifier`), so `config.train.init_from` loads every pretrained parameter and
-initialises these fresh.
+The head is built only when num_answers > 0, as a new submodule of CoCa, `vqa_head`
+(parameters `vqa_head/pooler/*` and `vqa_head/classifier/*`), so `config.train.init_from`
+loads every pretrained parameter and initialises these fresh.
 """
 
 import jax
