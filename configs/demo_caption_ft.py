@@ -34,6 +34,16 @@ INIT_FROM = "/tmp/coca_demo/export"
 def get_config(arg=None):
   c = demo.get_config(arg)
   c.loss.contrastive_weight = 0.0  # captioning loss only
+  # What only the contrastive loss reads gets zero gradient: frozen, the optimizer's
+  # decoupled weight decay does not shrink it either (the export's contrastive side stays
+  # as trained, apart from the shared towers).
+  c.train.frozen = (
+    "^contrastive_pooler/",
+    "^image_projection/",
+    "^text_projection/",
+    "^log_inv_temperature$",
+    "^text/cls_",
+  )
   c.data.rates.jft_style = 0.0
   c.data.rates.alt_text = 1.0
   c.optim.lr = LEARNING_RATE

@@ -5,7 +5,7 @@
 Starts from the demo's export (`configs/demo.py`, /tmp/coca_demo/export): every
 pretrained parameter is loaded, the video head (a new 1-query attentional pooler over all
 frames' image tokens, space x time, + a linear classifier) starts fresh and is the only
-part trained (the image encoder is frozen). Data: the demo clips (coca_jax/data/video.py):
+part trained (everything else is frozen). Data: the demo clips (coca_jax/data/video.py):
 Fashion-MNIST images filmed by a moving camera (pan / zoom / rotation over F frames),
 labelled by class, eval clips from held-out test images.
 The 'video' eval reports zero-shot top-1 (mean of frame embeddings vs the class prompts,
@@ -25,10 +25,12 @@ def get_config(arg=None):
   c.data.global_batch_size = 32  # clips: 128 frames through the encoder per step
   c.loss.video_weight = 1.0
   c.train.init_from = "/tmp/coca_demo/export"
-  # Frozen-feature setting (Section 4.2): the image encoder stays the export's, so
-  # video/zero_shot/* is the pretrained model's and only the new head learns;
-  # `--config.train.frozen="()"` finetunes the encoder too (see README: Video).
-  c.train.frozen = ("vision",)
+  # Frozen-feature setting (Section 4.2): everything but the new head stays the export's
+  # (the video loss reads the image encoder and the head only; the rest, frozen, is not
+  # shrunk by weight decay either), so video/zero_shot/* is the pretrained model's;
+  # `--config.train.frozen='("^(?!video_head/|vision/)",)'` finetunes the encoder too,
+  # `--config.train.frozen="()"` everything (see README: Video).
+  c.train.frozen = ("^(?!video_head/)",)
   c.train.steps = 120
   c.train.log_every = 20
   c.train.eval_every = 120

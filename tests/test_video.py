@@ -273,3 +273,24 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
   assert final["eval/video/examples"] == 16
   for name in ("video/zero_shot/top1", "video/top1", "video/chance"):
     assert final[name] == final[f"eval/{name}"]  # config.eval.headline
+
+
+@pytest.mark.skipif(
+  not __import__("coca_jax.data.prepare").data.prepare.is_prepared(),
+  reason="demo data not prepared (.ci/run prepares it)",
+)
+def test_more_source_classes_than_the_head_has_is_an_early_error(tmp_path):
+  """Labels past the head's classes made the loss NaN at the first logged step."""
+  from coca_jax.data import loader
+  from configs import demo_video
+
+  config = demo_video.get_config()
+  (tmp_path / "names.txt").write_text("walking\nrunning\njumping\n")
+  config.data.video.update(
+    files=str(tmp_path / "none.tfrecord"), class_names=str(tmp_path / "names.txt")
+  )
+  config.model.video.num_classes = 2
+  with pytest.raises(ValueError, match="3 classes but config.model.video.num_classes=2"):
+    loader.resolve(config)
+  config.model.video.num_classes = 3
+  assert loader.resolve(config).model.video.num_classes == 3

@@ -249,3 +249,19 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
   for name in ("vqa/accuracy", "vqa/majority_baseline", "vqa/question_prior_baseline"):
     assert final[name] == final[f"eval/{name}"]  # config.eval.headline
   assert np.isfinite(final["vqa_loss"])
+
+
+def test_the_vqa_source_and_the_vqa_head_go_together():
+  """Without the head the VQA source trained no VQA loss (found at the final eval); the
+  head on another source failed at trace time on a missing answer_scores."""
+  from coca_jax.data import loader
+  from configs import tiny
+
+  config = tiny.get_config()
+  config.model.vqa.num_answers = 4
+  with pytest.raises(ValueError, match="num_answers=4 adds a VQA head.*the source is 'mixture'"):
+    loader.resolve(config)
+  config.model.vqa.num_answers = 0
+  config.data.source = "vqa"
+  with pytest.raises(ValueError, match="source='vqa' needs config.model.vqa.num_answers > 0"):
+    loader.resolve(config)

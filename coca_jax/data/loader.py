@@ -30,6 +30,7 @@ def resolve(config):
   name the real files) and the vocabulary checked against the model. Idempotent."""
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
+  _check_vqa_head(config)
   config = copy.deepcopy(config)
   if config.data.source == "synthetic":
     return config
@@ -44,7 +45,33 @@ def resolve(config):
     f"config.model.text.{name}": getattr(contract, name) for name in ("bos_id", "eos_id", "pad_id")
   }
   vocab.check_fits(data.vocab_path, config.model.text.vocab_size, special_ids)
+  if data.source == "video" and config.model.video.get("num_classes", 0) > 0:
+    from coca_jax.data import video
+
+    names = video.class_names(data)
+    if len(names) > config.model.video.num_classes:
+      raise ValueError(
+        f"the video source has {len(names)} classes but config.model.video.num_classes="
+        f"{config.model.video.num_classes}: labels past the head's classes make the loss NaN"
+      )
   return config
+
+
+def _check_vqa_head(config) -> None:
+  """The VQA source needs the VQA head (its loss), and the head needs the source (the
+  answer_scores it trains on)."""
+  answers = config.model.get("vqa", {}).get("num_answers", 0)
+  if config.data.source == "vqa" and answers <= 0:
+    raise ValueError(
+      f"config.data.source='vqa' needs config.model.vqa.num_answers > 0 (it is {answers}): "
+      "without the head no VQA loss is trained"
+    )
+  if answers > 0 and config.data.source != "vqa":
+    raise ValueError(
+      f"config.model.vqa.num_answers={answers} adds a VQA head, which trains on "
+      f"config.data.source='vqa' batches (answer scores); the source is "
+      f"{config.data.source!r}"
+    )
 
 
 def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict]:
