@@ -29,25 +29,61 @@ class MeshNeeds:
   fsdp_dims: sizes of every parameter dimension sharded over "fsdp".
   batch_rows: rows of one (micro-)batch, split over `batch_axes` (the mesh axes the
     rules give the logical "batch" axis); 0 = no batch constraint.
+  tensor_dims: sizes of every parameter dimension sharded over "tensor" (logical
+    `heads`, `mlp` and `vocab` under the default rules): config.mesh.tensor must divide
+    each of them.
+  other_dims: (size, mesh axes) of every other sharded parameter dimension: over several
+    mesh axes at once (a rule such as ("embed", ("fsdp", "tensor"))) or over "data"; the
+    product of the axes' sizes must divide it.
+  names: (size, mesh axes, parameter path) of the first parameter with each sharded
+    dimension, for errors to name.
   """
 
   fsdp_dims: tuple[int, ...] = ()
   batch_rows: int = 0
   batch_axes: tuple[str, ...] = ("data", "fsdp")
+  tensor_dims: tuple[int, ...] = ()
+  other_dims: tuple[tuple[int, tuple[str, ...]], ...] = ()
+  names: tuple[tuple[int, tuple[str, ...], str], ...] = dataclasses.field(default=(), compare=False)
 
   @classmethod
   def of(cls, params_shapes, params_specs, batch_rows: int, rules) -> "MeshNeeds":
     """From abstract params, their PartitionSpecs and the rules' "batch" entry."""
-    dims = set()
-    for shape, spec in zip(
-      jax.tree.leaves(params_shapes),
+    splits: dict[tuple[int, tuple[str, ...]], str] = {}  # first parameter of each split
+    for (path, shape), spec in zip(
+      jax.tree_util.tree_flatten_with_path(params_shapes)[0],
       jax.tree.leaves(params_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)),
     ):
       for size, axes in zip(shape.shape, spec):
-        if "fsdp" in _axes_tuple(axes):
-          dims.add(int(size))
+        if _axes_tuple(axes):
+          splits.setdefault((int(size), _axes_tuple(axes)), jax.tree_util.keystr(path))
+
+    def sizes_over(axis):
+      return tuple(sorted({size for size, axes in splits if axis in axes}))
+
     batch_axes = _axes_tuple(logical_to_spec(("batch",), rules)[0])
-    return cls(tuple(sorted(dims)), int(batch_rows), batch_axes)
+    return cls(
+      sizes_over("fsdp"),
+      int(batch_rows),
+      batch_axes,
+      sizes_over("tensor"),
+      tuple(sorted(split for split in splits if split[1] not in (("fsdp",), ("tensor",)))),
+      tuple((size, axes, path) for (size, axes), path in splits.items()),
+    )
+
+  def indivisible(self, shape: dict) -> list[tuple[int, tuple[str, ...]]]:
+    """(size, mesh axes) of the dimensions a mesh of `shape` ({axis: size}) does not divide."""
+    splits = [(s, ("fsdp",)) for s in self.fsdp_dims]
+    splits += [(s, ("tensor",)) for s in self.tensor_dims] + list(self.other_dims)
+    return [(s, axes) for s, axes in splits if s % math.prod(shape[a] for a in axes)]
+
+  def parameter(self, size: int, axes: tuple[str, ...]) -> str:
+    """Names the first parameter whose dimension of `size` is split over mesh axes that
+    include all of `axes`, as " (parameter PATH)" for a message; "" when none is known."""
+    for s, split, path in self.names:
+      if s == size and set(axes) <= set(split):
+        return f" (parameter {path})"
+    return ""
 
 
 def _axes_tuple(axes) -> tuple[str, ...]:
@@ -59,9 +95,12 @@ def mesh_shape(
 ) -> tuple[tuple[int, ...], str]:
   """Resolves `config.mesh` sizes to (shape, why).
 
-  Explicit sizes are used as they are; one -1 takes the remaining devices. With
-  data = fsdp = -1 (automatic, the default) fsdp is the largest divisor of the devices
-  left by tensor that divides every dimension in `needs.fsdp_dims`, keeps the batch
+  Explicit sizes are used as they are (`check_divisible` checks the parameters against
+  the mesh); one -1 takes the remaining devices. With data = fsdp = -1 (automatic, the
+  default) tensor stays as configured and must divide every dimension in
+  `needs.tensor_dims` (a MeshError lists the sizes that do); fsdp is the largest divisor
+  of the devices left by tensor that divides every sharded parameter dimension in
+  `needs` (`fsdp_dims`, `other_dims`), keeps the batch
   split into whole rows and, given `devices`, lays out on their physical topology
   (`jax.make_mesh` on a TPU slice needs each axis to be a product of whole physical
   axes: 1,024 of a v4 8x16x16 slice is not); data takes the rest. FSDP as wide as the
@@ -102,19 +141,43 @@ def _lays_out(shape: tuple[int, ...], devices) -> bool:
 def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str, devices):
   if num_devices % tensor:
     raise MeshError(f"config.mesh ({described}): tensor={tensor} does not divide {num_devices}")
+  # tensor is the configured size: no data x fsdp choice mends a dimension it does not divide.
+  for size in needs.tensor_dims:
+    if size % tensor:
+      fitting = [
+        t
+        for t in range(1, num_devices + 1)
+        if num_devices % t == 0 and all(s % t == 0 for s in needs.tensor_dims)
+      ]
+      raise MeshError(
+        f"config.mesh ({described}): config.mesh.tensor={tensor} does not divide the "
+        f"tensor-sharded parameter dimension of {size}{needs.parameter(size, ('tensor',))}; "
+        f"tensor sizes that divide every tensor-sharded dimension (their gcd: "
+        f"{math.gcd(*needs.tensor_dims)}) and the {num_devices} devices: "
+        f"{', '.join(map(str, fitting))}"
+      )
   rest = num_devices // tensor
 
+  def shape(fsdp: int) -> dict:
+    return dict(data=rest // fsdp, fsdp=fsdp, tensor=tensor)
+
   def batch_whole(fsdp: int) -> bool:
-    sizes = dict(data=rest // fsdp, fsdp=fsdp, tensor=tensor)
-    ways = math.prod(sizes[a] for a in needs.batch_axes)
+    ways = math.prod(shape(fsdp)[a] for a in needs.batch_axes)
     return not needs.batch_rows or needs.batch_rows % ways == 0
 
-  # fsdp = 1 always divides. When no candidate splits the batch into whole rows (with
-  # the default rules the batch is split data x fsdp ways whatever the choice), the
-  # largest is kept and the batch check of the caller names the batch size.
-  dividing = [
-    d for d in range(rest, 0, -1) if rest % d == 0 and all(dim % d == 0 for dim in needs.fsdp_dims)
-  ]
+  # fsdp = 1 divides every dimension split over "fsdp" alone. When no candidate splits the
+  # batch into whole rows (with the default rules the batch is split data x fsdp ways
+  # whatever the choice), the largest is kept and the batch check of the caller names the
+  # batch size.
+  candidates = [d for d in range(rest, 0, -1) if rest % d == 0]
+  dividing = [d for d in candidates if not needs.indivisible(shape(d))]
+  if not dividing:  # only with rules splitting a parameter over "data" or several axes
+    size, axes = needs.indivisible(shape(1))[0]
+    raise MeshError(
+      f"config.mesh ({described}): no data x fsdp split of the {rest} devices left by "
+      f"tensor={tensor} divides the parameter dimension of {size}{needs.parameter(size, axes)}"
+      f" split over mesh axes {axes}; set config.mesh.data, fsdp and tensor explicitly"
+    )
   placed = [d for d in dividing if _lays_out((rest // d, d, tensor), devices)]
   if not placed:
     raise MeshError(
@@ -150,6 +213,33 @@ def make_mesh(mesh_config, devices=None, needs: MeshNeeds = MeshNeeds()) -> Mesh
   # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU), also
   # for the devices of a compile-only topology (AOT).
   return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def check_divisible(params, shardings, mesh_config) -> None:
+  """Raises MeshError naming the first parameter whose sharded dimension the mesh does not
+  divide: its path and shape, the dimension, the mesh axes and the config.mesh keys to
+  change. Without it jax fails at the first array with an IndivisibleError that names
+  neither the parameter nor the config.
+
+  params: tree of arrays or ShapeDtypeStructs; shardings: the same tree of NamedShardings;
+  mesh_config: config.mesh, quoted in the message.
+  """
+  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, leaf), named_sharding in zip(flat_params, jax.tree.leaves(shardings)):
+    mesh_sizes = named_sharding.mesh.shape
+    for dim, (size, axes) in enumerate(zip(leaf.shape, named_sharding.spec)):
+      axes = _axes_tuple(axes)
+      ways = math.prod(mesh_sizes[a] for a in axes)
+      if size % ways:
+        keys = " x ".join(f"config.mesh.{a}" for a in axes)
+        now = " x ".join(str(mesh_sizes[a]) for a in axes)
+        configured = ", ".join(f"{k}={v}" for k, v in dict(mesh_config).items())
+        raise MeshError(
+          f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} "
+          f"({size}) is split over mesh axes {axes} = {ways} ways, which does not divide it; "
+          f"choose {keys} (now {now}; config.mesh: {configured}) so that "
+          f"{'their product' if len(axes) > 1 else 'it'} divides {size}"
+        )
 
 
 def logical_to_spec(logical_axes, rules) -> PartitionSpec:

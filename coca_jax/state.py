@@ -45,7 +45,9 @@ def setup(config, devices=None) -> Setup:
 
   An automatic config.mesh (data = fsdp = -1) is resolved against the model's
   parameter dimensions and the (micro-)batch; `Setup.mesh_reason` says what was chosen
-  and why (the trainer logs it, the AOT report prints it)."""
+  and why (the trainer logs it, the AOT report prints it). Raises sharding.MeshError,
+  naming the parameter and the config.mesh key, when the mesh does not divide a sharded
+  parameter dimension."""
   devices = jax.devices() if devices is None else list(devices)
   optimizer, schedule = optim.make_optimizer(
     config.optim,
@@ -65,7 +67,12 @@ def setup(config, devices=None) -> Setup:
   )
   _, reason = sharding.mesh_shape(config.mesh, len(devices), needs, devices)
   mesh = sharding.make_mesh(config.mesh, devices, needs)
-  return Setup(mesh, reason, optimizer, schedule, layout(config, optimizer, mesh))
+  state_layout = layout(config, optimizer, mesh)
+  # Here, naming the parameter and config.mesh, not at the first array (an IndivisibleError).
+  sharding.check_divisible(
+    state_layout.abstract["params"], state_layout.shardings["params"], config.mesh
+  )
+  return Setup(mesh, reason, optimizer, schedule, state_layout)
 
 
 def frozen_patterns(config) -> tuple[str, ...]:

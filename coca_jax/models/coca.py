@@ -66,6 +66,15 @@ class CoCa(nnx.Module):
         f"config.model.pooler.caption_queries={cfg.pooler.caption_queries}: the single "
         "pooler needs 2 or more (query 0 is the image embedding, the rest caption tokens)"
       )
+    # Zero queries make a (0, D) query parameter: no caption tokens, and the image
+    # embedding a mean over no contrastive queries (NaN). open_clip_layout sets
+    # contrastive_queries=0 for its single pooler.
+    for key in () if single else ("contrastive_queries", "caption_queries"):
+      if cfg.pooler[key] < 1:
+        raise ValueError(
+          f"config.model.pooler.{key}={cfg.pooler[key]}: pooler mode {cfg.pooler.mode!r} "
+          'needs 1 or more (0 fits only open_clip\'s mode "single" for contrastive_queries)'
+        )
     pooler = functools.partial(
       AttentionalPooler,
       width=width,
