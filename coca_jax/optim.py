@@ -217,6 +217,11 @@ def frozen_mask(params, patterns):
   matches one of `patterns` (regexes or substrings); a pattern matching none is an error."""
   names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for pattern in patterns:
+    if not pattern:  # a substring of every path: `--config.train.frozen=` froze everything
+      raise ValueError(
+        f"config.train.frozen={tuple(patterns)!r} holds an empty pattern, which would freeze "
+        "every parameter; for none write --config.train.frozen='()'"
+      )
     if not any(_matches(pattern, name) for name in names):
       tops = sorted({name.split("/")[0] for name in names})
       raise ValueError(

@@ -212,6 +212,8 @@ def test_a_frozen_pattern_that_matches_nothing_is_an_error_naming_it():
   params = params_lib.abstract(tiny_config(1).model)
   with pytest.raises(ValueError, match=r"pattern '\^visoin/' matches no parameter"):
     optim.frozen_mask(params, ("^vision/", "^visoin/"))
+  with pytest.raises(ValueError, match="empty pattern, which would freeze every parameter"):
+    optim.frozen_mask(params, ("",))  # what `--config.train.frozen=` parses to
   mask = optim.frozen_mask(params, ("^vision/", "unimodal/layers/mlp/"))
   frozen = {k for k, f in flat(mask).items() if f}
   assert frozen == {k for k in flat(params) if k.startswith("vision/")} | {
