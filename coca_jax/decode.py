@@ -144,12 +144,16 @@ def cached_step_model(model, caption_tokens: jax.Array, max_length: int) -> Step
     logits, cache = decoder.decode_step(ids[:, None], cache, context)
     return logits[:, 0], cache
 
-  stack_axes = dict(key=0, value=0, index=None)  # key/value: L x [B, S, H, K]
+  # key/value: L x [B, S, H, K]; the unimodal "key_valid" [B, S + 1] (legacy mask only).
+  cache_batch_axes = {
+    stack: {name: None if name == "index" else 0 for name in stack_cache}
+    for stack, stack_cache in cache.items()
+  }
   return StepModel(
     step=step,
     cache=cache,
     context=context,
-    cache_batch_axes=dict(unimodal=stack_axes, multimodal=stack_axes),
+    cache_batch_axes=cache_batch_axes,
     context_batch_axes=None,  # Block folds beams into the query axis
   )
 

@@ -170,6 +170,10 @@ class TextDecoder(nnx.Module):
     Returns {"unimodal": c, "multimodal": c} with c = {"key", "value": a tuple of one
     [B, S, H, K] per layer, "index": 0}: per-layer buffers, so that each step updates
     each in place (a stacked [L, ...] cache was sliced and restacked, copied, every step).
+    With `mask_mode="open_clip_legacy"` the unimodal cache also holds "key_valid"
+    [B, S + 1] bool: may key j be attended (`unimodal_mask`: key 0 always, key j >= 1
+    iff token j - 1 is not pad). Token t decides key t + 1, hence the extra slot, which
+    no query reads; slots not yet written are True, and the causal mask hides them.
     """
 
     def empty(stack):
@@ -180,7 +184,10 @@ class TextDecoder(nnx.Module):
       )
       return dict(key=layers, value=layers, index=jnp.int32(0))
 
-    return dict(unimodal=empty(self.unimodal), multimodal=empty(self.multimodal))
+    unimodal = empty(self.unimodal)
+    if self.mask_mode == "open_clip_legacy":
+      unimodal["key_valid"] = jnp.ones((batch, length + 1), bool)
+    return dict(unimodal=unimodal, multimodal=empty(self.multimodal))
 
   def decoding_layers(self, caption_tokens: jax.Array) -> dict:
     """Both stacks' layers for `decode_step`, sliced out once per decode call:
@@ -204,9 +211,19 @@ class TextDecoder(nnx.Module):
     x = self.embed(ids, offset=index)
     cache_len = cache["unimodal"]["key"][0].shape[1]
     mask = layers.causal_mask(ids.shape[1], cache_len, query_offset=index)
+    unimodal_self_mask = mask
+    if self.mask_mode == "open_clip_legacy":
+      # `unimodal_mask` over the whole text so far: the tokens at index .. index + t - 1
+      # decide keys index + 1 .. index + t; the multimodal stack stays causal only.
+      key_valid = jax.lax.dynamic_update_slice_in_dim(
+        cache["unimodal"]["key_valid"], ids != self.pad_id, index + 1, 1
+      )
+      unimodal_self_mask = mask & key_valid[:, None, None, :cache_len]
     x, unimodal_cache = self.unimodal.decode(
-      x, mask, cache["unimodal"], decoding_layers["unimodal"]
+      x, unimodal_self_mask, cache["unimodal"], decoding_layers["unimodal"]
     )
+    if self.mask_mode == "open_clip_legacy":
+      unimodal_cache["key_valid"] = key_valid
     x, multimodal_cache = self.multimodal.decode(
       x, mask, cache["multimodal"], decoding_layers["multimodal"]
     )
