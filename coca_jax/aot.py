@@ -30,12 +30,12 @@ from absl import app, flags
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
-from coca_jax import console, flops, sharding
+from coca_jax import console, flops, predict, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.data import loader
-from coca_jax.sharding import MeshError
+from coca_jax.sharding import MeshError, check_divisible
 
 GIB = 2**30
 
@@ -197,26 +197,17 @@ def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str 
   return len(next(iter(shards.values())).rows), None
 
 
-def check_divisible(params, shardings, mesh_config) -> None:
-  """Names the first parameter whose sharded dimension the mesh does not divide."""
-  flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
-  for (path, leaf), named_sharding in zip(flat_params, jax.tree.leaves(shardings)):
-    for dim, (size, axes) in enumerate(zip(leaf.shape, named_sharding.spec)):
-      axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-      ways = int(np.prod([named_sharding.mesh.shape[a] for a in axes]))
-      if size % ways:
-        raise MeshError(
-          f"parameter {jax.tree_util.keystr(path)} {tuple(leaf.shape)}: dimension {dim} "
-          f"({size}) is split over mesh axes {axes} = {ways} ways, which does not divide it; "
-          f"choose config.mesh (now {dict(mesh_config)}) so that {'x'.join(axes)} divides {size}"
-        )
-
-
 def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0) -> dict:
   """Compiles config's train step for `devices` (not run) and returns the compile report."""
   run = state_lib.setup(config, devices)
   mesh, layout = run.mesh, run.layout
   step_lib.check_batch_size(config, mesh)
+  eval_batch_error = None  # reported, not raised: the train step's report still stands
+  if config.eval.evals and (config.train.eval_every or config.eval.at_start):  # as train's
+    try:
+      predict.check_batch_size(config.eval.batch_size, mesh, config.sharding_rules)
+    except MeshError as e:
+      eval_batch_error = str(e)
   shards = sharding.batch_ways(mesh, config.sharding_rules)
   accum = config.train.grad_accum_steps
   global_batch = config.data.global_batch_size
@@ -261,6 +252,7 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
     local_batch=local_batch,
     host_batches_ok=host_batches_error is None,
     host_batches_error=host_batches_error,
+    eval_batch_error=eval_batch_error,
     memory_per_device=memory,
     xla_flops_per_device=float(costs.get("flops", -1.0)),
     xla_bytes_accessed_per_device=float(costs.get("bytes accessed", -1.0)),
@@ -312,6 +304,7 @@ def table(rep: dict) -> str:
       if rep["host_batches_ok"]
       else f"{rep['processes']} process(es): FAILED: {rep['host_batches_error']}",
     ),
+    ("eval batch", f"FAILED: {rep['eval_batch_error']}" if rep["eval_batch_error"] else "ok"),
     *((f"memory: {k}", gib(v)) for k, v in memory.items() if k != "total"),
     ("memory: total per device", gib(memory["total"])),
     ("memory available", hbm),

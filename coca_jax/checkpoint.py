@@ -52,7 +52,10 @@ def _unreadable(path: epath.Path, error: Exception, limit: int = 2000):
 
 
 def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.CheckpointManager:
-  """A CheckpointManager over `<workdir>/checkpoints`, async, keeping the last N."""
+  """A CheckpointManager over `<workdir>/checkpoints`, async, keeping the last
+  config.train.keep_checkpoints (>= 1, `check_keep`) steps."""
+  if not read_only:
+    check_keep(train_config)
   options = ocp.CheckpointManagerOptions(
     max_to_keep=train_config.keep_checkpoints,
     enable_async_checkpointing=not read_only,
@@ -66,6 +69,17 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
     # Handlers named up front so a fresh manager can read item metadata before restoring.
     item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},
   )
+
+
+def check_keep(train_config) -> None:
+  """ValueError unless config.train.keep_checkpoints is an integer >= 1: it is Orbax's
+  max_to_keep, and 0 there deletes every checkpoint the run saves."""
+  keep = train_config.keep_checkpoints
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise ValueError(
+      f"config.train.keep_checkpoints={keep!r} must be an integer >= 1 (the newest checkpoints "
+      "kept; 0 would delete every checkpoint the run saves)"
+    )
 
 
 def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -98,7 +112,8 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
   The target is the abstract state, so a checkpoint written on one mesh restores onto
   another. If the checkpoint was trained at another image size, the learned position
   embedding is resampled to the new patch grid and the optimizer moments that depend on
-  its shape restart from zero. Returns None when there is no checkpoint.
+  its shape restart from zero; any other entry stored at another shape (an optimizer
+  setting changed) is a ValueError. Returns None when there is no checkpoint.
 
   With `step=None` the steps are tried newest first; one whose metadata or arrays cannot
   be read on any process is skipped (a warning names its path and the error; it is left
@@ -163,6 +178,7 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
     except Exception as e:  # any failure to read or parse the metadata
       raise _unreadable(path, e) from e
     target, mismatched = _restore_target(layout, stored_shapes, step)
+    _check_mismatched(layout, stored_shapes, mismatched, step)
     try:
       state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
       data = ocp.JsonCheckpointHandler().restore(path / DATA)
@@ -261,14 +277,44 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], saving: int) -> No
   mngr.reload()
 
 
-def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
-  """Resamples the position embedding; zeroes optimizer moments of changed shapes."""
-  bad_params = [p for p in mismatched if p[0] == "params" and p != POS_EMBEDDING]
+def _check_mismatched(layout: StateLayout, stored_shapes: dict, mismatched: set, step: int):
+  """ValueError (before any array is read) unless every entry stored at another shape is
+  one an image-size change reshapes: the position embedding, resampled by
+  `_adapt_shapes`, and its optimizer moments, which restart from zero. Any other moment of
+  another shape means the optimizer changed; zeroing it would silently reset training."""
+  expected = {
+    params_lib.path_names(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
+  }
+
+  def describe(keys):
+    return ", ".join(f"{'/'.join(k)} {stored_shapes[k]} -> {expected[k]}" for k in keys)
+
+  bad_params = sorted(p for p in mismatched if p[0] == "params" and p != POS_EMBEDDING)
   if bad_params:
     raise ValueError(
-      "checkpoint parameters do not match the config: "
-      + ", ".join("/".join(p) for p in sorted(bad_params))
+      f"checkpoint step {step} parameters do not match the config: {describe(bad_params)}"
     )
+  resized = POS_EMBEDDING in mismatched
+  bad_state = sorted(
+    p
+    for p in mismatched
+    if p[0] != "params" and not (resized and p[0] == "opt_state" and p[-2:] == POS_EMBEDDING[1:])
+  )
+  if bad_state:
+    raise ValueError(
+      f"checkpoint step {step} holds optimizer state of other shapes than the config's "
+      f"({len(bad_state)} entries: {describe(bad_state[:5])}"
+      f"{' ...' if len(bad_state) > 5 else ''}): an optimizer setting changed since it was "
+      "written (e.g. config.optim.factored_min_dim, which decides which second moments are "
+      "factored), and resuming would reset those moments to zero. Resume with the run's "
+      "config.optim, or start a new workdir with config.train.init_from to reuse its weights"
+    )
+
+
+def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
+  """Resamples the position embedding; zeroes its optimizer moments (`_check_mismatched`
+  allows no other entry of a changed shape)."""
 
   def adapt(path, value, target):
     key = params_lib.path_names(path)
@@ -278,6 +324,12 @@ def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
       logging.info("Resampling the position embedding %s -> %s", value.shape, target.shape)
       value = vit.resize_pos_embedding(jnp.asarray(value), target.shape[0])
     else:
+      logging.info(
+        "Optimizer state %s %s -> %s: restarts from zero (the image size changed)",
+        "/".join(key),
+        value.shape,
+        target.shape,
+      )
       value = np.zeros(target.shape, target.dtype)
     return jax.device_put(value, target.sharding)
 

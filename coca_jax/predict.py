@@ -73,6 +73,19 @@ def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
   raise ValueError(f"unknown prediction kind {kind!r}")
 
 
+def check_batch_size(batch_size: int, mesh: Mesh, rules) -> None:
+  """Raises sharding.MeshError unless config.eval.batch_size (`batch_size`) splits evenly
+  over the batch shards of `mesh` (config.sharding_rules `rules`), as a Predictor on the
+  mesh needs. The trainer and the AOT report check it before anything is built, not at the
+  first evaluation."""
+  ways = sharding.batch_ways(mesh, rules)
+  if batch_size % ways:
+    raise sharding.MeshError(
+      f"config.eval.batch_size={batch_size} is not divisible by the {ways} batch shards "
+      f"of mesh {dict(mesh.shape)}"
+    )
+
+
 class Predictor:
   """A CoCa model's encoders and decoder over numpy arrays and strings of any length.
 
@@ -98,12 +111,7 @@ class Predictor:
     self.temperature = float(model.temperature())
     self.mesh = mesh
     if mesh is not None:
-      ways = sharding.batch_ways(mesh, config.sharding_rules)
-      if batch_size % ways:
-        raise ValueError(
-          f"config.eval.batch_size={batch_size} is not divisible by the {ways} batch shards "
-          f"of mesh {dict(mesh.shape)}"
-        )
+      check_batch_size(batch_size, mesh, config.sharding_rules)
 
   def _call(self, fn: Callable, *batch: np.ndarray):
     """fn(params, *batch) for numpy rows [B, ...]; on the mesh when there is one."""

@@ -7,6 +7,12 @@
 Workdir layout: config.json, checkpoints/<step>/, TensorBoard events, eval/, export/.
 A restart with the same workdir resumes from the latest complete checkpoint. SIGTERM
 (TPU VM preemption) saves a checkpoint at the next step boundary and exits 0.
+
+Settings that would fail late (at the first eval, at the export) are checked before
+anything is built or written (`check_config`); config.json is written only once the
+state is restored or initialised, so a failing invocation leaves the run's record (which
+export, load and evaluate rebuild the model from) as it was. An export directory is
+refused as the workdir.
 """
 
 import json
@@ -24,12 +30,14 @@ from ml_collections import config_flags
 from coca_jax import (
   checkpoint,
   console,
+  decode,
   export,
   flops,
   host_memory,
   init_from,
   multihost,
   optim,
+  predict,
   sharding,
 )
 from coca_jax import params as params_lib
@@ -227,17 +235,18 @@ def check_data_position(config, shard_count: int, stored: dict) -> None:
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
-  check_headline(config)
+  # Config errors now, before anything is built, read or written, not hours into the run.
+  check_config(config)
+  check_workdir(workdir_path)
   config = loader.resolve(config)
-  if jax.process_index() == 0:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   logging.info("config:\n%s", config)
 
   run = state_lib.setup(config)
   logging.info("mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason)
   # Batch errors now, not after a restore (raises naming the processes' rows if no split).
   step_lib.check_batch_size(config, run.mesh)
+  if suite_evals(config):  # not at the first evaluation
+    predict.check_batch_size(config.eval.batch_size, run.mesh, config.sharding_rules)
   shard_count = sharding.host_shard(
     run.mesh, config.sharding_rules, config.data.global_batch_size
   ).count
@@ -265,6 +274,11 @@ def train(config, workdir: str) -> dict:
         "config.train.init_from=%s ignored: the run resumes its own checkpoint",
         config.train.init_from,
       )
+  # Only now: export, load and evaluate rebuild the model from config.json, so an
+  # invocation that fails above (a wrong override, a wrong --workdir) must leave it as it was.
+  if jax.process_index() == 0:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
   train_step = step_lib.make_train_step(config, run)
   eval_step = step_lib.make_eval_step(config, run.layout)
@@ -349,15 +363,79 @@ def train(config, workdir: str) -> dict:
   return headline(config, final, trained=step > start_step)
 
 
+# config.train.export_dtype: the dtypes `python -m coca_jax.export --dtype` offers.
+EXPORT_DTYPES = ("bfloat16", "float32")
+# config.train keys that divide a step count or a batch: 0 would divide by zero.
+POSITIVE_TRAIN_KEYS = ("checkpoint_every", "log_every", "grad_accum_steps")
+
+
+def check_config(config) -> None:
+  """Raises ValueError naming the config key for settings that would otherwise fail (or
+  do the wrong thing) late: at the first step's compile, the first evaluation, the
+  export after the last step. Needs no devices; the trainer calls it before anything
+  else. The eval batch against the mesh is `predict.check_batch_size`, once the mesh is
+  known."""
+  train_config = config.train
+  for key in POSITIVE_TRAIN_KEYS:
+    value = train_config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config.train.{key}={value!r} must be an integer >= 1")
+  checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
+  if train_config.eval_every < 0:
+    raise ValueError(
+      f"config.train.eval_every={train_config.eval_every} must be >= 0 (0: no periodic evaluation)"
+    )
+  if train_config.export_dtype not in EXPORT_DTYPES:
+    raise ValueError(
+      f"config.train.export_dtype={train_config.export_dtype!r}; expected one of {EXPORT_DTYPES}"
+    )
+  if suite_evals(config):  # names checked by enabled_evals, in suite_evals
+    try:
+      decode.DecodeOptions.from_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(f"config.eval.decode: {e}") from e
+  check_headline(config)
+
+
+def suite_evals(config) -> list[str]:
+  """The evals of config.eval.evals the run will run (ValueError naming an unknown one);
+  none when it never evaluates (config.train.eval_every=0, config.eval.at_start off)."""
+  if not (config.train.eval_every or config.eval.at_start):
+    return []
+  from coca_jax.evaluate import suite
+
+  return suite.enabled_evals(config.eval)
+
+
+def check_workdir(workdir: epath.Path) -> None:
+  """Refuses an export directory (params/, no checkpoints/) as the workdir: training would
+  replace its config.json, from which coca_jax.export, .load and .evaluate rebuild it."""
+  if (workdir / "params").exists() and not (workdir / "checkpoints").exists():
+    raise ValueError(
+      f"--workdir={workdir} is a coca_jax export (it holds params/ and no checkpoints/), not "
+      "a training workdir: train in a new directory (config.train.init_from="
+      f"{workdir} starts from this export)"
+    )
+
+
 def check_headline(config) -> None:
-  """config.eval.headline may only name metrics that the run can produce."""
+  """config.eval.headline may only name metrics that the run can produce: an eval's metric
+  ("eval/<eval>/<metric>") only when config.eval.evals runs <eval>."""
+  evals = suite_evals(config)
   for name, key in config.eval.headline.items():
-    prefix = key.split("/")[0]
+    parts = key.split("/")
+    prefix = parts[0]
     if prefix == AT_START and not config.eval.at_start:
       raise ValueError(f"config.eval.headline[{name!r}]={key!r} needs config.eval.at_start=True")
     if prefix in ("eval", AT_START) and not (config.train.eval_every or config.eval.at_start):
       raise ValueError(
         f"config.eval.headline[{name!r}]={key!r}: no evaluation runs (config.train.eval_every=0)"
+      )
+    # Two parts ("eval/loss") name a held-out loss, which needs no eval of the suite.
+    if prefix in ("eval", AT_START) and len(parts) > 2 and parts[1] not in evals:
+      raise ValueError(
+        f"config.eval.headline[{name!r}]={key!r}: eval {parts[1]!r} is not among the evals "
+        f"the run runs (config.eval.evals={config.eval.evals!r})"
       )
 
 

@@ -38,7 +38,11 @@ def test_early_checks():
     train.check_headline(_config({"x": "eval_at_start/vqa/accuracy"}))
   with pytest.raises(ValueError, match="no evaluation runs"):
     train.check_headline(_config({"x": "eval/vqa/accuracy"}, eval_every=0))
-  train.check_headline(_config({"x": "eval/vqa/accuracy", "y": "loss"}))
+  with pytest.raises(ValueError, match="eval 'vqa' is not among the evals the run runs"):
+    train.check_headline(_config({"x": "eval/vqa/accuracy"}))  # config.eval.evals=""
+  c = _config({"x": "eval/vqa/accuracy", "y": "loss", "z": "eval/loss"})
+  c.eval.evals = "vqa"
+  train.check_headline(c)
 
 
 def test_a_resume_that_changes_the_data_stream_is_named(caplog):

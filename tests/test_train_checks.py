@@ -1,0 +1,160 @@
+"""The trainer's early checks: a wrong setting or a wrong --workdir fails before anything is
+built or written (config.json included), naming the config key or the directory; a resume
+with another optimizer is refused instead of zeroing its moments."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+from tiny_runs import tiny_config
+
+from coca_jax import checkpoint, sharding, train
+from coca_jax import state as state_lib
+
+ORIGINAL = b'{"the run": "that wrote this"}\n'
+
+
+def with_config_json(directory):
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / "config.json").write_bytes(ORIGINAL)
+  return directory
+
+
+def save_zero_state(workdir, config, step=3):
+  """A checkpoint of `config`'s state shapes (zeros) at `step`, as the trainer writes it."""
+  layout = state_lib.setup(config).layout
+  state = jax.tree.map(
+    lambda a: jax.device_put(np.zeros(a.shape, a.dtype), a.sharding), layout.abstract
+  )
+  state["step"] = jax.device_put(np.int32(step), layout.abstract["step"].sharding)
+  mngr = checkpoint.manager(str(workdir), config.train)
+  checkpoint.save(mngr, state, train.data_position(config, 1, step))
+  mngr.wait_until_finished()
+  mngr.close()
+
+
+def evaluating(config, evals="zero_shot"):
+  config.train.eval_every = 3
+  config.eval.evals = evals
+  return config
+
+
+def test_a_failing_invocation_leaves_config_json_as_it_was(tmp_path):
+  workdir = with_config_json(tmp_path / "run")
+  wrong = tiny_config(3)
+  wrong.model.heads = 3  # width 32 does not divide: fails in setup
+  with pytest.raises(ValueError):
+    train.train(wrong, str(workdir))
+  assert (workdir / "config.json").read_bytes() == ORIGINAL
+
+
+def test_an_export_as_workdir_is_refused_naming_it(tmp_path):
+  export_dir = with_config_json(tmp_path / "export")
+  (export_dir / "params").mkdir()
+  with pytest.raises(ValueError, match=f"--workdir={export_dir} is a coca_jax export"):
+    train.train(tiny_config(3), str(export_dir))
+  assert (export_dir / "config.json").read_bytes() == ORIGINAL
+  assert sorted(p.name for p in export_dir.iterdir()) == ["config.json", "params"]
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    (lambda c: c.train.update(keep_checkpoints=0), r"config\.train\.keep_checkpoints=0 "),
+    (lambda c: c.train.update(checkpoint_every=0), r"config\.train\.checkpoint_every=0 "),
+    (lambda c: c.train.update(log_every=0), r"config\.train\.log_every=0 "),
+    (lambda c: c.train.update(grad_accum_steps=0), r"config\.train\.grad_accum_steps=0 "),
+    (lambda c: c.train.update(eval_every=-1), r"config\.train\.eval_every=-1 "),
+    (lambda c: c.train.update(export_dtype="bf16"), r"config\.train\.export_dtype='bf16'"),
+    (lambda c: c.train.update(export_dtype="int8"), r"config\.train\.export_dtype='int8'"),
+    (lambda c: evaluating(c, "zero_shot,retreival"), r"config\.eval\.evals .*'retreival'"),
+    (lambda c: evaluating(c).eval.decode.update(method="bem"), r"config\.eval\.decode: .*'bem'"),
+    (
+      lambda c: evaluating(c).eval.decode.update(method="sample", top_p=0.0),
+      r"config\.eval\.decode: .*top_p=0\.0",
+    ),
+    (
+      lambda c: evaluating(c).eval.update(headline={"cider": "eval/captioning/cider"}),
+      r"config\.eval\.headline\['cider'\]=.*'captioning' is not among",
+    ),
+  ],
+)
+def test_a_wrong_setting_fails_before_anything_is_written(tmp_path, change, message):
+  config = tiny_config(3)
+  change(config)
+  with pytest.raises(ValueError, match=message):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_keep_checkpoints_zero_is_refused_by_the_checkpoint_manager(tmp_path):
+  config = tiny_config(3, train=dict(keep_checkpoints=0))
+  with pytest.raises(ValueError, match=r"config\.train\.keep_checkpoints=0 "):
+    checkpoint.manager(str(tmp_path), config.train)
+  assert not (tmp_path / "checkpoints").exists()
+
+
+def test_eval_settings_are_not_checked_when_no_eval_runs():
+  config = tiny_config(3)  # config.train.eval_every=0, config.eval.at_start off
+  config.eval.evals = "no_such_eval"
+  config.eval.decode.method = "bem"
+  config.eval.batch_size = 3
+  train.check_config(config)
+  # "eval/loss" and its kin are held-out losses: no eval of the suite needed.
+  config = evaluating(tiny_config(3), "")
+  config.eval.headline = {"held_out": "eval/loss"}
+  train.check_config(config)
+
+
+@pytest.mark.slow  # builds the state layout (2 s)
+def test_an_eval_batch_the_mesh_does_not_split_fails_before_any_state(tmp_path):
+  config = evaluating(tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1)))
+  config.eval.batch_size = 12
+  with pytest.raises(sharding.MeshError, match=r"config\.eval\.batch_size=12 .* 8 batch shards"):
+    train.train(config, str(tmp_path))
+  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+
+
+@pytest.mark.slow  # saves and restores a checkpoint
+def test_a_resume_with_another_optimizer_is_refused_and_keeps_config_json(tmp_path):
+  config = tiny_config(3)
+  save_zero_state(tmp_path, config)
+  with_config_json(tmp_path)
+  changed = tiny_config(6, optim=dict(factored_min_dim=8))  # factors 8 x 32 matrices too
+  layout = state_lib.setup(changed).layout
+  mngr = checkpoint.manager(str(tmp_path), changed.train, read_only=True)
+  stored_at_another_shape = r"opt_state/0/v/text/pos_embedding \(8, 32\) -> \(1,\)"
+  with pytest.raises(ValueError, match=stored_at_another_shape + ".*factored_min_dim"):
+    checkpoint.restore(mngr, layout)
+  with pytest.raises(ValueError, match="factored_min_dim"):
+    train.train(changed, str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == ORIGINAL
+  assert checkpoint.manager(str(tmp_path), config.train, read_only=True).all_steps() == [3]
+
+
+@pytest.mark.slow  # saves and restores a checkpoint
+def test_an_image_size_change_still_resumes_restarting_only_the_position_moments(tmp_path):
+  config = tiny_config(3)
+  save_zero_state(tmp_path, config)
+  bigger = tiny_config(6)
+  bigger.model.vision.image_size = 32
+  layout = state_lib.setup(bigger).layout
+  mngr = checkpoint.manager(str(tmp_path), bigger.train, read_only=True)
+  state, data = checkpoint.restore(mngr, layout)
+  assert data["step"] == 3
+  assert state["params"]["vision"]["pos_embedding"].shape == (64, 32)
+  assert jax.tree.map(lambda x: x.shape, state) == jax.tree.map(lambda x: x.shape, layout.abstract)
+
+
+@pytest.mark.slow  # compiles the train step (~30 s)
+def test_the_aot_report_names_an_eval_batch_the_mesh_does_not_split():
+  from coca_jax import aot
+
+  config = evaluating(tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1)))
+  config.eval.batch_size = 12
+  rep = aot.report(config, jax.devices())
+  assert (
+    "config.eval.batch_size=12 is not divisible by the 8 batch shards" in (rep["eval_batch_error"])
+  )
+  assert re.search(r"^eval batch +FAILED: config\.eval\.batch_size=12 ", aot.table(rep), re.M)
