@@ -73,17 +73,13 @@ def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
   raise ValueError(f"unknown prediction kind {kind!r}")
 
 
-def check_batch_size(batch_size: int, mesh: Mesh, rules) -> None:
-  """Raises sharding.MeshError unless config.eval.batch_size (`batch_size`) splits evenly
-  over the batch shards of `mesh` (config.sharding_rules `rules`), as a Predictor on the
-  mesh needs. The trainer and the AOT report check it before anything is built, not at the
-  first evaluation."""
+def mesh_batch_size(batch_size: int, mesh: Mesh, rules) -> int:
+  """config.eval.batch_size (`batch_size`) rounded up to a multiple of the batch shards of
+  `mesh` (config.sharding_rules `rules`), as a Predictor on the mesh needs: every shard
+  gets whole rows (padding rows are dropped from the outputs). A pod's thousands of
+  shards then take the default 64 as one row per shard instead of failing."""
   ways = sharding.batch_ways(mesh, rules)
-  if batch_size % ways:
-    raise sharding.MeshError(
-      f"config.eval.batch_size={batch_size} is not divisible by the {ways} batch shards "
-      f"of mesh {dict(mesh.shape)}"
-    )
+  return -(-batch_size // ways) * ways
 
 
 class Predictor:
@@ -104,14 +100,14 @@ class Predictor:
     self.graphdef, self.params = nnx.split(model)
     self.config = config
     self.vocab = vocab
-    self.batch_size = batch_size
+    self.batch_size = (
+      batch_size if mesh is None else mesh_batch_size(batch_size, mesh, config.sharding_rules)
+    )
     self.max_text_len = config.model.text.max_len
     # BOS / EOS / pad ids and the row layout (the paper's or open_clip's).
     self.contract = tokens.Contract.from_config(config)
     self.temperature = float(model.temperature())
     self.mesh = mesh
-    if mesh is not None:
-      check_batch_size(batch_size, mesh, config.sharding_rules)
 
   def _call(self, fn: Callable, *batch: np.ndarray):
     """fn(params, *batch) for numpy rows [B, ...]; on the mesh when there is one."""

@@ -37,7 +37,6 @@ from coca_jax import (
   init_from,
   multihost,
   optim,
-  predict,
   sharding,
 )
 from coca_jax import params as params_lib
@@ -245,8 +244,6 @@ def train(config, workdir: str) -> dict:
   logging.info("mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason)
   # Batch errors now, not after a restore (raises naming the processes' rows if no split).
   step_lib.check_batch_size(config, run.mesh)
-  if suite_evals(config):  # not at the first evaluation
-    predict.check_batch_size(config.eval.batch_size, run.mesh, config.sharding_rules)
   shard_count = sharding.host_shard(
     run.mesh, config.sharding_rules, config.data.global_batch_size
   ).count
@@ -373,8 +370,7 @@ def check_config(config) -> None:
   """Raises ValueError naming the config key for settings that would otherwise fail (or
   do the wrong thing) late: at the first step's compile, the first evaluation, the
   export after the last step. Needs no devices; the trainer calls it before anything
-  else. The eval batch against the mesh is `predict.check_batch_size`, once the mesh is
-  known."""
+  else."""
   train_config = config.train
   for key in POSITIVE_TRAIN_KEYS:
     value = train_config[key]

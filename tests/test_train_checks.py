@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_runs import tiny_config
 
-from coca_jax import checkpoint, sharding, train
+from coca_jax import checkpoint, predict, train
 from coca_jax import state as state_lib
 
 ORIGINAL = b'{"the run": "that wrote this"}\n'
@@ -107,13 +107,11 @@ def test_eval_settings_are_not_checked_when_no_eval_runs():
   train.check_config(config)
 
 
-@pytest.mark.slow  # builds the state layout (2 s)
-def test_an_eval_batch_the_mesh_does_not_split_fails_before_any_state(tmp_path):
-  config = evaluating(tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1)))
-  config.eval.batch_size = 12
-  with pytest.raises(sharding.MeshError, match=r"config\.eval\.batch_size=12 .* 8 batch shards"):
-    train.train(config, str(tmp_path))
-  assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+def test_the_eval_batch_is_rounded_up_to_the_batch_shards():
+  """config.eval.batch_size=64 on a pod's 2,048 batch shards failed at the first eval."""
+  mesh = jax.make_mesh((8, 1, 1), ("data", "fsdp", "tensor"))
+  rules = tiny_config(3).sharding_rules
+  assert [predict.mesh_batch_size(b, mesh, rules) for b in (1, 8, 12, 64)] == [8, 8, 16, 64]
 
 
 @pytest.mark.slow  # saves and restores a checkpoint
@@ -148,13 +146,13 @@ def test_an_image_size_change_still_resumes_restarting_only_the_position_moments
 
 
 @pytest.mark.slow  # compiles the train step (~30 s)
-def test_the_aot_report_names_an_eval_batch_the_mesh_does_not_split():
+def test_the_aot_report_gives_the_eval_batch_per_call():
   from coca_jax import aot
 
   config = evaluating(tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1)))
   config.eval.batch_size = 12
   rep = aot.report(config, jax.devices())
-  assert (
-    "config.eval.batch_size=12 is not divisible by the 8 batch shards" in (rep["eval_batch_error"])
+  assert rep["eval_batch_size"] == 16
+  assert re.search(
+    r"^eval batch \(rows per call, rounded up to the batch shards\) +16$", aot.table(rep), re.M
   )
-  assert re.search(r"^eval batch +FAILED: config\.eval\.batch_size=12 ", aot.table(rep), re.M)
