@@ -30,6 +30,7 @@ from absl import app, flags
 from jax._src import xla_bridge
 from ml_collections import config_flags
 
+from coca_jax import config as config_lib
 from coca_jax import console, flops, predict, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
@@ -319,6 +320,7 @@ def table(rep: dict) -> str:
 
 def define_flags() -> None:
   """The command line; defined only when run as a program (importing registers nothing)."""
+  config_lib.configs_importable()
   config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:switches]).", lock_config=True
   )

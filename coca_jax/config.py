@@ -12,6 +12,10 @@ Config-file argument (`--config=configs/base.py:ARG`): comma-separated switches
   res576    the paper's final high-resolution epoch: 576px images, same patch size
 """
 
+import os
+import pathlib
+import sys
+
 import ml_collections
 
 # Logical axis -> mesh axes. FSDP shards `embed` over "fsdp"; tensor parallelism shards
@@ -509,3 +513,16 @@ def open_clip_layout(
       stop_at_pad=True,
     )
   )
+
+
+# The repository checkout (an editable install, as the README's): its configs/ folder.
+REPOSITORY = pathlib.Path(__file__).resolve().parents[1]
+
+
+def configs_importable() -> None:
+  """Puts the repository root on sys.path. Config files import their siblings as
+  `configs.<...>` (configs/ is not an installed package), which otherwise works only
+  with the repository root as the working directory."""
+  root = os.fspath(REPOSITORY)
+  if (REPOSITORY / "configs").is_dir() and root not in sys.path:
+    sys.path.append(root)

@@ -15,6 +15,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
+from coca_jax import config as config_lib
 from coca_jax import console
 from coca_jax.models import coca
 
@@ -88,5 +89,6 @@ def main(argv):
 
 if __name__ == "__main__":
   # Defined only when run as a program: importing this module registers no flags.
+  config_lib.configs_importable()
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
   app.run(main)

@@ -39,6 +39,7 @@ from coca_jax import (
   optim,
   sharding,
 )
+from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -48,6 +49,7 @@ from coca_jax.data import loader, vocab
 def define_flags() -> None:
   """The command line; defined only when run as a program, so that importing this module
   (tests, other entry points) registers no absl flags."""
+  config_lib.configs_importable()
   config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py[:switches]).", lock_config=True
   )

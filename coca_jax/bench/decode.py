@@ -243,10 +243,11 @@ def weight_bytes_per_step(params, batch: int) -> int:
 
 
 def load_config_file(path: str):
-  """A config file's get_config() (run from the repository root: configs/ imports itself)."""
+  """A config file's get_config()."""
   import importlib.util
   import pathlib
 
+  config_lib.configs_importable()
   file = pathlib.Path(path)
   spec = importlib.util.spec_from_file_location(f"bench_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)

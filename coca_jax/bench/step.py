@@ -27,6 +27,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
+from coca_jax import config as config_lib
 from coca_jax import flops
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
@@ -41,6 +42,7 @@ def load_config(config_args: list[str], prog: str = PROG):
   absl parses them."""
   flag_values = flags.FlagValues()
   argv = [prog, *config_args]
+  config_lib.configs_importable()
   holder = config_flags.DEFINE_config_file(
     "config", None, "Config file.", flag_values, lock_config=True, sys_argv=argv
   )

@@ -60,7 +60,6 @@ import json
 import math
 import os
 import pathlib
-import sys
 import time
 from typing import Callable, Mapping
 
@@ -97,11 +96,7 @@ def load_config(model: str, config_file: str | None = None, layers: int | None =
     raise FileNotFoundError(
       f"config file {path} not found (the repository's configs/open_clip/; or pass --config)"
     )
-  # Config files import their siblings as `configs.<...>` (configs/ is not installed):
-  # the repository root on sys.path lets them, from any working directory.
-  repository = os.fspath(CONFIG_DIR.parents[1])
-  if repository not in sys.path:
-    sys.path.append(repository)
+  config_lib.configs_importable()
   spec = importlib.util.spec_from_file_location(f"open_clip_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

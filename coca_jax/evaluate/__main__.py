@@ -18,6 +18,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
+from coca_jax import config as config_lib
 from coca_jax import console
 
 
@@ -27,6 +28,7 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
     "export", None, "Export directory (params/, config.json, vocab.model).", flag_values=flag_values
   )
+  config_lib.configs_importable()
   config_flags.DEFINE_config_file(
     "config",
     None,
