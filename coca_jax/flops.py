@@ -10,18 +10,25 @@ import jax
 
 from coca_jax.config import model_option
 
-# Dense bfloat16 peak FLOP/s per device (chip for TPU), from the vendors' data sheets.
-# Matched as substrings of `device.device_kind`, most specific first.
+# Dense bfloat16 peak FLOP/s per JAX device, from the vendors' data sheets: a chip from
+# TPU v4 on (one device each; v4 and v5p fuse their two TensorCores), a TensorCore on
+# v2 and v3 (two devices per chip: half the chip's 45 / 123 TFLOP/s), a GPU. Matched as
+# substrings of `device.device_kind`, most specific first ("L40S" before "L4").
 PEAK_FLOPS = (
   ("TPU v6 lite", 918e12),  # Trillium (v6e)
   ("TPU v5 lite", 197e12),  # v5e
   ("TPU v5p", 459e12),
   ("TPU v5", 459e12),  # v5p reports "TPU v5"
   ("TPU v4", 275e12),
-  ("TPU v3", 123e12),
+  ("TPU v3", 61.5e12),
+  ("TPU v2", 22.5e12),
   ("H200", 989e12),
-  ("H100", 989e12),  # SXM; the PCIe part is 756e12, set config.train.peak_flops
+  ("H100 PCIe", 756e12),
+  ("H100 NVL", 835e12),
+  ("H100", 989e12),  # SXM
   ("A100", 312e12),
+  ("L40S", 362e12),
+  ("L40", 181e12),
   ("L4", 121e12),
 )
 

@@ -56,3 +56,16 @@ def tune_for_cpu() -> bool:
       (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
     )
   )
+
+
+def environment() -> dict[str, str]:
+  """The same settings as glibc environment variables, for a child process (mallopt does
+  not carry over; `benchmarks/` gives them to the open_clip worker so that both sides of
+  a comparison run with one allocator policy); {} where `tune_for_cpu` would not apply."""
+  if has_accelerator() or any(name.startswith("MALLOC_") for name in os.environ):
+    return {}
+  return {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(_TRIM_THRESHOLD),
+  }

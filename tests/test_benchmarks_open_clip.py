@@ -71,6 +71,7 @@ def test_coca_jax_side_runs(capsys):
     (16, "float32", "unrolled"),
     (16, "bfloat16", "unrolled"),
   ]
+  assert {r["layout"] for r in summary["rows"]} == {"open_clip"}  # the default
   scanned = load_benchmark().main(
     [*TINY, "--width=16", "--precision=float32", "--layers=scan", "--skip_open_clip"]
   )
@@ -100,3 +101,45 @@ def test_bench_entry_point_runs_the_script():
   )
   assert result.returncode == 0, result.stderr
   assert "--precision" in result.stdout and "--width" in result.stdout
+
+
+def test_the_open_clip_layout_is_open_clips_model():
+  """Like for like: open_clip 3.3.0's CoCa at the benchmark's sizes holds 3,177,857 /
+  10,484,481 / 37,484,033 parameters at widths 128 / 256 / 512 (as its worker counted
+  them in a benchmark run); the paper layout has 6-9% fewer."""
+  import argparse
+
+  from coca_jax import params as params_lib
+
+  bench = load_benchmark()
+  defaults = dict(heads=4, vision_layers=4, unimodal_layers=2, multimodal_layers=2)
+  defaults.update(image_size=64, patch_size=8, text_len=32, vocab_size=4096)
+  defaults.update(caption_queries=64, batch_size=32, warmup_steps=2, steps=2, layers="unrolled")
+  for width, open_clip_params in ((128, 3_177_857), (256, 10_484_481), (512, 37_484_033)):
+    for layout, close in (("open_clip", True), ("paper", False)):
+      args = argparse.Namespace(layout=layout, **defaults)
+      config = bench.bench_config(args, width, "float32")
+      params = params_lib.count(params_lib.abstract(config.model))["total"]
+      assert (abs(params / open_clip_params - 1) < 1e-4) == close, (width, layout, params)
+
+
+def test_the_open_clip_worker_gets_the_same_allocator_settings(monkeypatch, tmp_path):
+  """coca_jax's side runs with coca_jax.host_memory's glibc settings (mallopt, which a
+  child process does not inherit): the worker gets them as environment variables."""
+  from coca_jax import host_memory
+
+  monkeypatch.setattr(host_memory, "has_accelerator", lambda: False)
+  for name in [n for n in __import__("os").environ if n.startswith("MALLOC_")]:
+    monkeypatch.delenv(name)
+  seen = {}
+
+  def fake_run(command, **kwargs):
+    seen.update(kwargs["env"])
+    return subprocess.CompletedProcess(command, 0, stdout='{"ok": 1}\n', stderr="")
+
+  bench = load_benchmark()
+  monkeypatch.setattr(bench.subprocess, "run", fake_run)
+  batch = dict(image=np.zeros(1), text=dict(ids=np.zeros(1), labels=np.zeros(1)))
+  assert bench.run_open_clip(Path(sys.executable), dict(threads=2), batch) == {"ok": 1}
+  assert seen["OMP_NUM_THREADS"] == "2"
+  assert seen["MALLOC_MMAP_MAX_"] == "0" and seen["MALLOC_ARENA_MAX"] == "1"

@@ -104,3 +104,24 @@ def test_a_frozen_image_encoder_counts_its_forward_only():
   config.data.video.frames = 3
   clip = flops.video_forward_macs(config.model, 3)
   assert flops.train_flops_per_example(config) == 2.0 * (3.0 * (clip - 3 * vision) + 3 * vision)
+
+
+@pytest.mark.parametrize(
+  "kind,peak",
+  [
+    ("NVIDIA L40S", 362e12),
+    ("NVIDIA L40", 181e12),
+    ("NVIDIA L4", 121e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("TPU v3", 61.5e12),  # one of a chip's two TensorCores: 123e12 / 2
+    ("TPU v4", 275e12),
+    ("cpu", None),
+  ],
+)
+def test_peak_flops_per_jax_device(kind, peak):
+  """Data-sheet dense bfloat16 peaks; "L4" matched L40S and L40 as a substring, and v3's
+  per-chip peak counted once per TensorCore device halved its MFU."""
+  device = type("Device", (), {"device_kind": kind})()
+  assert flops.peak_flops_per_device(device) == peak
+  assert flops.peak_flops_per_device(device, override=1e9) == 1e9

@@ -30,7 +30,7 @@ demo: a trained export (the demo run's, real weights; skipped when absent) on re
   images (the demo's emoji validation split, raw 64px RGBA PNG pixels): captions/s through
   `coca_jax.load(export).caption` at batch 32 against the benchmark loop (the same
   jitted decode on the same preprocessed batches), the API's time split into its parts,
-  and bfloat16 vs float32 greedy captions of those images.
+  and bfloat16 vs float32 captions of those images (the export's decoding method).
 
 The PyTorch side (open_clip's `generate` on the same shapes) is
 `python benchmarks/open_clip_decode.py`, which runs the open_clip section of this file.
@@ -461,7 +461,7 @@ def demo_section(export_dir: str, raw: np.ndarray, repeats: int, batch: int = 32
   bf16_tokens = np.concatenate([np.asarray(bf16_fn(bf16_params, b).tokens) for b in batches])
   agreement = token_agreement(f32_tokens, bf16_tokens[:count], options.contract)
   print(
-    f"bfloat16 vs float32 greedy captions ({count} demo images, trained weights): "
+    f"bfloat16 vs float32 {options.method} captions ({count} demo images, trained weights): "
     f"{agreement['token_agreement']:.1%} of tokens equal, {agreement['identical']:.0%} of "
     f"captions identical, first divergence at token {agreement['first_divergence']:.1f} on "
     f"average (of {options.max_length}); e.g. {captions[0]!r}"

@@ -10,7 +10,8 @@ the devices before the clock starts, so input is not measured. Compilation is ex
 (timed on its own), then `--warmup` steps run before `--steps` timed steps; the host
 waits only after the last. Model FLOPs come from coca_jax/flops.py (rematerialisation
 not counted); MFU needs the device's peak, from the table there or
-`--config.train.peak_flops` (this 2-core CPU reaches about 130e9 on float32 matmuls).
+`--config.train.peak_flops` (the 2-core dev machine: 200-216e9 on one large float32
+matmul, README "Training speed against open_clip").
 Prints a table and a final JSON line; asserts nothing about time.
 
 `--base_width` keeps the config's width and heads (Base: 768, 12 heads, MLP 3072,
