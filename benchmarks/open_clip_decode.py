@@ -33,7 +33,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from coca_jax import host_memory
 from coca_jax.bench import decode as decode_bench
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +59,7 @@ def open_clip_python(python: str | None) -> str:
 
 
 def run_open_clip(python: str, spec: dict) -> dict:
-  env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), **host_memory.environment())
+  env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
   result = subprocess.run(
     # -P: the worker's own folder must not shadow the open_clip package.
     [python, "-P", str(WORKER), json.dumps(spec)],

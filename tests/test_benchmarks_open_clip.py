@@ -123,9 +123,10 @@ def test_the_open_clip_layout_is_open_clips_model():
       assert (abs(params / open_clip_params - 1) < 1e-4) == close, (width, layout, params)
 
 
-def test_the_open_clip_worker_gets_the_same_allocator_settings(monkeypatch, tmp_path):
+def test_the_open_clip_worker_gets_its_faster_allocator_settings(monkeypatch, tmp_path):
   """coca_jax's side runs with coca_jax.host_memory's glibc settings (mallopt, which a
-  child process does not inherit): the worker gets them as environment variables."""
+  child process does not inherit); the float32 worker gets them as environment variables
+  (faster for torch too), the bfloat16 one glibc's defaults (faster for torch there)."""
   from coca_jax import host_memory
 
   monkeypatch.setattr(host_memory, "has_accelerator", lambda: False)
@@ -140,6 +141,10 @@ def test_the_open_clip_worker_gets_the_same_allocator_settings(monkeypatch, tmp_
   bench = load_benchmark()
   monkeypatch.setattr(bench.subprocess, "run", fake_run)
   batch = dict(image=np.zeros(1), text=dict(ids=np.zeros(1), labels=np.zeros(1)))
-  assert bench.run_open_clip(Path(sys.executable), dict(threads=2), batch) == {"ok": 1}
+  spec = dict(threads=2, precision="fp32")
+  assert bench.run_open_clip(Path(sys.executable), spec, batch) == {"ok": 1}
   assert seen["OMP_NUM_THREADS"] == "2"
   assert seen["MALLOC_MMAP_MAX_"] == "0" and seen["MALLOC_ARENA_MAX"] == "1"
+  seen.clear()  # bfloat16: glibc's defaults, under which torch ran 1.7x faster here
+  bench.run_open_clip(Path(sys.executable), dict(threads=2, precision="amp_bf16"), batch)
+  assert seen["OMP_NUM_THREADS"] == "2" and "MALLOC_MMAP_MAX_" not in seen
