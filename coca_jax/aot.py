@@ -36,7 +36,7 @@ from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.data import loader
-from coca_jax.sharding import MeshError, check_divisible
+from coca_jax.sharding import MeshError
 
 GIB = 2**30
 
@@ -209,7 +209,6 @@ def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0
   accum = config.train.grad_accum_steps
   global_batch = config.data.global_batch_size
   local_batch, host_batches_error = check_host_batches(mesh, config.sharding_rules, global_batch)
-  check_divisible(layout.abstract["params"], layout.shardings["params"], config.mesh)
   train_step = step_lib.make_train_step(config, run)
   start = time.perf_counter()
   with jax.set_mesh(mesh):

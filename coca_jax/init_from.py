@@ -118,12 +118,7 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   target = {
     params_lib.path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
   }
-  mask = optim.frozen_mask(abstract, state_lib.frozen_patterns(config))
-  frozen = frozenset(
-    "/".join(params_lib.path_names(p))
-    for p, is_frozen in jax.tree_util.tree_flatten_with_path(mask)[0]
-    if is_frozen
-  )
+  frozen = frozenset(optim.frozen_names(abstract, state_lib.frozen_patterns(config)))
   if (source / "params").exists():
     loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen)
     held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)
@@ -144,7 +139,8 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
 
 def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str, frozen=frozenset()):
   """({path names: float32 array in its target sharding}, Report) of the Orbax tree at
-  `item` (its parameters under `prefix`: () for an export, ("params",) for a state)."""
+  `item` (its parameters under `prefix`: () for an export, ("params",) for a state);
+  `frozen`: the '/'-joined names config.train.frozen matches (see `plan`)."""
   handler = ocp.PyTreeCheckpointHandler()
   try:
     try:

@@ -69,8 +69,8 @@ def captioning_loss(logits: jax.Array, labels: jax.Array, mask: jax.Array) -> ja
 def vqa_loss(logits: jax.Array, scores: jax.Array) -> jax.Array:
   """VQA as multi-label classification: sigmoid binary cross-entropy against soft scores.
 
-  logits [B, A] float32; scores [B, A] the VQA score of each answer of the vocabulary,
-  min(#annotators who gave it / 3, 1) (0 for answers nobody gave). Summed over answers,
+  logits [B, A] float32; scores [B, A] the VQA score of each answer of the vocabulary
+  (`data/answers.vqa_score`, the metric's credit; 0 for answers nobody gave). Summed over answers,
   averaged over questions: the loss of Teney et al. 2018 ("Tips and Tricks for Visual
   Question Answering", arXiv 1708.02711, Section 3: soft scores as targets of a sigmoid
   output, better than softmax) and of the bottom-up top-down VQA code, which scales the

@@ -233,6 +233,12 @@ def frozen_mask(params, patterns):
   )
 
 
+def frozen_names(params, patterns) -> list[str]:
+  """The '/'-joined paths of the parameters `frozen_mask` matches, in tree order."""
+  mask = frozen_mask(params, patterns)
+  return [_path_name(p) for p, frozen in jax.tree_util.tree_flatten_with_path(mask)[0] if frozen]
+
+
 def freeze(optimizer: optax.GradientTransformation, params, patterns):
   """`optimizer` on the parameters not matched by `patterns` (see `frozen_mask`); the
   matched ones get zero updates and hold no optimizer state. No patterns: `optimizer`.

@@ -16,7 +16,6 @@ refused as the workdir.
 """
 
 import json
-import math
 import signal
 import sys
 import time
@@ -177,17 +176,12 @@ def console_line(step: int, total: int, metrics: dict, speed: dict) -> str:
 
 def describe_frozen(config, params) -> str:
   """The log line naming the parameters config.train.frozen holds still."""
-  mask = optim.frozen_mask(params, tuple(config.train.frozen))
-  paths = jax.tree_util.tree_flatten_with_path(params)[0]
-  frozen = [
-    ("/".join(params_lib.path_names(p)), math.prod(x.shape))
-    for (p, x), f in zip(paths, jax.tree.leaves(mask))
-    if f
-  ]
+  frozen = optim.frozen_names(params, tuple(config.train.frozen))
+  sizes = params_lib.count_by_path(params)
   return (
     f"frozen by config.train.frozen={tuple(config.train.frozen)}: {len(frozen)} of "
-    f"{len(paths)} parameters, {sum(n for _, n in frozen):,} of "
-    f"{params_lib.total(params):,} scalars: {init_from.compact(n for n, _ in frozen)}"
+    f"{len(sizes)} parameters, {sum(sizes[n] for n in frozen):,} of "
+    f"{params_lib.total(params):,} scalars: {init_from.compact(frozen)}"
   )
 
 

@@ -118,5 +118,13 @@ def test_kernel_gradient_form_on_cpu(dtype, width, transposed):
   def loss(x, kernel):
     return layers.matmul("...i,io->...o", x, kernel, jnp.dtype(dtype)).astype(jnp.float32).sum()
 
-  hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, kernel).as_text()
-  assert ("optimization_barrier" in hlo) == transposed
+  lowered = jax.jit(jax.grad(loss, argnums=1)).lower(x, kernel)
+  assert ("optimization_barrier" in lowered.as_text()) == transposed
+  # The CPU executable (the platform's branch) computes the [width, 8] gradient, then
+  # transposes it; the einsum form's dot gives [8, width] directly.
+  dots = [
+    line.split("=")[1].split("{")[0].strip()
+    for line in lowered.compile().as_text().splitlines()
+    if " dot(" in line or line.strip().removeprefix("ROOT ").startswith("%ynn_fusion")
+  ]
+  assert dots and all(d == (f"f32[{width},8]" if transposed else f"f32[8,{width}]") for d in dots)

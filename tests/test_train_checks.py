@@ -99,7 +99,6 @@ def test_eval_settings_are_not_checked_when_no_eval_runs():
   config = tiny_config(3)  # config.train.eval_every=0, config.eval.at_start off
   config.eval.evals = "no_such_eval"
   config.eval.decode.method = "bem"
-  config.eval.batch_size = 3
   train.check_config(config)
   # "eval/loss" and its kin are held-out losses: no eval of the suite needed.
   config = evaluating(tiny_config(3), "")

@@ -19,8 +19,9 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   frozen/from_train_split                   1: trained on the source's train split; 0: on a
                                             config.eval.frozen.train_fraction share of the
                                             eval examples (a source without a train split)
-  vqa/accuracy                              VQA soft accuracy (min(#annotators / 3, 1)) of
-                                            the VQA head on the VQA task's eval files
+  vqa/accuracy                              the standard VQA accuracy
+                                            (data/answers.vqa_score) of the VQA head on
+                                            the VQA task's eval files
   vqa/majority_baseline                     always the most frequent training answer
   vqa/question_prior_baseline               each question's most frequent training answer
   vqa/examples                              questions scored
