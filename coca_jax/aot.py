@@ -341,6 +341,8 @@ def main(argv):
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if f.config is None:
+    raise app.UsageError("--config=FILE is required (e.g. --config=configs/coca.py)")
   if (f.topology is None) == (f.cpu_devices is None):
     raise app.UsageError("pass exactly one of --topology=GEN:AxBxC or --cpu_devices=N")
   if f.topology is not None:

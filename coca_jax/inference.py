@@ -166,7 +166,8 @@ class Model:
 
     method: "greedy", "beam" or "sample"; unset, the options given pick it (beam_size or
     length_penalty: beam search; temperature, top_k or top_p: sampling), else the
-    config's. An option that does not apply to the method raises ValueError.
+    config's. An option that does not apply to the method raises ValueError, a seed
+    without sampling too.
     prefix: text the caption must continue (one for all images or one per image), e.g.
     a question for "VQA as a prefix"; it is not repeated in the returned text.
     seed: sampling seed (None: config.eval.decode.seed). preprocessed: as for
@@ -181,6 +182,8 @@ class Model:
       top_k=top_k,
       top_p=top_p,
     )
+    if seed is not None and options.method != "sample":
+      raise ValueError(f"seed={seed} applies to sampling only; the method is {options.method!r}")
     pixels = self._pixels(images, preprocessed)
     return self.predictor.caption(pixels, options, prefix=prefix, seed=seed)
 

@@ -73,6 +73,8 @@ def count(params) -> dict[str, int]:
 def main(argv):
   console.quiet()
   del argv
+  if flags.FLAGS.config is None:
+    raise app.UsageError("--config=FILE is required (e.g. --config=configs/base.py)")
   params = abstract(flags.FLAGS.config.model)
   by_path = count_by_path(params)
   groups: dict[str, int] = {}

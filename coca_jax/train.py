@@ -356,8 +356,9 @@ def train(config, workdir: str) -> dict:
   return headline(config, final, trained=step > start_step)
 
 
-# config.train.export_dtype: the dtypes `python -m coca_jax.export --dtype` offers.
-EXPORT_DTYPES = ("bfloat16", "float32")
+# config.train.export_dtype (the dtypes `python -m coca_jax.export --dtype` offers) and
+# config.model.dtype.
+DTYPES = ("bfloat16", "float32")
 # config.train keys that divide a step count or a batch: 0 would divide by zero.
 POSITIVE_TRAIN_KEYS = ("checkpoint_every", "log_every", "grad_accum_steps")
 
@@ -377,10 +378,12 @@ def check_config(config) -> None:
     raise ValueError(
       f"config.train.eval_every={train_config.eval_every} must be >= 0 (0: no periodic evaluation)"
     )
-  if train_config.export_dtype not in EXPORT_DTYPES:
-    raise ValueError(
-      f"config.train.export_dtype={train_config.export_dtype!r}; expected one of {EXPORT_DTYPES}"
-    )
+  for key, value in (
+    ("train.export_dtype", train_config.export_dtype),
+    ("model.dtype", config.model.dtype),
+  ):
+    if value not in DTYPES:
+      raise ValueError(f"config.{key}={value!r}; expected one of {DTYPES}")
   if suite_evals(config):  # names checked by enabled_evals, in suite_evals
     try:
       decode.DecodeOptions.from_config(config)

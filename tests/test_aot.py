@@ -240,3 +240,17 @@ def test_indivisible_parameter_is_named():
     aot.MeshError, match=r"dimension \d+ \(36\) is split over mesh axes \('fsdp',\) = 8 ways"
   ):
     aot.report(config, jax.devices())
+
+
+@pytest.mark.slow  # subprocesses importing jax
+def test_the_clis_without_config_name_the_flag():
+  """They raised AttributeError on config None."""
+  for command in (["coca_jax.aot", "--cpu_devices=8"], ["coca_jax.params"]):
+    done = subprocess.run(
+      [sys.executable, "-m", *command],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert done.returncode != 0 and "--config=FILE is required" in done.stderr, done.stderr[-2000:]

@@ -157,6 +157,8 @@ def test_sampling_seed_defaults_to_the_configs(loaded, image_files):
   assert (by_seed[0] != by_seed[7]).any()  # else the test below proves nothing
   np.testing.assert_array_equal(predictor.caption_tokens(pixels, options)[0], by_seed[7])
   assert predictor.caption(pixels, options) == predictor.caption(pixels, options, seed=7)
+  with pytest.raises(ValueError, match="seed=7 applies to sampling only; the method is 'beam'"):
+    loaded.caption(paths, beam_size=2, seed=7)  # was silently ignored
 
 
 def test_no_images_give_empty_results(loaded):

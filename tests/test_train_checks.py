@@ -68,6 +68,7 @@ def test_an_export_as_workdir_is_refused_naming_it(tmp_path):
     (lambda c: c.train.update(eval_every=-1), r"config\.train\.eval_every=-1 "),
     (lambda c: c.train.update(export_dtype="bf16"), r"config\.train\.export_dtype='bf16'"),
     (lambda c: c.train.update(export_dtype="int8"), r"config\.train\.export_dtype='int8'"),
+    (lambda c: c.model.update(dtype="bf16"), r"config\.model\.dtype='bf16'"),
     (lambda c: evaluating(c, "zero_shot,retreival"), r"config\.eval\.evals .*'retreival'"),
     (lambda c: evaluating(c).eval.decode.update(method="bem"), r"config\.eval\.decode: .*'bem'"),
     (
