@@ -128,3 +128,15 @@ def test_kernel_gradient_form_on_cpu(dtype, width, transposed):
     if " dot(" in line or line.strip().removeprefix("ROOT ").startswith("%ynn_fusion")
   ]
   assert dots and all(d == (f"f32[{width},8]" if transposed else f"f32[8,{width}]") for d in dots)
+
+
+def test_a_multi_device_mesh_takes_the_einsum_form():
+  """The transposed form's partitioned program deadlocked in an all-reduce on 8 devices."""
+  x, kernel = jnp.ones((8, 3, 8)), jnp.ones((8, 6))
+
+  def loss(x, kernel):
+    return layers.matmul("...i,io->...o", x, kernel, jnp.float32).sum()
+
+  with jax.set_mesh(jax.make_mesh((8,), ("data",))):
+    hlo = jax.jit(jax.grad(loss, argnums=1)).lower(x, kernel).as_text()
+  assert "optimization_barrier" not in hlo
