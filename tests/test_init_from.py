@@ -148,6 +148,15 @@ def test_an_image_size_change_resamples_the_position_embedding(source):
   assert_params_equal(rest, {k: v for k, v in source["params"].items() if k != name})
 
 
+def write_export(params: dict, directory):
+  """Writes {'/'-joined name: array} as an export at `directory`; the tiny finetune config
+  starting from it."""
+  config = finetune(directory)
+  tree = init_from._nest({tuple(name.split("/")): value for name, value in params.items()})
+  export.write(tree, config, str(directory), "float32", None)
+  return config
+
+
 def test_new_and_unused_parameters_are_reported_and_new_ones_initialised_fresh(
   source, tmp_path, caplog
 ):
@@ -155,15 +164,7 @@ def test_new_and_unused_parameters_are_reported_and_new_ones_initialised_fresh(
   export) and holding one the model lacks."""
   params = {k: v for k, v in source["params"].items() if k != "text_projection/kernel"}
   params["vqa_head/kernel"] = np.ones((32, 4), np.float32)
-  tree = {}
-  for name, value in params.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  config = finetune(tmp_path / "export")
-  export.write(tree, config, str(tmp_path / "export"), "float32", None)
+  config = write_export(params, tmp_path / "export")
 
   run = state_lib.setup(config)
   with caplog.at_level(logging.INFO):
@@ -183,15 +184,7 @@ def test_a_frozen_parameter_the_source_lacks_is_an_error_before_reading(source, 
   """Frozen and initialised fresh, it would stay random all run (the review's case: a
   sincos-position export into a learned-position model with the vision tower frozen)."""
   params = {k: v for k, v in source["params"].items() if k != "text_projection/kernel"}
-  tree = {}
-  for name, value in params.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  config = finetune(tmp_path / "export")
-  export.write(tree, config, str(tmp_path / "export"), "float32", None)
+  config = write_export(params, tmp_path / "export")
   config.train.frozen = ("^text_projection/",)
   with pytest.raises(ValueError, match="freezes text_projection/kernel, which config.train"):
     init_from.create(config, state_lib.setup(config))
