@@ -25,6 +25,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax.models import vit
 from coca_jax.state import StateLayout
@@ -74,12 +75,11 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
 def check_keep(train_config) -> None:
   """ValueError unless config.train.keep_checkpoints is an integer >= 1: it is Orbax's
   max_to_keep, and 0 there deletes every checkpoint the run saves."""
-  keep = train_config.keep_checkpoints
-  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
-    raise ValueError(
-      f"config.train.keep_checkpoints={keep!r} must be an integer >= 1 (the newest checkpoints "
-      "kept; 0 would delete every checkpoint the run saves)"
-    )
+  config_lib.check_positive(
+    train_config,
+    "train.keep_checkpoints",
+    " (the newest checkpoints kept; 0 would delete every checkpoint the run saves)",
+  )
 
 
 def step_path(mngr: ocp.CheckpointManager, step: int) -> epath.Path:
@@ -178,7 +178,7 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
     except Exception as e:  # any failure to read or parse the metadata
       raise _unreadable(path, e) from e
     target, mismatched = _restore_target(layout, stored_shapes, step)
-    _check_mismatched(layout, stored_shapes, mismatched, step)
+    _check_mismatched(mismatched, step)
     try:
       state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
       data = ocp.JsonCheckpointHandler().restore(path / DATA)
@@ -193,11 +193,12 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
 
 def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
   """The abstract state to read: the layout's, except entries stored at another shape,
-  which are read replicated at their stored shape (returned as the second value).
+  which are read replicated at their stored shape (returned second: path names ->
+  (stored shape, config shape)).
   ValueError (not UnreadableCheckpointError: the files are fine) when the checkpoint and
   the config disagree on which entries there are."""
   replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
-  mismatched = set()
+  mismatched = {}
   expected = {
     params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
   }
@@ -218,7 +219,7 @@ def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
       )
     if shape == tuple(target.shape):
       return target
-    mismatched.add(params_lib.path_names(path))
+    mismatched[params_lib.path_names(path)] = (shape, tuple(target.shape))
     return jax.ShapeDtypeStruct(shape, target.dtype, sharding=replicated)
 
   return jax.tree_util.tree_map_with_path(restore_target, layout.abstract), mismatched
@@ -277,18 +278,14 @@ def _set_aside(mngr: ocp.CheckpointManager, steps: list[int], saving: int) -> No
   mngr.reload()
 
 
-def _check_mismatched(layout: StateLayout, stored_shapes: dict, mismatched: set, step: int):
+def _check_mismatched(mismatched: dict, step: int):
   """ValueError (before any array is read) unless every entry stored at another shape is
   one an image-size change reshapes: the position embedding, resampled by
   `_adapt_shapes`, and its optimizer moments, which restart from zero. Any other moment of
   another shape means the optimizer changed; zeroing it would silently reset training."""
-  expected = {
-    params_lib.path_names(p): tuple(x.shape)
-    for p, x in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
-  }
 
   def describe(keys):
-    return ", ".join(f"{'/'.join(k)} {stored_shapes[k]} -> {expected[k]}" for k in keys)
+    return ", ".join(f"{'/'.join(k)} {mismatched[k][0]} -> {mismatched[k][1]}" for k in keys)
 
   bad_params = sorted(p for p in mismatched if p[0] == "params" and p != POS_EMBEDDING)
   if bad_params:
@@ -312,7 +309,7 @@ def _check_mismatched(layout: StateLayout, stored_shapes: dict, mismatched: set,
     )
 
 
-def _adapt_shapes(state, layout: StateLayout, mismatched: set) -> dict:
+def _adapt_shapes(state, layout: StateLayout, mismatched: dict) -> dict:
   """Resamples the position embedding; zeroes its optimizer moments (`_check_mismatched`
   allows no other entry of a changed shape)."""
 

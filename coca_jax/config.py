@@ -446,6 +446,14 @@ def _set_options(section: ml_collections.ConfigDict, options: dict) -> None:
       section[key] = value
 
 
+def check_positive(section: ml_collections.ConfigDict, path: str, why: str = "") -> None:
+  """ValueError unless config.<path> (a key of `section`) is an integer >= 1; `why`
+  follows the message."""
+  value = section[path.rsplit(".", 1)[-1]]
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"config.{path}={value!r} must be an integer >= 1{why}")
+
+
 def model_option(model_config, name: str):
   """The layout option `name` ("vision.class_token", "gelu_approximate", ...) of a model
   config, or its MODEL_OPTIONS default when the config predates it."""

@@ -370,9 +370,7 @@ def check_config(config) -> None:
   else."""
   train_config = config.train
   for key in POSITIVE_TRAIN_KEYS:
-    value = train_config[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"config.train.{key}={value!r} must be an integer >= 1")
+    config_lib.check_positive(train_config, f"train.{key}")
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
   if train_config.eval_every < 0:
     raise ValueError(
