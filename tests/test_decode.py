@@ -81,6 +81,7 @@ def reference_greedy(model, images, length, prefix=None):
   return out
 
 
+@pytest.mark.slow  # ~16 s; the quick loop keeps the cached beam search == full recompute
 def test_cached_greedy_equals_full_recompute(model, images, graphdef_params):
   graphdef, params = graphdef_params
   options = make_options("greedy", max_length=L)
@@ -238,6 +239,7 @@ def test_filter_logits_top_k_and_top_p_by_hand():
   np.testing.assert_array_equal(kept, [[False, True, True, True]])
 
 
+@pytest.mark.slow  # ~7 s
 def test_decoding_a_batch_sharded_over_eight_devices(graphdef_params):
   graphdef, params = graphdef_params
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -58,6 +58,7 @@ def finetune(init_from_dir, image_size=16):
   return config
 
 
+@pytest.mark.slow  # ~12 s
 def test_export_loads_its_params_and_embeddings_in_the_state_shardings(source, caplog):
   config = finetune(source["root"] / "export")
   run = state_lib.setup(config)
@@ -157,6 +158,7 @@ def write_export(params: dict, directory):
   return config
 
 
+@pytest.mark.slow  # ~9 s
 def test_new_and_unused_parameters_are_reported_and_new_ones_initialised_fresh(
   source, tmp_path, caplog
 ):

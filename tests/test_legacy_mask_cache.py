@@ -47,7 +47,11 @@ def full_logits(model, images):
   return np.asarray(model.caption_logits(unimodal, caption_tokens, mask))
 
 
-@pytest.mark.parametrize("chunks", [(1,) * 8, (8,), (3, 1, 4), (2, 5, 1)])
+@pytest.mark.parametrize(
+  "chunks",
+  # Two chunkings in the quick loop (one token at a time; all at once), two (~5 s each) slow.
+  [(1,) * 8, (8,), *(pytest.param(c, marks=pytest.mark.slow) for c in [(3, 1, 4), (2, 5, 1)])],
+)
 def test_cached_logits_equal_full_forward(model, images, full_logits, chunks):
   """TEXTS through `decode_step` in chunks of the given lengths (one token per step, all
   at once, or mixed) gives the full forward's logits at every position."""

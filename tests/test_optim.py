@@ -270,6 +270,7 @@ def tiny_model_parts(config):
   return graphdef, params
 
 
+@pytest.mark.slow  # ~5 s
 def test_update_that_would_leave_the_range_stops_at_the_bound():
   config = tiny.get_config()
   graphdef, initial = tiny_model_parts(config)

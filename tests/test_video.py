@@ -34,6 +34,7 @@ def _count(config) -> int:
 # ---- model ----
 
 
+@pytest.mark.slow  # ~8 s
 def test_clip_embedding_is_the_normalised_mean_of_frame_embeddings():
   config = tiny_config(1)
   model = coca.build(config.model)
