@@ -29,6 +29,10 @@ SHARDING_RULES = (
   ("mlp", "tensor"),
   ("heads", "tensor"),
   ("vocab", "tensor"),
+  # Task classes of the VQA, video and frozen-probe classifiers: replicated. Their counts
+  # are the dataset's (VQA v2: 3,129 answers), which a tensor axis rarely divides, and a
+  # [D, classes] kernel is small.
+  ("classes", None),
   ("kv", None),
   ("length", None),
   ("layers", None),
@@ -444,6 +448,17 @@ def _set_options(section: ml_collections.ConfigDict, options: dict) -> None:
       _set_options(section[key], value)
     else:
       section[key] = value
+
+
+def with_current_rules(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with SHARDING_RULES entries for the logical names its sharding_rules lack:
+  a config.json written before a logical axis existed (an older export's) names none of
+  it, and the models name it now."""
+  names = {name for name, _ in config.sharding_rules}
+  missing = tuple(rule for rule in SHARDING_RULES if rule[0] not in names)
+  if missing:
+    config.sharding_rules = tuple(config.sharding_rules) + missing
+  return config
 
 
 def check_positive(section: ml_collections.ConfigDict, path: str, why: str = "") -> None:

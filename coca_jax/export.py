@@ -35,11 +35,11 @@ EXPORT_ENTRIES = ("params", CONFIG_FILE, VOCAB_FILE, CLIP_VOCAB_FILE)
 
 
 def read_config(path) -> ml_collections.ConfigDict:
-  """Reads a config.json written by training or export."""
+  """Reads a config.json written by training or export (`config.with_current_rules`)."""
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no config at {path}")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return config_lib.with_current_rules(ml_collections.ConfigDict(json.loads(path.read_text())))
 
 
 def write(

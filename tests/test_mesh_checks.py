@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coca_jax import sharding
+from coca_jax import export, sharding
 from coca_jax import state as state_lib
 from coca_jax.models import coca
 from configs import tiny
@@ -149,3 +149,36 @@ def test_open_clip_layout_in_a_two_pooler_mode_fails():
   c.model.pooler.mode = "cascade"
   with pytest.raises(ValueError, match=r"config\.model\.pooler\.contrastive_queries=0"):
     nnx.eval_shape(lambda: coca.build(c.model))
+
+
+def test_odd_class_counts_take_a_tensor_axis():
+  """The VQA and video classifiers' `classes` are replicated: 7 answers and 5 classes on
+  tensor=2 (the `vocab` rule gave an indivisible dimension). The text vocabulary stays
+  split over tensor."""
+  c = tiny.get_config()
+  c.model.vqa.num_answers, c.model.video.num_classes = 7, 5
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2
+  shardings = state_lib.setup(c, permuted_devices()).layout.shardings["params"]
+  P = jax.sharding.PartitionSpec
+  assert shardings["vqa_head"]["classifier"]["kernel"].spec == P("fsdp", None)
+  assert shardings["video_head"]["classifier"]["kernel"].spec == P("fsdp", None)
+  assert shardings["vqa_head"]["classifier"]["bias"].spec == P(None)
+  assert shardings["text"]["token_embedding"].spec == P("tensor", "fsdp")
+
+
+def test_a_config_json_without_the_classes_rule_gets_it(tmp_path):
+  """An export's config.json written before the `classes` axis existed: its rules gain
+  ("classes", None), and its own entries stay as written."""
+  c = tiny.get_config()
+  old_rules = [[name, axes] for name, axes in c.sharding_rules if name != "classes"]
+  old_rules[0] = ["batch", "data"]  # the export's own choice, kept
+  c.sharding_rules = old_rules
+  (tmp_path / "config.json").write_text(c.to_json_best_effort())
+  read = export.read_config(tmp_path / "config.json")
+  assert sharding.logical_to_spec(("embed", "classes"), read.sharding_rules) == (
+    jax.sharding.PartitionSpec("fsdp", None)
+  )
+  assert sharding.logical_to_spec(("batch",), read.sharding_rules) == (
+    jax.sharding.PartitionSpec("data")
+  )
+  assert [name for name, _ in read.sharding_rules].count("classes") == 1

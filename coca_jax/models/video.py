@@ -29,7 +29,7 @@ class VideoHead(nnx.Module):
   def __init__(self, width: int, heads: int, num_classes: int, *, eps, dtype, rngs: nnx.Rngs):
     self.pooler = AttentionalPooler(1, width, heads, eps=eps, dtype=dtype, rngs=rngs)
     self.classifier = layers.Dense(
-      width, num_classes, ("embed", "vocab"), dtype=dtype, rngs=rngs, f32_output=True
+      width, num_classes, ("embed", "classes"), dtype=dtype, rngs=rngs, f32_output=True
     )
 
   def __call__(self, frame_tokens: jax.Array) -> jax.Array:

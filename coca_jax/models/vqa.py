@@ -26,9 +26,9 @@ class VqaHead(nnx.Module):
 
   def __init__(self, width: int, heads: int, num_answers: int, *, eps, dtype, rngs: nnx.Rngs):
     self.pooler = AttentionalPooler(1, width, heads, eps=eps, dtype=dtype, rngs=rngs)
-    # The answer vocabulary is a vocabulary: sharded like the token vocabulary.
+    # Replicated over the answers (config.SHARDING_RULES `classes`).
     self.classifier = layers.Dense(
-      width, num_answers, ("embed", "vocab"), dtype=dtype, rngs=rngs, f32_output=True
+      width, num_answers, ("embed", "classes"), dtype=dtype, rngs=rngs, f32_output=True
     )
 
   def __call__(self, multimodal_tokens: jax.Array, mask: jax.Array) -> jax.Array:
