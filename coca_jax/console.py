@@ -1,10 +1,12 @@
 """What an entry point prints: our log lines and every library's warnings, without the
 libraries' INFO floods (seqio and TFDS per dataset, Orbax per save) and without
-TensorFlow's start-up notices on machines without a GPU (CUDA probing, oneDNN).
+TensorFlow's start-up notices on machines without a GPU (CUDA probing, oneDNN), nor
+libtpu's on machines without a TPU.
 
 Every `python -m coca_jax.<entry>` calls `quiet()` first thing in its main().
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -32,35 +34,67 @@ TF_IMPORT_NOISE = re.compile(
 )
 
 
-def import_tensorflow() -> None:
-  """Imports TensorFlow, hides GPUs from it, with its start-up notices filtered out of
-  stderr (file
-  descriptor 2 is captured only for the import and restored after it, also on error;
-  every other line is written back)."""
-  if "tensorflow" in sys.modules:
-    return
+# Lines libtpu writes while JAX starts its backends on a host without TPU chips (libtpu is
+# installed for coca_jax.aot's TPU topologies): JAX tries the TPU backend anyway, libtpu
+# reports the failed TPU metadata lookup as an INVALID_ARGUMENT error, and JAX then falls
+# back to the CPU or GPU quietly. Filtered only where no TPU chip is present.
+LIBTPU_NO_CHIP_NOISE = re.compile(
+  r"could not determine TPU (accelerator type|worker hostnames)"
+  r"|Logging before InitGoogle\(\) is written to STDERR"
+  r"|^=== Source Location Trace: ===\s*$|libtpu_init_utils\.cc:\d+\s*$"
+)
+
+
+@contextlib.contextmanager
+def _stderr_without(noise: re.Pattern):
+  """Captures file descriptor 2 (C++ libraries write there directly) for the block and
+  restores it after, also on error; every line `noise` does not match is written back."""
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      import tensorflow
-
-      # TensorFlow only runs tf.data here; accelerators belong to JAX. Listing the
-      # devices also runs the CUDA probe now, inside the capture.
-      tensorflow.config.set_visible_devices([], "GPU")
+      yield
     finally:
       os.dup2(saved, 2)
       os.close(saved)
       captured.seek(0)
       lines = captured.read().decode(errors="replace").splitlines(keepends=True)
-      sys.stderr.write("".join(line for line in lines if not TF_IMPORT_NOISE.search(line)))
+      sys.stderr.write("".join(line for line in lines if not noise.search(line.rstrip("\n"))))
       sys.stderr.flush()
 
 
-def quiet() -> None:
+def import_tensorflow() -> None:
+  """Imports TensorFlow, hides GPUs from it, with its start-up notices filtered out of
+  stderr."""
+  if "tensorflow" in sys.modules:
+    return
+  with _stderr_without(TF_IMPORT_NOISE):
+    import tensorflow
+
+    # TensorFlow only runs tf.data here; accelerators belong to JAX. Listing the
+    # devices also runs the CUDA probe now, inside the capture.
+    tensorflow.config.set_visible_devices([], "GPU")
+
+
+def start_backends() -> None:
+  """Starts JAX's backends (`jax.devices()`), on a host without TPU chips with libtpu's
+  start-up noise filtered out of stderr. Call it after jax.distributed.initialize and
+  host_memory.tune_for_cpu, which must precede the backends."""
+  import jax
+  from jax._src import hardware_utils  # the check jax's own cloud_tpu_init makes
+
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+    jax.devices()
+    return
+  with _stderr_without(LIBTPU_NO_CHIP_NOISE):
+    jax.devices()
+
+
+def quiet(start: bool = True) -> None:
   """Filters INFO/DEBUG records of other packages from the absl and root log handlers,
-  and imports TensorFlow without its start-up notices."""
+  imports TensorFlow without its start-up notices, and (`start`) starts JAX's backends
+  without libtpu's (`start_backends`; the trainer and the benchmarks start them later)."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   import_tensorflow()
   from absl import logging as absl_logging
@@ -69,3 +103,5 @@ def quiet() -> None:
   for handler in handlers:
     if ours_or_warning not in handler.filters:
       handler.addFilter(ours_or_warning)
+  if start:
+    start_backends()

@@ -6,6 +6,8 @@ import os
 import jax
 from absl import logging
 
+from coca_jax import console
+
 # Device files of TPU chips on a TPU VM: /dev/accel* (v2-v4), /dev/vfio/<n> (v5e and later).
 TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
 
@@ -39,6 +41,7 @@ def initialize(
     )
   elif _cluster_detected():
     jax.distributed.initialize()
+  console.start_backends()
   logging.info(
     "process %d of %d; %d local devices, %d global devices (%s)",
     jax.process_index(),

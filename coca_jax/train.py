@@ -451,7 +451,7 @@ def headline(config, final: dict, trained: bool = True) -> dict:
 
 
 def main(argv):
-  console.quiet()
+  console.quiet(start=False)  # backends after tune_for_cpu and the distributed runtime
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS

@@ -48,7 +48,7 @@ def run_script(name: str, argv: list[str]) -> None:
 
 
 def main(argv: list[str]) -> None:
-  console.quiet()
+  console.quiet(start=False)  # backends after tune_for_cpu
   if not argv or argv[0] in ("-h", "--help"):
     print(usage())
     sys.exit(0 if argv else 2)
@@ -58,6 +58,7 @@ def main(argv: list[str]) -> None:
     print(f"unknown benchmark {name!r}; known: {known}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   host_memory.tune_for_cpu()  # before JAX's CPU client exists
+  console.start_backends()
   if name in SCRIPTS:
     run_script(name, rest)
   else:

@@ -128,7 +128,7 @@ def ensure(data_config) -> None:
 
 
 def main(argv):
-  console.quiet()
+  console.quiet(start=False)  # no JAX here
   del argv
   logging.getLogger("absl").setLevel(logging.WARNING)
   try:

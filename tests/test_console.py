@@ -1,0 +1,58 @@
+"""Entry points' stderr: libtpu's start-up lines on a host without TPU chips are dropped,
+everything else passes through."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from coca_jax import console
+
+# What libtpu 0.0.x printed at JAX's backend start on this CPU-only machine (2026-11-29).
+LIBTPU_LINES = (
+  "Failed to find host bounds for accelerator type: WARNING: could not determine TPU "
+  "accelerator type, please set env var `TPU_ACCELERATOR_TYPE` manually, otherwise libtpu.so "
+  "may not properly initialize.\n"
+  "WARNING: Logging before InitGoogle() is written to STDERR\n"
+  "E0000 00:00:1795981978.839734    1416 common_lib.cc:554] INVALID_ARGUMENT: Error: unexpected "
+  "worker hostname 'WARNING: could not determine TPU worker hostnames or IP addresses' from "
+  "env var TPU_WORKER_HOSTNAMES.\n"
+  "=== Source Location Trace: === \n"
+  "learning/45eac/tfrc/runtime/libtpu_init_utils.cc:327\n"
+)
+
+
+def test_libtpu_lines_are_dropped_and_others_kept(capfd):
+  with console._stderr_without(console.LIBTPU_NO_CHIP_NOISE):
+    os.write(2, ("a real error\n" + LIBTPU_LINES + "Trace: === kept\n").encode())
+  assert capfd.readouterr().err == "a real error\nTrace: === kept\n"
+
+
+def test_stderr_is_restored_after_an_error(capfd):
+  with pytest.raises(RuntimeError):
+    with console._stderr_without(console.LIBTPU_NO_CHIP_NOISE):
+      os.write(2, b"before\n")
+      raise RuntimeError("boom")
+  os.write(2, b"after\n")
+  assert capfd.readouterr().err == "before\nafter\n"
+
+
+def _stderr_of(code: str) -> str:
+  """stderr of `code` in a fresh interpreter that may try every backend (conftest.py sets
+  JAX_PLATFORMS=cpu for the tests)."""
+  env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+  return subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, env=env
+  ).stderr
+
+
+@pytest.mark.slow  # two interpreters starting JAX
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_start_backends_hides_libtpu_start_up_lines():
+  plain = _stderr_of("import jax; jax.devices()")
+  if "INVALID_ARGUMENT" not in plain:
+    pytest.skip("this libtpu starts quietly here (a TPU host, or a newer libtpu)")
+  ours = _stderr_of("from coca_jax import console; console.start_backends()")
+  assert "INVALID_ARGUMENT" not in ours and "Source Location Trace" not in ours, ours
