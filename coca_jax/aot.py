@@ -337,7 +337,7 @@ def define_flags() -> None:
 
 
 def main(argv):
-  console.quiet()
+  console.quiet(start=False)  # jax_platforms and the CPU device count come first
   f = flags.FLAGS
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
