@@ -12,10 +12,13 @@ parameters of this run's model are matched with the source's by path:
   new        only in this model (a task head): initialised fresh, as without init_from;
              one that config.train.frozen matches is an error (it would stay random)
   unused     only in the source: not read
-Any other difference of shape (vocabulary, width, layer count, text length) is an error
-naming the parameters and both shapes. The optimizer state starts fresh from the loaded
-parameters, at step 0. The trainer calls `create` only when its workdir has no
-checkpoint: a resumed finetune run restores its own state.
+Any other difference of shape (vocabulary, width, layer count, text length, a task head's
+number of answers or classes) is an error naming the parameters and both shapes; for a
+task head, also the config key and value that would load it, and that a source without
+the head gives a fresh one (there is no option to re-initialise a parameter the source
+holds). The optimizer state starts fresh from the loaded parameters, at step 0. The
+trainer calls `create` only when its workdir has no checkpoint: a resumed finetune run
+restores its own state.
 """
 
 import dataclasses
@@ -62,6 +65,50 @@ def compact(names) -> str:
   )
 
 
+# Task heads whose classifier's output width is a config number, not the pretrained
+# model's: (parameter prefix, what it is, config key, what it classifies, what must agree
+# for the source's head to mean the same here).
+TASK_HEADS = (
+  (
+    "vqa_head",
+    "VQA head",
+    "config.model.vqa.num_answers",
+    "answers",
+    "the same answer vocabulary, i.e. the top answers of the same training files",
+  ),
+  (
+    "video_head",
+    "video head",
+    "config.model.video.num_classes",
+    "classes",
+    "the same classes in the same order",
+  ),
+)
+
+
+def _head_hints(stored: dict, target: dict) -> tuple[list[str], set]:
+  """(hints: one per task head whose classifier has another output width in the source,
+  then a closing note; the paths they explain)."""
+  hints, explained = [], set()
+  for head, title, key, unit, same in TASK_HEADS:
+    kernel = (head, "classifier", "kernel")
+    if kernel not in stored or kernel not in target:
+      continue
+    there, here = stored[kernel][-1], target[kernel][-1]
+    if there == here:
+      continue
+    explained |= {kernel, (head, "classifier", "bias")}
+    hints.append(
+      f"The source's {title} ({head}/*) classifies {there} {unit}, {key}={here} here: to "
+      f"load it set {key}={there} (right only with {same}); to train a new {title}, start "
+      f"from a source without {head} (e.g. the pretrained export the source was finetuned "
+      "from), whose missing head init_from initialises fresh."
+    )
+  if hints:
+    hints.append("init_from has no option to re-initialise a parameter the source holds.")
+  return hints, explained
+
+
 def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
   """Classifies parameters by path; raises ValueError on a shape that cannot be adapted,
   and on a frozen parameter the source lacks (it would keep its random init all run).
@@ -80,13 +127,22 @@ def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
       loaded.append(path)
       resampled.append(path)
     else:
-      mismatched.append(f"{'/'.join(path)} is {tuple(stored[path])} there, {tuple(shape)} here")
+      mismatched.append(path)
   if mismatched:
+    hints, explained = _head_hints(stored, target)
+    if set(mismatched) - explained:
+      hints.append(
+        "Only vision/pos_embedding adapts (to a new image size); vocabulary, widths, "
+        "layer counts and text length must match the source."
+      )
+    shapes = [
+      f"{'/'.join(p)} is {tuple(stored[p])} there, {tuple(target[p])} here" for p in mismatched
+    ]
     raise ValueError(
-      f"config.train.init_from={source} does not fit config.model: "
-      + "; ".join(mismatched)
-      + ". Only vision/pos_embedding adapts (to a new image size); vocabulary, widths, "
-      "layer counts and text length must match the source."
+      f"config.train.init_from ({source}) does not fit config.model: "
+      + "; ".join(shapes)
+      + ". "
+      + " ".join(hints)
     )
 
   def names(paths):
@@ -96,8 +152,8 @@ def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
   frozen_new = sorted(set(new) & set(frozen))
   if frozen_new:
     raise ValueError(
-      f"config.train.frozen freezes {compact(frozen_new)}, which config.train.init_from="
-      f"{source} does not hold: frozen, they would keep their random initialisation for the "
+      f"config.train.frozen freezes {compact(frozen_new)}, which config.train.init_from "
+      f"({source}) does not hold: frozen, they would keep their random initialisation for the "
       "whole run. Narrow config.train.frozen, or start from a source that has them "
       f"(for example: {', '.join(frozen_new[:3])})."
     )

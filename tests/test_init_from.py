@@ -136,6 +136,47 @@ def test_a_shape_mismatch_is_an_error_naming_the_parameter_and_both_shapes(
   assert mismatch in str(error.value)
 
 
+def shapes(model_config) -> dict:
+  """{path names: shape} of a model's parameters (jax.eval_shape: nothing allocated)."""
+  abstract = params_lib.abstract(model_config)
+  return {
+    params_lib.path_names(p): tuple(leaf.shape)
+    for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
+  }
+
+
+@pytest.mark.parametrize(
+  "section, key, unit",
+  [("vqa", "num_answers", "answers"), ("video", "num_classes", "classes")],
+)
+def test_a_task_head_of_another_size_is_an_error_saying_what_to_set(section, key, unit):
+  """The common transfer case, a source finetuned on another answer vocabulary or class
+  list: the message named the shapes but blamed 'vocabulary, widths, layer counts and
+  text length' and said nothing of the head's config key."""
+  model = tiny_config(1).model
+  model[section][key] = 4
+  stored = shapes(model)
+  model[section][key] = 7
+  head = f"{section}_head"
+  with pytest.raises(ValueError) as error:
+    init_from.plan(stored, shapes(model), "export /src")
+  message = str(error.value)
+  width = model.width
+  assert message.startswith("config.train.init_from (export /src) does not fit config.model: ")
+  assert f"{head}/classifier/kernel is ({width}, 4) there, ({width}, 7) here" in message
+  assert f"{head}/classifier/bias is (4,) there, (7,) here" in message
+  assert f"classifies 4 {unit}, config.model.{section}.{key}=7 here" in message
+  assert f"set config.model.{section}.{key}=4" in message
+  assert f"start from a source without {head}" in message
+  assert "no option to re-initialise" in message
+  # Only the head differs: the advice about widths and vocabularies does not apply.
+  assert "layer counts" not in message
+  # Together with another difference, both pieces of advice.
+  model.width = 48
+  with pytest.raises(ValueError, match=f"set config.model.{section}.{key}=4.*layer counts"):
+    init_from.plan(stored, shapes(model), "export /src")
+
+
 def test_an_image_size_change_resamples_the_position_embedding(source):
   config = finetune(source["root"] / "export", image_size=32)
   state, report = init_from.create(config, state_lib.setup(config))

@@ -295,3 +295,78 @@ def test_more_source_classes_than_the_head_has_is_an_early_error(tmp_path):
     loader.resolve(config)
   config.model.video.num_classes = 3
   assert loader.resolve(config).model.video.num_classes == 3
+
+
+# ---- files with no usable clip ----
+
+
+def _write_clips(path, clips) -> str:
+  """A video TFRecord of (encoded frames, label) clips."""
+  import tensorflow as tf
+
+  from coca_jax.data import video
+
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for frames, label in clips:
+      writer.write(video._example(frames, label))
+  return str(path)
+
+
+def _files_config(tmp_path, vocab_path, files, eval_files):
+  """The tiny model with a 2-class video head on the video source's own files."""
+  (tmp_path / "names.txt").write_text("walking\nrunning\n")
+  config = tiny_config(1)
+  config.data.source = "video"
+  config.model.video.num_classes = 2
+  config.data.video.update(
+    files=files, eval_files=eval_files, class_names=str(tmp_path / "names.txt"), frames=2
+  )
+  config.data.vocab_path = vocab_path
+  config.data.jft_style.tfds_data_dir = str(tmp_path)  # not the demo data: none prepared
+  return config
+
+
+def test_video_files_without_a_usable_clip_are_an_error_before_the_run_writes(
+  tmp_path, sentencepiece_model
+):
+  """An empty train file was a bare StopIteration at the first batch (after config.json
+  was written); an empty eval file numpy's 'need at least one array to stack' at the
+  first evaluation, after training."""
+  from coca_jax.data import loader, video
+
+  frame = video._png(np.full((8, 8, 3), 90, np.uint8))
+  good = _write_clips(tmp_path / "good.tfrecord", [([frame, frame], 0)])
+  empty = _write_clips(tmp_path / "empty.tfrecord", [])
+  unusable = _write_clips(tmp_path / "unusable.tfrecord", [([], 0), ([frame, b"not an image"], 1)])
+  cases = [
+    (empty, good, f"config.data.video.files='{empty}' holds no examples .* video train split"),
+    (good, empty, f"config.data.video.eval_files='{empty}' holds no examples .* eval split"),
+    (unusable, good, f"config.data.video.files='{unusable}': none of its 2 examples .*usable"),
+    (good, unusable, f"config.data.video.eval_files='{unusable}': none of its 2 examples"),
+  ]
+  for files, eval_files, message in cases:
+    config = _files_config(tmp_path, sentencepiece_model, files, eval_files)
+    with pytest.raises(ValueError, match=message):
+      loader.resolve(config)
+  assert loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good))
+
+  # The demo clips: none in a split of 0 images.
+  config = _files_config(tmp_path, sentencepiece_model, "", "")
+  config.data.video.update(class_names="", demo_fashion_eval=0)
+  config.model.video.num_classes = 10
+  with pytest.raises(ValueError, match="config.data.video.demo_fashion_eval=0"):
+    loader.resolve(config)
+
+
+def test_video_eval_set_with_every_clip_rejected_names_its_file(tmp_path, sentencepiece_model):
+  from coca_jax.data import video
+
+  frame = video._png(np.full((8, 8, 3), 90, np.uint8))
+  good = _write_clips(tmp_path / "good.tfrecord", [([frame, frame], 0)])
+  rejected = _write_clips(tmp_path / "rejected.tfrecord", [([b"not an image"], 1)])
+  config = _files_config(tmp_path, sentencepiece_model, good, rejected)
+  config.eval.num_examples = 0
+  with pytest.raises(
+    ValueError, match=f"video eval split has no clip: config.data.video.eval_files='{rejected}'"
+  ):
+    video.eval_set(config)

@@ -265,3 +265,100 @@ def test_the_vqa_source_and_the_vqa_head_go_together():
   config.data.source = "vqa"
   with pytest.raises(ValueError, match="source='vqa' needs config.model.vqa.num_answers > 0"):
     loader.resolve(config)
+
+
+# ---- files with no usable example ----
+
+
+def _png() -> bytes:
+  import io
+
+  from PIL import Image
+
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((8, 8, 3), 120, np.uint8)).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def _write(path, rows) -> str:
+  """A VQA TFRecord of (image bytes, question, answers) rows."""
+  import tensorflow as tf
+
+  from coca_jax.data import vqa
+
+  with tf.io.TFRecordWriter(str(path)) as writer:
+    for image, question, answers in rows:
+      writer.write(vqa._example(image, question, answers))
+  return str(path)
+
+
+def _files_config(tmp_path, vocab_path, files, eval_files):
+  """The tiny model with a VQA head on the VQA source's own `files` / `eval_files`."""
+  config = tiny_config(1)
+  config.data.source = "vqa"
+  config.model.vqa.num_answers = 4
+  config.data.vqa.update(files=files, eval_files=eval_files)
+  config.data.vocab_path = vocab_path
+  config.data.jft_style.tfds_data_dir = str(tmp_path)  # not the demo data: none prepared
+  return config
+
+
+def test_vqa_files_without_a_usable_example_are_an_error_before_the_run_writes(
+  tmp_path, sentencepiece_model
+):
+  """An empty train file was a bare StopIteration at the first batch, after config.json
+  was written; an empty (or all-rejected) eval file numpy's 'need at least one array to
+  stack' at the first evaluation, after training."""
+  from coca_jax.data import loader
+
+  good = _write(tmp_path / "good.tfrecord", [(_png(), "what is this?", ["red"] * 3)])
+  empty = _write(tmp_path / "empty.tfrecord", [])
+  unusable = _write(
+    tmp_path / "unusable.tfrecord",
+    [
+      (_png(), "  ", ["red"] * 3),  # blank question
+      (b"not an image", "what is this?", ["red"] * 3),
+      (_png(), "what is this?", []),  # no answer: no target, no credit
+    ],
+  )
+  cases = [
+    (empty, good, f"config.data.vqa.files='{empty}' holds no examples .* vqa train split"),
+    (good, empty, f"config.data.vqa.eval_files='{empty}' holds no examples .* vqa eval split"),
+    (unusable, good, f"config.data.vqa.files='{unusable}': none of its 3 examples .*usable"),
+    (good, unusable, f"config.data.vqa.eval_files='{unusable}': none of its 3 examples"),
+    # No eval_files: the eval reads the training files, named by their key.
+    (empty, "", f"config.data.vqa.files='{empty}' holds no examples"),
+  ]
+  for files, eval_files, message in cases:
+    config = _files_config(tmp_path, sentencepiece_model, files, eval_files)
+    with pytest.raises(ValueError, match=message):
+      loader.resolve(config)
+  assert loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good))
+
+  # The trainer stops before it writes: an existing run's record stays as it was.
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "config.json").write_text("the run's record")
+  config = _files_config(tmp_path, sentencepiece_model, empty, good)
+  with pytest.raises(ValueError, match="holds no examples"):
+    train.train(config, str(workdir))
+  assert [p.name for p in workdir.iterdir()] == ["config.json"]
+  assert (workdir / "config.json").read_text() == "the run's record"
+
+
+def test_vqa_eval_set_with_every_row_rejected_names_its_file(tmp_path, sentencepiece_model):
+  """What the pipeline drops (blank questions, undecodable images) left eval_set nothing
+  to stack."""
+  from coca_jax.data import vqa
+
+  rejected = _write(
+    tmp_path / "rejected.tfrecord",
+    [(_png(), "", ["red"] * 3), (b"not an image", "what?", ["red"] * 3)],
+  )
+  good = _write(tmp_path / "good.tfrecord", [(_png(), "what is this?", ["red"] * 3)])
+  config = _files_config(tmp_path, sentencepiece_model, good, rejected)
+  config.eval.num_examples = 0
+  with pytest.raises(
+    ValueError, match=f"VQA eval split has no example: config.data.vqa.eval_files='{rejected}'"
+  ):
+    vqa.eval_set(config)

@@ -27,7 +27,8 @@ SOURCES = ("mixture", "synthetic", "vqa", "video")
 def resolve(config):
   """A copy of `config` ready to read data: the source checked, the demo data built on
   first use, `data.data_dir` and `data.vocab_path` filled in (so config.json and exports
-  name the real files) and the vocabulary checked against the model. Idempotent."""
+  name the real files), the vocabulary checked against the model and the VQA or video
+  source's own files checked to hold a usable example (`_check_own_files`). Idempotent."""
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
   _check_vqa_head(config)
@@ -54,7 +55,106 @@ def resolve(config):
         f"the video source has {len(names)} classes but config.model.video.num_classes="
         f"{config.model.video.num_classes}: labels past the head's classes make the loss NaN"
       )
+  _check_own_files(config)
   return config
+
+
+def describe_split(data_config, source: str, split: str) -> str:
+  """Where the rows of the VQA or video source's `split` ("train", else the eval split)
+  come from, as the config names them (for messages)."""
+  section = data_config[source]
+  train = split == "train"
+  if source == "video" and section.get("tfds_name"):
+    key = "train_split" if train else "eval_split"
+    return (
+      f"config.data.video.tfds_name={section.tfds_name!r} "
+      f"(split config.data.video.{key}={section[key]!r})"
+    )
+  if section.files:
+    key = "eval_files" if not train and section.eval_files else "files"
+    return f"config.data.{source}.{key}={section[key]!r}"
+  key = "demo_fashion_train" if train else "demo_fashion_eval"
+  return (
+    f"the demo {source} files (config.data.{source}.files is empty; "
+    f"config.data.{source}.{key}={section[key]})"
+  )
+
+
+def _check_own_files(config) -> None:
+  """The VQA or video source's files must each hold an example the pipeline keeps, found
+  now, before anything is built or written: an empty split (or one whose every row is
+  rejected) otherwise surfaced as a bare StopIteration at the first batch, after the
+  workdir's config.json was replaced, or as numpy's "need at least one array to stack" at
+  the first evaluation, after training. A pattern that matches no file is left to the
+  reader (an export evaluated elsewhere need not have its run's files); a TFDS dataset's
+  splits are TFDS's."""
+  data = config.data
+  source = data.source
+  if source not in ("vqa", "video"):
+    return
+  section = data[source]
+  if source == "video" and section.get("tfds_name"):
+    return
+  if not section.files:
+    # The demo's files, built on first read: only the demo clips can come out empty (the
+    # VQA demo's emoji questions do not depend on demo_fashion_*).
+    for key in ("demo_fashion_train", "demo_fashion_eval") if source == "video" else ():
+      if section[key] == 0:
+        raise ValueError(
+          f"config.data.video.{key}=0: that split of the demo clips would hold no clip; "
+          "use a positive number of Fashion-MNIST images"
+        )
+    return
+  from coca_jax.data import video, vqa
+
+  module = vqa if source == "vqa" else video
+  patterns = module.files(data)
+  for split in ("train", "validation"):
+    if split == "validation" and patterns[split] == patterns["train"]:
+      continue  # no eval_files: the eval reads the training files, checked above
+    _check_file(
+      patterns[split],
+      describe_split(data, source, split),
+      f"the {source} {'train' if split == 'train' else 'eval'} split",
+      module.FEATURES,
+      lambda row: module.usable(row, data),
+      module.USABLE,
+    )
+
+
+def _check_file(pattern, where, split, features, usable, needs) -> None:
+  """Reads the TFRecords of `pattern` up to the first row `usable` accepts (usually the
+  first); a ValueError naming `where` (the config key) if there is none."""
+  import tensorflow as tf
+
+  paths = tf.io.gfile.glob(pattern)
+  if not paths:
+    return
+
+  def parse(record):
+    row = tf.io.parse_single_example(record, features)
+    return {
+      k: tf.sparse.to_dense(v) if isinstance(v, tf.SparseTensor) else v for k, v in row.items()
+    }
+
+  read = 0
+  try:
+    for row in tf.data.TFRecordDataset(paths).map(parse).as_numpy_iterator():
+      read += 1
+      if usable(row):
+        return
+  except tf.errors.OpError as e:
+    raise ValueError(
+      f"{where}: record {read + 1} cannot be read as a row of {split} "
+      f"(features {sorted(features)}): {e.message}"
+    ) from e
+  files = f"{len(paths)} file{'s' if len(paths) > 1 else ''}"
+  if not read:
+    raise ValueError(f"{where} holds no examples ({files}, 0 records): {split} needs at least one")
+  raise ValueError(
+    f"{where}: none of its {read} examples ({files}) is usable, each needs {needs}: "
+    f"{split} would be empty"
+  )
 
 
 def _check_vqa_head(config) -> None:

@@ -38,7 +38,7 @@ import seqio
 import tensorflow as tf
 from PIL import Image
 
-from coca_jax.data import images, pipeline, prepare, raw, tasks
+from coca_jax.data import images, loader, pipeline, prepare, raw, tasks
 
 DEMO_DIR = "video_demo"
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
@@ -256,6 +256,17 @@ def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std, resize="
   return np.stack(pixels).astype(np.float32), True
 
 
+# What a clip needs for `usable` (in messages).
+USABLE = "at least one frame, every frame an image that decodes"
+
+
+def usable(row: dict, data_config) -> bool:
+  """Whether a parsed clip (numpy: "frames" [F'] encoded) is one the pipeline keeps
+  (`clip_pixels`' keep)."""
+  frames = data_config.video.frames
+  return clip_pixels(row["frames"], frames, **tasks.eval_image_options(data_config))[1]
+
+
 def _rows(ds: tf.data.Dataset) -> tf.data.Dataset:
   """Source rows -> {"frames" [F'] encoded frames, "label" int32} (TFDS names them
   `video`; TFRecords hold them sparse)."""
@@ -359,6 +370,11 @@ def eval_set(config) -> dict:
     labels.append(int(row["label"]))
     if len(clips) == limit:
       break
+  if not clips:
+    raise ValueError(
+      f"the video eval split has no clip: {loader.describe_split(config.data, 'video', 'eval')} "
+      "yields none whose frames decode"
+    )
   return dict(
     clips=np.stack(clips).astype(np.float32),
     labels=np.asarray(labels),

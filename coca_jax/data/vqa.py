@@ -44,7 +44,7 @@ import tensorflow_datasets as tfds
 
 from coca_jax import tokens
 from coca_jax.data import answers as vqa_answers
-from coca_jax.data import pipeline, prepare, preprocess, raw, tasks, vocab
+from coca_jax.data import images, loader, pipeline, prepare, preprocess, raw, tasks, vocab
 
 DEMO_DIR = "vqa_demo"
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
@@ -152,6 +152,24 @@ def files(data_config) -> dict[str, str]:
   if v.files:
     return tasks.split_files("config.data.vqa", v.files, v.eval_files)
   return build_demo(data_config)
+
+
+# What a row needs for `usable` (in messages).
+USABLE = "an image that decodes, a non-blank question and at least one answer"
+
+
+def usable(row: dict, data_config=None) -> bool:
+  """Whether a parsed row (numpy: "image" encoded, "question", "answers" [n]) can be
+  trained on and scored: the pipeline drops a blank question or an undecodable image
+  (preprocess.decode), and a question without answers has no target and earns no credit."""
+  del data_config  # the video source's `usable` needs it
+  if not row["question"].strip() or not any(a.strip() for a in row["answers"]):
+    return False
+  try:
+    images.decode(row["image"])
+  except images.ImageError:
+    return False
+  return True
 
 
 # ---- answers ----
@@ -357,6 +375,12 @@ def eval_set(config) -> dict:
     rows.append(row)
     if len(rows) == limit:
       break
+  if not rows:
+    raise ValueError(
+      f"the VQA eval split has no example: {loader.describe_split(config.data, 'vqa', 'eval')} "
+      f"yields none whose image decodes and whose question is not blank (rows rejected in "
+      f"this process so far: {dict(preprocess.BAD_DATA)})"
+    )
   return dict(
     images=np.stack([r["image"] for r in rows]).astype(np.float32),
     text=_text(
