@@ -18,11 +18,12 @@ under torch.autocast(bfloat16) (its `--precision amp_bf16`). coca_jax's layer lo
 training example/s counts forward + backward + optimizer step; compilation (JAX) and
 warm-up steps are excluded; the median (and best) step time of `--steps` timed steps is
 reported. The sides run one after the other (never together: they would share the cores),
-each with every core of the machine (torch.set_num_threads(os.cpu_count()); XLA's CPU
-backend uses all cores). The ratio is coca_jax / open_clip. Other work on the machine
-skews it (torch's OpenMP threads suffer more from a busy core than XLA's pool): the load
-average is printed before each side, run it on an otherwise idle machine. Prints a table
-and a final JSON line; asserts nothing about time.
+each with every CPU this process may run on: XLA's CPU backend sizes its thread pool by
+the affinity mask, so `taskset -c` pins both sides, and torch gets `--threads`, by
+default and at most that many (coca_jax/bench/threads.py). The ratio is coca_jax /
+open_clip. Other work on the machine skews it (torch's OpenMP threads suffer more from a
+busy core than XLA's pool): the load average is printed before each side, run it on an
+otherwise idle machine. Prints a table and a final JSON line; asserts nothing about time.
 
 open_clip runs in a subprocess with this Python when it imports open_clip (the
 `[open_clip]` extra), else in its own virtualenv, `.bench-venv` at the repository root
@@ -68,6 +69,7 @@ from coca_jax import flops, host_memory, sharding
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
+from coca_jax.bench import threads
 from coca_jax.data import synthetic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -292,9 +294,7 @@ def main(argv=None):
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--warmup_steps", type=int, default=2)
   parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
-  parser.add_argument(
-    "--threads", type=int, default=os.cpu_count(), help="torch threads (XLA uses every core)"
-  )
+  threads.add_flag(parser)
   parser.add_argument("--bench_venv", type=Path, default=BENCH_VENV)
   parser.add_argument(
     "--no_install",

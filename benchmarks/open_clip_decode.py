@@ -16,7 +16,8 @@ to; open_clip: its own model config), float32, 224px random images, and decode e
 coca_jax also runs each row with bfloat16 weights. Exact calls: open_clip_decode_worker.py
 (open_clip) and coca_jax/bench/decode.py (coca_jax, its "open_clip" section).
 
-The sides run one after the other (never together), each with every core; open_clip in a
+The sides run one after the other (never together), each with every CPU this process may
+run on (`--threads`, see coca_jax/bench/threads.py; `taskset -c` pins both); open_clip in a
 subprocess (torch must not share a process with TensorFlow, which coca_jax's data code
 imports) with the Python given by --python: by default this one when it imports
 open_clip (the `[open_clip]` extra), else .bench-venv (see benchmarks/open_clip.py).
@@ -34,6 +35,7 @@ import sys
 from pathlib import Path
 
 from coca_jax.bench import decode as decode_bench
+from coca_jax.bench import threads
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("open_clip_decode_worker.py")
@@ -129,7 +131,7 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=2, help="coca_jax timed calls")
   parser.add_argument("--open_clip_repeats", type=int, default=1)
   parser.add_argument("--copy_megabytes", type=int, default=512, help="bandwidth probe size")
-  parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+  threads.add_flag(parser)
   parser.add_argument("--python", help="a Python with torch + open_clip (default: see above)")
   parser.add_argument("--skip_open_clip", action="store_true", help="time coca_jax only")
   args = parser.parse_args(argv)

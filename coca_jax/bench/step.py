@@ -5,11 +5,16 @@
     python -m coca_jax.bench step --config=configs/base.py --config.model.remat_policy=none ...
 
 The step is the trainer's (coca_jax.step on the config's mesh over all local devices,
-state donated); batches are synthetic (coca_jax/data/synthetic.py), made and placed on
-the devices before the clock starts, so input is not measured. Compilation is excluded
-(timed on its own), then `--warmup` steps run before `--steps` timed steps; the host
-waits only after the last. Model FLOPs come from coca_jax/flops.py (rematerialisation
-not counted); MFU needs the device's peak, from the table there or
+state donated, config.train.frozen applied) and so is the batch format: random data in
+the shapes of config.data.source's batches (coca_jax.aot.batch_spec), so that a config
+times its own step: image-text pairs (coca_jax/data/synthetic.py) for "mixture" and
+"synthetic", the same plus answer scores for "vqa" (the VQA head's loss), clips of
+data.video.frames frames and class labels for "video" (the video head's step,
+configs/demo_video.py). Batches are made and placed on the devices before the clock
+starts, so input is not measured. Compilation is excluded (timed on its own), then
+`--warmup` steps run before `--steps` timed steps; the host waits only after the last.
+Model FLOPs come from coca_jax/flops.py (rematerialisation not counted; a video step's
+are its clips'); MFU needs the device's peak, from the table there or
 `--config.train.peak_flops` (the 2-core dev machine: 200-216e9 on one large float32
 matmul, README "Training speed against open_clip").
 Prints a table and a final JSON line; asserts nothing about time.
@@ -25,15 +30,16 @@ import json
 import time
 
 import jax
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from coca_jax import aot, flops, sharding, tokens
 from coca_jax import config as config_lib
-from coca_jax import flops
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import loader
+from coca_jax.data import synthetic
 
 PROG = "python -m coca_jax.bench step"
 
@@ -79,13 +85,60 @@ def overridden_keys(config_args: list[str]) -> set[str]:
   return {k.removeprefix("config.") for k in keys if k.startswith("config.")}
 
 
+def host_batch(config, step: int, rows) -> dict:
+  """Random global rows `rows` of batch `step` in the format of config.data.source's
+  batches (`aot.batch_spec`; B rows, S image size, T text length, A answers, F frames):
+    "mixture", "synthetic": {"image" [B,S,S,3], "text" {"ids","labels","mask" [B,T]}}
+    "vqa": the same + "answer_scores" [B,A] float32 (one answer of full credit per row)
+    "video": {"video" [B,F,S,S,3] float32, "label" [B] int32 below the head's classes}
+  Row r is a function of (config.data.seed, step, r), as in coca_jax/data/synthetic.py."""
+  spec = aot.batch_spec(config)
+  seed = config.data.seed
+  if "video" in spec:
+    classes = config.model.video.get("num_classes", 0)
+    if classes < 1:
+      raise ValueError(
+        f"config.data.source='video' needs config.model.video.num_classes > 0 (it is "
+        f"{classes}): the video step trains the video head"
+      )
+    rngs = [np.random.default_rng((seed, step, int(row))) for row in rows]
+    clip = spec["video"].shape[1:]
+    return dict(
+      video=np.stack([rng.standard_normal(clip, np.float32) for rng in rngs]),
+      label=np.array([rng.integers(classes) for rng in rngs], np.int32),
+    )
+  image_size, text_len = spec["image"].shape[1], spec["text"]["ids"].shape[1]
+  vocab_size, contract = config.model.text.vocab_size, tokens.Contract.from_config(config)
+  batch = synthetic.batch(seed, step, rows, image_size, text_len, vocab_size, contract)
+  if "answer_scores" in spec:
+    answers = spec["answer_scores"].shape[1]
+    scores = np.zeros((len(rows), answers), np.float32)
+    picks = [np.random.default_rng((seed, step, int(row), 1)).integers(answers) for row in rows]
+    scores[np.arange(len(rows)), picks] = 1.0
+    batch["answer_scores"] = scores
+  return batch
+
+
+def device_batches(config, mesh, count: int) -> list:
+  """`count` global batches of `host_batch`, this process's rows, placed on the mesh."""
+  rules = config.sharding_rules
+  rows = sharding.host_shard(mesh, rules, config.data.global_batch_size).rows
+  return [sharding.global_batch(host_batch(config, i, rows), mesh, rules) for i in range(count)]
+
+
+def shapes(batch) -> dict:
+  """{"video": [B, F, S, S, 3], "label": [B]} or {"image": ..., "text/ids": ..., ...}."""
+  leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
+  return {"/".join(k.key for k in path): list(x.shape) for path, x in leaves}
+
+
 def run(config, *, steps: int, warmup: int) -> dict:
   """Compiles and times `steps` train steps of `config`; returns the measurements."""
   run = state_lib.setup(config)
   mesh, layout = run.mesh, run.layout
   state = state_lib.create(config, run)
   train_step = step_lib.make_train_step(config, run)
-  batches = list(loader.batches(config, mesh, "train", limit=min(steps, 4)))
+  batches = device_batches(config, mesh, min(steps, 4))
 
   start = time.perf_counter()
   with jax.set_mesh(mesh):
@@ -116,6 +169,9 @@ def run(config, *, steps: int, warmup: int) -> dict:
     devices=jax.device_count(),
     device_kind=jax.devices()[0].device_kind,
     mesh=dict(mesh.shape),
+    source=config.data.source,
+    frozen=list(config.train.get("frozen", ())),
+    batch=shapes(batches[0]),
     global_batch=global_batch,
     steps=steps,
     warmup=warmup,
@@ -137,6 +193,12 @@ def table(result: dict) -> str:
     ("parameters", f"{result['params']:,}"),
     ("devices", f"{result['devices']} x {result['device_kind']}, mesh {result['mesh']}"),
     ("global batch", f"{result['global_batch']}"),
+    (
+      "batch",
+      ", ".join(f"{k} {v}" for k, v in result["batch"].items())
+      + f" (config.data.source={result['source']!r})",
+    ),
+    ("frozen", ", ".join(result["frozen"]) or "nothing"),
     ("compile (excluded)", f"{result['compile_s']:.1f} s"),
     (
       "step time",
@@ -179,7 +241,6 @@ def main(argv=None):
     config.update_from_flattened_dict({k: v for k, v in BASE_WIDTH.items() if k not in skipped})
   if args.batch is not None:
     config.data.global_batch_size = args.batch
-  config.data.source = "synthetic"
   result = run(config, steps=args.steps, warmup=args.warmup)
   print(table(result))
   print(json.dumps(result))

@@ -1,0 +1,127 @@
+"""`python -m coca_jax.bench step` times the step the trainer runs for the config: a video
+config's video step on clips, a VQA config's step with answer scores, not an image-text
+step. The batches' shapes are worked out by hand from the config files."""
+
+import numpy as np
+import pytest
+
+from coca_jax import flops
+from coca_jax.bench import step as step_bench
+
+# The demo model with one layer per tower, so each test compiles one small step.
+SMALL = [
+  "--config.model.vision.layers=1",
+  "--config.model.text.unimodal_layers=1",
+  "--config.model.text.multimodal_layers=1",
+]
+RUN = ["--batch=8", "--steps=1", "--warmup=0"]  # 8: one row per forced CPU device
+
+
+def small_config(name: str):
+  config = step_bench.load_config([f"--config=configs/{name}.py", *SMALL])
+  config.data.global_batch_size = 8
+  return config
+
+
+def test_host_batches_have_the_sources_format():
+  # configs/demo.py: 32px images, text length 24; demo_video: 4 frames, 10 classes;
+  # demo_vqa: 128 answers.
+  video = step_bench.host_batch(small_config("demo_video"), 0, range(4))
+  assert {k: (v.shape, v.dtype) for k, v in video.items()} == {
+    "video": ((4, 4, 32, 32, 3), np.float32),
+    "label": ((4,), np.int32),
+  }
+  assert ((0 <= video["label"]) & (video["label"] < 10)).all()
+  vqa = step_bench.host_batch(small_config("demo_vqa"), 0, range(4))
+  assert vqa["image"].shape == (4, 32, 32, 3) and vqa["text"]["ids"].shape == (4, 24)
+  assert vqa["answer_scores"].shape == (4, 128) and vqa["answer_scores"].dtype == np.float32
+  np.testing.assert_array_equal(vqa["answer_scores"].sum(axis=1), np.ones(4))
+  pairs = step_bench.host_batch(small_config("demo"), 0, range(4))
+  assert set(pairs) == {"image", "text"} and pairs["image"].shape == (4, 32, 32, 3)
+  # Row r is the same whichever rows a process asks for (multi-process data shards).
+  rows = step_bench.host_batch(small_config("demo_video"), 0, [2, 3])
+  np.testing.assert_array_equal(rows["video"], video["video"][2:])
+  np.testing.assert_array_equal(rows["label"], video["label"][2:])
+
+
+def shapes(batch) -> dict:
+  """{"video": [8, 4, 32, 32, 3], ...}, nested keys joined by "/"."""
+  flat = {}
+  for key, value in batch.items():
+    if isinstance(value, dict):
+      flat.update({f"{key}/{k}": v for k, v in shapes(value).items()})
+    else:
+      flat[key] = list(value.shape)
+  return flat
+
+
+class RecordingStep:
+  """Stands in for the trainer's compiled step: records the batches it is lowered for and
+  called with (nothing compiles)."""
+
+  def __init__(self):
+    self.lowered, self.called = [], []
+    self.jitted = self
+
+  def lower(self, abstract_state, batch):
+    self.lowered.append(shapes(batch))
+    return self
+
+  def compile(self):
+    return self
+
+  def __call__(self, state, batch):
+    self.called.append(shapes(batch))
+    return state, {"loss": np.float32(0.0)}
+
+
+# configs/demo.py: 32px images, text length 24; demo_video: clips of 4 frames;
+# demo_vqa: 128 answers. The batch of 8 is --batch.
+PAIRS = {"image": [8, 32, 32, 3], "text/ids": [8, 24], "text/labels": [8, 24], "text/mask": [8, 24]}
+
+
+@pytest.mark.parametrize(
+  "name, batch",
+  [
+    ("demo_video", {"video": [8, 4, 32, 32, 3], "label": [8]}),
+    ("demo_vqa", {**PAIRS, "answer_scores": [8, 128]}),
+    ("demo", PAIRS),
+  ],
+)
+def test_the_step_runs_on_the_configs_batches(monkeypatch, name, batch):
+  step = RecordingStep()
+  monkeypatch.setattr(step_bench.step_lib, "make_train_step", lambda config, run: step)
+  monkeypatch.setattr(step_bench.state_lib, "create", lambda config, run: {})
+  result = step_bench.main([f"--config=configs/{name}.py", *SMALL, "--batch=8", "--steps=2"])
+  assert step.lowered == [batch] and step.called == [batch] * 3  # 1 warm-up + 2 timed
+  assert result["batch"] == batch
+
+
+@pytest.mark.slow  # compiles the video train step
+def test_video_config_times_the_video_step(capsys):
+  result = step_bench.main(["--config=configs/demo_video.py", *SMALL, *RUN])
+  assert result["source"] == "video"
+  assert result["batch"] == {"video": [8, 4, 32, 32, 3], "label": [8]}
+  # The FLOPs of 8 clips of 4 frames (the encoder frozen: forward only), not of 8 images.
+  assert result["model_flops_per_step"] == 8 * flops.train_flops_per_example(
+    small_config("demo_video")
+  )
+  clip = flops.video_forward_macs(small_config("demo_video").model, 4)
+  assert result["model_flops_per_step"] > 8 * 2 * clip  # forward and the head's backward
+  assert np.isfinite(result["loss"])
+  assert "video [8, 4, 32, 32, 3]" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # compiles the VQA train step
+def test_vqa_config_times_the_vqa_step():
+  result = step_bench.main(["--config=configs/demo_vqa.py", *SMALL, *RUN])
+  assert result["source"] == "vqa"
+  assert result["batch"]["answer_scores"] == [8, 128]
+  assert np.isfinite(result["loss"])
+
+
+def test_video_source_without_a_head_is_named():
+  config = small_config("demo_video")
+  config.model.video.num_classes = 0
+  with pytest.raises(ValueError, match="config.model.video.num_classes"):
+    step_bench.host_batch(config, 0, range(2))
