@@ -24,7 +24,6 @@ does not. Steps:
 """
 
 import math
-import os
 import time
 
 import numpy as np
@@ -105,11 +104,12 @@ def run(
   from flax import nnx
 
   from coca_jax import decode, export, tokens
+  from coca_jax.bench import threads
   from coca_jax.data import vocab as vocab_lib
   from coca_jax.models import coca
 
   start = time.perf_counter()
-  torch.set_num_threads(max(1, os.cpu_count() or 1))
+  torch.set_num_threads(threads.usable_cpus())  # the affinity mask, as XLA's thread pool
   config = convert_lib.load_config(model_name, config_file, layers)
   reference = build_open_clip(model_name, seed, layers)
   state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}

@@ -25,7 +25,7 @@ class Probe(nnx.Module):
   def __init__(self, width: int, heads: int, num_classes: int, *, rngs: nnx.Rngs):
     self.pooler = AttentionalPooler(1, width, heads, eps=1e-6, dtype=jnp.float32, rngs=rngs)
     self.classifier = layers.Dense(
-      width, num_classes, ("embed", "vocab"), dtype=jnp.float32, rngs=rngs
+      width, num_classes, ("embed", "classes"), dtype=jnp.float32, rngs=rngs
     )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
