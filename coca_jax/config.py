@@ -228,6 +228,11 @@ def coca_config(
       # training workdir (its newest readable checkpoint, parameters only). "" = fresh
       # init. Ignored when the workdir has a checkpoint of its own (the run resumes).
       init_from="",
+      # Parameters of this model that init_from does not read: initialised fresh, as
+      # parameters the source lacks are, whatever the source holds for them (e.g. a task
+      # head of another size: ("^vqa_head/classifier/",)). Patterns as for `frozen`; a
+      # pattern matching nothing is an error, and so is any without init_from.
+      init_exclude=(),
       # Parameters that never move: regexes (re.search) or substrings of '/'-joined
       # parameter paths, e.g. ("^vision/",) for the image encoder. They get zero
       # updates and no optimizer state; a pattern matching nothing is an error.

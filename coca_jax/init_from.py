@@ -1,7 +1,8 @@
 """Start a run from a pretrained model: an export or another run's checkpoint.
 
     python -m coca_jax.train --config=configs/TASK.py --workdir=DIR2 \\
-        --config.train.init_from=/tmp/coca_demo/export [--config.train.frozen='("^vision/",)']
+        --config.train.init_from=/tmp/coca_demo/export [--config.train.frozen='("^vision/",)'] \\
+        [--config.train.init_exclude='("^vqa_head/classifier/",)']
 
 `config.train.init_from` names an export (`DIR/params`, written by coca_jax.export) or a
 training workdir (`DIR/checkpoints`: its newest readable step, parameters only). The
@@ -9,16 +10,17 @@ parameters of this run's model are matched with the source's by path:
   loaded     in both at the same shape: read straight into this run's shardings (float32)
   resampled  `vision/pos_embedding` stored for another image size: read, then resampled
              with `vit.resize_pos_embedding` (as a resume at 576px does)
-  new        only in this model (a task head): initialised fresh, as without init_from;
-             one that config.train.frozen matches is an error (it would stay random)
+  new        only in this model (a task head): initialised fresh, as without init_from
+  excluded   matched by config.train.init_exclude (patterns as config.train.frozen's):
+             initialised fresh whatever the source holds (same shape, another, none)
   unused     only in the source: not read
-Any other difference of shape (vocabulary, width, layer count, text length, a task head's
-number of answers or classes) is an error naming the parameters and both shapes; for a
-task head, also the config key and value that would load it, and that a source without
-the head gives a fresh one (there is no option to re-initialise a parameter the source
-holds). The optimizer state starts fresh from the loaded parameters, at step 0. The
-trainer calls `create` only when its workdir has no checkpoint: a resumed finetune run
-restores its own state.
+A new or excluded parameter that config.train.frozen matches is an error (it would stay
+random). Any other difference of shape (vocabulary, width, layer count, text length, a
+task head's number of answers or classes) is an error naming the parameters and both
+shapes; for a task head, also the config key and value that would load it, and the
+init_exclude pattern that trains a new classifier instead. The optimizer state starts
+fresh from the loaded parameters, at step 0. The trainer calls `create` only when its
+workdir has no checkpoint: a resumed finetune run restores its own state.
 """
 
 import dataclasses
@@ -42,14 +44,18 @@ class Report:
   source: str  # "export DIR" or "checkpoint step N of DIR"
   loaded: tuple[str, ...]  # same path, same shape (includes the resampled ones)
   resampled: tuple[str, ...]  # loaded at another shape: the position embedding
-  new: tuple[str, ...]  # initialised fresh
+  new: tuple[str, ...]  # in this model only (and not excluded): initialised fresh
+  excluded: tuple[str, ...]  # matched by config.train.init_exclude: initialised fresh
   unused: tuple[str, ...]  # in the source only
 
   def log_lines(self) -> list[str]:
+    """One line per class; the excluded line only when config.train.init_exclude is set."""
+    excluded = f"init_from: excluded (initialised fresh) {len(self.excluded)}: "
     return [
       f"init_from {self.source}: loaded {len(self.loaded)} parameters: {compact(self.loaded)}",
       *[f"init_from: resampled {name} to this image size" for name in self.resampled],
       f"init_from: new (initialised fresh) {len(self.new)}: {compact(self.new)}",
+      *([excluded + compact(self.excluded)] if self.excluded else []),
       f"init_from: unused (in the source only) {len(self.unused)}: {compact(self.unused)}",
     ]
 
@@ -64,6 +70,8 @@ def compact(names) -> str:
     ", ".join(g[0] if len(g) == 1 else f"{top}/* ({len(g)})" for top, g in groups.items()) or "none"
   )
 
+
+EXCLUDE_KEY = "config.train.init_exclude"
 
 # Task heads whose classifier's output width is a config number, not the pretrained
 # model's: (parameter prefix, what it is, config key, what it classifies, what must agree
@@ -87,8 +95,8 @@ TASK_HEADS = (
 
 
 def _head_hints(stored: dict, target: dict) -> tuple[list[str], set]:
-  """(hints: one per task head whose classifier has another output width in the source,
-  then a closing note; the paths they explain)."""
+  """(hints: one per task head whose classifier has another output width in the source;
+  the paths they explain)."""
   hints, explained = [], set()
   for head, title, key, unit, same in TASK_HEADS:
     kernel = (head, "classifier", "kernel")
@@ -100,26 +108,28 @@ def _head_hints(stored: dict, target: dict) -> tuple[list[str], set]:
     explained |= {kernel, (head, "classifier", "bias")}
     hints.append(
       f"The source's {title} ({head}/*) classifies {there} {unit}, {key}={here} here: to "
-      f"load it set {key}={there} (right only with {same}); to train a new {title}, start "
-      f"from a source without {head} (e.g. the pretrained export the source was finetuned "
-      "from), whose missing head init_from initialises fresh."
+      f"load it set {key}={there} (right only with {same}); to train a new classifier of "
+      f'{here} {unit}, set {EXCLUDE_KEY}=("^{head}/classifier/",), which initialises it '
+      f'fresh and still loads the source\'s pooler (or ("^{head}/",) for a whole new {title}).'
     )
-  if hints:
-    hints.append("init_from has no option to re-initialise a parameter the source holds.")
   return hints, explained
 
 
-def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
+def plan(
+  stored: dict, target: dict, source: str, frozen=frozenset(), excluded=frozenset()
+) -> Report:
   """Classifies parameters by path; raises ValueError on a shape that cannot be adapted,
-  and on a frozen parameter the source lacks (it would keep its random init all run).
+  and on a frozen parameter that starts fresh (the source lacks it, or config.train.
+  init_exclude matches it): it would keep its random init all run.
 
   stored, target: {path names (tuple): shape} of the source and of this run's model.
-  frozen: '/'-joined names of the parameters config.train.frozen matches.
+  frozen, excluded: '/'-joined names of the parameters config.train.frozen and
+  config.train.init_exclude match.
   """
   pos = vit.POS_EMBEDDING_PATH
   loaded, resampled, mismatched = [], [], []
   for path, shape in target.items():
-    if path not in stored:
+    if path not in stored or "/".join(path) in excluded:
       continue
     if tuple(stored[path]) == tuple(shape):
       loaded.append(path)
@@ -133,7 +143,8 @@ def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
     if set(mismatched) - explained:
       hints.append(
         "Only vision/pos_embedding adapts (to a new image size); vocabulary, widths, "
-        "layer counts and text length must match the source."
+        f"layer counts and text length must match the source ({EXCLUDE_KEY} initialises "
+        "the parameters it matches fresh instead of reading them)."
       )
     shapes = [
       f"{'/'.join(p)} is {tuple(stored[p])} there, {tuple(target[p])} here" for p in mismatched
@@ -148,22 +159,43 @@ def plan(stored: dict, target: dict, source: str, frozen=frozenset()) -> Report:
   def names(paths):
     return tuple(sorted("/".join(p) for p in paths))
 
-  new = names(p for p in target if p not in stored)
-  frozen_new = sorted(set(new) & set(frozen))
-  if frozen_new:
-    raise ValueError(
-      f"config.train.frozen freezes {compact(frozen_new)}, which config.train.init_from "
-      f"({source}) does not hold: frozen, they would keep their random initialisation for the "
-      "whole run. Narrow config.train.frozen, or start from a source that has them "
-      f"(for example: {', '.join(frozen_new[:3])})."
-    )
+  new = names(p for p in target if p not in stored and "/".join(p) not in excluded)
+  fresh_by_choice = names(p for p in target if "/".join(p) in excluded)
+  _check_frozen_are_loaded(new, fresh_by_choice, frozenset(frozen), source)
   return Report(
     source=source,
     loaded=names(loaded),
     resampled=names(resampled),
     new=new,
+    excluded=fresh_by_choice,
     unused=names(p for p in stored if p not in target),
   )
+
+
+def _check_frozen_are_loaded(new, excluded, frozen: frozenset, source: str) -> None:
+  """Raises ValueError naming the frozen parameters among the fresh ones (`new`: the
+  source lacks them; `excluded`: config.train.init_exclude matches them)."""
+  lacking = sorted(frozen.intersection(new))
+  dropped = sorted(frozen.intersection(excluded))
+  if lacking:
+    raise ValueError(
+      f"config.train.frozen freezes {compact(lacking)}, which config.train.init_from "
+      f"({source}) does not hold: frozen, they would keep their random initialisation for the "
+      "whole run. Narrow config.train.frozen, or start from a source that has them "
+      f"(for example: {', '.join(lacking[:3])})."
+    )
+  if dropped:
+    raise ValueError(
+      f"config.train.frozen freezes {compact(dropped)}, which {EXCLUDE_KEY} initialises "
+      "fresh instead of reading them from config.train.init_from: frozen, they would keep "
+      f"their random initialisation for the whole run. Narrow config.train.frozen or "
+      f"{EXCLUDE_KEY} (both match, for example: {', '.join(dropped[:3])})."
+    )
+
+
+def exclude_patterns(config) -> tuple[str, ...]:
+  """config.train.init_exclude (absent from configs written before it existed)."""
+  return tuple(config.train.get("init_exclude", ()))
 
 
 def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
@@ -175,12 +207,13 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
     params_lib.path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
   }
   frozen = frozenset(optim.frozen_names(abstract, state_lib.frozen_patterns(config)))
+  excluded = frozenset(optim.frozen_names(abstract, exclude_patterns(config), EXCLUDE_KEY))
   if (source / "params").exists():
-    loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen)
+    loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen, excluded)
     held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)
     vocab_file = epath.Path(held) if held else None
   elif (source / "checkpoints").exists():
-    loaded, report = _read_newest_checkpoint(source, target, run, config.train, frozen)
+    loaded, report = _read_newest_checkpoint(source, target, run, config.train, frozen, excluded)
     vocab_file = _run_vocab(source)
   else:
     raise FileNotFoundError(
@@ -193,10 +226,19 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   return state_lib.create(config, run, loaded), report
 
 
-def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str, frozen=frozenset()):
+def _read(
+  item: epath.Path,
+  prefix: tuple,
+  target: dict,
+  run,
+  source: str,
+  frozen=frozenset(),
+  excluded=frozenset(),
+):
   """({path names: float32 array in its target sharding}, Report) of the Orbax tree at
   `item` (its parameters under `prefix`: () for an export, ("params",) for a state);
-  `frozen`: the '/'-joined names config.train.frozen matches (see `plan`)."""
+  `frozen`, `excluded`: the '/'-joined names config.train.frozen and
+  config.train.init_exclude match (see `plan`)."""
   handler = ocp.PyTreeCheckpointHandler()
   try:
     try:
@@ -210,7 +252,7 @@ def _read(item: epath.Path, prefix: tuple, target: dict, run, source: str, froze
       }
     except Exception as e:  # any failure to read or parse the metadata
       raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
-    report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source, frozen)
+    report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source, frozen, excluded)
     request = _nest({(*prefix, *p): s for p, s in _requests(report, stored_shapes, target, run)})
     try:
       restored = handler.restore(
@@ -249,7 +291,7 @@ def _requests(report: Report, stored_shapes: dict, target: dict, run):
       yield path, jax.ShapeDtypeStruct(t.shape, jnp.float32, sharding=t.sharding)
 
 
-def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config, frozen):
+def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config, frozen, excluded):
   """`_read` of the newest step of `workdir` that every process can read (as a resume
   picks it: an unreadable step is skipped with a warning)."""
   mngr = checkpoint.manager(str(workdir), train_config, read_only=True)
@@ -260,7 +302,7 @@ def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config
     item = checkpoint.step_path(mngr, step) / checkpoint.STATE
     try:
       source = f"checkpoint step {step} of {workdir}"
-      result = _read(item, ("params",), target, run, source, frozen)
+      result = _read(item, ("params",), target, run, source, frozen, excluded)
       error = None
     except checkpoint.UnreadableCheckpointError as e:
       result, error = None, e

@@ -212,20 +212,22 @@ def _matches(pattern: str, name: str) -> bool:
   return found or pattern in name
 
 
-def frozen_mask(params, patterns):
+def frozen_mask(params, patterns, key: str = "config.train.frozen"):
   """True for each parameter whose '/'-joined path ("vision/blocks/layers/mlp/up/kernel")
-  matches one of `patterns` (regexes or substrings); a pattern matching none is an error."""
+  matches one of `patterns` (regexes or substrings); a pattern matching none is an error,
+  and so is an empty one (it matches every path). `key`: the config key the patterns
+  come from, named in those errors (config.train.init_exclude uses the same syntax)."""
   names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
   for pattern in patterns:
     if not pattern:  # a substring of every path: `--config.train.frozen=` froze everything
       raise ValueError(
-        f"config.train.frozen={tuple(patterns)!r} holds an empty pattern, which would freeze "
-        "every parameter; for none write --config.train.frozen='()'"
+        f"{key}={tuple(patterns)!r} holds an empty pattern, which would match every "
+        f"parameter; for none write --{key}='()'"
       )
     if not any(_matches(pattern, name) for name in names):
       tops = sorted({name.split("/")[0] for name in names})
       raise ValueError(
-        f"config.train.frozen pattern {pattern!r} matches no parameter; paths are "
+        f"{key} pattern {pattern!r} matches no parameter; paths are "
         f"'/'-joined, e.g. {names[0]!r}, under: {', '.join(tops)}"
       )
   return jax.tree_util.tree_map_with_path(
@@ -233,9 +235,9 @@ def frozen_mask(params, patterns):
   )
 
 
-def frozen_names(params, patterns) -> list[str]:
+def frozen_names(params, patterns, key: str = "config.train.frozen") -> list[str]:
   """The '/'-joined paths of the parameters `frozen_mask` matches, in tree order."""
-  mask = frozen_mask(params, patterns)
+  mask = frozen_mask(params, patterns, key)
   return [_path_name(p) for p, frozen in jax.tree_util.tree_flatten_with_path(mask)[0] if frozen]
 
 

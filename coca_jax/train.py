@@ -267,12 +267,6 @@ def train(config, workdir: str) -> dict:
         "config.train.init_from=%s ignored: the run resumes its own checkpoint",
         config.train.init_from,
       )
-  # Only now: export, load and evaluate rebuild the model from config.json, so an
-  # invocation that fails above (a wrong override, a wrong --workdir) must leave it as it was.
-  if jax.process_index() == 0:
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-
   train_step = step_lib.make_train_step(config, run)
   eval_step = step_lib.make_eval_step(config, run.layout)
   # The eval suite tokenizes class prompts and captions: its vocabulary, read once.
@@ -288,6 +282,12 @@ def train(config, workdir: str) -> dict:
     with jax.set_mesh(run.mesh):
       compiled_step = train_step.jitted.lower(run.layout.abstract, batch).compile()
     log_memory(compiled_step)
+  # Only now: export, load and evaluate rebuild the model from config.json, so an
+  # invocation that fails above (a wrong override, a wrong --workdir, data files that match
+  # nothing, a step that does not compile) must leave it as it was.
+  if jax.process_index() == 0:
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
   from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
@@ -372,6 +372,12 @@ def check_config(config) -> None:
   for key in POSITIVE_TRAIN_KEYS:
     config_lib.check_positive(train_config, f"train.{key}")
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
+  excluded = init_from.exclude_patterns(config)
+  if excluded and not train_config.init_from:
+    raise ValueError(
+      f"config.train.init_exclude={excluded!r} needs config.train.init_from: without a "
+      "source every parameter is initialised fresh already"
+    )
   if train_config.eval_every < 0:
     raise ValueError(
       f"config.train.eval_every={train_config.eval_every} must be >= 0 (0: no periodic evaluation)"

@@ -1,4 +1,5 @@
-"""config.train.init_from (an export or a workdir's checkpoint) and config.train.frozen."""
+"""config.train.init_from (an export or a workdir's checkpoint), config.train.init_exclude
+and config.train.frozen."""
 
 import logging
 import shutil
@@ -167,14 +168,144 @@ def test_a_task_head_of_another_size_is_an_error_saying_what_to_set(section, key
   assert f"{head}/classifier/bias is (4,) there, (7,) here" in message
   assert f"classifies 4 {unit}, config.model.{section}.{key}=7 here" in message
   assert f"set config.model.{section}.{key}=4" in message
-  assert f"start from a source without {head}" in message
-  assert "no option to re-initialise" in message
+  assert (
+    f'to train a new classifier of 7 {unit}, set config.train.init_exclude=("^{head}/classifier/",)'
+    in message
+  )
+  assert f'("^{head}/",) for a whole new' in message
   # Only the head differs: the advice about widths and vocabularies does not apply.
   assert "layer counts" not in message
   # Together with another difference, both pieces of advice.
   model.width = 48
   with pytest.raises(ValueError, match=f"set config.model.{section}.{key}=4.*layer counts"):
     init_from.plan(stored, shapes(model), "export /src")
+
+
+def classifier(head) -> tuple[str, str]:
+  return (f"{head}/classifier/bias", f"{head}/classifier/kernel")
+
+
+@pytest.mark.parametrize("section, key", [("vqa", "num_answers"), ("video", "num_classes")])
+def test_plan_initialises_an_excluded_head_of_another_size_fresh_and_loads_the_rest(section, key):
+  """What the hint above advises: the classifier is excluded, the head's pooler loads."""
+  model = tiny_config(1).model
+  model[section][key] = 4
+  stored = shapes(model)
+  model[section][key] = 7
+  target = shapes(model)
+  head = f"{section}_head"
+  report = init_from.plan(stored, target, "export /src", excluded=set(classifier(head)))
+  assert report.excluded == classifier(head)
+  assert report.new == () and report.unused == ()
+  names = {"/".join(p) for p in target}
+  assert set(report.loaded) == names - set(classifier(head))
+  assert f"{head}/pooler/queries" in report.loaded
+  # Excluding a parameter the source lacks: excluded, not new.
+  del stored[(head, "classifier", "kernel")]
+  report = init_from.plan(stored, target, "export /src", excluded=set(classifier(head)))
+  assert report.excluded == classifier(head) and report.new == ()
+
+
+def test_an_excluded_frozen_parameter_is_an_error_before_reading(source):
+  """Excluded and frozen, it would stay random all run, as a frozen one the source lacks."""
+  config = finetune(source["root"] / "export")
+  config.train.frozen = ("^text_projection/", "^vision/")
+  config.train.init_exclude = ("text_projection",)
+  with pytest.raises(ValueError) as error:
+    init_from.create(config, state_lib.setup(config))
+  assert str(error.value) == (
+    "config.train.frozen freezes text_projection/kernel, which config.train.init_exclude "
+    "initialises fresh instead of reading them from config.train.init_from: frozen, they "
+    "would keep their random initialisation for the whole run. Narrow config.train.frozen or "
+    "config.train.init_exclude (both match, for example: text_projection/kernel)."
+  )
+  target = {("a",): (2,), ("b",): (3,)}
+  with pytest.raises(ValueError, match="freezes b, which config.train.init_exclude"):
+    init_from.plan(target, target, "src", frozen={"a", "b"}, excluded={"b"})
+  report = init_from.plan(target, target, "src", frozen={"a"}, excluded={"b"})
+  assert report.loaded == ("a",) and report.excluded == ("b",) and report.new == ()
+
+
+@pytest.mark.parametrize(
+  "patterns, message",
+  [
+    (
+      ("^vision/", "^vqa_haed/"),
+      r"^config\.train\.init_exclude pattern '\^vqa_haed/' matches no parameter; paths are "
+      r"'/'-joined, e\.g\. '[a-z_/]+', under: caption_pooler, ",
+    ),
+    (
+      ("",),
+      r"^config\.train\.init_exclude=\('',\) holds an empty pattern, which would match every",
+    ),
+  ],
+  ids=["matches-nothing", "empty"],
+)
+def test_an_init_exclude_pattern_matching_nothing_or_everything_is_an_error(
+  source, patterns, message
+):
+  config = finetune(source["root"] / "export")
+  config.train.init_exclude = patterns
+  with pytest.raises(ValueError, match=message):
+    init_from.create(config, state_lib.setup(config))
+
+
+@pytest.mark.slow  # ~9 s: writes an export and initialises twice
+def test_an_excluded_head_of_another_size_starts_fresh_and_the_rest_loads_bitwise(
+  source, tmp_path, caplog
+):
+  """A VQA-finetuned source (4 answers) into a run with 7; text_projection/kernel is
+  excluded too, at the same shape as the source's."""
+  model = tiny_config(1).model
+  model.vqa.num_answers = 4
+  rng = np.random.default_rng(0)
+  head = {
+    "/".join(p): rng.normal(size=shape).astype(np.float32)
+    for p, shape in shapes(model).items()
+    if p[0] == "vqa_head"
+  }
+  params = {**source["params"], **head}
+  config = write_export(params, tmp_path / "export")
+  config.model.vqa.num_answers = 7
+  config.train.init_exclude = ("^vqa_head/classifier/", "^text_projection/")
+  run = state_lib.setup(config)
+  with caplog.at_level(logging.INFO):
+    state, report = init_from.create(config, run)
+  excluded = {*classifier("vqa_head"), "text_projection/kernel"}
+  assert set(report.excluded) == excluded and report.new == () and report.unused == ()
+  assert not excluded & set(report.loaded)
+  assert "init_from: excluded (initialised fresh) 3: text_projection/kernel, vqa_head/* (2)" in (
+    caplog.text
+  )
+  loaded = flat(state["params"])
+  fresh = flat(state_lib.create(config, run)["params"])  # the same run without init_from
+  for name in excluded:
+    np.testing.assert_array_equal(loaded[name], fresh[name], err_msg=name)
+  assert loaded["vqa_head/classifier/kernel"].shape == (32, 7)
+  assert not np.array_equal(loaded["text_projection/kernel"], params["text_projection/kernel"])
+  assert_params_equal(
+    {k: v for k, v in loaded.items() if k not in excluded},
+    {k: v for k, v in params.items() if k not in excluded},
+  )
+
+
+def test_an_excluded_parameter_of_the_same_shape_is_not_read_from_a_workdir(source):
+  config = finetune(source["root"] / "workdir")
+  config.train.init_exclude = ("caption_pooler/queries",)
+  state, report = init_from.create(config, state_lib.setup(config))
+  assert report.excluded == ("caption_pooler/queries",)
+  assert "caption_pooler/queries" not in report.loaded
+  assert len(report.loaded) == len(source["doubled"]) - 1
+  assert report.log_lines()[-2] == (
+    "init_from: excluded (initialised fresh) 1: caption_pooler/queries"
+  )
+  loaded = flat(state["params"])
+  name = "caption_pooler/queries"
+  assert loaded[name].shape == source["doubled"][name].shape
+  assert not np.array_equal(loaded[name], source["doubled"][name])
+  assert not np.array_equal(loaded[name], source["params"][name])
+  del loaded[name]
+  assert_params_equal(loaded, {k: v for k, v in source["doubled"].items() if k != name})
 
 
 def test_an_image_size_change_resamples_the_position_embedding(source):
@@ -246,9 +377,9 @@ def test_compact_names_groups_by_first_component():
 
 def test_a_frozen_pattern_that_matches_nothing_is_an_error_naming_it():
   params = params_lib.abstract(tiny_config(1).model)
-  with pytest.raises(ValueError, match=r"pattern '\^visoin/' matches no parameter"):
+  with pytest.raises(ValueError, match=r"^config.train.frozen pattern '\^visoin/' matches no "):
     optim.frozen_mask(params, ("^vision/", "^visoin/"))
-  with pytest.raises(ValueError, match="empty pattern, which would freeze every parameter"):
+  with pytest.raises(ValueError, match="^config.train.frozen=.*empty pattern, which would match"):
     optim.frozen_mask(params, ("",))  # what `--config.train.frozen=` parses to
   mask = optim.frozen_mask(params, ("^vision/", "unimodal/layers/mlp/"))
   frozen = {k for k, f in flat(mask).items() if f}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from tiny_runs import tiny_config
 
-from coca_jax import checkpoint, predict, train
+from coca_jax import checkpoint, init_from, predict, train
 from coca_jax import state as state_lib
 
 ORIGINAL = b'{"the run": "that wrote this"}\n'
@@ -69,6 +69,10 @@ def test_an_export_as_workdir_is_refused_naming_it(tmp_path):
     (lambda c: c.train.update(export_dtype="bf16"), r"config\.train\.export_dtype='bf16'"),
     (lambda c: c.train.update(export_dtype="int8"), r"config\.train\.export_dtype='int8'"),
     (lambda c: c.model.update(dtype="bf16"), r"config\.model\.dtype='bf16'"),
+    (
+      lambda c: c.train.update(init_exclude=("^vqa_head/",)),
+      r"^config\.train\.init_exclude=\('\^vqa_head/',\) needs config\.train\.init_from: ",
+    ),
     (lambda c: evaluating(c, "zero_shot,retreival"), r"config\.eval\.evals .*'retreival'"),
     (lambda c: evaluating(c).eval.decode.update(method="bem"), r"config\.eval\.decode: .*'bem'"),
     (
@@ -87,6 +91,15 @@ def test_a_wrong_setting_fails_before_anything_is_written(tmp_path, change, mess
   with pytest.raises(ValueError, match=message):
     train.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_config_written_before_init_exclude_existed_passes_the_checks():
+  """The train section of an older config.json has no init_exclude: none excluded."""
+  config = tiny_config(3)
+  del config.train["init_exclude"]
+  assert "init_exclude" not in config.train
+  train.check_config(config)
+  assert init_from.exclude_patterns(config) == ()
 
 
 def test_keep_checkpoints_zero_is_refused_by_the_checkpoint_manager(tmp_path):

@@ -362,3 +362,17 @@ def test_vqa_eval_set_with_every_row_rejected_names_its_file(tmp_path, sentencep
     ValueError, match=f"VQA eval split has no example: config.data.vqa.eval_files='{rejected}'"
   ):
     vqa.eval_set(config)
+
+
+@pytest.mark.slow  # builds the run's state before the first batch fails
+def test_a_files_pattern_matching_nothing_leaves_the_run_record(tmp_path, sentencepiece_model):
+  """Files that match nothing fail at the first batch (the reader's error); config.json is
+  written only after it, so an existing run's record stays as it was."""
+  good = _write(tmp_path / "good.tfrecord", [(_png(), "what is this?", ["red"] * 3)])
+  workdir = tmp_path / "work"
+  workdir.mkdir()
+  (workdir / "config.json").write_text("the run's record")
+  config = _files_config(tmp_path, sentencepiece_model, str(tmp_path / "missing-*"), good)
+  with pytest.raises(Exception, match="missing-"):
+    train.train(config, str(workdir))
+  assert (workdir / "config.json").read_text() == "the run's record"
