@@ -76,7 +76,7 @@ def check_keep(train_config) -> None:
   """ValueError unless config.train.keep_checkpoints is an integer >= 1: it is Orbax's
   max_to_keep, and 0 there deletes every checkpoint the run saves."""
   config_lib.check_positive(
-    train_config,
+    train_config.keep_checkpoints,
     "train.keep_checkpoints",
     " (the newest checkpoints kept; 0 would delete every checkpoint the run saves)",
   )

@@ -466,10 +466,9 @@ def with_current_rules(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
-def check_positive(section: ml_collections.ConfigDict, path: str, why: str = "") -> None:
-  """ValueError unless config.<path> (a key of `section`) is an integer >= 1; `why`
-  follows the message."""
-  value = section[path.rsplit(".", 1)[-1]]
+def check_positive(value, path: str, why: str = "") -> None:
+  """ValueError unless `value` (config.<path>) is an integer >= 1; `why` follows the
+  message."""
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
     raise ValueError(f"config.{path}={value!r} must be an integer >= 1{why}")
 

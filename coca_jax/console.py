@@ -7,6 +7,7 @@ Every `python -m coca_jax.<entry>` calls `quiet()` first thing in its main().
 """
 
 import contextlib
+import importlib.util
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import tempfile
 
 import coca_jax
+from coca_jax import accelerators
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(coca_jax.__file__))
 
@@ -78,13 +80,14 @@ def import_tensorflow() -> None:
 
 
 def start_backends() -> None:
-  """Starts JAX's backends (`jax.devices()`), on a host without TPU chips with libtpu's
-  start-up noise filtered out of stderr. Call it after jax.distributed.initialize and
+  """Starts JAX's backends (`jax.devices()`). Where libtpu is installed on a host without
+  accelerator device files, stderr is captured meanwhile and libtpu's start-up noise
+  dropped; elsewhere (TPU and GPU hosts: a start that waits for other hosts or fails must
+  print as it happens) nothing is captured. Call it after jax.distributed.initialize and
   host_memory.tune_for_cpu, which must precede the backends."""
   import jax
-  from jax._src import hardware_utils  # the check jax's own cloud_tpu_init makes
 
-  if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0:
+  if importlib.util.find_spec("libtpu") is None or accelerators.present():
     jax.devices()
     return
   with _stderr_without(LIBTPU_NO_CHIP_NOISE):

@@ -260,6 +260,16 @@ def _gather_beams(x, axis, origin):
 # Decoding loops.
 
 
+def row_keys(key: jax.Array, rows) -> jax.Array:
+  """Sampling keys of rows [B] (their indices among all rows decoded): fold_in(key, row)."""
+  return jax.vmap(lambda row: jax.random.fold_in(key, row))(jnp.asarray(rows))
+
+
+def _draw(key: jax.Array, logits: jax.Array, step) -> jax.Array:
+  """One row's token at `step`: logits [V] -> int."""
+  return jax.random.categorical(jax.random.fold_in(key, step), logits)
+
+
 def sample_loop(
   step_model: StepModel,
   *,
@@ -277,10 +287,19 @@ def sample_loop(
 
   Each example stops at its first EOS (or stop id of the contract; later outputs are
   pad); the loop ends when every example has stopped or after `max_length` tokens.
+  rng (sampling): one key, or one key per row [B]; one key gives row b fold_in(rng, b).
+  Row b draws step i's token with fold_in(its key, i), so its sample depends on its key
+  alone, not on the other rows or the batch size.
   """
   greedy = temperature == 0.0
   if not greedy and rng is None:
     raise ValueError("sampling (temperature > 0) needs an rng key")
+  if not greedy:
+    if not jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):  # raw uint32 key data
+      rng = jax.random.wrap_key_data(rng)
+    rng = row_keys(rng, jnp.arange(batch)) if rng.ndim == 0 else rng
+    if rng.shape != (batch,):
+      raise ValueError(f"rng holds keys of shape {rng.shape}; expected one key or [{batch}]")
   pad = contract.pad_id
   prefix, prefix_length = _prefix_table(prefix, prefix_length, batch, max_length, pad)
 
@@ -295,7 +314,7 @@ def sample_loop(
       chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     else:
       filtered = filter_logits(logits / temperature, top_k, top_p)
-      chosen = jax.random.categorical(jax.random.fold_in(rng, i), filtered).astype(jnp.int32)
+      chosen = jax.vmap(_draw, in_axes=(0, 0, None))(rng, filtered, i).astype(jnp.int32)
     forced = i < prefix_length
     chosen = jnp.where(forced, prefix[:, i], chosen)
     chosen = jnp.where(done, pad, chosen)

@@ -15,22 +15,14 @@ in device memory, and one arena would serialise the input pipeline's many thread
 
 import ctypes
 import ctypes.util
-import glob
 import os
+
+from coca_jax import accelerators
 
 # mallopt(3) parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 # Free heap above this is returned to the OS (mallopt takes an int: at most 2 GiB - 1).
 _TRIM_THRESHOLD = 2**31 - 1
-# Device files of TPU VMs (/dev/accel*, /dev/vfio/N) and NVIDIA GPUs.
-_ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
-
-
-def has_accelerator() -> bool:
-  """Whether this host shows a TPU or GPU device file (without initialising JAX)."""
-  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
-    return False
-  return any(glob.glob(pattern) for pattern in _ACCELERATOR_FILES)
 
 
 def tune_for_cpu() -> bool:
@@ -39,7 +31,7 @@ def tune_for_cpu() -> bool:
   Leaves the allocator alone where the user set any MALLOC_* variable (their choice
   wins), off glibc, and on accelerator hosts.
   """
-  if has_accelerator() or any(name.startswith("MALLOC_") for name in os.environ):
+  if accelerators.present() or any(name.startswith("MALLOC_") for name in os.environ):
     return False
   name = ctypes.util.find_library("c")
   try:
@@ -62,7 +54,7 @@ def environment() -> dict[str, str]:
   """The same settings as glibc environment variables, for a child process (mallopt does
   not carry over; `benchmarks/` gives them to the open_clip worker so that both sides of
   a comparison run with one allocator policy); {} where `tune_for_cpu` would not apply."""
-  if has_accelerator() or any(name.startswith("MALLOC_") for name in os.environ):
+  if accelerators.present() or any(name.startswith("MALLOC_") for name in os.environ):
     return {}
   return {
     "MALLOC_ARENA_MAX": "1",

@@ -1,19 +1,11 @@
 """Multi-process start-up: `jax.distributed.initialize()` once, when the run spans processes."""
 
-import glob
 import os
 
 import jax
 from absl import logging
 
-from coca_jax import console
-
-# Device files of TPU chips on a TPU VM: /dev/accel* (v2-v4), /dev/vfio/<n> (v5e and later).
-TPU_DEVICE_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
-
-
-def _tpu_chips_present() -> bool:
-  return any(glob.glob(pattern) for pattern in TPU_DEVICE_FILES)
+from coca_jax import accelerators, console
 
 
 def _cluster_detected() -> bool:
@@ -23,7 +15,7 @@ def _cluster_detected() -> bool:
   installed on CPU hosts too, to compile for TPU slices (coca_jax.aot)."""
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  return len(tpu_hosts) > 1 or slurm_tasks > 1 or _tpu_chips_present()
+  return len(tpu_hosts) > 1 or slurm_tasks > 1 or accelerators.tpu_present()
 
 
 def initialize(

@@ -71,7 +71,7 @@ def count(params) -> dict[str, int]:
 
 
 def main(argv):
-  console.quiet()
+  console.quiet(start=False)  # abstract shapes only: no backend
   del argv
   if flags.FLAGS.config is None:
     raise app.UsageError("--config=FILE is required (e.g. --config=configs/base.py)")

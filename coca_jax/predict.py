@@ -210,10 +210,18 @@ class Predictor:
     rows = np.arange(n)
 
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):
-      # A per-batch key (from the first row index) keeps sampling reproducible.
-      rng = jax.random.fold_in(jax.random.key(seed), int(batch_rows[0]))
+      # Keys by row index among the images (decode.row_keys): image j's sample depends on
+      # the seed and j only, not on batch_size or the images around it. Passed as key data
+      # [B, 2], placed over the batch like the images.
+      keys = jax.random.key_data(decode.row_keys(jax.random.key(seed), batch_rows))
       out = self._call(
-        lambda params, *rows: fn(params, *rows, rng), batch_images, batch_prefix, batch_lengths
+        lambda params, images, prefix, lengths, keys: fn(
+          params, images, prefix, lengths, jax.random.wrap_key_data(keys)
+        ),
+        batch_images,
+        batch_prefix,
+        batch_lengths,
+        np.asarray(keys),
       )
       return out.tokens, out.scores
 

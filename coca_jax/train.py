@@ -234,6 +234,7 @@ def train(config, workdir: str) -> dict:
   check_config(config)
   check_workdir(workdir_path)
   config = loader.resolve(config)
+  loader.check_files(config)
   logging.info("config:\n%s", config)
 
   run = state_lib.setup(config)
@@ -370,7 +371,7 @@ def check_config(config) -> None:
   else."""
   train_config = config.train
   for key in POSITIVE_TRAIN_KEYS:
-    config_lib.check_positive(train_config, f"train.{key}")
+    config_lib.check_positive(train_config[key], f"train.{key}")
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
   excluded = init_from.exclude_patterns(config)
   if excluded and not train_config.init_from:

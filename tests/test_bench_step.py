@@ -125,3 +125,10 @@ def test_video_source_without_a_head_is_named():
   config.model.video.num_classes = 0
   with pytest.raises(ValueError, match="config.model.video.num_classes"):
     step_bench.host_batch(config, 0, range(2))
+
+
+def test_vqa_source_without_a_head_is_named_before_anything_is_built(monkeypatch):
+  """numpy's bare 'high <= 0' at the first batch before; now the trainer's own check."""
+  monkeypatch.setattr(step_bench, "run", lambda *a, **k: pytest.fail("built the step"))
+  with pytest.raises(ValueError, match=r"needs config.model.vqa.num_answers > 0 \(it is 0\)"):
+    step_bench.main(["--config=configs/demo_vqa.py", "--config.model.vqa.num_answers=0"])

@@ -127,9 +127,9 @@ def test_the_open_clip_worker_gets_its_faster_allocator_settings(monkeypatch, tm
   """coca_jax's side runs with coca_jax.host_memory's glibc settings (mallopt, which a
   child process does not inherit); the float32 worker gets them as environment variables
   (faster for torch too), the bfloat16 one glibc's defaults (faster for torch there)."""
-  from coca_jax import host_memory
+  from coca_jax import accelerators
 
-  monkeypatch.setattr(host_memory, "has_accelerator", lambda: False)
+  monkeypatch.setattr(accelerators, "present", lambda: False)
   for name in [n for n in __import__("os").environ if n.startswith("MALLOC_")]:
     monkeypatch.delenv(name)
   seen = {}

@@ -56,3 +56,51 @@ def test_start_backends_hides_libtpu_start_up_lines():
     pytest.skip("this libtpu starts quietly here (a TPU host, or a newer libtpu)")
   ours = _stderr_of("from coca_jax import console; console.start_backends()")
   assert "INVALID_ARGUMENT" not in ours and "Source Location Trace" not in ours, ours
+
+
+# Runs an entry point's main with the calls that must precede JAX's backends replaced by
+# a check that no backend has started yet; the last of them ends the process.
+ORDER_CHECK = """
+import sys
+from absl import app
+from jax._src import xla_bridge
+from coca_jax import host_memory, multihost
+import {module} as entry
+
+def check(name, last):
+  def called(*args, **kwargs):
+    print(name, "started" if xla_bridge.backends_are_initialized() else "before", flush=True)
+    if last:
+      sys.exit(0)
+  return called
+
+host_memory.tune_for_cpu = check("tune_for_cpu", {tune_last})
+multihost.initialize = check("distributed", True)
+{run}
+"""
+
+
+@pytest.mark.slow  # interpreters starting JAX
+@pytest.mark.parametrize(
+  "module,run,expected",
+  [
+    (
+      "coca_jax.train",
+      "sys.argv = ['train', '--config=configs/tiny.py', '--workdir=/nonexistent/w']\n"
+      "entry.define_flags()\napp.run(entry.main)",
+      "tune_for_cpu before\ndistributed before\n",
+    ),
+    ("coca_jax.bench.__main__", "entry.main(['step'])", "tune_for_cpu before\n"),
+  ],
+)
+def test_backends_start_after_the_allocator_and_the_distributed_runtime(
+  module, run, expected, repo
+):
+  """host_memory.tune_for_cpu (glibc reads its settings at XLA's first allocation) and
+  jax.distributed.initialize must run before JAX starts its backends."""
+  code = ORDER_CHECK.format(module=module, tune_last=module != "coca_jax.train", run=run)
+  done = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout == expected

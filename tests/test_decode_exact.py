@@ -136,3 +136,22 @@ def test_sampled_sequences_follow_the_chain():
   assert np.all(drawn[joint == 0] == 0)
   tv = 0.5 * np.abs(drawn - joint).sum()
   assert tv < 3.5 * 0.5 * np.sqrt(joint * (1 - joint) / N).sum(), tv
+
+
+def test_a_rows_sample_depends_on_its_key_only():
+  """Row b decodes with its own key: alone or beside other rows, the same tokens; one
+  key for the batch is the per-row keys fold_in(key, b)."""
+  keys = jax.random.split(jax.random.key(4), 6)
+
+  def sample(batch, rng):
+    return np.asarray(
+      decode.sample_loop(markov(batch), batch=batch, max_length=3, temperature=1.5, rng=rng).tokens
+    )
+
+  together = sample(6, keys)
+  assert len({row.tobytes() for row in together}) > 1
+  for b in (0, 3, 5):
+    np.testing.assert_array_equal(sample(1, keys[b : b + 1])[0], together[b])
+  one_key = jax.random.key(9)
+  per_row = jnp.stack([jax.random.fold_in(one_key, b) for b in range(6)])
+  np.testing.assert_array_equal(sample(6, one_key), sample(6, per_row))

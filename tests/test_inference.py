@@ -161,6 +161,23 @@ def test_sampling_seed_defaults_to_the_configs(loaded, image_files):
     loaded.caption(paths, beam_size=2, seed=7)  # was silently ignored
 
 
+def test_a_sampled_caption_depends_on_the_seed_and_the_image_index_only(loaded, image_files):
+  """Image j's sample comes from fold_in(key(seed), j): the same whatever batch_size
+  chunks the images and whatever images share its batch (each batch had one key, drawn
+  over all its rows, so a caption changed with batch_size and with its neighbours)."""
+  paths, _, _ = image_files
+  pixels = loaded.read_images(paths)[0]
+  config = loaded.config.copy_and_resolve_references()
+  tokens = {}
+  for batch_size in (1, 2, 4):
+    predictor = predict.Predictor(loaded.module, config, loaded.vocab, batch_size)
+    options = predictor.decode_options(method="sample", temperature=3.0)
+    tokens[batch_size] = predictor.caption_tokens(pixels, options, seed=5)[0]
+  assert len(pixels) > 2 and len({t.tobytes() for t in tokens[4]}) > 1  # rows differ
+  np.testing.assert_array_equal(tokens[2], tokens[1])
+  np.testing.assert_array_equal(tokens[4], tokens[1])
+
+
 def test_no_images_give_empty_results(loaded):
   assert loaded.caption([]) == []
   assert loaded.caption([], prefix="a cat", method="greedy") == []

@@ -347,15 +347,15 @@ def test_video_files_without_a_usable_clip_are_an_error_before_the_run_writes(
   for files, eval_files, message in cases:
     config = _files_config(tmp_path, sentencepiece_model, files, eval_files)
     with pytest.raises(ValueError, match=message):
-      loader.resolve(config)
-  assert loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good))
+      loader.check_files(loader.resolve(config))
+  loader.check_files(loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good)))
 
   # The demo clips: none in a split of 0 images.
   config = _files_config(tmp_path, sentencepiece_model, "", "")
   config.data.video.update(class_names="", demo_fashion_eval=0)
   config.model.video.num_classes = 10
   with pytest.raises(ValueError, match="config.data.video.demo_fashion_eval=0"):
-    loader.resolve(config)
+    loader.check_files(loader.resolve(config))
 
 
 def test_video_eval_set_with_every_clip_rejected_names_its_file(tmp_path, sentencepiece_model):

@@ -1,5 +1,7 @@
 """VQA (Section 4.3): soft accuracy, the loss, the head, the data and the demo config."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -332,8 +334,8 @@ def test_vqa_files_without_a_usable_example_are_an_error_before_the_run_writes(
   for files, eval_files, message in cases:
     config = _files_config(tmp_path, sentencepiece_model, files, eval_files)
     with pytest.raises(ValueError, match=message):
-      loader.resolve(config)
-  assert loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good))
+      loader.check_files(loader.resolve(config))
+  loader.check_files(loader.resolve(_files_config(tmp_path, sentencepiece_model, good, good)))
 
   # The trainer stops before it writes: an existing run's record stays as it was.
   workdir = tmp_path / "work"
@@ -364,15 +366,15 @@ def test_vqa_eval_set_with_every_row_rejected_names_its_file(tmp_path, sentencep
     vqa.eval_set(config)
 
 
-@pytest.mark.slow  # builds the run's state before the first batch fails
 def test_a_files_pattern_matching_nothing_leaves_the_run_record(tmp_path, sentencepiece_model):
-  """Files that match nothing fail at the first batch (the reader's error); config.json is
-  written only after it, so an existing run's record stays as it was."""
+  """Files that match nothing were seqio's error at the first batch, after config.json was
+  replaced; now an error naming the key before anything is built."""
   good = _write(tmp_path / "good.tfrecord", [(_png(), "what is this?", ["red"] * 3)])
   workdir = tmp_path / "work"
   workdir.mkdir()
   (workdir / "config.json").write_text("the run's record")
   config = _files_config(tmp_path, sentencepiece_model, str(tmp_path / "missing-*"), good)
-  with pytest.raises(Exception, match="missing-"):
+  missing = str(tmp_path / "missing-*")
+  with pytest.raises(ValueError, match=re.escape(f"config.data.vqa.files='{missing}' matches no")):
     train.train(config, str(workdir))
   assert (workdir / "config.json").read_text() == "the run's record"

@@ -39,7 +39,7 @@ from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import synthetic
+from coca_jax.data import loader, synthetic
 
 PROG = "python -m coca_jax.bench step"
 
@@ -241,6 +241,7 @@ def main(argv=None):
     config.update_from_flattened_dict({k: v for k, v in BASE_WIDTH.items() if k not in skipped})
   if args.batch is not None:
     config.data.global_batch_size = args.batch
+  loader.check_vqa_head(config)  # the trainer's check (loader.resolve would build demo data)
   result = run(config, steps=args.steps, warmup=args.warmup)
   print(table(result))
   print(json.dumps(result))

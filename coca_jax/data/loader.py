@@ -27,11 +27,11 @@ SOURCES = ("mixture", "synthetic", "vqa", "video")
 def resolve(config):
   """A copy of `config` ready to read data: the source checked, the demo data built on
   first use, `data.data_dir` and `data.vocab_path` filled in (so config.json and exports
-  name the real files), the vocabulary checked against the model and the VQA or video
-  source's own files checked to hold a usable example (`_check_own_files`). Idempotent."""
+  name the real files) and the vocabulary checked against the model. Idempotent.
+  The trainer also calls `check_files`, which reads the data."""
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
-  _check_vqa_head(config)
+  check_vqa_head(config)
   config = copy.deepcopy(config)
   if config.data.source == "synthetic":
     return config
@@ -55,7 +55,6 @@ def resolve(config):
         f"the video source has {len(names)} classes but config.model.video.num_classes="
         f"{config.model.video.num_classes}: labels past the head's classes make the loss NaN"
       )
-  _check_own_files(config)
   return config
 
 
@@ -80,14 +79,14 @@ def describe_split(data_config, source: str, split: str) -> str:
   )
 
 
-def _check_own_files(config) -> None:
-  """The VQA or video source's files must each hold an example the pipeline keeps, found
-  now, before anything is built or written: an empty split (or one whose every row is
-  rejected) otherwise surfaced as a bare StopIteration at the first batch, after the
-  workdir's config.json was replaced, or as numpy's "need at least one array to stack" at
-  the first evaluation, after training. A pattern that matches no file is left to the
-  reader (an export evaluated elsewhere need not have its run's files); a TFDS dataset's
-  splits are TFDS's."""
+def check_files(config) -> None:
+  """The VQA or video source's files of a resolved `config` must each hold an example the
+  pipeline keeps, found now: an empty split (or one whose every row is rejected) otherwise
+  surfaced as a bare StopIteration at the first batch, or as numpy's "need at least one
+  array to stack" at the first evaluation, after training. The trainer calls this before
+  it builds anything; the evaluations do not (eval_set guards its own split; an export
+  evaluated elsewhere need not have its run's training files). A TFDS dataset's splits
+  are TFDS's."""
   data = config.data
   source = data.source
   if source not in ("vqa", "video"):
@@ -124,12 +123,12 @@ def _check_own_files(config) -> None:
 
 def _check_file(pattern, where, split, features, usable, needs) -> None:
   """Reads the TFRecords of `pattern` up to the first row `usable` accepts (usually the
-  first); a ValueError naming `where` (the config key) if there is none."""
+  first); a ValueError naming `where` (the config key) if there is none, or no file."""
   import tensorflow as tf
 
   paths = tf.io.gfile.glob(pattern)
   if not paths:
-    return
+    raise ValueError(f"{where} matches no file: {split} needs at least one")
 
   def parse(record):
     row = tf.io.parse_single_example(record, features)
@@ -157,7 +156,7 @@ def _check_file(pattern, where, split, features, usable, needs) -> None:
   )
 
 
-def _check_vqa_head(config) -> None:
+def check_vqa_head(config) -> None:
   """The VQA source needs the VQA head (its loss), and the head needs the source (the
   answer_scores it trains on)."""
   answers = config.model.get("vqa", {}).get("num_answers", 0)
