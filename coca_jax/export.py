@@ -50,8 +50,12 @@ def write(
   vocab_file: str | None,
 ) -> None:
   """Writes an export of `params` (nested dict of arrays) to `output_dir`, which must be
-  absent, empty or an export (`check_output`)."""
+  absent, empty or an export (`check_output`). vocab_file: the vocabulary copied into it
+  (train and the export CLI pass config.data.vocab_path, the open_clip converter CLIP's
+  BPE file); None writes none. A vocab_file that does not exist is a FileNotFoundError
+  before anything is written."""
   check_output(output_dir)
+  check_vocab(vocab_file, config)
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
   if jax.process_index() == 0 and staging.exists():
@@ -63,7 +67,7 @@ def write(
   if jax.process_index() != 0:
     return
   (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
-  if vocab_file and epath.Path(vocab_file).exists():
+  if vocab_file:
     epath.Path(vocab_file).copy(staging / _vocab_name(vocab_file))
   if output.exists():
     old = output.parent / f".{output.name}.old"
@@ -91,6 +95,20 @@ def check_output(output_dir: str) -> None:
       f"export output {output} exists and is not a coca_jax export (it holds {other[:5]}); "
       "an export replaces only an older export: pick a new directory or remove this one"
     )
+
+
+def check_vocab(vocab_file: str | None, config: ml_collections.ConfigDict) -> None:
+  """FileNotFoundError when `write` is given a vocabulary file that is not there: the
+  export would lack its vocabulary, and loading it would fall back to the run's path."""
+  if not vocab_file or epath.Path(vocab_file).exists():
+    return
+  data = config.get("data") or {}
+  named = "config.data.vocab_path=" if vocab_file == data.get("vocab_path") else "vocab_file="
+  raise FileNotFoundError(
+    f"{named}{vocab_file} does not exist here; an export holds its vocabulary "
+    f"({_vocab_name(vocab_file)}), so nothing was written: put the file at that path (or "
+    "name the right one in the run's config.json) and export again"
+  )
 
 
 def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:

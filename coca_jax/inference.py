@@ -20,9 +20,11 @@ The model runs through coca_jax.predict (fixed-size batches, each function compi
 """
 
 import os
+import string
 from typing import NamedTuple, Sequence
 
 import numpy as np
+from PIL import Image
 
 from coca_jax import predict
 from coca_jax.data import images as images_lib
@@ -133,10 +135,12 @@ class Model:
     """Zero-shot: ranks `class_names` (through the prompt ensemble of config.eval) per image.
 
     Probabilities are a softmax of cosine similarities over the model's learned temperature;
-    no images give no labels and probabilities [0, C]. preprocessed: as for `embed_images`.
+    no images give no labels and probabilities [0, C]. templates: prompts with one `{}` for
+    the class name (unset or empty: config.eval.zero_shot.templates). A string for
+    `class_names` or `templates`, or a template without exactly one `{}`, is a ValueError
+    (`check_prompts`). preprocessed: as for `embed_images`.
     """
-    if not class_names:
-      raise ValueError("classify needs at least one class name")
+    check_prompts(class_names, templates)
     templates = templates or tuple(self.config.eval.zero_shot.templates)
     classifier = zero_shot.class_embeddings(self.embed_texts, class_names, templates)
     embeddings = self.embed_images(images, preprocessed=preprocessed)
@@ -188,12 +192,40 @@ class Model:
     return self.predictor.caption(pixels, options, prefix=prefix, seed=seed)
 
 
+def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -> None:
+  """ValueError for what `Model.classify` would misread: a string of class names or of
+  templates (iterated by character), no class names, or a template without exactly one
+  `{}` (every class would get the same prompts, or format would fail)."""
+  for name, value, example in (
+    ("class_names", class_names, "['cat', 'dog']"),
+    ("templates", templates, "['a photo of a {}.']"),
+  ):
+    if isinstance(value, str):
+      raise ValueError(f"{name}={value!r} is a string; pass a list, e.g. {example}")
+  if not class_names:
+    raise ValueError("classify needs at least one class name")
+  need = "it needs exactly one {} for the class name (literal braces: {{ }})"
+  for template in templates or ():
+    try:
+      fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
+    except ValueError as e:  # unmatched braces
+      raise ValueError(f"template {template!r} is not a format string ({e}); {need}") from e
+    if fields != [""]:
+      found = " ".join("{" + field + "}" for field in fields) or "none"
+      raise ValueError(f"template {template!r} has placeholders: {found}; {need}")
+
+
 def _as_list(images) -> list:
-  if isinstance(images, (str, os.PathLike)) or not isinstance(images, (list, tuple, np.ndarray)):
+  """Images -> a list of single images. Anything with `__array__` (numpy, JAX, torch) is
+  one image when [h, w] or [h, w, c], else a batch along its first axis."""
+  if isinstance(images, (str, os.PathLike, Image.Image)):
     return [images]
-  if isinstance(images, np.ndarray) and images.ndim in (2, 3):
-    return [images]
-  return list(images)
+  if isinstance(images, (list, tuple)):
+    return list(images)
+  if hasattr(images, "__array__"):
+    array = np.asarray(images)
+    return [array] if array.ndim in (0, 2, 3) else list(array)
+  return [images]
 
 
 def load(export_dir: str, batch_size: int = 32) -> Model:

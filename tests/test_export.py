@@ -30,3 +30,39 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, other):
   assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "params"]
   restored = export.ocp.StandardCheckpointer().restore(fresh / "params")
   np.testing.assert_array_equal(restored["w"], params["w"] + 1)
+
+
+def test_a_missing_vocabulary_is_an_error_before_anything_is_written(tmp_path):
+  """config.data.vocab_path missing where the export ran was skipped: an export without
+  vocab.model, whose loading fell back to the training machine's path."""
+  params = {"w": np.arange(4, dtype=np.float32)}
+  gone = str(tmp_path / "elsewhere" / "vocab.model")
+  config = ml_collections.ConfigDict({"data": {"vocab_path": gone}})
+  with pytest.raises(FileNotFoundError, match=rf"config\.data\.vocab_path={gone} does not exist"):
+    export.write(params, config, str(tmp_path / "out"), "float32", gone)
+  assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging
+  # An older export at the path stays as it was.
+  old = tmp_path / "old"
+  old.mkdir()
+  (old / "config.json").write_text("{}")
+  with pytest.raises(FileNotFoundError, match="vocab_path"):
+    export.write(params, config, str(old), "float32", gone)
+  assert [p.name for p in old.iterdir()] == ["config.json"]
+  assert (old / "config.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+  "name, kept_as", [("spm.model", "vocab.model"), ("bpe.txt.gz", "vocab.txt.gz")]
+)
+def test_the_vocabulary_given_is_copied_whatever_the_config_names(tmp_path, name, kept_as):
+  """The open_clip converter passes CLIP's BPE file with no config.data.vocab_path."""
+  vocab_file = tmp_path / name
+  vocab_file.write_bytes(b"vocabulary bytes")
+  config = ml_collections.ConfigDict({"data": {"vocab_path": ""}})
+  export.write(
+    {"w": np.zeros(2, np.float32)}, config, str(tmp_path / "out"), "float32", str(vocab_file)
+  )
+  assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+    ["config.json", "params", kept_as]
+  )
+  assert (tmp_path / "out" / kept_as).read_bytes() == b"vocabulary bytes"

@@ -1,6 +1,7 @@
 """coca_jax.data.images.read / decode: array dtypes and PIL modes to 8-bit RGB."""
 
 import io
+import re
 
 import numpy as np
 import pytest
@@ -47,12 +48,42 @@ def test_integer_arrays_outside_0_to_255_raise_naming_dtype_and_range(values, dt
     images.read(np.asarray(values, dtype))
 
 
-def test_float_arrays_are_0_to_1_clipped():
-  values = np.asarray([[-0.5, 0.0, 0.2], [0.5, 1.0, 2.0]])
-  # 0.2 * 255 = 51; 0.5 * 255 = 127.5 rounds to even 128.
-  expected = _grey([[0, 0, 51], [128, 255, 255]])
+def test_float_arrays_are_0_to_1_negatives_clipped():
+  values = np.asarray([[-0.5, 0.0, 0.2], [0.5, 0.998, 1.0]])
+  # 0.2 * 255 = 51; 0.5 * 255 = 127.5 rounds to even 128; 0.998 * 255 = 254.49 -> 254.
+  expected = _grey([[0, 0, 51], [128, 254, 255]])
   np.testing.assert_array_equal(images.read(values), expected)
   np.testing.assert_array_equal(images.read(values.astype(np.float32)), expected)
+
+
+@pytest.mark.parametrize("as_pil", [False, True], ids=["array", "pil_F"])
+def test_float_pixels_above_1_raise_naming_the_fix(as_pil):
+  """A photo cast to float32 without / 255 became near white (clipped to 0..1), and a PIL
+  "F" image of the same values was guessed to be 0..255: both are errors now."""
+  photo = np.asarray([[0.0, 51.0, 128.0], [200.0, 254.0, 255.0]], np.float32)
+  item = Image.fromarray(photo) if as_pil else photo
+  with pytest.raises(images.ImageError, match=r"maximum 255; .*\[0, 1\]: divide .* by 255"):
+    images.read(item)
+  # The fix the message names gives the photo's own 8-bit pixels (0.2 * 255 = 51).
+  fixed = Image.fromarray(photo / 255) if as_pil else photo / 255
+  np.testing.assert_array_equal(images.read(fixed), _grey(photo.astype(np.uint8)))
+
+
+def test_a_float_overshoot_up_to_1_5_clips_and_above_it_raises():
+  """A resampling filter's overshoot (1.02) is clipped to white; 1.6 is taken for 0..255."""
+  np.testing.assert_array_equal(
+    images.read(np.asarray([[0.0, 1.02]], np.float32)), _grey(np.asarray([[0, 255]], np.uint8))
+  )
+  with pytest.raises(images.ImageError, match="maximum 1.6"):
+    images.read(np.asarray([[0.0, 1.6]], np.float32))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("as_pil", [False, True], ids=["array", "pil_F"])
+def test_nan_or_infinite_float_pixels_raise(bad, as_pil):
+  pixels = np.asarray([[0.0, 0.5], [bad, 1.0]], np.float32)
+  with pytest.raises(images.ImageError, match="NaN or infinite pixels"):
+    images.read(Image.fromarray(pixels) if as_pil else pixels)
 
 
 def test_a_16_bit_png_decodes_like_its_8_bit_version():
@@ -74,9 +105,33 @@ def test_pil_32_bit_integer_and_float_grey_images_scale_to_8_bits():
   assert as_16_bit.mode == "I"
   np.testing.assert_array_equal(images.read(as_16_bit), expected)
   as_unit = Image.fromarray((values / 255).astype(np.float32))
-  as_255 = Image.fromarray(values.astype(np.float32))
-  assert as_unit.mode == as_255.mode == "F"
+  assert as_unit.mode == "F"
   np.testing.assert_array_equal(images.read(as_unit), expected)
-  np.testing.assert_array_equal(images.read(as_255), expected)
   with pytest.raises(images.ImageError, match=r"\[0, 70000\]"):
     images.read(Image.fromarray(np.asarray([[0, 70000]], np.int32)))
+
+
+def test_a_pil_32_bit_integer_image_of_8_bit_values_reads_as_its_int32_array():
+  """Mode "I" with values 0..255 was always scaled as 16-bit (255 -> 1: black), where
+  the same int32 array reads as 8-bit."""
+  values = np.asarray([[0, 1, 100], [128, 254, 255]], np.int32)
+  image = Image.fromarray(values)
+  assert image.mode == "I"
+  np.testing.assert_array_equal(images.read(image), _grey(values))
+  np.testing.assert_array_equal(images.read(values), _grey(values))
+
+
+@pytest.mark.parametrize(
+  "item, shape",
+  [
+    (Image.new("RGB", (0, 5)), (5, 0, 3)),
+    (Image.new("L", (4, 0)), (0, 4)),
+    (np.zeros((0, 4, 3), np.uint8), (0, 4, 3)),
+    (np.zeros((3, 0), np.float32), (3, 0)),
+  ],
+  ids=["pil_rgb", "pil_grey", "array_rgb", "array_grey"],
+)
+def test_empty_images_raise_a_shape_error(item, shape):
+  """A zero-size PIL image reached the resize (ZeroDivisionError, not an ImageError)."""
+  with pytest.raises(images.ImageShapeError, match=rf"image of shape {re.escape(str(shape))}"):
+    images.read(item)

@@ -8,7 +8,7 @@ from absl import app
 from flax import nnx
 from PIL import Image
 
-from coca_jax import caption, classify, export, inference, predict
+from coca_jax import caption, classify, console, export, inference, predict
 from coca_jax.data import images
 from coca_jax.evaluate import __main__ as evaluate_main
 from coca_jax.models import coca
@@ -202,6 +202,71 @@ def test_bad_inputs_name_the_path(loaded, image_files, tmp_path):
   assert "broken.png" in failures[1] and "missing.png" in failures[2]
   with pytest.raises(FileNotFoundError, match="params"):
     inference.load(str(tmp_path))
+
+
+def test_an_empty_pil_image_is_collected_as_a_shape_error(loaded, image_files):
+  """It reached the resize and raised ZeroDivisionError through errors="collect"."""
+  paths, _, _ = image_files
+  pixels, failures = loaded.read_images([paths[0], Image.new("RGB", (0, 5))], errors="collect")
+  assert len(pixels) == 1 and failures == {1: "image of shape (5, 0, 3)"}
+
+
+class _Tensor:
+  """Stands for a torch tensor: no numpy type, only `__array__`."""
+
+  def __init__(self, array):
+    self.array = array
+
+  def __array__(self, dtype=None, copy=None):
+    return np.asarray(self.array, dtype)
+
+
+def test_a_batch_array_of_any_kind_is_n_images(loaded):
+  """A JAX array (or torch tensor) [N, H, W, 3] was taken as one image and refused."""
+  import jax.numpy as jnp
+
+  batch = np.random.default_rng(2).integers(0, 256, (2, 12, 10, 3), dtype=np.uint8)
+  by_list = loaded.read_images(list(batch))[0]
+  assert by_list.shape == (2, loaded.image_size, loaded.image_size, 3)
+  for given in (jnp.asarray(batch), _Tensor(batch), batch):
+    np.testing.assert_array_equal(loaded.read_images(given)[0], by_list)
+  one = loaded.read_images(jnp.asarray(batch[1]))[0]  # [H, W, 3]: one image
+  np.testing.assert_array_equal(one, by_list[1:])
+
+
+@pytest.mark.parametrize(
+  "classes, templates, message",
+  [
+    ("cat,dog", None, r"class_names='cat,dog' is a string; pass a list"),
+    (
+      ["cat", "dog"],
+      "a photo of a {}.",
+      r"templates='a photo of a \{\}.' is a string; pass a list",
+    ),
+    (["cat", "dog"], ["a photo"], r"template 'a photo' has placeholders: none; .*exactly one \{\}"),
+    (["cat"], ["a {name}"], r"template 'a \{name\}' has placeholders: \{name\}"),
+    (["cat"], ["{} on {}"], r"template '\{\} on \{\}' has placeholders: \{\} \{\}"),
+    (["cat"], ["a {", "a {}"], r"template 'a \{' is not a format string"),
+  ],
+)
+def test_classify_refuses_strings_and_templates_without_one_placeholder(
+  loaded, classes, templates, message
+):
+  """A string was iterated by character, a template without `{}` gave every class the
+  same prompts (uniform probabilities), `{name}` a KeyError."""
+  with pytest.raises(ValueError, match=message):
+    loaded.classify(np.zeros((8, 8, 3), np.uint8), classes, templates)
+
+
+def test_classify_cli_checks_its_templates(export_dir, image_files, run_main, monkeypatch):
+  """--template goes through the API's check, before the model loads."""
+  paths, _, _ = image_files
+  monkeypatch.setattr(console, "quiet", lambda: None)  # its TensorFlow import: 4 s alone
+  with pytest.raises(app.UsageError, match=r"--template: template 'a photo' has placeholders"):
+    run_main(
+      classify, f"--export={export_dir}", "--classes=cat,dog", "--template=a photo", paths[0]
+    )
+  inference.check_prompts(["cat"], ["a {{literal}} {}"])  # escaped braces are text
 
 
 def test_caption_and_classify_cli(export_dir, loaded, image_files, run_main):

@@ -24,9 +24,10 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   """[h, w, 3] uint8: grey and palette to RGB, alpha composited on white.
 
   Grey images of more than 8 bits are scaled to 8 bits first (PIL's own conversion clips
-  them at 255): 16-bit ("I;16", "I;16B", ...) by 255 / 65535; 32-bit integer ("I")
-  likewise when its values lie in 0..65535 (16-bit PNGs may open as "I"), else an
-  ImageError; float ("F") as 0..1 when its maximum is <= 1, else as 0..255 (clipped).
+  them at 255): 16-bit ("I;16", "I;16B", ...) by 255 / 65535; 32-bit integer ("I") as an
+  int32 array reads when its values lie in 0..255, else as 16-bit when they lie in
+  0..65535 (16-bit PNGs and PGMs may open as "I"), else an ImageError; float ("F") as a
+  float array reads (0..1, clipped; a maximum above 1.5 or NaN / inf is an ImageError).
   """
   if image.mode.startswith("I") or image.mode == "F":
     image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode))
@@ -40,17 +41,38 @@ def to_rgb(image: Image.Image) -> np.ndarray:
 def _grey_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
   """A PIL "I*" or "F" image's pixels [h, w] -> [h, w] uint8 (see `to_rgb`)."""
   if mode == "F":
-    peak = 1.0 if pixels.max() <= 1.0 else 255.0
-    return np.round(np.clip(pixels / peak, 0.0, 1.0) * 255).astype(np.uint8)
+    return _from_float(pixels, "'F' image")
   low, high = int(pixels.min()), int(pixels.max())
   if low < 0 or high > 65535:
     raise ImageError(f"{mode!r} image with values in [{low}, {high}]; expected 0..65535")
+  if mode == "I" and high <= 255:  # the rule of integer arrays (`_to_uint8`)
+    return pixels.astype(np.uint8)
   return _from_16bit(pixels)
 
 
 def _from_16bit(pixels: np.ndarray) -> np.ndarray:
   """Integers 0..65535 -> uint8, x / 257 rounded (65535 -> 255, 257 k -> k)."""
   return np.round(pixels.astype(np.float32) / 257.0).astype(np.uint8)
+
+
+# Float pixels up to this are clipped to 1 (a resampling filter's overshoot); above it they
+# are taken for 0..255 values that were never divided by 255, an error.
+_FLOAT_CLIP_LIMIT = 1.5
+
+
+def _from_float(pixels: np.ndarray, what: str) -> np.ndarray:
+  """Float (or bool) pixels 0..1 -> uint8, x * 255 rounded, clipped into 0..1. `what`
+  names the image in errors: a maximum above _FLOAT_CLIP_LIMIT (0..255 floats) and NaN /
+  inf are ImageErrors, not guessed or clipped."""
+  if not np.isfinite(pixels).all():
+    raise ImageError(f"{what} has NaN or infinite pixels; float pixels must be finite, 0..1")
+  pixels = pixels.astype(np.float32)
+  high = float(pixels.max())
+  if high > _FLOAT_CLIP_LIMIT:
+    raise ImageError(
+      f"{what} with maximum {high:g}; float pixels must be in [0, 1]: divide 0..255 values by 255"
+    )
+  return np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def decode(encoded: bytes) -> np.ndarray:
@@ -64,10 +86,20 @@ def decode(encoded: bytes) -> np.ndarray:
     image.load()
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
     raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from e
-  pixels = np.asarray(image)
-  if pixels.ndim not in (2, 3) or min(pixels.shape[:2]) == 0:
-    raise ImageShapeError(f"image of shape {pixels.shape}")
+  return _pil_to_rgb(image)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+  """`to_rgb` after the shape check (ImageShapeError) of decoded and given PIL images."""
+  _check_shape(np.asarray(image).shape)
   return to_rgb(image)
+
+
+def _check_shape(shape: tuple) -> None:
+  """ImageShapeError unless `shape` is [h, w] or [h, w, c] with h, w > 0 (an empty image
+  would reach the resize as a division by zero)."""
+  if len(shape) not in (2, 3) or min(shape[:2]) == 0:
+    raise ImageShapeError(f"image of shape {shape}")
 
 
 def read(item) -> np.ndarray:
@@ -78,8 +110,10 @@ def read(item) -> np.ndarray:
     uint16            0..65535 (16-bit), scaled to 8 bits (65535 -> 255);
     other integers    0..255 (e.g. int64 from np.array of a list); values outside it
                       raise ImageError naming the dtype and the range;
-    float, bool       0..1, clipped.
+    float, bool       0..1, clipped (a resampling overshoot to 1.5 at most); a larger
+                      maximum (0..255 floats: divide by 255) and NaN / inf raise ImageError.
   PIL images: see `to_rgb` (16-bit and float grey images are scaled to 8 bits).
+  An empty image (h or w 0) raises ImageShapeError, whatever its kind.
   """
   if isinstance(item, (str, os.PathLike)):
     path = os.fspath(item)
@@ -91,14 +125,13 @@ def read(item) -> np.ndarray:
     except (ImageError, OSError) as e:
       raise ImageError(f"{path}: not a readable image ({e})") from e
   if isinstance(item, Image.Image):
-    return to_rgb(item)
+    return _pil_to_rgb(item)
   array = np.asarray(item)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
     raise ImageError(f"array of shape {array.shape} is not an image ([h, w] or [h, w, 1|3|4])")
-  if min(array.shape[:2]) == 0:
-    raise ImageShapeError(f"image of shape {array.shape}")
+  _check_shape(array.shape)
   return to_rgb(Image.fromarray(_to_uint8(array)))
 
 
@@ -117,7 +150,7 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
       )
     return array.astype(np.uint8)
   if array.dtype.kind in "fb":
-    return np.round(np.clip(array.astype(np.float32), 0.0, 1.0) * 255).astype(np.uint8)
+    return _from_float(array, f"{array.dtype} image array")
   raise ImageError(f"{array.dtype} array is not an image (use uint8, uint16, int or float)")
 
 
