@@ -144,6 +144,7 @@ def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   np.testing.assert_array_equal(beam_tokens[neither_stops], greedy_tokens[neither_stops])
 
 
+@pytest.mark.slow  # ~15 s
 def test_prefix_is_forced_and_continued(model, images, graphdef_params):
   graphdef, params = graphdef_params
   prefixes = [[5, 6, 7], [9], [], [4, 4]]

@@ -169,12 +169,11 @@ def test_a_sampled_caption_depends_on_the_seed_and_the_image_index_only(loaded, 
   pixels = loaded.read_images(paths)[0]
   config = loaded.config.copy_and_resolve_references()
   tokens = {}
-  for batch_size in (1, 2, 4):
+  for batch_size in (1, 4):
     predictor = predict.Predictor(loaded.module, config, loaded.vocab, batch_size)
     options = predictor.decode_options(method="sample", temperature=3.0)
     tokens[batch_size] = predictor.caption_tokens(pixels, options, seed=5)[0]
   assert len(pixels) > 2 and len({t.tobytes() for t in tokens[4]}) > 1  # rows differ
-  np.testing.assert_array_equal(tokens[2], tokens[1])
   np.testing.assert_array_equal(tokens[4], tokens[1])
 
 
@@ -269,6 +268,7 @@ def test_classify_cli_checks_its_templates(export_dir, image_files, run_main, mo
   inference.check_prompts(["cat"], ["a {{literal}} {}"])  # escaped braces are text
 
 
+@pytest.mark.slow  # ~7 s; the API tests above stay quick
 def test_caption_and_classify_cli(export_dir, loaded, image_files, run_main):
   paths, broken, missing = image_files
   status, out, err = run_main(
