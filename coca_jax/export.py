@@ -115,7 +115,15 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   """Loads an export: (CoCa with float32 params, config). Errors name the missing path."""
   export = epath.Path(export_dir)
   if not (export / "params").exists():
-    raise FileNotFoundError(f"{export} is not a coca_jax export: {export / 'params'} is missing")
+    hint = ""
+    if (export / "checkpoints").exists():  # a training workdir
+      hint = (
+        f"; it is a training workdir: export it first with `python -m coca_jax.export "
+        f"--workdir={export} --output=DIR`"
+      )
+    raise FileNotFoundError(
+      f"{export} is not a coca_jax export: {export / 'params'} is missing{hint}"
+    )
   config = read_config(export / CONFIG_FILE)
   abstract_model = nnx.eval_shape(lambda: coca.build(config.model))
   graphdef, abstract_params = nnx.split(abstract_model)

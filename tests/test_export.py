@@ -66,3 +66,11 @@ def test_the_vocabulary_given_is_copied_whatever_the_config_names(tmp_path, name
     ["config.json", "params", kept_as]
   )
   assert (tmp_path / "out" / kept_as).read_bytes() == b"vocabulary bytes"
+
+
+def test_loading_a_training_workdir_says_how_to_export_it(tmp_path):
+  (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r"training workdir: export it first with `python "):
+    export.load_model(str(tmp_path / "run"))
+  with pytest.raises(FileNotFoundError, match=r"params is missing$"):
+    export.load_model(str(tmp_path / "elsewhere"))
