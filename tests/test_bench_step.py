@@ -132,3 +132,36 @@ def test_vqa_source_without_a_head_is_named_before_anything_is_built(monkeypatch
   monkeypatch.setattr(step_bench, "run", lambda *a, **k: pytest.fail("built the step"))
   with pytest.raises(ValueError, match=r"needs config.model.vqa.num_answers > 0 \(it is 0\)"):
     step_bench.main(["--config=configs/demo_vqa.py", "--config.model.vqa.num_answers=0"])
+
+
+def test_trace_records_the_timed_steps(monkeypatch, tmp_path, capsys):
+  step = RecordingStep()
+  monkeypatch.setattr(step_bench.step_lib, "make_train_step", lambda config, run: step)
+  monkeypatch.setattr(step_bench.state_lib, "create", lambda config, run: {})
+  trace = tmp_path / "trace"
+  result = step_bench.main(["--config=configs/demo.py", *SMALL, *RUN, f"--trace={trace}"])
+  assert len(list(trace.glob("**/*.xplane.pb"))) == 1  # TensorBoard's profile plugin reads it
+  # The CPU backend keeps no memory statistics: no peak, and no table row for it.
+  assert result["peak_memory_bytes"] is None
+  assert "peak device memory" not in capsys.readouterr().out
+
+
+def test_peak_memory_row_where_the_backend_keeps_statistics():
+  class Device:
+    def __init__(self, stats):
+      self.stats = stats
+
+    def memory_stats(self):
+      return self.stats
+
+  assert step_bench.peak_memory_bytes(Device(None)) is None
+  assert step_bench.peak_memory_bytes(Device({"peak_bytes_in_use": 3 * 2**30})) == 3 * 2**30
+  result = dict(
+    model="m", params=1, devices=1, device_kind="gpu", mesh={}, global_batch=8, batch={},
+    source="synthetic", frozen=[], compile_s=1.0, step_s=0.5, steps=2, warmup=1,
+    examples_per_s=16.0, model_flops_per_step=1e9, achieved_flops_per_s=2e9, mfu=0.25,
+    peak_memory_bytes=int(1.5 * 2**30),
+  )  # fmt: skip
+  rows = dict(line.split("  ", 1) for line in step_bench.table(result).splitlines())
+  assert rows["peak device memory"].strip() == "1.5 GiB"
+  assert rows["MFU"].strip() == "25.0%"

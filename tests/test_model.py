@@ -199,6 +199,31 @@ def test_xla_attention_kernel_matches_einsum():
     np.testing.assert_allclose(outputs["xla"][key], outputs["einsum"][key], atol=2e-5, rtol=0)
 
 
+def test_cudnn_attention_takes_only_even_lengths(monkeypatch):
+  """jax checks cuDNN's training kernels for even query and key lengths (an H200 refused
+  the contrastive pooler's single query): "cudnn" asks for them only there, "xla" (the
+  same math) elsewhere. Traced on CPU with jax's function recorded, not run."""
+  calls = []
+
+  def recording(q, k, v, *, mask, implementation):
+    calls.append((q.shape[1], k.shape[1], mask is not None, implementation))
+    return jnp.zeros(q.shape, v.dtype)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  config = tiny.get_config()
+  config.model.dtype, config.model.attention = "bfloat16", "cudnn"
+  jax.eval_shape(lambda batch: coca.build(config.model)(batch), tiny_batch())
+  # tiny: 16 patches, 8 caption queries, 1 contrastive query, text 8 (+ [CLS] unimodal).
+  assert set(calls) == {
+    (16, 16, False, "cudnn"),  # image encoder self-attention
+    (8, 16, False, "cudnn"),  # captioning pooler
+    (1, 8, False, "xla"),  # contrastive pooler over the caption pooler's 8 (cascade)
+    (9, 9, True, "xla"),  # unimodal text with [CLS]
+    (8, 8, True, "cudnn"),  # multimodal self-attention
+    (8, 8, False, "cudnn"),  # multimodal cross-attention to the 8 caption tokens
+  }
+
+
 def test_unknown_attention_kernel_is_named():
   config = tiny.get_config()
   config.model.attention = "flash"

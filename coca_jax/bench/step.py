@@ -17,6 +17,8 @@ Model FLOPs come from coca_jax/flops.py (rematerialisation not counted; a video 
 are its clips'); MFU needs the device's peak, from the table there or
 `--config.train.peak_flops` (the 2-core dev machine: 200-216e9 on one large float32
 matmul, README "Training speed against open_clip").
+`--trace=DIR` records the timed steps with jax.profiler (TensorBoard's profile plugin, or
+xprof, reads DIR). On a GPU the table also gives the device's peak memory in use.
 Prints a table and a final JSON line; asserts nothing about time.
 
 `--base_width` keeps the config's width and heads (Base: 768, 12 heads, MLP 3072,
@@ -132,8 +134,16 @@ def shapes(batch) -> dict:
   return {"/".join(k.key for k in path): list(x.shape) for path, x in leaves}
 
 
-def run(config, *, steps: int, warmup: int) -> dict:
-  """Compiles and times `steps` train steps of `config`; returns the measurements."""
+def peak_memory_bytes(device) -> int | None:
+  """The device's peak memory in use since the process started (None where the backend
+  keeps no statistics, as on CPU)."""
+  stats = device.memory_stats()
+  return None if not stats else stats.get("peak_bytes_in_use")
+
+
+def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dict:
+  """Compiles and times `steps` train steps of `config` (recorded by jax.profiler into
+  `trace_dir` if given); returns the measurements."""
   run = state_lib.setup(config)
   mesh, layout = run.mesh, run.layout
   state = state_lib.create(config, run)
@@ -148,11 +158,15 @@ def run(config, *, steps: int, warmup: int) -> dict:
   for i in range(warmup):
     state, metrics = compiled(state, batches[i % len(batches)])
   jax.block_until_ready((state, metrics) if warmup else state)
+  if trace_dir:
+    jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = compiled(state, batches[i % len(batches)])
   loss = float(metrics["loss"])  # waits for the last step
   step_s = (time.perf_counter() - start) / steps
+  if trace_dir:
+    jax.profiler.stop_trace()
 
   global_batch = config.data.global_batch_size
   flops_per_step = flops.train_flops_per_example(config) * global_batch
@@ -182,6 +196,7 @@ def run(config, *, steps: int, warmup: int) -> dict:
     achieved_flops_per_s=achieved,
     peak_flops_per_s=None if peak is None else peak * jax.device_count(),
     mfu=None if peak is None else achieved / (peak * jax.device_count()),
+    peak_memory_bytes=peak_memory_bytes(jax.local_devices()[0]),
     loss=loss,
   )
 
@@ -210,6 +225,8 @@ def table(result: dict) -> str:
     ("achieved FLOP/s", f"{result['achieved_flops_per_s']:.4g}"),
     ("MFU", mfu),
   ]
+  if result["peak_memory_bytes"] is not None:
+    rows.append(("peak device memory", f"{result['peak_memory_bytes'] / 2**30:.1f} GiB"))
   width = max(len(k) for k, _ in rows)
   return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -226,6 +243,7 @@ def main(argv=None):
   )
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+  parser.add_argument("--trace", default=None, help="record the timed steps into this folder")
   parser.add_argument(
     "--base_width", action="store_true", help="Base width with few layers at 224px (see above)"
   )
@@ -242,7 +260,7 @@ def main(argv=None):
   if args.batch is not None:
     config.data.global_batch_size = args.batch
   loader.check_vqa_head(config)  # the trainer's check (loader.resolve would build demo data)
-  result = run(config, steps=args.steps, warmup=args.warmup)
+  result = run(config, steps=args.steps, warmup=args.warmup, trace_dir=args.trace)
   print(table(result))
   print(json.dumps(result))
   return result
