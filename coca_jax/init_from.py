@@ -206,8 +206,8 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   target = {
     params_lib.path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]
   }
-  frozen = frozenset(optim.frozen_names(abstract, state_lib.frozen_patterns(config)))
-  excluded = frozenset(optim.frozen_names(abstract, exclude_patterns(config), EXCLUDE_KEY))
+  frozen = frozenset(optim.matching_names(abstract, state_lib.frozen_patterns(config)))
+  excluded = frozenset(optim.matching_names(abstract, exclude_patterns(config), EXCLUDE_KEY))
   if (source / "params").exists():
     loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen, excluded)
     held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)

@@ -235,8 +235,9 @@ def frozen_mask(params, patterns, key: str = "config.train.frozen"):
   )
 
 
-def frozen_names(params, patterns, key: str = "config.train.frozen") -> list[str]:
-  """The '/'-joined paths of the parameters `frozen_mask` matches, in tree order."""
+def matching_names(params, patterns, key: str = "config.train.frozen") -> list[str]:
+  """The '/'-joined paths of the parameters `patterns` match (`frozen_mask`'s rules and
+  errors; frozen or init_exclude patterns, named by `key`), in tree order."""
   mask = frozen_mask(params, patterns, key)
   return [_path_name(p) for p, frozen in jax.tree_util.tree_flatten_with_path(mask)[0] if frozen]
 

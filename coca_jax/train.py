@@ -176,7 +176,7 @@ def console_line(step: int, total: int, metrics: dict, speed: dict) -> str:
 
 def describe_frozen(config, params) -> str:
   """The log line naming the parameters config.train.frozen holds still."""
-  frozen = optim.frozen_names(params, tuple(config.train.frozen))
+  frozen = optim.matching_names(params, tuple(config.train.frozen))
   sizes = params_lib.count_by_path(params)
   return (
     f"frozen by config.train.frozen={tuple(config.train.frozen)}: {len(frozen)} of "
