@@ -140,6 +140,102 @@ def test_question_prior_baseline_and_vocabulary():
   np.testing.assert_allclose(scores, [[2 / 3, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
 
 
+def _fake_predictions(monkeypatch):
+  """vqa_eval.predict_answers replaced: row i answers vocabulary[images[i, 0, 0, 0]];
+  returns the list of the images it was given."""
+  seen = []
+
+  def predict_answers(predictor, images, text, vocabulary):
+    seen.append(images)
+    return [vocabulary[int(k)] for k in images[:, 0, 0, 0]]
+
+  monkeypatch.setattr(vqa_eval, "predict_answers", predict_answers)
+  return seen
+
+
+def _eval_set(pixels, questions, answers, source="config.data.vqa.eval_files='eval.tfrecord'"):
+  n = len(answers)
+  images = np.zeros((n, 2, 2, 3), np.float32) + np.asarray(pixels, np.float32)[:, None, None, None]
+  text = dict(ids=np.arange(n * 3).reshape(n, 3), mask=np.ones((n, 3), np.int32))
+  return dict(images=images, text=text, questions=questions, answers=answers, source=source)
+
+
+def test_questions_without_answers_are_left_out_and_counted(monkeypatch, caplog):
+  """They scored 0 without a word: the accuracy here was (2/3 + 0 + 2/3 + 0) / 4 = 1/3."""
+  seen = _fake_predictions(monkeypatch)
+  vocabulary = ["red", "dog", "blue", "cat"]
+  eval_set = _eval_set(
+    pixels=[0, 3, 1, 3],  # predictions red, (cat), dog, (cat)
+    questions=["what?", "what?", "which?", "which?"],
+    answers=[
+      ["red", "red", "blue"],  # red: 2/3
+      [],  # no annotations (a test-dev style row)
+      ["dog", "dog", "cat"],  # dog: 2/3
+      ["the", "?"],  # nothing left after the answer processing
+    ],
+  )
+  train_q, train_a = ["what?", "which?", "which?"], [["red"] * 2, ["dog"], ["dog"]]
+  with caplog.at_level("WARNING"):
+    got = vqa_eval.evaluate(None, eval_set, vocabulary, train_q, train_a)
+  assert got == pytest.approx(
+    dict(
+      accuracy=(2 / 3 + 2 / 3) / 2,
+      majority_baseline=(0 + 2 / 3) / 2,  # "dog" (3 votes to 2)
+      question_prior_baseline=(2 / 3 + 2 / 3) / 2,  # what? -> red, which? -> dog
+      examples=2.0,
+      unscored_examples=2.0,
+    )
+  )
+  assert [images[:, 0, 0, 0].tolist() for images in seen] == [[0, 1]]  # only scored rows
+  lines = [r.getMessage() for r in caplog.records if "unscored" in r.getMessage()]
+  assert len(lines) == 1 and "2 of 4 questions of config.data.vqa.eval_files=" in lines[0]
+
+  # Every question answered: nothing left out, nothing logged.
+  caplog.clear()
+  answered = _eval_set([0, 1], ["what?", "which?"], [["red"] * 3, ["cat"]])
+  got = vqa_eval.evaluate(None, answered, vocabulary, train_q, train_a)
+  assert got["accuracy"] == pytest.approx((1 + 0) / 2)
+  assert (got["examples"], got["unscored_examples"]) == (2.0, 0.0)
+  assert not [r for r in caplog.records if "unscored" in r.getMessage()]
+
+
+def test_an_eval_set_without_any_answer_is_an_error_naming_its_files(monkeypatch):
+  """It scored 0.0 (every question credited nothing)."""
+  _fake_predictions(monkeypatch)
+  eval_set = _eval_set([0, 0], ["what?", "which?"], [[], ["a", " "]])
+  with pytest.raises(
+    ValueError,
+    match=r"config.data.vqa.eval_files='eval.tfrecord': none of its 2 questions read has an "
+    r"answer.*VQA accuracy is undefined",
+  ):
+    vqa_eval.evaluate(None, eval_set, ["red"], ["what?"], [["red"]])
+
+
+def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(monkeypatch):
+  """Each was a bare IndexError (most_common(1)[0] of no answers, vocabulary[k] of none);
+  a head wider than the vocabulary silently predicted only its first answers."""
+  import types
+
+  predict_answers = vqa_eval.predict_answers
+  _fake_predictions(monkeypatch)
+  eval_set = _eval_set([0], ["what?"], [["red"] * 3])
+  with pytest.raises(ValueError, match=r"answer vocabulary is empty.*config.model.vqa.num_answers"):
+    vqa_eval.evaluate(None, eval_set, [], ["what?"], [["red"]])
+  placeholders = answers_lib.answer_vocabulary([], 2)  # what no training answers give
+  for train_a in ([], [[]], [["", "  "]]):
+    with pytest.raises(ValueError, match=r"no training answers.*config.data.vqa.files"):
+      vqa_eval.evaluate(None, eval_set, placeholders, ["what?"] * len(train_a), train_a)
+  with pytest.raises(ValueError, match="no training answers"):
+    vqa_eval.question_prior_baseline([], [], ["what?"], [["red"]])
+
+  monkeypatch.setattr(
+    vqa_eval.predict, "map_in_batches", lambda fn, arrays, size: (np.zeros((1, 5), np.float32),)
+  )
+  predictor = types.SimpleNamespace(graphdef="tiny", batch_size=1, _call=None)
+  with pytest.raises(ValueError, match="head scores 5 answers but the answer vocabulary has 3"):
+    predict_answers(predictor, eval_set["images"], eval_set["text"], ["red", "dog", "cat"])
+
+
 # ---- loss ----
 
 
@@ -378,3 +474,26 @@ def test_a_files_pattern_matching_nothing_leaves_the_run_record(tmp_path, senten
   with pytest.raises(ValueError, match=re.escape(f"config.data.vqa.files='{missing}' matches no")):
     train.train(config, str(workdir))
   assert (workdir / "config.json").read_text() == "the run's record"
+
+
+def test_vqa_eval_files_without_answers_name_their_key(tmp_path, sentencepiece_model, monkeypatch):
+  """Answers that the answer processing empties ("?", "the") passed the check before
+  training; such eval files then scored 0.0 at every evaluation."""
+  from coca_jax.data import loader, vqa
+
+  _fake_predictions(monkeypatch)
+  good = _write(tmp_path / "good.tfrecord", [(_png(), "what is this?", ["red"] * 3)])
+  unannotated = _write(
+    tmp_path / "test-dev.tfrecord",
+    [(_png(), "what is this?", []), (_png(), "which is it?", ["?", "the"])],
+  )
+  config = _files_config(tmp_path, sentencepiece_model, good, unannotated)
+  config.eval.num_examples = 0
+  with pytest.raises(ValueError, match=f"eval_files='{unannotated}': none of its 2 examples"):
+    loader.check_files(loader.resolve(config))
+  eval_set = vqa.eval_set(config)  # an export evaluated elsewhere is not checked
+  assert eval_set["source"] == f"config.data.vqa.eval_files='{unannotated}'"
+  with pytest.raises(
+    ValueError, match=f"eval_files='{unannotated}': none of its 2 questions read has an answer"
+  ):
+    vqa_eval.evaluate(None, eval_set, ["red"], ["what is this?"], [["red"]])

@@ -155,15 +155,20 @@ def files(data_config) -> dict[str, str]:
 
 
 # What a row needs for `usable` (in messages).
-USABLE = "an image that decodes, a non-blank question and at least one answer"
+USABLE = (
+  "an image that decodes, a non-blank question and at least one answer that the answer "
+  "processing leaves non-empty"
+)
 
 
 def usable(row: dict, data_config=None) -> bool:
-  """Whether a parsed row (numpy: "image" encoded, "question", "answers" [n]) can be
+  """Whether a parsed row (numpy: "image" encoded, "question", "answers" [n] bytes) can be
   trained on and scored: the pipeline drops a blank question or an undecodable image
-  (preprocess.decode), and a question without answers has no target and earns no credit."""
+  (preprocess.decode), and a question without answers (none left non-empty by
+  vqa_answers.normalize_answer, as the metric compares them) has no target and no accuracy."""
   del data_config  # the video source's `usable` needs it
-  if not row["question"].strip() or not any(a.strip() for a in row["answers"]):
+  answers = [a.decode("utf-8", "replace") for a in row["answers"]]
+  if not row["question"].strip() or not any(vqa_answers.normalize_answer(a) for a in answers):
     return False
   try:
     images.decode(row["image"])
@@ -366,7 +371,9 @@ def _batches(
 
 def eval_set(config) -> dict:
   """The first config.eval.num_examples (0: all) held-out rows as arrays:
-  {"images" [N,S,S,3], "text" {"ids","labels","mask"} [N,T], "questions", "answers"}."""
+  {"images" [N,S,S,3], "text" {"ids","labels","mask"} [N,T], "questions", "answers",
+  "source": where they come from (the config key, for messages)}. Rows without answers are
+  kept: the evaluation counts them (evaluate/vqa.py)."""
   _, eval_name = register(config.data)
   ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
   limit = config.eval.num_examples
@@ -388,4 +395,5 @@ def eval_set(config) -> dict:
     ),
     questions=[r["question_pretokenized"].decode() for r in rows],
     answers=[[a.decode() for a in r["answers"]] for r in rows],
+    source=loader.describe_split(config.data, "vqa", "eval"),
   )

@@ -25,6 +25,7 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   vqa/majority_baseline                     always the most frequent training answer
   vqa/question_prior_baseline               each question's most frequent training answer
   vqa/examples                              questions scored
+  vqa/unscored_examples                     questions without answers, left out
   video/zero_shot/top1, video/zero_shot/top5  clips of the video task's eval files: the mean
                                             of the frame embeddings vs the class prompts
   video/top1                                the video head (a model with one)

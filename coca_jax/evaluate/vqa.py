@@ -10,6 +10,10 @@ human answers (VQA v1/v2) the official mean over the 10 leave-one-annotator-out 
 min(k' / 3, 1), k' the matches among the other 9 (k = 1, 2, 3, >= 4 -> 0.3, 0.6, 0.9, 1);
 with any other number (the demo set has 3 or 4) the plain min(k / 3, 1), since the official
 rule is defined for 10. Training targets (`answer_scores`) use the same credit.
+
+A question without human answers (none left after the answer processing: files without
+annotations, such as VQA v2 test-dev, or answers like "?" or "the") has no accuracy: the
+evaluation leaves it out of the accuracy and the baselines and counts it.
 """
 
 import collections
@@ -18,6 +22,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from coca_jax import predict
@@ -32,6 +37,26 @@ def answer_score(prediction: str, answers: Sequence[str]) -> float:
   prediction = normalize_answer(prediction)
   matches = sum(normalize_answer(a) == prediction for a in answers)
   return vqa_score(matches, len(answers))
+
+
+def has_answers(answers: Sequence[str]) -> bool:
+  """Whether a question's human `answers` can score a prediction: at least one of them is
+  left non-empty by the answer processing (normalize_answer)."""
+  return any(normalize_answer(a) for a in answers)
+
+
+def most_frequent_answer(train_answers: Sequence[Sequence[str]]) -> str:
+  """The most frequent (normalised, non-empty) training answer; a ValueError without any."""
+  counts = answer_counts(train_answers)
+  counts.pop("", None)  # what the answer processing left of "?" or "the": no answer
+  ranked = counts.most_common(1)
+  if not ranked:
+    raise ValueError(
+      f"no training answers ({len(train_answers)} training questions, none with an answer): "
+      "the VQA baselines and the answer vocabulary (config.model.vqa.num_answers) come from "
+      "the answers of the training files, config.data.vqa.files"
+    )
+  return ranked[0][0]
 
 
 def soft_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
@@ -58,8 +83,8 @@ def question_prior_baseline(
   answer (blind to the image; an unseen question gets the overall majority answer)."""
   by_question = collections.defaultdict(collections.Counter)
   for question, given in zip(train_questions, train_answers):
-    by_question[question].update(normalize_answer(a) for a in given)
-  overall = answer_counts(train_answers).most_common(1)[0][0]
+    by_question[question].update(filter(None, map(normalize_answer, given)))
+  overall = most_frequent_answer(train_answers)
   predictions = [
     by_question[q].most_common(1)[0][0] if by_question.get(q) else overall for q in questions
   ]
@@ -82,20 +107,67 @@ def predict_answers(predictor, images: np.ndarray, text: dict, vocabulary: Seque
     [images, text["ids"], text["mask"]],
     predictor.batch_size,
   )
-  return [vocabulary[int(k)] for k in np.argmax(np.asarray(logits), axis=-1)]
+  logits = np.asarray(logits)
+  if logits.shape[-1] != len(vocabulary):
+    raise ValueError(
+      f"the VQA head scores {logits.shape[-1]} answers but the answer vocabulary has "
+      f"{len(vocabulary)}: both are config.model.vqa.num_answers (the model's and the data's)"
+    )
+  return [vocabulary[int(k)] for k in np.argmax(logits, axis=-1)]
+
+
+def _scored_rows(eval_set: dict) -> dict:
+  """`eval_set` without its questions that have no answers (`has_answers`); a ValueError
+  naming the eval files (eval_set["source"]) when none is left."""
+  answers = eval_set["answers"]
+  keep = [i for i, given in enumerate(answers) if has_answers(given)]
+  if len(keep) == len(answers):
+    return eval_set
+  where = eval_set.get("source", "the VQA eval set")
+  why = "no human answer left after the answer processing (data/answers.normalize_answer)"
+  if not keep:
+    raise ValueError(
+      f"{where}: none of its {len(answers)} questions read has an answer to score against "
+      f"({why}): the VQA accuracy is undefined without them; files without annotations, "
+      "such as VQA v2 test-dev, cannot be evaluated here"
+    )
+  logging.warning(
+    "VQA eval: %d of %d questions of %s are unscored (%s) and left out of vqa/accuracy "
+    "and the baselines (vqa/unscored_examples)",
+    len(answers) - len(keep),
+    len(answers),
+    where,
+    why,
+  )
+  return dict(
+    eval_set,
+    images=eval_set["images"][keep],
+    text={k: v[keep] for k, v in eval_set["text"].items()},
+    questions=[eval_set["questions"][i] for i in keep],
+    answers=[answers[i] for i in keep],
+  )
 
 
 def evaluate(predictor, eval_set: dict, vocabulary, train_questions, train_answers) -> dict:
   """The model's soft accuracy on `eval_set` (coca_jax.data.vqa.eval_set) beside two
   image-blind baselines from the training answers: the majority answer, and the most
-  frequent answer of each question string."""
-  predictions = predict_answers(predictor, eval_set["images"], eval_set["text"], vocabulary)
-  majority = answer_counts(train_answers).most_common(1)[0][0]
+  frequent answer of each question string. Questions without answers (`has_answers`) are
+  left out of all three (their accuracy is undefined), counted in `unscored_examples` and
+  logged; `examples` counts the scored ones."""
+  if not len(vocabulary):
+    raise ValueError(
+      "the VQA answer vocabulary is empty: the head scores the top "
+      "config.model.vqa.num_answers (> 0) answers of the training files, config.data.vqa.files"
+    )
+  majority = most_frequent_answer(train_answers)
+  scored = _scored_rows(eval_set)
+  predictions = predict_answers(predictor, scored["images"], scored["text"], vocabulary)
   return dict(
-    accuracy=soft_accuracy(predictions, eval_set["answers"]),
-    majority_baseline=majority_baseline(majority, eval_set["answers"]),
+    accuracy=soft_accuracy(predictions, scored["answers"]),
+    majority_baseline=majority_baseline(majority, scored["answers"]),
     question_prior_baseline=question_prior_baseline(
-      train_questions, train_answers, eval_set["questions"], eval_set["answers"]
+      train_questions, train_answers, scored["questions"], scored["answers"]
     ),
     examples=float(len(predictions)),
+    unscored_examples=float(len(eval_set["answers"]) - len(scored["answers"])),
   )
