@@ -370,3 +370,20 @@ def test_video_eval_set_with_every_clip_rejected_names_its_file(tmp_path, senten
     ValueError, match=f"video eval split has no clip: config.data.video.eval_files='{rejected}'"
   ):
     video.eval_set(config)
+
+
+def test_a_label_that_is_no_class_index_names_the_files(tmp_path, sentencepiece_model):
+  """1-based labels (1..C) on 2 class names: label 2 made the loss NaN (train) and the
+  accuracy silently wrong (eval)."""
+  from coca_jax.data import video
+
+  frame = video._png(np.full((8, 8, 3), 90, np.uint8))
+  clips = _write_clips(tmp_path / "clips.tfrecord", [([frame], 1), ([frame], 2)])
+  config = _files_config(tmp_path, sentencepiece_model, clips, clips)
+  config.eval.num_examples = 0
+  outside = f"config.data.video.files='{clips}' holds label 2, outside 0..1"
+  with pytest.raises(ValueError, match=outside):
+    next(video.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=2))
+  with pytest.raises(ValueError, match="eval_files=.* holds label 2, outside 0..1"):
+    video.eval_set(config)
+  video.check_labels(np.array([0, 1]), 2, config.data, "train")  # in range: no error

@@ -337,13 +337,27 @@ def register(data_config) -> tuple[str, str]:
   return name, name + tasks.EVAL_SUFFIX
 
 
+def check_labels(labels: np.ndarray, classes: int, data_config, split: str) -> None:
+  """A ValueError naming the split's files when a label is not a class index 0..C-1
+  (C = the class names): the loss would be NaN, or an accuracy silently wrong."""
+  bad = (labels < 0) | (labels >= classes)
+  if bad.any():
+    raise ValueError(
+      f"{loader.describe_split(data_config, 'video', split)} holds label "
+      f"{int(labels[bad][0])}, outside 0..{classes - 1}: labels are 0-based indices into "
+      f"the {classes} class names (config.data.video.class_names, line i = label i)"
+    )
+
+
 def batches(
   config, split: str, *, shard_index: int, num_shards: int, local_batch_size: int, start_step=0
 ):
   """Endless host batches {"video" [b,F,S,S,3] float32, "label" [b] int32}; split "train"
   (shuffled) or "eval" (the held-out files, in order); resumable without decoding the
-  skipped clips (pipeline.row_batches)."""
+  skipped clips (pipeline.row_batches). A label that is no class index is an error
+  (`check_labels`)."""
   name, _ = register(config.data)
+  classes = len(class_names(config.data))
   rows = pipeline.row_batches(
     config.data,
     name + tasks.ROWS_SUFFIX,
@@ -355,6 +369,7 @@ def batches(
     start_step=start_step,
   )
   for batch in rows:
+    check_labels(batch["label"], classes, config.data, split)
     yield dict(video=batch["video"], label=batch["label"].astype(np.int32))
 
 
@@ -375,8 +390,8 @@ def eval_set(config) -> dict:
       f"the video eval split has no clip: {loader.describe_split(config.data, 'video', 'eval')} "
       "yields none whose frames decode"
     )
+  names = class_names(config.data)
+  check_labels(np.asarray(labels), len(names), config.data, "eval")
   return dict(
-    clips=np.stack(clips).astype(np.float32),
-    labels=np.asarray(labels),
-    class_names=class_names(config.data),
+    clips=np.stack(clips).astype(np.float32), labels=np.asarray(labels), class_names=names
   )
