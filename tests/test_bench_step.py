@@ -141,9 +141,13 @@ def test_trace_records_the_timed_steps(monkeypatch, tmp_path, capsys):
   trace = tmp_path / "trace"
   result = step_bench.main(["--config=configs/demo.py", *SMALL, *RUN, f"--trace={trace}"])
   assert len(list(trace.glob("**/*.xplane.pb"))) == 1  # TensorBoard's profile plugin reads it
+  # A CPU trace has no device plane (tests/test_bench_trace.py reads GPU and TPU ones).
+  assert result["top_ops"] == []
+  out = capsys.readouterr().out
+  assert "no device kernels in the trace" in out
   # The CPU backend keeps no memory statistics: no peak, and no table row for it.
   assert result["peak_memory_bytes"] is None
-  assert "peak device memory" not in capsys.readouterr().out
+  assert "peak device memory" not in out
 
 
 def test_peak_memory_row_where_the_backend_keeps_statistics():

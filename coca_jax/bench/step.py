@@ -18,7 +18,8 @@ are its clips'); MFU needs the device's peak, from the table there or
 `--config.train.peak_flops` (the 2-core dev machine: 200-216e9 on one large float32
 matmul, README "Training speed against open_clip").
 `--trace=DIR` records the timed steps with jax.profiler (TensorBoard's profile plugin, or
-xprof, reads DIR). On a GPU the table also gives the device's peak memory in use.
+xprof, reads DIR) and prints the device kernels that took longest (coca_jax/bench/trace.py;
+none on a CPU). On a GPU the table also gives the device's peak memory in use.
 Prints a table and a final JSON line; asserts nothing about time.
 
 `--base_width` keeps the config's width and heads (Base: 768, 12 heads, MLP 3072,
@@ -28,6 +29,7 @@ Overrides `--config.KEY=VALUE` apply after it, as in `python -m coca_jax.train`.
 """
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -41,6 +43,7 @@ from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
+from coca_jax.bench import trace
 from coca_jax.data import loader, synthetic
 
 PROG = "python -m coca_jax.bench step"
@@ -165,8 +168,11 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     state, metrics = compiled(state, batches[i % len(batches)])
   loss = float(metrics["loss"])  # waits for the last step
   step_s = (time.perf_counter() - start) / steps
+  top_ops = None
   if trace_dir:
     jax.profiler.stop_trace()
+    path = trace.latest_trace(trace_dir)
+    top_ops = trace.top_ops(jax.profiler.ProfileData.from_file(str(path)), steps) if path else []
 
   global_batch = config.data.global_batch_size
   flops_per_step = flops.train_flops_per_example(config) * global_batch
@@ -198,6 +204,7 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     mfu=None if peak is None else achieved / (peak * jax.device_count()),
     peak_memory_bytes=peak_memory_bytes(jax.local_devices()[0]),
     loss=loss,
+    **({} if top_ops is None else dict(top_ops=[dataclasses.asdict(op) for op in top_ops])),
   )
 
 
@@ -262,6 +269,9 @@ def main(argv=None):
   loader.check_vqa_head(config)  # the trainer's check (loader.resolve would build demo data)
   result = run(config, steps=args.steps, warmup=args.warmup, trace_dir=args.trace)
   print(table(result))
+  if "top_ops" in result:
+    print(f"\nlongest device kernels (--trace={args.trace}):")
+    print(trace.table([trace.Op(**op) for op in result["top_ops"]]))
   print(json.dumps(result))
   return result
 
