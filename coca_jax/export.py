@@ -18,13 +18,16 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from coca_jax import checkpoint, console
 from coca_jax import config as config_lib
+from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax.models import coca
 
@@ -99,15 +102,25 @@ def check_output(output_dir: str) -> None:
 
 def check_vocab(vocab_file: str | None, config: ml_collections.ConfigDict) -> None:
   """FileNotFoundError when `write` is given a vocabulary file that is not there: the
-  export would lack its vocabulary, and loading it would fall back to the run's path."""
-  if not vocab_file or epath.Path(vocab_file).exists():
+  export would lack its vocabulary, and loading it would fall back to the run's path.
+
+  Only process 0 copies the file, so only its file system counts: it checks, and in a
+  multi-process job (the trainer's final export) every process raises with its verdict
+  (one broadcast), before the collective parameter save, which would otherwise wait for
+  the processes that stopped."""
+  if not vocab_file:  # the same argument on every process
+    return
+  missing = jax.process_index() == 0 and not epath.Path(vocab_file).exists()
+  if jax.process_count() > 1:
+    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
+  if not missing:
     return
   data = config.get("data") or {}
   named = "config.data.vocab_path=" if vocab_file == data.get("vocab_path") else "vocab_file="
   raise FileNotFoundError(
-    f"{named}{vocab_file} does not exist here; an export holds its vocabulary "
-    f"({_vocab_name(vocab_file)}), so nothing was written: put the file at that path (or "
-    "name the right one in the run's config.json) and export again"
+    f"{named}{vocab_file} does not exist on process 0, which writes the export; an export "
+    f"holds its vocabulary ({_vocab_name(vocab_file)}), so nothing was written: put the "
+    "file at that path (or name the right one in the run's config.json) and export again"
   )
 
 
@@ -129,6 +142,7 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   graphdef, abstract_params = nnx.split(abstract_model)
   stored = ocp.StandardCheckpointer().metadata(export / "params")
   stored = getattr(stored, "item_metadata", stored)
+  check_params_match(export, abstract_params.to_pure_dict(), stored)
   replicated = jax.sharding.NamedSharding(
     jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec()
   )
@@ -140,6 +154,33 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   params = ocp.StandardCheckpointer().restore(export / "params", target)
   params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
   return nnx.merge(graphdef, params), config
+
+
+def check_params_match(export_dir, expected, stored, shown: int = 5) -> None:
+  """ValueError, before any array is read, unless the export's params (`stored`: its
+  Orbax metadata tree) have exactly the paths and shapes of `expected` (the abstract
+  params its config.json builds); names up to `shown` differing paths."""
+
+  def shapes(tree) -> dict[str, tuple]:
+    return {
+      "/".join(params_lib.path_names(path)): tuple(leaf.shape)
+      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
+
+  want, have = shapes(expected), shapes(dict(stored))
+  differing = sorted(p for p in want.keys() | have.keys() if want.get(p) != have.get(p))
+  if not differing:
+    return
+  listed = "; ".join(
+    f"{p}: expected {want.get(p, 'none')}, found {have.get(p, 'none')}" for p in differing[:shown]
+  )
+  more = f"; and {len(differing) - shown} more" if len(differing) > shown else ""
+  raise ValueError(
+    f"export {export_dir}: its params do not match the model its {CONFIG_FILE} builds "
+    f"({len(differing)} parameters differ: {listed}{more}). Its {CONFIG_FILE} and params/ "
+    "likely come from different runs, or from a different coca_jax version: export again "
+    "from the run's workdir (python -m coca_jax.export) with this version"
+  )
 
 
 def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:

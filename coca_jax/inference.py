@@ -19,8 +19,10 @@ are passed with `preprocessed=True`; an array is never taken as preprocessed oth
 The model runs through coca_jax.predict (fixed-size batches, each function compiled once).
 """
 
+import functools
 import os
 import string
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -121,8 +123,29 @@ class Model:
     return self.predictor.embed_videos(pixels.reshape(count, frames, *pixels.shape[1:]))
 
   def embed_texts(self, texts: str | Sequence[str]) -> np.ndarray:
-    """Texts -> L2-normalised embeddings [N, E] float32."""
-    return self.predictor.embed_texts([texts] if isinstance(texts, str) else list(texts))
+    """Texts -> L2-normalised embeddings [N, E] float32. Texts longer than the model's text
+    tokens are cut to them, with one warning per call (`_embed_texts`)."""
+    return self._embed_texts([texts] if isinstance(texts, str) else list(texts), stacklevel=3)
+
+  def _embed_texts(self, texts: list[str], stacklevel: int) -> np.ndarray:
+    """embed_texts, warning (at `stacklevel`, the caller's frame) about texts longer than
+    the tokens a text row holds (tokens.Contract.max_tokens of config.model.text.max_len):
+    tokens.tokenize cuts them, as training does, but a served prompt cut short is a
+    different prompt."""
+    max_len = self.predictor.max_text_len
+    room = self.predictor.contract.max_tokens(max_len)
+    lengths = [len(self.vocab.encode(text)) for text in texts]
+    cut = [(text, n) for text, n in zip(texts, lengths) if n > room]
+    if cut:
+      text, n = cut[0]
+      shown = text if len(text) <= 40 else text[:37] + "..."
+      warnings.warn(
+        f"{len(cut)} of {len(texts)} texts are longer than the model's {room} text tokens "
+        f"(config.model.text.max_len={max_len}) and were cut to {room}; the first, "
+        f"{shown!r}, has {n} tokens",
+        stacklevel=stacklevel,
+      )
+    return self.predictor.embed_texts(texts)
 
   def classify(
     self,
@@ -138,11 +161,14 @@ class Model:
     no images give no labels and probabilities [0, C]. templates: prompts with one `{}` for
     the class name (unset or empty: config.eval.zero_shot.templates). A string for
     `class_names` or `templates`, or a template without exactly one `{}`, is a ValueError
-    (`check_prompts`). preprocessed: as for `embed_images`.
+    (`check_prompts`). Prompts longer than the model's text tokens are cut, with one
+    warning (as `embed_texts`). preprocessed: as for `embed_images`.
     """
     check_prompts(class_names, templates)
     templates = templates or tuple(self.config.eval.zero_shot.templates)
-    classifier = zero_shot.class_embeddings(self.embed_texts, class_names, templates)
+    # stacklevel: _embed_texts <- class_embeddings <- classify <- its caller.
+    embed = functools.partial(self._embed_texts, stacklevel=4)
+    classifier = zero_shot.class_embeddings(embed, class_names, templates)
     embeddings = self.embed_images(images, preprocessed=preprocessed)
     logits = embeddings @ classifier.T / self.predictor.temperature
     logits = logits - logits.max(axis=1, keepdims=True)
@@ -172,11 +198,21 @@ class Model:
     length_penalty: beam search; temperature, top_k or top_p: sampling), else the
     config's. An option that does not apply to the method raises ValueError, a seed
     without sampling too.
+    max_length: tokens to generate at most, up to config.model.text.max_len (the
+    decoder's positions); beyond it is a ValueError.
     prefix: text the caption must continue (one for all images or one per image), e.g.
     a question for "VQA as a prefix"; it is not repeated in the returned text.
     seed: sampling seed (None: config.eval.decode.seed). preprocessed: as for
     `embed_images`.
     """
+    capacity = self.config.model.text.max_len
+    if max_length is not None and max_length > capacity:
+      # decode.DecodeOptions.from_config clamps it (a config's default may exceed a
+      # smaller model's); an argument asked for explicitly is not silently lowered.
+      raise ValueError(
+        f"caption max_length={max_length} exceeds what the model decodes: at most "
+        f"{capacity} (config.model.text.max_len)"
+      )
     options = self.predictor.decode_options(
       method=method,
       beam_size=beam_size,

@@ -3,6 +3,7 @@
 import ml_collections
 import numpy as np
 import pytest
+from jax.experimental import multihost_utils
 
 from coca_jax import export
 
@@ -74,3 +75,34 @@ def test_loading_a_training_workdir_says_how_to_export_it(tmp_path):
     export.load_model(str(tmp_path / "run"))
   with pytest.raises(FileNotFoundError, match=r"params is missing$"):
     export.load_model(str(tmp_path / "elsewhere"))
+
+
+def test_only_process_0_checks_the_vocabulary_and_every_process_gets_its_verdict(
+  tmp_path, monkeypatch
+):
+  """Every process checked its own disk: one without the file stopped before the
+  collective parameter save while the others waited in it. Process 0 (the one that copies
+  the file) decides, and its verdict is broadcast (stands in for two processes here)."""
+  gone = str(tmp_path / "vocab.model")
+  config = ml_collections.ConfigDict({"data": {"vocab_path": gone}})
+  sent = []
+
+  def broadcast(value, verdict_of_process_0):
+    sent.append(int(value))
+    return np.int32(verdict_of_process_0)
+
+  monkeypatch.setattr(export.jax, "process_count", lambda: 2)
+  for process, verdict_of_process_0, raises in ((1, 0, False), (1, 1, True), (0, 1, True)):
+    monkeypatch.setattr(export.jax, "process_index", lambda p=process: p)
+    monkeypatch.setattr(
+      multihost_utils,
+      "broadcast_one_to_all",
+      lambda value, v=verdict_of_process_0: broadcast(value, v),
+    )
+    if raises:
+      with pytest.raises(FileNotFoundError, match=r"does not exist on process 0"):
+        export.check_vocab(gone, config)
+    else:
+      export.check_vocab(gone, config)  # process 1 lacks the file; process 0 has it
+  # Process 1 never looks at its own disk (sends 0); process 0 sends that it is missing.
+  assert sent == [0, 0, 1]

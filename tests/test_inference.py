@@ -321,3 +321,57 @@ def test_evaluate_cli_refuses_overrides_outside_eval(export_dir, run_main, repo)
       "--config.model.width=7",
       "--config.data.image.resize=nonsense",
     )
+
+
+def test_texts_cut_to_the_model_text_length_are_named_in_one_warning(loaded, image_files):
+  """tokens.tokenize cut them silently: a served prompt cut short is another prompt."""
+  import warnings
+
+  room = 7  # tiny: config.model.text.max_len=8, minus the decoder's BOS
+  long_text = "a red heart " * 6
+  n_long = len(loaded.vocab.encode(long_text))
+  assert n_long > room and len(loaded.vocab.encode("a cat")) <= room
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # short texts: no warning
+    loaded.embed_texts(["a cat", "a dog"])
+  with pytest.warns(UserWarning) as caught:
+    loaded.embed_texts(["a cat", long_text, long_text + "cat"])
+  assert len(caught) == 1 and caught[0].filename == __file__
+  assert str(caught[0].message) == (
+    "2 of 3 texts are longer than the model's 7 text tokens (config.model.text.max_len=8) "
+    f"and were cut to 7; the first, 'a red heart a red heart a red heart a...', has "
+    f"{n_long} tokens"
+  )
+  paths, _, _ = image_files
+  with pytest.warns(UserWarning) as caught:  # 2 classes x 2 templates: one warning
+    loaded.classify(paths[:1], ["cat", "dog"], ["a {}", "a {} " + "a red heart " * 4])
+  assert len(caught) == 1 and caught[0].filename == __file__
+  assert str(caught[0].message).startswith("2 of 4 texts are longer than the model's 7 ")
+
+
+def test_caption_max_length_beyond_the_model_is_an_error(loaded):
+  """It was clamped to config.model.text.max_len (8 in tiny) silently."""
+  with pytest.raises(
+    ValueError, match=r"^caption max_length=9 exceeds .* at most 8 \(config.model.text.max_len\)"
+  ):
+    loaded.caption(np.zeros((8, 8, 3), np.uint8), max_length=9)
+  assert loaded.predictor.decode_options(max_length=8).max_length == 8  # the most allowed
+
+
+def test_an_export_whose_params_do_not_fit_its_config_names_them(loaded, tmp_path):
+  """It failed in jax.tree.map with a bare structure error."""
+  params = nnx.to_pure_dict(nnx.state(loaded.module, nnx.Param))
+  del params["text_projection"]["kernel"]  # [32, 16]
+  params["text"]["pos_embedding"] = np.zeros((9, 32), np.float32)  # was [8, 32]
+  params["extra"] = {"w": np.zeros(3, np.float32)}
+  out = tmp_path / "mixed"
+  export.write(params, loaded.config, str(out), "float32", None)
+  expected = (
+    f"export {out}: its params do not match the model its config.json builds (3 parameters "
+    "differ: extra/w: expected none, found (3,); text/pos_embedding: expected (8, 32), "
+    "found (9, 32); text_projection/kernel: expected (32, 16), found none). Its config.json "
+    "and params/ likely come from different runs, or from a different coca_jax version"
+  )
+  with pytest.raises(ValueError) as error:
+    inference.load(str(out))
+  assert str(error.value).startswith(expected)
