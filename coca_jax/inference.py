@@ -16,7 +16,8 @@ through the evaluation transform of the input pipeline, the same function
 (config.data.image.resize: bilinear, or bicubic for open_clip imports), centre crop,
 normalised with config.data.image.mean / std. Pixels already through it (`read_images`)
 are passed with `preprocessed=True`; an array is never taken as preprocessed otherwise.
-The model runs through coca_jax.predict (fixed-size batches, each function compiled once).
+The model runs through coca_jax.predict in batches of `batch_size`; a call with fewer
+images pads them to a power-of-two bucket (1, 2, 4, ...), each size compiled once.
 """
 
 import functools
@@ -55,7 +56,7 @@ class Model:
     self.std = tuple(config.data.image.std)
     # Exports written before `image.resize` existed resize bilinearly, as they did.
     self.resize = config.data.image.get("resize", "bilinear")
-    self.predictor = predict.Predictor(model, config, vocab, batch_size)
+    self.predictor = predict.Predictor(model, config, vocab, batch_size, buckets=True)
 
   def read_images(
     self, images: Sequence, errors: str = "raise"

@@ -12,7 +12,8 @@ width, L decode length, M image tokens, D width.
 Both the serving API (coca_jax/inference.py) and the evaluators (coca_jax/evaluate/) go
 through this module. Every function compiles once for a fixed batch B: inputs are cut
 into batches of B and the last one is padded (with zeros) to B, its padding rows dropped
-from the outputs. Jitted functions are cached per (model structure, kind, decode
+from the outputs (the serving API pads a short batch to a power-of-two bucket instead:
+`Predictor(buckets=True)`). Jitted functions are cached per (model structure, kind, decode
 options) and jit caches per input shape, so periodic evaluation during training does not
 recompile.
 """
@@ -33,22 +34,35 @@ BEAM_OPTIONS = ("beam_size", "length_penalty")
 SAMPLE_OPTIONS = ("temperature", "top_k", "top_p")
 
 
-def map_in_batches(fn: Callable, arrays: Sequence[np.ndarray], batch_size: int) -> list:
+def bucket(rows: int, batch_size: int, multiple: int) -> int:
+  """The rows a batch of `rows` is padded to: the smallest power-of-two multiple of
+  `multiple` that holds them, at most `batch_size` (a multiple of `multiple`)."""
+  size = multiple
+  while size < rows:
+    size *= 2
+  return min(size, batch_size)
+
+
+def map_in_batches(
+  fn: Callable, arrays: Sequence[np.ndarray], batch_size: int, bucket_multiple: int | None = None
+) -> list:
   """Applies fn(*batch) -> array or tuple of arrays over axis 0 of `arrays` in batches.
 
   Every call sees exactly `batch_size` rows (the last batch is zero-padded), so fn
-  compiles once. Returns the outputs concatenated over axis 0, padding removed. With no
-  rows, fn still runs once on a batch of padding, for the empty outputs' shapes and dtypes.
+  compiles once; with `bucket_multiple` m, a short last batch is padded only to
+  `bucket(rows, batch_size, m)` rows, so a few images cost a few rows rather than a whole
+  batch, and at most log2(batch_size / m) + 1 shapes compile. Returns the outputs
+  concatenated over axis 0, padding removed. With no rows, fn still runs once on a batch
+  of padding, for the empty outputs' shapes and dtypes.
   """
   total = len(arrays[0])
   chunks = []
   for start in range(0, max(total, 1), batch_size):
     batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
     real = len(batch[0])
-    if real < batch_size:
-      batch = [
-        np.concatenate([b, np.zeros((batch_size - real,) + b.shape[1:], b.dtype)]) for b in batch
-      ]
+    size = batch_size if bucket_multiple is None else bucket(real, batch_size, bucket_multiple)
+    if real < size:
+      batch = [np.concatenate([b, np.zeros((size - real,) + b.shape[1:], b.dtype)]) for b in batch]
     out = fn(*batch)
     out = out if isinstance(out, tuple) else (out,)
     chunks.append([np.asarray(o)[:real] for o in out])
@@ -94,9 +108,15 @@ class Predictor:
   are: each process computes only the rows its devices hold, wherever they sit in the
   mesh, and every process receives the whole output (gathered explicitly), so metrics
   computed from it are identical on every host. Every process must pass the same inputs.
+
+  buckets: pad a short last batch only to a power-of-two bucket (`map_in_batches`), for
+  serving, where a call often holds a few images: a few more compilations, each once.
+  Off, as for the evaluators, every function compiles for B rows alone.
   """
 
-  def __init__(self, model, config, vocab, batch_size: int, mesh: Mesh | None = None):
+  def __init__(
+    self, model, config, vocab, batch_size: int, mesh: Mesh | None = None, buckets=False
+  ):
     self.graphdef, self.params = nnx.split(model)
     self.config = config
     self.vocab = vocab
@@ -108,6 +128,12 @@ class Predictor:
     self.contract = tokens.Contract.from_config(config)
     self.temperature = float(model.temperature())
     self.mesh = mesh
+    ways = 1 if mesh is None else sharding.batch_ways(mesh, config.sharding_rules)
+    self.bucket_multiple = ways if buckets else None
+
+  def _map(self, fn: Callable, arrays: Sequence[np.ndarray]) -> list:
+    """`map_in_batches` in this predictor's batches (and buckets)."""
+    return map_in_batches(fn, arrays, self.batch_size, self.bucket_multiple)
 
   def _call(self, fn: Callable, *batch: np.ndarray):
     """fn(params, *batch) for numpy rows [B, ...]; on the mesh when there is one."""
@@ -123,32 +149,30 @@ class Predictor:
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """images [N, S, S, 3] float32 (preprocessed) -> L2-normalised [N, E] float32."""
     fn = _compiled(self.graphdef, "image")
-    return map_in_batches(lambda x: self._call(fn, x), [images], self.batch_size)[0]
+    return self._map(lambda x: self._call(fn, x), [images])[0]
 
   def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
     """N texts -> L2-normalised [N, E] float32."""
     text = tokens.tokenize(self.vocab, list(texts), self.max_text_len, self.contract)
     fn = _compiled(self.graphdef, "text")
-    return map_in_batches(
-      lambda i, m: self._call(fn, i, m), [text["ids"], text["mask"]], self.batch_size
-    )[0]
+    return self._map(lambda i, m: self._call(fn, i, m), [text["ids"], text["mask"]])[0]
 
   def image_tokens(self, images: np.ndarray) -> np.ndarray:
     """images [N, S, S, 3] -> image-encoder output tokens [N, M, D] float32."""
     fn = _compiled(self.graphdef, "image_tokens")
-    out = map_in_batches(lambda x: self._call(fn, x), [images], self.batch_size)[0]
+    out = self._map(lambda x: self._call(fn, x), [images])[0]
     return out.astype(np.float32)
 
   def embed_videos(self, clips: np.ndarray) -> np.ndarray:
     """clips [N, F, S, S, 3] float32 (preprocessed frames) -> L2-normalised mean of the
     frame embeddings [N, E] float32."""
     fn = _compiled(self.graphdef, "video")
-    return map_in_batches(lambda x: self._call(fn, x), [clips], self.batch_size)[0]
+    return self._map(lambda x: self._call(fn, x), [clips])[0]
 
   def video_logits(self, clips: np.ndarray) -> np.ndarray:
     """clips [N, F, S, S, 3] -> the video head's class logits [N, C] float32."""
     fn = _compiled(self.graphdef, "video_logits")
-    return map_in_batches(lambda x: self._call(fn, x), [clips], self.batch_size)[0]
+    return self._map(lambda x: self._call(fn, x), [clips])[0]
 
   def decode_options(self, method: str | None = None, **overrides) -> decode.DecodeOptions:
     """config.eval.decode with keyword overrides (None keeps the config's value).
@@ -225,7 +249,7 @@ class Predictor:
       )
       return out.tokens, out.scores
 
-    tokens_out, scores = map_in_batches(run, [images, prefix, lengths, rows], self.batch_size)
+    tokens_out, scores = self._map(run, [images, prefix, lengths, rows])
     return tokens_out, scores
 
   def caption(

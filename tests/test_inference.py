@@ -177,6 +177,37 @@ def test_a_sampled_caption_depends_on_the_seed_and_the_image_index_only(loaded, 
   np.testing.assert_array_equal(tokens[4], tokens[1])
 
 
+def test_buckets_pad_a_short_batch_to_a_power_of_two():
+  seen = []
+
+  def rows(x):
+    seen.append(len(x))
+    return x + 1
+
+  for total, batch, multiple in [(1, 8, None), (1, 8, 1), (3, 8, 1), (5, 8, 1), (11, 8, 1)]:
+    seen.clear()
+    (out,) = predict.map_in_batches(rows, [np.arange(total)], batch, multiple)
+    np.testing.assert_array_equal(out, np.arange(total) + 1)  # padding rows dropped
+    expected = {(1, 8, None): [8], (1, 8, 1): [1], (3, 8, 1): [4], (5, 8, 1): [8]}
+    assert seen == expected.get((total, batch, multiple), [8, 4])
+  # On a mesh, buckets stay whole multiples of its batch shards (2 here), up to B = 6.
+  assert [predict.bucket(n, 6, 2) for n in (1, 2, 3, 5, 6)] == [2, 2, 4, 6, 6]
+
+
+def test_one_image_costs_one_row_in_the_api(loaded, image_files, monkeypatch):
+  """The API (batch_size 4) ran one image as a batch of 4; its embedding is the same."""
+  paths, _, _ = image_files
+  sizes = []
+  call = loaded.predictor._call
+  monkeypatch.setattr(
+    loaded.predictor, "_call", lambda fn, *b: sizes.append(len(b[0])) or call(fn, *b)
+  )
+  one = loaded.embed_images(paths[:1])
+  three = loaded.embed_images(paths)
+  assert sizes == [1, 4]
+  np.testing.assert_allclose(one[0], three[0], atol=1e-5)
+
+
 def test_no_images_give_empty_results(loaded):
   assert loaded.caption([]) == []
   assert loaded.caption([], prefix="a cat", method="greedy") == []
