@@ -17,7 +17,8 @@ under torch.autocast(bfloat16) (its `--precision amp_bf16`). coca_jax's layer lo
 `--layers`: unrolled by default (the faster loop for these shallow stacks), or lax.scan. A
 training example/s counts forward + backward + optimizer step; compilation (JAX) and
 warm-up steps are excluded; the median (and best) step time of `--steps` timed steps is
-reported. The sides run one after the other (never together: they would share the cores),
+reported. The sides run one after the other (never together: they would share the cores;
+which goes first alternates from row to row),
 each with every CPU this process may run on: XLA's CPU backend sizes its thread pool by
 the affinity mask, so `taskset -c` pins both sides, and torch gets `--threads`, by
 default and at most that many (coca_jax/bench/threads.py). The ratio is coca_jax /
@@ -337,11 +338,16 @@ def main(argv=None):
         layout=args.layout,
         layers="scan" if m.scan_layers else "unrolled",
       )
+      sides = {"coca_jax": lambda: run_coca_jax(config, args, batch)}
       if python is not None:
-        print(f"open_clip: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
-        row["open_clip"] = run_open_clip(python, worker_spec(config, args), batch)
-      print(f"coca_jax: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
-      row["coca_jax"] = run_coca_jax(config, args, batch)
+        sides["open_clip"] = lambda: run_open_clip(python, worker_spec(config, args), batch)
+      # The sides take turns going first, row by row: whatever the machine's state drifts
+      # to during a row (clocks, caches, another job) does not favour one side throughout.
+      order = sorted(sides, reverse=len(rows) % 2 == 1)
+      for side in order:
+        print(f"{side}: load average {os.getloadavg()[0]:.2f} before; running ...", flush=True)
+        row[side] = sides[side]()
+      row["first"] = order[0]
       row["coca_jax_model_gflops_per_example"] = flops.train_flops_per_example(config) / 1e9
       if python is not None:
         row["ratio"] = row["coca_jax"]["examples_per_s"] / row["open_clip"]["examples_per_s"]

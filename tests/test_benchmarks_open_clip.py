@@ -86,6 +86,29 @@ def test_coca_jax_side_runs(capsys):
   assert lines[-1].startswith('{"bench": "open_clip"')
 
 
+def test_the_sides_take_turns_going_first(monkeypatch):
+  bench = load_benchmark()
+  calls = []
+
+  def side(name, step_s, **versions):
+    def run(*args):
+      calls.append(name)
+      timing = dict(step_s=step_s, best_step_s=step_s, examples_per_s=8 / step_s)
+      return dict(params=1e6, first_loss=1.0, last_loss=0.5, **timing, **versions)
+
+    return run
+
+  monkeypatch.setattr(bench, "ensure_bench_venv", lambda venv, install: Path(sys.executable))
+  monkeypatch.setattr(
+    bench, "run_open_clip", side("open_clip", 1.0, torch="t", open_clip="o", threads=2)
+  )
+  monkeypatch.setattr(bench, "run_coca_jax", side("coca_jax", 0.5, jax="j", device="cpu"))
+  summary = bench.main([*TINY, "--width=32,16", "--precision=float32,bfloat16"])
+  assert calls == ["coca_jax", "open_clip", "open_clip", "coca_jax"] * 2
+  assert [r["first"] for r in summary["rows"]] == ["coca_jax", "open_clip"] * 2
+  assert {r["ratio"] for r in summary["rows"]} == {2.0}
+
+
 def test_bad_width_is_named():
   with pytest.raises(SystemExit, match="2"):
     load_benchmark().main([*TINY, "--width=31", "--skip_open_clip"])
