@@ -73,7 +73,10 @@ def test_images_as_paths_pil_or_arrays_agree(loaded, image_files):
   np.testing.assert_allclose(np.linalg.norm(by_path, axis=1), 1.0, rtol=1e-5)
 
 
+@pytest.mark.slow  # compiles the decoders for buckets of 4, 2 and 1 images (~10 s)
 def test_padding_the_last_batch_does_not_change_results(loaded, image_files):
+  """Batch size 4: five images run as a batch of 4 and a bucket of 1, two as a bucket of
+  2; an image's embedding and captions are the same in each."""
   paths, _, _ = image_files
   five = paths + paths[:2]  # batch size 4: one full batch, one padded
   embeddings = loaded.embed_images(five)
