@@ -57,8 +57,7 @@ def write(
   (train and the export CLI pass config.data.vocab_path, the open_clip converter CLIP's
   BPE file); None writes none. A vocab_file that does not exist is a FileNotFoundError
   before anything is written."""
-  check_output(output_dir)
-  check_vocab(vocab_file, config)
+  check_destination(output_dir, vocab_file, config)
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
   if jax.process_index() == 0 and staging.exists():
@@ -102,18 +101,8 @@ def check_output(output_dir: str) -> None:
 
 def check_vocab(vocab_file: str | None, config: ml_collections.ConfigDict) -> None:
   """FileNotFoundError when `write` is given a vocabulary file that is not there: the
-  export would lack its vocabulary, and loading it would fall back to the run's path.
-
-  Only process 0 copies the file, so only its file system counts: it checks, and in a
-  multi-process job (the trainer's final export) every process raises with its verdict
-  (one broadcast), before the collective parameter save, which would otherwise wait for
-  the processes that stopped."""
-  if not vocab_file:  # the same argument on every process
-    return
-  missing = jax.process_index() == 0 and not epath.Path(vocab_file).exists()
-  if jax.process_count() > 1:
-    missing = bool(multihost_utils.broadcast_one_to_all(np.int32(missing)))
-  if not missing:
+  export would lack its vocabulary, and loading it would fall back to the run's path."""
+  if not vocab_file or epath.Path(vocab_file).exists():
     return
   data = config.get("data") or {}
   named = "config.data.vocab_path=" if vocab_file == data.get("vocab_path") else "vocab_file="
@@ -122,6 +111,31 @@ def check_vocab(vocab_file: str | None, config: ml_collections.ConfigDict) -> No
     f"holds its vocabulary ({_vocab_name(vocab_file)}), so nothing was written: put the "
     "file at that path (or name the right one in the run's config.json) and export again"
   )
+
+
+def check_destination(output_dir: str, vocab_file: str | None, config) -> None:
+  """`check_output` and `check_vocab`, decided by process 0 alone: it replaces the output
+  and copies the vocabulary, so only its file system counts. In a multi-process job (the
+  trainer's final export) its verdict is broadcast before the collective parameter save,
+  so every process stops together (process 0 with the error, the others pointing at it)
+  instead of some waiting in the save for those that stopped."""
+  error = None
+  if jax.process_index() == 0:
+    try:
+      check_output(output_dir)
+      check_vocab(vocab_file, config)
+    except (FileExistsError, FileNotFoundError) as e:
+      error = e
+  failed = error is not None
+  if jax.process_count() > 1:
+    failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+  if error is not None:
+    raise error
+  if failed:
+    raise RuntimeError(
+      f"the export to {output_dir} was refused by process 0, which writes it (its log "
+      "names the problem); nothing was written"
+    )
 
 
 def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
@@ -179,7 +193,8 @@ def check_params_match(export_dir, expected, stored, shown: int = 5) -> None:
     f"export {export_dir}: its params do not match the model its {CONFIG_FILE} builds "
     f"({len(differing)} parameters differ: {listed}{more}). Its {CONFIG_FILE} and params/ "
     "likely come from different runs, or from a different coca_jax version: export again "
-    "from the run's workdir (python -m coca_jax.export) with this version"
+    "with this version, from the run's workdir (python -m coca_jax.export) or, for an "
+    "open_clip checkpoint, with python -m coca_jax.convert"
   )
 
 

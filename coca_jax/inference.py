@@ -199,20 +199,20 @@ class Model:
     length_penalty: beam search; temperature, top_k or top_p: sampling), else the
     config's. An option that does not apply to the method raises ValueError, a seed
     without sampling too.
-    max_length: tokens to generate at most, up to config.model.text.max_len (the
-    decoder's positions); beyond it is a ValueError.
+    max_length: tokens to generate at most, 1 to config.model.text.max_len (the
+    decoder's positions; 0: the config's); outside that range a ValueError.
     prefix: text the caption must continue (one for all images or one per image), e.g.
     a question for "VQA as a prefix"; it is not repeated in the returned text.
     seed: sampling seed (None: config.eval.decode.seed). preprocessed: as for
     `embed_images`.
     """
     capacity = self.config.model.text.max_len
-    if max_length is not None and max_length > capacity:
+    if max_length is not None and not 0 <= max_length <= capacity:
       # decode.DecodeOptions.from_config clamps it (a config's default may exceed a
       # smaller model's); an argument asked for explicitly is not silently lowered.
       raise ValueError(
-        f"caption max_length={max_length} exceeds what the model decodes: at most "
-        f"{capacity} (config.model.text.max_len)"
+        f"caption max_length={max_length} is outside what the model decodes: 1 to "
+        f"{capacity} (config.model.text.max_len), or 0 for the config's"
       )
     options = self.predictor.decode_options(
       method=method,

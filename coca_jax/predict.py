@@ -115,7 +115,7 @@ class Predictor:
   """
 
   def __init__(
-    self, model, config, vocab, batch_size: int, mesh: Mesh | None = None, buckets=False
+    self, model, config, vocab, batch_size: int, mesh: Mesh | None = None, buckets: bool = False
   ):
     self.graphdef, self.params = nnx.split(model)
     self.config = config

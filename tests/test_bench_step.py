@@ -134,12 +134,21 @@ def test_vqa_source_without_a_head_is_named_before_anything_is_built(monkeypatch
     step_bench.main(["--config=configs/demo_vqa.py", "--config.model.vqa.num_answers=0"])
 
 
-def test_trace_records_the_timed_steps(monkeypatch, tmp_path, capsys):
+def test_trace_records_steps_after_the_timed_ones(monkeypatch, tmp_path, capsys):
   step = RecordingStep()
   monkeypatch.setattr(step_bench.step_lib, "make_train_step", lambda config, run: step)
   monkeypatch.setattr(step_bench.state_lib, "create", lambda config, run: {})
+  started = []
+  start_trace = step_bench.jax.profiler.start_trace
+  monkeypatch.setattr(
+    step_bench.jax.profiler,
+    "start_trace",
+    lambda d: started.append(len(step.called)) or start_trace(d),
+  )
   trace = tmp_path / "trace"
   result = step_bench.main(["--config=configs/demo.py", *SMALL, *RUN, f"--trace={trace}"])
+  # The profiler starts after the timed step (its overhead is not timed) and records one.
+  assert started == [1] and len(step.called) == 2
   assert len(list(trace.glob("**/*.xplane.pb"))) == 1  # TensorBoard's profile plugin reads it
   # A CPU trace has no device plane (tests/test_bench_trace.py reads GPU and TPU ones).
   assert result["top_ops"] == []

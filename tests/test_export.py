@@ -77,13 +77,17 @@ def test_loading_a_training_workdir_says_how_to_export_it(tmp_path):
     export.load_model(str(tmp_path / "elsewhere"))
 
 
-def test_only_process_0_checks_the_vocabulary_and_every_process_gets_its_verdict(
+def test_only_process_0_checks_the_destination_and_every_process_gets_its_verdict(
   tmp_path, monkeypatch
 ):
-  """Every process checked its own disk: one without the file stopped before the
-  collective parameter save while the others waited in it. Process 0 (the one that copies
-  the file) decides, and its verdict is broadcast (stands in for two processes here)."""
+  """Every process checked its own disk: one without the vocabulary (or seeing a file at
+  the output path) stopped before the collective parameter save while the others waited
+  in it. Process 0 (the one that replaces the output and copies the vocabulary) decides,
+  and its verdict is broadcast (stands in for two processes here)."""
   gone = str(tmp_path / "vocab.model")
+  not_a_dir = tmp_path / "export"
+  not_a_dir.write_text("a file where the export goes")
+  fine = str(tmp_path / "new_export")
   config = ml_collections.ConfigDict({"data": {"vocab_path": gone}})
   sent = []
 
@@ -92,17 +96,22 @@ def test_only_process_0_checks_the_vocabulary_and_every_process_gets_its_verdict
     return np.int32(verdict_of_process_0)
 
   monkeypatch.setattr(export.jax, "process_count", lambda: 2)
-  for process, verdict_of_process_0, raises in ((1, 0, False), (1, 1, True), (0, 1, True)):
+  cases = [
+    # (process, output, verdict of process 0, expected error)
+    (1, str(not_a_dir), 0, None),  # process 1 never looks at its own disk
+    (1, fine, 1, RuntimeError),
+    (0, fine, 1, FileNotFoundError),
+    (0, str(not_a_dir), 1, FileExistsError),
+  ]
+  for process, output, verdict, error in cases:
     monkeypatch.setattr(export.jax, "process_index", lambda p=process: p)
     monkeypatch.setattr(
-      multihost_utils,
-      "broadcast_one_to_all",
-      lambda value, v=verdict_of_process_0: broadcast(value, v),
+      multihost_utils, "broadcast_one_to_all", lambda value, v=verdict: broadcast(value, v)
     )
-    if raises:
-      with pytest.raises(FileNotFoundError, match=r"does not exist on process 0"):
-        export.check_vocab(gone, config)
+    if error is None:
+      export.check_destination(output, gone, config)
     else:
-      export.check_vocab(gone, config)  # process 1 lacks the file; process 0 has it
-  # Process 1 never looks at its own disk (sends 0); process 0 sends that it is missing.
-  assert sent == [0, 0, 1]
+      match = "refused by process 0" if error is RuntimeError else ""
+      with pytest.raises(error, match=match):
+        export.check_destination(output, gone, config)
+  assert sent == [0, 0, 1, 1]

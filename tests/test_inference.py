@@ -386,9 +386,11 @@ def test_texts_cut_to_the_model_text_length_are_named_in_one_warning(loaded, ima
 def test_caption_max_length_beyond_the_model_is_an_error(loaded):
   """It was clamped to config.model.text.max_len (8 in tiny) silently."""
   with pytest.raises(
-    ValueError, match=r"^caption max_length=9 exceeds .* at most 8 \(config.model.text.max_len\)"
+    ValueError, match=r"^caption max_length=9 is outside .* 1 to 8 \(config.model.text.max_len\)"
   ):
     loaded.caption(np.zeros((8, 8, 3), np.uint8), max_length=9)
+  with pytest.raises(ValueError, match=r"^caption max_length=-1 is outside"):
+    loaded.caption(np.zeros((8, 8, 3), np.uint8), max_length=-1)
   assert loaded.predictor.decode_options(max_length=8).max_length == 8  # the most allowed
 
 

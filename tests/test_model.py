@@ -200,9 +200,9 @@ def test_xla_attention_kernel_matches_einsum():
 
 
 def test_cudnn_attention_takes_only_even_lengths(monkeypatch):
-  """jax checks cuDNN's training kernels for even query and key lengths (an H200 refused
-  the contrastive pooler's single query): "cudnn" asks for them only there, "xla" (the
-  same math) elsewhere. Traced on CPU with jax's function recorded, not run."""
+  """jax checks cuDNN's training kernels for even query and key lengths (0.11.2 on an H200
+  refused the contrastive pooler's single query, unmasked): "cudnn" is asked for only
+  there, "xla" (the same math) elsewhere. Traced on CPU with jax's function recorded."""
   calls = []
 
   def recording(q, k, v, *, mask, implementation):

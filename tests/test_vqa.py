@@ -140,6 +140,17 @@ def test_question_prior_baseline_and_vocabulary():
   np.testing.assert_allclose(scores, [[2 / 3, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
 
 
+def test_what_the_processing_empties_is_no_answer():
+  """ "?" and "the" normalise to "": it was the most frequent answer below, so it took a
+  vocabulary slot, a full-credit training target, and an empty prediction scored."""
+  train_a = [["?", "?", "?", "red"], ["the", "dog"], ["?"]]
+  assert answers_lib.answer_vocabulary(train_a, 3) == ["dog", "red", "<unused 0>"]
+  scores = answers_lib.answer_scores([["?", "?", "?", "red"]], ["dog", "red", "<unused 0>"])
+  np.testing.assert_allclose(scores, [[0, 1 / 3, 0]], rtol=1e-6)
+  assert vqa_eval.answer_score("?", ["?", "?", "?", "red"]) == 0.0
+  assert vqa_eval.answer_score("red", ["?", "?", "?", "red"]) == pytest.approx(1 / 3)
+
+
 def _fake_predictions(monkeypatch):
   """vqa_eval.predict_answers replaced: row i answers vocabulary[images[i, 0, 0, 0]];
   returns the list of the images it was given."""

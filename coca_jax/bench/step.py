@@ -17,9 +17,10 @@ Model FLOPs come from coca_jax/flops.py (rematerialisation not counted; a video 
 are its clips'); MFU needs the device's peak, from the table there or
 `--config.train.peak_flops` (the 2-core dev machine: 200-216e9 on one large float32
 matmul, README "Training speed against open_clip").
-`--trace=DIR` records the timed steps with jax.profiler (TensorBoard's profile plugin, or
-xprof, reads DIR) and prints the device kernels that took longest (coca_jax/bench/trace.py;
-none on a CPU). On a GPU the table also gives the device's peak memory in use.
+`--trace=DIR` records `--steps` more steps, after the timed ones, with jax.profiler
+(TensorBoard's profile plugin, or xprof, reads DIR) and prints the device kernels that
+took longest (coca_jax/bench/trace.py; none on a CPU). On a GPU the table also gives the
+device's peak memory in use.
 Prints a table and a final JSON line; asserts nothing about time.
 
 `--base_width` keeps the config's width and heads (Base: 768, 12 heads, MLP 3072,
@@ -145,8 +146,8 @@ def peak_memory_bytes(device) -> int | None:
 
 
 def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dict:
-  """Compiles and times `steps` train steps of `config` (recorded by jax.profiler into
-  `trace_dir` if given); returns the measurements."""
+  """Compiles and times `steps` train steps of `config` (then records `steps` more with
+  jax.profiler into `trace_dir`, if given); returns the measurements."""
   run = state_lib.setup(config)
   mesh, layout = run.mesh, run.layout
   state = state_lib.create(config, run)
@@ -161,15 +162,17 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
   for i in range(warmup):
     state, metrics = compiled(state, batches[i % len(batches)])
   jax.block_until_ready((state, metrics) if warmup else state)
-  if trace_dir:
-    jax.profiler.start_trace(trace_dir)
   start = time.perf_counter()
   for i in range(steps):
     state, metrics = compiled(state, batches[i % len(batches)])
   loss = float(metrics["loss"])  # waits for the last step
   step_s = (time.perf_counter() - start) / steps
   top_ops = None
-  if trace_dir:
+  if trace_dir:  # `steps` more steps, so that the profiler's overhead is not timed
+    jax.profiler.start_trace(trace_dir)
+    for i in range(steps):
+      state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready(state)
     jax.profiler.stop_trace()
     path = trace.latest_trace(trace_dir)
     top_ops = trace.top_ops(jax.profiler.ProfileData.from_file(str(path)), steps) if path else []
@@ -250,7 +253,9 @@ def main(argv=None):
   )
   parser.add_argument("--steps", type=int, default=5, help="timed steps")
   parser.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-  parser.add_argument("--trace", default=None, help="record the timed steps into this folder")
+  parser.add_argument(
+    "--trace", default=None, help="record --steps more steps into this folder (profile)"
+  )
   parser.add_argument(
     "--base_width", action="store_true", help="Base width with few layers at 224px (see above)"
   )

@@ -126,8 +126,11 @@ def vqa_score(matches: int, num_answers: int) -> float:
 
 
 def answer_counts(answers: Iterable[Sequence[str]]) -> collections.Counter:
-  """How often each (normalised) answer was given, over every annotation."""
-  return collections.Counter(normalize_answer(a) for question in answers for a in question)
+  """How often each (normalised) answer was given, over every annotation. What the
+  processing leaves empty ("?", "the") is no answer: it is not counted, so it is never
+  in the vocabulary, a training target or a baseline's prediction."""
+  normalized = (normalize_answer(a) for question in answers for a in question)
+  return collections.Counter(filter(None, normalized))
 
 
 def answer_vocabulary(answers: Iterable[Sequence[str]], size: int) -> list[str]:

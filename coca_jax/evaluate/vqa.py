@@ -35,6 +35,8 @@ def answer_score(prediction: str, answers: Sequence[str]) -> float:
   mean (1, 2, 3, >= 4 matching -> 0.3, 0.6, 0.9, 1.0), otherwise the plain
   min(#matching / 3, 1) (`coca_jax.data.answers.vqa_score`)."""
   prediction = normalize_answer(prediction)
+  if not prediction:  # nothing left to match ("?" matching a "?" is no answer)
+    return 0.0
   matches = sum(normalize_answer(a) == prediction for a in answers)
   return vqa_score(matches, len(answers))
 
@@ -47,9 +49,7 @@ def has_answers(answers: Sequence[str]) -> bool:
 
 def most_frequent_answer(train_answers: Sequence[Sequence[str]]) -> str:
   """The most frequent (normalised, non-empty) training answer; a ValueError without any."""
-  counts = answer_counts(train_answers)
-  counts.pop("", None)  # what the answer processing left of "?" or "the": no answer
-  ranked = counts.most_common(1)
+  ranked = answer_counts(train_answers).most_common(1)
   if not ranked:
     raise ValueError(
       f"no training answers ({len(train_answers)} training questions, none with an answer): "
@@ -83,7 +83,7 @@ def question_prior_baseline(
   answer (blind to the image; an unseen question gets the overall majority answer)."""
   by_question = collections.defaultdict(collections.Counter)
   for question, given in zip(train_questions, train_answers):
-    by_question[question].update(filter(None, map(normalize_answer, given)))
+    by_question[question].update(answer_counts([given]))
   overall = most_frequent_answer(train_answers)
   predictions = [
     by_question[q].most_common(1)[0][0] if by_question.get(q) else overall for q in questions

@@ -195,9 +195,11 @@ def dot_product_attention(q, k, v, mask, heads_first: bool = False, implementati
       of transposing them every step (8.6x faster cross-attention at batch 16 on CPU).
     implementation: one of ATTENTION_IMPLEMENTATIONS; jax.nn.dot_product_attention
       takes [B, T, H, K] keys and values, so head-major ones always use "einsum".
-      "cudnn"'s training kernels take only even T and S (checked by jax at trace
-      time): a call with an odd length (the contrastive pooler's single query, the
-      unimodal stack's T + 1 tokens with [CLS]) runs "xla" instead, the same math.
+      "cudnn"'s training kernels take only even T and S: jax 0.11.2 refused the
+      contrastive pooler's single query (no mask) on an H200; 0.10.2's check refuses
+      odd lengths only with a mask. A call with an odd length (that query, the unimodal
+      stack's T + 1 tokens with [CLS], a ViT with a class token) runs "xla" instead,
+      the same math.
   Returns:
     [B, T, H, K] in the dtype of v.
   """
