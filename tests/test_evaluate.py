@@ -203,6 +203,7 @@ def vocab(sentencepiece_model):
   return vocab_lib.load(sentencepiece_model)
 
 
+@pytest.mark.slow  # every evaluation of the suite on a tiny model (~12 s)
 def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
   config = tiny.get_config()
   config.eval.evals = "zero_shot,retrieval,captioning,frozen"

@@ -66,6 +66,7 @@ class PatchTokens:
 @pytest.mark.skipif(
   not prepare.is_prepared(), reason="demo data not prepared (.ci/run prepares it)"
 )
+@pytest.mark.slow  # trains the probe through the suite (~7 s)
 def test_suite_trains_the_probe_on_the_train_split_and_scores_the_eval_split():
   from configs import demo
 

@@ -86,6 +86,7 @@ def test_meshes_agree_with_a_single_device(mesh_shape, single_device_run):
   )
 
 
+@pytest.mark.slow  # initialises sharded state on a 2x2x2 mesh (~9 s)
 def test_params_and_optimizer_state_are_sharded_by_the_rules():
   config = configured((2, 2, 2))
   config.optim.factored_min_dim = 4
