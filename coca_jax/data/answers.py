@@ -125,6 +125,12 @@ def vqa_score(matches: int, num_answers: int) -> float:
   return (left_out_agreeing + left_out_other) / num_answers
 
 
+def has_answers(answers: Sequence[str]) -> bool:
+  """Whether a question's human `answers` can score a prediction and give a training
+  target: at least one is left non-empty by the answer processing (`normalize_answer`)."""
+  return any(normalize_answer(a) for a in answers)
+
+
 def answer_counts(answers: Iterable[Sequence[str]]) -> collections.Counter:
   """How often each (normalised) answer was given, over every annotation. What the
   processing leaves empty ("?", "the") is no answer: it is not counted, so it is never

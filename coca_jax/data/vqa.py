@@ -164,11 +164,11 @@ USABLE = (
 def usable(row: dict, data_config=None) -> bool:
   """Whether a parsed row (numpy: "image" encoded, "question", "answers" [n] bytes) can be
   trained on and scored: the pipeline drops a blank question or an undecodable image
-  (preprocess.decode), and a question without answers (none left non-empty by
-  vqa_answers.normalize_answer, as the metric compares them) has no target and no accuracy."""
+  (preprocess.decode), and a question without answers (`vqa_answers.has_answers`, the
+  evaluation's rule) has no target and no accuracy."""
   del data_config  # the video source's `usable` needs it
   answers = [a.decode("utf-8", "replace") for a in row["answers"]]
-  if not row["question"].strip() or not any(vqa_answers.normalize_answer(a) for a in answers):
+  if not row["question"].strip() or not vqa_answers.has_answers(answers):
     return False
   try:
     images.decode(row["image"])

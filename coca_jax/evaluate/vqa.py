@@ -26,7 +26,7 @@ from absl import logging
 from flax import nnx
 
 from coca_jax import predict
-from coca_jax.data.answers import answer_counts, normalize_answer, vqa_score
+from coca_jax.data.answers import answer_counts, has_answers, normalize_answer, vqa_score
 
 
 def answer_score(prediction: str, answers: Sequence[str]) -> float:
@@ -39,12 +39,6 @@ def answer_score(prediction: str, answers: Sequence[str]) -> float:
     return 0.0
   matches = sum(normalize_answer(a) == prediction for a in answers)
   return vqa_score(matches, len(answers))
-
-
-def has_answers(answers: Sequence[str]) -> bool:
-  """Whether a question's human `answers` can score a prediction: at least one of them is
-  left non-empty by the answer processing (normalize_answer)."""
-  return any(normalize_answer(a) for a in answers)
 
 
 def most_frequent_answer(train_answers: Sequence[Sequence[str]]) -> str:
