@@ -70,8 +70,9 @@ TEMPLATES = (
 # existed (an older export's config.json) gets the default.
 MODEL_OPTIONS = dict(
   # Attention kernel (no parameters): "einsum" (coca_jax/models/layers.py), or
-  # jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU only).
-  attention="einsum",
+  # jax.nn.dot_product_attention's "xla" or "cudnn" (fused, GPU only); "auto": "cudnn"
+  # on GPUs with bfloat16 / float16 compute, else "einsum" (models/coca.py).
+  attention="auto",
   # MLP activation: GELU with the tanh approximation (True) or the exact erf form (False).
   gelu_approximate=True,
   # A bias on attention keys. Softmax over keys is invariant to it, so the paper's layout

@@ -1,4 +1,5 @@
-"""layers.matmul: values and gradients against float64 NumPy, in float32 and bfloat16.
+"""layers.matmul: values and gradients against float64 NumPy, in float32 and bfloat16,
+with the GEMM outputs of CPUs and TPUs (float32) and of GPUs (low precision).
 
 matmul runs its own backward in both (bfloat16: bf16 x bf16 -> f32 matmuls, a float32
 bias sum); the reference is float64 on the same dtype-rounded inputs and cotangents.
@@ -31,10 +32,15 @@ def np_spec(spec, ndim):
   return spec.replace("...", "ABCDEFGH"[: ndim - 1]) if "..." in spec else spec
 
 
+@pytest.mark.parametrize("gemm_output", ["float32", "low precision (GPUs)"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("out", ["same", "float32"])
 @pytest.mark.parametrize("spec,x_shape,k_shape,b_shape", CASES)
-def test_matmul_value_and_gradients(spec, x_shape, k_shape, b_shape, dtype, out):
+def test_matmul_value_and_gradients(
+  spec, x_shape, k_shape, b_shape, dtype, out, gemm_output, monkeypatch
+):
+  gpu = gemm_output != "float32"
+  monkeypatch.setattr(layers, "gemm_outputs_low_precision", lambda: gpu)
   rng = np.random.default_rng(0)
   x = rng.normal(size=x_shape).astype(np.float32)
   kernel = rng.normal(size=k_shape).astype(np.float32)
@@ -91,6 +97,25 @@ def test_bfloat16_backward_matmuls_accumulate_in_float32(out_dtype):
   for line in dots:
     assert "(tensor<" in line and "bf16>, tensor<" in line and "-> tensor<" in line, line
     assert line.rstrip().endswith("xf32>"), line
+
+
+def test_on_gpus_bfloat16_gemms_output_bfloat16(monkeypatch):
+  """On GPUs (forced here) the forward and d(x) dots of a bfloat16 matmul give bfloat16,
+  the kernel gradient float32; a float32 output (the vocabulary logits) stays float32."""
+  monkeypatch.setattr(layers, "gemm_outputs_low_precision", lambda: True)
+  x, kernel, bias = jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((16,))
+
+  def result_types(out_dtype):
+    def loss(x, kernel):
+      y = layers.matmul("...i,io->...o", x, kernel, jnp.bfloat16, jnp.dtype(out_dtype), bias)
+      return (y.astype(jnp.float32) ** 2).sum()
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, kernel).as_text()
+    dots = [line for line in hlo.splitlines() if "stablehlo.dot_general" in line]
+    return sorted(line.rstrip().rsplit("x", 1)[-1] for line in dots)
+
+  assert result_types("bfloat16") == ["bf16>", "bf16>", "f32>"]  # y, d(x); d(kernel)
+  assert result_types("float32") == ["bf16>", "f32>", "f32>"]  # d(x); y, d(kernel)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

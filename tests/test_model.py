@@ -8,7 +8,7 @@ from flax import nnx
 
 from coca_jax import decode, losses
 from coca_jax import params as params_lib
-from coca_jax.models import coca
+from coca_jax.models import coca, layers
 from configs import base, large, tiny
 from configs import coca as coca_cfg
 
@@ -222,6 +222,34 @@ def test_cudnn_attention_takes_only_even_lengths(monkeypatch):
     (8, 8, True, "cudnn"),  # multimodal self-attention
     (8, 8, False, "cudnn"),  # multimodal cross-attention to the 8 caption tokens
   }
+
+
+def test_auto_attention_is_cudnn_on_gpus_with_low_precision_compute():
+  config = tiny.get_config()
+  assert config.model.attention == "auto"
+  for dtype, backend, expected in [
+    ("bfloat16", "gpu", "cudnn"),
+    ("float16", "gpu", "cudnn"),
+    ("float32", "gpu", "einsum"),
+    ("bfloat16", "cpu", "einsum"),
+    ("bfloat16", "tpu", "einsum"),
+  ]:
+    config.model.dtype = dtype
+    assert coca.attention_implementation(config.model, backend) == expected, (dtype, backend)
+  config.model.dtype = "bfloat16"
+  model = coca.build(config.model)
+  kernels = {m.implementation for _, m in nnx.iter_modules(model) if hasattr(m, "implementation")}
+  assert kernels == {"einsum"}  # this CPU
+
+
+def test_cudnn_takes_only_head_dims_that_are_multiples_of_8_up_to_128():
+  assert layers.cudnn_takes(8, 16, 64)
+  assert layers.cudnn_takes(8, 16, 128)
+  assert layers.cudnn_takes(8, 16, 88)  # CoCa 2.1B: 1408 / 16 heads
+  assert not layers.cudnn_takes(8, 16, 12)
+  assert not layers.cudnn_takes(8, 16, 136)
+  assert not layers.cudnn_takes(9, 16, 64)
+  assert not layers.cudnn_takes(8, 15, 64)
 
 
 def test_unknown_attention_kernel_is_named():
