@@ -34,6 +34,13 @@ POS_EMBEDDING = ("params", *vit.POS_EMBEDDING_PATH)
 STATE, DATA = "state", "data"  # the items of a step
 SKIPPED_DIR = "skipped_checkpoints"  # in the workdir, next to `checkpoints`
 RETRY_S = 2.0  # before reading an unreadable step a second time
+# Orbax writes an array replicated over R devices in R slices, one per replica ("replica
+# parallel"), cutting each slice with an eager jax op: one compile per slice shape at the
+# first save, a dispatch per slice at every save. Only arrays whose slice is at least
+# this big are cut; the others are written whole by one replica. Tiny config on 8 CPU
+# devices: first save 13.75 -> 0.25 s (257 compiles -> none), later saves 1.1-1.8 -> 0.2-0.6
+# s (2 cores).
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
 class UnreadableCheckpointError(ValueError):
@@ -57,6 +64,12 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
   config.train.keep_checkpoints (>= 1, `check_keep`) steps."""
   if not read_only:
     check_keep(train_config)
+  # StandardCheckpointHandler serialises jax.Arrays with the process-wide handler.
+  ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True,
+  )
   options = ocp.CheckpointManagerOptions(
     max_to_keep=train_config.keep_checkpoints,
     enable_async_checkpointing=not read_only,

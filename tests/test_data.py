@@ -87,6 +87,9 @@ def make_config(root, **rates):
   c.shuffle_buffer = 64
   c.image.flip = True
   c.jft_style.eval_split = "test"
+  # Named, so the trainer does not take this folder for the demo's and build the
+  # emoji dataset into it (loader.resolve -> prepare.ensure: 29 s of one test).
+  c.jft_style.tfds_data_dir = str(root / "tfds")
   c.alt_text.files = str(root / "alt-*.tfrecord")
   if rates:
     c.rates = rates
@@ -436,6 +439,7 @@ def test_tiny_training_on_the_mixture_with_periodic_evaluation(data_dir, tmp_pat
   for key in ("data_dir", "vocab_path", "shuffle_buffer"):
     config.data[key] = data[key]
   config.data.alt_text.files = data.alt_text.files
+  config.data.jft_style.tfds_data_dir = data.jft_style.tfds_data_dir
   config.model.text.vocab_size = 128
   config.train.update(steps=4, eval_every=2, checkpoint_every=2, export_dtype="float32")
   # Captioning and its gallery are covered by test_evaluate; here the data-side eval sets.

@@ -46,6 +46,7 @@ from coca_jax import state as state_lib
 from coca_jax import step as step_lib
 from coca_jax.bench import trace
 from coca_jax.data import loader, synthetic
+from coca_jax.models import coca
 
 PROG = "python -m coca_jax.bench step"
 
@@ -186,7 +187,9 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     model=(
       f"width {m.width}, {m.heads} heads, {m.vision.layers} vision + {m.text.unimodal_layers}+"
       f"{m.text.multimodal_layers} decoder layers, {m.vision.image_size}px/{m.vision.patch_size}, "
-      f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}"
+      f"vocab {m.text.vocab_size}, {m.dtype}, remat {m.remat_policy}, "
+      f"{'scanned' if m.scan_layers else 'unrolled'} layers, "
+      f"attention {coca.attention_implementation(m)}"
     ),
     params=params_lib.total(layout.abstract["params"]),
     devices=jax.device_count(),
