@@ -69,3 +69,10 @@ def run_main(capsys, monkeypatch):
     return status, captured.out, captured.err
 
   return run
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked slow run first (the order is otherwise kept): with pytest-xdist's work
+  stealing (`--dist=worksteal`, pyproject.toml), the two workers then end together on
+  short tests instead of one running the long multi-process tests alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
