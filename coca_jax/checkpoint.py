@@ -15,6 +15,7 @@ save moves every step at or above the one it writes to `<workdir>/skipped_checkp
 then writes.
 """
 
+import functools
 import time
 
 import jax
@@ -64,12 +65,7 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
   config.train.keep_checkpoints (>= 1, `check_keep`) steps."""
   if not read_only:
     check_keep(train_config)
-  # StandardCheckpointHandler serialises jax.Arrays with the process-wide handler.
-  ocp.type_handlers.register_type_handler(
-    jax.Array,
-    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
-    override=True,
-  )
+  use_array_handler()
   options = ocp.CheckpointManagerOptions(
     max_to_keep=train_config.keep_checkpoints,
     enable_async_checkpointing=not read_only,
@@ -82,6 +78,18 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
     options=options,
     # Handlers named up front so a fresh manager can read item metadata before restoring.
     item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},
+  )
+
+
+@functools.cache
+def use_array_handler() -> None:
+  """Registers, once per process, the jax.Array handler with MIN_REPLICA_SLICE_BYTES:
+  Orbax's StandardCheckpointHandler (checkpoints here, exports in export.py) serialises
+  jax.Arrays with the process-wide one."""
+  ocp.type_handlers.register_type_handler(
+    jax.Array,
+    ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
+    override=True,
   )
 
 

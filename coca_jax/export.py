@@ -63,6 +63,7 @@ def write(
   if jax.process_index() == 0 and staging.exists():
     staging.rmtree()
   cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  checkpoint.use_array_handler()
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(staging / "params", cast)
   checkpointer.wait_until_finished()

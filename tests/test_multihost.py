@@ -110,16 +110,18 @@ def test_two_processes_match_one(tmp_path, sentencepiece_model):
   synthetic eval sets. (A contiguous data-8 case ran here too; the interleaved one is the
   harder, and test_sigterm_... below runs `-m coca_jax.train` on two contiguous
   processes.)"""
-  program, mesh = INTERLEAVED, (2, 4)
-  flags = [*FLAGS, f"--config.mesh.data={mesh[0]}", f"--config.mesh.fsdp={mesh[1]}"]
-  flags += [
+  mesh = (2, 4)
+  flags = [
+    *FLAGS,
+    f"--config.mesh.data={mesh[0]}",
+    f"--config.mesh.fsdp={mesh[1]}",
     f"--config.train.eval_every={STEPS}",
     "--config.eval.evals=zero_shot,retrieval,captioning,frozen",
     "--config.eval.frozen.steps=5",
     f"--config.data.vocab_path={sentencepiece_model}",
   ]
   multi_dir, single_dir = tmp_path / "multi", tmp_path / "single"
-  procs = start_processes(program, flags, multi_dir, free_port())
+  procs = start_processes(INTERLEAVED, flags, multi_dir, free_port())
   outputs = finish(procs)
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
