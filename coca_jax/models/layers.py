@@ -124,12 +124,12 @@ def _kernel_grad(x_spec: str, out: str, kernel_spec: str, x, grad) -> jax.Array:
   XLA's CPU layout assignment transposes x however the dot is written, fused into x's
   producer as strided writes. Where grad is the smaller (the MLP's down-projection: x
   [B S F], grad [B S D]), float32 on one CPU device computes the gradient transposed, as
-  grad^T x, and then transposes that kernel-sized result. The barriers keep XLA from
-  folding the transpose back into the dot and from fusing grad's transposed copy into
-  grad's producer. Measured at the benchmark's width 256, float32: the down-projection's
-  kernel gradient with its GELU 10.6 -> 6.8 ms, the training step 0.68-0.70 -> 0.59
-  s/step. bfloat16 measured slower that way (0.36 -> 0.38-0.42 s/step), and other
-  platforms transpose inside their matmul units: both take the einsum.
+  grad^T x, and then transposes that kernel-sized result. A barrier keeps XLA from
+  folding the transpose back into the dot; grad is `_materialized` before its transposed
+  copy. Measured at the benchmark's width 256, float32: the down-projection's kernel
+  gradient with its GELU 10.6 -> 6.8 ms, the training step 0.68-0.70 -> 0.59 s/step.
+  bfloat16 measured slower that way (0.36 -> 0.38-0.42 s/step), and other platforms
+  transpose inside their matmul units: both take the einsum.
   """
   f32 = jnp.float32
 
@@ -145,11 +145,33 @@ def _kernel_grad(x_spec: str, out: str, kernel_spec: str, x, grad) -> jax.Array:
   flipped = "".join(c for c in out + x_spec if c in kernel_spec)
 
   def transposed(x, grad):
-    grad = jax.lax.optimization_barrier(grad)
-    dk = jnp.einsum(f"{out},{x_spec}->{flipped}", grad, x, preferred_element_type=f32)
+    dk = jnp.einsum(
+      f"{out},{x_spec}->{flipped}", _materialized(grad), x, preferred_element_type=f32
+    )
     return jnp.einsum(f"{flipped}->{kernel_spec}", jax.lax.optimization_barrier(dk))
 
   return jax.lax.platform_dependent(x, grad, cpu=transposed, default=direct)
+
+
+def _materialized(a: jax.Array) -> jax.Array:
+  """`a`, written to memory once before its consumers read it (XLA CPU, inside
+  `_kernel_grad`'s CPU branch only).
+
+  XLA CPU drops optimization barriers before it fuses (none is left in the compiled
+  program), and it duplicates cheap elementwise producers into every consumer. The
+  narrow cotangent of a down-projection is the residual stream's, a sum over every later
+  layer's LayerNorm backward, so its transposed copy recomputed that whole chain element
+  by element, with strided writes: copies with 59, 43, 27 and 9 operands in the
+  benchmark's 4-layer ViT, quadratic in depth (copies were 13.5% of the width-256 float32
+  step's op time, 5.3% after). A conditional is a fusion boundary: its operand is
+  computed once, and the copy reads it. The predicate reads one element, so it is not
+  constant-folded; both branches return `a` (the second only where a[0] is NaN).
+  Measured with the steps of both versions alternated in one process (coca_jax.bench
+  open_clip's model, float32): width 128 1.16x, width 256 1.09x and 1.11x (paper layout
+  1.10x), width 512 1.08x and 0.97x; the demo's scanned step 0.98x (within noise).
+  """
+  first = a.reshape(-1)[0]
+  return jax.lax.cond(first == first, lambda a: a, lambda a: a * 1.0, a)
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
