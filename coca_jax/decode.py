@@ -185,7 +185,8 @@ def recompute_step_model(model, caption_tokens: jax.Array, max_length: int) -> S
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
-  """Sets logits outside the top-k / nucleus (top-p) sets to NEG.
+  """Sets logits outside the top-k / nucleus (top-p) sets to -inf (not NEG: logits
+  divided by a tiny temperature can lie below NEG, and a filtered token would win).
 
   logits: [B, V] float32. top_k: keep the k largest (0: all). top_p: keep the smallest
   set of most likely tokens whose probability reaches p (the most likely token is always
@@ -193,7 +194,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
   """
   if top_k and top_k < logits.shape[-1]:
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-    logits = jnp.where(logits < kth, NEG, logits)
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
@@ -202,7 +203,7 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     keep_sorted = mass_before < top_p
     # The smallest kept logit is the threshold (ties at it are kept too).
     threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, NEG, logits)
+    logits = jnp.where(logits < threshold, -jnp.inf, logits)
   return logits
 
 

@@ -240,6 +240,22 @@ def test_filter_logits_top_k_and_top_p_by_hand():
   np.testing.assert_array_equal(kept, [[False, True, True, True]])
 
 
+def test_sampling_at_a_tiny_temperature_never_draws_a_filtered_token():
+  """Logits of -0.5 to -2 over a temperature of 1e-12 reach -2e12, below any finite
+  filler value: the filtered tokens must still be impossible, so top-k 1 is argmax."""
+  table = jnp.asarray([[-2.0, -1.5, -0.5, -1.0]], jnp.float32)
+
+  def step(ids, cache, context):
+    return jnp.broadcast_to(table, (ids.shape[0], 4)), cache
+
+  rows = 256
+  model = decode.StepModel(step, jnp.zeros((rows,)), jnp.zeros((rows,)), 0, 0)
+  out = decode.sample_loop(
+    model, batch=rows, max_length=1, temperature=1e-12, top_k=1, rng=jax.random.key(0)
+  )
+  np.testing.assert_array_equal(np.asarray(out.tokens)[:, 0], np.full(rows, 2))
+
+
 @pytest.mark.slow  # ~7 s
 def test_decoding_a_batch_sharded_over_eight_devices(graphdef_params):
   graphdef, params = graphdef_params
