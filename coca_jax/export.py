@@ -60,6 +60,8 @@ def write(
   check_destination(output_dir, vocab_file, config)
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
+  # Orbax's save starts with a barrier, so the others look at the staging folder only
+  # after this clean-up.
   if jax.process_index() == 0 and staging.exists():
     staging.rmtree()
   cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
@@ -67,8 +69,19 @@ def write(
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(staging / "params", cast)
   checkpointer.wait_until_finished()
-  if jax.process_index() != 0:
-    return
+  if jax.process_index() == 0:
+    _complete(staging, output, config, vocab_file)
+    logging.info("Exported %s parameters to %s", dtype, output)
+  # No process returns (and exits into jax.distributed's shutdown barrier, whose timeout
+  # would kill process 0 mid-rename on slow storage) before the export is in place.
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"coca_jax export {output} complete")
+
+
+def _complete(staging, output, config, vocab_file) -> None:
+  """Process 0: adds config.json and the vocabulary to the staged parameters, then puts
+  the staging folder in place of `output` (an older export is moved aside first and
+  deleted last, so one of the two is always complete)."""
   (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   if vocab_file:
     epath.Path(vocab_file).copy(staging / _vocab_name(vocab_file))
@@ -81,7 +94,6 @@ def write(
     old.rmtree()
   else:
     staging.rename(output)
-  logging.info("Exported %s parameters to %s", dtype, output)
 
 
 def check_output(output_dir: str) -> None:
