@@ -1,0 +1,32 @@
+"""In-order collectives for multi-device CPU programs (8 fake CPU devices, CPU processes).
+
+XLA CPU's concurrency-optimised scheduler may start one program's collectives in a
+different order on different devices. Each collective is a rendezvous of all of them, so
+such a program hangs, and XLA aborts it after 40 s ("Termination timeout for `all
+reduce ...`"): seen on 8 fake devices with the open_clip layout on the demo mixture,
+device 0 waiting in an all-gather while the other 7 waited in an all-reduce. Which
+programs hang depends on the whole graph (a different loss formula was enough). With the
+scheduler off the devices keep program order. A one-device CPU run has no collectives
+and keeps the default.
+"""
+
+import os
+import re
+
+from coca_jax import accelerators
+
+FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def keep_in_order() -> bool:
+  """Adds FLAG to XLA_FLAGS when they ask for several CPU devices on a CPU-only host and
+  say nothing of the scheduler; returns whether it did. Must run before JAX's CPU client
+  exists (XLA reads the flags then)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
+  if accelerators.present() or not count or int(count.group(1)) < 2:
+    return False
+  if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
+  return True
