@@ -49,8 +49,10 @@ The two models are the same size, not the same architecture (parameter counts pr
   like coca_jax's); its unimodal tower sees T + 2 positions with [CLS], coca_jax's T + 1.
 - Optimizer: torch AdamW (open_clip's training default) vs coca_jax's Adafactor with
   decoupled weight decay (the paper's); Adafactor keeps factored second moments.
-- Loss: open_clip's CoCaLoss (CLIP loss + 2 x caption cross-entropy) vs coca_jax's total
-  loss (same weights; coca_jax also computes contrastive accuracy and norms as metrics).
+- Loss: open_clip's CoCaLoss vs coca_jax's total loss, the same objective: open_clip's
+  CLIP loss averages the two directions (half of the paper's Eq. 1, coca_jax's
+  contrastive loss), so it runs with twice coca_jax's contrastive weight; caption weight 2
+  on both sides (coca_jax also computes contrastive accuracy and norms as metrics).
 """
 
 import argparse
@@ -136,7 +138,9 @@ def worker_spec(config, args) -> dict:
     vocab_size=m.text.vocab_size,
     max_text_len=m.text.max_len,
     caption_queries=m.pooler.caption_queries,
-    contrastive_weight=config.loss.contrastive_weight,
+    # open_clip's ClipLoss averages the two directions, half of coca_jax's Eq. 1 sum:
+    # twice the weight gives both sides the same objective.
+    contrastive_weight=2 * config.loss.contrastive_weight,
     caption_weight=config.loss.caption_weight,
     lr=config.optim.lr,
     precision="amp_bf16" if m.dtype == "bfloat16" else "fp32",

@@ -185,6 +185,8 @@ def coca_config(
   m.video = ml_collections.ConfigDict(dict(num_classes=0))
 
   # ---- loss (Section 3.3: L = lambda_con * L_con + lambda_cap * L_cap) ----
+  # L_con is Eq. 1, the sum of both directions' cross-entropies (losses.contrastive_loss);
+  # contrastive_weight=0.5 gives open_clip's CoCaLoss, which averages them.
   # vqa_weight: the answer-classification loss (losses.vqa_loss), used only when the model
   # has a VQA head; the captioning loss then runs on the question (an auxiliary term).
   # video_weight: softmax cross-entropy of the video head on video batches (source "video").

@@ -29,7 +29,10 @@ def contrastive_logits(
 
 
 def contrastive_loss(image_embedding, text_embedding, temperature) -> tuple[jax.Array, jax.Array]:
-  """Symmetric InfoNCE: mean of image->text and text->image softmax cross-entropy.
+  """Symmetric InfoNCE, the paper's Eq. 1: the SUM of the image->text and text->image
+  softmax cross-entropies, each a mean over the batch (-1/N (sum_i log p_i2t + sum_i log
+  p_t2i)). open_clip's ClipLoss takes their mean, half of this: `loss.contrastive_weight
+  = 0.5` reproduces its objective.
 
   Pair i is (image i, text i); every other example of the batch is a negative.
   Returns (loss scalar, image->text top-1 accuracy scalar).
@@ -39,7 +42,7 @@ def contrastive_loss(image_embedding, text_embedding, temperature) -> tuple[jax.
   image_to_text = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   text_to_image = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   accuracy = jnp.mean(jnp.argmax(logits, axis=1) == labels)
-  return 0.5 * (image_to_text + text_to_image), accuracy
+  return image_to_text + text_to_image, accuracy
 
 
 def captioning_loss_sum(

@@ -61,7 +61,7 @@ def grads_metrics_params(config, batch, train_step: bool):
 
 
 def numpy_contrastive_loss(config, params, batch) -> float:
-  """Symmetric InfoNCE over all B pairs, in NumPy, from the model's embeddings."""
+  """Symmetric InfoNCE (Eq. 1) over all B pairs, in NumPy, from the model's embeddings."""
   model = state_lib.model_from_params(
     state_lib.setup(config, jax.devices()[:1]).layout.graphdef, params
   )
@@ -71,7 +71,7 @@ def numpy_contrastive_loss(config, params, batch) -> float:
   diag = np.diag(logits)
   rows = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1) - diag
   cols = np.log(np.exp(logits - logits.max(0)).sum(0)) + logits.max(0) - diag
-  return 0.5 * (rows.mean() + cols.mean())
+  return rows.mean() + cols.mean()  # Eq. 1: both directions summed
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ def np_contrastive(img, txt, tau):
   n = len(img)
   i2t = -np_log_softmax(logits, 1)[np.arange(n), np.arange(n)].mean()
   t2i = -np_log_softmax(logits, 0)[np.arange(n), np.arange(n)].mean()
-  return (i2t + t2i) / 2
+  return i2t + t2i  # the paper's Eq. 1: both directions summed
 
 
 def normalized(rng, shape):
@@ -111,3 +111,11 @@ def test_one_gradient_step_lowers_the_loss():
   updates, _ = optimizer.update(grads, optimizer.init(params), params)
   loss1 = jax.jit(loss_fn)(optax.apply_updates(params, updates))
   assert float(loss1) < float(loss0)
+
+
+def test_contrastive_loss_is_eq_1_by_hand():
+  """Eq. 1 of the paper sums both directions: with every logit equal (identical texts),
+  each direction's cross-entropy is log B, so L_con = 2 log B (open_clip's mean: log B)."""
+  emb = np.tile(np.array([[0.6, 0.8]], np.float32), (4, 1))
+  loss, _ = losses.contrastive_loss(jnp.asarray(emb), jnp.asarray(emb), 0.07)
+  np.testing.assert_allclose(float(loss), 2 * np.log(4), rtol=1e-6)

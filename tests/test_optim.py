@@ -329,14 +329,14 @@ def test_keep_in_range_never_leaves_the_range(temperature_range):
 
 
 def contrastive_loss_reference(log_inv_temperature: float, similarity: np.ndarray) -> float:
-  """Symmetric InfoNCE in float64 from the [B, B] cosine similarities."""
+  """Symmetric InfoNCE (Eq. 1) in float64 from the [B, B] cosine similarities."""
   logits = similarity * np.exp(log_inv_temperature)
 
   def cross_entropy(z):
     z = z - z.max(axis=1, keepdims=True)
     return np.mean(np.log(np.exp(z).sum(axis=1)) - np.diag(z))
 
-  return 0.5 * (cross_entropy(logits) + cross_entropy(logits.T))
+  return cross_entropy(logits) + cross_entropy(logits.T)  # Eq. 1: both directions summed
 
 
 @pytest.mark.parametrize("where", ["low", "inside", "high"])

@@ -138,7 +138,7 @@ def test_contrastive_loss_uses_the_global_batch():
   logits = img @ txt.T / 0.1
   lse_rows = np.log(np.exp(logits).sum(1))
   lse_cols = np.log(np.exp(logits).sum(0))
-  want = 0.5 * ((lse_rows - np.diag(logits)).mean() + (lse_cols - np.diag(logits)).mean())
+  want = (lse_rows - np.diag(logits)).mean() + (lse_cols - np.diag(logits)).mean()  # Eq. 1
   np.testing.assert_allclose(got, want, rtol=1e-5)
   # Per-device losses (negatives from 2 examples only) would differ a lot.
   assert abs(got - want) < 1e-4
