@@ -387,3 +387,23 @@ def test_a_label_that_is_no_class_index_names_the_files(tmp_path, sentencepiece_
   with pytest.raises(ValueError, match="eval_files=.* holds label 2, outside 0..1"):
     video.eval_set(config)
   video.check_labels(np.array([0, 1]), 2, config.data, "train")  # in range: no error
+
+
+def test_a_shard_whose_files_are_empty_is_an_error_naming_it(tmp_path, sentencepiece_model):
+  """Two files, one empty, two data shards: seqio gives each shard one whole file, so
+  shard 1 reads nothing. Its host ran out of batches without a word (one eval batch
+  short of the others: a hang in the next collective); now its stream says so."""
+  from coca_jax import sharding
+  from coca_jax.data import loader, video
+
+  frame = video._png(np.full((8, 8, 3), 90, np.uint8))
+  _write_clips(tmp_path / "clips-0.tfrecord", [([frame], 0), ([frame], 1)])
+  _write_clips(tmp_path / "clips-1.tfrecord", [])
+  pattern = str(tmp_path / "clips-*.tfrecord")
+  config = loader.resolve(_files_config(tmp_path, sentencepiece_model, pattern, pattern))
+  for split in ("train", "eval"):
+    first = sharding.DataShard(index=0, count=2, rows=np.array([0, 2]), device_rows={})
+    assert next(loader.shard_batches(config, split, first))["video"].shape[0] == 2
+    empty = sharding.DataShard(index=1, count=2, rows=np.array([1, 3]), device_rows={})
+    with pytest.raises(RuntimeError, match=f"the {split} input of data shard 1 of 2 ended"):
+      next(loader.shard_batches(config, split, empty))

@@ -183,6 +183,29 @@ def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict
     len(shard.rows),
     sharding.describe_rows(shard.rows),
   )
+  return shard_batches(config, split, shard, start_step)
+
+
+def shard_batches(config, split: str, shard, start_step: int = 0) -> Iterator[dict]:
+  """Endless host-local numpy batches of data shard `shard` (a sharding.DataShard). A
+  stream that ends is a RuntimeError naming the shard: seqio gives each shard whole files
+  when there are at least as many files as shards, so one empty file empties a shard.
+  Silently, that host would run out of batches and step out of the collectives (one eval
+  batch short: a hang) while the others go on."""
+  for batch in _source_batches(config, split, shard, start_step):
+    yield batch
+  source = config.data.source
+  where = describe_split(config.data, source, split) if source in ("vqa", "video") else source
+  raise RuntimeError(
+    f"the {split} input of data shard {shard.index} of {shard.count} ended: {where} gives "
+    f"this shard no examples it keeps (an empty file among at least {shard.count} files: "
+    "seqio gives each shard whole files, or fewer examples than shards). Remove empty "
+    "files, or write the split as at least as many non-empty files as data shards"
+  )
+
+
+def _source_batches(config, split: str, shard, start_step: int) -> Iterator[dict]:
+  """The batches of `config.data.source` for `shard` (endless unless its files are empty)."""
   if config.data.source == "synthetic":
     from coca_jax.data import synthetic
 
