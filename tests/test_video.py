@@ -389,6 +389,7 @@ def test_a_label_that_is_no_class_index_names_the_files(tmp_path, sentencepiece_
   video.check_labels(np.array([0, 1]), 2, config.data, "train")  # in range: no error
 
 
+@pytest.mark.slow  # ~11 s: four tf.data pipelines
 def test_a_shard_whose_files_are_empty_is_an_error_naming_it(tmp_path, sentencepiece_model):
   """Two files, one empty, two data shards: seqio gives each shard one whole file, so
   shard 1 reads nothing. Its host ran out of batches without a word (one eval batch
