@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 import coca_jax
-from coca_jax import accelerators
+from coca_jax import accelerators, cpu_collectives
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(coca_jax.__file__))
 
@@ -84,8 +84,12 @@ def start_backends() -> None:
   accelerator device files, stderr is captured meanwhile and libtpu's start-up noise
   dropped; elsewhere (TPU and GPU hosts: a start that waits for other hosts or fails must
   print as it happens) nothing is captured. Call it after jax.distributed.initialize and
-  host_memory.tune_for_cpu, which must precede the backends."""
+  host_memory.tune_for_cpu, which must precede the backends. First it sets the XLA flag
+  that keeps a multi-device CPU program's collectives in order (`cpu_collectives`), which
+  XLA reads when the CPU client starts."""
   import jax
+
+  cpu_collectives.keep_in_order()
 
   if importlib.util.find_spec("libtpu") is None or accelerators.present():
     jax.devices()

@@ -29,7 +29,6 @@ from ml_collections import config_flags
 from coca_jax import (
   checkpoint,
   console,
-  cpu_collectives,
   decode,
   export,
   flops,
@@ -466,7 +465,6 @@ def main(argv):
   if not f.workdir:
     raise app.UsageError("--workdir is required")
   host_memory.tune_for_cpu()  # before JAX's CPU client exists
-  cpu_collectives.keep_in_order()  # likewise
   if f.config is None:
     raise app.UsageError("--config is required (e.g. --config=configs/demo.py)")
   multihost.initialize(f.coordinator_address, f.num_processes, f.process_id)

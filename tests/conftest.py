@@ -3,16 +3,18 @@
 import os
 import tempfile
 
+from coca_jax import cpu_collectives
+
 # Compilation dominates these tiny programs; XLA's CPU backend at optimisation level 0
 # compiles ~30% faster (measured on 2 cores) and runs them no slower that it shows.
-# The scheduler flag: coca_jax/cpu_collectives.py (the trainer sets it itself; tests that
-# build meshes in-process need it here, before JAX is imported).
 os.environ["XLA_FLAGS"] = (
   os.environ.get("XLA_FLAGS", "")
   + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-  + " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The scheduler flag of coca_jax/cpu_collectives.py: entry points add it in
+# console.start_backends, and tests build meshes without them.
+cpu_collectives.keep_in_order()
 # TensorFlow (tf.data in the input pipeline) must not grab threads or devices needed by JAX.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")

@@ -14,7 +14,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from coca_jax import console, cpu_collectives, host_memory
+from coca_jax import console, host_memory
 
 # Name -> what it measures; each is coca_jax/bench/NAME.py with main(argv).
 BENCHMARKS = {
@@ -58,7 +58,6 @@ def main(argv: list[str]) -> None:
     print(f"unknown benchmark {name!r}; known: {known}\n\n{usage()}", file=sys.stderr)
     sys.exit(2)
   host_memory.tune_for_cpu()  # before JAX's CPU client exists
-  cpu_collectives.keep_in_order()  # likewise
   console.start_backends()
   if name in SCRIPTS:
     run_script(name, rest)

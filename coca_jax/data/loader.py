@@ -192,8 +192,7 @@ def shard_batches(config, split: str, shard, start_step: int = 0) -> Iterator[di
   when there are at least as many files as shards, so one empty file empties a shard.
   Silently, that host would run out of batches and step out of the collectives (one eval
   batch short: a hang) while the others go on."""
-  for batch in _source_batches(config, split, shard, start_step):
-    yield batch
+  yield from _source_batches(config, split, shard, start_step)
   source = config.data.source
   where = describe_split(config.data, source, split) if source in ("vqa", "video") else source
   raise RuntimeError(
