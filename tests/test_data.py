@@ -110,8 +110,10 @@ def source_of_rows(batch):
   return is_grey(batch["image"])
 
 
-# (jft_style rate, local batch, JFT-style rows per batch worked by hand): 7 x 0.75 = 5.25
-# and 7 x 0.25 = 1.75 floor to 5 + 1; the row left goes to the larger remainder (alt-text).
+# (jft_style rate, local batch, JFT-style rows of shard 1 of 2 worked by hand): the global
+# 14 rows x 0.75 = 10.5 and x 0.25 = 3.5 floor to 10 + 3; the row left goes to the first
+# source (remainders tie): 11 JFT-style rows at (2j + 1) / 22 and 3 alt-text rows at
+# 1/6, 1/2, 5/6 of the global batch, JJAJJJJ | AJJJAJJ, so shard 1 holds 5 of them.
 @pytest.mark.parametrize("jft_rate, batch_size, jft_rows", [(0.5, 8, 4), (0.75, 7, 5)])
 def test_every_batch_holds_the_configured_counts_also_after_resume(
   data_dir, jft_rate, batch_size, jft_rows
@@ -140,6 +142,19 @@ def test_source_counts_round_by_largest_remainder_and_rates_are_checked(data_dir
   assert counts(0.75, 0.25, 6) == (5, 1)  # remainders tie (0.5): the first source
   assert counts(1, 2, 10) == (3, 7)  # 3.33 + 6.67: rates need not sum to 1
   assert counts(1.0, 0.0, 5) == (5, 0)
+
+  # A shard's counts come from the global batch's: 1:1 over 2 hosts of 3 rows lays out
+  # JAJAJA, so the hosts hold 2 + 1 and 1 + 2 (3:3 in all, not 4:2 rounded per host).
+  def shard(rates, batch_size, index, shards):
+    got = pipeline.shard_counts(
+      dict(zip(("jft_style", "alt_text"), rates)), batch_size, index, shards
+    )
+    return got["jft_style"], got["alt_text"]
+
+  assert [shard((1, 1), 3, i, 2) for i in range(2)] == [(2, 1), (1, 2)]
+  for shards in (1, 2, 3, 4, 6, 12):  # 12 rows x 0.75 = 9 JFT-style, however they are split
+    per_shard = [shard((0.75, 0.25), 12 // shards, i, shards) for i in range(shards)]
+    assert np.sum(per_shard, axis=0).tolist() == [9, 3], (shards, per_shard)
   # Spread evenly: source i's j-th row at (j + 1/2) / n_i of the batch, ties in order.
   np.testing.assert_array_equal(pipeline.batch_layout([2, 2]), [0, 1, 0, 1])
   np.testing.assert_array_equal(pipeline.batch_layout([3, 1]), [0, 0, 1, 0])

@@ -10,12 +10,15 @@ Sharding: each process reads only its data shard, `seqio.ShardInfo(shard_index,
 num_shards)` where the caller passes the data-replica index of its devices (see
 coca_jax/data/loader.py), not blindly the process index.
 
-Proportions (Section 4.1: every batch is half JFT-style, half alt-text): each host batch
-holds exactly n_i rows of source i, n_i = b rate_i / sum(rates) rounded by largest
-remainder (`source_counts`: floors, then one more row to the largest remainders, ties to
-the source first in preprocess.KINDS), so the counts sum to b; a source with rate 0, or
-whose rate rounds to 0 rows, is not read. The global batch then holds num_shards n_i rows
-of source i. Which positions of the batch each source fills is the same at every step
+Proportions (Section 4.1: every batch is half JFT-style, half alt-text): the global
+batch of B = num_shards b rows holds exactly N_i rows of source i, N_i = B rate_i /
+sum(rates) rounded by largest remainder (`source_counts`: floors, then one more row to
+the largest remainders, ties to the source first in preprocess.KINDS), so the counts sum
+to B; a source with rate 0, or whose rate rounds to 0 rows, is not read. Shard s's host
+batch holds n_i(s) of them (`shard_counts`: the rows of source i among positions
+[s b, (s + 1) b) of the global layout below), the same at every step, and the n_i(s)
+sum to N_i over the shards: the proportions do not depend on the number of hosts.
+Which positions of the batch each source fills is the same at every step
 (`batch_layout`): each source's rows spread evenly over the batch, so that any contiguous
 or strided slice of it (a device's rows, a gradient-accumulation micro-batch) mixes the
 sources too; the losses do not depend on the order, and a fixed layout needs no seed.
@@ -126,7 +129,7 @@ def source_counts(rates, batch_size: int) -> dict[str, int]:
   if total == 0:
     raise ValueError(f"config.data.rates={rates}: all rates are 0; give a source a positive rate")
   if batch_size < 1:
-    raise ValueError(f"local batch size {batch_size}; expected at least 1 row")
+    raise ValueError(f"batch size {batch_size}; expected at least 1 row")
   quotas = [batch_size * rate / total for rate in exact]
   counts = [math.floor(q) for q in quotas]
   # The rows left by the floors go to the largest remainders (stable sort: ties in order).
@@ -134,6 +137,19 @@ def source_counts(rates, batch_size: int) -> dict[str, int]:
   for i in by_remainder[: batch_size - sum(counts)]:
     counts[i] += 1
   return dict(zip(kinds, counts))
+
+
+def shard_counts(rates, local_batch_size: int, shard_index: int, num_shards: int) -> dict:
+  """{source: rows of shard `shard_index`'s host batch}: the global batch's counts
+  (`source_counts` of num_shards * local_batch_size rows) laid out over the global batch
+  (`batch_layout`), then cut into num_shards contiguous host batches, this shard taking
+  the slice at its index. The counts over all shards sum to the global counts, so the
+  mixture's proportions do not depend on the number of shards (rates 1:1 over 2 hosts of
+  3 rows: 2 + 1 and 1 + 2 rows, 3:3 globally, where rounding per host gave 4:2)."""
+  counts = source_counts(rates, local_batch_size * num_shards)
+  layout = batch_layout(list(counts.values()))
+  mine = layout[shard_index * local_batch_size : (shard_index + 1) * local_batch_size]
+  return dict(zip(counts, np.bincount(mine, minlength=len(counts)).tolist()))
 
 
 def batch_layout(counts) -> np.ndarray:
@@ -159,17 +175,18 @@ def records(
   """The shard's endless record sequence from batch `start_step` on, as (position,
   record), and the batch layout: [b] index into `names` of each position's source (see
   the module docstring)."""
-  counts = source_counts(data_config.rates, local_batch_size)
+  counts = shard_counts(data_config.rates, local_batch_size, shard_index, num_shards)
   sources = [
     (kind, task, counts[kind]) for kind, task, _ in tasks.row_tasks(data_config) if counts[kind]
   ]
   for kind, rate in dict(data_config.rates).items():
     if rate > 0 and not counts[kind]:
       logging.warning(
-        "config.data.rates gives %s (rate %s) 0 of the %d rows of a host batch: not read",
+        "config.data.rates gives %s (rate %s) 0 of the %d rows of shard %d's batch: not read",
         kind,
         rate,
         local_batch_size,
+        shard_index,
       )
   names = [kind for kind, _, _ in sources]
   skips = [start_step * n for _, _, n in sources]
