@@ -204,8 +204,16 @@ def coca_config(
       beta1=0.9,
       beta2=0.999,
       weight_decay=0.01,
-      # Substrings of parameter paths that get no weight decay.
-      no_decay=("bias", "scale", "temperature", "pos_embedding", "cls_embedding"),
+      # Substrings of parameter paths that get no weight decay: every vector, and the
+      # position tables (class_embedding: open_clip's layout's ViT class token).
+      no_decay=(
+        "bias",
+        "scale",
+        "temperature",
+        "pos_embedding",
+        "cls_embedding",
+        "class_embedding",
+      ),
       update_clip=1.0,  # Adafactor's update clipping threshold
       grad_clip_norm=0.0,  # global-norm gradient clipping; 0 disables
       factored_min_dim=128,

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
+from coca_jax import config as config_lib
 from coca_jax import losses, optim
 from coca_jax.models import coca
 from configs import base, tiny
@@ -36,7 +37,12 @@ def path_name(path) -> str:
 def base_param_tree():
   """The Base config's parameters (ShapeDtypeStructs, nothing allocated) and their
   logical axis names, as nested dicts."""
-  model = nnx.eval_shape(lambda: coca.build(base.get_config().model))
+  return param_tree(base.get_config().model)
+
+
+def param_tree(model_config):
+  """model_config's parameters (ShapeDtypeStructs) and their logical axis names."""
+  model = nnx.eval_shape(lambda: coca.build(model_config))
   params = nnx.state(model, nnx.Param)
   names = jax.tree.map(
     lambda v: v.get_metadata()["out_sharding"],
@@ -141,6 +147,25 @@ def test_weight_decay_mask_on_the_base_model():
   for path, shape in jax.tree_util.tree_leaves_with_path(params):
     if path_name(path[-1:]) in DECAY_NAMES:
       assert shape.ndim - int(optim.is_stacked(path)) >= 2, path_name(path)
+
+
+def test_no_vector_is_decayed_in_open_clips_layout():
+  """The layout switch alone (as `bench open_clip` uses it) leaves every vector, one
+  layer's for stacks, undecayed, as open_clip does (its rule: fewer than 2 dimensions):
+  the ViT's class token and its position too."""
+  c = base.get_config()
+  config_lib.open_clip_layout(c.model, vision_width=768, vision_heads=12, pooler_heads=8)
+  params, _ = param_tree(c.model)
+  mask = optim.decay_mask(params, tuple(c.optim.no_decay))
+  decayed_vectors = [
+    path_name(path)
+    for (path, decays), shape in zip(
+      jax.tree_util.tree_leaves_with_path(mask), jax.tree.leaves(params)
+    )
+    if decays and shape.ndim - int(optim.is_stacked(path)) < 2
+  ]
+  assert not decayed_vectors
+  assert path_name_lookup(mask, "vision/class_embedding") is False
 
 
 def path_name_lookup(tree, path: str):

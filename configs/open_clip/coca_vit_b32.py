@@ -38,8 +38,6 @@ def open_clip_config(arg, *, width, heads, vision, patch_size):
   c.data.image.mean = (0.48145466, 0.4578275, 0.40821073)
   c.data.image.std = (0.26862954, 0.26130258, 0.27577711)
   c.data.image.resize = "bicubic"
-  # open_clip excludes its class embedding from weight decay too.
-  c.optim.no_decay = (*c.optim.no_decay, "class_embedding")
   return c
 
 
