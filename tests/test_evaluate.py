@@ -168,14 +168,26 @@ def test_ties_are_broken_at_random_in_expectation_and_nan_is_an_error():
   each way); collapsed
   embeddings (every score equal) give chance, not 1.0; NaN is an error."""
   half = retrieval.recall_at_k(np.array([[1.0, 1.0], [0.0, 1.0]]), [0, 1], ks=(1, 2))
-  assert half == dict(
-    image_to_text_r1=0.75, text_to_image_r1=0.75, image_to_text_r2=1.0, text_to_image_r2=1.0
+  assert half == pytest.approx(
+    dict(image_to_text_r1=0.75, text_to_image_r1=0.75, image_to_text_r2=1.0, text_to_image_r2=1.0)
   )
   text_image = np.arange(10)  # one caption per image: 9 tied non-matches per query
   tied = retrieval.recall_at_k(np.ones((10, 10)), text_image, ks=(1, 5))
-  assert tied == dict(
-    image_to_text_r1=0.1, text_to_image_r1=0.1, image_to_text_r5=0.5, text_to_image_r5=0.5
+  assert tied == pytest.approx(
+    dict(image_to_text_r1=0.1, text_to_image_r1=0.1, image_to_text_r5=0.5, text_to_image_r5=0.5)
   )
+  # Two captions per image, every score equal: an image's 2 captions and 4 others tie,
+  # so K = 1 misses with probability 4/6 and K = 2 with 4/6 x 3/5 (both chance).
+  two_each = retrieval.recall_at_k(np.ones((3, 6)), [0, 0, 1, 1, 2, 2], ks=(1, 2))
+  assert two_each["image_to_text_r1"] == pytest.approx(1 / 3)
+  assert two_each["image_to_text_r2"] == pytest.approx(0.6)
+  assert two_each["text_to_image_r1"] == pytest.approx(1 / 3)
+  # One caption ahead, then a match tied with a second match and a non-match: K = 2 has
+  # one slot among 3 tied texts, 2 of them matches, a hit 2/3 of the time.
+  mixed = retrieval.recall_at_k(np.array([[0.5, 0.5, 0.9, 0.5]]), [0, 0, 1, 1], ks=(1, 2, 3))
+  assert mixed["image_to_text_r1"] == 0.0
+  assert mixed["image_to_text_r2"] == pytest.approx(2 / 3)
+  assert mixed["image_to_text_r3"] == 1.0
   with pytest.raises(ValueError, match="non-finite"):
     retrieval.recall_at_k(np.full((10, 20), np.nan), text_image)
   with pytest.raises(ValueError, match=r"labels \[5, 7\] outside the 3 classes"):

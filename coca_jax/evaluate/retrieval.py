@@ -12,21 +12,30 @@ from typing import Sequence
 import numpy as np
 
 
-def _ahead_and_tied(similarity: np.ndarray, is_match: np.ndarray):
-  """similarity, is_match [Q, G] -> ([Q] non-matches scoring above the best match, [Q]
-  non-matches scoring exactly as the best match)."""
+def _ranks(similarity: np.ndarray, is_match: np.ndarray):
+  """similarity, is_match [Q, G] -> [Q] each of: non-matches scoring above the best
+  match, non-matches scoring exactly as it, matches scoring exactly as it (>= 1 where
+  the query has a match)."""
   best_match = np.max(np.where(is_match, similarity, -np.inf), axis=1, keepdims=True)
+  at_best = similarity == best_match
   ahead = np.sum((similarity > best_match) & ~is_match, axis=1)
-  tied = np.sum((similarity == best_match) & ~is_match, axis=1)
-  return ahead, tied
+  return ahead, np.sum(at_best & ~is_match, axis=1), np.sum(at_best & is_match, axis=1)
 
 
-def _recall(ahead: np.ndarray, tied: np.ndarray, k: int) -> float:
-  """Recall at k with ties broken at random, in expectation: the best match lands at a
-  uniform place among its `tied` equals, after the `ahead` ones. Equal scores are real on
+def _recall(ahead: np.ndarray, tied: np.ndarray, matches: np.ndarray, k: int) -> float:
+  """Recall at k with ties broken at random, in expectation: the `tied` non-matches and
+  `matches` matches that share the best match's score come in a uniform order after the
+  `ahead` ones, and the query is missed when the s = k - ahead slots left hold none of
+  the matches: prod_{i<s} (tied - i) / (tied + matches - i). Equal scores are real on
   COCO-style sets (one caption string under two images); collapsed embeddings (every
   score equal) give chance, not 1.0 as counting only strictly higher scores did."""
-  return float(np.mean(np.clip((k - ahead) / (tied + 1), 0.0, 1.0)))
+  slots = np.clip(k - ahead, 0, tied + matches)
+  miss = np.ones(len(ahead))
+  for i in range(int(slots.max(initial=0))):
+    # Where i >= slots the factor is 1; where a query has no match, every factor is 1.
+    live = i < slots
+    miss[live] *= (tied[live] - i) / (tied[live] + matches[live] - i)
+  return float(np.mean(1 - miss))
 
 
 def recall_at_k(
@@ -41,8 +50,8 @@ def recall_at_k(
   if not np.all(np.isfinite(similarity)):
     raise ValueError("retrieval: the similarity matrix has non-finite entries (NaN embeddings?)")
   is_match = np.arange(num_images)[:, None] == text_image[None, :]  # [I, J]
-  image_to_text = _ahead_and_tied(similarity, is_match)
-  text_to_image = _ahead_and_tied(similarity.T, is_match.T)
+  image_to_text = _ranks(similarity, is_match)
+  text_to_image = _ranks(similarity.T, is_match.T)
   metrics = {}
   for k in ks:
     metrics[f"image_to_text_r{k}"] = _recall(*image_to_text, k)
