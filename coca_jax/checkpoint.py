@@ -53,10 +53,23 @@ class UnreadableCheckpointError(ValueError):
     self.reason = reason or message
 
 
-def _unreadable(path: epath.Path, error: Exception, limit: int = 2000):
-  """UnreadableCheckpointError for the step at `path` (its `reason`: `error`, shortened)."""
+# What XLA and TensorStore say when a read runs out of host or device memory.
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
+
+
+def unreadable(path: epath.Path, error: Exception, limit: int = 2000) -> Exception:
+  """The error to raise for `error`, met reading the checkpoint at `path`: an
+  UnreadableCheckpointError (its `reason`: `error`, shortened), which a resume answers by
+  skipping the step; a MemoryError when the reader ran out of memory, which says nothing
+  of the files, so it stops the run instead of having a good step skipped (and set
+  aside by the next save)."""
   reason = f"{type(error).__name__}: {error}"
   reason = reason if len(reason) <= limit else reason[:limit] + " ..."
+  if isinstance(error, MemoryError) or any(s in str(error) for s in OUT_OF_MEMORY):
+    return MemoryError(
+      f"reading checkpoint {path} ran out of memory ({reason}); the checkpoint is not "
+      "known to be damaged and was left as it is: free memory (or use more hosts) and rerun"
+    )
   return UnreadableCheckpointError(f"checkpoint {path} cannot be read: {reason}", reason)
 
 
@@ -197,14 +210,14 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
         for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
       }
     except Exception as e:  # any failure to read or parse the metadata
-      raise _unreadable(path, e) from e
+      raise unreadable(path, e) from e
     target, mismatched = _restore_target(layout, stored_shapes, step)
     _check_mismatched(mismatched, step)
     try:
       state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
       data = ocp.JsonCheckpointHandler().restore(path / DATA)
     except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
-      raise _unreadable(path, e) from e
+      raise unreadable(path, e) from e
   finally:
     state_handler.close()
   if mismatched:

@@ -35,6 +35,9 @@ CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.model"
 CLIP_VOCAB_FILE = "vocab.txt.gz"
 EXPORT_ENTRIES = ("params", CONFIG_FILE, VOCAB_FILE, CLIP_VOCAB_FILE)
+# The dtypes an export's parameters can have (config.train.export_dtype, --dtype of this
+# CLI and of coca_jax.convert); config.model.dtype takes the same.
+DTYPES = ("bfloat16", "float32")
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -57,6 +60,7 @@ def write(
   (train and the export CLI pass config.data.vocab_path, the open_clip converter CLIP's
   BPE file); None writes none. A vocab_file that does not exist is a FileNotFoundError
   before anything is written."""
+  check_dtype(dtype)
   check_destination(output_dir, vocab_file, config)
   output = epath.Path(output_dir)
   staging = output.parent / f".{output.name}.partial"
@@ -96,10 +100,23 @@ def _complete(staging, output, config, vocab_file) -> None:
     staging.rename(output)
 
 
+def check_dtype(dtype: str) -> None:
+  """ValueError unless `dtype` is one of DTYPES (an int8 cast would write zeros)."""
+  if dtype not in DTYPES:
+    raise ValueError(f"export dtype {dtype!r}; expected one of {DTYPES}")
+
+
 def check_output(output_dir: str) -> None:
   """Raises FileExistsError unless `output_dir` is absent, an empty directory or an export
-  (only EXPORT_ENTRIES): `write` replaces it whole, so anything else there would be lost."""
+  (only EXPORT_ENTRIES): `write` replaces it whole, so anything else there would be lost.
+  ValueError for a path without a name of its own ("", ".", ".."): `write` stages the
+  export beside it, under its name."""
   output = epath.Path(output_dir)
+  if output.name in ("", ".", ".."):
+    raise ValueError(
+      f"export output {output_dir!r} has no name of its own; give a directory path that "
+      "ends in a name, e.g. ./export"
+    )
   if not output.exists():
     return
   if not output.is_dir():
@@ -137,7 +154,7 @@ def check_destination(output_dir: str, vocab_file: str | None, config) -> None:
     try:
       check_output(output_dir)
       check_vocab(vocab_file, config)
-    except (FileExistsError, FileNotFoundError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
       error = e
   failed = error is not None
   if jax.process_count() > 1:
@@ -214,8 +231,10 @@ def check_params_match(export_dir, expected, stored, shown: int = 5) -> None:
 def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
   """Exports the params of a training checkpoint (default: the newest readable one, as a
   resume would pick); returns the exported step."""
+  check_dtype(dtype)
   check_output(output)  # before the restore, which can take minutes
   config = read_config(epath.Path(workdir) / CONFIG_FILE)
+  check_vocab(vocab_file_of(config), config)
   # The run's own mesh may need more devices than this machine has; any mesh restores.
   config.mesh = config_lib.default_mesh()
   layout = state_lib.setup(config).layout
@@ -276,5 +295,5 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
   flags.DEFINE_string("output", None, "Export directory to write.")
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Dtype of exported params.")
+  flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "Dtype of exported params.")
   app.run(main)

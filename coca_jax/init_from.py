@@ -251,7 +251,7 @@ def _read(
         for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]
       }
     except Exception as e:  # any failure to read or parse the metadata
-      raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
+      raise checkpoint.unreadable(item, e) from e
     report = plan(stored_shapes, {p: t.shape for p, t in target.items()}, source, frozen, excluded)
     request = _nest({(*prefix, *p): s for p, s in _requests(report, stored_shapes, target, run)})
     try:
@@ -264,7 +264,7 @@ def _read(
         ),
       )
     except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
-      raise checkpoint.UnreadableCheckpointError(f"{item} cannot be read: {e}") from e
+      raise checkpoint.unreadable(item, e) from e
   finally:
     handler.close()
   loaded = {

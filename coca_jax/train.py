@@ -235,6 +235,8 @@ def train(config, workdir: str) -> dict:
   check_workdir(workdir_path)
   config = loader.resolve(config)
   loader.check_files(config)
+  # The final export's destination and vocabulary, checked before the run, not after it.
+  export.check_destination(str(workdir_path / "export"), export.vocab_file_of(config), config)
   logging.info("config:\n%s", config)
 
   run = state_lib.setup(config)
@@ -323,12 +325,16 @@ def train(config, workdir: str) -> dict:
         writer.write_scalars(step, {**fetched, **rates})
     if saving:
       checkpoint.save(mngr, state, data_position(config, shard_count, step))
-    if config.train.eval_every and (step % config.train.eval_every == 0 or last):
+    # A preempted run leaves within its grace period: no evaluation (a finished run's
+    # final one runs when it is started again).
+    eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or last)
+    if eval_due and not preempted:
       evaluated = evaluate_state(
         config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
       )
     if preempted:
-      logging.warning("preempted: checkpoint at step %d written; exiting", step)
+      skipped = " (its evaluation skipped)" if eval_due else ""
+      logging.warning("preempted: checkpoint at step %d written%s; exiting", step, skipped)
       break
     if not last:
       batch = next(batches)
@@ -357,9 +363,6 @@ def train(config, workdir: str) -> dict:
   return headline(config, final, trained=step > start_step)
 
 
-# config.train.export_dtype (the dtypes `python -m coca_jax.export --dtype` offers) and
-# config.model.dtype.
-DTYPES = ("bfloat16", "float32")
 # config.train keys that divide a step count or a batch: 0 would divide by zero.
 POSITIVE_TRAIN_KEYS = ("checkpoint_every", "log_every", "grad_accum_steps")
 
@@ -387,8 +390,8 @@ def check_config(config) -> None:
     ("train.export_dtype", train_config.export_dtype),
     ("model.dtype", config.model.dtype),
   ):
-    if value not in DTYPES:
-      raise ValueError(f"config.{key}={value!r}; expected one of {DTYPES}")
+    if value not in export.DTYPES:
+      raise ValueError(f"config.{key}={value!r}; expected one of {export.DTYPES}")
   if suite_evals(config):  # names checked by enabled_evals, in suite_evals
     try:
       decode.DecodeOptions.from_config(config)

@@ -221,6 +221,23 @@ def test_a_config_with_fewer_state_entries_is_a_config_error_not_an_unreadable_s
   assert steps_in(run_dir / "checkpoints") == [3, 6]
 
 
+def test_running_out_of_memory_while_reading_stops_the_resume_and_skips_no_step(
+  run6, monkeypatch, caplog
+):
+  """Out of memory says nothing of the files: the newest good step must not be called
+  unreadable, skipped, and set aside by the next save."""
+  run_dir, config, _ = run6
+
+  def out_of_memory(*args, **kwargs):
+    raise Exception("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.2G")
+
+  monkeypatch.setattr(checkpoint.ocp.StandardCheckpointHandler, "restore", out_of_memory)
+  with caplog.at_level("WARNING"), pytest.raises(MemoryError, match="ran out of memory"):
+    restore(run_dir, config)
+  assert "Skipping" not in caplog.text
+  assert steps_in(run_dir / "checkpoints") == [3, 6]
+
+
 def test_a_step_that_fails_once_is_read_again_not_skipped(run6, monkeypatch, caplog):
   """A passing storage error must not make the resume skip the newest good step."""
   run_dir, config, intact = run6

@@ -33,6 +33,24 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, other):
   np.testing.assert_array_equal(restored["w"], params["w"] + 1)
 
 
+def test_a_dtype_or_path_that_cannot_make_an_export_is_an_error_before_writing(
+  tmp_path, monkeypatch
+):
+  """An int8 cast wrote zeros that loaded without a word; "." as the output staged the
+  export inside itself and could not be renamed."""
+  params = {"w": np.arange(4, dtype=np.float32)}
+  config = ml_collections.ConfigDict({"model": {"width": 4}})
+  with pytest.raises(ValueError, match=r"export dtype 'int8'; expected one of"):
+    export.write(params, config, str(tmp_path / "out"), "int8", None)
+  with pytest.raises(ValueError, match="export dtype 'bf16'"):
+    export.export_from_workdir(str(tmp_path / "no_run"), str(tmp_path / "out"), "bf16")
+  monkeypatch.chdir(tmp_path)
+  for output in (".", "..", "./"):
+    with pytest.raises(ValueError, match="has no name of its own"):
+      export.write(params, config, output, "float32", None)
+  assert list(tmp_path.iterdir()) == []
+
+
 def test_a_missing_vocabulary_is_an_error_before_anything_is_written(tmp_path):
   """config.data.vocab_path missing where the export ran was skipped: an export without
   vocab.model, whose loading fell back to the training machine's path."""

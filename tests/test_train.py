@@ -244,6 +244,23 @@ def test_preempted_then_finished_then_started_again(tmp_path, monkeypatch, caplo
   assert "the run finished at step 6: evaluating and exporting only" in caplog.text
 
 
+def test_a_preempted_step_is_not_evaluated(tmp_path, monkeypatch, caplog):
+  """The grace period after SIGTERM goes to the checkpoint, not to an evaluation due at
+  that step; the steps before it are evaluated as configured."""
+  config = tiny_config(6, train=dict(eval_every=2, checkpoint_every=2))
+  evaluated_at, real = [], train.evaluate_state
+  monkeypatch.setattr(train.Preemption, "reached", lambda self, mngr, step: step == 4)
+  monkeypatch.setattr(
+    train,
+    "evaluate_state",
+    lambda *a, step, **k: evaluated_at.append(step) or real(*a, step=step, **k),
+  )
+  with caplog.at_level("WARNING"):
+    train.train(config, str(tmp_path))
+  assert evaluated_at == [2]
+  assert "preempted: checkpoint at step 4 written (its evaluation skipped)" in caplog.text
+
+
 def test_a_batch_that_does_not_split_fails_before_any_state_is_built(tmp_path):
   config = tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1), data=dict(global_batch_size=12))
   with pytest.raises(sharding_lib.MeshError, match=r"global_batch_size=12 .* 8 batch shards"):

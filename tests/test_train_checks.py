@@ -58,6 +58,18 @@ def test_an_export_as_workdir_is_refused_naming_it(tmp_path):
   assert sorted(p.name for p in export_dir.iterdir()) == ["config.json", "params"]
 
 
+def test_a_final_export_that_would_fail_fails_before_training(tmp_path):
+  """A stray file in <workdir>/export made the export after the last step fail, and so
+  every restart: found now before anything is built or written."""
+  workdir = tmp_path / "run"
+  (workdir / "export").mkdir(parents=True)
+  (workdir / "export" / "NOTES.txt").write_text("keep")
+  with pytest.raises(FileExistsError, match=r"export.*not a coca_jax export.*NOTES\.txt"):
+    train.train(tiny_config(3), str(workdir))
+  assert sorted(p.name for p in workdir.iterdir()) == ["export"]
+  assert [p.name for p in (workdir / "export").iterdir()] == ["NOTES.txt"]
+
+
 @pytest.mark.parametrize(
   "change, message",
   [

@@ -555,9 +555,10 @@ def convert_checkpoint(
   from coca_jax import export
 
   start = time.perf_counter()
-  export.check_output(output)  # before reading and converting the checkpoint
+  export.check_dtype(dtype)
   config = load_config(model, config_file, layers)
   vocab_file = find_vocab(checkpoint, vocab)
+  export.check_destination(output, vocab_file, config)  # before reading the checkpoint
   state = read_checkpoint(checkpoint)
   params = convert(state, config.model)
   del state
@@ -585,6 +586,8 @@ def _leaves(tree):
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  from coca_jax import export
+
   flags.DEFINE_enum("model", None, sorted(MODELS), "open_clip model name.", flag_values=flag_values)
   flags.DEFINE_string(
     "checkpoint",
@@ -599,7 +602,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     f"{BPE_FILE} (default: next to the checkpoint, else the installed open_clip's).",
     flag_values=flag_values,
   )
-  flags.DEFINE_string("dtype", "float32", "Dtype of the exported params.", flag_values=flag_values)
+  flags.DEFINE_enum(
+    "dtype", "float32", export.DTYPES, "Dtype of the exported params.", flag_values=flag_values
+  )
   flags.DEFINE_string(
     "config", None, "Config file (default: configs/open_clip/<model>.py).", flag_values=flag_values
   )
