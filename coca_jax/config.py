@@ -294,7 +294,7 @@ def coca_config(
       ),
       alt_text=dict(
         task_name="alt_text",
-        tfds_name="coca_emoji:1.0.0",
+        tfds_name="coca_emoji:1.1.0",
         tfds_data_dir="",
         train_split="train",
         eval_split="validation",

@@ -391,10 +391,22 @@ def test_eval_image_center_crops_the_shorter_side():
   assert out[:, 2:-2].min() > 0.95
 
 
-def test_emoji_split_keeps_skin_tones_of_one_emoji_together():
+def test_emoji_split_keeps_tones_genders_and_ages_of_one_emoji_together():
   base = "1F44B"
   tones = [f"{base}-{t}" for t in ("1F3FB", "1F3FC", "1F3FD", "1F3FE", "1F3FF")]
   assert {raw.emoji_split(c) for c in [base] + tones} == {raw.emoji_split(base)}
+  # Unicode's sequences: teacher = person / man / woman + ZWJ + school (1F3EB); biking =
+  # 1F6B4, its man / woman forms + ZWJ + male / female sign + FE0F; a family of two
+  # adults and a child in both orders of its members.
+  variants = [
+    ["1F9D1-200D-1F3EB", "1F468-200D-1F3EB", "1F469-1F3FD-200D-1F3EB", "1F474-200D-1F3EB"],
+    ["1F6B4", "1F6B4-200D-2642-FE0F", "1F6B4-1F3FF-200D-2640-FE0F"],
+    ["1F468-200D-1F469-200D-1F466", "1F469-200D-1F469-200D-1F467"],
+  ]
+  for group in variants:
+    assert len({raw.base_emoji(c) for c in group}) == 1, group
+    assert len({raw.emoji_split(c) for c in group}) == 1, group
+  assert raw.base_emoji("1F469-1F3FD-200D-1F3EB") == "P-1F3EB"
   splits = [raw.emoji_split(f"{0x1F300 + i:X}") for i in range(2000)]
   assert 0.05 < splits.count("validation") / len(splits) < 0.15
 
@@ -434,9 +446,8 @@ def test_prepared_demo_data_and_eval_sets():
     and sp.unk_id == 2
     and sp.vocab_size <= config.model.text.vocab_size
   )
-  assert os.path.exists(
-    os.path.join(prepare.paths()["tfds"], "coca_emoji", "1.0.0", "dataset_info.json")
-  )
+  name, version = config.data.alt_text.tfds_name.split(":")
+  assert os.path.exists(os.path.join(prepare.paths()["tfds"], name, version, "dataset_info.json"))
 
 
 @pytest.mark.slow

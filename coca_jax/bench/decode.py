@@ -54,7 +54,7 @@ from coca_jax.models import coca
 SECTIONS = ("small", "open_clip", "demo")
 OPEN_CLIP_CONFIG = "configs/open_clip/coca_vit_b32.py"
 DEMO_EXPORT = "/tmp/coca_demo/export"
-DEMO_IMAGES = "~/.cache/coca_jax/tfds/coca_emoji/1.0.0"  # the demo's prepared TFDS emoji
+DEMO_IMAGES = "~/.cache/coca_jax/tfds/coca_emoji/1.1.0"  # the demo's prepared TFDS emoji
 
 
 def bench_config():

@@ -61,7 +61,11 @@ class CocaFashionMnist(tfds.core.GeneratorBasedBuilder):
 class CocaEmoji(tfds.core.GeneratorBasedBuilder):
   """Noto and Twemoji images captioned with emojibase's CLDR names and keywords."""
 
-  VERSION = tfds.core.Version("1.0.0")
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+    "1.1.0": "Split by base emoji across genders and ages too (raw.base_emoji).",
+    "1.0.0": "Split by base emoji across skin tones.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = "A folder with the npm tarballs of coca_jax.data.raw.NPM_PACKAGES."
 
   def _info(self) -> tfds.core.DatasetInfo:

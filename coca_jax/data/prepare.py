@@ -6,7 +6,8 @@
 2. builds the TFDS datasets `coca_fashion_mnist` and `coca_emoji` into
    `<data_dir>/tfds` (coca_jax/data/builders.py, manual_dir = the raw files);
 3. trains the SentencePiece vocabulary on the training texts into
-   `<data_dir>/vocab/coca_demo.model`.
+   `<data_dir>/vocab/coca_demo-1.1.0.model` (named after the coca_emoji version whose
+   training split it was trained on).
 
 Idempotent: finished parts are kept and a second run does nothing. `data_dir` defaults
 to $COCA_JAX_DATA or ~/.cache/coca_jax. The trainer runs this on first use of the demo.
@@ -22,9 +23,9 @@ from coca_jax import console
 from coca_jax.config import JFT_TEMPLATES
 from coca_jax.data import raw
 
-VOCAB_FILE = os.path.join("vocab", "coca_demo.model")
+VOCAB_FILE = os.path.join("vocab", "coca_demo-1.1.0.model")
 VOCAB_SIZE = 1_000
-DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.0.0")
+DEMO_DATASETS = ("coca_fashion_mnist:1.0.0", "coca_emoji:1.1.0")
 
 
 def default_data_dir() -> str:

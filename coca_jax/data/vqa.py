@@ -127,7 +127,11 @@ def demo_rows(data_config, split: str):
 def demo_paths(data_config) -> dict[str, str]:
   data_dir = data_config.data_dir or prepare.default_data_dir()
   v = data_config.vqa
-  folder = os.path.join(data_dir, DEMO_DIR, f"fashion{v.demo_fashion_train}_{v.demo_fashion_eval}")
+  # Named after the emoji dataset's version too: its split decides the emoji questions.
+  emoji = data_config.alt_text.tfds_name.replace(":", "-")
+  folder = os.path.join(
+    data_dir, DEMO_DIR, f"fashion{v.demo_fashion_train}_{v.demo_fashion_eval}_{emoji}"
+  )
   return {split: os.path.join(folder, file) for split, file in DEMO_SPLITS.items()}
 
 
