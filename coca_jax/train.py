@@ -196,6 +196,45 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
     )
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict:
+  """{"a.b": leaf} of a nested dict (a config read back from JSON)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
+  """A resume whose config differs from the run's config.json (the optimizer, the
+  schedule's train.steps, the model...) is allowed but not silent: a warning names the
+  changed keys, and the earlier file is kept as config.before_step_<step>.json before
+  config.json is replaced. Returns the changed keys."""
+  path = workdir / export.CONFIG_FILE
+  if not path.exists():
+    return []
+  before = _leaves(json.loads(path.read_text()))
+  now = _leaves(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+  if changed:
+    kept = workdir / f"config.before_step_{step}.json"
+    path.copy(kept, overwrite=True)
+    shown = "; ".join(
+      f"{k}: {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in changed[:8]
+    )
+    more = f"; and {len(changed) - 8} more" if len(changed) > 8 else ""
+    logging.warning(
+      "resuming at step %d with a changed config (%s%s); the run's earlier config is kept as %s",
+      step,
+      shown,
+      more,
+      kept,
+    )
+  return changed
+
+
 def data_position(config, shard_count: int, step: int) -> dict:
   """What a checkpoint records of the data stream: the step, and what must not change for
   a resume at that step to continue the same stream (each host skips step x its batch
@@ -290,6 +329,8 @@ def train(config, workdir: str) -> dict:
   # nothing, a step that does not compile) must leave it as it was.
   if jax.process_index() == 0:
     workdir_path.mkdir(parents=True, exist_ok=True)
+    if restored is not None:
+      keep_changed_config(workdir_path, config, start_step)
     (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
   from clu import metric_writers  # imports TensorFlow: after console.quiet()

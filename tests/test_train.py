@@ -244,6 +244,30 @@ def test_preempted_then_finished_then_started_again(tmp_path, monkeypatch, caplo
   assert "the run finished at step 6: evaluating and exporting only" in caplog.text
 
 
+def test_a_resume_with_another_config_names_the_changes_and_keeps_the_earlier_one(tmp_path, caplog):
+  """Changing the schedule's length or the optimizer on resume is allowed, but the
+  warning names the keys, and the run's earlier config.json is kept, not overwritten."""
+  train.train(tiny_config(3), str(tmp_path))
+  original = (tmp_path / "config.json").read_text()
+  longer = tiny_config(6, optim=dict(lr=0.5))
+  with caplog.at_level("WARNING"):
+    train.train(longer, str(tmp_path))
+  warning = [m for m in caplog.messages if "changed config" in m]
+  assert len(warning) == 1, caplog.messages
+  assert "optim.lr: " in warning[0] and " -> 0.5" in warning[0]
+  assert "train.steps: 3 -> 6" in warning[0]
+  assert (tmp_path / "config.before_step_3.json").read_text() == original
+  assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 6
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    train.train(longer, str(tmp_path))  # finished, same config: nothing to say or keep
+  assert not [m for m in caplog.messages if "changed config" in m]
+  assert sorted(p.name for p in tmp_path.glob("config*.json")) == [
+    "config.before_step_3.json",
+    "config.json",
+  ]
+
+
 def test_a_preempted_step_is_not_evaluated(tmp_path, monkeypatch, caplog):
   """The grace period after SIGTERM goes to the checkpoint, not to an evaluation due at
   that step; the steps before it are evaluated as configured."""
