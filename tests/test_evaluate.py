@@ -157,6 +157,7 @@ def test_bleu4_of_an_exact_match_is_one():
     ("person: medium-dark skin tone", "person medium-dark skin tone"),
     ("Piñata; left-right arrow...", "piñata left-right arrow"),
     ("a sign saying 'hello'", "a sign saying hello"),
+    ("Man\u2019s shoe, \u2018fine\u2019", "man 's shoe fine"),
   ],
 )
 def test_normalize_matches_ptb_style_for_plain_text(text, ptb):

@@ -25,9 +25,14 @@ import numpy as np
 _WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|(?<=[^\W_])'[^\W_]+")
 
 
+# Typographic apostrophes (right and left single quotation marks) read as ASCII ones, as
+# PTB's tokenizer reads them: "man’s shoe" -> "man 's shoe", not "man s shoe".
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'"})
+
+
 def normalize(text: str) -> str:
   """Lower-cased words separated by single spaces, punctuation dropped (see above)."""
-  return " ".join(_WORD.findall(text.lower()))
+  return " ".join(_WORD.findall(text.lower().translate(_APOSTROPHES)))
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
