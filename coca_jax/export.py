@@ -261,9 +261,9 @@ def load_vocab(export_dir: str, config):
 def vocab_file_in(export_dir) -> str | None:
   """The vocabulary file an export holds (either kind), if any."""
   for name in (VOCAB_FILE, CLIP_VOCAB_FILE):
-    path = os.path.join(export_dir, name)
-    if os.path.exists(path):
-      return path
+    path = epath.Path(export_dir) / name  # an export on gs:// too
+    if path.exists():
+      return os.fspath(path)
   return None
 
 

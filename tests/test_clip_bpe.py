@@ -9,14 +9,17 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 
 import ml_collections
 import numpy as np
 import pytest
 import sentencepiece
+from etils import epath
 
 from coca_jax import export
 from coca_jax.config import JFT_TEMPLATES
@@ -172,6 +175,37 @@ def test_vocab_load_dispatches_on_the_file_and_checks_the_size(sentencepiece_mod
   vocab.check_fits(BPE_FILE, clip_bpe.VOCAB_SIZE)
   with pytest.raises(ValueError, match="49408 pieces"):
     vocab.check_fits(BPE_FILE, 49_000)
+
+
+def test_a_vocabulary_on_remote_storage_is_read_through_a_local_copy(
+  tmp_path, monkeypatch, sentencepiece_model
+):
+  """An export or vocab_path on gs:// (a TPU run's): os.path saw no file there, so the
+  export's own vocabulary was passed over for the training machine's path. Remote paths
+  are served here by a local folder standing in for the bucket."""
+  bucket = tmp_path / "bucket"
+  (bucket / "export").mkdir(parents=True)
+  shutil.copy(sentencepiece_model, bucket / "export" / "vocab.model")
+  real = epath.Path
+
+  def path(p, *parts):
+    return real(os.fspath(p).replace("gs://bucket", str(bucket), 1), *parts)
+
+  monkeypatch.setattr(epath, "Path", path)
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+  expected = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+  loaded = vocab.load("gs://bucket/export/vocab.model")
+  assert loaded.get_piece_size() == expected.get_piece_size()
+  assert loaded.encode("a photo of a bag") == expected.encode("a photo of a bag")
+  copies = list((tmp_path / "tmp" / "coca_jax_vocab").glob("*/vocab.model"))
+  assert (
+    len(copies) == 1 and copies[0].read_bytes() == (bucket / "export" / "vocab.model").read_bytes()
+  )
+  elsewhere = ml_collections.ConfigDict({"data": {"vocab_path": str(tmp_path / "gone.model")}})
+  from_export = export.load_vocab("gs://bucket/export", elsewhere)
+  assert from_export.encode("a bag") == expected.encode("a bag")
+  with pytest.raises(FileNotFoundError, match="gs://bucket/export/missing.model"):
+    vocab.load("gs://bucket/export/missing.model")
 
 
 def test_missing_and_garbled_files_are_named(tmp_path):

@@ -13,11 +13,13 @@ Kinds, told apart by the file name:
 and `get_piece_size()`; `seqio_vocabulary` gives the same vocabulary for seqio tasks.
 """
 
+import hashlib
 import os
 import tempfile
 from typing import Iterable
 
 import sentencepiece
+from etils import epath
 
 from coca_jax import tokens
 from coca_jax.data import clip_bpe
@@ -54,12 +56,39 @@ def is_clip_bpe(path: str) -> bool:
   return os.fspath(path).endswith(CLIP_BPE_SUFFIX)
 
 
-def load(path: str) -> sentencepiece.SentencePieceProcessor | clip_bpe.ClipTokenizer:
-  """The vocabulary at `path`, of the kind its name says; errors name the file."""
-  if not path or not os.path.exists(path):
+def is_remote(path) -> bool:
+  """Whether `path` is a URL (gs://..., s3://...) rather than a file of this machine."""
+  return "://" in os.fspath(path)
+
+
+def local_file(path: str) -> str:
+  """`path` itself on this machine; a remote file (gs://...: a TPU run's vocab_path or
+  export) copied into the temporary folder under its content's hash, since SentencePiece
+  and the BPE reader open local files only. FileNotFoundError naming `path` when it is
+  not there."""
+  path = os.fspath(path)
+  source = epath.Path(path) if path else None
+  if source is None or not source.exists():
     raise FileNotFoundError(
       f"vocabulary not found: {path!r} (config.data.vocab_path or the export's vocab file)"
     )
+  if not is_remote(path):
+    return path
+  data = source.read_bytes()
+  digest = hashlib.sha256(data).hexdigest()[:16]
+  local = os.path.join(tempfile.gettempdir(), "coca_jax_vocab", digest, source.name)
+  if not os.path.exists(local):
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    with open(f"{local}.{os.getpid()}.tmp", "wb") as f:
+      f.write(data)
+    os.replace(f"{local}.{os.getpid()}.tmp", local)
+  return local
+
+
+def load(path: str) -> sentencepiece.SentencePieceProcessor | clip_bpe.ClipTokenizer:
+  """The vocabulary at `path` (local or remote), of the kind its name says; errors name
+  the file."""
+  path = local_file(path)
   if is_clip_bpe(path):
     return clip_bpe.ClipTokenizer(path)
   try:
