@@ -72,6 +72,13 @@ def test_top_k_accuracy_by_hand():
     "top2": 2 / 3,
     "top3": 1.0,
   }
+  # Ties in expectation: every score equal over 4 classes gives k / 4 whatever the label
+  # (a stable sort gave 1.0 for class 0 and 0.0 at top-1 for the others); a label tied
+  # with one other class behind one ahead is a top-2 hit half the time.
+  flat = zero_shot.top_k_accuracy(np.zeros((4, 4)), np.arange(4), ks=(1, 3))
+  assert flat == pytest.approx({"top1": 0.25, "top3": 0.75})
+  half = zero_shot.top_k_accuracy(np.array([[0.9, 0.5, 0.5, 0.1]]), np.array([2]), ks=(1, 2, 3))
+  assert half == pytest.approx({"top1": 0.0, "top2": 0.5, "top3": 1.0})
 
 
 def test_prompt_ensemble_is_mean_of_normalised_then_normalised():

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 
-def _ranks(similarity: np.ndarray, is_match: np.ndarray):
+def ranks(similarity: np.ndarray, is_match: np.ndarray):
   """similarity, is_match [Q, G] -> [Q] each of: non-matches scoring above the best
   match, non-matches scoring exactly as it, matches scoring exactly as it (>= 1 where
   the query has a match)."""
@@ -22,7 +22,7 @@ def _ranks(similarity: np.ndarray, is_match: np.ndarray):
   return ahead, np.sum(at_best & ~is_match, axis=1), np.sum(at_best & is_match, axis=1)
 
 
-def _recall(ahead: np.ndarray, tied: np.ndarray, matches: np.ndarray, k: int) -> float:
+def expected_recall(ahead: np.ndarray, tied: np.ndarray, matches: np.ndarray, k: int) -> float:
   """Recall at k with ties broken at random, in expectation: the `tied` non-matches and
   `matches` matches that share the best match's score come in a uniform order after the
   `ahead` ones, and the query is missed when the s = k - ahead slots left hold none of
@@ -50,12 +50,12 @@ def recall_at_k(
   if not np.all(np.isfinite(similarity)):
     raise ValueError("retrieval: the similarity matrix has non-finite entries (NaN embeddings?)")
   is_match = np.arange(num_images)[:, None] == text_image[None, :]  # [I, J]
-  image_to_text = _ranks(similarity, is_match)
-  text_to_image = _ranks(similarity.T, is_match.T)
+  image_to_text = ranks(similarity, is_match)
+  text_to_image = ranks(similarity.T, is_match.T)
   metrics = {}
   for k in ks:
-    metrics[f"image_to_text_r{k}"] = _recall(*image_to_text, k)
-    metrics[f"text_to_image_r{k}"] = _recall(*text_to_image, k)
+    metrics[f"image_to_text_r{k}"] = expected_recall(*image_to_text, k)
+    metrics[f"text_to_image_r{k}"] = expected_recall(*text_to_image, k)
   return metrics
 
 

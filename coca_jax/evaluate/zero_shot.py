@@ -10,6 +10,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from coca_jax.evaluate import retrieval
+
 
 def l2_normalize(x: np.ndarray, axis: int = -1) -> np.ndarray:
   return x / np.maximum(np.linalg.norm(x, axis=axis, keepdims=True), 1e-12)
@@ -30,8 +32,10 @@ def top_k_accuracy(
   scores: np.ndarray, labels: np.ndarray, ks: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
   """scores [N, C], labels [N] int -> {"top{k}": fraction whose label is among the k
-  highest scores}. Ties are broken toward the lower class index (stable sort). A label
-  outside [0, C) or a non-finite score is an error (either had counted as a top-1 hit)."""
+  highest scores}. Ties are broken at random, in expectation (`retrieval.expected_recall`:
+  collapsed embeddings score chance, not the share of class 0 as a stable sort gave). A
+  label outside [0, C) or a non-finite score is an error (either had counted as a top-1
+  hit)."""
   scores, labels = np.asarray(scores), np.asarray(labels)
   bad = labels[(labels < 0) | (labels >= scores.shape[1])]
   if bad.size:
@@ -40,9 +44,9 @@ def top_k_accuracy(
     )
   if not np.all(np.isfinite(scores)):
     raise ValueError("zero-shot: the class scores have non-finite entries (NaN embeddings?)")
-  order = np.argsort(-scores, axis=1, kind="stable")
-  rank = np.argmax(order == labels[:, None], axis=1)  # 0 = best
-  return {f"top{k}": float(np.mean(rank < k)) for k in ks}
+  is_label = np.arange(scores.shape[1])[None, :] == labels[:, None]
+  ranked = retrieval.ranks(scores, is_label)
+  return {f"top{k}": retrieval.expected_recall(*ranked, k) for k in ks}
 
 
 def evaluate(
