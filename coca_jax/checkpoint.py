@@ -139,9 +139,16 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
   )
 
 
-def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None = None):
+def restore(
+  mngr: ocp.CheckpointManager,
+  layout: StateLayout,
+  step: int | None = None,
+  *,
+  params_only: bool = False,
+):
   """Restores (state, data_position) at `step` (default: the newest readable step) into
-  `layout`'s shardings.
+  `layout`'s shardings; with `params_only`, state holds "params" alone and the optimizer
+  state is not read (an export needs the parameters only: half the memory or less).
 
   The target is the abstract state, so a checkpoint written on one mesh restores onto
   another. If the checkpoint was trained at another image size, the learned position
@@ -156,10 +163,10 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
   them. An explicit `step` that cannot be read raises UnreadableCheckpointError.
   """
   if step is not None:
-    return _restore_step(mngr, layout, step)
+    return _restore_step(mngr, layout, step, params_only=params_only)
   failures = {}
   for candidate in sorted(mngr.all_steps(), reverse=True):
-    restored, error = _restore_with_one_retry(mngr, layout, candidate)
+    restored, error = _restore_with_one_retry(mngr, layout, candidate, params_only)
     failing = failing_processes(candidate, error is not None)
     if not failing:
       if failures:
@@ -179,22 +186,24 @@ def restore(mngr: ocp.CheckpointManager, layout: StateLayout, step: int | None =
   return None
 
 
-def _restore_with_one_retry(mngr, layout: StateLayout, step: int):
+def _restore_with_one_retry(mngr, layout: StateLayout, step: int, params_only: bool):
   """(restored, None), or (None, the UnreadableCheckpointError) after a second try
   `RETRY_S` later: a passing storage error on one host must not make every host skip the
   newest good step (which the first save would then set aside)."""
   try:
-    return _restore_step(mngr, layout, step), None
+    return _restore_step(mngr, layout, step, params_only=params_only), None
   except UnreadableCheckpointError as e:
     logging.warning("Reading checkpoint step %d failed (%s); trying once more", step, e.reason)
   time.sleep(RETRY_S)
   try:
-    return _restore_step(mngr, layout, step), None
+    return _restore_step(mngr, layout, step, params_only=params_only), None
   except UnreadableCheckpointError as e:
     return None, e
 
 
-def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
+def _restore_step(
+  mngr: ocp.CheckpointManager, layout: StateLayout, step: int, *, params_only: bool = False
+):
   """(state, data_position) of `step`; UnreadableCheckpointError if a file of it cannot be
   read, ValueError if it does not fit the config.
 
@@ -214,7 +223,10 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
     target, mismatched = _restore_target(layout, stored_shapes, step)
     _check_mismatched(mismatched, step)
     try:
-      state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
+      if params_only:
+        state = _restore_params(path / STATE, target["params"])
+      else:
+        state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
       data = ocp.JsonCheckpointHandler().restore(path / DATA)
     except Exception as e:  # Orbax wraps TensorStore's read errors in a bare Exception
       raise unreadable(path, e) from e
@@ -223,6 +235,23 @@ def _restore_step(mngr: ocp.CheckpointManager, layout: StateLayout, step: int):
   if mismatched:
     state = _adapt_shapes(state, layout, mismatched)
   return state, data
+
+
+def _restore_params(item: epath.Path, target: dict) -> dict:
+  """{"params": ...} of the state saved at `item`, the rest of it left unread."""
+  request = {"params": target}
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    return handler.restore(
+      item,
+      args=ocp.args.PyTreeRestore(
+        item=request,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(request),
+        partial_restore=True,
+      ),
+    )
+  finally:
+    handler.close()
 
 
 def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
@@ -364,4 +393,5 @@ def _adapt_shapes(state, layout: StateLayout, mismatched: dict) -> dict:
       value = np.zeros(target.shape, target.dtype)
     return jax.device_put(value, target.sharding)
 
-  return jax.tree_util.tree_map_with_path(adapt, state, layout.abstract)
+  targets = {key: layout.abstract[key] for key in state}  # all of it, or "params" alone
+  return jax.tree_util.tree_map_with_path(adapt, state, targets)

@@ -241,7 +241,7 @@ def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None 
   mngr = checkpoint.manager(workdir, config.train, read_only=True)
   if step is not None and step not in mngr.all_steps():
     raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
-  restored = checkpoint.restore(mngr, layout, step)
+  restored = checkpoint.restore(mngr, layout, step, params_only=True)
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   state, data_position = restored

@@ -39,10 +39,10 @@ def corrupt(step_dir: pathlib.Path, what: str) -> pathlib.Path:
   return path
 
 
-def restore(workdir, config, step=None):
+def restore(workdir, config, step=None, **kwargs):
   layout = state_lib.setup(config).layout
   return checkpoint.restore(
-    checkpoint.manager(str(workdir), config.train, read_only=True), layout, step
+    checkpoint.manager(str(workdir), config.train, read_only=True), layout, step, **kwargs
   )
 
 
@@ -221,6 +221,15 @@ def test_a_config_with_fewer_state_entries_is_a_config_error_not_an_unreadable_s
   assert steps_in(run_dir / "checkpoints") == [3, 6]
 
 
+def test_params_only_reads_the_parameters_alone(run6):
+  """What an export reads: the parameters of the newest step, equal to a full restore's,
+  and no optimizer state (half the memory or less)."""
+  run_dir, config, intact = run6
+  state, data = restore(run_dir, config, params_only=True)
+  assert list(state) == ["params"] and data["step"] == 6
+  assert_same(state["params"], intact[6][0]["params"])
+
+
 def test_running_out_of_memory_while_reading_stops_the_resume_and_skips_no_step(
   run6, monkeypatch, caplog
 ):
@@ -243,11 +252,11 @@ def test_a_step_that_fails_once_is_read_again_not_skipped(run6, monkeypatch, cap
   run_dir, config, intact = run6
   real, calls = checkpoint._restore_step, []
 
-  def flaky(mngr, layout, step):
+  def flaky(mngr, layout, step, **kwargs):
     calls.append(step)
     if len(calls) == 1:
       raise checkpoint.UnreadableCheckpointError("transient", "connection reset")
-    return real(mngr, layout, step)
+    return real(mngr, layout, step, **kwargs)
 
   monkeypatch.setattr(checkpoint, "_restore_step", flaky)
   monkeypatch.setattr(checkpoint, "RETRY_S", 0.0)
