@@ -43,6 +43,16 @@ SHARDING_RULES = (
 )
 
 SWITCHES = ("bf16", "f32", "parallel", "res576")
+# Parameters only the contrastive loss reads (config.train.frozen patterns): a finetune
+# with loss.contrastive_weight = 0 gives them zero gradient and freezes them, so that the
+# decoupled weight decay does not shrink them either.
+CONTRASTIVE_ONLY = (
+  "^contrastive_pooler/",
+  "^image_projection/",
+  "^text_projection/",
+  "^log_inv_temperature$",
+  "^text/cls_",
+)
 
 # Templates of the JFT-style text (Section 4.1); the demo vocabulary is trained on them.
 JFT_TEMPLATES = (

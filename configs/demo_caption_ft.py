@@ -17,6 +17,7 @@ captions per image: training draws one per image and pass, evaluation scores aga
 coca_jax/data/preprocess.py), with its `train_split` / `eval_split` and `vocab_path`.
 """
 
+from coca_jax import config as config_lib
 from configs import demo
 
 # ---- the numbers ----
@@ -37,13 +38,7 @@ def get_config(arg=None):
   # What only the contrastive loss reads gets zero gradient: frozen, the optimizer's
   # decoupled weight decay does not shrink it either (the export's contrastive side stays
   # as trained, apart from the shared towers).
-  c.train.frozen = (
-    "^contrastive_pooler/",
-    "^image_projection/",
-    "^text_projection/",
-    "^log_inv_temperature$",
-    "^text/cls_",
-  )
+  c.train.frozen = config_lib.CONTRASTIVE_ONLY
   c.data.rates.jft_style = 0.0
   c.data.rates.alt_text = 1.0
   c.optim.lr = LEARNING_RATE

@@ -13,6 +13,7 @@ image, question, answers) and `model.vqa.num_answers` (3,129 for VQA v2, the usu
 answer vocabulary).
 """
 
+from coca_jax import config as config_lib
 from configs import demo
 
 STEPS = 250  # of batch 64, encoder frozen: under 5 minutes on the shared 2-core CPU (README)
@@ -30,8 +31,9 @@ def get_config(arg=None):
   c.train.init_from = "/tmp/coca_demo/export"
   # The image encoder stays the export's (frozen features: no backward pass through the
   # ViT, so 250 steps fit the CPU budget); the paper finetunes it too:
-  # `--config.train.frozen="()"`.
-  c.train.frozen = ("vision",)
+  # `--config.train.frozen="()"`. What only the contrastive loss reads (weight 0 here) is
+  # frozen too, so that weight decay leaves the export's contrastive side as it was.
+  c.train.frozen = ("vision", *config_lib.CONTRASTIVE_ONLY)
   c.train.steps = STEPS
   c.train.log_every = 40
   c.train.eval_every = STEPS

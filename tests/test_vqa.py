@@ -187,7 +187,7 @@ def test_questions_without_answers_are_left_out_and_counted(monkeypatch, caplog)
   )
   train_q, train_a = ["what?", "which?", "which?"], [["red"] * 2, ["dog"], ["dog"]]
   with caplog.at_level("WARNING"):
-    got = vqa_eval.evaluate(None, eval_set, vocabulary, train_q, train_a)
+    got = vqa_eval.evaluate(None, [eval_set], vocabulary, train_q, train_a)
   assert got == pytest.approx(
     dict(
       accuracy=(2 / 3 + 2 / 3) / 2,
@@ -201,10 +201,27 @@ def test_questions_without_answers_are_left_out_and_counted(monkeypatch, caplog)
   lines = [r.getMessage() for r in caplog.records if "unscored" in r.getMessage()]
   assert len(lines) == 1 and "2 of 4 questions of config.data.vqa.eval_files=" in lines[0]
 
+  # The split read in parts (as data.vqa.eval_sets gives it) scores the same: a part with
+  # no answered question is left out whole, the counts add up.
+  def part(rows):
+    keep = list(rows)
+    return dict(
+      eval_set,
+      images=eval_set["images"][keep],
+      text={k: v[keep] for k, v in eval_set["text"].items()},
+      questions=[eval_set["questions"][i] for i in keep],
+      answers=[eval_set["answers"][i] for i in keep],
+    )
+
+  seen.clear()
+  parts = [part([0, 1]), part([3]), part([2])]
+  assert vqa_eval.evaluate(None, parts, vocabulary, train_q, train_a) == pytest.approx(got)
+  assert [images[:, 0, 0, 0].tolist() for images in seen] == [[0], [1]]
+
   # Every question answered: nothing left out, nothing logged.
   caplog.clear()
   answered = _eval_set([0, 1], ["what?", "which?"], [["red"] * 3, ["cat"]])
-  got = vqa_eval.evaluate(None, answered, vocabulary, train_q, train_a)
+  got = vqa_eval.evaluate(None, [answered], vocabulary, train_q, train_a)
   assert got["accuracy"] == pytest.approx((1 + 0) / 2)
   assert (got["examples"], got["unscored_examples"]) == (2.0, 0.0)
   assert not [r for r in caplog.records if "unscored" in r.getMessage()]
@@ -219,7 +236,7 @@ def test_an_eval_set_without_any_answer_is_an_error_naming_its_files(monkeypatch
     match=r"config.data.vqa.eval_files='eval.tfrecord': none of its 2 questions read has an "
     r"answer.*VQA accuracy is undefined",
   ):
-    vqa_eval.evaluate(None, eval_set, ["red"], ["what?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], ["red"], ["what?"], [["red"]])
 
 
 def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(monkeypatch):
@@ -231,11 +248,11 @@ def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(mo
   _fake_predictions(monkeypatch)
   eval_set = _eval_set([0], ["what?"], [["red"] * 3])
   with pytest.raises(ValueError, match=r"answer vocabulary is empty.*config.model.vqa.num_answers"):
-    vqa_eval.evaluate(None, eval_set, [], ["what?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], [], ["what?"], [["red"]])
   placeholders = answers_lib.answer_vocabulary([], 2)  # what no training answers give
   for train_a in ([], [[]], [["", "  "]]):
     with pytest.raises(ValueError, match=r"no training answers.*config.data.vqa.files"):
-      vqa_eval.evaluate(None, eval_set, placeholders, ["what?"] * len(train_a), train_a)
+      vqa_eval.evaluate(None, [eval_set], placeholders, ["what?"] * len(train_a), train_a)
   with pytest.raises(ValueError, match="no training answers"):
     vqa_eval.question_prior_baseline([], [], ["what?"], [["red"]])
 
@@ -455,6 +472,40 @@ def test_vqa_files_without_a_usable_example_are_an_error_before_the_run_writes(
   assert (workdir / "config.json").read_text() == "the run's record"
 
 
+def test_vqa_training_images_are_never_mirrored(tmp_path, sentencepiece_model):
+  """Pretraining flips (config.data.image.flip); a mirrored VQA image would answer "what
+  is on the left?" wrongly, so the VQA source never flips. Image: white left half."""
+  import io
+
+  import tensorflow as tf
+  from PIL import Image
+
+  from coca_jax.data import preprocess, tasks, vqa
+
+  pixels = np.zeros((16, 16, 3), np.uint8)
+  pixels[:, :8] = 255
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG")
+  config = _files_config(tmp_path, sentencepiece_model, "unused", "unused")
+  config.data.image.update(flip=True, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))
+  example = vqa.example_fn(config.data, train=True)
+  options = tasks.train_image_options(config.data)
+  row = dict(image=buffer.getvalue(), question="what is on the left?", answers=["white"])
+
+  def both(seed):  # (the VQA example's image, pretraining's transform of it), in graph mode
+    seeds = tf.random.experimental.stateless_split(tf.stack([seed, 7]), tasks.NUM_SEEDS)
+    image, _ = preprocess.decode(tf.constant(row["image"]), tf.constant(row["question"]))
+    plain = preprocess.train_pixels(image, seeds[2:], **options)
+    return example({k: tf.constant(v) for k, v in row.items()}, seeds)["image"], plain
+
+  pairs = tf.data.Dataset.range(16).map(both).as_numpy_iterator()
+  mirrored_by_pretraining = 0
+  for vqa_image, plain in pairs:
+    assert vqa_image[:, :4].mean() > vqa_image[:, -4:].mean()
+    mirrored_by_pretraining += int(plain[:, :4].mean() < plain[:, -4:].mean())
+  assert mirrored_by_pretraining > 0  # the same seeds do flip under pretraining's transform
+
+
 def test_vqa_eval_set_with_every_row_rejected_names_its_file(tmp_path, sentencepiece_model):
   """What the pipeline drops (blank questions, undecodable images) left eval_set nothing
   to stack."""
@@ -507,4 +558,4 @@ def test_vqa_eval_files_without_answers_name_their_key(tmp_path, sentencepiece_m
   with pytest.raises(
     ValueError, match=f"eval_files='{unannotated}': none of its 2 questions read has an answer"
   ):
-    vqa_eval.evaluate(None, eval_set, ["red"], ["what is this?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], ["red"], ["what is this?"], [["red"]])

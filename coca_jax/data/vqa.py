@@ -47,6 +47,8 @@ from coca_jax.data import answers as vqa_answers
 from coca_jax.data import images, loader, pipeline, prepare, preprocess, raw, tasks, vocab
 
 DEMO_DIR = "vqa_demo"
+# Rows per eval set that `eval_sets` holds in memory (288px float32: 0.5 GB).
+EVAL_ROWS = 512
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
 FEATURES = {
   "image": tf.io.FixedLenFeature([], tf.string),
@@ -242,12 +244,14 @@ def _rows(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 def example_fn(data_config, *, train: bool):
   """(row of `_rows`, seeds) -> {"image" [S, S, 3] float32, "question" ids,
-  "question_pretokenized", "answers", "keep"}: training images randomly cropped with
-  seeds[2:] of `seeds` [tasks.NUM_SEEDS, 2] (the mixture's convention), eval images
-  through the one eval transform; keep False (counted in preprocess.BAD_DATA) when the
+  "question_pretokenized", "answers", "keep"}: training images randomly cropped (never
+  flipped) with seeds[2:] of `seeds` [tasks.NUM_SEEDS, 2] (the mixture's convention),
+  eval images through the one eval transform; keep False (counted in preprocess.BAD_DATA) when the
   image does not decode or the question is blank."""
   vocabulary = output_features(data_config.vocab_path)["question"].vocabulary
-  train_options = tasks.train_image_options(data_config)
+  # Never mirrored, whatever config.data.image.flip says (pretraining flips): the
+  # question is not, and "what is on the left?" would get the wrong answer.
+  train_options = dict(tasks.train_image_options(data_config), flip=False)
   eval_options = tasks.eval_image_options(data_config)
 
   def example(row, seeds=None):
@@ -373,31 +377,47 @@ def _batches(
     )
 
 
-def eval_set(config) -> dict:
-  """The first config.eval.num_examples (0: all) held-out rows as arrays:
-  {"images" [N,S,S,3], "text" {"ids","labels","mask"} [N,T], "questions", "answers",
-  "source": where they come from (the config key, for messages)}. Rows without answers are
-  kept: the evaluation counts them (evaluate/vqa.py)."""
+def eval_sets(config, rows: int = EVAL_ROWS):
+  """The first config.eval.num_examples (0: all) held-out rows, as eval sets of at most
+  `rows` rows each (0: one set of them all), read as they are consumed (a whole VQA v2
+  val split, 214k questions at 288px, would be 213 GB of float32 images at once):
+  {"images" [n,S,S,3], "text" {"ids","labels","mask"} [n,T], "questions", "answers",
+  "source": where they come from (the config key, for messages)}. Rows without answers
+  are kept: the evaluation counts them (evaluate/vqa.py). A ValueError when the split
+  yields no row at all."""
   _, eval_name = register(config.data)
   ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
-  limit = config.eval.num_examples
-  rows = []
+  source = loader.describe_split(config.data, "vqa", "eval")
+  contract = tokens.Contract.from_config(config)
+  limit, read, chunk = config.eval.num_examples, 0, []
   for row in ds.as_numpy_iterator():
-    rows.append(row)
-    if len(rows) == limit:
+    chunk.append(row)
+    read += 1
+    if len(chunk) == rows or read == limit:
+      yield _eval_set(chunk, config.data.max_text_len, contract, source)
+      chunk = []
+    if read == limit:
       break
-  if not rows:
+  if chunk:
+    yield _eval_set(chunk, config.data.max_text_len, contract, source)
+  if not read:
     raise ValueError(
-      f"the VQA eval split has no example: {loader.describe_split(config.data, 'vqa', 'eval')} "
-      f"yields none whose image decodes and whose question is not blank (rows rejected in "
-      f"this process so far: {dict(preprocess.BAD_DATA)})"
+      f"the VQA eval split has no example: {source} yields none whose image decodes and "
+      f"whose question is not blank (rows rejected in this process so far: "
+      f"{dict(preprocess.BAD_DATA)})"
     )
+
+
+def _eval_set(rows, max_text_len: int, contract, source: str) -> dict:
   return dict(
     images=np.stack([r["image"] for r in rows]).astype(np.float32),
-    text=_text(
-      [r["question"] for r in rows], config.data.max_text_len, tokens.Contract.from_config(config)
-    ),
+    text=_text([r["question"] for r in rows], max_text_len, contract),
     questions=[r["question_pretokenized"].decode() for r in rows],
     answers=[[a.decode() for a in r["answers"]] for r in rows],
-    source=loader.describe_split(config.data, "vqa", "eval"),
+    source=source,
   )
+
+
+def eval_set(config) -> dict:
+  """All the rows of `eval_sets` in one eval set (small splits, tests)."""
+  return next(eval_sets(config, rows=0))

@@ -224,7 +224,7 @@ def _vqa_eval(predictor: predict.Predictor, config) -> dict:
   train_questions, train_answers = vqa.train_questions_and_answers(config.data)
   return vqa_eval.evaluate(
     predictor,
-    vqa.eval_set(config),
+    vqa.eval_sets(config),
     vqa.answer_vocabulary(config.data, config.model.vqa.num_answers),
     train_questions,
     train_answers,

@@ -18,7 +18,7 @@ evaluation leaves it out of the accuracy and the baselines and counts it.
 
 import collections
 import functools
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import jax
 import numpy as np
@@ -110,58 +110,66 @@ def predict_answers(predictor, images: np.ndarray, text: dict, vocabulary: Seque
   return [vocabulary[int(k)] for k in np.argmax(logits, axis=-1)]
 
 
-def _scored_rows(eval_set: dict) -> dict:
-  """`eval_set` without its questions that have no answers (`has_answers`); a ValueError
-  naming the eval files (eval_set["source"]) when none is left."""
-  answers = eval_set["answers"]
-  keep = [i for i, given in enumerate(answers) if has_answers(given)]
-  if len(keep) == len(answers):
-    return eval_set
-  where = eval_set.get("source", "the VQA eval set")
-  why = "no human answer left after the answer processing (data/answers.normalize_answer)"
-  if not keep:
-    raise ValueError(
-      f"{where}: none of its {len(answers)} questions read has an answer to score against "
-      f"({why}): the VQA accuracy is undefined without them; files without annotations, "
-      "such as VQA v2 test-dev, cannot be evaluated here"
-    )
-  logging.warning(
-    "VQA eval: %d of %d questions of %s are unscored (%s) and left out of vqa/accuracy "
-    "and the baselines (vqa/unscored_examples)",
-    len(answers) - len(keep),
-    len(answers),
-    where,
-    why,
-  )
+def _subset(eval_set: dict, keep: list[int]) -> dict:
+  """The rows `keep` of an eval set."""
   return dict(
     eval_set,
     images=eval_set["images"][keep],
     text={k: v[keep] for k, v in eval_set["text"].items()},
     questions=[eval_set["questions"][i] for i in keep],
-    answers=[answers[i] for i in keep],
+    answers=[eval_set["answers"][i] for i in keep],
   )
 
 
-def evaluate(predictor, eval_set: dict, vocabulary, train_questions, train_answers) -> dict:
-  """The model's soft accuracy on `eval_set` (coca_jax.data.vqa.eval_set) beside two
-  image-blind baselines from the training answers: the majority answer, and the most
-  frequent answer of each question string. Questions without answers (`has_answers`) are
-  left out of all three (their accuracy is undefined), counted in `unscored_examples` and
-  logged; `examples` counts the scored ones."""
+def evaluate(
+  predictor, eval_sets: Iterable[dict], vocabulary, train_questions, train_answers
+) -> dict:
+  """The model's soft accuracy on `eval_sets` (coca_jax.data.vqa.eval_sets: the eval split
+  in parts, predicted one part at a time) beside two image-blind baselines from the
+  training answers: the majority answer, and the most frequent answer of each question
+  string. Questions without answers (`has_answers`) are left out of all three (their
+  accuracy is undefined), counted in `unscored_examples` and logged; `examples` counts
+  the scored ones. A ValueError naming the eval files when no question has answers."""
   if not len(vocabulary):
     raise ValueError(
       "the VQA answer vocabulary is empty: the head scores the top "
       "config.model.vqa.num_answers (> 0) answers of the training files, config.data.vqa.files"
     )
   majority = most_frequent_answer(train_answers)
-  scored = _scored_rows(eval_set)
-  predictions = predict_answers(predictor, scored["images"], scored["text"], vocabulary)
+  predictions, questions, answers = [], [], []
+  read, where = 0, "the VQA eval set"
+  for part in eval_sets:
+    read += len(part["answers"])
+    where = part.get("source", where)
+    keep = [i for i, given in enumerate(part["answers"]) if has_answers(given)]
+    if not keep:
+      continue
+    scored = part if len(keep) == len(part["answers"]) else _subset(part, keep)
+    predictions += predict_answers(predictor, scored["images"], scored["text"], vocabulary)
+    questions += scored["questions"]
+    answers += scored["answers"]
+  why = "no human answer left after the answer processing (data/answers.normalize_answer)"
+  if not answers:
+    raise ValueError(
+      f"{where}: none of its {read} questions read has an answer to score against "
+      f"({why}): the VQA accuracy is undefined without them; files without annotations, "
+      "such as VQA v2 test-dev, cannot be evaluated here"
+    )
+  if len(answers) < read:
+    logging.warning(
+      "VQA eval: %d of %d questions of %s are unscored (%s) and left out of vqa/accuracy "
+      "and the baselines (vqa/unscored_examples)",
+      read - len(answers),
+      read,
+      where,
+      why,
+    )
   return dict(
-    accuracy=soft_accuracy(predictions, scored["answers"]),
-    majority_baseline=majority_baseline(majority, scored["answers"]),
+    accuracy=soft_accuracy(predictions, answers),
+    majority_baseline=majority_baseline(majority, answers),
     question_prior_baseline=question_prior_baseline(
-      train_questions, train_answers, scored["questions"], scored["answers"]
+      train_questions, train_answers, questions, answers
     ),
     examples=float(len(predictions)),
-    unscored_examples=float(len(eval_set["answers"]) - len(scored["answers"])),
+    unscored_examples=float(read - len(answers)),
   )
