@@ -227,10 +227,19 @@ def test_video_eval_and_embed_videos(tmp_path, sentencepiece_model):
 
   pixels = model.read_images(list(clips.reshape(6, size, size, 3)))[0].reshape(3, 2, size, size, 3)
   eval_set = dict(clips=pixels, labels=np.asarray([0, 1, 2]), class_names=["a", "b", "c"])
-  result = video_eval.evaluate(model.predictor, eval_set, ("a photo of {}.",), has_head=True)
+  result = video_eval.evaluate(model.predictor, [eval_set], ("a photo of {}.",), has_head=True)
   assert set(result) == {"zero_shot/top1", "top1", "chance", "examples"}
   assert result["chance"] == pytest.approx(1 / 3) and result["examples"] == 3
   assert 0 <= result["zero_shot/top1"] <= 1 and 0 <= result["top1"] <= 1
+  labels = eval_set["labels"]
+  head = np.argmax(model.predictor.video_logits(pixels), axis=-1)
+  assert result["top1"] == pytest.approx(np.mean(head == labels))
+  # The split read in parts (data.video.eval_sets) scores the same.
+  parts = [
+    dict(eval_set, clips=pixels[rows], labels=labels[rows]) for rows in (slice(0, 2), slice(2, 3))
+  ]
+  in_parts = video_eval.evaluate(model.predictor, parts, ("a photo of {}.",), has_head=True)
+  assert in_parts == pytest.approx(result)
 
 
 # ---- the demo config, on tiny shapes, from a tiny export ----

@@ -41,6 +41,8 @@ from PIL import Image
 from coca_jax.data import images, loader, pipeline, prepare, raw, tasks
 
 DEMO_DIR = "video_demo"
+# Clips per eval set that `eval_sets` holds in memory (16 frames at 288px: 1 GB).
+EVAL_CLIPS = 64
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
 CLASS_NAMES_FILE = "class_names.txt"
 FEATURES = {
@@ -373,25 +375,40 @@ def batches(
     yield dict(video=batch["video"], label=batch["label"].astype(np.int32))
 
 
-def eval_set(config) -> dict:
-  """The first config.eval.num_examples (0: all) held-out clips:
-  {"clips" [N,F,S,S,3] float32, "labels" [N] int, "class_names" [C]}."""
+def eval_sets(config, clips: int = EVAL_CLIPS):
+  """The first config.eval.num_examples (0: all) held-out clips, as eval sets of at most
+  `clips` clips each (0: one set of them all), read as they are consumed (16 frames at
+  288px are 16 MB of float32 a clip): {"clips" [n,F,S,S,3] float32, "labels" [n] int,
+  "class_names" [C]}. A ValueError when the split yields no clip, or a label outside the
+  class names."""
   _, eval_name = register(config.data)
   ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
-  limit = config.eval.num_examples
-  clips, labels = [], []
+  names = class_names(config.data)
+  limit, read, chunk = config.eval.num_examples, 0, []
+
+  def eval_set(rows):
+    labels = np.asarray([int(r["label"]) for r in rows])
+    check_labels(labels, len(names), config.data, "eval")
+    videos = np.stack([r["video"] for r in rows]).astype(np.float32)
+    return dict(clips=videos, labels=labels, class_names=names)
+
   for row in ds.as_numpy_iterator():
-    clips.append(row["video"])
-    labels.append(int(row["label"]))
-    if len(clips) == limit:
+    chunk.append(row)
+    read += 1
+    if len(chunk) == clips or read == limit:
+      yield eval_set(chunk)
+      chunk = []
+    if read == limit:
       break
-  if not clips:
+  if chunk:
+    yield eval_set(chunk)
+  if not read:
     raise ValueError(
       f"the video eval split has no clip: {loader.describe_split(config.data, 'video', 'eval')} "
       "yields none whose frames decode"
     )
-  names = class_names(config.data)
-  check_labels(np.asarray(labels), len(names), config.data, "eval")
-  return dict(
-    clips=np.stack(clips).astype(np.float32), labels=np.asarray(labels), class_names=names
-  )
+
+
+def eval_set(config) -> dict:
+  """All the clips of `eval_sets` in one eval set (small splits, tests)."""
+  return next(eval_sets(config, clips=0))

@@ -240,7 +240,7 @@ def _video_eval(predictor: predict.Predictor, config) -> dict:
   head = config.model.get("video")  # absent from configs of exports made before it existed
   return video_eval.evaluate(
     predictor,
-    video.eval_set(config),
+    video.eval_sets(config),
     config.eval.zero_shot.templates,
     has_head=head is not None and head.num_classes > 0,
   )

@@ -8,23 +8,36 @@ Zero-shot: each clip's embedding is the mean of its frames' image embeddings
 model has one): the arg-max of its logits. Beside them chance, 1 / C.
 """
 
+from typing import Iterable
+
 import numpy as np
 
 from coca_jax import predict
 from coca_jax.evaluate import zero_shot
 
 
-def evaluate(predictor: predict.Predictor, eval_set: dict, templates, has_head: bool) -> dict:
-  """eval_set: {"clips" [N,F,S,S,3], "labels" [N], "class_names" [C]} (data.video.eval_set)
-  -> {"zero_shot/top1", "zero_shot/top5", "top1" (with a head), "chance", "examples"}."""
-  names, labels = eval_set["class_names"], eval_set["labels"]
-  classifier = zero_shot.class_embeddings(predictor.embed_texts, names, templates)
+def evaluate(
+  predictor: predict.Predictor, eval_sets: Iterable[dict], templates, has_head: bool
+) -> dict:
+  """eval_sets: the eval split in parts (data.video.eval_sets), each {"clips"
+  [n,F,S,S,3], "labels" [n], "class_names" [C]}, predicted one part at a time -> {
+  "zero_shot/top1", "zero_shot/top5", "top1" (with a head), "chance", "examples"}."""
+  names, classifier = None, None
+  embeddings, predicted, labels = [], [], []
+  for part in eval_sets:
+    if classifier is None:
+      names = part["class_names"]
+      classifier = zero_shot.class_embeddings(predictor.embed_texts, names, templates)
+    embeddings.append(predictor.embed_videos(part["clips"]))
+    if has_head:
+      predicted.append(np.argmax(predictor.video_logits(part["clips"]), axis=-1))
+    labels.append(part["labels"])
+  labels = np.concatenate(labels)
   ks = (1, 5) if len(names) > 5 else (1,)
-  scores = zero_shot.evaluate(predictor.embed_videos(eval_set["clips"]), labels, classifier, ks)
+  scores = zero_shot.evaluate(np.concatenate(embeddings), labels, classifier, ks)
   result = {f"zero_shot/{k}": v for k, v in scores.items()}
   if has_head:
-    logits = predictor.video_logits(eval_set["clips"])
-    result["top1"] = float(np.mean(np.argmax(logits, axis=-1) == labels))
+    result["top1"] = float(np.mean(np.concatenate(predicted) == labels))
   result["chance"] = 1.0 / len(names)
   result["examples"] = float(len(labels))
   return result
