@@ -9,6 +9,7 @@ exit status is 1 when any image failed.
 
 import sys
 
+import numpy as np
 from absl import app, flags
 
 from coca_jax import console
@@ -57,9 +58,9 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   from coca_jax import inference
 
   model = inference.load(f.export, batch_size=f.batch_size)
-  pixels, failures = model.read_images(paths, errors="collect")
-  captions = iter(
-    model.caption(
+
+  def caption(pixels):
+    return model.caption(
       pixels,
       f.method,  # unset: --beam > 0 picks beam search, sampling flags sampling
       beam_size=f.beam or None,
@@ -71,9 +72,17 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       seed=f.seed,
       preprocessed=True,
     )
-    if len(pixels)
-    else []
-  )
+
+  size = model.config.model.vision.image_size
+  try:  # the decode options, checked before any image is read
+    caption(np.zeros((0, size, size, 3), np.float32))
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  pixels, failures = model.read_images(paths, errors="collect")
+  try:
+    captions = iter(caption(pixels) if len(pixels) else [])
+  except ValueError as e:  # a --prefix the decoder has no room for
+    raise app.UsageError(str(e)) from e
   for index, path in enumerate(paths):
     if index in failures:
       print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)

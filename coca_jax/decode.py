@@ -49,6 +49,11 @@ BOS_ID, EOS_ID, PAD_ID = tokens_lib.BOS_ID, tokens_lib.EOS_ID, tokens_lib.PAD_ID
 NEG = -1e9
 
 
+# Sampling at a lower temperature is greedy decoding to float32 precision, and logits
+# divided by ~1e-37 overflow to inf (the samples then garbage).
+MIN_TEMPERATURE = 1e-6
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodeOptions:
   """How to decode; frozen (hashable) so it can be a static argument of jit. Built from
@@ -77,11 +82,12 @@ class DecodeOptions:
     if self.method == "beam" and self.beam_size < 1:
       raise ValueError(f"decode beam_size={self.beam_size} must be >= 1")
     if self.method == "sample" and (
-      self.temperature <= 0 or not 0 < self.top_p <= 1 or self.top_k < 0
+      self.temperature < MIN_TEMPERATURE or not 0 < self.top_p <= 1 or self.top_k < 0
     ):
       raise ValueError(
-        f"sampling needs temperature > 0, 0 < top_p <= 1, top_k >= 0; got temperature="
-        f"{self.temperature}, top_p={self.top_p}, top_k={self.top_k}"
+        f"sampling needs temperature >= {MIN_TEMPERATURE} (below it, method greedy), "
+        f"0 < top_p <= 1, top_k >= 0; got temperature={self.temperature}, "
+        f"top_p={self.top_p}, top_k={self.top_k}"
       )
 
   @classmethod

@@ -116,6 +116,8 @@ class Model:
       pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]), preprocessed)
     else:
       frame_lists = [list(clip) for clip in clips]
+      if not frame_lists:  # no clips: no embeddings, as for images
+        return np.zeros((0, self.config.model.embed_dim), np.float32)
       lengths = sorted({len(clip) for clip in frame_lists})
       if len(lengths) != 1 or not lengths[0]:
         raise ValueError(f"every clip needs the same number (> 0) of frames, got {lengths}")

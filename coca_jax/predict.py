@@ -117,6 +117,8 @@ class Predictor:
   def __init__(
     self, model, config, vocab, batch_size: int, mesh: Mesh | None = None, buckets: bool = False
   ):
+    if batch_size < 1:
+      raise ValueError(f"batch_size={batch_size}; the images per jitted call must be >= 1")
     self.graphdef, self.params = nnx.split(model)
     self.config = config
     self.vocab = vocab

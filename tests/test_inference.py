@@ -62,6 +62,21 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
   )
 
 
+@pytest.mark.parametrize("resize", ["bilinear", "bicubic"])
+def test_a_strip_is_resized_through_its_crop_alone(monkeypatch, resize):
+  """A 1 x 8000 strip resized whole to a 224-pixel short side took 1.6 GB; beyond
+  MAX_RESIZED_ASPECT only the crop's source box is resampled, within 1/255 of the whole
+  resize (a 6 x 600 gradient here, S = 16: the whole resize is 16 x 1600 pixels)."""
+  rgb = np.zeros((6, 600, 3), np.uint8)
+  rgb[..., 0] = np.arange(600) % 256  # a ramp, so that the crop's offset shows
+  rgb[..., 1] = np.arange(6)[:, None] * 40
+  boxed = images.eval_pixels(rgb, 16, (0, 0, 0), (1, 1, 1), resize)
+  monkeypatch.setattr(images, "MAX_RESIZED_ASPECT", 10**6)
+  whole = images.eval_pixels(rgb, 16, (0, 0, 0), (1, 1, 1), resize)
+  assert boxed.shape == whole.shape == (16, 16, 3)
+  np.testing.assert_allclose(boxed, whole, atol=1.5 / 255)
+
+
 def test_images_as_paths_pil_or_arrays_agree(loaded, image_files):
   paths, _, _ = image_files
   as_pil = [Image.open(p) for p in paths]
@@ -146,6 +161,25 @@ def test_decode_method_follows_the_options_given(loaded):
     beam_default.decode_options(method="sample", length_penalty=0.6)
   with pytest.raises(ValueError, match="beam_size .* and top_k .* exclude each other"):
     beam_default.decode_options(beam_size=2, top_k=3)
+  # Below 1e-6 the logits / temperature overflow (1e-38 sampled garbage): greedy's job.
+  with pytest.raises(ValueError, match=r"temperature >= 1e-06 \(below it, method greedy\)"):
+    beam_default.decode_options(temperature=1e-38)
+  assert beam_default.decode_options(temperature=1e-6).method == "sample"
+
+
+def test_edge_inputs_get_clear_answers(export_dir, loaded):
+  """batch_size 0 was range()'s error, -1 an IndexError; no clips raised instead of
+  returning none (no images return none); a PIL mode without an RGB conversion escaped
+  errors="collect"."""
+  for size in (0, -1):
+    with pytest.raises(ValueError, match=f"batch_size={size}; the images per jitted call"):
+      inference.load(export_dir, batch_size=size)
+  assert loaded.embed_videos([]).shape == (0, loaded.config.model.embed_dim)
+  odd = Image.new("La", (4, 4))
+  with pytest.raises(images.ImageError, match="mode 'La' cannot be read as RGB"):
+    images.read(odd)
+  pixels, failures = loaded.read_images([np.zeros((8, 8, 3), np.uint8), odd], errors="collect")
+  assert len(pixels) == 1 and list(failures) == [1]
 
 
 @pytest.mark.slow  # compiles the sampling decoder
@@ -300,6 +334,23 @@ def test_classify_cli_checks_its_templates(export_dir, image_files, run_main, mo
       classify, f"--export={export_dir}", "--classes=cat,dog", "--template=a photo", paths[0]
     )
   inference.check_prompts(["cat"], ["a {{literal}} {}"])  # escaped braces are text
+
+
+def test_caption_cli_checks_its_decode_options_before_reading_images(
+  export_dir, run_main, monkeypatch
+):
+  """Beam and sampling options together were a traceback after every image was read."""
+  monkeypatch.setattr(console, "quiet", lambda: None)
+  read = []
+  monkeypatch.setattr(inference.Model, "read_images", lambda self, *a, **k: read.append(a))
+  for flags_given, message in [
+    (["--beam=4", "--temperature=0.7"], "exclude each other"),
+    (["--temperature=0"], "temperature"),
+    (["--max_length=1000"], "max_length=1000"),
+  ]:
+    with pytest.raises(app.UsageError, match=message):
+      run_main(caption, f"--export={export_dir}", *flags_given, "image.png")
+  assert read == []
 
 
 @pytest.mark.slow  # ~7 s; the API tests above stay quick

@@ -90,9 +90,15 @@ def decode(encoded: bytes) -> np.ndarray:
 
 
 def _pil_to_rgb(image: Image.Image) -> np.ndarray:
-  """`to_rgb` after the shape check (ImageShapeError) of decoded and given PIL images."""
+  """`to_rgb` after the shape check (ImageShapeError) of decoded and given PIL images; a
+  mode PIL cannot convert ("La", ...) is an ImageError too, so errors="collect" skips it."""
   _check_shape(np.asarray(image).shape)
-  return to_rgb(image)
+  try:
+    return to_rgb(image)
+  except (ValueError, OSError) as e:
+    if isinstance(e, ImageError):
+      raise
+    raise ImageError(f"PIL image of mode {image.mode!r} cannot be read as RGB ({e})") from e
 
 
 def _check_shape(shape: tuple) -> None:
@@ -170,6 +176,11 @@ def check_resize(resize: str) -> None:
     )
 
 
+# Images longer than this many times their shorter side are resized through a box (see
+# `eval_pixels`); the others exactly as open_clip's transform does.
+MAX_RESIZED_ASPECT = 4
+
+
 def eval_pixels(rgb: np.ndarray, size: int, mean, std, resize: str = "bilinear") -> np.ndarray:
   """The evaluation transform: [h, w, 3] uint8 -> [S, S, 3] float32 (S = size).
 
@@ -183,17 +194,24 @@ def eval_pixels(rgb: np.ndarray, size: int, mean, std, resize: str = "bilinear")
   """
   check_resize(resize)
   image = Image.fromarray(np.asarray(rgb, np.uint8))
-  width, height = image.size
-  short = min(width, height)
+  source_width, source_height = image.size
+  short = min(source_width, source_height)
   if resize == "bilinear":
-    width = max(size, round(width * size / short))
-    height = max(size, round(height * size / short))
-    image = image.resize((width, height), Image.BILINEAR)
+    method = Image.BILINEAR
+    width = max(size, round(source_width * size / short))
+    height = max(size, round(source_height * size / short))
     left, top = (width - size) // 2, (height - size) // 2
   else:
-    longer = int(size * max(width, height) / short)
-    width, height = (size, longer) if width <= height else (longer, size)
-    image = image.resize((width, height), Image.BICUBIC)
+    method = Image.BICUBIC
+    longer = int(size * max(source_width, source_height) / short)
+    width, height = (size, longer) if source_width <= source_height else (longer, size)
     left, top = round((width - size) / 2), round((height - size) / 2)
-  image = image.crop((left, top, left + size, top + size))
+  if max(width, height) <= MAX_RESIZED_ASPECT * size:
+    image = image.resize((width, height), method).crop((left, top, left + size, top + size))
+  else:
+    # A strip (8000 x 1 pixels) resized whole would be S x 8000 S: 1.6 GB at S = 224.
+    # Only the crop's source box is resampled (within 1/255 of resizing all of it).
+    sx, sy = source_width / width, source_height / height
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    image = image.resize((size, size), method, box=box)
   return normalize(np.asarray(image), mean, std)
