@@ -328,12 +328,16 @@ def coca_config(
       # VQA (source "vqa", coca_jax/data/vqa.py): TFRecords of tf.train.Examples with
       # `image` (encoded bytes), `question` (string) and `answers` (strings, one per
       # human annotator; repeats count). "" = the offline demo VQA set built from the
-      # demo sources' labels. Answer vocabulary: the top model.vqa.num_answers answers
-      # of the training files.
+      # demo sources' labels.
       vqa=dict(
         task_name="vqa",
         files="",
         eval_files="",
+        # The answer vocabulary, the head's classes in order: () = the top
+        # model.vqa.num_answers answers of the training files, filled in when a run
+        # starts (loader.resolve), so config.json and exports carry it. An export is
+        # evaluated with its own; a finetune from it must have the same (init_from).
+        answers=(),
         # Demo set size: Fashion-MNIST train images used (of 60,000); every emoji image
         # is used. Eval: the held-out images of both (Fashion-MNIST test, emoji validation).
         demo_fashion_train=6_000,

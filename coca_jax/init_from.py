@@ -223,6 +223,7 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   for line in report.log_lines():
     logging.info("%s", line)
   _warn_if_other_vocabulary(vocab_file, config)
+  _check_answers(source, config, report)
   return state_lib.create(config, run, loaded), report
 
 
@@ -335,6 +336,31 @@ def _run_vocab(workdir: epath.Path) -> epath.Path | None:
   except FileNotFoundError:
     return None
   return epath.Path(path) if path else None
+
+
+def _check_answers(source: epath.Path, config, report: Report) -> None:
+  """A VQA head read from the source scores the source's answers (its config's
+  data.vqa.answers), row by row: a run whose answers differ (other training files, the
+  same count) would train and report other answers on those rows. A ValueError then."""
+  own = tuple(config.data.get("vqa", {}).get("answers", ()))
+  if not own or not any(name.startswith("vqa_head/") for name in report.loaded):
+    return
+  try:
+    theirs = tuple(export.read_config(source / export.CONFIG_FILE).data.vqa.get("answers", ()))
+  except (FileNotFoundError, AttributeError, KeyError):
+    return  # a source from before the key: nothing to compare
+  if not theirs or theirs == own:
+    return
+  moved = [i for i, (a, b) in enumerate(zip(theirs, own)) if a != b]
+  first = moved[0] if moved else min(len(theirs), len(own))
+  raise ValueError(
+    f"config.train.init_from={source}: its VQA head scores other answers than this run's "
+    f"config.data.vqa.answers ({len(moved)} of {len(own)} differ; answer {first} is "
+    f"{theirs[first] if first < len(theirs) else None!r} there, "
+    f"{own[first] if first < len(own) else None!r} here), so its classifier rows would "
+    f"score the wrong answers. Set config.data.vqa.answers to the source's, or start the "
+    f"head fresh with {EXCLUDE_KEY}=('vqa_head/.*',)"
+  )
 
 
 def _warn_if_other_vocabulary(source_vocab: epath.Path | None, config) -> None:

@@ -366,6 +366,50 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
     assert final[name] == final[f"eval/{name}"]  # config.eval.headline
   assert np.isfinite(final["vqa_loss"])
 
+  # The run's answer vocabulary travels in its export; a finetune from that export whose
+  # answers differ (other training files, the same count) is refused unless the head
+  # starts fresh.
+  from coca_jax import init_from
+
+  exported = export.read_config(tmp_path / "work" / "export" / "config.json")
+  answers = tuple(exported.data.vqa.answers)
+  assert len(answers) == config.model.vqa.num_answers and answers[0]
+  again = config.copy_and_resolve_references()
+  again.train.init_from = str(tmp_path / "work" / "export")
+  again.data = exported.data
+  again.data.vqa.answers = (answers[1], answers[0], *answers[2:])
+  run = state_lib.setup(again)
+  with pytest.raises(ValueError, match=r"2 of \d+ differ; answer 0 is .* there"):
+    init_from.create(again, run)
+  again.train.init_exclude = ("vqa_head/.*",)
+  init_from.create(again, run)
+  again.train.init_exclude = ()
+  again.data.vqa.answers = answers
+  init_from.create(again, run)
+
+
+def test_the_run_fills_in_its_answer_vocabulary_and_an_export_keeps_its_own(
+  tmp_path, sentencepiece_model
+):
+  """The answers were rebuilt from whatever the training files held at each use, so an
+  export re-evaluated after they changed scored its rows as other answers."""
+  from coca_jax.data import loader, vqa
+
+  good = _write(
+    tmp_path / "train.tfrecord",
+    [(_png(), "what?", ["red"] * 3), (_png(), "which?", ["cat", "cat", "red"])],
+  )
+  config = _files_config(tmp_path, sentencepiece_model, good, good)
+  resolved = loader.resolve(config)
+  # red 4 votes, cat 2 (answers_lib.answer_vocabulary: by count), then 2 placeholders.
+  assert resolved.data.vqa.answers[:2] == ("red", "cat") and len(resolved.data.vqa.answers) == 4
+  assert loader.resolve(resolved).data.vqa.answers == resolved.data.vqa.answers
+  kept = ("cat", "red", "x", "y")  # an export's own, in its order
+  resolved.data.vqa.answers = kept
+  assert vqa.answer_vocabulary(resolved.data, 4) == list(kept)
+  with pytest.raises(ValueError, match=r"holds 4 answers but config.model.vqa.num_answers=3"):
+    vqa.answer_vocabulary(resolved.data, 3)
+
 
 def test_the_vqa_source_and_the_vqa_head_go_together():
   """Without the head the VQA source trained no VQA loss (found at the final eval); the

@@ -26,8 +26,9 @@ SOURCES = ("mixture", "synthetic", "vqa", "video")
 
 def resolve(config):
   """A copy of `config` ready to read data: the source checked, the demo data built on
-  first use, `data.data_dir` and `data.vocab_path` filled in (so config.json and exports
-  name the real files) and the vocabulary checked against the model. Idempotent.
+  first use, `data.data_dir`, `data.vocab_path` and (VQA) `data.vqa.answers` filled in
+  (so config.json and exports name the real files and the head's answers) and the
+  vocabulary checked against the model. Idempotent.
   The trainer also calls `check_files`, which reads the data."""
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
@@ -46,6 +47,11 @@ def resolve(config):
     f"config.model.text.{name}": getattr(contract, name) for name in ("bos_id", "eos_id", "pad_id")
   }
   vocab.check_fits(data.vocab_path, config.model.text.vocab_size, special_ids)
+  num_answers = config.model.vqa.get("num_answers", 0) if config.model.get("vqa") else 0
+  if data.source == "vqa" and num_answers and not data.vqa.get("answers"):
+    from coca_jax.data import vqa
+
+    data.vqa.answers = tuple(vqa.answer_vocabulary(data, num_answers))
   if data.source == "video" and config.model.video.get("num_classes", 0) > 0:
     from coca_jax.data import video
 

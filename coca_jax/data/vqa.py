@@ -213,7 +213,17 @@ def train_questions_and_answers(data_config) -> tuple[list[str], list[list[str]]
 
 
 def answer_vocabulary(data_config, num_answers: int) -> list[str]:
-  """The top `num_answers` answers of the training files (vqa_answers.answer_vocabulary)."""
+  """config.data.vqa.answers when the run or export has them (a ValueError unless there
+  are `num_answers`), else the top `num_answers` answers of the training files
+  (vqa_answers.answer_vocabulary)."""
+  stored = list(data_config.vqa.get("answers", ()))
+  if stored:
+    if len(stored) != num_answers:
+      raise ValueError(
+        f"config.data.vqa.answers holds {len(stored)} answers but config.model.vqa."
+        f"num_answers={num_answers}: the head's classes are these answers, in order"
+      )
+    return stored
   _, answers = train_questions_and_answers(data_config)
   return vqa_answers.answer_vocabulary(answers, num_answers)
 
