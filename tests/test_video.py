@@ -205,6 +205,7 @@ def test_tfds_video_dataset_read_as_clips():
 # ---- the eval and the serving API ----
 
 
+@pytest.mark.slow  # ~11 s: exports and compiles a model
 def test_video_eval_and_embed_videos(tmp_path, sentencepiece_model):
   from coca_jax import export, inference
   from coca_jax.evaluate import video as video_eval
@@ -381,6 +382,7 @@ def test_video_eval_set_with_every_clip_rejected_names_its_file(tmp_path, senten
     video.eval_set(config)
 
 
+@pytest.mark.slow  # ~11 s: reads clip files through tf.data
 def test_a_label_that_is_no_class_index_names_the_files(tmp_path, sentencepiece_model):
   """1-based labels (1..C) on 2 class names: label 2 made the loss NaN (train) and the
   accuracy silently wrong (eval)."""
