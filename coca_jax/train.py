@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from flax import traverse_util
 from ml_collections import config_flags
 
 from coca_jax import (
@@ -196,17 +197,6 @@ def check_finite(metrics: dict, step: int, mngr) -> None:
     )
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-  """{"a.b": leaf} of a nested dict (a config read back from JSON)."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   """A resume whose config differs from the run's config.json (the optimizer, the
   schedule's train.steps, the model...) is allowed but not silent: a warning names the
@@ -215,8 +205,8 @@ def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   path = workdir / export.CONFIG_FILE
   if not path.exists():
     return []
-  before = _leaves(json.loads(path.read_text()))
-  now = _leaves(json.loads(config.to_json_best_effort()))
+  before = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+  now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
   if changed:
     kept = workdir / f"config.before_step_{step}.json"

@@ -95,9 +95,9 @@ def _pil_to_rgb(image: Image.Image) -> np.ndarray:
   _check_shape(np.asarray(image).shape)
   try:
     return to_rgb(image)
+  except ImageError:
+    raise
   except (ValueError, OSError) as e:
-    if isinstance(e, ImageError):
-      raise
     raise ImageError(f"PIL image of mode {image.mode!r} cannot be read as RGB ({e})") from e
 
 

@@ -47,11 +47,10 @@ def resolve(config):
     f"config.model.text.{name}": getattr(contract, name) for name in ("bos_id", "eos_id", "pad_id")
   }
   vocab.check_fits(data.vocab_path, config.model.text.vocab_size, special_ids)
-  num_answers = config.model.vqa.get("num_answers", 0) if config.model.get("vqa") else 0
-  if data.source == "vqa" and num_answers and not data.vqa.get("answers"):
+  if data.source == "vqa" and not data.vqa.get("answers"):  # the head exists: check_vqa_head
     from coca_jax.data import vqa
 
-    data.vqa.answers = tuple(vqa.answer_vocabulary(data, num_answers))
+    data.vqa.answers = tuple(vqa.answer_vocabulary(data, config.model.vqa.num_answers))
   if data.source == "video" and config.model.video.get("num_classes", 0) > 0:
     from coca_jax.data import video
 

@@ -32,7 +32,9 @@ zero-shot eval can score classes the model never trained on.
 """
 
 import functools
+import itertools
 import os
+from typing import Iterator
 
 import seqio
 import tensorflow as tf
@@ -270,6 +272,22 @@ def read(
     use_cached=False,
     try_in_mem_cache=False,
   )
+
+
+def eval_parts(task_name: str, data_config, limit: int, size: int) -> Iterator[list[dict]]:
+  """The first `limit` (0: all) eval rows of `task_name` (`read`) as numpy rows, in
+  lists of at most `size` (0: one list of them all), read as they are consumed."""
+  rows = read(task_name, "eval", data_config, num_epochs=1).as_numpy_iterator()
+  if limit:
+    rows = itertools.islice(rows, limit)
+  part = []
+  for row in rows:
+    part.append(row)
+    if len(part) == size:
+      yield part
+      part = []
+  if part:
+    yield part
 
 
 def dataset_options(data_config) -> tf.data.Options:

@@ -382,27 +382,15 @@ def eval_sets(config, clips: int = EVAL_CLIPS):
   "class_names" [C]}. A ValueError when the split yields no clip, or a label outside the
   class names."""
   _, eval_name = register(config.data)
-  ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
   names = class_names(config.data)
-  limit, read, chunk = config.eval.num_examples, 0, []
-
-  def eval_set(rows):
-    labels = np.asarray([int(r["label"]) for r in rows])
+  empty = True
+  for part in tasks.eval_parts(eval_name, config.data, config.eval.num_examples, clips):
+    empty = False
+    labels = np.asarray([int(r["label"]) for r in part])
     check_labels(labels, len(names), config.data, "eval")
-    videos = np.stack([r["video"] for r in rows]).astype(np.float32)
-    return dict(clips=videos, labels=labels, class_names=names)
-
-  for row in ds.as_numpy_iterator():
-    chunk.append(row)
-    read += 1
-    if len(chunk) == clips or read == limit:
-      yield eval_set(chunk)
-      chunk = []
-    if read == limit:
-      break
-  if chunk:
-    yield eval_set(chunk)
-  if not read:
+    videos = np.stack([r["video"] for r in part]).astype(np.float32)
+    yield dict(clips=videos, labels=labels, class_names=names)
+  if empty:
     raise ValueError(
       f"the video eval split has no clip: {loader.describe_split(config.data, 'video', 'eval')} "
       "yields none whose frames decode"

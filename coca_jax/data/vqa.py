@@ -396,21 +396,13 @@ def eval_sets(config, rows: int = EVAL_ROWS):
   are kept: the evaluation counts them (evaluate/vqa.py). A ValueError when the split
   yields no row at all."""
   _, eval_name = register(config.data)
-  ds = tasks.read(eval_name, "eval", config.data, num_epochs=1)
   source = loader.describe_split(config.data, "vqa", "eval")
   contract = tokens.Contract.from_config(config)
-  limit, read, chunk = config.eval.num_examples, 0, []
-  for row in ds.as_numpy_iterator():
-    chunk.append(row)
-    read += 1
-    if len(chunk) == rows or read == limit:
-      yield _eval_set(chunk, config.data.max_text_len, contract, source)
-      chunk = []
-    if read == limit:
-      break
-  if chunk:
-    yield _eval_set(chunk, config.data.max_text_len, contract, source)
-  if not read:
+  empty = True
+  for part in tasks.eval_parts(eval_name, config.data, config.eval.num_examples, rows):
+    empty = False
+    yield _eval_set(part, config.data.max_text_len, contract, source)
+  if empty:
     raise ValueError(
       f"the VQA eval split has no example: {source} yields none whose image decodes and "
       f"whose question is not blank (rows rejected in this process so far: "
