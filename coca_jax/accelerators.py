@@ -1,25 +1,28 @@
-"""Which accelerators this host shows, read from device files without starting JAX (its
-backends must wait for jax.distributed.initialize and host_memory.tune_for_cpu)."""
+"""Which accelerators this host shows, read from sysfs and device files without starting
+JAX's backends (they must wait for jax.distributed.initialize and
+host_memory.tune_for_cpu)."""
 
 import glob
 import os
 
-# TPU VMs: /dev/accel* (v2-v4), /dev/vfio/<n> (v5e and later).
-TPU_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*")
+# JAX's TPU plugin counts chips this way too: PCI devices of Google's vendor id whose
+# device id names a TPU generation (sysfs only). jax._src is private; jax is pinned.
+from jax._src import hardware_utils
+
 GPU_FILES = ("/dev/nvidia[0-9]*",)
 
 
-def _any(patterns) -> bool:
-  return any(glob.glob(pattern) for pattern in patterns)
-
-
 def tpu_present() -> bool:
-  """Whether a TPU chip's device file exists."""
-  return _any(TPU_FILES)
+  """Whether a TPU chip is attached. Not from device file names: v4's /dev/accel<n> and
+  v5e's /dev/vfio/<n> also exist without a TPU (Linux's accel subsystem puts NPUs under
+  /dev/accel/, VFIO passthrough hosts have /dev/vfio/<n>), and a run that took them for a
+  TPU VM would start JAX's distributed runtime and fail to find a coordinator."""
+  chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+  return chips > 0
 
 
 def present() -> bool:
-  """Whether a TPU or GPU device file exists, and JAX_PLATFORMS does not say cpu."""
+  """Whether a TPU or GPU is attached, and JAX_PLATFORMS does not say cpu."""
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
     return False
-  return _any(TPU_FILES + GPU_FILES)
+  return tpu_present() or any(glob.glob(pattern) for pattern in GPU_FILES)

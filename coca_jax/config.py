@@ -238,7 +238,7 @@ def coca_config(
       grad_accum_steps=1,
       log_every=100,
       eval_every=5_000,
-      eval_steps=10,
+      eval_steps=10,  # batches of held-out losses per evaluation; 0: none
       checkpoint_every=1_000,
       keep_checkpoints=3,
       export_dtype="bfloat16",

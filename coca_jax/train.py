@@ -413,10 +413,9 @@ def check_config(config) -> None:
       f"config.train.init_exclude={excluded!r} needs config.train.init_from: without a "
       "source every parameter is initialised fresh already"
     )
-  if train_config.eval_every < 0:
-    raise ValueError(
-      f"config.train.eval_every={train_config.eval_every} must be >= 0 (0: no periodic evaluation)"
-    )
+  for key, zero in (("eval_every", "no periodic evaluation"), ("eval_steps", "no held-out losses")):
+    if train_config[key] < 0:
+      raise ValueError(f"config.train.{key}={train_config[key]} must be >= 0 (0: {zero})")
   for key, value in (
     ("train.export_dtype", train_config.export_dtype),
     ("model.dtype", config.model.dtype),

@@ -534,6 +534,25 @@ def test_held_out_classes_never_reach_training(data_dir):
     tasks.register(config)
 
 
+@pytest.mark.timeout(120)  # the stream it checks used to be endless: a hang, not a failure
+def test_a_shard_of_held_out_rows_only_ends_its_stream(data_dir, uniform_dir):
+  """Every row of uniform_dir is class 0: holding that class out leaves the shard
+  nothing, so its stream ends (the loader's error naming the shard) where the filter,
+  applied after seqio's repeat, searched an endless stream and hung every host."""
+  config = make_config(data_dir, jft_style=1.0, alt_text=0.0)
+  config.jft_style.tfds_data_dir = str(uniform_dir / "tfds")
+  names = tasks.label_names(config)
+  config.jft_style.held_out_classes = (names[1],)
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=4)
+  assert next(pipeline.batches(config, "train", **kwargs))["image"].shape[0] == 4
+  config.jft_style.held_out_classes = (names[0],)
+  with pytest.raises(StopIteration):
+    next(pipeline.batches(config, "train", **kwargs))
+  config.jft_style.held_out_classes = tuple(names)
+  with pytest.raises(ValueError, match="holds out every class of"):
+    tasks.register(config)
+
+
 def test_special_ids_outside_the_vocabulary_are_a_config_error(data_dir):
   path = str(data_dir / "vocab.model")
   vocab.check_fits(path, 50_000, {"config.model.text.eos_id": 1})

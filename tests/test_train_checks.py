@@ -78,6 +78,7 @@ def test_a_final_export_that_would_fail_fails_before_training(tmp_path):
     (lambda c: c.train.update(log_every=0), r"config\.train\.log_every=0 "),
     (lambda c: c.train.update(grad_accum_steps=0), r"config\.train\.grad_accum_steps=0 "),
     (lambda c: c.train.update(eval_every=-1), r"config\.train\.eval_every=-1 "),
+    (lambda c: c.train.update(eval_steps=-1), r"config\.train\.eval_steps=-1 must be >= 0"),
     (lambda c: c.train.update(export_dtype="bf16"), r"config\.train\.export_dtype='bf16'"),
     (lambda c: c.train.update(export_dtype="int8"), r"config\.train\.export_dtype='int8'"),
     (lambda c: c.model.update(dtype="bf16"), r"config\.model\.dtype='bf16'"),

@@ -203,8 +203,9 @@ def shard_batches(config, split: str, shard, start_step: int = 0) -> Iterator[di
   raise RuntimeError(
     f"the {split} input of data shard {shard.index} of {shard.count} ended: {where} gives "
     f"this shard no examples it keeps (an empty file among at least {shard.count} files: "
-    "seqio gives each shard whole files, or fewer examples than shards). Remove empty "
-    "files, or write the split as at least as many non-empty files as data shards"
+    "seqio gives each shard whole files; fewer examples than shards; or files holding "
+    "only config.data.jft_style.held_out_classes). Remove empty files, or write the split "
+    "as at least as many non-empty, shuffled files as data shards"
   )
 
 

@@ -170,13 +170,21 @@ def row_preprocessors(data_config, kind: str, *, train: bool) -> list:
   either layout to [n] strings (preprocess.caption_list); in the tasks training reads
   (`train`: NAME and NAME_rows), JFT-style rows naming a class of
   `jft_style.held_out_classes` dropped, so that zero-shot on those classes is zero-shot
-  (the eval task NAME_eval keeps every class)."""
+  (the eval task NAME_eval keeps every class).
+
+  They end in seqio's cache placeholder, which makes them run before seqio repeats the
+  source (`num_epochs=None`): a shard that keeps no row of an epoch (all its rows held
+  out) then ends its stream, an error (loader.shard_batches), where a filter after the
+  repeat would search an endless stream forever and hang every host."""
   if kind == "alt_text":
-    return [preprocess.caption_list]
+    return [preprocess.caption_list, seqio.CacheDatasetPlaceholder()]
   held_out = tuple(data_config.jft_style.get("held_out_classes", ()))
   if train and held_out:
-    return [functools.partial(preprocess.drop_labels, names=held_out)]
-  return []
+    return [
+      functools.partial(preprocess.drop_labels, names=held_out),
+      seqio.CacheDatasetPlaceholder(),
+    ]
+  return [seqio.CacheDatasetPlaceholder()]
 
 
 def label_names(data_config) -> list[str]:
@@ -200,6 +208,12 @@ def check_held_out(data_config) -> None:
     raise ValueError(
       f"config.data.jft_style.held_out_classes names {unknown}, not classes of "
       f"{data_config.jft_style.tfds_name} ({', '.join(names)})"
+    )
+  if set(held_out) >= set(names):
+    raise ValueError(
+      f"config.data.jft_style.held_out_classes holds out every class of "
+      f"{data_config.jft_style.tfds_name}: training would read no JFT-style row (set "
+      "config.data.rates.jft_style=0 to train without them)"
     )
 
 
