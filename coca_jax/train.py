@@ -234,14 +234,16 @@ def data_position(config, shard_count: int, step: int) -> dict:
     seed=config.data.seed,
     source=config.data.source,
     global_batch_size=config.data.global_batch_size,
+    rates={kind: float(rate) for kind, rate in config.data.rates.items()},
     data_shards=shard_count,
   )
 
 
 def check_data_position(config, shard_count: int, stored: dict) -> None:
   """Warns when a resume changes the data stream (checkpoints from before these fields
-  were recorded hold only the step and seed): a changed seed, source, batch size or number
-  of data shards (hosts) reads other examples, so within the epoch some repeat or are
+  were recorded hold only the step and seed): a changed seed, source, batch size, mixture
+  rates or number of data shards (hosts) reads other examples (each source's rows to skip
+  are step x its rows per batch now), so within the epoch some repeat or are
   skipped. Allowed (a pod slice of another size, a new batch size), but not silently."""
   current = data_position(config, shard_count, stored["step"])
   changed = [

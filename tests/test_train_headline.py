@@ -57,6 +57,13 @@ def test_a_resume_that_changes_the_data_stream_is_named(caplog):
     train.check_data_position(c, 4, stored)
   assert "global_batch_size 8 -> 16, data_shards 2 -> 4" in caplog.text
   assert "step 30" in caplog.text
+  caplog.clear()
+  c.data.global_batch_size = 8
+  stored = train.data_position(c, 2, 30)
+  c.data.rates = {"jft_style": 0.25, "alt_text": 0.75}  # the sources' rows to skip change
+  with caplog.at_level("WARNING"):
+    train.check_data_position(c, 2, stored)
+  assert "rates {'alt_text': 0.5, 'jft_style': 0.5} -> {'alt_text': 0.75, 'jft_style': 0.25}" in caplog.text
 
 
 def test_a_finished_run_started_again_skips_training_metrics_only():
