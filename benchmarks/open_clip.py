@@ -68,7 +68,7 @@ import jax
 import numpy as np
 
 from coca_jax import config as config_lib
-from coca_jax import flops, host_memory, sharding
+from coca_jax import flops, host_memory, sharding, tokens
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
@@ -321,14 +321,23 @@ def main(argv=None):
     for precision in args.precision:
       config = bench_config(args, width, precision)
       m = config.model
+      # The layout's token contract (open_clip's: BOS and EOS ids, EOS an input), which
+      # the worker's text [BOS, labels] then follows too.
       batch = synthetic.batch(
-        0, 0, range(args.batch_size), m.vision.image_size, m.text.max_len, m.text.vocab_size
+        0,
+        0,
+        range(args.batch_size),
+        m.vision.image_size,
+        m.text.max_len,
+        m.text.vocab_size,
+        tokens.Contract.from_config(config),
       )
-      tokens = (m.vision.image_size // m.vision.patch_size) ** 2
+      image_tokens = (m.vision.image_size // m.vision.patch_size) ** 2
       print(
         f"model: width {m.width}, {m.heads} heads, "
         f"ViT {m.vision.layers} layers MLP {m.vision.mlp_dim} on "
-        f"{m.vision.image_size}px / {m.vision.patch_size}px patches ({tokens} tokens), decoder "
+        f"{m.vision.image_size}px / {m.vision.patch_size}px patches "
+        f"({image_tokens} tokens), decoder "
         f"{m.text.unimodal_layers}+{m.text.multimodal_layers} layers MLP {m.text.mlp_dim}, "
         f"vocab {m.text.vocab_size}, text {m.text.max_len}, "
         f"{m.pooler.caption_queries} caption queries, {args.layout} layout; "

@@ -74,8 +74,9 @@ def main(argv) -> None:
   image = torch.from_numpy(
     np.ascontiguousarray(data["image"].transpose(0, 3, 1, 2))
   )  # NHWC -> NCHW
-  # [BOS, labels]: ids' first column is BOS; labels are t1 .. tn, EOS, PAD ... (EOS is a
-  # label, never one of coca_jax's inputs, so ids shifted are not the labels).
+  # [BOS, labels]: ids' first column is BOS; labels are t1 .. tn, EOS, PAD ... Under
+  # either token contract this is open_clip's [BOS, ids[1:]..] layout: under the paper's
+  # EOS is never one of coca_jax's inputs, so ids shifted are not the labels.
   text = torch.from_numpy(
     np.concatenate([data["ids"][:, :1], data["labels"]], axis=1).astype(np.int64)
   )
