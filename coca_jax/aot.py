@@ -97,6 +97,10 @@ def topology_devices(name: str) -> list:
     )
   from jax.experimental import topologies
 
+  # libtpu takes an exclusive lock (/tmp/libtpu_lockfile) for the chips it drives; a
+  # description for compiling drives none, so a second report, or a report beside another
+  # process with libtpu loaded, may share it (libtpu's own switch; tests set it too).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     return list(topologies.get_topology_desc(name, "tpu", **TPU_GENERATIONS[generation]).devices)
   except Exception as e:  # libtpu's own words on a shape it does not know

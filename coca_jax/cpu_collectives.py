@@ -18,13 +18,26 @@ from coca_jax import accelerators
 FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 
 
+def cpu_device_count() -> int:
+  """How many CPU devices JAX's CPU client will make: jax_num_cpu_devices (the
+  JAX_NUM_CPU_DEVICES variable) where set, which wins over XLA_FLAGS'
+  --xla_force_host_platform_device_count, else that flag, else 1."""
+  import jax
+
+  if jax.config.jax_num_cpu_devices >= 0:
+    return jax.config.jax_num_cpu_devices
+  count = re.search(
+    r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
+  )
+  return int(count.group(1)) if count else 1
+
+
 def keep_in_order() -> bool:
-  """Adds FLAG to XLA_FLAGS when they ask for several CPU devices on a CPU-only host and
-  say nothing of the scheduler; returns whether it did. Must run before JAX's CPU client
-  exists (XLA reads the flags then)."""
+  """Adds FLAG to XLA_FLAGS when the CPU client will have several devices on a CPU-only
+  host and they say nothing of the scheduler; returns whether it did. Must run before
+  JAX's CPU client exists (XLA reads the flags then)."""
   flags = os.environ.get("XLA_FLAGS", "")
-  count = re.search(r"--xla_force_host_platform_device_count=(\d+)", flags)
-  if accelerators.present() or not count or int(count.group(1)) < 2:
+  if accelerators.present() or cpu_device_count() < 2:
     return False
   if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
     return False

@@ -13,10 +13,12 @@
 #   create   create the slice, or reuse it when one of that name is READY (a PREEMPTED or
 #            TERMINATED one is deleted and created again)
 #   setup    copy this working tree to ~/coca_jax on every worker (--worker=all) and
-#            `pip install -e .[tpu]` it into ~/coca_venv (Python 3.11, installed if missing)
+#            `pip install -e .[tpu]` it into ~/coca_venv (Python 3.11, installed if missing);
+#            a worker whose trainer is running keeps its installed code
 #   train    start `python -m coca_jax.train --config=CONFIG --workdir=WORKDIR OVERRIDES` on
 #            every worker with nohup; each worker logs to ~/coca_train.log, pid in ~/coca_train.pid.
 #            All workers run the same command: JAX and libtpu find the other hosts themselves.
+#            A trainer already running is left running (`stop` first to restart it).
 #   logs     follow worker LOG_WORKER's log (default 0; `all` interleaves every worker)
 #   stop     SIGTERM the trainer on every worker: it checkpoints at the next step and exits 0
 #   status   the slice's state (READY, PREEMPTED, ...)
@@ -76,6 +78,10 @@ REMOTE_VENV='~/coca_venv'
 REMOTE_LOG='~/coca_train.log'
 # shellcheck disable=SC2088
 REMOTE_PID='~/coca_train.pid'
+
+# Remote shell test: a trainer of this slice is alive on the worker (it may be the one a
+# preemption-retry loop of `all` started earlier).
+TRAINING="[ -f $REMOTE_PID ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null"
 
 usage() {
   sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
@@ -166,17 +172,23 @@ cmd_create() {
 
 cmd_setup() {
   local archive="${TMPDIR:-/tmp}/coca_jax_src.tar.gz"
-  # The working tree as git sees it (tracked and untracked-but-not-ignored files), so the
-  # workers run exactly what is checked out here, uncommitted edits included.
+  # The working tree as git sees it (tracked and untracked-but-not-ignored files, less
+  # tracked ones deleted here), so the workers run exactly what is checked out here,
+  # uncommitted edits included.
   if [[ "$DRY_RUN" == 1 ]]; then
-    echo "+ (cd $(quote "$REPO_ROOT") && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf $(quote "$archive"))"
+    echo "+ (cd $(quote "$REPO_ROOT") && git ls-files -z --cached --others --exclude-standard | (existing files only) | tar --null -T - -czf $(quote "$archive"))"
   else
-    (cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -czf "$archive")
+    (cd "$REPO_ROOT" && git ls-files -z --cached --others --exclude-standard \
+      | while IFS= read -r -d '' path; do [[ -e "$path" ]] && printf '%s\0' "$path"; done \
+      | tar --null -T - -czf "$archive")
   fi
   tpu scp "$archive" "$TPU_NAME:~/coca_jax_src.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"
   # The package needs Python >= 3.11; the TPU images ship 3.10, so install 3.11 beside it.
+  # A worker still training keeps its installed code: replacing the source under a live
+  # trainer (which imports modules later, e.g. its evals) would mix two versions.
   local install
-  install="set -e; "
+  install="if $TRAINING; then echo \"\$(hostname): training (pid \$(cat $REMOTE_PID)): installed code left as is\"; exit 0; fi; "
+  install+="set -e; "
   install+="command -v python3.11 >/dev/null || { sudo apt-get update -q && sudo apt-get install -y -q python3.11 python3.11-venv; }; "
   install+="rm -rf $REMOTE_DIR && mkdir -p $REMOTE_DIR && tar -xzf ~/coca_jax_src.tar.gz -C $REMOTE_DIR; "
   install+="[ -x $REMOTE_VENV/bin/python ] || python3.11 -m venv $REMOTE_VENV; "
@@ -190,8 +202,10 @@ cmd_train() {
   local train
   train="$REMOTE_VENV/bin/python $(quote_all -m coca_jax.train --config="$CONFIG" --workdir="$WORKDIR" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")"
   # nohup + </dev/null: the trainer outlives the ssh session; SIGTERM (preemption or
-  # `stop`) makes it checkpoint and exit 0. A trainer still running is left alone.
-  on_all_workers "if [ -f $REMOTE_PID ] && kill -0 \$(cat $REMOTE_PID) 2>/dev/null; then echo \"\$(hostname): already training (pid \$(cat $REMOTE_PID)); run stop first\"; exit 1; fi; cd $REMOTE_DIR || exit 1; nohup $train >$REMOTE_LOG 2>&1 </dev/null & echo \$! >$REMOTE_PID; echo \"\$(hostname): started pid \$(cat $REMOTE_PID), log $REMOTE_LOG\""
+  # `stop`) makes it checkpoint and exit 0. A trainer still running is left alone, and
+  # that is success: `all` run again (a retry loop whose log stream dropped) goes on to
+  # the logs of the run in progress.
+  on_all_workers "if $TRAINING; then echo \"\$(hostname): already training (pid \$(cat $REMOTE_PID)), left running; run stop first to start it with other settings\"; exit 0; fi; cd $REMOTE_DIR || exit 1; nohup $train >$REMOTE_LOG 2>&1 </dev/null & echo \$! >$REMOTE_PID; echo \"\$(hostname): started pid \$(cat $REMOTE_PID), log $REMOTE_LOG\""
 }
 
 cmd_logs() {

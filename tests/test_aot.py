@@ -201,6 +201,38 @@ def test_missing_libtpu_says_how_to_install():
     aot.topology_devices("v4:2x2x1")
 
 
+@pytest.mark.slow  # two processes load libtpu
+@pytest.mark.skipif(aot.xla_bridge.get_tpu_library_path() is None, reason="needs libtpu")
+def test_two_processes_describe_slices_at_once():
+  """libtpu's machine-wide lock (/tmp/libtpu_lockfile) made the second of two reports
+  fail ("libtpu cannot describe this slice: ... lockfile") while the first ran."""
+  env = {k: v for k, v in os.environ.items() if k != "ALLOW_MULTIPLE_LIBTPU_LOAD"}
+  env["JAX_PLATFORMS"] = "cpu"
+  describe = "from coca_jax import aot; print(len(aot.topology_devices({!r})), flush=True); "
+  first = subprocess.Popen(
+    [sys.executable, "-c", describe.format("v4:2x2x1") + "import time; time.sleep(120)"],
+    cwd=REPO,
+    env=env,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
+  try:
+    assert first.stdout.readline().strip() == "4"  # holds libtpu until killed
+    second = subprocess.run(
+      [sys.executable, "-c", describe.format("v5e:2x2")],
+      cwd=REPO,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.strip() == "4"
+  finally:
+    first.kill()
+    first.wait()
+
+
 def run_cli(*args):
   return subprocess.run(
     [sys.executable, "-m", "coca_jax.aot", "--config=configs/tiny.py", *args],

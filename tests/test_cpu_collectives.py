@@ -2,6 +2,8 @@
 ask for several CPU devices and do not choose the scheduler themselves."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -34,3 +36,20 @@ def test_accelerator_hosts_keep_their_flags(monkeypatch):
   monkeypatch.setattr(accelerators, "present", lambda: True)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert not cpu_collectives.keep_in_order()
+
+
+@pytest.mark.parametrize("count,added", [("8", True), ("1", False)])
+def test_jax_num_cpu_devices_counts_too(count, added):
+  """JAX_NUM_CPU_DEVICES makes the devices without XLA_FLAGS (and wins over them)."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=count)
+  if count == "1":
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  code = (
+    "import os, jax; from coca_jax import cpu_collectives as c; "
+    "print(c.keep_in_order(), c.FLAG in os.environ.get('XLA_FLAGS', ''), len(jax.devices()))"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
+  ).stdout.split()
+  assert out == [str(added), str(added), count]

@@ -9,7 +9,6 @@ batch is split over ("data", "fsdp") in row-major order), not from the code unde
 
 import functools
 import importlib
-import os
 
 import jax
 import ml_collections
@@ -20,11 +19,6 @@ from jax.sharding import Mesh
 from coca_jax import aot, sharding
 from coca_jax import state as state_lib
 from coca_jax.config import SHARDING_RULES
-
-# Describing a topology loads libtpu, which by default takes a machine-wide lock
-# (/tmp/libtpu_lockfile) that another process using libtpu may hold; compile-only
-# descriptions never touch a TPU, so they need not be exclusive.
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 needs_libtpu = pytest.mark.skipif(
   aot.xla_bridge.get_tpu_library_path() is None, reason="libtpu is not installed"

@@ -136,6 +136,63 @@ def test_tpu_vm_all_dry_run():
   assert "--worker=0" in logs and "tail" in flag(logs, "--command")
 
 
+def test_tpu_vm_all_again_leaves_a_running_trainer_alone(tmp_path):
+  """`all` run again while training (a retry loop whose log stream dropped): setup must not
+  replace the code under the live trainer, and train must leave it running and succeed,
+  so that `all` goes on to the logs. The remote commands run here, in a fake home."""
+  out = run("tpu_vm.sh", "--dry-run", "all", env=TPU_ENV).stdout
+  _, _, _, setup, train, _ = [c for c in commands(out) if c[:1] == ["gcloud"]]
+  home = tmp_path / "home"
+  (home / "coca_jax").mkdir(parents=True)
+  (home / "coca_jax" / "running_code.py").touch()
+  trainer = subprocess.Popen(["sleep", "60"])
+  try:
+    (home / "coca_train.pid").write_text(f"{trainer.pid}\n")
+    for remote in (flag(setup, "--command"), flag(train, "--command")):
+      result = subprocess.run(
+        ["bash", "-c", remote],
+        env={**os.environ, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+      )
+      assert result.returncode == 0, result.stderr
+      assert f"(pid {trainer.pid})" in result.stdout
+    assert (home / "coca_jax" / "running_code.py").exists()
+    assert (home / "coca_train.pid").read_text() == f"{trainer.pid}\n"
+  finally:
+    trainer.kill()
+    trainer.wait()
+
+
+def test_tpu_vm_setup_ships_the_working_tree_with_a_file_deleted(tmp_path):
+  """A tracked file deleted but not committed: git still lists it, and tar stopped the
+  script (set -e) before anything was copied. gcloud is a stub that records its calls."""
+  repo = tmp_path / "repo"
+  subprocess.run(["git", "clone", "-q", str(LAUNCH.parent), str(repo)], check=True)
+  shutil.copytree(LAUNCH, repo / "launch", dirs_exist_ok=True)  # the scripts under test
+  (repo / "docs" / "ARCHITECTURE.md").unlink()
+  (repo / "NEW.txt").write_text("untracked\n")
+  stub = tmp_path / "bin" / "gcloud"
+  stub.parent.mkdir()
+  stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/gcloud.log\n')
+  stub.chmod(0o755)
+  env = {**TPU_ENV, "PATH": f"{stub.parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
+  subprocess.run(
+    ["bash", str(repo / "launch" / "tpu_vm.sh"), "setup"],
+    env={**os.environ, **env},
+    check=True,
+    capture_output=True,
+    timeout=60,
+  )
+  import tarfile
+
+  names = tarfile.open(tmp_path / "coca_jax_src.tar.gz").getnames()
+  assert "NEW.txt" in names and "coca_jax/train.py" in names
+  assert "docs/ARCHITECTURE.md" not in names
+  assert "scp" in (tmp_path / "gcloud.log").read_text()
+
+
 def test_tpu_vm_quotes_overrides_for_the_remote_shell():
   out = run(
     "tpu_vm.sh", "--dry-run", "train", "--config.data.prompt=a photo of the {}", env=TPU_ENV

@@ -63,7 +63,8 @@ def test_a_resume_that_changes_the_data_stream_is_named(caplog):
   c.data.rates = {"jft_style": 0.25, "alt_text": 0.75}  # the sources' rows to skip change
   with caplog.at_level("WARNING"):
     train.check_data_position(c, 2, stored)
-  assert "rates {'alt_text': 0.5, 'jft_style': 0.5} -> {'alt_text': 0.75, 'jft_style': 0.25}" in caplog.text
+  rates = "rates {'alt_text': 0.5, 'jft_style': 0.5} -> {'alt_text': 0.75, 'jft_style': 0.25}"
+  assert rates in caplog.text
 
 
 def test_a_finished_run_started_again_skips_training_metrics_only():
