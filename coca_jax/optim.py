@@ -38,6 +38,17 @@ import optax
 SECOND_MOMENT_EXPONENT = 0.8  # Adafactor's decay 1 - t^-0.8 (Shazeer & Stern 2018)
 
 
+def check_schedule(optim_config) -> None:
+  """ValueError naming the key of a schedule setting outside its range: a negative lr
+  would train by gradient ascent, a warmup fraction above 1 never reach the peak, an end
+  fraction above 1 climb past it."""
+  if not optim_config.lr > 0:
+    raise ValueError(f"config.optim.lr={optim_config.lr!r} must be > 0")
+  for key in ("warmup_fraction", "end_lr_fraction"):
+    if not 0 <= optim_config[key] <= 1:
+      raise ValueError(f"config.optim.{key}={optim_config[key]!r} must be in [0, 1]")
+
+
 def lr_multiplier(optim_config, total_steps: int) -> optax.Schedule:
   """Schedule in [0, 1]: linear warmup over warmup_fraction, then linear or cosine decay."""
   warmup = int(round(optim_config.warmup_fraction * total_steps))

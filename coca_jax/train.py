@@ -151,7 +151,11 @@ class Throughput:
     peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
     self.peak_total = None if peak is None else peak * jax.device_count()
     self.total_steps = config.train.steps
-    self.last_time, self.last_step = time.time(), start_step
+    self.restart(start_step)
+
+  def restart(self, step: int) -> None:
+    """Times from now and `step` on: what ran since (an evaluation) is not training."""
+    self.last_time, self.last_step = time.time(), step
 
   def measure(self, step: int) -> dict:
     now = time.time()
@@ -229,14 +233,16 @@ def data_position(config, shard_count: int, step: int) -> dict:
   """What a checkpoint records of the data stream: the step, and what must not change for
   a resume at that step to continue the same stream (each host skips step x its batch
   rows of its own shard)."""
-  return dict(
+  position = dict(
     step=step,
     seed=config.data.seed,
     source=config.data.source,
     global_batch_size=config.data.global_batch_size,
-    rates={kind: float(rate) for kind, rate in config.data.rates.items()},
     data_shards=shard_count,
   )
+  if config.data.source == "mixture":  # the other sources read no rates
+    position["rates"] = {kind: float(rate) for kind, rate in config.data.rates.items()}
+  return position
 
 
 def check_data_position(config, shard_count: int, stored: dict) -> None:
@@ -330,12 +336,13 @@ def train(config, workdir: str) -> dict:
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   preemption = Preemption()
   speed = Throughput(config, start_step)
-  metrics, fetched, evaluated, at_start = None, {}, {}, {}
+  metrics, fetched, evaluated, at_start, preempted = None, {}, {}, {}, False
   if config.eval.at_start and start_step == 0:
     measured = evaluate_state(
       config, state, run, eval_step, vocabulary, step=0, workdir=workdir, writer=writer
     )
     at_start = {f"{AT_START}/{k.removeprefix('eval/')}": v for k, v in measured.items()}
+    speed.restart(start_step)
   elif config.eval.at_start:
     logging.info("config.eval.at_start: skipped, the run resumes at step %d", start_step)
   step = start_step
@@ -343,38 +350,44 @@ def train(config, workdir: str) -> dict:
     evaluated = evaluate_state(
       config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
     )
-  while step < config.train.steps:
-    state, metrics = compiled_step(state, batch)
-    step += 1
-    preempted = preemption.reached(mngr, step)
-    last = step == config.train.steps
-    saving = last or preempted or step % config.train.checkpoint_every == 0
-    if saving or step % config.train.log_every == 0:
-      fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      check_finite(fetched, step, mngr)
-      if step % config.train.log_every == 0 or last:
-        rates = speed.measure(step)
-        logging.info("%s", console_line(step, config.train.steps, fetched, rates))
-        writer.write_scalars(step, {**fetched, **rates})
-    if saving:
-      checkpoint.save(mngr, state, data_position(config, shard_count, step))
-    # A preempted run leaves within its grace period: no evaluation (a finished run's
-    # final one runs when it is started again).
-    eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or last)
-    if eval_due and not preempted:
-      evaluated = evaluate_state(
-        config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
-      )
-    if preempted:
-      skipped = " (its evaluation skipped)" if eval_due else ""
-      logging.warning("preempted: checkpoint at step %d written%s; exiting", step, skipped)
-      break
-    if not last:
-      batch = next(batches)
-
-  mngr.wait_until_finished()
+  # A save is asynchronous: whatever stops the loop (an error in an evaluation, a
+  # non-finite loss) first lets the checkpoints already started finish.
+  try:
+    while step < config.train.steps:
+      state, metrics = compiled_step(state, batch)
+      step += 1
+      preempted = preemption.reached(mngr, step)
+      last = step == config.train.steps
+      saving = last or preempted or step % config.train.checkpoint_every == 0
+      if saving or step % config.train.log_every == 0:
+        fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        check_finite(fetched, step, mngr)
+        if step % config.train.log_every == 0 or last:
+          rates = speed.measure(step)
+          logging.info("%s", console_line(step, config.train.steps, fetched, rates))
+          writer.write_scalars(step, {**fetched, **rates})
+      if saving:
+        checkpoint.save(mngr, state, data_position(config, shard_count, step))
+      # A preempted run leaves within its grace period: no evaluation (a finished run's
+      # final one runs when it is started again).
+      eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or last)
+      if eval_due and not preempted:
+        evaluated = evaluate_state(
+          config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
+        )
+        speed.restart(step)
+      if preempted:
+        skipped = " (its evaluation skipped)" if eval_due else ""
+        logging.warning("preempted: checkpoint at step %d written%s; exiting", step, skipped)
+        break
+      if not last:
+        batch = next(batches)
+  finally:
+    mngr.wait_until_finished()
   writer.flush()
-  if step >= config.train.steps:
+  # Preempted at the last step: the export, like the final evaluation, is the finished
+  # run's, written when it is started again (not within the grace period).
+  if step >= config.train.steps and not preempted:
     export.write(
       state["params"],
       config,
@@ -391,13 +404,14 @@ def train(config, workdir: str) -> dict:
     chance = evaluate.chance_levels(config, eval_sets.load(config))
     logging.info("final evaluation at step %d:\n%s", step, evaluate.report(suite, chance))
   final = dict(fetched, step=step, **evaluated, **at_start)
-  if step < config.train.steps:  # preempted: the headline names the finished run's metrics
+  if preempted or step < config.train.steps:  # the headline names the finished run's metrics
     return final
   return headline(config, final, trained=step > start_step)
 
 
-# config.train keys that divide a step count or a batch: 0 would divide by zero.
-POSITIVE_TRAIN_KEYS = ("checkpoint_every", "log_every", "grad_accum_steps")
+# config.train keys that count steps or divide a step count or a batch (0 would divide by
+# zero; no step would train and the untrained model be exported).
+POSITIVE_TRAIN_KEYS = ("steps", "checkpoint_every", "log_every", "grad_accum_steps")
 
 
 def check_config(config) -> None:
@@ -408,6 +422,8 @@ def check_config(config) -> None:
   train_config = config.train
   for key in POSITIVE_TRAIN_KEYS:
     config_lib.check_positive(train_config[key], f"train.{key}")
+  config_lib.check_positive(config.data.global_batch_size, "data.global_batch_size")
+  optim.check_schedule(config.optim)
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
   excluded = init_from.exclude_patterns(config)
   if excluded and not train_config.init_from:
@@ -462,9 +478,15 @@ def check_headline(config) -> None:
     prefix = parts[0]
     if prefix == AT_START and not config.eval.at_start:
       raise ValueError(f"config.eval.headline[{name!r}]={key!r} needs config.eval.at_start=True")
-    if prefix in ("eval", AT_START) and not (config.train.eval_every or config.eval.at_start):
+    if prefix == "eval" and not config.train.eval_every:
       raise ValueError(
-        f"config.eval.headline[{name!r}]={key!r}: no evaluation runs (config.train.eval_every=0)"
+        f"config.eval.headline[{name!r}]={key!r}: no periodic evaluation runs "
+        "(config.train.eval_every=0)"
+      )
+    if prefix in ("eval", AT_START) and len(parts) == 2 and not config.train.eval_steps:
+      raise ValueError(
+        f"config.eval.headline[{name!r}]={key!r}: no held-out loss is measured "
+        "(config.train.eval_steps=0)"
       )
     # Two parts ("eval/loss") name a held-out loss, which needs no eval of the suite.
     if prefix in ("eval", AT_START) and len(parts) > 2 and parts[1] not in evals:

@@ -41,7 +41,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = STEPS
   c.optim.lr = 5e-4  # half the demo's peak; its 5% warmup and cosine decay stay
   c.eval.evals = "vqa"
-  c.eval.num_examples = 0  # every held-out question (2,000 Fashion-MNIST + 1,448 emoji)
+  c.eval.num_examples = 0  # every held-out question (2,000 Fashion-MNIST + 1,640 emoji)
   c.eval.headline = {
     "vqa/accuracy": "eval/vqa/accuracy",
     "vqa/majority_baseline": "eval/vqa/majority_baseline",

@@ -285,6 +285,41 @@ def test_a_preempted_step_is_not_evaluated(tmp_path, monkeypatch, caplog):
   assert "preempted: checkpoint at step 4 written (its evaluation skipped)" in caplog.text
 
 
+def test_preempted_at_the_last_step_exits_cleanly_and_finishes_when_started_again(
+  tmp_path, monkeypatch
+):
+  """SIGTERM at the last step: the checkpoint is written, the evaluation and the export
+  are left to the next start (it raised on the headline's missing eval/loss instead of
+  exiting 0); started again, the run evaluates, exports and names its headline."""
+  config = tiny_config(4, train=dict(eval_every=4))
+  config.eval.headline = {"final/loss": "eval/loss"}
+  monkeypatch.setattr(train.Preemption, "reached", lambda self, mngr, step: step == 4)
+  preempted = train.train(config, str(tmp_path))
+  assert preempted["step"] == 4 and "final/loss" not in preempted
+  assert (tmp_path / "checkpoints" / "4").is_dir() and not (tmp_path / "export").exists()
+  monkeypatch.undo()
+  finished = train.train(config, str(tmp_path))
+  assert finished["final/loss"] == finished["eval/loss"]
+  assert (tmp_path / "export" / "params").is_dir()
+
+
+def test_an_error_in_an_evaluation_keeps_the_checkpoint_saved_before_it(tmp_path, monkeypatch):
+  """Saves are asynchronous: the evaluation at a checkpoint step failing left only
+  checkpoints/2.orbax-checkpoint-tmp, and a resume repeated those steps."""
+  config = tiny_config(4, train=dict(eval_every=2, checkpoint_every=2))
+  restarted = []
+  monkeypatch.setattr(train.Throughput, "restart", lambda self, step: restarted.append(step))
+
+  def failing(*args, step, **kwargs):
+    assert restarted == [0]  # the timer restarts after each evaluation, not before
+    raise RuntimeError("the eval set is unreadable")
+
+  monkeypatch.setattr(train, "evaluate_state", failing)
+  with pytest.raises(RuntimeError, match="unreadable"):
+    train.train(config, str(tmp_path))
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+
+
 def test_a_batch_that_does_not_split_fails_before_any_state_is_built(tmp_path):
   config = tiny_config(3, mesh=dict(data=8, fsdp=1, tensor=1), data=dict(global_batch_size=12))
   with pytest.raises(sharding_lib.MeshError, match=r"global_batch_size=12 .* 8 batch shards"):

@@ -36,8 +36,15 @@ def test_unknown_metric_is_an_error_naming_the_key():
 def test_early_checks():
   with pytest.raises(ValueError, match="needs config.eval.at_start=True"):
     train.check_headline(_config({"x": "eval_at_start/vqa/accuracy"}))
-  with pytest.raises(ValueError, match="no evaluation runs"):
+  with pytest.raises(ValueError, match="no periodic evaluation runs"):
     train.check_headline(_config({"x": "eval/vqa/accuracy"}, eval_every=0))
+  # at_start evaluates before training, never after: "eval/..." would be missing at the end
+  with pytest.raises(ValueError, match=r"'eval/loss': no periodic evaluation runs"):
+    train.check_headline(_config({"x": "eval/loss"}, at_start=True, eval_every=0))
+  c = _config({"x": "eval_at_start/loss"}, at_start=True)
+  c.train.eval_steps = 0
+  with pytest.raises(ValueError, match=r"no held-out loss is measured \(config.train.eval_steps=0"):
+    train.check_headline(c)
   with pytest.raises(ValueError, match="eval 'vqa' is not among the evals the run runs"):
     train.check_headline(_config({"x": "eval/vqa/accuracy"}))  # config.eval.evals=""
   c = _config({"x": "eval/vqa/accuracy", "y": "loss", "z": "eval/loss"})
@@ -59,6 +66,7 @@ def test_a_resume_that_changes_the_data_stream_is_named(caplog):
   assert "step 30" in caplog.text
   caplog.clear()
   c.data.global_batch_size = 8
+  c.data.source = "mixture"
   stored = train.data_position(c, 2, 30)
   c.data.rates = {"jft_style": 0.25, "alt_text": 0.75}  # the sources' rows to skip change
   with caplog.at_level("WARNING"):

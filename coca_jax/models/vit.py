@@ -75,6 +75,11 @@ class VisionEncoder(nnx.Module):
   def __init__(self, model_config, *, rngs: nnx.Rngs):
     cfg = model_config.vision
     option = functools.partial(config_lib.model_option, model_config)
+    if cfg.patch_size < 1 or cfg.image_size < cfg.patch_size:
+      raise ValueError(
+        f"config.model.vision.image_size={cfg.image_size} must be a positive multiple of "
+        f"patch_size={cfg.patch_size}"
+      )
     if cfg.image_size % cfg.patch_size:
       raise ValueError(
         f"config.model.vision.patch_size={cfg.patch_size} does not divide "
