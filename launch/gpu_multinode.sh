@@ -20,7 +20,8 @@
 # task i runs
 #   python -m coca_jax.train --config=CONFIG --workdir=WORKDIR OVERRIDES \
 #       --coordinator_address=FIRST_NODE:PORT --num_processes=$SLURM_NTASKS --process_id=$SLURM_PROCID
-# With more than one task per node each task sees one GPU (the $SLURM_LOCALID-th).
+# With more than one task per node each task sees one GPU (the $SLURM_LOCALID-th, or the one
+# SLURM bound to it with --gpus-per-task=1).
 #
 # Without SLURM run the same command on every node, torchrun-style:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/gpu_multinode.sh --workdir=/shared/run1   # on node0
@@ -123,7 +124,10 @@ if [[ "$TASK" == 1 ]]; then
   # One SLURM task: its rank comes from srun.
   [[ -n "$COORDINATOR" ]] || die "--task needs --coordinator=HOST:PORT"
   tasks_per_node=$((SLURM_NTASKS / SLURM_NNODES))
-  if ((tasks_per_node > 1)); then
+  IFS=, read -r -a visible <<<"${CUDA_VISIBLE_DEVICES:-}"
+  # One visible GPU: SLURM bound it to this task already (--gpus-per-task=1, --gpu-bind),
+  # often renumbered 0, so SLURM_LOCALID would name a GPU the task cannot see.
+  if ((tasks_per_node > 1 && ${#visible[@]} != 1)); then
     CUDA_VISIBLE_DEVICES="$(gpu_of "$SLURM_LOCALID")"
     export CUDA_VISIBLE_DEVICES
   fi

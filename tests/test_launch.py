@@ -339,6 +339,16 @@ def test_gpu_task_mode_execs_trainer(tmp_path):
     env=env,
   ).stdout.split()
   assert out[0] == "CUDA_VISIBLE_DEVICES=5"
+  # SLURM bound one GPU to the task (--gpus-per-task=1): it stays, whatever SLURM_LOCALID.
+  bound = run(
+    "gpu_multinode.sh",
+    "--task",
+    "--coordinator=gpu-01:12345",
+    f"--python={python}",
+    "--workdir=/w",
+    env={**env, "CUDA_VISIBLE_DEVICES": "0"},
+  ).stdout.split()
+  assert bound[0] == "CUDA_VISIBLE_DEVICES=0"
   assert out[1:] == [
     "-m",
     "coca_jax.train",
