@@ -92,7 +92,9 @@ def test_bicubic_matches_open_clip_eval_transform(tmp_path):
   if importlib.util.find_spec("open_clip") is None:
     pytest.skip("open_clip is not installed (extra [open_clip])")
   rng = np.random.default_rng(1)
-  shapes = [(24, 37), (37, 24), (16, 16), (50, 21), (9, 13), (31, 31)]
+  # (100, 15) and (15, 100): longer than 4:1, pixel noise upscaled (the old crop-box path
+  # for such images differed from open_clip by up to 21/255).
+  shapes = [(24, 37), (37, 24), (16, 16), (50, 21), (9, 13), (31, 31), (100, 15), (15, 100)]
   inputs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
   np.savez(tmp_path / "in.npz", *inputs)
   script = OPEN_CLIP_TRANSFORM.format(mean=OPEN_CLIP_MEAN, std=OPEN_CLIP_STD)

@@ -263,6 +263,15 @@ def test_seqio_vocabulary_tokenizes_in_tf_data(sentencepiece_model):
   texts = tf.data.Dataset.from_tensor_slices(["a photo of a cat", "Café 😀", ""])
   encoded = [ids.numpy().tolist() for ids in texts.map(clip.encode_tf)]
   assert encoded == [[320, 1125, 539, 320, 2368], [15304, 7334], []]
+  # Latin-1 bytes (not UTF-8) in a caption: U+FFFD for them, the rest kept, no crash; and
+  # eagerly, outside tf.data, too.
+  latin1 = tf.constant("Café latte".encode("latin-1"))
+  replaced = clip.encode("Caf\ufffd latte")
+  assert (
+    next(iter(tf.data.Dataset.from_tensors(latin1).map(clip.encode_tf))).numpy().tolist()
+    == replaced
+  )
+  assert clip.encode_tf(latin1).numpy().tolist() == replaced
   # Decoding stops at the first <end_of_text>.
   ids = tf.constant([[320, 1125, 49_407, 320, 320], [320, 2368, 0, 0, 0]])
   assert clip.decode_tf(ids).numpy().tolist() == [b"a photo ", b"a cat !!!"]

@@ -4,6 +4,7 @@ TFDS dataset (through the real builder) and TFRecord alt-text shards."""
 import gzip
 import io
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -581,3 +582,43 @@ def test_evaluating_on_the_training_files_is_named(caplog):
     tasks.split_files("config.data.vqa", "t*", "")
   assert "config.data.vqa.eval_files is empty: evaluation reads the training files" in caplog.text
   assert len(caplog.records) == 1  # once per source and pattern
+
+
+def test_an_interrupted_fetch_leaves_nothing_a_later_run_takes_for_the_package(
+  tmp_path, monkeypatch
+):
+  """`npm pack` and `dpkg-deb -x` write in place: one killed midway left a truncated
+  tarball or idx file that every later prepare read (EOFError) until deleted by hand.
+  Stand-in clients write part of their output and fail, then succeed."""
+  bin_dir, cache = tmp_path / "bin", tmp_path / "raw"
+  bin_dir.mkdir()
+  monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+  package = raw.NPM_PACKAGES["emojibase"]
+  tarball = os.path.basename(raw.tarball_path(str(cache), package))
+  monkeypatch.setattr(raw, "FASHION_MNIST_INSTALLED", str(tmp_path / "not_installed"))
+  folder = str(cache / raw.DEBIAN_PACKAGE) + raw.FASHION_MNIST_INSTALLED
+  idx = (
+    os.path.relpath(folder, cache / raw.DEBIAN_PACKAGE) + "/" + raw.FASHION_MNIST_FILES["train"][0]
+  )
+
+  def clients(status: int) -> None:
+    for name, script in (
+      ("npm", f"printf part > {tarball}; exit {status}"),
+      ("dpkg-deb", f'mkdir -p "$3/$(dirname {idx})" && printf part > "$3/{idx}"; exit {status}'),
+    ):
+      (bin_dir / name).write_text(f"#!/bin/sh\n{script}\n")
+      (bin_dir / name).chmod(0o755)
+
+  cache.mkdir()
+  (cache / f"{raw.DEBIAN_PACKAGE}_1.0_all.deb").touch()
+  clients(1)
+  with pytest.raises(subprocess.CalledProcessError):
+    raw.npm_tarball(str(cache), package)
+  with pytest.raises(subprocess.CalledProcessError):
+    raw.fashion_mnist_dir(str(cache))
+  assert not (cache / tarball).exists() and not (cache / raw.DEBIAN_PACKAGE).exists()
+  clients(0)
+  assert raw.npm_tarball(str(cache), package) == str(cache / tarball)
+  assert (cache / tarball).read_text() == "part"
+  assert raw.fashion_mnist_dir(str(cache)) == folder
+  assert os.path.exists(os.path.join(folder, raw.FASHION_MNIST_FILES["train"][0]))

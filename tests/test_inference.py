@@ -65,13 +65,15 @@ def test_preprocess_resizes_the_short_side_and_centre_crops():
 @pytest.mark.parametrize("resize", ["bilinear", "bicubic"])
 def test_a_strip_is_resized_through_its_crop_alone(monkeypatch, resize):
   """A 1 x 8000 strip resized whole to a 224-pixel short side took 1.6 GB; beyond
-  MAX_RESIZED_ASPECT only the crop's source box is resampled, within 1/255 of the whole
-  resize (a 6 x 600 gradient here, S = 16: the whole resize is 16 x 1600 pixels)."""
+  MAX_RESIZED_PIXELS only the crop's source box is resampled, within 1/255 of the whole
+  resize for a smooth image (a 6 x 600 gradient here, S = 16: the whole resize is
+  16 x 1600 pixels, over a budget lowered to 16 x 1000)."""
   rgb = np.zeros((6, 600, 3), np.uint8)
   rgb[..., 0] = np.arange(600) % 256  # a ramp, so that the crop's offset shows
   rgb[..., 1] = np.arange(6)[:, None] * 40
+  monkeypatch.setattr(images, "MAX_RESIZED_PIXELS", 16 * 1000)
   boxed = images.eval_pixels(rgb, 16, (0, 0, 0), (1, 1, 1), resize)
-  monkeypatch.setattr(images, "MAX_RESIZED_ASPECT", 10**6)
+  monkeypatch.setattr(images, "MAX_RESIZED_PIXELS", 16 * 1600)
   whole = images.eval_pixels(rgb, 16, (0, 0, 0), (1, 1, 1), resize)
   assert boxed.shape == whole.shape == (16, 16, 3)
   np.testing.assert_allclose(boxed, whole, atol=1.5 / 255)

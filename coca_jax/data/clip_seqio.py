@@ -53,8 +53,13 @@ class ClipVocabulary(seqio.Vocabulary):
     if s.shape.rank != 0:
       raise ValueError(f"ClipVocabulary.encode_tf takes one string (rank 0), got shape {s.shape}")
 
-    def encode(text: bytes) -> np.ndarray:
-      return np.asarray(self.tokenizer.encode(text.decode("utf-8")), np.int32)
+    def encode(text) -> np.ndarray:
+      # A 0-d array of bytes (a bare bytes object inside tf.data). Web alt-text is not
+      # always UTF-8 (Latin-1 bytes): a strict decode would stop the input pipeline on
+      # one caption where SentencePiece reads the same bytes; undecodable bytes become
+      # U+FFFD and the rest of the caption is kept.
+      raw = np.asarray(text).item()
+      return np.asarray(self.tokenizer.encode(raw.decode("utf-8", errors="replace")), np.int32)
 
     ids = tf.numpy_function(encode, [s], tf.int32, stateful=False)
     ids.set_shape([None])

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import tarfile
+import tempfile
 from typing import Iterator
 
 import numpy as np
@@ -82,13 +83,29 @@ def tarball_path(cache_dir: str, package: str) -> str:
   return os.path.join(cache_dir, f"{name}-{version}.tgz")
 
 
+def _scratch(cache_dir: str) -> str:
+  """A new folder in `cache_dir` for a fetch or an unpacking, moved into place only when
+  it completed: `npm pack`, `apt-get download` and `dpkg-deb -x` write in place, so one
+  that was interrupted left a truncated file that every later run took for the package."""
+  os.makedirs(cache_dir, exist_ok=True)
+  return tempfile.mkdtemp(prefix=".partial-", dir=cache_dir)
+
+
 def npm_tarball(cache_dir: str, package: str) -> str:
   """Path of the `npm pack` tarball of `package` (NAME@VERSION), fetched on first use."""
   path = tarball_path(cache_dir, package)
   if not os.path.exists(path):
-    os.makedirs(cache_dir, exist_ok=True)
-    _run(["npm", "pack", package, "--silent"], cache_dir)
+    scratch = _scratch(cache_dir)
+    _run(["npm", "pack", package, "--silent"], scratch)
+    os.replace(os.path.join(scratch, os.path.basename(path)), path)
+    shutil.rmtree(scratch)
   return path
+
+
+def _debs(folder: str) -> list[str]:
+  return sorted(
+    f for f in os.listdir(folder) if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")
+  )
 
 
 def fashion_mnist_dir(cache_dir: str) -> str:
@@ -104,17 +121,16 @@ def fashion_mnist_dir(cache_dir: str) -> str:
   folder = unpacked + FASHION_MNIST_INSTALLED
   if not os.path.isdir(folder):
     os.makedirs(cache_dir, exist_ok=True)
-    debs = [
-      f for f in os.listdir(cache_dir) if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")
-    ]
-    if not debs:
-      _run(["apt-get", "download", DEBIAN_PACKAGE], cache_dir)
-      debs = [
-        f
-        for f in os.listdir(cache_dir)
-        if f.startswith(DEBIAN_PACKAGE + "_") and f.endswith(".deb")
-      ]
-    _run(["dpkg-deb", "-x", sorted(debs)[-1], unpacked], cache_dir)
+    if not _debs(cache_dir):
+      scratch = _scratch(cache_dir)
+      _run(["apt-get", "download", DEBIAN_PACKAGE], scratch)
+      for deb in _debs(scratch):
+        os.replace(os.path.join(scratch, deb), os.path.join(cache_dir, deb))
+      shutil.rmtree(scratch)
+    scratch = _scratch(cache_dir)
+    _run(["dpkg-deb", "-x", os.path.join(cache_dir, _debs(cache_dir)[-1]), scratch], cache_dir)
+    shutil.rmtree(unpacked, ignore_errors=True)
+    os.replace(scratch, unpacked)
   return folder
 
 
