@@ -24,6 +24,7 @@ workdir has no checkpoint: a resumed finetune run restores its own state.
 """
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,7 @@ from etils import epath
 from coca_jax import checkpoint, export, optim
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
-from coca_jax.models import vit
+from coca_jax.models import coca, vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,8 +224,27 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   for line in report.log_lines():
     logging.info("%s", line)
   _warn_if_other_vocabulary(vocab_file, config)
-  _check_answers(source, config, report)
+  _check_head_labels(source, config, report)
+  _check_temperature(loaded, config, source)
   return state_lib.create(config, run, loaded), report
+
+
+def _check_temperature(loaded: dict, config, source: epath.Path) -> None:
+  """A loaded temperature outside config.model.temperature's [min, max] is an error: the
+  first update would clamp it to the bound whatever the learning rate (a jump in logit
+  scale), and a frozen one would stay outside all run."""
+  value = loaded.get(("log_inv_temperature",))
+  if value is None:
+    return
+  low, high = coca.log_inv_temperature_range(config.model.temperature)
+  log_inv = float(jax.device_get(value))
+  if not low - 1e-5 <= log_inv <= high + 1e-5:  # float32 rounding of a bound
+    t = config.model.temperature
+    raise ValueError(
+      f"config.train.init_from={source}: its temperature {math.exp(-log_inv):.4g} is "
+      f"outside config.model.temperature [min, max] = [{t.min}, {t.max}]: widen that "
+      f"range, or start the temperature fresh with {EXCLUDE_KEY}=('^log_inv_temperature$',)"
+    )
 
 
 def _read(
@@ -338,29 +358,51 @@ def _run_vocab(workdir: epath.Path) -> epath.Path | None:
   return epath.Path(path) if path else None
 
 
-def _check_answers(source: epath.Path, config, report: Report) -> None:
-  """A VQA head read from the source scores the source's answers (its config's
-  data.vqa.answers), row by row: a run whose answers differ (other training files, the
-  same count) would train and report other answers on those rows. A ValueError then."""
-  own = tuple(config.data.get("vqa", {}).get("answers", ()))
-  if not own or not any(name.startswith("vqa_head/") for name in report.loaded):
-    return
-  try:
-    theirs = tuple(export.read_config(source / export.CONFIG_FILE).data.vqa.get("answers", ()))
-  except (FileNotFoundError, AttributeError, KeyError):
-    return  # a source from before the key: nothing to compare
-  if not theirs or theirs == own:
-    return
-  moved = [i for i, (a, b) in enumerate(zip(theirs, own)) if a != b]
-  first = moved[0] if moved else min(len(theirs), len(own))
-  raise ValueError(
-    f"config.train.init_from={source}: its VQA head scores other answers than this run's "
-    f"config.data.vqa.answers ({len(moved)} of {len(own)} differ; answer {first} is "
-    f"{theirs[first] if first < len(theirs) else None!r} there, "
-    f"{own[first] if first < len(own) else None!r} here), so its classifier rows would "
-    f"score the wrong answers. Set config.data.vqa.answers to the source's, or start the "
-    f"head fresh with {EXCLUDE_KEY}=('vqa_head/.*',)"
-  )
+# Task heads whose classifier rows stand for labels the config names: (head, the labels'
+# name, the config key that names them).
+HEAD_LABELS = (
+  ("vqa_head", "answers", "config.data.vqa.answers"),
+  ("video_head", "classes", "config.data.video.class_names"),
+)
+
+
+def _labels(head: str, config) -> tuple[str, ...]:
+  """The labels of `head`'s classifier rows, in row order, under `config`."""
+  if head == "vqa_head":
+    return tuple(config.data.vqa.get("answers", ()))
+  from coca_jax.data import video
+
+  return tuple(video.class_names(config.data))
+
+
+def _check_head_labels(source: epath.Path, config, report: Report) -> None:
+  """A task head's classifier read from the source scores the source's labels (VQA
+  answers, video classes), row by row: a run whose labels differ (other training files or
+  class list, the same count) would train and report other labels on those rows. A
+  ValueError then. A head whose classifier starts fresh (init_exclude) is not compared."""
+  for head, unit, key in HEAD_LABELS:
+    if not any(name.startswith(f"{head}/classifier/") for name in report.loaded):
+      continue
+    try:
+      theirs = _labels(head, export.read_config(source / export.CONFIG_FILE))
+    # Best effort: a source from before these keys, or whose class file or TFDS dataset
+    # is not on this machine, is loaded with a warning.
+    except Exception as e:  # noqa: BLE001
+      logging.warning("init_from: the source's %s cannot be compared with %s: %s", unit, key, e)
+      continue
+    own = _labels(head, config)
+    if not theirs or not own or theirs == own:
+      continue
+    moved = [i for i, (a, b) in enumerate(zip(theirs, own)) if a != b]
+    first = moved[0] if moved else min(len(theirs), len(own))
+    raise ValueError(
+      f"config.train.init_from={source}: its {head} scores other {unit} than this run's "
+      f"{key} ({len(moved)} of {len(own)} differ; row {first} is "
+      f"{theirs[first] if first < len(theirs) else None!r} there, "
+      f"{own[first] if first < len(own) else None!r} here), so its classifier rows would "
+      f"score the wrong {unit}. Use the source's {unit}, or start the classifier fresh "
+      f"with {EXCLUDE_KEY}=('^{head}/classifier/',)"
+    )
 
 
 def _warn_if_other_vocabulary(source_vocab: epath.Path | None, config) -> None:

@@ -425,6 +425,12 @@ def check_config(config) -> None:
   config_lib.check_positive(config.data.global_batch_size, "data.global_batch_size")
   optim.check_schedule(config.optim)
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
+  frozen = state_lib.frozen_patterns(config)
+  if frozen and not train_config.init_from:
+    raise ValueError(
+      f"config.train.frozen={frozen!r} needs config.train.init_from: frozen at a random "
+      "initialisation, those parameters would never learn"
+    )
   excluded = init_from.exclude_patterns(config)
   if excluded and not train_config.init_from:
     raise ValueError(

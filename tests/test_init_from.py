@@ -36,7 +36,8 @@ def assert_params_equal(a: dict, b: dict):
 def source(tmp_path_factory):
   """A tiny model initialised with another seed than the finetune runs' (so a loaded
   parameter cannot equal a fresh one by chance), written as a float32 export and as a
-  workdir with checkpoints at step 3 and step 6 (parameters x2)."""
+  workdir with checkpoints at step 3 and step 6 (parameters x2; the temperature +0.1 in
+  log, still in its range)."""
   root = tmp_path_factory.mktemp("source")
   config = tiny_config(6, train=dict(seed=1))
   run = state_lib.setup(config)
@@ -45,11 +46,17 @@ def source(tmp_path_factory):
   export.write(state["params"], config, str(root / "export"), "float32", None)
   mngr = checkpoint.manager(str(root / "workdir"), config.train)
   checkpoint.save(mngr, dict(state, step=np.int32(3)), dict(step=3, seed=0))
-  doubled = dict(state, params=jax.tree.map(lambda x: 2 * x, state["params"]), step=np.int32(6))
-  checkpoint.save(mngr, doubled, dict(step=6, seed=0))
+
+  def later(name, x):  # step 6's value: x2, the temperature kept in its range
+    return x + 0.1 if name == "log_inv_temperature" else 2 * x
+
+  step6 = jax.tree_util.tree_map_with_path(
+    lambda path, x: later("/".join(params_lib.path_names(path)), x), state["params"]
+  )
+  checkpoint.save(mngr, dict(state, params=step6, step=np.int32(6)), dict(step=6, seed=0))
   mngr.wait_until_finished()
   mngr.close()
-  return dict(root=root, params=params, doubled={k: 2 * v for k, v in params.items()})
+  return dict(root=root, params=params, doubled={k: later(k, v) for k, v in params.items()})
 
 
 def finetune(init_from_dir, image_size=16):
@@ -441,6 +448,20 @@ def test_frozen_parameters_have_no_optimizer_state_and_trained_ones_keep_their_s
   }
   assert trained == {k: v for k, v in plain_opt.items() if "vision/" not in k}
   assert any("'fsdp'" in v for v in trained.values())
+
+
+@pytest.mark.slow  # ~10 s
+def test_a_loaded_temperature_outside_the_configured_range_is_named(source):
+  """tau 0.07 read into a run whose range is [0.1, 1]: the first update clamped it to 0.1
+  whatever the learning rate (frozen, it stayed outside all run)."""
+  config = finetune(source["root"] / "export")
+  config.model.temperature.update(init=0.2, min=0.1)
+  run = state_lib.setup(config)
+  with pytest.raises(ValueError, match=r"its temperature 0\.07 is outside .*\[0\.1, 1\.0\]"):
+    init_from.create(config, run)
+  config.train.init_exclude = ("^log_inv_temperature$",)
+  state, _ = init_from.create(config, run)
+  assert float(state["params"]["log_inv_temperature"]) == pytest.approx(np.log(1 / 0.2))
 
 
 @pytest.mark.slow

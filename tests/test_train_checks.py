@@ -79,6 +79,10 @@ def test_a_final_export_that_would_fail_fails_before_training(tmp_path):
     (lambda c: c.train.update(grad_accum_steps=0), r"config\.train\.grad_accum_steps=0 "),
     (lambda c: c.train.update(eval_every=-1), r"config\.train\.eval_every=-1 "),
     (lambda c: c.train.update(steps=-5), r"config\.train\.steps=-5 must be an integer >= 1"),
+    (
+      lambda c: c.train.update(frozen=("^vision/",)),
+      r"config\.train\.frozen=\('\^vision/',\) needs config\.train\.init_from",
+    ),
     (lambda c: c.data.update(global_batch_size=0), r"config\.data\.global_batch_size=0 "),
     (lambda c: c.optim.update(lr=-1e-3), r"config\.optim\.lr=-0\.001 must be > 0"),
     (lambda c: c.optim.update(warmup_fraction=1.5), r"config\.optim\.warmup_fraction=1\.5 "),

@@ -285,6 +285,22 @@ def test_demo_config_trains_from_a_tiny_export(tmp_path):
   for name in ("video/zero_shot/top1", "video/top1", "video/chance"):
     assert final[name] == final[f"eval/{name}"]  # config.eval.headline
 
+  # A finetune from that export whose classes come in another order loaded its classifier
+  # silently, every row scoring another class; now refused unless the classifier is fresh.
+  from coca_jax import init_from
+  from coca_jax.data import video
+
+  names = video.class_names(config.data)
+  again = config.copy_and_resolve_references()
+  again.train.init_from = str(tmp_path / "work" / "export")
+  (tmp_path / "reordered.txt").write_text("\n".join([names[1], names[0], *names[2:]]) + "\n")
+  again.data.video.class_names = str(tmp_path / "reordered.txt")
+  run = state_lib.setup(again)
+  with pytest.raises(ValueError, match=r"scores other classes .*\(2 of 10 differ; row 0 is"):
+    init_from.create(again, run)
+  again.train.init_exclude = ("^video_head/classifier/",)
+  init_from.create(again, run)
+
 
 @pytest.mark.skipif(
   not __import__("coca_jax.data.prepare").data.prepare.is_prepared(),
