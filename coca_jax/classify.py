@@ -44,7 +44,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   try:  # before the model loads; Model.classify makes the same check
     inference.check_prompts(classes, f.template)
   except ValueError as e:
-    raise app.UsageError(f"--template: {e}") from e
+    raise app.UsageError(f"--classes / --template: {e}") from e
   model = inference.load(f.export, batch_size=f.batch_size)
   pixels, failures = model.read_images(paths, errors="collect")
   result = model.classify(pixels, classes, f.template, preprocessed=True) if len(pixels) else None

@@ -1,6 +1,6 @@
 """Export: the parameters alone, as a standalone Orbax checkpoint the inference API loads.
 
-    python -m coca_jax.export --workdir=DIR [--step=N] --output=DIR [--dtype=bfloat16]
+    python -m coca_jax.export --workdir=DIR [--step=N] --output=DIR [--dtype=bfloat16|float32]
 
 Layout of an export directory:
     params/       Orbax checkpoint of the model parameters (nested dict of arrays)
@@ -228,12 +228,19 @@ def check_params_match(export_dir, expected, stored, shown: int = 5) -> None:
   )
 
 
-def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None = None) -> int:
+def export_from_workdir(
+  workdir: str, output: str, dtype: str | None = None, step: int | None = None
+) -> tuple[int, str]:
   """Exports the params of a training checkpoint (default: the newest readable one, as a
-  resume would pick); returns the exported step."""
-  check_dtype(dtype)
+  resume would pick) as `dtype` (default: the run's config.train.export_dtype, what its
+  own final export has); returns the exported step and dtype."""
+  if dtype is not None:
+    check_dtype(dtype)
   check_output(output)  # before the restore, which can take minutes
   config = read_config(epath.Path(workdir) / CONFIG_FILE)
+  if dtype is None:
+    dtype = config.train.get("export_dtype", "bfloat16")  # configs from before the key
+    check_dtype(dtype)
   check_vocab(vocab_file_of(config), config)
   # The run's own mesh may need more devices than this machine has; any mesh restores.
   config.mesh = config_lib.default_mesh()
@@ -246,7 +253,7 @@ def export_from_workdir(workdir: str, output: str, dtype: str, step: int | None 
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   state, data_position = restored
   write(state["params"], config, output, dtype, vocab_file_of(config))
-  return int(data_position["step"])
+  return int(data_position["step"]), dtype
 
 
 def load_vocab(export_dir: str, config):
@@ -286,8 +293,8 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir or not f.output:
     raise app.UsageError("--workdir and --output are required")
-  step = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
-  print(json.dumps(dict(step=step, output=f.output, dtype=f.dtype)))
+  step, dtype = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
+  print(json.dumps(dict(step=step, output=f.output, dtype=dtype)))
 
 
 if __name__ == "__main__":
@@ -295,5 +302,7 @@ if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training workdir holding config.json and checkpoints/.")
   flags.DEFINE_integer("step", None, "Checkpoint step to export (default: latest).")
   flags.DEFINE_string("output", None, "Export directory to write.")
-  flags.DEFINE_enum("dtype", "bfloat16", DTYPES, "Dtype of exported params.")
+  flags.DEFINE_enum(
+    "dtype", None, DTYPES, "Dtype of exported params (default: the run's train.export_dtype)."
+  )
   app.run(main)

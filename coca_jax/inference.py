@@ -233,8 +233,9 @@ class Model:
 
 def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -> None:
   """ValueError for what `Model.classify` would misread: a string of class names or of
-  templates (iterated by character), no class names, or a template without exactly one
-  `{}` (every class would get the same prompts, or format would fail)."""
+  templates (iterated by character), no class names, a repeated class name, or a
+  template without exactly one `{}` (every class would get the same prompts, or format
+  would fail)."""
   for name, value, example in (
     ("class_names", class_names, "['cat', 'dog']"),
     ("templates", templates, "['a photo of a {}.']"),
@@ -243,6 +244,11 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -
       raise ValueError(f"{name}={value!r} is a string; pass a list, e.g. {example}")
   if not class_names:
     raise ValueError("classify needs at least one class name")
+  repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
+  if repeated:
+    raise ValueError(
+      f"class names repeated: {repeated}; each copy would get a share of its probability"
+    )
   need = "it needs exactly one {} for the class name (literal braces: {{ }})"
   for template in templates or ():
     try:
@@ -272,7 +278,11 @@ def load(export_dir: str, batch_size: int = 32) -> Model:
 
   Errors name the missing path (params, config or vocabulary).
   """
-  from coca_jax import export
+  from jax._src import xla_bridge
 
+  from coca_jax import console, export
+
+  if not xla_bridge.backends_are_initialized():  # without libtpu's noise on a CPU host
+    console.start_backends()
   model, config = export.load_model(export_dir)
   return Model(model, config, export.load_vocab(export_dir, config), batch_size)

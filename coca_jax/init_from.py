@@ -199,6 +199,20 @@ def exclude_patterns(config) -> tuple[str, ...]:
   return tuple(config.train.get("init_exclude", ()))
 
 
+def check_source(config) -> str:
+  """ "export" or "workdir": what config.train.init_from is; FileNotFoundError naming it
+  when it is neither (the trainer asks before it writes anything)."""
+  source = epath.Path(config.train.init_from)
+  if (source / "params").exists():
+    return "export"
+  if (source / "checkpoints").exists():
+    return "workdir"
+  raise FileNotFoundError(
+    f"config.train.init_from={source} is neither an export ({source / 'params'} is "
+    f"missing) nor a training workdir ({source / 'checkpoints'} is missing)"
+  )
+
+
 def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   """The initial state of `run` with the parameters of `config.train.init_from`, in the
   layout's shardings, its optimizer state initialised from them; logs the Report."""
@@ -209,18 +223,13 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   }
   frozen = frozenset(optim.matching_names(abstract, state_lib.frozen_patterns(config)))
   excluded = frozenset(optim.matching_names(abstract, exclude_patterns(config), EXCLUDE_KEY))
-  if (source / "params").exists():
+  if check_source(config) == "export":
     loaded, report = _read(source / "params", (), target, run, f"export {source}", frozen, excluded)
     held = export.vocab_file_in(source)  # vocab.model or vocab.txt.gz (CLIP BPE)
     vocab_file = epath.Path(held) if held else None
-  elif (source / "checkpoints").exists():
+  else:
     loaded, report = _read_newest_checkpoint(source, target, run, config.train, frozen, excluded)
     vocab_file = _run_vocab(source)
-  else:
-    raise FileNotFoundError(
-      f"config.train.init_from={source} is neither an export ({source / 'params'} is "
-      f"missing) nor a training workdir ({source / 'checkpoints'} is missing)"
-    )
   for line in report.log_lines():
     logging.info("%s", line)
   _warn_if_other_vocabulary(vocab_file, config)

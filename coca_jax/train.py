@@ -270,6 +270,13 @@ def train(config, workdir: str) -> dict:
   # Config errors now, before anything is built, read or written, not hours into the run.
   check_config(config)
   check_workdir(workdir_path)
+  # A run that resumes ignores init_from; one that starts from it needs the source, named
+  # before anything is written (an error after the checkpoint manager's threads started
+  # ended in their traceback).
+  checkpoints = workdir_path / "checkpoints"
+  resumes = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
+  if config.train.init_from and not resumes:
+    init_from.check_source(config)
   config = loader.resolve(config)
   loader.check_files(config)
   # The final export's destination and vocabulary, checked before the run, not after it.

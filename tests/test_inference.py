@@ -316,6 +316,8 @@ def test_a_batch_array_of_any_kind_is_n_images(loaded):
     (["cat"], ["a {name}"], r"template 'a \{name\}' has placeholders: \{name\}"),
     (["cat"], ["{} on {}"], r"template '\{\} on \{\}' has placeholders: \{\} \{\}"),
     (["cat"], ["a {", "a {}"], r"template 'a \{' is not a format string"),
+    # A repeated class split its probability: dog=0.43, dog=0.43, heart=0.13.
+    (["dog", "heart", "dog"], None, r"class names repeated: \['dog'\]"),
   ],
 )
 def test_classify_refuses_strings_and_templates_without_one_placeholder(

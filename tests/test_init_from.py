@@ -116,9 +116,13 @@ def test_workdir_loads_the_newest_readable_checkpoint(source, tmp_path, caplog):
 
 
 def test_neither_export_nor_workdir_is_an_error_naming_both(tmp_path):
-  config = finetune(tmp_path)
+  config = finetune(tmp_path / "nothere")
   with pytest.raises(FileNotFoundError, match="neither an export .*params.* nor a training"):
     init_from.create(config, state_lib.setup(config))
+  # The trainer names it before it writes anything (no checkpoints/ left behind).
+  with pytest.raises(FileNotFoundError, match="neither an export .*params.* nor a training"):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize(

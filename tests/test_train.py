@@ -163,23 +163,18 @@ def test_restore_onto_another_mesh_and_export(tmp_path, reference_run):
     model.encode_text(ids, mask)[0], trained.encode_text(ids, mask)[0], atol=1e-6
   )
 
-  # The export CLI writes bfloat16 by default.
-  out = tmp_path / "exported"
-  result = run(
-    [
-      sys.executable,
-      "-m",
-      "coca_jax.export",
-      f"--workdir={ref_dir}",
-      f"--output={out}",
-      f"--step={latest_step(ref_dir)}",
-    ]
-  )
-  assert result.returncode == 0, result.stderr[-3000:]
-  bf16_model, _ = export.load_model(str(out))
-  np.testing.assert_allclose(
-    bf16_model.encode_image(image)[0], model.encode_image(image)[0], atol=0.1
-  )
+  # The export CLI writes the run's config.train.export_dtype by default (the trainer's
+  # own export's: float32 here), --dtype=bfloat16 on request.
+  for dtype, flags, atol in (("float32", [], 1e-6), ("bfloat16", ["--dtype=bfloat16"], 0.1)):
+    out = tmp_path / f"exported_{dtype}"
+    command = [sys.executable, "-m", "coca_jax.export", f"--workdir={ref_dir}"]
+    result = run([*command, f"--output={out}", f"--step={latest_step(ref_dir)}", *flags])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["dtype"] == dtype
+    exported, _ = export.load_model(str(out))
+    np.testing.assert_allclose(
+      exported.encode_image(image)[0], model.encode_image(image)[0], atol=atol
+    )
 
 
 def test_export_of_a_missing_dir_names_the_path(tmp_path):

@@ -288,8 +288,16 @@ def _preprocessors(data_config, *, train: bool) -> list:
   else:
     examples = seqio.map_over_dataset(example)
 
+  # Named functions, not two lambdas on one line: AutoGraph cannot tell such lambdas
+  # apart and warned twice per run ("found multiple definitions").
+  def kept(row):
+    return row["keep"]
+
+  def without_keep(row):
+    return {k: v for k, v in row.items() if k != "keep"}
+
   def drop_rejected(ds):
-    return ds.filter(lambda r: r["keep"]).map(lambda r: {k: v for k, v in r.items() if k != "keep"})
+    return ds.filter(kept).map(without_keep)
 
   return [_rows, examples, drop_rejected]
 

@@ -1,7 +1,7 @@
 """Run the configured evaluations on an export and print the metrics.
 
-    python -m coca_jax.evaluate --export=DIR [--config=configs/demo.py] \
-        [--config.eval.evals=zero_shot,retrieval,captioning,frozen] [--workdir=DIR]
+    python -m coca_jax.evaluate --export=DIR [--workdir=DIR] \
+        [--config=configs/demo.py [--config.eval.evals=zero_shot,retrieval,captioning,frozen]]
     python -m coca_jax.evaluate --export=DIR --config=configs/eval/imagenet.py[:imagenet_v2]
     python -m coca_jax.evaluate --export=DIR --config=configs/eval/cifar.py[:cifar100]
     python -m coca_jax.evaluate --export=DIR --config=configs/eval/coco.py[:flickr30k]
@@ -9,8 +9,9 @@
 The model and its data settings (image size, config.data.image mean / std / resize) come
 from the export's config.json; `--config` (with command-line overrides) supplies the
 `eval` section: the export's own suite (configs/demo.py) or a public benchmark recipe
-(configs/eval/, coca_jax/evaluate/benchmarks.py). Prints a table with chance levels,
-then, as the last line, the metrics as one JSON object.
+(configs/eval/, coca_jax/evaluate/benchmarks.py). `--config.KEY=VALUE` overrides need
+`--config=FILE` (without it the export's own eval section runs as written). Prints a
+table with chance levels, then, as the last line, the metrics as one JSON object.
 """
 
 import json
