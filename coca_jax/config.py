@@ -578,3 +578,23 @@ def configs_importable() -> None:
   root = os.fspath(REPOSITORY)
   if (REPOSITORY / "configs").is_dir() and root not in sys.path:
     sys.path.append(root)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """`app.run(main, flags_parser=parse_flags)` for entry points with a --config file:
+  absl's parsing, and a --config.KEY override naming no key of the config fails like any
+  other flag error, one line with ml_collections' suggestion ("FATAL Flags parsing
+  error: --config override: no key 'stepz'; Did you mean "steps" ..."), where
+  ml_collections' AttributeError ended the program in a 50-line traceback."""
+  from absl import app
+
+  try:
+    return app.parse_flags_with_usage(argv)
+  # A missing section is a KeyError, a missing field an AttributeError wrapping one.
+  except (AttributeError, KeyError) as e:
+    missing = e if isinstance(e, KeyError) else (e.args[0] if e.args else None)
+    if not isinstance(missing, KeyError) or not missing.args:
+      raise
+    detail = "; ".join(str(missing.args[0]).splitlines())
+    sys.stderr.write(f"FATAL Flags parsing error: --config override: no key {detail}\n")
+    sys.exit(1)

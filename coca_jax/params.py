@@ -93,4 +93,4 @@ if __name__ == "__main__":
   # Defined only when run as a program: importing this module registers no flags.
   config_lib.configs_importable()
   config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

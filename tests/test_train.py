@@ -72,7 +72,13 @@ def latest_step(workdir):
 
 def test_unknown_or_mistyped_override_fails_before_compiling(tmp_path):
   result = run(cli(tmp_path, 2, "--config.optim.lrr=1"), timeout=120)
-  assert result.returncode != 0 and "lrr" in result.stderr
+  assert result.returncode == 1 and "Traceback" not in result.stderr  # one line, not 50
+  assert (
+    "FATAL Flags parsing error: --config override: no key 'lrr'; "
+    'Did you mean "lr" instead of "lrr"?' in result.stderr
+  )
+  result = run(cli(tmp_path, 2, "--config.optimm.lr=1"), timeout=120)  # a missing section
+  assert result.returncode == 1 and "no key 'optimm'; Did you mean \"optim\"" in result.stderr
   result = run(cli(tmp_path, 2, "--config.optim.lr=fast"), timeout=120)
   assert result.returncode != 0 and "lr" in result.stderr and "fast" in result.stderr
   assert not (tmp_path / "checkpoints").exists()

@@ -80,4 +80,4 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
