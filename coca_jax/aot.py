@@ -102,7 +102,9 @@ def topology_devices(name: str) -> list:
   # process with libtpu loaded, may share it (libtpu's own switch; tests set it too).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
-    return list(topologies.get_topology_desc(name, "tpu", **TPU_GENERATIONS[generation]).devices)
+    with console.libtpu_quiet():  # its failed TPU lookup on this CPU host is expected
+      description = topologies.get_topology_desc(name, "tpu", **TPU_GENERATIONS[generation])
+    return list(description.devices)
   except Exception as e:  # libtpu's own words on a shape it does not know
     raise TopologyError(f"--topology={name!r}: libtpu cannot describe this slice: {e}") from e
 

@@ -90,12 +90,19 @@ def start_backends() -> None:
   import jax
 
   cpu_collectives.keep_in_order()
-
-  if importlib.util.find_spec("libtpu") is None or accelerators.present():
+  with libtpu_quiet():
     jax.devices()
+
+
+@contextlib.contextmanager
+def libtpu_quiet():
+  """Where libtpu is installed on a host without accelerators, the block's stderr without
+  libtpu's start-up noise (LIBTPU_NO_CHIP_NOISE); elsewhere nothing is captured."""
+  if importlib.util.find_spec("libtpu") is None or accelerators.present():
+    yield
     return
   with _stderr_without(LIBTPU_NO_CHIP_NOISE):
-    jax.devices()
+    yield
 
 
 def quiet(start: bool = True) -> None:
