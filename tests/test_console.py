@@ -58,6 +58,27 @@ def test_start_backends_hides_libtpu_start_up_lines():
   assert "INVALID_ARGUMENT" not in ours and "Source Location Trace" not in ours, ours
 
 
+@pytest.mark.slow  # interpreters loading libtpu
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None, reason="libtpu not installed")
+def test_the_aot_topology_and_the_python_api_hide_libtpu_start_up_lines():
+  """`coca_jax.aot`'s slice description and `coca_jax.load`'s backend start printed the
+  lines that the trainer's start dropped."""
+  describe = (
+    "from jax.experimental import topologies; from coca_jax import aot; "
+    "topologies.get_topology_desc('v4:2x2x1', 'tpu', **aot.TPU_GENERATIONS['v4'])"
+  )
+  if "INVALID_ARGUMENT" not in _stderr_of(describe):
+    pytest.skip("this libtpu starts quietly here (a TPU host, or a newer libtpu)")
+  for code in (
+    "from coca_jax import aot; aot.topology_devices('v4:2x2x1')",
+    "import coca_jax; coca_jax.load('/nonexistent/export')",
+  ):
+    ours = _stderr_of(
+      f"try:\n  {code.replace('; ', chr(10) + '  ')}\nexcept FileNotFoundError:\n  pass"
+    )
+    assert "INVALID_ARGUMENT" not in ours and "Source Location Trace" not in ours, ours
+
+
 # Runs an entry point's main with the calls that must precede JAX's backends replaced by
 # a check that no backend has started yet; the last of them ends the process.
 ORDER_CHECK = """
