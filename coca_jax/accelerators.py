@@ -5,10 +5,6 @@ host_memory.tune_for_cpu)."""
 import glob
 import os
 
-# JAX's TPU plugin counts chips this way too: PCI devices of Google's vendor id whose
-# device id names a TPU generation (sysfs only). jax._src is private; jax is pinned.
-from jax._src import hardware_utils
-
 GPU_FILES = ("/dev/nvidia[0-9]*",)
 
 
@@ -16,7 +12,14 @@ def tpu_present() -> bool:
   """Whether a TPU chip is attached. Not from device file names: v4's /dev/accel<n> and
   v5e's /dev/vfio/<n> also exist without a TPU (Linux's accel subsystem puts NPUs under
   /dev/accel/, VFIO passthrough hosts have /dev/vfio/<n>), and a run that took them for a
-  TPU VM would start JAX's distributed runtime and fail to find a coordinator."""
+  TPU VM would start JAX's distributed runtime and fail to find a coordinator.
+
+  JAX's TPU plugin counts chips this way: PCI devices of Google's vendor id whose device
+  id names a TPU generation (sysfs only). jax._src is private; jax is pinned. Imported
+  here, not with this module: importing jax before a process has set its JAX_*
+  variables (tests/conftest.py: the platform, the compilation cache) would ignore them."""
+  from jax._src import hardware_utils
+
   chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
   return chips > 0
 

@@ -12,6 +12,7 @@ and keeps the default.
 
 import os
 import re
+import sys
 
 from coca_jax import accelerators
 
@@ -21,11 +22,15 @@ FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 def cpu_device_count() -> int:
   """How many CPU devices JAX's CPU client will make: jax_num_cpu_devices (the
   JAX_NUM_CPU_DEVICES variable) where set, which wins over XLA_FLAGS'
-  --xla_force_host_platform_device_count, else that flag, else 1."""
-  import jax
-
-  if jax.config.jax_num_cpu_devices >= 0:
-    return jax.config.jax_num_cpu_devices
+  --xla_force_host_platform_device_count, else that flag, else 1. Reads the variable
+  itself while jax is not imported (importing it here would fix the process's JAX_*
+  settings before its caller made them)."""
+  jax = sys.modules.get("jax")
+  configured = (
+    jax.config.jax_num_cpu_devices if jax else int(os.environ.get("JAX_NUM_CPU_DEVICES", -1))
+  )
+  if configured >= 0:
+    return configured
   count = re.search(
     r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
   )

@@ -3,8 +3,6 @@
 import os
 import tempfile
 
-from coca_jax import cpu_collectives
-
 # Compilation dominates these tiny programs; XLA's CPU backend at optimisation level 0
 # compiles ~30% faster (measured on 2 cores) and runs them no slower that it shows.
 os.environ["XLA_FLAGS"] = (
@@ -12,9 +10,6 @@ os.environ["XLA_FLAGS"] = (
   + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The scheduler flag of coca_jax/cpu_collectives.py: entry points add it in
-# console.start_backends, and tests build meshes without them.
-cpu_collectives.keep_in_order()
 # TensorFlow (tf.data in the input pipeline) must not grab threads or devices needed by JAX.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
@@ -25,6 +20,13 @@ os.environ.setdefault(
 )
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+# The scheduler flag of coca_jax/cpu_collectives.py: entry points add it in
+# console.start_backends, and tests build meshes without them. After the variables
+# above: JAX reads its JAX_* variables when it is imported.
+from coca_jax import cpu_collectives  # noqa: E402
+
+cpu_collectives.keep_in_order()
 
 import pathlib  # noqa: E402  (after the environment above, like every import of JAX)
 import sys  # noqa: E402

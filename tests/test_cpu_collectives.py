@@ -53,3 +53,13 @@ def test_jax_num_cpu_devices_counts_too(count, added):
     [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, timeout=120
   ).stdout.split()
   assert out == [str(added), str(added), count]
+
+
+def test_jax_was_imported_after_the_test_environment():
+  """conftest.py sets JAX_* variables that JAX reads when it is imported: an import of
+  jax by a coca_jax module conftest loads first (accelerators did, for a while) left the
+  tests on every backend and without the compilation cache (CI 20 -> 26 minutes)."""
+  import jax
+
+  assert jax.config.jax_platforms == "cpu"
+  assert jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"]
