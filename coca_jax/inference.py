@@ -20,6 +20,7 @@ The model runs through coca_jax.predict in batches of `batch_size`; a call with 
 images pads them to a power-of-two bucket (1, 2, 4, ...), each size compiled once.
 """
 
+import collections
 import functools
 import os
 import string
@@ -244,7 +245,7 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -
       raise ValueError(f"{name}={value!r} is a string; pass a list, e.g. {example}")
   if not class_names:
     raise ValueError("classify needs at least one class name")
-  repeated = sorted({name for name in class_names if list(class_names).count(name) > 1})
+  repeated = sorted(name for name, n in collections.Counter(class_names).items() if n > 1)
   if repeated:
     raise ValueError(
       f"class names repeated: {repeated}; each copy would get a share of its probability"

@@ -617,6 +617,7 @@ def test_an_interrupted_fetch_leaves_nothing_a_later_run_takes_for_the_package(
   with pytest.raises(subprocess.CalledProcessError):
     raw.fashion_mnist_dir(str(cache))
   assert not (cache / tarball).exists() and not (cache / raw.DEBIAN_PACKAGE).exists()
+  assert not list(cache.glob(".partial-*"))  # the scratch folders go too
   clients(0)
   assert raw.npm_tarball(str(cache), package) == str(cache / tarball)
   assert (cache / tarball).read_text() == "part"

