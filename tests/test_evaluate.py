@@ -149,6 +149,20 @@ def test_cider_matches_an_independent_implementation():
   assert 0 < scores["bleu4"] < 1
 
 
+def test_bleu4_equals_a_hand_computed_corpus_score():
+  """Corpus BLEU-4 (Papineni et al. 2002; pycocoevalcap's closest reference length).
+  Clipped n-gram matches over both captions: 1-grams 8/8, 2-grams 4/6 ("red heart",
+  "heart on", "on a"; "blue star"), 3-grams 2/4 ("red heart on", "heart on a"), 4-grams
+  1/3 ("red heart on a"). Candidate length 6 + 2 = 8 against closest reference lengths
+  8 + 2 = 10: brevity penalty exp(1 - 10/8)."""
+  scores = captioning.score(
+    ["a red heart on a card", "blue star"],
+    [["a big red heart on a white card"], ["a blue star shape", "blue star"]],
+  )
+  expected = math.exp(1 - 10 / 8) * (1 * 4 / 6 * 2 / 4 * 1 / 3) ** (1 / 4)
+  assert scores["bleu4"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_bleu4_of_an_exact_match_is_one():
   scores = captioning.score(["a cat on a red mat"], [["a cat on a red mat"]])
   assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)

@@ -70,21 +70,26 @@ def test_captioning_loss_matches_numpy_and_ignores_masked_tokens():
 
 
 def test_total_loss_weights_the_terms():
+  """L = w_con * InfoNCE + w_cap * caption loss, both terms by NumPy; weights other than
+  the paper's 1 and 2, so that a weight left out shows."""
   rng = np.random.default_rng(3)
+  img, txt = normalized(rng, (4, 8)), normalized(rng, (4, 8))
+  logits = rng.normal(size=(4, 6, 9)).astype(np.float32)
+  labels = rng.integers(0, 9, (4, 6))
+  mask = np.array([[1] * 6, [1] * 6, [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]], np.int32)
   outputs = dict(
-    image_embedding=jnp.asarray(normalized(rng, (4, 8))),
-    text_embedding=jnp.asarray(normalized(rng, (4, 8))),
-    logits=jnp.asarray(rng.normal(size=(4, 6, 9)).astype(np.float32)),
+    image_embedding=jnp.asarray(img),
+    text_embedding=jnp.asarray(txt),
+    logits=jnp.asarray(logits),
     temperature=jnp.float32(0.07),
   )
-  batch = dict(
-    text=dict(labels=jnp.asarray(rng.integers(0, 9, (4, 6))), mask=jnp.ones((4, 6), jnp.int32))
-  )
-  cfg = ml_collections.ConfigDict(dict(contrastive_weight=1.0, caption_weight=2.0))
-  loss, terms = losses.total_loss(outputs, batch, cfg)
-  np.testing.assert_allclose(
-    float(loss), float(terms["contrastive_loss"] + 2.0 * terms["captioning_loss"]), rtol=1e-6
-  )
+  batch = dict(text=dict(labels=jnp.asarray(labels), mask=jnp.asarray(mask)))
+  cfg = ml_collections.ConfigDict(dict(contrastive_weight=0.3, caption_weight=1.7))
+  loss, _ = losses.total_loss(outputs, batch, cfg)
+  nll = -np.take_along_axis(np_log_softmax(logits.astype(np.float64), -1), labels[..., None], -1)
+  caption = (nll[..., 0] * mask).sum() / mask.sum()
+  contrastive = np_contrastive(img.astype(np.float64), txt.astype(np.float64), 0.07)
+  np.testing.assert_allclose(float(loss), 0.3 * contrastive + 1.7 * caption, rtol=1e-5)
 
 
 @pytest.mark.slow  # ~15 s of compiles

@@ -8,7 +8,7 @@ from flax import nnx
 
 from coca_jax import decode, losses
 from coca_jax import params as params_lib
-from coca_jax.models import coca, layers
+from coca_jax.models import coca, layers, vit
 from configs import base, large, tiny
 from configs import coca as coca_cfg
 
@@ -276,3 +276,33 @@ def test_param_counts_of_finetunes_with_task_heads(config_name, head):
   assert counts["task_heads"] == sum(int(np.prod(leaf.shape)) for _, leaf in leaves) > 0
   assert counts["total"] == params_lib.total(params)
   assert counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+# Bilinear resampling with half-pixel centres, edge rows repeated, as hand-made 1-D weight
+# matrices (output position i samples input coordinate (i + 0.5) * old / new - 0.5).
+UPSAMPLE_2_TO_4 = np.array([[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]])
+UPSAMPLE_2_TO_3 = np.array([[1, 0], [0.5, 0.5], [0, 1]])
+DOWNSAMPLE_4_TO_2 = np.array([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+
+
+@pytest.mark.parametrize(
+  "old, weights",
+  [(2, UPSAMPLE_2_TO_4), (2, UPSAMPLE_2_TO_3), (4, DOWNSAMPLE_4_TO_2)],
+  ids=["2_to_4", "2_to_3", "4_to_2"],
+)
+def test_position_embedding_resampling_is_bilinear_over_the_row_major_grid(old, weights):
+  """[G*G, D] rows are a row-major G x G grid; each channel resamples as W @ grid @ W.T.
+  The grid is not symmetric (rows 10x columns), so swapping its axes shows."""
+  rows, cols = np.meshgrid(np.arange(old), np.arange(old), indexing="ij")
+  grid = np.stack([10.0 * rows + cols, -(cols**2) + 0.5 * rows], -1)  # [G, G, 2]
+  new = len(weights)
+  got = vit.resize_pos_embedding(jnp.asarray(grid.reshape(old * old, 2), jnp.float32), new * new)
+  want = np.einsum("ia,abd,jb->ijd", weights, grid, weights).reshape(new * new, 2)
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-6)
+
+
+def test_position_embedding_resampling_refuses_a_non_square_grid():
+  with pytest.raises(ValueError, match="not a square grid"):
+    vit.resize_pos_embedding(jnp.zeros((6, 2)), 16)
+  with pytest.raises(ValueError, match="10 position embedding rows"):
+    vit.resize_pos_embedding(jnp.zeros((4, 2)), 10)
