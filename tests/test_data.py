@@ -514,6 +514,21 @@ def test_eval_task_and_inference_see_the_same_pixels(tmp_path, data_dir):
     np.testing.assert_array_equal(from_task[f"picture {i}"], served[i])
 
 
+def test_eval_images_without_a_caption_are_left_out(tmp_path, data_dir):
+  """An image whose captions are all blank can be neither retrieved (it would count as a
+  miss) nor scored as captioned: the eval task's bad-data filter drops it."""
+  from coca_jax.data import eval_sets
+
+  rng = np.random.default_rng(5)
+  rows = [(png(rng.integers(0, 256, (8, 8, 3)).astype(np.uint8)), t) for t in ("a", " ", "b")]
+  write_alt_text(str(tmp_path / "blank.tfrecord"), rows)
+  config = tiny.get_config()
+  config.data = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.data.alt_text.eval_files = str(tmp_path / "blank.tfrecord")
+  config.eval.evals = "retrieval"
+  assert eval_sets.load(config).alt_text.captions == [["a"], ["b"]]
+
+
 @pytest.mark.slow  # decodes and tokenizes the 300 training rows
 def test_held_out_classes_never_reach_training(data_dir):
   config = make_config(data_dir, jft_style=1.0, alt_text=0.0)

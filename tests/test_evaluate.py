@@ -3,6 +3,9 @@ independent implementation, and the whole suite on a tiny model."""
 
 import collections
 import math
+import pathlib
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -168,21 +171,61 @@ def test_bleu4_of_an_exact_match_is_one():
   assert scores["bleu4"] == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize(
-  "text, ptb",
-  # What the COCO toolkit's PTBTokenizer (lower case, its punctuation tokens removed)
-  # gives for these: clitics split, hyphenated words whole, letters of any script.
-  [
-    ("A Cat's hat, on   a MAT.", "a cat 's hat on a mat"),
-    ("A man's t-shirt (blue)!", "a man 's t-shirt blue"),
-    ("person: medium-dark skin tone", "person medium-dark skin tone"),
-    ("Piñata; left-right arrow...", "piñata left-right arrow"),
-    ("a sign saying 'hello'", "a sign saying hello"),
-    ("Man\u2019s shoe, \u2018fine\u2019", "man 's shoe fine"),
-  ],
-)
-def test_normalize_matches_ptb_style_for_plain_text(text, ptb):
+# (text, what the COCO toolkit's PTBTokenizer gives: Stanford PTBTokenizer 3.4.1 from
+# pycocoevalcap's jar with -lowerCase, the toolkit's punctuation tokens removed), copied
+# from the jar's output.
+PTB_CASES = [
+  ("A Cat's hat, on   a MAT.", "a cat 's hat on a mat"),
+  ("A man's t-shirt (blue)!", "a man 's t-shirt -lrb- blue -rrb-"),
+  ("person: medium-dark skin tone", "person medium-dark skin tone"),
+  ("Piñata; left-right arrow...", "piñata left-right arrow"),
+  ("a sign saying 'hello'", "a sign saying hello"),
+  ("Man\u2019s shoe, \u2018fine\u2019", "man 's shoe fine"),
+  ("a 3.5 inch screen", "a 3.5 inch screen"),
+  ("1,000 people at 2:30", "1,000 people at 2:30"),
+  ("a 50% sale & $5 #1 deal", "a 50 % sale & $ 5 # 1 deal"),
+  ("He doesn't know; can't won't", "he does n't know ca n't wo n't"),
+  ("A cannot sign, gonna go", "a can not sign gon na go"),
+  ("a w/ b and/or c", "a w / b and/or c"),
+  ("The E.U. flag at 5 p.m. in St. Louis", "the e.u. flag at 5 p.m. in st. louis"),
+  ("o'clock and ma\u2019am, I'm sure they'll", "o'clock and ma\u2019am i 'm sure they 'll"),
+  ("sparkles: *, magic ** and ??", "sparkles * magic ** and ??"),
+  ("check \u2713 mark \u2764, a cat \U0001f600 with", "check \u2713 mark \u2764 a cat with"),
+  ("a man \u2014 with a dash \u2013 here -- yes....", "a man with a dash here yes"),
+  (
+    "it costs \u20ac5 or \u00a33, a 12-year-old's bike",
+    "it costs $ 5 or # 3 a 12-year-old 's bike",
+  ),
+  ("x + y = z < w", "x + y = z < w"),
+]
+
+
+@pytest.mark.parametrize("text, ptb", PTB_CASES)
+def test_normalize_gives_the_coco_toolkits_ptb_tokens(text, ptb):
   assert captioning.normalize(text) == ptb
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="the COCO toolkit's tokenizer needs Java")
+def test_normalize_equals_the_coco_toolkits_tokenizer_run_by_java(tmp_path):
+  """The toolkit's own PTBTokenizer (its jar; run here on a scratch file, as the toolkit
+  would write one inside the installed package) on the cases above."""
+  from pycocoevalcap.tokenizer import ptbtokenizer
+
+  jar = pathlib.Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
+  path = tmp_path / "captions.txt"
+  path.write_text("\n".join(text for text, _ in PTB_CASES), encoding="utf-8")
+  command = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer"]
+  out = subprocess.run(
+    [*command, "-preserveLines", "-lowerCase", str(path)],
+    capture_output=True,
+    text=True,
+    encoding="utf-8",
+    check=True,
+  ).stdout.splitlines()
+  toolkit = [
+    " ".join(w for w in line.split() if w not in ptbtokenizer.PUNCTUATIONS) for line in out
+  ]
+  assert [captioning.normalize(text) for text, _ in PTB_CASES] == toolkit
 
 
 def test_ties_are_broken_at_random_in_expectation_and_nan_is_an_error():

@@ -5,10 +5,21 @@ Legend: N images, R references per image (may vary), H/W image size.
 Scores come from pycocoevalcap 1.2's pure-Python scorers: `Cider` (which implements
 CIDEr-D: clipped n-gram counts and a Gaussian length penalty, sigma 6) and `Bleu(4)`
 ("closest" reference length). The COCO toolkit's PTBTokenizer needs Java; `normalize`
-replaces it with a regex tokenizer that follows it on plain alt-text: lower case, words
-of any script, hyphenated words kept whole ("t-shirt"), clitics split off ("man 's"),
-punctuation dropped (the toolkit drops PTB's punctuation tokens). Not Java's tokenizer
-in every corner ("don't" stays "don 't" where PTB gives "do n't").
+replaces it with a regex tokenizer that gives the toolkit's tokens (Stanford PTBTokenizer
+3.4.1, lower case, its punctuation tokens dropped) on every emoji validation caption and
+on the cases in tests/test_evaluate.py, checked against the toolkit's jar:
+- words of any script, kept whole when joined by "-" or "/" ("t-shirt", "and/or") or by
+  an apostrophe that starts no clitic ("o'clock"); numbers with their separators ("3.5",
+  "1,000", "2:30");
+- n't and the clitics 's 'd 'm 'll 're 've split off ("does n't", "man 's"), "cannot"
+  -> "can not" and PTB's other split words ("gonna" -> "gon na");
+- letter-dot abbreviations ("e.u.", "p.m.") and common titles ("mr.", "st.") keep their dots;
+- punctuation (. , : ; ? ! quotes, dashes, "...") dropped; other symbols kept as tokens
+  ("%", "&", "$", "#", "**", "??", "✓"), with PTB's own spellings of brackets ("-lrb-",
+  which the toolkit's upper-case punctuation list misses), the euro ("$") and the pound
+  ("#"); characters outside Unicode's basic plane (emoji), which PTB deletes, dropped.
+Not covered: e-mail addresses and URLs (split at their symbols), a leading apostrophe
+kept on a word ("'90s", "rock 'n' roll"), and PTB's longer list of abbreviations.
 """
 
 import base64
@@ -20,19 +31,53 @@ from typing import Sequence
 
 import numpy as np
 
-# A word: letters or digits of any script ([^\W_]), hyphen-joined parts kept together; or a
-# clitic ("'s") split off the word it follows, as PTB does (a quote before a word is not one).
-_WORD = re.compile(r"[^\W_]+(?:-[^\W_]+)*|(?<=[^\W_])'[^\W_]+")
+_APOSTROPHE = "['\u2019]"  # typographic apostrophes split off clitics as ASCII ones do
+_SPLIT_WORDS = {
+  "cannot": "can not",
+  "gonna": "gon na",
+  "gotta": "got ta",
+  "wanna": "wan na",
+  "lemme": "lem me",
+  "gimme": "gim me",
+}
+_SPLIT_WORD = re.compile(r"\b(?:" + "|".join(_SPLIT_WORDS) + r")\b")
+_NEGATION = re.compile(r"(?<=[^\W_])n" + _APOSTROPHE + r"t\b")
+_CLITIC = re.compile(r"(?<=[^\W_])" + _APOSTROPHE + r"(s|d|m|ll|re|ve)\b")
+_CLITICS = {"n't", "'s", "'d", "'m", "'ll", "'re", "'ve"}
+# A word part: a number with its separators, or letters and digits of any script.
+_PART = r"(?:\d+(?:[.,:]\d+)+|[^\W_]+)"
+_TOKEN = re.compile(
+  r"(?<!\S)(?:n't|'(?:s|d|m|ll|re|ve))(?![^\W_])"  # a clitic split off above
+  r"|(?:mrs?|ms|dr|prof|st|jr|sr|vs|etc)\.(?!\w)"  # titles PTB keeps with their dot
+  r"|(?:[^\W\d_]\.){2,}"  # letter-dot abbreviations: e.u., p.m.
+  rf"|{_PART}(?:[-/]{_PART}|{_APOSTROPHE}[^\W_]+)*"  # t-shirt, and/or, o'clock, 3.5
+  r"|([^\w\s])\1*"  # a run of one symbol: %, &, **, ??, ...
+)
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_CURRENCIES = {"\u20ac": "$", "\u00a3": "#"}
+_DROPPED_FIRST = "'\"`\u2018\u2019\u201c\u201d-\u2013\u2014"  # quotes and dashes, any run
+_DROPPED = {".", "...", ",", ":", ";", "?", "!"}
 
 
-# Typographic apostrophes (right and left single quotation marks) read as ASCII ones, as
-# PTB's tokenizer reads them: "man’s shoe" -> "man 's shoe", not "man s shoe".
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'"})
+def _token(token: str) -> str | None:
+  """A matched token as the toolkit keeps it, or None where it drops it."""
+  if token in _CLITICS:
+    return token
+  if token in _BRACKETS:
+    return _BRACKETS[token]
+  if token in _DROPPED or token[0] in _DROPPED_FIRST or ord(token[0]) > 0xFFFF:
+    return None
+  if token[0] == "." and len(token) > 3:  # "...." is PTB's "..."
+    return None
+  return _CURRENCIES.get(token, token)
 
 
 def normalize(text: str) -> str:
-  """Lower-cased words separated by single spaces, punctuation dropped (see above)."""
-  return " ".join(_WORD.findall(text.lower().translate(_APOSTROPHES)))
+  """Lower-cased PTB tokens separated by single spaces, punctuation dropped (see above)."""
+  text = _SPLIT_WORD.sub(lambda m: _SPLIT_WORDS[m.group()], text.lower())
+  text = _CLITIC.sub(r" '\1", _NEGATION.sub(" n't", text))
+  tokens = (_token(m.group()) for m in _TOKEN.finditer(text))
+  return " ".join(t for t in tokens if t)
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:

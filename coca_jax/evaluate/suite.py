@@ -4,8 +4,7 @@
 
 Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and the counts):
   zero_shot/top1, zero_shot/top5            Fashion-MNIST test, prompt ensemble, all
-                                            classes (bar held-out ones, their names and
-                                            labelled images are in the JFT-style half)
+                                            classes (held-out ones included)
   zero_shot/seen/top1, .../top5             with config.data.jft_style.held_out_classes:
                                             the classes training read, among themselves
   zero_shot/held_out/top1                   the held-out classes (no row of theirs is
