@@ -57,7 +57,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     raise app.UsageError("usage: python -m coca_jax.caption --export=DIR IMAGE [IMAGE ...]")
   from coca_jax import inference
 
-  model = inference.load(f.export, batch_size=f.batch_size)
+  try:
+    model = inference.load(f.export, batch_size=f.batch_size)
+  except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
+    sys.exit(f"error: --export={f.export}: {e}")
 
   def caption(pixels):
     return model.caption(

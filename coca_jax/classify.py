@@ -45,7 +45,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     inference.check_prompts(classes, f.template)
   except ValueError as e:
     raise app.UsageError(f"--classes / --template: {e}") from e
-  model = inference.load(f.export, batch_size=f.batch_size)
+  try:
+    model = inference.load(f.export, batch_size=f.batch_size)
+  except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
+    sys.exit(f"error: --export={f.export}: {e}")
   pixels, failures = model.read_images(paths, errors="collect")
   result = model.classify(pixels, classes, f.template, preprocessed=True) if len(pixels) else None
   row = 0

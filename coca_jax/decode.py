@@ -30,6 +30,8 @@ image), so a batch sharded over ("data", "fsdp") stays sharded through the loop.
 """
 
 import dataclasses
+import math
+import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -77,6 +79,14 @@ class DecodeOptions:
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"decode method={self.method!r}; use one of {METHODS}")
+    for name in ("max_length", "beam_size", "top_k"):  # shapes: a float fails deep in JAX
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"decode {name}={value!r} must be an integer")
+    for name in ("length_penalty", "temperature", "top_p"):  # NaN passes every comparison
+      value = getattr(self, name)
+      if not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"decode {name}={value!r} must be a finite number")
     if self.max_length < 1:
       raise ValueError(f"decode max_length={self.max_length} must be >= 1")
     if self.method == "beam" and self.beam_size < 1:

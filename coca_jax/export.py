@@ -261,7 +261,13 @@ def load_vocab(export_dir: str, config):
   the run's config.data.vocab_path."""
   from coca_jax.data import vocab
 
-  path = vocab_file_in(export_dir) or vocab_file_of(config) or os.path.join(export_dir, VOCAB_FILE)
+  path = vocab_file_in(export_dir) or vocab_file_of(config)
+  if not path:
+    raise FileNotFoundError(
+      f"{export_dir} holds no vocabulary ({VOCAB_FILE} or {CLIP_VOCAB_FILE}) and its run "
+      "named none (config.data.vocab_path is empty, as in a run on synthetic data): put "
+      f"one at {os.path.join(export_dir, VOCAB_FILE)}"
+    )
   return vocab.load(path)
 
 

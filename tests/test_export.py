@@ -6,6 +6,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from coca_jax import export
+from configs import tiny
 
 
 @pytest.mark.parametrize("other", ["checkpoints", "notes.md"])
@@ -133,3 +134,12 @@ def test_only_process_0_checks_the_destination_and_every_process_gets_its_verdic
       with pytest.raises(error, match=match):
         export.check_destination(output, gone, config)
   assert sent == [0, 0, 1, 1]
+
+
+def test_an_export_without_a_vocabulary_says_so(tmp_path):
+  """A run on synthetic data names no vocabulary, so its export holds none; loading it
+  said only "vocabulary not found: '<export>/vocab.model'"."""
+  config = tiny.get_config()
+  config.data.vocab_path = ""
+  with pytest.raises(FileNotFoundError, match="holds no vocabulary .* synthetic data"):
+    export.load_vocab(str(tmp_path), config)

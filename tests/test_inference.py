@@ -351,10 +351,38 @@ def test_caption_cli_checks_its_decode_options_before_reading_images(
     (["--beam=4", "--temperature=0.7"], "exclude each other"),
     (["--temperature=0"], "temperature"),
     (["--max_length=1000"], "max_length=1000"),
+    (["--temperature=nan"], "temperature=nan must be a finite number"),  # empty captions
+    (["--temperature=inf"], "temperature=inf must be a finite number"),  # uniform tokens
   ]:
     with pytest.raises(app.UsageError, match=message):
       run_main(caption, f"--export={export_dir}", *flags_given, "image.png")
   assert read == []
+
+
+def test_decode_options_must_be_integers_and_finite_numbers(loaded):
+  """A float beam size failed deep inside JAX; a NaN length penalty or temperature passed
+  every range check and decoded empty captions."""
+  pixels = np.zeros((1, 16, 16, 3), np.float32)
+  for options, message in [
+    (dict(beam_size=2.0), "beam_size=2.0 must be an integer"),
+    (dict(method="sample", top_k=2.0), "top_k=2.0 must be an integer"),
+    (dict(max_length=3.0), "max_length=3.0 must be an integer"),
+    (dict(beam_size=2, length_penalty=float("nan")), "length_penalty=nan must be a finite"),
+    (dict(method="sample", temperature=float("nan")), "temperature=nan must be a finite"),
+    (dict(method="sample", top_p=float("inf")), "top_p=inf must be a finite"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      loaded.caption(pixels, preprocessed=True, **options)
+
+
+def test_the_clis_name_an_export_they_cannot_load(tmp_path, run_main):
+  """A wrong --export was an 8-frame traceback."""
+  missing = tmp_path / "nowhere"
+  for module, flags_given in [(caption, []), (classify, ["--classes=cat,dog"])]:
+    status, _, _ = run_main(module, f"--export={missing}", *flags_given, "image.png")
+    assert status == f"error: --export={missing}: {missing} is not a coca_jax export: " + (
+      f"{missing}/params is missing"
+    )
 
 
 @pytest.mark.slow  # ~7 s; the API tests above stay quick
