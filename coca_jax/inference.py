@@ -9,7 +9,7 @@
 Legend: N images/texts, B clips, F frames per clip, S model image size, C classes, E joint
 embedding width.
 
-Images may be file paths, PIL images or arrays ([h, w], [h, w, 1|3|4]; uint8 0..255,
+Images may be file paths, encoded bytes, PIL images or arrays ([h, w], [h, w, 1|3|4]; uint8 0..255,
 uint16 0..65535, other integers 0..255, float 0..1: coca_jax.data.images.read). They go
 through the evaluation transform of the input pipeline, the same function
 (coca_jax/data/images.py): RGB (transparent pixels over white), shorter side resized to S

@@ -135,3 +135,17 @@ def test_empty_images_raise_a_shape_error(item, shape):
   """A zero-size PIL image reached the resize (ZeroDivisionError, not an ImageError)."""
   with pytest.raises(images.ImageShapeError, match=rf"image of shape {re.escape(str(shape))}"):
     images.read(item)
+
+
+def test_encoded_bytes_read_like_the_file_and_other_objects_are_named():
+  """A PNG file's bytes (from a web request, say) read as the pixels they encode; None or
+  a number was "array of shape () is not an image"."""
+  pixels = np.random.default_rng(7).integers(0, 256, (3, 5, 3)).astype(np.uint8)
+  for encoded in (_png(pixels), bytearray(_png(pixels)), memoryview(_png(pixels))):
+    np.testing.assert_array_equal(images.read(encoded), pixels)
+  for item, name in [(None, "NoneType"), (5, "int"), ({"image": 1}, "dict")]:
+    with pytest.raises(images.ImageError, match=f"^{name} is not an image: pass a path"):
+      images.read(item)
+  with pytest.raises(images.ImageError) as error:
+    images.read(b"not an image")
+  assert "BytesIO" not in str(error.value) and "cannot identify image file" in str(error.value)

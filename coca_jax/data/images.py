@@ -7,6 +7,7 @@ Legend: h/w an input image's size, S the model's image size.
 
 import io
 import os
+import re
 
 import numpy as np
 from PIL import Image
@@ -85,7 +86,9 @@ def decode(encoded: bytes) -> np.ndarray:
     image = Image.open(io.BytesIO(encoded))
     image.load()
   except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBomb...)
-    raise ImageError(f"undecodable image ({type(e).__name__}: {e})") from e
+    # PIL's message names its BytesIO ("cannot identify image file <_io.BytesIO at 0x..>").
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
+    raise ImageError(f"undecodable image ({type(e).__name__}: {message})") from e
   return _pil_to_rgb(image)
 
 
@@ -109,7 +112,8 @@ def _check_shape(shape: tuple) -> None:
 
 
 def read(item) -> np.ndarray:
-  """A path, PIL image or array -> [h, w, 3] uint8 RGB. Raises ImageError naming the path.
+  """A path, encoded bytes (a PNG or JPEG file's contents), PIL image or array -> [h, w, 3]
+  uint8 RGB. Raises ImageError naming the path.
 
   Arrays: [h, w] or [h, w, 1|3|4] (4: RGBA, composited on white), by dtype:
     uint8             0..255;
@@ -130,9 +134,15 @@ def read(item) -> np.ndarray:
         return decode(f.read())
     except (ImageError, OSError) as e:
       raise ImageError(f"{path}: not a readable image ({e})") from e
+  if isinstance(item, (bytes, bytearray, memoryview)):
+    return decode(bytes(item))
   if isinstance(item, Image.Image):
     return _pil_to_rgb(item)
   array = np.asarray(item)
+  if array.dtype == object or array.ndim == 0:
+    raise ImageError(
+      f"{type(item).__name__} is not an image: pass a path, encoded bytes, a PIL image or an array"
+    )
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
   if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
