@@ -234,7 +234,7 @@ class Model:
 
 def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -> None:
   """ValueError for what `Model.classify` would misread: a string of class names or of
-  templates (iterated by character), no class names, a repeated class name, or a
+  templates (iterated by character), no class names, a blank or repeated class name, or a
   template without exactly one `{}` (every class would get the same prompts, or format
   would fail)."""
   for name, value, example in (
@@ -245,6 +245,9 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -
       raise ValueError(f"{name}={value!r} is a string; pass a list, e.g. {example}")
   if not class_names:
     raise ValueError("classify needs at least one class name")
+  blank = [i for i, name in enumerate(class_names) if not str(name).strip()]
+  if blank:
+    raise ValueError(f"class names at positions {blank} are blank; every class needs a name")
   repeated = sorted(name for name, n in collections.Counter(class_names).items() if n > 1)
   if repeated:
     raise ValueError(

@@ -318,6 +318,8 @@ def test_a_batch_array_of_any_kind_is_n_images(loaded):
     (["cat"], ["a {", "a {}"], r"template 'a \{' is not a format string"),
     # A repeated class split its probability: dog=0.43, dog=0.43, heart=0.13.
     (["dog", "heart", "dog"], None, r"class names repeated: \['dog'\]"),
+    # A blank name was a class whose prompts say nothing ("a photo of a .").
+    (["", "dog", "  "], None, r"class names at positions \[0, 2\] are blank"),
   ],
 )
 def test_classify_refuses_strings_and_templates_without_one_placeholder(
