@@ -205,16 +205,22 @@ def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   """A resume whose config differs from the run's config.json (the optimizer, the
   schedule's train.steps, the model...) is allowed but not silent: a warning names the
   changed keys, and the earlier file is kept as config.before_step_<step>.json before
-  config.json is replaced. Returns the changed keys."""
+  config.json is replaced. Returns the changed keys.
+
+  Where that file exists already, an earlier resume from this step replaced config.json
+  and saved no checkpoint after it (it crashed or was stopped): the file still holds the
+  config that trained the checkpoint, so it is the one compared and it is kept as it is."""
   path = workdir / export.CONFIG_FILE
-  if not path.exists():
+  kept = workdir / f"config.before_step_{step}.json"
+  source = kept if kept.exists() else path
+  if not source.exists():
     return []
-  before = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".")
+  before = traverse_util.flatten_dict(json.loads(source.read_text()), sep=".")
   now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
   if changed:
-    kept = workdir / f"config.before_step_{step}.json"
-    path.copy(kept, overwrite=True)
+    if not kept.exists():
+      path.copy(kept)
     shown = "; ".join(
       f"{k}: {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in changed[:8]
     )

@@ -13,6 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from tiny_runs import OVERRIDES, tiny_config
 
 from coca_jax import checkpoint, export, train
@@ -267,6 +268,21 @@ def test_a_resume_with_another_config_names_the_changes_and_keeps_the_earlier_on
     "config.before_step_3.json",
     "config.json",
   ]
+
+
+def test_a_crashed_resume_does_not_replace_the_config_that_trained_the_checkpoint(tmp_path, caplog):
+  """A resume from step 20 with steps 30 replaced config.json and crashed before its next
+  checkpoint; the next resume from step 20 (steps 40) overwrote config.before_step_20.json
+  with the crashed attempt's config and reported 'train.steps: 30 -> 40'."""
+  trained = tiny_config(20).to_json_best_effort(indent=2)
+  (tmp_path / "config.json").write_text(trained)
+  workdir = epath.Path(tmp_path)
+  assert train.keep_changed_config(workdir, tiny_config(30), 20) == ["train.steps"]
+  (tmp_path / "config.json").write_text(tiny_config(30).to_json_best_effort(indent=2))
+  with caplog.at_level("WARNING"):  # the attempt with steps 30 crashed; now steps 40
+    assert train.keep_changed_config(workdir, tiny_config(40), 20) == ["train.steps"]
+  assert "train.steps: 20 -> 40" in caplog.text
+  assert (tmp_path / "config.before_step_20.json").read_text() == trained
 
 
 def test_a_preempted_step_is_not_evaluated(tmp_path, monkeypatch, caplog):
