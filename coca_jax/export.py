@@ -89,15 +89,19 @@ def _complete(staging, output, config, vocab_file) -> None:
   (staging / CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
   if vocab_file:
     epath.Path(vocab_file).copy(staging / _vocab_name(vocab_file))
+  old = _moved_aside(output)
   if output.exists():
-    old = output.parent / f".{output.name}.old"
     if old.exists():
       old.rmtree()
     output.rename(old)
-    staging.rename(output)
+  staging.rename(output)
+  if old.exists():  # this export's predecessor, or one a crash between renames left
     old.rmtree()
-  else:
-    staging.rename(output)
+
+
+def _moved_aside(output: epath.Path) -> epath.Path:
+  """Where `_complete` moves an older export while the new one takes its place."""
+  return output.parent / f".{output.name}.old"
 
 
 def check_dtype(dtype: str) -> None:
@@ -118,6 +122,9 @@ def check_output(output_dir: str) -> None:
       "ends in a name, e.g. ./export"
     )
   if not output.exists():
+    above = next((p for p in output.parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # else found after the whole restore
+      raise FileExistsError(f"export output {output}: {above} is a file, not a directory")
     return
   if not output.is_dir():
     raise FileExistsError(f"export output {output} is a file, not a directory")
@@ -177,6 +184,11 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
       hint = (
         f"; it is a training workdir: export it first with `python -m coca_jax.export "
         f"--workdir={export} --output=DIR`"
+      )
+    if _moved_aside(export).exists():  # an export stopped between its two renames
+      hint = (
+        f"; the export before it, complete, is at {_moved_aside(export)} (an export "
+        "replacing it was interrupted): rename it back, or export again"
       )
     raise FileNotFoundError(
       f"{export} is not a coca_jax export: {export / 'params'} is missing{hint}"

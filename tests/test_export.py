@@ -143,3 +143,45 @@ def test_an_export_without_a_vocabulary_says_so(tmp_path):
   config.data.vocab_path = ""
   with pytest.raises(FileNotFoundError, match="holds no vocabulary .* synthetic data"):
     export.load_vocab(str(tmp_path), config)
+
+
+def test_an_export_stopped_between_its_renames_is_named_and_cleaned_up(tmp_path, monkeypatch):
+  """Between moving the older export aside and putting the new one in place the path is
+  empty: loading named only the missing params/, and the next export left the older copy
+  (.out.old, a full hidden set of parameters) behind."""
+  params = {"w": np.arange(4, dtype=np.float32)}
+  config = ml_collections.ConfigDict({"model": {"width": 4}})
+  out = tmp_path / "out"
+  export.write(params, config, str(out), "float32", None)
+  path_class = type(export.epath.Path(out))  # epath's concrete class for local paths
+  rename = path_class.rename
+
+  def stop_before_the_new_one(self, target):
+    if self.name == ".out.partial":
+      raise KeyboardInterrupt
+    return rename(self, target)
+
+  monkeypatch.setattr(path_class, "rename", stop_before_the_new_one)
+  with pytest.raises(KeyboardInterrupt):
+    export.write({"w": params["w"] + 1}, config, str(out), "float32", None)
+  monkeypatch.undo()
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", ".out.partial"]
+  with pytest.raises(
+    FileNotFoundError, match=r"the export before it, complete, is at .*\.out\.old"
+  ):
+    export.load_model(str(out))
+  export.write({"w": params["w"] + 2}, config, str(out), "float32", None)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+  restored = export.ocp.StandardCheckpointer().restore(out / "params")
+  np.testing.assert_array_equal(restored["w"], params["w"] + 2)
+
+
+def test_an_output_under_a_file_is_an_error_before_writing(tmp_path):
+  """It failed after the whole restore, naming the staging folder, then waited ~5 minutes
+  on Orbax's timeouts."""
+  (tmp_path / "afile").write_text("keep")
+  params = {"w": np.arange(4, dtype=np.float32)}
+  config = ml_collections.ConfigDict({"model": {"width": 4}})
+  with pytest.raises(FileExistsError, match=r"out: .*afile is a file, not a directory"):
+    export.write(params, config, str(tmp_path / "afile" / "sub" / "out"), "float32", None)
+  assert (tmp_path / "afile").read_text() == "keep"
