@@ -41,13 +41,14 @@ _SPLIT_WORDS = {
   "gimme": "gim me",
 }
 _SPLIT_WORD = re.compile(r"\b(?:" + "|".join(_SPLIT_WORDS) + r")\b")
+_ENDINGS = "s|d|m|ll|re|ve"  # PTB's clitics besides n't: 's 'd 'm 'll 're 've
 _NEGATION = re.compile(r"(?<=[^\W_])n" + _APOSTROPHE + r"t\b")
-_CLITIC = re.compile(r"(?<=[^\W_])" + _APOSTROPHE + r"(s|d|m|ll|re|ve)\b")
-_CLITICS = {"n't", "'s", "'d", "'m", "'ll", "'re", "'ve"}
+_CLITIC = re.compile(r"(?<=[^\W_])" + _APOSTROPHE + rf"({_ENDINGS})\b")
+_CLITICS = {"n't", *("'" + ending for ending in _ENDINGS.split("|"))}
 # A word part: a number with its separators, or letters and digits of any script.
 _PART = r"(?:\d+(?:[.,:]\d+)+|[^\W_]+)"
 _TOKEN = re.compile(
-  r"(?<!\S)(?:n't|'(?:s|d|m|ll|re|ve))(?![^\W_])"  # a clitic split off above
+  rf"(?<!\S)(?:n't|'(?:{_ENDINGS}))(?![^\W_])"  # a clitic split off above
   r"|(?:mrs?|ms|dr|prof|st|jr|sr|vs|etc)\.(?!\w)"  # titles PTB keeps with their dot
   r"|(?:[^\W\d_]\.){2,}"  # letter-dot abbreviations: e.u., p.m.
   rf"|{_PART}(?:[-/]{_PART}|{_APOSTROPHE}[^\W_]+)*"  # t-shirt, and/or, o'clock, 3.5
