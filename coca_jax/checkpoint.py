@@ -13,9 +13,16 @@ can read; the skipped steps stay where they are until the resumed run saves: its
 save moves every step at or above the one it writes to `<workdir>/skipped_checkpoints/`
 (Orbax would not overwrite them, and they must not count towards the checkpoints kept),
 then writes.
+
+A save that fails (a full disk, a read-only file system) stops the run with a SaveError
+naming the cause and the steps still intact; `check_writable` refuses a checkpoint
+directory that cannot take a file, or (on a local disk) one checkpoint, before any step.
 """
 
 import functools
+import os
+import shutil
+import sys
 import time
 
 import jax
@@ -51,6 +58,22 @@ class UnreadableCheckpointError(ValueError):
   def __init__(self, message: str, reason: str = ""):
     super().__init__(message)
     self.reason = reason or message
+
+
+class SaveError(RuntimeError):
+  """Writing a checkpoint or an export failed; what was written before it is intact."""
+
+
+def exit_after(error: SaveError) -> None:
+  """Ends the process with `error` as its last line (stderr and log), exit status 1,
+  without the normal exit's join of the failed save's Orbax threads: they wait out its
+  coordination timeout (5 minutes) for signals that will not come."""
+  logging.error("%s", error)
+  print(error, file=sys.stderr)
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
 
 
 # What XLA and TensorStore say when a read runs out of host or device memory.
@@ -130,13 +153,76 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
   skipped = [s for s in mngr.all_steps() if s >= step]
   if skipped:
     _set_aside(mngr, skipped, step)
-  mngr.save(
-    step,
-    args=ocp.args.Composite(
-      **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_position)}
-    ),
-    force=True,
+  try:  # also raises the error of the previous (asynchronous) save
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_position)}
+      ),
+      force=True,
+    )
+  except Exception as e:
+    raise save_failed(mngr, e) from e
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+  """Waits for the save in flight; SaveError if it failed."""
+  try:
+    mngr.wait_until_finished()
+  except Exception as e:
+    raise save_failed(mngr, e) from e
+
+
+def save_failed(mngr: ocp.CheckpointManager, error: Exception, limit: int = 1000) -> SaveError:
+  """The SaveError for `error`, raised by Orbax while writing under `mngr.directory`: it
+  names the cause and the complete steps on disk, which a rerun resumes from."""
+  reason = f"{type(error).__name__}: {error}"
+  reason = reason if len(reason) <= limit else reason[:limit] + " ..."
+  directory = epath.Path(mngr.directory)
+  kept = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  intact = (
+    f"The checkpoints written before it are intact (steps {kept}): a rerun resumes from "
+    f"step {kept[-1]}"
+    if kept
+    else "No checkpoint was written before it: a rerun starts from step 0"
   )
+  return SaveError(
+    f"writing a checkpoint under {directory} failed: {reason}. {intact} once the cause "
+    "(e.g. a full disk or a read-only file system) is fixed"
+  )
+
+
+def check_writable(mngr: ocp.CheckpointManager, state_bytes: int) -> None:
+  """OSError, on every process, unless each process can create a file in the checkpoint
+  directory and, where it is a local disk, the disk has room for one checkpoint
+  (`state_bytes`, the state's size). Found here, before the first step, a full or
+  read-only disk costs no compile and no training, and no wait on Orbax's background
+  threads (a failed asynchronous save leaves them waiting for signals)."""
+  directory = epath.Path(mngr.directory)
+  error = None
+  probe = directory / f".write_probe.{jax.process_index()}"
+  try:
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    error = OSError(f"checkpoint directory {directory} does not take a file ({e})")
+  local = "://" not in os.fspath(directory)
+  if error is None and local and jax.process_index() == 0:
+    free = shutil.disk_usage(directory).free
+    if free < state_bytes:
+      error = OSError(
+        f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free; one "
+        f"checkpoint of this train state takes {state_bytes / 2**20:.1f} MiB: free space "
+        "or pick another --workdir"
+      )
+  failing = failing_processes(-1, error is not None)
+  if error is not None:
+    raise error
+  if failing:
+    raise OSError(
+      f"checkpoint directory {directory} refused by process(es) {failing} (their logs say "
+      "why); nothing was trained"
+    )
 
 
 def restore(

@@ -71,8 +71,15 @@ def write(
   cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
   checkpoint.use_array_handler()
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(staging / "params", cast)
-  checkpointer.wait_until_finished()
+  try:
+    checkpointer.save(staging / "params", cast)
+    checkpointer.wait_until_finished()
+  except Exception as e:
+    before = "the export already there is untouched" if output.exists() else "nothing is there"
+    raise checkpoint.SaveError(
+      f"writing the export {output} failed: {type(e).__name__}: {e}; {before}, and the "
+      f"partial copy at {staging} goes with the next export"
+    ) from e
   if jax.process_index() == 0:
     _complete(staging, output, config, vocab_file)
     logging.info("Exported %s parameters to %s", dtype, output)
@@ -311,7 +318,10 @@ def main(argv):
   f = flags.FLAGS
   if not f.workdir or not f.output:
     raise app.UsageError("--workdir and --output are required")
-  step, dtype = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
+  try:
+    step, dtype = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
+  except checkpoint.SaveError as e:
+    checkpoint.exit_after(e)
   print(json.dumps(dict(step=step, output=f.output, dtype=dtype)))
 
 

@@ -11,6 +11,7 @@ import json
 import math
 
 import jax
+import numpy as np
 from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
@@ -50,6 +51,12 @@ def count_by_path(params) -> dict[str, int]:
 def total(params) -> int:
   """Number of parameters (scalars) in a params tree."""
   return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(params))
+
+
+def nbytes(tree) -> int:
+  """Bytes of a pytree of arrays or ShapeDtypeStructs (a train state: params and
+  optimizer state), as stored."""
+  return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
 def abstract(model_config) -> dict:

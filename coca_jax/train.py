@@ -303,6 +303,7 @@ def train(config, workdir: str) -> dict:
     logging.info("%s", describe_frozen(config, run.layout.abstract["params"]))
 
   mngr = checkpoint.manager(workdir, config.train)
+  checkpoint.check_writable(mngr, params_lib.nbytes(run.layout.abstract))
   restored = checkpoint.restore(mngr, run.layout)
   if restored is None:
     if config.train.init_from:
@@ -396,7 +397,7 @@ def train(config, workdir: str) -> dict:
       if not last:
         batch = next(batches)
   finally:
-    mngr.wait_until_finished()
+    checkpoint.finish(mngr)
   writer.flush()
   # Preempted at the last step: the export, like the final evaluation, is the finished
   # run's, written when it is started again (not within the grace period).
@@ -550,6 +551,8 @@ def main(argv):
     logging.error("%s", e)
     print(str(e), file=sys.stderr)
     sys.exit(1)
+  except checkpoint.SaveError as e:
+    checkpoint.exit_after(e)
   if jax.process_index() == 0:
     print(json.dumps(final))
 

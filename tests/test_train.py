@@ -4,6 +4,7 @@ restore onto another mesh, export, resolution change."""
 import json
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,56 @@ def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
   jax.tree.map(
     np.testing.assert_array_equal, jax.device_get(good["params"]), jax.device_get(again["params"])
   )
+
+
+# `python -c REFUSING_MKDIR PREFIX MODULE ARGS...` runs `python -m MODULE ARGS...` with the
+# file system refusing to create directories named PREFIX... (as a disk turned read-only
+# would): Orbax's temporary directory of the checkpoint or export it names.
+REFUSING_MKDIR = """
+import errno, os, runpy, sys
+mkdir, prefix = os.mkdir, sys.argv[1]
+def refusing(path, *args, **kwargs):
+  if os.path.basename(os.fspath(path)).startswith(prefix):
+    raise OSError(errno.EROFS, "Read-only file system", os.fspath(path))
+  return mkdir(path, *args, **kwargs)
+os.mkdir = refusing
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def run_refusing(prefix, module, *args):
+  """The last stderr line of `python -m module args` under REFUSING_MKDIR, which must
+  exit with status 1. Orbax's threads of a failed save wait 300 s for signals that never
+  come: a process whose exit joined them would outlast the timeout."""
+  proc = run([sys.executable, "-c", REFUSING_MKDIR, prefix, module, *args], timeout=200)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  return proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_failed_save_stops_at_once_naming_the_cause_and_the_intact_steps(tmp_path):
+  last = run_refusing("6.orbax-checkpoint-tmp", *cli(tmp_path, 9)[2:])
+  assert last.startswith(f"writing a checkpoint under {tmp_path / 'checkpoints'} failed:"), last
+  assert "Read-only file system" in last
+  assert "intact (steps [3]): a rerun resumes from step 3" in last
+  assert latest_step(tmp_path) == 3
+  assert not (tmp_path / "export").exists()
+  _, data, _ = restore_params(tmp_path, tiny_config(9))
+  assert data["step"] == 3
+
+
+def test_a_failed_export_stops_at_once_and_keeps_the_export_already_there(tmp_path, reference_run):
+  ref_dir = reference_run[0]
+  out = tmp_path / "export"
+  shutil.copytree(ref_dir / "export", out)
+  before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  last = run_refusing(
+    "params.orbax-checkpoint-tmp", "coca_jax.export", f"--workdir={ref_dir}", f"--output={out}"
+  )
+  assert last.startswith(f"writing the export {out} failed: OSError: [Errno 30]"), last
+  assert "the export already there is untouched" in last
+  after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+  assert after == before
 
 
 def test_resolution_change_on_resume_resamples_position_embeddings(tmp_path):

@@ -3,6 +3,7 @@ built or written (config.json included), naming the config key or the directory;
 with another optimizer is refused instead of zeroing its moments."""
 
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -133,6 +134,33 @@ def test_keep_checkpoints_zero_is_refused_by_the_checkpoint_manager(tmp_path):
   with pytest.raises(ValueError, match=r"config\.train\.keep_checkpoints=0 "):
     checkpoint.manager(str(tmp_path), config.train)
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_checkpoint_directory_that_takes_no_file_fails_before_anything_is_written(tmp_path):
+  with_config_json(tmp_path)
+  (tmp_path / "checkpoints" / ".write_probe.0").mkdir(parents=True)  # a file cannot go there
+  with pytest.raises(OSError, match=r"checkpoints does not take a file \(\[Errno 21\]"):
+    train.train(tiny_config(3), str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == ORIGINAL
+
+
+def test_a_disk_without_room_for_one_checkpoint_fails_before_anything_is_written(
+  tmp_path, monkeypatch
+):
+  with_config_json(tmp_path)
+  config = tiny_config(3)
+  # The tiny state: params plus Adafactor's moments, 4 bytes each, and the int32 step.
+  state = state_lib.setup(config).layout.abstract
+  n_bytes = 4 * sum(a.size for a in jax.tree.leaves(state))
+  usage = shutil.disk_usage(tmp_path)
+  monkeypatch.setattr(
+    checkpoint.shutil, "disk_usage", lambda path: usage._replace(free=n_bytes - 1)
+  )
+  mib = f"{n_bytes / 2**20:.1f}"
+  with pytest.raises(OSError, match=rf"has {mib} MiB free; one checkpoint .* takes {mib} MiB"):
+    train.train(config, str(tmp_path))
+  assert (tmp_path / "config.json").read_bytes() == ORIGINAL
+  assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
 
 
 def test_eval_settings_are_not_checked_when_no_eval_runs():
