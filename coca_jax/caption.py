@@ -40,7 +40,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_string(
     "prefix", None, "Text every caption continues (e.g. a question).", flag_values=flag_values
   )
-  flags.DEFINE_integer("batch_size", 32, "Jitted batch size.", flag_values=flag_values)
+  flags.DEFINE_integer(
+    "batch_size", 32, "Jitted batch size.", lower_bound=1, flag_values=flag_values
+  )
   flags.DEFINE_integer(
     "seed",
     None,
@@ -60,7 +62,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   try:
     model = inference.load(f.export, batch_size=f.batch_size)
   except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
-    sys.exit(f"error: --export={f.export}: {e}")
+    sys.exit(f"error: --export: {e}")
 
   def caption(pixels):
     return model.caption(

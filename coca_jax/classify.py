@@ -27,7 +27,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     "Prompt template with {} (repeatable; default: config.eval).",
     flag_values=flag_values,
   )
-  flags.DEFINE_integer("batch_size", 32, "Jitted batch size.", flag_values=flag_values)
+  flags.DEFINE_integer(
+    "batch_size", 32, "Jitted batch size.", lower_bound=1, flag_values=flag_values
+  )
 
 
 def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
@@ -48,7 +50,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   try:
     model = inference.load(f.export, batch_size=f.batch_size)
   except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
-    sys.exit(f"error: --export={f.export}: {e}")
+    sys.exit(f"error: --export: {e}")
   pixels, failures = model.read_images(paths, errors="collect")
   result = model.classify(pixels, classes, f.template, preprocessed=True) if len(pixels) else None
   row = 0

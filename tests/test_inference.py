@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from absl import app
+from absl import app, flags
 from flax import nnx
 from PIL import Image
 
@@ -382,9 +382,18 @@ def test_the_clis_name_an_export_they_cannot_load(tmp_path, run_main):
   missing = tmp_path / "nowhere"
   for module, flags_given in [(caption, []), (classify, ["--classes=cat,dog"])]:
     status, _, _ = run_main(module, f"--export={missing}", *flags_given, "image.png")
-    assert status == f"error: --export={missing}: {missing} is not a coca_jax export: " + (
+    assert status == f"error: --export: {missing} is not a coca_jax export: " + (
       f"{missing}/params is missing"
     )
+
+
+def test_the_clis_refuse_a_batch_size_below_one():
+  """--batch_size=0 was reported as a problem of --export."""
+  for module in (caption, classify):
+    flag_values = flags.FlagValues()
+    module.define_flags(flag_values)
+    with pytest.raises(flags.IllegalFlagValueError, match="0 is not a positive integer"):
+      flag_values([module.__name__, "--export=x", "--batch_size=0", "image.png"])
 
 
 @pytest.mark.slow  # ~7 s; the API tests above stay quick
