@@ -71,6 +71,32 @@ def test_forward_macs_match_the_traced_model(make):
   assert flops.forward_macs(m) == traced
 
 
+def test_forward_macs_of_the_tiny_model_by_hand():
+  """configs/tiny.py counted from the paper's architecture, independently of the model
+  code: width 32, ViT of 2 layers on 16 patches (16px / 4px, no class token), MLPs 64
+  wide, a cascade of poolers (8 queries over the ViT, then 1 over those 8), 1 unimodal
+  layer on 8 tokens + [CLS], 1 multimodal layer on 8 tokens, vocabulary 64, embeddings
+  16 wide. Attention over q queries and k keys: 2qd^2 (query, output) + 2kd^2 (key,
+  value) + 2qkd (scores, weighted values)."""
+
+  def attention(q, k, d=32):
+    return 2 * q * d * d + 2 * k * d * d + 2 * q * k * d
+
+  def mlp(n):
+    return 2 * n * 32 * 64
+
+  patch_embedding = 16 * (4 * 4 * 3) * 32  # 24,576
+  vit = patch_embedding + 2 * (attention(16, 16) + mlp(16))  # 319,488
+  poolers = attention(8, 16) + attention(1, 8)  # 57,344 + 18,944
+  unimodal = attention(9, 9) + mlp(9)  # 78,912
+  multimodal = attention(8, 8) + attention(8, 8) + mlp(8)  # self, cross (8 queries): 106,496
+  logits = 8 * 32 * 64
+  embeddings = 32 * 16 + 32 * 16  # image and text projections
+  total = vit + poolers + unimodal + multimodal + logits + embeddings
+  assert total == 598_592
+  assert flops.forward_macs(tiny.get_config().model) == total
+
+
 @pytest.mark.parametrize("layout", ["paper", "open_clip"])
 def test_video_forward_macs_match_the_traced_model(layout):
   config = tiny.get_config() if layout == "paper" else open_clip_tiny()
