@@ -20,10 +20,20 @@ def contrastive_logits(
   constrained to be replicated so GSPMD all-gathers the (small) text embeddings and
   every image is scored against every text of the GLOBAL batch. Images are never
   gathered.
+
+  The product runs at full float32 precision: at a TPU's default precision the float32
+  operands are rounded to bfloat16 (8 significant bits), which, for 512-wide unit
+  embeddings and a temperature learned down to 0.01, puts errors of up to 0.05 (rms
+  0.01) on the logits (bfloat16 operands emulated in NumPy). The cost is nothing next to
+  the model's (2 B^2 E FLOPs).
   """
   text_embedding = sharding.constrain(text_embedding, (None, None))
   logits = jnp.einsum(
-    "ie,je->ij", image_embedding, text_embedding, preferred_element_type=jnp.float32
+    "ie,je->ij",
+    image_embedding,
+    text_embedding,
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
   )
   return sharding.constrain(logits / temperature, ("batch", None))
 

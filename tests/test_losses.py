@@ -42,6 +42,18 @@ def test_contrastive_loss_matches_numpy():
   assert float(acc) == expected_acc
 
 
+def test_contrastive_logits_ask_for_full_float32_precision():
+  """Where a float32 dot defaults to bfloat16 passes (TPUs), the logits' would; CPUs
+  ignore the setting, so it is read from the traced computation."""
+  img = jnp.zeros((4, 8), jnp.float32)
+  dots = [
+    eqn.params["precision"]
+    for eqn in jax.make_jaxpr(losses.contrastive_logits)(img, img, 0.07).eqns
+    if eqn.primitive.name == "dot_general"
+  ]
+  assert dots == [(jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)]
+
+
 def test_identical_pairs_at_small_temperature_give_near_zero_loss():
   rng = np.random.default_rng(1)
   emb = normalized(rng, (8, 16))
