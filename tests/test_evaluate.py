@@ -197,6 +197,12 @@ PTB_CASES = [
     "it costs $ 5 or # 3 a 12-year-old 's bike",
   ),
   ("x + y = z < w", "x + y = z < w"),
+  (
+    "thumbs down: -1, bad; thumbs up: +1 (-3.5), 2x+1 at -5c",
+    "thumbs down -1 bad thumbs up +1 -lrb- -3.5 -rrb- 2x +1 at -5 c",
+  ),
+  ("a --1 or +-1, 5-3 and 1.5-2", "a 1 or + -1 5-3 and 1.5-2"),
+  ("what!? wow?! a !!? mark!", "what !? wow ?! a !!? mark"),
 ]
 
 

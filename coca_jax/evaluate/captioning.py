@@ -6,16 +6,17 @@ Scores come from pycocoevalcap 1.2's pure-Python scorers: `Cider` (which impleme
 CIDEr-D: clipped n-gram counts and a Gaussian length penalty, sigma 6) and `Bleu(4)`
 ("closest" reference length). The COCO toolkit's PTBTokenizer needs Java; `normalize`
 replaces it with a regex tokenizer that gives the toolkit's tokens (Stanford PTBTokenizer
-3.4.1, lower case, its punctuation tokens dropped) on every emoji validation caption and
-on the cases in tests/test_evaluate.py, checked against the toolkit's jar:
+3.4.1, lower case, its punctuation tokens dropped) on all 3,786 distinct emoji captions
+(training and validation) and on the cases in tests/test_evaluate.py, checked against
+the toolkit's jar:
 - words of any script, kept whole when joined by "-" or "/" ("t-shirt", "and/or") or by
   an apostrophe that starts no clitic ("o'clock"); numbers with their separators ("3.5",
-  "1,000", "2:30");
+  "1,000", "2:30"), a sign that starts one ("-1", "x +1");
 - n't and the clitics 's 'd 'm 'll 're 've split off ("does n't", "man 's"), "cannot"
   -> "can not" and PTB's other split words ("gonna" -> "gon na");
 - letter-dot abbreviations ("e.u.", "p.m.") and common titles ("mr.", "st.") keep their dots;
 - punctuation (. , : ; ? ! quotes, dashes, "...") dropped; other symbols kept as tokens
-  ("%", "&", "$", "#", "**", "??", "✓"), with PTB's own spellings of brackets ("-lrb-",
+  ("%", "&", "$", "#", "**", "??", "!?", "✓"), with PTB's own spellings of brackets ("-lrb-",
   which the toolkit's upper-case punctuation list misses), the euro ("$") and the pound
   ("#"); characters outside Unicode's basic plane (emoji), which PTB deletes, dropped.
 Not covered: e-mail addresses and URLs (split at their symbols), a leading apostrophe
@@ -47,12 +48,15 @@ _CLITIC = re.compile(r"(?<=[^\W_])" + _APOSTROPHE + rf"({_ENDINGS})\b")
 _CLITICS = {"n't", *("'" + ending for ending in _ENDINGS.split("|"))}
 # A word part: a number with its separators, or letters and digits of any script.
 _PART = r"(?:\d+(?:[.,:]\d+)+|[^\W_]+)"
+_SIGNED = r"[-+]\d+(?:[.,:]\d+)*"  # a sign that starts a number stays on it
 _TOKEN = re.compile(
   rf"(?<!\S)(?:n't|'(?:{_ENDINGS}))(?![^\W_])"  # a clitic split off above
   r"|(?:mrs?|ms|dr|prof|st|jr|sr|vs|etc)\.(?!\w)"  # titles PTB keeps with their dot
   r"|(?:[^\W\d_]\.){2,}"  # letter-dot abbreviations: e.u., p.m.
   rf"|{_PART}(?:[-/]{_PART}|{_APOSTROPHE}[^\W_]+)*"  # t-shirt, and/or, o'clock, 3.5
-  r"|([^\w\s])\1*"  # a run of one symbol: %, &, **, ??, ...
+  rf"|{_SIGNED}"  # -1, +3.5
+  r"|[?!]{2,}"  # ?!, !!?
+  r"|([^\w\s])\1*"  # a run of one symbol: %, &, **, ...
 )
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CURRENCIES = {"\u20ac": "$", "\u00a3": "#"}
@@ -66,6 +70,8 @@ def _token(token: str) -> str | None:
     return token
   if token in _BRACKETS:
     return _BRACKETS[token]
+  if re.fullmatch(_SIGNED, token):  # not a dash
+    return token
   if token in _DROPPED or token[0] in _DROPPED_FIRST or ord(token[0]) > 0xFFFF:
     return None
   if token[0] == "." and len(token) > 3:  # "...." is PTB's "..."
