@@ -2,7 +2,7 @@
 
 import setuptools
 
-# The stack verified to install together on Python 3.11 (see README, "Install").
+# The stack verified to install together on Python 3.11 (see README, "Quick start").
 INSTALL_REQUIRES = [
   "jax==0.10.2",
   "jaxlib==0.10.2",

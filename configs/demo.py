@@ -21,7 +21,7 @@ def get_config(arg=None):
     embed_dim=128,
     image_size=32,
     patch_size=4,
-    vocab_size=1024,  # >= the demo vocabulary's size (data.demo_vocab_size)
+    vocab_size=1024,  # >= the demo vocabulary's size (data.prepare --vocab_size, 1,000)
     max_text_len=24,
     caption_queries=32,
     arg=arg,
@@ -34,7 +34,7 @@ def get_config(arg=None):
   # sneaker", "handbag: bag, ..."; the model must carry those words over from drawings
   # to grey photos). The other 7 classes' names are in the JFT-style training text.
   c.data.jft_style.held_out_classes = ("trousers", "sneaker", "bag")
-  # No horizontal flips: 302 of the 6,848 emoji training captions say "left" or "right"
+  # No horizontal flips: 278 of the 6,752 emoji training captions say "left" or "right"
   # ("left arrow", "backhand index pointing right"); a flip makes them wrong.
   c.data.image.flip = False
   c.optim.lr = 1e-3

@@ -7,8 +7,8 @@
 DATASETS: coco (TFDS coco_captions, the Karpathy test split: 5,000 images, ~25,000
 captions; the default) or flickr30k (own TFRecords of the test split,
 --config.eval.benchmarks.flickr30k_files=PATTERN), or both. Image->text and text->image
-Recall@1/5/10 over all captions; CIDEr-D and BLEU-4 of one greedy caption per image
-against all its captions (config.eval.decode chooses the decoding).
+Recall@1/5/10 over all captions; CIDEr-D and BLEU-4 of one caption per image
+against all its captions (config.eval.decode chooses the decoding: beam 4 by default).
 """
 
 from configs.eval import recipe
