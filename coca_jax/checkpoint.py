@@ -22,7 +22,6 @@ directory that cannot take a file, or (on a local disk) one checkpoint, before a
 import functools
 import os
 import shutil
-import sys
 import time
 
 import jax
@@ -62,18 +61,6 @@ class UnreadableCheckpointError(ValueError):
 
 class SaveError(RuntimeError):
   """Writing a checkpoint or an export failed; what was written before it is intact."""
-
-
-def exit_after(error: SaveError) -> None:
-  """Ends the process with `error` as its last line (stderr and log), exit status 1,
-  without the normal exit's join of the failed save's Orbax threads: they wait out its
-  coordination timeout (5 minutes) for signals that will not come."""
-  logging.error("%s", error)
-  print(error, file=sys.stderr)
-  logging.flush()
-  sys.stdout.flush()
-  sys.stderr.flush()
-  os._exit(1)
 
 
 # What XLA and TensorStore say when a read runs out of host or device memory.

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+from typing import NoReturn
 
 import coca_jax
 from coca_jax import accelerators, cpu_collectives
@@ -64,6 +65,22 @@ def _stderr_without(noise: re.Pattern):
       lines = captured.read().decode(errors="replace").splitlines(keepends=True)
       sys.stderr.write("".join(line for line in lines if not noise.search(line.rstrip("\n"))))
       sys.stderr.flush()
+
+
+def exit_now(message: str) -> NoReturn:
+  """Ends the process at once with `message` as its last line (stderr and log), exit
+  status 1, skipping the normal exit's joins: Orbax's threads of a failed save wait out
+  its 5-minute coordination timeout for signals that will not come, and jax.distributed's
+  shutdown barrier waits 5 minutes for processes still inside a collective (then aborts
+  them all)."""
+  from absl import logging as absl_logging
+
+  absl_logging.error("%s", message)
+  print(message, file=sys.stderr)
+  absl_logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(1)
 
 
 def import_tensorflow() -> None:

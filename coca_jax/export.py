@@ -321,7 +321,7 @@ def main(argv):
   try:
     step, dtype = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
   except checkpoint.SaveError as e:
-    checkpoint.exit_after(e)
+    console.exit_now(str(e))
   print(json.dumps(dict(step=step, output=f.output, dtype=dtype)))
 
 

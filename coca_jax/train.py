@@ -19,6 +19,7 @@ import json
 import signal
 import sys
 import time
+import traceback
 
 import jax
 import numpy as np
@@ -552,7 +553,17 @@ def main(argv):
     print(str(e), file=sys.stderr)
     sys.exit(1)
   except checkpoint.SaveError as e:
-    checkpoint.exit_after(e)
+    console.exit_now(str(e))
+  except Exception:
+    if jax.process_count() == 1:
+      raise
+    # One process's error (a bad record in its data shard) leaves the others inside a
+    # collective: a normal exit would wait for them at jax.distributed's shutdown barrier
+    # for 5 minutes, then abort every process. Leaving at once fails their collectives.
+    console.exit_now(
+      f"process {jax.process_index()} of {jax.process_count()} stopped on this error, "
+      f"without waiting for the others:\n{traceback.format_exc()}"
+    )
   if jax.process_index() == 0:
     print(json.dumps(final))
 

@@ -1,7 +1,8 @@
 """Two processes on loopback (4 CPU devices each, gloo collectives) train exactly like one
 process over the same 8 devices and the same global batches when the mesh interleaves
 the processes' devices (as a TPU slice does) and shards the parameters over both;
-SIGTERM to one process of two (contiguous devices) checkpoints the same step on both."""
+SIGTERM to one process of two (contiguous devices) checkpoints the same step on both; an
+error on one process stops both at once."""
 
 import json
 import pathlib
@@ -187,3 +188,34 @@ def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(tmp_path):
   for p, (_, err) in zip(resumed, outputs):
     assert p.returncode == 0, err[-4000:]
     assert f"resumed from checkpoint step {saved[0]}" in err
+
+
+# `python -c FAILING_DATA_ON_PROCESS_1 FLAGS...` runs the trainer with process 1's input
+# pipeline failing at its seventh training batch (a corrupt record in its shard).
+FAILING_DATA_ON_PROCESS_1 = """
+import runpy, sys
+import jax
+from coca_jax.data import loader
+host_batches = loader.host_batches
+def failing(config, mesh, split, start_step=0):
+  for i, batch in enumerate(host_batches(config, mesh, split, start_step)):
+    if split == "train" and i == 6 and jax.process_index() == 1:
+      raise ValueError("corrupt record in process 1's shard")
+    yield batch
+loader.host_batches = failing
+sys.argv[0] = "coca_jax.train"
+runpy.run_module("coca_jax.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_an_error_on_one_process_stops_both_at_once(tmp_path):
+  """Process 0 waits in the step's collective for process 1's batch; process 1's normal
+  exit waited 5 minutes at jax.distributed's shutdown barrier for it, then aborted
+  both."""
+  flags = [*FLAGS, *CONTIGUOUS_DATA8, "--config.train.steps=40"]
+  procs = start_processes(["-c", FAILING_DATA_ON_PROCESS_1], flags, tmp_path / "run", free_port())
+  (_, err0), (_, err1) = finish(procs, timeout=200)
+  assert [p.returncode for p in procs] == [1, 1], (err0[-2000:], err1[-2000:])
+  assert "process 1 of 2 stopped on this error, without waiting for the others" in err1
+  assert err1.rstrip().endswith("ValueError: corrupt record in process 1's shard"), err1[-2000:]
+  assert "process 0 of 2 stopped on this error" in err0  # its collective failed
