@@ -321,8 +321,9 @@ def coca_config(
         # Horizontal flips in training (configs/demo.py turns them off: emoji names say
         # "left" and "right").
         flip=True,
-        # Eval / serving resize of the shorter side before the center crop: "bilinear"
-        # (coca_jax's own models) or "bicubic" (open_clip's preprocessing).
+        # The resize filter of the training crop and of the eval / serving resize of the
+        # shorter side before the center crop: "bilinear" (coca_jax's own models) or
+        # "bicubic" (open_clip's preprocessing).
         resize="bilinear",
       ),
       # VQA (source "vqa", coca_jax/data/vqa.py): TFRecords of tf.train.Examples with

@@ -74,6 +74,28 @@ def test_bicubic_resize_truncates_the_long_side_and_rounds_the_crop_offset():
     images.eval_pixels(rgb, 16, (0, 0, 0), (1, 1, 1), "nearest")
 
 
+def test_the_training_crop_resizes_with_the_configs_filter():
+  """open_clip trains with a bicubic RandomResizedCrop: with `resize="bicubic"` the crop
+  (here the whole image) is resized like PIL's bicubic filter, antialiased when
+  shrinking, to within one level of 255 (PIL rounds to 8 bits); the bilinear default
+  stays bilinear."""
+  rng = np.random.default_rng(0)
+  x = np.linspace(0, 1, 64)
+  smooth = 255 * np.stack([np.outer(x, x), np.outer(1 - x, x), np.outer(x, 1 - x)], -1)
+  rgb = np.clip(smooth + rng.integers(-60, 60, smooth.shape), 0, 255).astype(np.uint8)
+  options = dict(mean=(0, 0, 0), std=(1, 1, 1), crop_area=(1, 1), crop_aspect=(1, 1), flip=False)
+  seeds = tf.constant([[1, 2], [3, 4]])
+  for resize, pil_filter in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+    got = 255 * preprocess.train_pixels(rgb, seeds, 16, resize=resize, **options).numpy()
+    expected = np.asarray(Image.fromarray(rgb).resize((16, 16), pil_filter), np.float32)
+    np.testing.assert_allclose(got, expected, atol=1.0)
+  bilinear = 255 * preprocess.train_pixels(rgb, seeds, 16, **options).numpy()
+  bicubic = np.asarray(Image.fromarray(rgb).resize((16, 16), Image.BICUBIC), np.float32)
+  assert np.abs(bilinear - bicubic).max() > 3.0  # the filters differ by more than the tolerance
+  with pytest.raises(ValueError, match="config.data.image.resize='nearest'"):
+    preprocess.train_pixels(rgb, seeds, 16, resize="nearest", **options)
+
+
 OPEN_CLIP_TRANSFORM = """
 import sys
 import numpy as np

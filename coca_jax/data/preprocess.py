@@ -222,9 +222,13 @@ def normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
   )
 
 
-def train_pixels(image, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool):
+def train_pixels(
+  image, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool, resize: str = "bilinear"
+):
   """[H, W, 3] uint8 -> [size, size, 3] float32: random resized crop (area and aspect
-  ranges; seeds[0]), optional horizontal flip (seeds[1]), normalize."""
+  ranges; seeds[0]; the crop resized with `resize`, "bilinear" or "bicubic", antialiased
+  when shrinking, as PIL's filters are), optional horizontal flip (seeds[1]), normalize."""
+  images.check_resize(resize)
   begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
     tf.shape(image),
     bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
@@ -235,7 +239,7 @@ def train_pixels(image, seeds, size: int, mean, std, crop_area, crop_aspect, fli
     max_attempts=10,
     use_image_if_no_bounding_boxes=True,
   )
-  image = tf.image.resize(tf.slice(image, begin, crop), [size, size], antialias=True)
+  image = tf.image.resize(tf.slice(image, begin, crop), [size, size], method=resize, antialias=True)
   if flip:
     image = tf.image.stateless_random_flip_left_right(image, seeds[1])
   return normalize(tf.clip_by_value(image, 0.0, 255.0), mean, std)
@@ -256,10 +260,9 @@ def eval_pixels(image, size: int, mean, std, resize: str = "bilinear"):
 
 
 @seqio.map_over_dataset(num_seeds=2)
-def train_image(example, seeds, size: int, mean, std, crop_area, crop_aspect, flip: bool):
-  """`image` through train_pixels."""
-  image = train_pixels(example["image"], seeds, size, mean, std, crop_area, crop_aspect, flip)
-  return {**example, "image": image}
+def train_image(example, seeds, **options):
+  """`image` through train_pixels (`options`: its keyword arguments)."""
+  return {**example, "image": train_pixels(example["image"], seeds, **options)}
 
 
 @seqio.map_over_dataset

@@ -128,12 +128,13 @@ def train_image_options(data_config) -> dict:
     crop_area=tuple(image.crop_area),
     crop_aspect=tuple(image.crop_aspect),
     flip=image.flip,
+    resize=image.get("resize", "bilinear"),
   )
 
 
 def eval_image_options(data_config) -> dict:
   """Keyword arguments of preprocess.eval_pixels / eval_image (configs written before
-  `image.resize` existed resize bilinearly, as they did)."""
+  `image.resize` existed resize bilinearly, as they did, in training too)."""
   image = data_config.image
   return dict(
     size=data_config.image_size,

@@ -34,10 +34,14 @@ def open_clip_config(arg, *, width, heads, vision, patch_size):
   config_lib.open_clip_layout(
     c.model, vision_width=vision_width, vision_heads=vision_heads, pooler_heads=8
   )
-  # open_clip's preprocessing (OPENAI_DATASET_MEAN / STD, bicubic resize, center crop).
+  # open_clip's preprocessing (OPENAI_DATASET_MEAN / STD, bicubic resize, center crop),
+  # and its training transform (open_clip/transform.py: RandomResizedCrop with
+  # AugmentationCfg's default scale (0.9, 1.0), bicubic, no flip) for finetunes.
   c.data.image.mean = (0.48145466, 0.4578275, 0.40821073)
   c.data.image.std = (0.26862954, 0.26130258, 0.27577711)
   c.data.image.resize = "bicubic"
+  c.data.image.crop_area = (0.9, 1.0)
+  c.data.image.flip = False
   return c
 
 
