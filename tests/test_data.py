@@ -1,10 +1,12 @@
 """The seqio data pipeline on small datasets the tests build: a Fashion-MNIST-format
 TFDS dataset (through the real builder) and TFRecord alt-text shards."""
 
+import fcntl
 import gzip
 import io
 import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -638,3 +640,42 @@ def test_an_interrupted_fetch_leaves_nothing_a_later_run_takes_for_the_package(
   assert (cache / tarball).read_text() == "part"
   assert raw.fashion_mnist_dir(str(cache)) == folder
   assert os.path.exists(os.path.join(folder, raw.FASHION_MNIST_FILES["train"][0]))
+
+
+# Holds `prepare.exclusive(argv[1])` for a second, then writes `released` and lets go.
+HOLD_THE_LOCK = """
+import os, sys, time
+from coca_jax.data import prepare
+with prepare.exclusive(sys.argv[1]):
+  print("held", flush=True)
+  time.sleep(1.0)
+  open(os.path.join(sys.argv[1], "released"), "w").close()
+"""
+
+
+def test_a_second_builder_of_the_demo_data_waits_for_the_first(tmp_path):
+  """Two prepare runs together: the later TFDS build failed renaming its output onto the
+  earlier's (FileExistsError)."""
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True
+  )
+  assert holder.stdout.readline().strip() == "held"
+  with prepare.exclusive(str(tmp_path)):
+    assert (tmp_path / "released").exists()
+  assert holder.wait(timeout=60) == 0
+
+
+def test_prepare_builds_under_the_lock(tmp_path, monkeypatch):
+  root = tmp_path / "data"
+
+  def fetch(raw_dir):  # the first step: another process cannot take the lock now
+    with open(root / prepare.LOCK_FILE) as other:
+      with pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    raise RuntimeError("stop after the check")
+
+  monkeypatch.setattr(prepare.raw, "fetch", fetch)
+  with pytest.raises(RuntimeError, match="stop after the check"):
+    prepare.prepare(str(root))
+  with open(root / prepare.LOCK_FILE) as other:  # released on the way out
+    fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)

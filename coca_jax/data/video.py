@@ -146,20 +146,20 @@ def demo_folder(data_config) -> str:
 def build_demo(data_config) -> dict[str, str]:
   """Writes the demo clips' TFRecords and class names (idempotent); returns {split: path}."""
   folder = demo_folder(data_config)
-  os.makedirs(folder, exist_ok=True)
-  names_path = os.path.join(folder, CLASS_NAMES_FILE)
-  if not os.path.exists(names_path):
-    with open(names_path + ".tmp", "w") as f:
-      f.write("".join(name + "\n" for name, _ in raw.FASHION_MNIST_CLASSES))
-    os.replace(names_path + ".tmp", names_path)
   paths = {split: os.path.join(folder, file) for split, file in DEMO_SPLITS.items()}
-  for split, path in paths.items():
-    if os.path.exists(path):
-      continue
-    with tf.io.TFRecordWriter(path + ".tmp") as writer:
-      for frames, label in demo_clips(data_config, split):
-        writer.write(_example(frames, label))
-    os.replace(path + ".tmp", path)
+  with prepare.exclusive(folder):
+    names_path = os.path.join(folder, CLASS_NAMES_FILE)
+    if not os.path.exists(names_path):
+      with open(names_path + ".tmp", "w") as f:
+        f.write("".join(name + "\n" for name, _ in raw.FASHION_MNIST_CLASSES))
+      os.replace(names_path + ".tmp", names_path)
+    for split, path in paths.items():
+      if os.path.exists(path):
+        continue
+      with tf.io.TFRecordWriter(path + ".tmp") as writer:
+        for frames, label in demo_clips(data_config, split):
+          writer.write(_example(frames, label))
+      os.replace(path + ".tmp", path)
   return paths
 
 

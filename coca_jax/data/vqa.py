@@ -143,12 +143,14 @@ def build_demo(data_config) -> dict[str, str]:
   for split, path in paths.items():
     if os.path.exists(path):
       continue
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    staging = path + ".tmp"
-    with tf.io.TFRecordWriter(staging) as writer:
-      for image, question, answers in demo_rows(data_config, split):
-        writer.write(_example(image, question, answers))
-    os.replace(staging, path)
+    with prepare.exclusive(os.path.dirname(path)):
+      if os.path.exists(path):  # built while this process waited
+        continue
+      staging = path + ".tmp"
+      with tf.io.TFRecordWriter(staging) as writer:
+        for image, question, answers in demo_rows(data_config, split):
+          writer.write(_example(image, question, answers))
+      os.replace(staging, path)
   return paths
 
 
