@@ -26,7 +26,11 @@
 # Without SLURM run the same command on every node, torchrun-style:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/gpu_multinode.sh --workdir=/shared/run1   # on node0
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/gpu_multinode.sh --workdir=/shared/run1   # on node1
-# NPROC_PER_NODE=8 starts one process per GPU on each node instead of one per node.
+# NPROC_PER_NODE=8 starts one process per GPU on each node instead of one per node (the
+# first 8 GPUs of CUDA_VISIBLE_DEVICES when it is set: it must list at least that many).
+# NODE_RANK and MASTER_ADDR are required when NNODES > 1. One process in all (NNODES=1,
+# NPROC_PER_NODE=1) runs without jax.distributed: no coordinator, no port. NNODES inside a
+# SLURM job (SLURM_JOB_ID set) is an error: say which of the two should place the processes.
 #
 # Options (each also read from the environment variable in brackets)
 #   --workdir=DIR       [WORKDIR, required] a directory every node sees (shared filesystem or gs://)
@@ -93,8 +97,12 @@ done
 train_command() {
   local coordinator="$1" num_processes="$2" process_id="$3"
   TRAIN=("$PYTHON" -m coca_jax.train --config="$CONFIG" --workdir="$WORKDIR"
-    "${OVERRIDES[@]+"${OVERRIDES[@]}"}"
-    --coordinator_address="$coordinator" --num_processes="$num_processes" --process_id="$process_id")
+    "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+  # A single process needs no jax.distributed: its coordinator would only claim a port, on
+  # which two single-GPU runs on one machine would collide.
+  if ((num_processes > 1)); then
+    TRAIN+=(--coordinator_address="$coordinator" --num_processes="$num_processes" --process_id="$process_id")
+  fi
 }
 
 # The GPU a process sees when a node runs several: the local_rank-th of the visible ones.
@@ -135,6 +143,12 @@ if [[ "$TASK" == 1 ]]; then
   exec "${TRAIN[@]}"
 fi
 
+# Inside a SLURM job the srun branch would silently ignore NNODES (and NODE_RANK,
+# MASTER_ADDR): the user meant one of the two ways, and only they know which.
+if [[ -n "${SLURM_JOB_ID:-}" && -n "${NNODES:-}" ]]; then
+  die "both SLURM_JOB_ID=$SLURM_JOB_ID and NNODES=$NNODES are set: under SLURM the job's nodes and tasks place the processes (unset NNODES, NODE_RANK and MASTER_ADDR); for the torchrun-style variables run outside the SLURM job (or unset SLURM_JOB_ID)"
+fi
+
 if [[ -n "${SLURM_JOB_ID:-}" ]]; then
   # The batch script (or an salloc shell): one srun task per process.
   mapfile -t hosts < <(node_hostnames)
@@ -159,10 +173,19 @@ fi
 
 # Without SLURM: this node's processes, from torchrun-style variables.
 NNODES="${NNODES:-1}"
-NODE_RANK="${NODE_RANK:-0}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
-if ((NNODES > 1)) && [[ -z "${MASTER_ADDR:-}" ]]; then
-  die "MASTER_ADDR (the address of the node with NODE_RANK=0) is required when NNODES=$NNODES"
+if ((NNODES > 1)); then
+  # No default: every node left at 0 would claim process ids 0.., and the run would hang.
+  [[ -n "${NODE_RANK:-}" ]] || die "NODE_RANK (this node's index, 0 to $((NNODES - 1))) is required when NNODES=$NNODES"
+  [[ -n "${MASTER_ADDR:-}" ]] || die "MASTER_ADDR (the address of the node with NODE_RANK=0) is required when NNODES=$NNODES"
+fi
+NODE_RANK="${NODE_RANK:-0}"
+if ((NPROC_PER_NODE > 1)) && [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+  # Too short a list would give the extra processes GPUs outside it (gpu_of falls back to
+  # the local rank): GPUs someone else was meant to have.
+  IFS=, read -r -a visible <<<"$CUDA_VISIBLE_DEVICES"
+  ((${#visible[@]} >= NPROC_PER_NODE)) \
+    || die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#visible[@]} GPU(s) for NPROC_PER_NODE=$NPROC_PER_NODE processes: list one GPU per process, or lower NPROC_PER_NODE"
 fi
 ((NODE_RANK >= 0 && NODE_RANK < NNODES)) || die "NODE_RANK=$NODE_RANK is not in [0, NNODES=$NNODES)"
 coordinator="${MASTER_ADDR:-localhost}:$PORT"

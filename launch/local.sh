@@ -11,8 +11,10 @@
 #   WORKDIR=/tmp/coca_tiny CONFIG=configs/tiny.py launch/local.sh
 #
 # Environment: WORKDIR (default /tmp/coca_demo), CONFIG (default configs/demo.py),
-# PYTHON (default .venv/bin/python; when there is no .venv, one is made first with
-# `python3.11 -m venv .venv && .venv/bin/pip install -e ".[test]"`), DRY_RUN=1 (= --dry-run).
+# PYTHON (default .venv/bin/python; when it cannot import coca_jax, because there is no
+# .venv or an earlier install was interrupted, it is made or repaired first with
+# `python3.11 -m venv .venv && .venv/bin/pip install -e ".[test]"`, python3 when that is
+# 3.11 or newer), DRY_RUN=1 (= --dry-run).
 # Options: --dry-run prints the command instead of running it; -h, --help this text.
 # Every other argument (--config.KEY=VALUE overrides) goes to the trainer.
 
@@ -22,11 +24,11 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WORKDIR="${WORKDIR:-/tmp/coca_demo}"
 CONFIG="${CONFIG:-configs/demo.py}"
 DRY_RUN="${DRY_RUN:-0}"
-SETUP=0
-if [[ -z "${PYTHON:-}" ]]; then
-  PYTHON="$REPO_ROOT/.venv/bin/python"
-  [[ -x "$PYTHON" ]] || SETUP=1
-fi
+
+# shellcheck disable=SC2034  # read by common.sh
+LAUNCH_NAME=launch/local.sh
+# shellcheck source=launch/common.sh
+source "$REPO_ROOT/launch/common.sh"
 
 OVERRIDES=()
 while (($#)); do
@@ -39,16 +41,35 @@ while (($#)); do
   shift
 done
 
+# The .venv is (re)made unless it imports coca_jax: a .venv/bin/python alone may be the rest
+# of an interrupted or failed install. pip installs coca_jax itself after its dependencies,
+# so its import is the last thing a complete install adds. The import runs from /: in the
+# repository the source tree is importable without any install.
+SETUP=0
+if [[ -z "${PYTHON:-}" ]]; then
+  PYTHON="$REPO_ROOT/.venv/bin/python"
+  (cd / && "$PYTHON" -c 'import coca_jax') >/dev/null 2>&1 || SETUP=1
+fi
+
 cd "$REPO_ROOT"
 if [[ "$SETUP" == 1 ]]; then
-  base_python="$(command -v python3.11 || command -v python3)"
+  # coca_jax needs Python >= 3.11 (pyproject.toml).
+  base_python=""
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null \
+      && "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1; then
+      base_python="$(command -v "$candidate")"
+      break
+    fi
+  done
+  [[ -n "$base_python" ]] || die "Python 3.11 or newer is needed to make .venv, and neither python3.11 nor a python3 >= 3.11 is on PATH: install python3.11 (with its venv module), or set PYTHON to an interpreter with coca_jax installed"
   setup=("$base_python" -m venv .venv)
   install=(.venv/bin/python -m pip install -q -e ".[test]")
   if [[ "$DRY_RUN" == 1 ]]; then
     printf '+'; printf ' %q' "${setup[@]}"; printf '\n'
     printf '+'; printf ' %q' "${install[@]}"; printf '\n'
   else
-    echo "[local.sh] no .venv: creating it and installing coca_jax (a few minutes, once)" >&2
+    echo "[local.sh] .venv missing or incomplete (no coca_jax in it): making it and installing coca_jax (a few minutes, once)" >&2
     "${setup[@]}"
     "${install[@]}"
   fi

@@ -1,11 +1,15 @@
 """launch/*.sh: syntax, -h, and the commands each prints under --dry-run (no gcloud,
-SLURM or JAX)."""
+SLURM or JAX). The TPU VM's remote commands run here, in a fake home, with stand-ins for
+gcloud and the trainer."""
 
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +32,7 @@ SCRIPT_ENV = (
   "PREEMPTIBLE",
   "DRY_RUN",
   "LOG_WORKER",
+  "STOP_TIMEOUT",
   "COORDINATOR_PORT",
   "MASTER_PORT",
   "MASTER_ADDR",
@@ -88,6 +93,91 @@ TPU_ENV = dict(
 )
 
 
+def remote_trainer(remote: str) -> list[str]:
+  """The trainer's command line in train's remote command: the arguments of its wrapper
+  (`bash -c SCRIPT coca_train ARGS`) after $0, up to the log redirection."""
+  return shlex.split(re.search(r" coca_train (.*?) >", remote).group(1))
+
+
+def fake_trainer(code: str = "import time; time.sleep(60)") -> subprocess.Popen:
+  """A process the remote commands take for a trainer: coca_jax.train on its command line."""
+  return subprocess.Popen([sys.executable, "-c", code, "-m", "coca_jax.train"])
+
+
+def on_worker(command: str, home: Path, **env: str) -> subprocess.CompletedProcess:
+  """Runs a remote --command here, as the worker's shell would, in a fake home."""
+  return subprocess.run(
+    ["bash", "-c", command],
+    env={**os.environ, "HOME": str(home), **env},
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+
+
+def wait_for(condition, seconds: float = 10) -> None:
+  deadline = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.05)
+
+
+# The trainer on a fake worker (~/coca_venv/bin/python): its command line says coca_jax.train
+# like the real one's; $FAKE_TRAINER picks what it does.
+TRAINER_STUB = """#!/bin/sh
+echo "trainer $*"
+case "$FAKE_TRAINER" in
+  preempted) echo "W1130 train.py:396] preempted: checkpoint at step 5 written; exiting" ;;
+  error) echo "ValueError: boom" >&2; exit 3 ;;
+  sigterm)
+    trap 'sleep 1; echo "W1130 train.py:396] preempted: checkpoint at step 7 written"; exit 0' TERM
+    touch ~/trainer_ready
+    while :; do sleep 0.1; done ;;
+esac
+exit 0
+"""
+
+# gcloud on PATH: logs its arguments; describe prints $FAKE_STATE (fails when it is empty, as
+# for a slice that does not exist), create exits $FAKE_CREATE_RC, scp copies the archive to
+# shipped.tar.gz, ssh runs --command here in the fake home (setup's pip install excepted;
+# the log stream exits $FAKE_LOGS_RC instead when it is set: a dropped connection).
+GCLOUD_STUB = """#!/bin/bash
+echo "$*" >>{tmp}/gcloud.log
+case "$4" in
+  describe) if [ -n "${{FAKE_STATE:-}}" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
+  create) exit "${{FAKE_CREATE_RC:-0}}" ;;
+  scp) echo "$5" >>{tmp}/archives.log; cp "$5" {tmp}/shipped.tar.gz ;;
+  ssh)
+    for arg; do case "$arg" in --command=*) command="${{arg#--command=}}" ;; esac; done
+    case "$command" in *"pip install"*) exit 0 ;; esac
+    case "$command" in *"tail "*) [ -z "${{FAKE_LOGS_RC:-}}" ] || exit "$FAKE_LOGS_RC" ;; esac
+    HOME={home} exec bash -c "$command" ;;
+esac
+"""
+
+
+def fake_slice(tmp_path: Path) -> tuple[Path, dict]:
+  """A fake home (the worker's) and the environment that makes gcloud a stand-in using it."""
+  home = tmp_path / "home"
+  (home / "coca_jax").mkdir(parents=True)
+  python = home / "coca_venv" / "bin" / "python"
+  python.parent.mkdir(parents=True)
+  python.write_text(TRAINER_STUB)
+  python.chmod(0o755)
+  gcloud = tmp_path / "bin" / "gcloud"
+  gcloud.parent.mkdir()
+  gcloud.write_text(GCLOUD_STUB.format(tmp=tmp_path, home=home))
+  gcloud.chmod(0o755)
+  (tmp_path / "tmpdir").mkdir()
+  env = dict(
+    TPU_ENV,
+    PATH=f"{gcloud.parent}:{os.environ['PATH']}",
+    TMPDIR=str(tmp_path / "tmpdir"),
+    FAKE_STATE="READY",
+  )
+  return home, env
+
+
 def test_tpu_vm_all_dry_run():
   out = run(
     "tpu_vm.sh",
@@ -125,7 +215,7 @@ def test_tpu_vm_all_dry_run():
   assert "--worker=all" in train
   remote = flag(train, "--command")
   assert "nohup" in remote
-  trainer = shlex.split(re.search(r"nohup (.*?) >", remote).group(1))
+  trainer = remote_trainer(remote)
   assert trainer[1:3] == ["-m", "coca_jax.train"]
   assert trainer[3:] == [
     "--config=configs/large.py:bf16",
@@ -145,7 +235,7 @@ def test_tpu_vm_all_again_leaves_a_running_trainer_alone(tmp_path):
   home = tmp_path / "home"
   (home / "coca_jax").mkdir(parents=True)
   (home / "coca_jax" / "running_code.py").touch()
-  trainer = subprocess.Popen(["sleep", "60"])
+  trainer = fake_trainer()
   try:
     (home / "coca_train.pid").write_text(f"{trainer.pid}\n")
     for remote in (flag(setup, "--command"), flag(train, "--command")):
@@ -165,32 +255,71 @@ def test_tpu_vm_all_again_leaves_a_running_trainer_alone(tmp_path):
     trainer.wait()
 
 
-def test_tpu_vm_setup_ships_the_working_tree_with_a_file_deleted(tmp_path):
-  """A tracked file deleted but not committed: git still lists it, and tar stopped the
-  script (set -e) before anything was copied. gcloud is a stub that records its calls."""
+def clone_for_setup(tmp_path: Path) -> Path:
+  """A clone of this repository (its last commit) with the scripts under test."""
   repo = tmp_path / "repo"
   subprocess.run(["git", "clone", "-q", str(LAUNCH.parent), str(repo)], check=True)
-  shutil.copytree(LAUNCH, repo / "launch", dirs_exist_ok=True)  # the scripts under test
-  (repo / "docs" / "ARCHITECTURE.md").unlink()
-  (repo / "NEW.txt").write_text("untracked\n")
-  stub = tmp_path / "bin" / "gcloud"
-  stub.parent.mkdir()
-  stub.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/gcloud.log\n')
-  stub.chmod(0o755)
-  env = {**TPU_ENV, "PATH": f"{stub.parent}:{os.environ['PATH']}", "TMPDIR": str(tmp_path)}
-  subprocess.run(
+  shutil.copytree(LAUNCH, repo / "launch", dirs_exist_ok=True)
+  return repo
+
+
+def setup_in(repo: Path, env: dict) -> subprocess.CompletedProcess:
+  return subprocess.run(
     ["bash", str(repo / "launch" / "tpu_vm.sh"), "setup"],
     env={**os.environ, **env},
-    check=True,
     capture_output=True,
+    text=True,
     timeout=60,
   )
-  import tarfile
 
-  names = tarfile.open(tmp_path / "coca_jax_src.tar.gz").getnames()
+
+def test_tpu_vm_setup_ships_the_working_tree_with_a_file_deleted(tmp_path):
+  """A tracked file deleted but not committed: git still lists it, and tar stopped the
+  script (set -e) before anything was copied. gcloud is a stub that records its calls
+  and keeps a copy of the archive it is given."""
+  repo = clone_for_setup(tmp_path)
+  (repo / "docs" / "ARCHITECTURE.md").unlink()
+  (repo / "NEW.txt").write_text("untracked\n")
+  _, env = fake_slice(tmp_path)
+  result = setup_in(repo, env)
+  assert result.returncode == 0, result.stderr
+  names = tarfile.open(tmp_path / "shipped.tar.gz").getnames()
   assert "NEW.txt" in names and "coca_jax/train.py" in names
   assert "docs/ARCHITECTURE.md" not in names
   assert "scp" in (tmp_path / "gcloud.log").read_text()
+
+
+def test_tpu_vm_setup_with_the_last_listed_file_deleted(tmp_path):
+  """The file-list filter ended with status 1 when the LAST path git lists was gone, and
+  pipefail + set -e stopped the script without a word, before the copy."""
+  repo = clone_for_setup(tmp_path)
+  listed = subprocess.run(
+    ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+    cwd=repo,
+    check=True,
+    capture_output=True,
+    text=True,
+  ).stdout.splitlines()
+  (repo / listed[-1]).unlink()
+  _, env = fake_slice(tmp_path)
+  result = setup_in(repo, env)
+  assert result.returncode == 0, result.stderr
+  names = tarfile.open(tmp_path / "shipped.tar.gz").getnames()
+  assert listed[-1] not in names and "coca_jax/train.py" in names
+
+
+def test_tpu_vm_setup_archive_is_its_own_and_removed(tmp_path):
+  """Each launch writes its archive to a path of its own (two launches at once shipped
+  whichever was written last) and removes it once copied."""
+  repo = clone_for_setup(tmp_path)
+  _, env = fake_slice(tmp_path)
+  for _ in range(2):
+    result = setup_in(repo, env)
+    assert result.returncode == 0, result.stderr
+  first, second = (tmp_path / "archives.log").read_text().split()
+  assert first != second
+  assert all(Path(a).is_relative_to(tmp_path / "tmpdir") for a in (first, second))
+  assert list((tmp_path / "tmpdir").iterdir()) == []
 
 
 def test_tpu_vm_quotes_overrides_for_the_remote_shell():
@@ -199,7 +328,7 @@ def test_tpu_vm_quotes_overrides_for_the_remote_shell():
   ).stdout
   (train,) = commands(out)
   remote = flag(train, "--command")
-  trainer = shlex.split(re.search(r"nohup (.*?) >", remote).group(1))
+  trainer = remote_trainer(remote)
   assert trainer[-1] == "--config.data.prompt=a photo of the {}"
 
 
@@ -225,6 +354,146 @@ def test_tpu_vm_rejects_bad_input():
   assert both.returncode != 0
   unknown = run("tpu_vm.sh", "--dry-run", "launch", env=TPU_ENV, check=False)
   assert unknown.returncode != 0 and "unknown subcommand" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+  "accelerator, version",
+  [
+    ("v4-32", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v5p-8", "v2-alpha-tpuv5"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
+  ],
+)
+def test_tpu_vm_runtime_version_follows_the_accelerator(accelerator, version):
+  def create_version(*args, **env):
+    out = run("tpu_vm.sh", "--dry-run", *args, "create", env={**TPU_ENV, **env}).stdout
+    return flag(commands(out)[-1], "--version")
+
+  assert create_version(f"--accelerator_type={accelerator}") == version
+  assert create_version(ACCELERATOR_TYPE=accelerator) == version
+  # Given, it is kept.
+  assert create_version(f"--accelerator_type={accelerator}", "--runtime_version=mine") == "mine"
+  assert create_version(ACCELERATOR_TYPE=accelerator, RUNTIME_VERSION="mine") == "mine"
+
+
+@pytest.mark.parametrize("state", ["PREEMPTED", "TERMINATED", "STOPPED", "UNHEALTHY", "DELETING"])
+def test_tpu_vm_create_replaces_only_a_preempted_or_terminated_slice(tmp_path, state):
+  _, env = fake_slice(tmp_path)
+  result = run("tpu_vm.sh", "create", env={**env, "FAKE_STATE": state}, check=False)
+  verbs = [line.split()[3] for line in (tmp_path / "gcloud.log").read_text().splitlines()]
+  if state in ("PREEMPTED", "TERMINATED"):
+    assert result.returncode == 0, result.stderr
+    assert verbs == ["describe", "delete", "create"]
+  else:
+    assert result.returncode != 0 and state in result.stderr
+    assert verbs == ["describe"]
+
+
+@pytest.mark.parametrize(
+  "trainer, env, status",
+  [
+    ("finished", {}, 0),
+    ("preempted", {}, 75),  # exit 0 after the preempted line: worth retrying
+    ("error", {}, 3),  # the trainer's own failure: not retried
+    ("finished", {"FAKE_LOGS_RC": "255"}, 75),  # the ssh connection dropped
+    ("finished", {"FAKE_STATE": "", "FAKE_CREATE_RC": "1"}, 75),  # no capacity
+  ],
+)
+def test_tpu_vm_all_ends_with_a_status_a_retry_loop_can_use(tmp_path, trainer, env, status):
+  """`all` ended only when killed (`tail -F` forever), so `until all; do ...; done` never
+  ended. Now it returns once the trainer has exited: 0 done, 75 worth retrying, else failed.
+  `logs` alone exits with the trainer's own status."""
+  home, slice_env = fake_slice(tmp_path)
+  env = {**slice_env, "FAKE_TRAINER": trainer, **env}
+  result = run("tpu_vm.sh", "all", "--config.train.steps=9", env=env, check=False)
+  assert result.returncode == status, result.stderr
+  if "FAKE_CREATE_RC" in env:
+    return
+  trainer_pid = int((home / "coca_train.pid").read_text())
+  if "FAKE_LOGS_RC" not in env:
+    assert "trainer -m coca_jax.train --config=configs/base.py" in result.stdout
+    assert "--config.train.steps=9" in result.stdout
+  wait_for(lambda: not Path(f"/proc/{trainer_pid}").exists())
+  env.pop("FAKE_LOGS_RC", None)  # connected again
+  logs = run("tpu_vm.sh", "logs", env=env, check=False)
+  assert logs.returncode == {"error": 3}.get(trainer, 0), logs.stderr
+  assert "trainer -m coca_jax.train" in logs.stdout
+
+
+def test_tpu_vm_stop_waits_and_all_then_exits_0(tmp_path):
+  """`stop` returned right after SIGTERM, so `stop && train` found the old trainer alive
+  and started nothing; now it returns once the trainer has exited (checkpoint written)
+  and leaves a marker, so that `all` following the log does not take the exit for a
+  preemption."""
+  home, env = fake_slice(tmp_path)
+  env = {**env, "FAKE_TRAINER": "sigterm"}
+  clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
+  all_ = subprocess.Popen(
+    ["bash", str(LAUNCH / "tpu_vm.sh"), "all"],
+    env={**clean, **env},
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  pid_file = home / "coca_train.pid"
+  try:
+    wait_for((home / "trainer_ready").exists)  # its SIGTERM trap in place
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip())
+    trainer_pid = int(pid_file.read_text())
+    stop = run("tpu_vm.sh", "stop", env=env)
+    assert not Path(f"/proc/{trainer_pid}").exists(), "stop returned, the trainer still running"
+    assert "exited" in stop.stdout
+    assert not pid_file.exists() and (home / "coca_train.stopped").exists()
+    out, err = all_.communicate(timeout=30)
+    assert all_.returncode == 0, err
+    assert "preempted: checkpoint at step 7" in out
+  finally:
+    all_.kill()
+    all_.wait()
+    if pid_file.exists():
+      subprocess.run(["kill", pid_file.read_text().strip()], check=False)
+
+
+def test_tpu_vm_stop_gives_up_after_stop_timeout(tmp_path):
+  (stop,) = commands(
+    run("tpu_vm.sh", "--dry-run", "stop", env={**TPU_ENV, "STOP_TIMEOUT": "1"}).stdout
+  )
+  home = tmp_path / "home"
+  home.mkdir()
+  ready = tmp_path / "ready"
+  trainer = fake_trainer(
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    f"open({str(ready)!r}, 'w').close(); time.sleep(60)"
+  )
+  try:
+    wait_for(ready.exists)
+    (home / "coca_train.pid").write_text(f"{trainer.pid}\n")
+    result = on_worker(flag(stop, "--command"), home)
+    assert result.returncode != 0 and "STOP_TIMEOUT" in result.stderr
+    assert trainer.poll() is None
+  finally:
+    trainer.kill()
+    trainer.wait()
+
+
+def test_tpu_vm_a_stale_pid_file_is_not_a_trainer(tmp_path):
+  """After a reboot ~/coca_train.pid can name some other process: train must not take it
+  for a trainer (and leave it alone), it starts one."""
+  home, _ = fake_slice(tmp_path)
+  (train,) = commands(run("tpu_vm.sh", "--dry-run", "train", env=TPU_ENV).stdout)
+  other = subprocess.Popen(["sleep", "60"])
+  try:
+    (home / "coca_train.pid").write_text(f"{other.pid}\n")
+    result = on_worker(flag(train, "--command"), home, FAKE_TRAINER="finished")
+    assert result.returncode == 0, result.stderr
+    assert "started pid" in result.stdout
+    assert int((home / "coca_train.pid").read_text()) != other.pid
+    wait_for(lambda: (home / "coca_train.rc").exists())
+    assert other.poll() is None
+  finally:
+    other.kill()
+    other.wait()
 
 
 def trainer_args(argv: list[str]) -> list[str]:
@@ -305,15 +574,17 @@ def test_gpu_one_process_per_node():
   assert (flag(args, "--num_processes"), flag(args, "--process_id")) == ("2", "0")
 
 
-def test_gpu_rejects_missing_master_addr():
-  result = run(
-    "gpu_multinode.sh",
-    "--dry-run",
-    "--workdir=/w",
-    env=dict(NNODES="2", NODE_RANK="1"),
-    check=False,
-  )
-  assert result.returncode != 0 and "MASTER_ADDR" in result.stderr
+@pytest.mark.parametrize(
+  "env, missing",
+  [
+    (dict(NNODES="2", NODE_RANK="1"), "MASTER_ADDR"),
+    # Two nodes both defaulting to NODE_RANK=0 claimed the same process ids.
+    (dict(NNODES="2", MASTER_ADDR="node0"), "NODE_RANK"),
+  ],
+)
+def test_gpu_several_nodes_need_master_addr_and_node_rank(env, missing):
+  result = run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=env, check=False)
+  assert result.returncode != 0 and missing in result.stderr
 
 
 def test_gpu_task_mode_execs_trainer(tmp_path):
@@ -377,3 +648,81 @@ def test_local_dry_run():
     run("local.sh", "--dry-run", env=dict(PYTHON="python3", WORKDIR="/tmp/elsewhere")).stdout
   )
   assert "--workdir=/tmp/elsewhere" in argv
+
+
+def test_gpu_rejects_too_few_visible_gpus():
+  env = dict(NPROC_PER_NODE="4", CUDA_VISIBLE_DEVICES="2,3")
+  result = run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=env, check=False)
+  assert result.returncode != 0 and "CUDA_VISIBLE_DEVICES" in result.stderr
+  env["CUDA_VISIBLE_DEVICES"] = "2,3,5,7"
+  cmds = commands(run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=env).stdout)
+  assert [argv[0] for argv in cmds] == [f"CUDA_VISIBLE_DEVICES={g}" for g in (2, 3, 5, 7)]
+
+
+def test_gpu_rejects_nnodes_inside_a_slurm_job():
+  env = dict(SLURM_JOB_ID="42", SLURM_JOB_NODELIST="gpu-01,gpu-02", NNODES="2")
+  result = run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=env, check=False)
+  assert result.returncode != 0
+  assert "SLURM_JOB_ID" in result.stderr and "NNODES" in result.stderr
+
+
+def test_gpu_one_process_runs_without_a_coordinator():
+  """A lone process needs no jax.distributed; its coordinator's port made two single-GPU
+  runs on one machine collide."""
+  (argv,) = commands(run("gpu_multinode.sh", "--dry-run", "--workdir=/w").stdout)
+  assert trainer_args(argv) == ["--config=configs/base.py", "--workdir=/w"]
+  two = commands(
+    run("gpu_multinode.sh", "--dry-run", "--workdir=/w", env=dict(NPROC_PER_NODE="2")).stdout
+  )
+  assert all(flag(trainer_args(argv), "--num_processes") == "2" for argv in two)
+
+
+def local_copy(tmp_path: Path) -> Path:
+  """launch/local.sh and common.sh in an empty repository folder, whose .venv the test makes."""
+  (tmp_path / "repo" / "launch").mkdir(parents=True)
+  for name in ("local.sh", "common.sh"):
+    shutil.copy(LAUNCH / name, tmp_path / "repo" / "launch" / name)
+  return tmp_path / "repo" / "launch" / "local.sh"
+
+
+def test_local_repairs_a_half_made_venv(tmp_path):
+  """A .venv/bin/python without coca_jax (an interrupted install) was taken for a ready
+  .venv, and the trainer then failed on every run."""
+  script = local_copy(tmp_path)
+  python = tmp_path / "repo" / ".venv" / "bin" / "python"
+  python.parent.mkdir(parents=True)
+  # A Python, but without coca_jax: this one with no site-packages.
+  python.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+  python.chmod(0o755)
+  clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
+  result = subprocess.run(
+    ["bash", str(script), "--dry-run"], env=clean, capture_output=True, text=True, timeout=30
+  )
+  assert result.returncode == 0, result.stderr
+  setup, install, train = commands(result.stdout)
+  assert setup[1:] == ["-m", "venv", ".venv"] and install[:4] == [
+    ".venv/bin/python",
+    "-m",
+    "pip",
+    "install",
+  ]
+  assert train[0] == str(python)
+
+
+def test_local_needs_python_3_11(tmp_path):
+  script = local_copy(tmp_path)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  os.symlink(shutil.which("dirname"), bin_dir / "dirname")
+  old = bin_dir / "python3"  # a python3 older than 3.11, and no python3.11
+  old.write_text("#!/bin/sh\nexit 1\n")
+  old.chmod(0o755)
+  clean = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
+  result = subprocess.run(
+    [shutil.which("bash"), str(script), "--dry-run"],
+    env={**clean, "PATH": str(bin_dir)},
+    capture_output=True,
+    text=True,
+    timeout=30,
+  )
+  assert result.returncode != 0 and "Python 3.11" in result.stderr
