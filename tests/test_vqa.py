@@ -113,6 +113,19 @@ def test_other_answer_counts_use_the_plain_formula():
   assert vqa_eval.answer_score("cat", ["cat"] * 2 + ["dog"] * 7) == pytest.approx(2 / 3)
 
 
+def test_one_or_two_reference_answers_give_full_credit_when_all_agree():
+  """Single-reference data (GQA-style): / 3 capped a correct answer at 1/3, in the metric
+  and in the training targets."""
+  assert vqa_eval.answer_score("cat", ["cat"]) == 1.0
+  assert vqa_eval.answer_score("dog", ["cat"]) == 0.0
+  assert vqa_eval.answer_score("cat", ["cat", "cat"]) == 1.0
+  assert vqa_eval.answer_score("cat", ["cat", "dog"]) == pytest.approx(0.5)
+  np.testing.assert_allclose(
+    answers_lib.answer_scores([["cat"], ["cat", "dog"]], ["cat", "dog"]),
+    [[1.0, 0.0], [0.5, 0.5]],
+  )
+
+
 def test_training_targets_equal_the_evaluation_credit():
   ten = ["two", "2", "a dog", "dog", "dog.", "Dog", "cat", "yes", "yes", "no"]
   vocabulary = ["2", "dog", "cat", "yes", "no", "bird"]
@@ -415,19 +428,26 @@ def test_the_run_fills_in_its_answer_vocabulary_and_an_export_keeps_its_own(
     vqa.answer_vocabulary(resolved.data, 3)
 
 
-def test_the_vqa_source_and_the_vqa_head_go_together():
+@pytest.mark.parametrize(
+  "section, key, head", [("vqa", "num_answers", "VQA"), ("video", "num_classes", "video")]
+)
+def test_a_task_source_and_its_head_go_together(section, key, head):
   """Without the head the VQA source trained no VQA loss (found at the final eval); the
-  head on another source failed at trace time on a missing answer_scores."""
+  VQA head on another source failed at trace time on a missing answer_scores; a video head
+  on another source was exported and evaluated untrained; the video source without its
+  head failed only when the train step was traced."""
   from coca_jax.data import loader
   from configs import tiny
 
   config = tiny.get_config()
-  config.model.vqa.num_answers = 4
-  with pytest.raises(ValueError, match="num_answers=4 adds a VQA head.*the source is 'mixture'"):
+  config.model[section][key] = 4
+  with pytest.raises(ValueError, match=f"{key}=4 adds a {head} head.*the source is 'mixture'"):
     loader.resolve(config)
-  config.model.vqa.num_answers = 0
-  config.data.source = "vqa"
-  with pytest.raises(ValueError, match="source='vqa' needs config.model.vqa.num_answers > 0"):
+  config.model[section][key] = 0
+  config.data.source = section
+  with pytest.raises(
+    ValueError, match=f"source='{section}' needs config.model.{section}.{key} > 0"
+  ):
     loader.resolve(config)
 
 

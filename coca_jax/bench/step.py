@@ -274,7 +274,7 @@ def main(argv=None):
     config.update_from_flattened_dict({k: v for k, v in BASE_WIDTH.items() if k not in skipped})
   if args.batch is not None:
     config.data.global_batch_size = args.batch
-  loader.check_vqa_head(config)  # the trainer's check (loader.resolve would build demo data)
+  loader.check_heads(config)  # the trainer's check (loader.resolve would build demo data)
   result = run(config, steps=args.steps, warmup=args.warmup, trace_dir=args.trace)
   print(table(result))
   if "top_ops" in result:

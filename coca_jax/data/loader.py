@@ -32,7 +32,7 @@ def resolve(config):
   The trainer also calls `check_files`, which reads the data."""
   if config.data.source not in SOURCES:
     raise ValueError(f"config.data.source={config.data.source!r}; expected one of {SOURCES}")
-  check_vqa_head(config)
+  check_heads(config)
   config = copy.deepcopy(config)
   if config.data.source == "synthetic":
     return config
@@ -47,7 +47,7 @@ def resolve(config):
     f"config.model.text.{name}": getattr(contract, name) for name in ("bos_id", "eos_id", "pad_id")
   }
   vocab.check_fits(data.vocab_path, config.model.text.vocab_size, special_ids)
-  if data.source == "vqa" and not data.vqa.get("answers"):  # the head exists: check_vqa_head
+  if data.source == "vqa" and not data.vqa.get("answers"):  # the head exists: check_heads
     from coca_jax.data import vqa
 
     data.vqa.answers = tuple(vqa.answer_vocabulary(data, config.model.vqa.num_answers))
@@ -161,21 +161,28 @@ def _check_file(pattern, where, split, features, usable, needs) -> None:
   )
 
 
-def check_vqa_head(config) -> None:
-  """The VQA source needs the VQA head (its loss), and the head needs the source (the
-  answer_scores it trains on)."""
-  answers = config.model.get("vqa", {}).get("num_answers", 0)
-  if config.data.source == "vqa" and answers <= 0:
-    raise ValueError(
-      f"config.data.source='vqa' needs config.model.vqa.num_answers > 0 (it is {answers}): "
-      "without the head no VQA loss is trained"
-    )
-  if answers > 0 and config.data.source != "vqa":
-    raise ValueError(
-      f"config.model.vqa.num_answers={answers} adds a VQA head, which trains on "
-      f"config.data.source='vqa' batches (answer scores); the source is "
-      f"{config.data.source!r}"
-    )
+# The task heads and the sources whose batches train them: (config.model section, its
+# size key, the head's name in messages, config.data.source).
+HEADS = (("vqa", "num_answers", "VQA", "vqa"), ("video", "num_classes", "video", "video"))
+
+
+def check_heads(config) -> None:
+  """The VQA and video sources need their heads (their losses), and each head needs its
+  source: on other batches it would get no gradient, and its random weights would be
+  exported and evaluated as if trained (the VQA head failed at trace time, on a missing
+  answer_scores)."""
+  for section, key, head, source in HEADS:
+    size = config.model.get(section, {}).get(key, 0)
+    if config.data.source == source and size <= 0:
+      raise ValueError(
+        f"config.data.source={source!r} needs config.model.{section}.{key} > 0 (it is "
+        f"{size}): without the head no {head} loss is trained"
+      )
+    if size > 0 and config.data.source != source:
+      raise ValueError(
+        f"config.model.{section}.{key}={size} adds a {head} head, which trains on "
+        f"config.data.source={source!r} batches; the source is {config.data.source!r}"
+      )
 
 
 def host_batches(config, mesh, split: str, start_step: int = 0) -> Iterator[dict]:
