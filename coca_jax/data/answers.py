@@ -11,7 +11,8 @@ A question's answers hold one string per human annotator. Strings are compared a
 credit of an answer that k of the n annotators gave (`vqa_score`): with n = 10, as in VQA
 v1/v2, the official mean over the 10 leave-one-annotator-out subsets of min(matches among
 the other 9 / 3, 1), i.e. 0, 0.3, 0.6, 0.9, 1 for k = 0, 1, 2, 3, >= 4; with any other n
-(the demo set has 3 or 4) the plain min(k / 3, 1), as the official rule is defined for 10.
+(the demo set has 3 or 4) the plain min(k / 3, 1), as the official rule is defined for 10;
+with n = 1 or 2, min(k / n, 1) (a correct single reference is full credit).
 """
 
 import collections
@@ -117,9 +118,11 @@ def vqa_score(matches: int, num_answers: int) -> float:
   agree with. 10 answers: the official mean over the 10 leave-one-annotator-out subsets of
   min(matches among the other 9 / 3, 1) (an agreeing annotator left out leaves
   matches - 1, any other leaves matches): 0, 0.3, 0.6, 0.9, 1.0 for 0..>=4 matches. Any
-  other number of answers (the demo's 3 or 4): the plain min(matches / 3, 1)."""
+  other number of answers (the demo's 3 or 4): the plain min(matches / 3, 1); fewer than
+  3 (one reference answer, as in GQA-style data): full credit takes all of them,
+  min(matches / num_answers, 1), where / 3 would cap a correct answer at 1/3 or 2/3."""
   if num_answers != LEAVE_ONE_OUT_ANSWERS:
-    return min(matches / 3.0, 1.0)
+    return min(matches / min(3.0, num_answers), 1.0) if num_answers else 0.0
   left_out_agreeing = matches * min((matches - 1) / 3.0, 1.0) if matches else 0.0
   left_out_other = (num_answers - matches) * min(matches / 3.0, 1.0)
   return (left_out_agreeing + left_out_other) / num_answers

@@ -9,7 +9,8 @@ credit of a prediction that k annotators gave is `coca_jax.data.answers.vqa_scor
 human answers (VQA v1/v2) the official mean over the 10 leave-one-annotator-out subsets of
 min(k' / 3, 1), k' the matches among the other 9 (k = 1, 2, 3, >= 4 -> 0.3, 0.6, 0.9, 1);
 with any other number (the demo set has 3 or 4) the plain min(k / 3, 1), since the official
-rule is defined for 10. Training targets (`answer_scores`) use the same credit.
+rule is defined for 10, and min(k / n, 1) for n = 1 or 2 human answers. Training targets
+(`answer_scores`) use the same credit.
 
 A question without human answers (none left after the answer processing: files without
 annotations, such as VQA v2 test-dev, or answers like "?" or "the") has no accuracy: the
@@ -33,7 +34,7 @@ def answer_score(prediction: str, answers: Sequence[str]) -> float:
   """The VQA accuracy of `prediction` against one question's human `answers` (one per
   annotator), both normalised: with exactly 10 answers the official leave-one-annotator-out
   mean (1, 2, 3, >= 4 matching -> 0.3, 0.6, 0.9, 1.0), otherwise the plain
-  min(#matching / 3, 1) (`coca_jax.data.answers.vqa_score`)."""
+  min(#matching / min(3, #answers), 1) (`coca_jax.data.answers.vqa_score`)."""
   prediction = normalize_answer(prediction)
   if not prediction:  # nothing left to match ("?" matching a "?" is no answer)
     return 0.0
