@@ -29,8 +29,9 @@
 #   delete   delete the slice (the gs:// workdir is kept)
 #   all      create, setup, train, logs. Exit status: 0 the run finished or was stopped with
 #            `stop`; 75 (EX_TEMPFAIL) worth retrying: the trainer was preempted, the ssh
-#            connection or log stream was lost, or `create` failed (no capacity); any other
-#            status is a failure that retrying will not fix (trainer error, setup failure)
+#            connection or log stream was lost, `create` failed (no capacity), or the slice
+#            was preempted during setup or train; any other status is a failure that
+#            retrying will not fix (trainer error, setup failure on a live slice)
 #
 # Options (each also read from the environment variable in brackets)
 #   --project=P            [PROJECT, else gcloud's configured project]
@@ -213,7 +214,10 @@ cmd_create() {
 }
 
 ARCHIVE_DIR=""  # setup's temporary archive folder, removed on exit
-trap '[[ -z "$ARCHIVE_DIR" ]] || rm -rf "$ARCHIVE_DIR"' EXIT
+remove_archive() {
+  [[ -z "$ARCHIVE_DIR" ]] || rm -rf "$ARCHIVE_DIR"
+}
+trap remove_archive EXIT
 
 cmd_setup() {
   # A folder of this launch's own (mktemp): two launches at once (two slices) each ship
@@ -330,6 +334,47 @@ cmd_delete() {
   tpu delete "$TPU_NAME" "${GCLOUD_FLAGS[@]}" --quiet
 }
 
+# Sets OUTCOME, `all`'s exit status for a step (setup, train, logs) that ended with
+# `status`: 75 (worth retrying) when the connection or the slice went away under it, i.e.
+# ssh's own 255, or any failure while the slice is no longer READY (preempted mid-step);
+# otherwise `status` itself.
+judge() {
+  local status="$1" step="$2"
+  OUTCOME="$status"
+  case "$status" in
+    0 | "$EX_TEMPFAIL") ;;
+    255)
+      echo "$LAUNCH_NAME: lost the ssh connection to $TPU_NAME during $step: exit $EX_TEMPFAIL, worth retrying (training goes on if the slice is up; \`all\` again follows it)" >&2
+      OUTCOME="$EX_TEMPFAIL"
+      ;;
+    *)
+      # gcloud's own failures (1) look like the step's: a slice no longer READY means the
+      # connection went with it (preemption), not a failure of the step.
+      read_slice_state
+      if [[ "$STATE" != READY ]]; then
+        echo "$LAUNCH_NAME: $step ended with status $status and TPU VM $TPU_NAME is ${STATE:-gone}: exit $EX_TEMPFAIL, worth retrying" >&2
+        OUTCOME="$EX_TEMPFAIL"
+      fi
+      ;;
+  esac
+}
+
+# Runs one step of `all` (a function) and sets OUTCOME (`judge`). The step runs in a
+# subshell with errexit on: called as `step || ...`, bash would ignore set -e inside it
+# and go on after a failed command.
+run_step() {
+  local status=0
+  set +e
+  (
+    set -e
+    trap remove_archive EXIT  # a subshell does not inherit the trap
+    "$@"
+  )
+  status=$?
+  set -e
+  judge "$status" "${1#cmd_}"
+}
+
 # `all`: create, setup, train, logs, with an exit status a retry loop can act on (see -h).
 cmd_all() {
   # Check what train needs before spending money on a slice.
@@ -340,27 +385,13 @@ cmd_all() {
     echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME (no capacity?): exit $EX_TEMPFAIL, worth retrying" >&2
     exit "$EX_TEMPFAIL"
   fi
-  cmd_setup
-  cmd_train
-  local status=0
-  cmd_logs outcome || status=$?
-  case "$status" in
-    0 | "$EX_TEMPFAIL") ;;
-    255)
-      echo "$LAUNCH_NAME: lost the ssh connection to $TPU_NAME: exit $EX_TEMPFAIL, worth retrying (training goes on if the slice is up; \`all\` again follows it)" >&2
-      status="$EX_TEMPFAIL"
-      ;;
-    *)
-      # gcloud's own failures (1) look like a trainer's: a slice no longer READY means
-      # the connection went with it (preemption), not a trainer error.
-      read_slice_state
-      if [[ "$STATE" != READY ]]; then
-        echo "$LAUNCH_NAME: the log stream ended (status $status) and TPU VM $TPU_NAME is ${STATE:-gone}: exit $EX_TEMPFAIL, worth retrying" >&2
-        status="$EX_TEMPFAIL"
-      fi
-      ;;
-  esac
-  exit "$status"
+  local step
+  for step in cmd_setup cmd_train; do
+    run_step "$step"
+    ((OUTCOME == 0)) || exit "$OUTCOME"
+  done
+  run_step cmd_logs outcome
+  exit "$OUTCOME"
 }
 
 case "$SUBCOMMAND" in

@@ -149,7 +149,7 @@ case "$4" in
   scp) echo "$5" >>{tmp}/archives.log; cp "$5" {tmp}/shipped.tar.gz ;;
   ssh)
     for arg; do case "$arg" in --command=*) command="${{arg#--command=}}" ;; esac; done
-    case "$command" in *"pip install"*) exit 0 ;; esac
+    case "$command" in *"pip install"*) exit "${{FAKE_SETUP_RC:-0}}" ;; esac
     case "$command" in *"tail "*) [ -z "${{FAKE_LOGS_RC:-}}" ] || exit "$FAKE_LOGS_RC" ;; esac
     HOME={home} exec bash -c "$command" ;;
 esac
@@ -398,6 +398,9 @@ def test_tpu_vm_create_replaces_only_a_preempted_or_terminated_slice(tmp_path, s
     ("error", {}, 3),  # the trainer's own failure: not retried
     ("finished", {"FAKE_LOGS_RC": "255"}, 75),  # the ssh connection dropped
     ("finished", {"FAKE_STATE": "", "FAKE_CREATE_RC": "1"}, 75),  # no capacity
+    ("finished", {"FAKE_SETUP_RC": "1"}, 1),  # setup failed on a live slice: not retried
+    # setup's ssh failed because the slice was preempted under it: retried
+    ("finished", {"FAKE_SETUP_RC": "1", "FAKE_STATE": "PREEMPTED"}, 75),
   ],
 )
 def test_tpu_vm_all_ends_with_a_status_a_retry_loop_can_use(tmp_path, trainer, env, status):
@@ -408,7 +411,8 @@ def test_tpu_vm_all_ends_with_a_status_a_retry_loop_can_use(tmp_path, trainer, e
   env = {**slice_env, "FAKE_TRAINER": trainer, **env}
   result = run("tpu_vm.sh", "all", "--config.train.steps=9", env=env, check=False)
   assert result.returncode == status, result.stderr
-  if "FAKE_CREATE_RC" in env:
+  if "FAKE_CREATE_RC" in env or "FAKE_SETUP_RC" in env:
+    assert not (home / "coca_train.pid").exists()  # no trainer was started
     return
   trainer_pid = int((home / "coca_train.pid").read_text())
   if "FAKE_LOGS_RC" not in env:
