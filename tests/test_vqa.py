@@ -32,9 +32,9 @@ def test_soft_accuracy_hand_cases():
   # (1 + 2/3 + 1 + 0) / 4
   got = vqa_eval.soft_accuracy(["sneaker", "red", "cat", "zebra"], answers)
   assert got == pytest.approx((1 + 2 / 3 + 1 + 0) / 4)
-  # (1/3 + 1/3 + 0 + 1/3) / 4
+  # (1/3 + 1/3 + 0 + 1/2) / 4: with two answers one agreeing is half (min(k / n, 1))
   got = vqa_eval.soft_accuracy(["footwear", "blue", "dog", "b"], answers)
-  assert got == pytest.approx(1 / 4)
+  assert got == pytest.approx(7 / 24)
   assert vqa_eval.majority_baseline("red", answers) == pytest.approx((2 / 3) / 4)
 
 
@@ -148,7 +148,7 @@ def test_question_prior_baseline_and_vocabulary():
   got = vqa_eval.question_prior_baseline(
     train_q, train_a, ["what?", "which?", "new?"], [["x"] * 3, ["z"], ["q"]]
   )
-  assert got == pytest.approx((1 + 1 / 3 + 0) / 3)
+  assert got == pytest.approx((1 + 1 + 0) / 3)  # "z" is the one answer of "which?": 1
   scores = answers_lib.answer_scores([["x", "x", "y", "w"], ["z"] * 4], ["x", "z", "y"])
   np.testing.assert_allclose(scores, [[2 / 3, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
 
@@ -200,7 +200,7 @@ def test_questions_without_answers_are_left_out_and_counted(monkeypatch, caplog)
   )
   train_q, train_a = ["what?", "which?", "which?"], [["red"] * 2, ["dog"], ["dog"]]
   with caplog.at_level("WARNING"):
-    got = vqa_eval.evaluate(None, [eval_set], vocabulary, train_q, train_a)
+    got = vqa_eval.evaluate(None, [eval_set], vocabulary, (train_q, train_a))
   assert got == pytest.approx(
     dict(
       accuracy=(2 / 3 + 2 / 3) / 2,
@@ -218,16 +218,23 @@ def test_questions_without_answers_are_left_out_and_counted(monkeypatch, caplog)
   # no answered question is left out whole, the counts add up.
   seen.clear()
   parts = [vqa_eval._subset(eval_set, rows) for rows in ([0, 1], [3], [2])]
-  assert vqa_eval.evaluate(None, parts, vocabulary, train_q, train_a) == pytest.approx(got)
+  assert vqa_eval.evaluate(None, parts, vocabulary, (train_q, train_a)) == pytest.approx(got)
   assert [images[:, 0, 0, 0].tolist() for images in seen] == [[0], [1]]
 
   # Every question answered: nothing left out, nothing logged.
   caplog.clear()
   answered = _eval_set([0, 1], ["what?", "which?"], [["red"] * 3, ["cat"]])
-  got = vqa_eval.evaluate(None, [answered], vocabulary, train_q, train_a)
+  got = vqa_eval.evaluate(None, [answered], vocabulary, (train_q, train_a))
   assert got["accuracy"] == pytest.approx((1 + 0) / 2)
   assert (got["examples"], got["unscored_examples"]) == (2.0, 0.0)
   assert not [r for r in caplog.records if "unscored" in r.getMessage()]
+
+  # Without the training files (an export evaluated elsewhere): the accuracy alone.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    alone = vqa_eval.evaluate(None, [answered], vocabulary)
+  assert alone == pytest.approx(dict(accuracy=0.5, examples=2.0, unscored_examples=0.0))
+  assert any("baselines" in r.getMessage() for r in caplog.records)
 
 
 def test_an_eval_set_without_any_answer_is_an_error_naming_its_files(monkeypatch):
@@ -239,7 +246,7 @@ def test_an_eval_set_without_any_answer_is_an_error_naming_its_files(monkeypatch
     match=r"config.data.vqa.eval_files='eval.tfrecord': none of its 2 questions read has an "
     r"answer.*VQA accuracy is undefined",
   ):
-    vqa_eval.evaluate(None, [eval_set], ["red"], ["what?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], ["red"], (["what?"], [["red"]]))
 
 
 def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(monkeypatch):
@@ -251,11 +258,11 @@ def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(mo
   _fake_predictions(monkeypatch)
   eval_set = _eval_set([0], ["what?"], [["red"] * 3])
   with pytest.raises(ValueError, match=r"answer vocabulary is empty.*config.model.vqa.num_answers"):
-    vqa_eval.evaluate(None, [eval_set], [], ["what?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], [], (["what?"], [["red"]]))
   placeholders = answers_lib.answer_vocabulary([], 2)  # what no training answers give
   for train_a in ([], [[]], [["", "  "]]):
     with pytest.raises(ValueError, match=r"no training answers.*config.data.vqa.files"):
-      vqa_eval.evaluate(None, [eval_set], placeholders, ["what?"] * len(train_a), train_a)
+      vqa_eval.evaluate(None, [eval_set], placeholders, (["what?"] * len(train_a), train_a))
   with pytest.raises(ValueError, match="no training answers"):
     vqa_eval.question_prior_baseline([], [], ["what?"], [["red"]])
 
@@ -426,6 +433,15 @@ def test_the_run_fills_in_its_answer_vocabulary_and_an_export_keeps_its_own(
   assert vqa.answer_vocabulary(resolved.data, 4) == list(kept)
   with pytest.raises(ValueError, match=r"holds 4 answers but config.model.vqa.num_answers=3"):
     vqa.answer_vocabulary(resolved.data, 3)
+  # The training files gone (an export evaluated elsewhere): its own vocabulary serves,
+  # the baselines' training answers are None; without a stored vocabulary, an error.
+  assert vqa.train_questions_and_answers(resolved.data) is not None
+  resolved.data.vqa.files = str(tmp_path / "moved" / "*.tfrecord")
+  assert vqa.train_questions_and_answers(resolved.data) is None
+  assert vqa.answer_vocabulary(resolved.data, 4) == list(kept)
+  resolved.data.vqa.answers = ()
+  with pytest.raises(ValueError, match=r"config.data.vqa.files='.*moved.*' matches no"):
+    vqa.answer_vocabulary(resolved.data, 4)
 
 
 @pytest.mark.parametrize(
@@ -616,4 +632,4 @@ def test_vqa_eval_files_without_answers_name_their_key(tmp_path, sentencepiece_m
   with pytest.raises(
     ValueError, match=f"eval_files='{unannotated}': none of its 2 questions read has an answer"
   ):
-    vqa_eval.evaluate(None, [eval_set], ["red"], ["what is this?"], [["red"]])
+    vqa_eval.evaluate(None, [eval_set], ["red"], (["what is this?"], [["red"]]))

@@ -209,9 +209,11 @@ def _train_answers(pattern: str):
   return read_answers(pattern)
 
 
-def train_questions_and_answers(data_config) -> tuple[list[str], list[list[str]]]:
-  """(questions, answers) of the training files."""
-  return _train_answers(files(data_config)["train"])
+def train_questions_and_answers(data_config) -> tuple[list[str], list[list[str]]] | None:
+  """(questions, answers) of the training files; None when no file matches the pattern
+  (an export evaluated away from its training data)."""
+  pattern = files(data_config)["train"]
+  return _train_answers(pattern) if tf.io.gfile.glob(pattern) else None
 
 
 def answer_vocabulary(data_config, num_answers: int) -> list[str]:
@@ -226,8 +228,14 @@ def answer_vocabulary(data_config, num_answers: int) -> list[str]:
         f"num_answers={num_answers}: the head's classes are these answers, in order"
       )
     return stored
-  _, answers = train_questions_and_answers(data_config)
-  return vqa_answers.answer_vocabulary(answers, num_answers)
+  train = train_questions_and_answers(data_config)
+  if train is None:
+    raise ValueError(  # as loader.check_files says it
+      f"the VQA answer vocabulary comes from the training files, and "
+      f"config.data.vqa.files={data_config.vqa.files!r} matches no file (the config stores "
+      "no vocabulary in config.data.vqa.answers)"
+    )
+  return vqa_answers.answer_vocabulary(train[1], num_answers)
 
 
 # ---- seqio ----

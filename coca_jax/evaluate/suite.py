@@ -220,13 +220,11 @@ def _vqa_eval(predictor: predict.Predictor, config) -> dict:
   from coca_jax.data import loader, vqa  # TensorFlow: only when this eval runs
 
   config = loader.resolve(config)
-  train_questions, train_answers = vqa.train_questions_and_answers(config.data)
   return vqa_eval.evaluate(
     predictor,
     vqa.eval_sets(config),
     vqa.answer_vocabulary(config.data, config.model.vqa.num_answers),
-    train_questions,
-    train_answers,
+    vqa.train_questions_and_answers(config.data),
   )
 
 

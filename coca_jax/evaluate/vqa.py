@@ -122,21 +122,28 @@ def _subset(eval_set: dict, keep: list[int]) -> dict:
   )
 
 
-def evaluate(
-  predictor, eval_sets: Iterable[dict], vocabulary, train_questions, train_answers
-) -> dict:
+def evaluate(predictor, eval_sets: Iterable[dict], vocabulary, train=None) -> dict:
   """The model's soft accuracy on `eval_sets` (coca_jax.data.vqa.eval_sets: the eval split
-  in parts, predicted one part at a time) beside two image-blind baselines from the
-  training answers: the majority answer, and the most frequent answer of each question
-  string. Questions without answers (`has_answers`) are left out of all three (their
-  accuracy is undefined), counted in `unscored_examples` and logged; `examples` counts
-  the scored ones. A ValueError naming the eval files when no question has answers."""
+  in parts, predicted one part at a time) beside two image-blind baselines from `train`,
+  the training (questions, answers): the majority answer, and the most frequent answer of
+  each question string (without `train`, e.g. an export evaluated away from its training
+  files, the accuracy alone, with a warning). Questions without answers (`has_answers`)
+  are left out of all three (their accuracy is undefined), counted in
+  `unscored_examples` and logged; `examples` counts the scored ones. A ValueError naming
+  the eval files when no question has answers."""
   if not len(vocabulary):
     raise ValueError(
       "the VQA answer vocabulary is empty: the head scores the top "
       "config.model.vqa.num_answers (> 0) answers of the training files, config.data.vqa.files"
     )
-  majority = most_frequent_answer(train_answers)
+  if train is None:
+    logging.warning(
+      "VQA eval: no training files (config.data.vqa.files): the image-blind baselines "
+      "(vqa/majority_baseline, vqa/question_prior_baseline) are skipped"
+    )
+  else:
+    train_questions, train_answers = train
+    majority = most_frequent_answer(train_answers)
   predictions, questions, answers = [], [], []
   read, where = 0, "the VQA eval set"
   for part in eval_sets:
@@ -165,12 +172,14 @@ def evaluate(
       where,
       why,
     )
-  return dict(
+  result = dict(
     accuracy=soft_accuracy(predictions, answers),
-    majority_baseline=majority_baseline(majority, answers),
-    question_prior_baseline=question_prior_baseline(
-      train_questions, train_answers, questions, answers
-    ),
     examples=float(len(predictions)),
     unscored_examples=float(read - len(answers)),
   )
+  if train is not None:
+    result["majority_baseline"] = majority_baseline(majority, answers)
+    result["question_prior_baseline"] = question_prior_baseline(
+      train_questions, train_answers, questions, answers
+    )
+  return result
