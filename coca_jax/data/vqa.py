@@ -140,11 +140,9 @@ def demo_paths(data_config) -> dict[str, str]:
 def build_demo(data_config) -> dict[str, str]:
   """Writes the demo VQA TFRecords (idempotent); returns {split: path}."""
   paths = demo_paths(data_config)
-  for split, path in paths.items():
-    if os.path.exists(path):
-      continue
-    with prepare.exclusive(os.path.dirname(path)):
-      if os.path.exists(path):  # built while this process waited
+  with prepare.exclusive(os.path.dirname(paths["train"])):  # the splits' one folder
+    for split, path in paths.items():
+      if os.path.exists(path):
         continue
       staging = path + ".tmp"
       with tf.io.TFRecordWriter(staging) as writer:
