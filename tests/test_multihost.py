@@ -190,12 +190,17 @@ def test_sigterm_to_one_process_checkpoints_the_same_step_on_both(tmp_path):
     assert f"resumed from checkpoint step {saved[0]}" in err
 
 
-# `python -c FAILING_DATA_ON_PROCESS_1 FLAGS...` runs the trainer with process 1's input
-# pipeline failing at its seventh training batch (a corrupt record in its shard).
+# `python -c FAILING_DATA_ON_PROCESS_1 FLAGS...` runs the trainer on the interleaved mesh
+# (tests/interleaved_train.py) with process 1's input pipeline failing at its seventh
+# training batch (a corrupt record in its shard).
 FAILING_DATA_ON_PROCESS_1 = """
 import runpy, sys
 import jax
+sys.path.insert(0, "tests")
+import interleaved_train
+from coca_jax import sharding
 from coca_jax.data import loader
+sharding.make_mesh = interleaved_train.make_interleaved_mesh
 host_batches = loader.host_batches
 def failing(config, mesh, split, start_step=0):
   for i, batch in enumerate(host_batches(config, mesh, split, start_step)):
@@ -211,11 +216,13 @@ runpy.run_module("coca_jax.train", run_name="__main__", alter_sys=True)
 def test_an_error_on_one_process_stops_both_at_once(tmp_path):
   """Process 0 waits in the step's collective for process 1's batch; process 1's normal
   exit waited 5 minutes at jax.distributed's shutdown barrier for it, then aborted
-  both."""
-  flags = [*FLAGS, *CONTIGUOUS_DATA8, "--config.train.steps=40"]
+  both. The mesh (data 2 x fsdp 4) interleaves the processes' devices, as a TPU slice
+  does."""
+  flags = [*FLAGS, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.steps=40"]
   procs = start_processes(["-c", FAILING_DATA_ON_PROCESS_1], flags, tmp_path / "run", free_port())
   (_, err0), (_, err1) = finish(procs, timeout=200)
   assert [p.returncode for p in procs] == [1, 1], (err0[-2000:], err1[-2000:])
+  assert "data shard 1 of 2, local batch 4: global rows 1, 3, 5, 7" in err1
   assert "process 1 of 2 stopped on this error, without waiting for the others" in err1
   assert err1.rstrip().endswith("ValueError: corrupt record in process 1's shard"), err1[-2000:]
   assert "process 0 of 2 stopped on this error" in err0  # its collective failed

@@ -580,6 +580,27 @@ def test_vqa_training_images_are_never_mirrored(tmp_path, sentencepiece_model):
   assert mirrored_by_pretraining > 0  # the same seeds do flip under pretraining's transform
 
 
+def test_an_empty_human_answer_counts_in_training_targets_as_in_the_metric(
+  tmp_path, sentencepiece_model
+):
+  """The batch pads answer lists with "" to its longest, and dropped every "": a real ""
+  (an annotator who typed nothing) left n = 2 in the training target, where the metric
+  counts n = 3: "cat" by 2 of ["", "cat", "cat"] was a target of 1 for a credit of 2/3."""
+  from coca_jax.data import vqa
+
+  rows = [
+    (_png(), "what is this?", ["", "cat", "cat"]),
+    (_png(), "what is that?", ["dog", "dog", "cat", "cat", "cat"]),  # the longest list
+  ]
+  path = _write(tmp_path / "answers.tfrecord", rows)
+  config = _files_config(tmp_path, sentencepiece_model, path, path)
+  config.data.vqa.answers = ["cat", "dog", "red", "blue"]
+  batch = next(vqa.batches(config, "eval", shard_index=0, num_shards=1, local_batch_size=2))
+  # Hand-computed credits: min(k / 3, 1) for 3 or more answers.
+  np.testing.assert_allclose(batch["answer_scores"], [[2 / 3, 0, 0, 0], [1, 2 / 3, 0, 0]])
+  assert vqa_eval.answer_score("cat", rows[0][2]) == pytest.approx(2 / 3)
+
+
 def test_vqa_eval_set_with_every_row_rejected_names_its_file(tmp_path, sentencepiece_model):
   """What the pipeline drops (blank questions, undecodable images) left eval_set nothing
   to stack."""

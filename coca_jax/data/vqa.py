@@ -381,7 +381,7 @@ def _batches(
 
   def with_length(row, seeds):
     ex = example(row, seeds)
-    return dict(ex, length=tf.size(ex["question"]))
+    return dict(ex, length=tf.size(ex["question"]), num_answers=tf.size(ex["answers"]))
 
   rows = pipeline.row_batches(
     data,
@@ -394,8 +394,11 @@ def _batches(
     start_step=start_step,
   )
   for batch in rows:
-    # Answers are padded with "" (never an answer) to the batch's longest list.
-    answers = [[a.decode() for a in row if a] for row in batch["answers"]]
+    # Answer lists are padded with "" to the batch's longest: each row's own count says
+    # where its list ends, so a real "" answer still counts in n, as in the evaluation.
+    answers = [
+      [a.decode() for a in row[:n]] for row, n in zip(batch["answers"], batch["num_answers"])
+    ]
     yield dict(
       image=batch["image"].astype(np.float32),
       text=tokens.model_text(batch["question"], batch["length"], data.max_text_len, contract),
