@@ -67,7 +67,7 @@ class SaveError(RuntimeError):
 OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "out of memory", "Out of memory")
 
 
-def _reason(error: Exception, limit: int) -> str:
+def short_reason(error: Exception, limit: int) -> str:
   """`error` as "Type: message", cut after `limit` characters (Orbax's can run long)."""
   reason = f"{type(error).__name__}: {error}"
   return reason if len(reason) <= limit else reason[:limit] + " ..."
@@ -79,7 +79,7 @@ def unreadable(path: epath.Path, error: Exception, limit: int = 2000) -> Excepti
   skipping the step; a MemoryError when the reader ran out of memory, which says nothing
   of the files, so it stops the run instead of having a good step skipped (and set
   aside by the next save)."""
-  reason = _reason(error, limit)
+  reason = short_reason(error, limit)
   if isinstance(error, MemoryError) or any(s in str(error) for s in OUT_OF_MEMORY):
     return MemoryError(
       f"reading checkpoint {path} ran out of memory ({reason}); the checkpoint is not "
@@ -168,7 +168,7 @@ def finish(mngr: ocp.CheckpointManager) -> None:
 def save_failed(mngr: ocp.CheckpointManager, error: Exception, limit: int = 1000) -> SaveError:
   """The SaveError for `error`, raised by Orbax while writing under `mngr.directory`: it
   names the cause and the complete steps on disk, which a rerun resumes from."""
-  reason = _reason(error, limit)
+  reason = short_reason(error, limit)
   directory = epath.Path(mngr.directory)
   kept = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
   intact = (

@@ -77,7 +77,7 @@ def write(
   except Exception as e:
     before = "the export already there is untouched" if output.exists() else "nothing is there"
     raise checkpoint.SaveError(
-      f"writing the export {output} failed: {type(e).__name__}: {e}; {before}, and the "
+      f"writing the export {output} failed: {checkpoint.short_reason(e, 1000)}; {before}, and the "
       f"partial copy at {staging} goes with the next export"
     ) from e
   if jax.process_index() == 0:
