@@ -2,7 +2,7 @@
 process over the same 8 devices and the same global batches when the mesh interleaves
 the processes' devices (as a TPU slice does) and shards the parameters over both;
 SIGTERM to one process of two (contiguous devices) checkpoints the same step on both; an
-error on one process stops both at once."""
+error on one process (interleaved devices) stops both at once."""
 
 import json
 import pathlib
@@ -32,7 +32,10 @@ FLAGS = [
   "--config.train.checkpoint_every=3",
   "--config.data.source=synthetic",
 ]
-CONTIGUOUS_DATA8 = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]
+CONTIGUOUS_DATA8 = ["--config.mesh.data=8", "--config.mesh.fsdp=1"]  # a GPU cluster's order
+# With tests/interleaved_train.py's device order, the mesh that a TPU slice gives: each
+# process owns every other batch row, and the parameters are sharded across both.
+INTERLEAVED_2X4 = ["--config.mesh.data=2", "--config.mesh.fsdp=4"]
 
 
 def losses(log: str) -> list[float]:
@@ -218,7 +221,7 @@ def test_an_error_on_one_process_stops_both_at_once(tmp_path):
   exit waited 5 minutes at jax.distributed's shutdown barrier for it, then aborted
   both. The mesh (data 2 x fsdp 4) interleaves the processes' devices, as a TPU slice
   does."""
-  flags = [*FLAGS, "--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.train.steps=40"]
+  flags = [*FLAGS, *INTERLEAVED_2X4, "--config.train.steps=40"]
   procs = start_processes(["-c", FAILING_DATA_ON_PROCESS_1], flags, tmp_path / "run", free_port())
   (_, err0), (_, err1) = finish(procs, timeout=200)
   assert [p.returncode for p in procs] == [1, 1], (err0[-2000:], err1[-2000:])
