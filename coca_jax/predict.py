@@ -206,6 +206,7 @@ class Predictor:
     prefix=None,
     prefix_lengths=None,
     seed: int | None = None,
+    first_row: int = 0,
   ) -> tuple[np.ndarray, np.ndarray]:
     """images [N, S, S, 3] -> (tokens [N, L] int32, scores [N] float32).
 
@@ -213,6 +214,9 @@ class Predictor:
     padded to L so every prefix length shares one compilation. prefix_lengths: [N]
     (default: the non-pad tokens of each row; give them when pad is a real token).
     seed: sampling seed (None: config.eval.decode.seed, 0 in configs without one).
+    first_row: the index of images[0] in a set captioned over several calls: image j
+    samples with row first_row + j's key, so the samples do not repeat from call to call
+    and do not depend on how the set was split.
     """
     if seed is None:
       seed = self.config.eval.decode.get("seed", 0)
@@ -233,7 +237,7 @@ class Predictor:
       lengths = (prefix != pad).sum(1).astype(np.int32)
     else:
       lengths = np.broadcast_to(np.asarray(prefix_lengths, np.int32), (n,))
-    rows = np.arange(n)
+    rows = first_row + np.arange(n)
 
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):
       # Keys by row index among the images (decode.row_keys): image j's sample depends on
@@ -261,12 +265,13 @@ class Predictor:
     *,
     prefix: str | Sequence[str] | None = None,
     seed: int | None = None,
+    first_row: int = 0,
   ) -> list[str]:
     """images [N, S, S, 3] -> N captions (options default: config.eval.decode).
 
     prefix: text the caption must continue (one for all images or one per image), e.g.
-    a question for "VQA as a prefix"; it is not repeated in the returned text. seed:
-    as for `caption_tokens`. No images return [] without running the decoder.
+    a question for "VQA as a prefix"; it is not repeated in the returned text. seed,
+    first_row: as for `caption_tokens`. No images return [] without running the decoder.
     """
     options = options or self.decode_options()
     if not len(images):
@@ -292,5 +297,6 @@ class Predictor:
       prefix=prefix_tokens,
       prefix_lengths=prefix_lengths if prefix is not None else None,
       seed=seed,
+      first_row=first_row,
     )
     return tokens.detokenize(self.vocab, out, skip=prefix_lengths, contract=options.contract)

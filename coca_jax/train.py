@@ -515,6 +515,23 @@ def check_headline(config) -> None:
         f"config.eval.headline[{name!r}]={key!r}: eval {parts[1]!r} is not among the evals "
         f"the run runs (config.eval.evals={config.eval.evals!r})"
       )
+    if parts[1:3] == ["zero_shot", "held_out"] and len(parts) == 4:
+      _check_held_out_headline(config, name, key, parts[3])
+
+
+def _check_held_out_headline(config, name: str, key: str, metric: str) -> None:
+  """zero_shot/held_out/top<k> ranks the held-out images among the held-out classes
+  only: with k or fewer of them it is always 1 and not reported (it failed the run
+  after training, when the final metrics lacked it)."""
+  held_out = tuple(config.data.jft_style.get("held_out_classes", ()))
+  k = int(metric[3:]) if metric.startswith("top") and metric[3:].isdigit() else 0
+  if k and len(held_out) <= k:
+    raise ValueError(
+      f"config.eval.headline[{name!r}]={key!r}: config.data.jft_style.held_out_classes="
+      f"{held_out!r} holds {len(held_out)} classes, and top-{k} among them is always 1, "
+      f"so it is not reported: hold out more than {k} classes, or name "
+      f"eval/zero_shot/top{k} (all classes)"
+    )
 
 
 def headline(config, final: dict, trained: bool = True) -> dict:

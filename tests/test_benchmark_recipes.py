@@ -283,22 +283,28 @@ def coco_rows(self, *args, **kwargs):
   )
 
 
-@pytest.mark.slow
-def test_coco_and_flickr_recipes(run_main, bicubic_export, tmp_path):
-  # Flickr30k from own TFRecords: 2 images with 3 and 2 captions.
+def _flickr_files(tmp_path, captions: list[list[str]], seed: int) -> str:
+  """Flickr30k as own TFRecords: one random JPEG per entry of `captions` (its captions)."""
   files = str(tmp_path / "flickr30k_test.tfrecord")
-  rng = np.random.default_rng(1)
+  rng = np.random.default_rng(seed)
   with tf.io.TFRecordWriter(files) as writer:
-    for captions in (["a cat", "a small cat", "cat"], ["a dog", "dog"]):
+    for image_captions in captions:
       feature = {
         "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[_jpeg(rng, (18, 25, 3))])),
         "caption": tf.train.Feature(
-          bytes_list=tf.train.BytesList(value=[c.encode() for c in captions])
+          bytes_list=tf.train.BytesList(value=[c.encode() for c in image_captions])
         ),
       }
       writer.write(
         tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
       )
+  return files
+
+
+@pytest.mark.slow
+def test_coco_and_flickr_recipes(run_main, bicubic_export, tmp_path):
+  # Flickr30k from own TFRecords: 2 images with 3 and 2 captions.
+  files = _flickr_files(tmp_path, [["a cat", "a small cat", "cat"], ["a dog", "dog"]], seed=1)
   with tfds.testing.mock_data(as_dataset_fn=coco_rows):
     metrics, _ = run_recipe(
       run_main,
@@ -316,6 +322,20 @@ def test_coco_and_flickr_recipes(run_main, bicubic_export, tmp_path):
       assert 0.0 <= metrics[f"{name}/retrieval/{direction}_r1"] <= 1.0
     assert metrics[f"{name}/captioning/cider"] >= 0.0
     assert 0.0 <= metrics[f"{name}/captioning/bleu4"] <= 1.0
+
+
+def test_an_image_without_a_caption_is_skipped_and_counted(tmp_path, caplog):
+  """It was an image->text query with no possible match (a sure miss of R@K) and, with
+  captioning on, "image 1 has no reference captions" after the whole split was decoded."""
+  files = _flickr_files(tmp_path, [["a cat"], ["", "  "], ["a dog", "dog"], ["a bird"]], seed=2)
+  config = tiny.get_config()
+  config.eval.benchmarks.flickr30k_files = files
+  config.eval.num_examples = 2  # the first two images that have a caption
+  with caplog.at_level("WARNING"):
+    batches = list(benchmarks.batches(benchmarks.BENCHMARKS["flickr30k"], config))
+  assert [c for b in batches for c in b["captions"]] == [["a cat"], ["a dog", "dog"]]
+  assert sum(len(b["image"]) for b in batches) == 2
+  assert "benchmark flickr30k: 1 images of split 'test' skipped" in caplog.text
 
 
 def test_unprepared_dataset_names_the_config_key(tmp_path):

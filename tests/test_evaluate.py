@@ -323,3 +323,33 @@ def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
   assert chance["zero_shot/top1"] == pytest.approx(0.1)
   text = evaluate.report(metrics, chance)
   assert "zero_shot/top1" in text and "0.1000" in text
+
+
+def test_an_empty_eval_split_is_an_error_naming_the_source(monkeypatch):
+  """No row (an empty split, or every row rejected) reached the model as [0]-shaped
+  images: "image of shape (8,) does not match config image_size"."""
+  config = tiny.get_config()
+  monkeypatch.setattr(eval_sets, "_rows", lambda *args: iter(()))
+  with pytest.raises(
+    ValueError,
+    match=r"jft_style eval set is empty: config.data.jft_style.tfds_name='coca_fashion_mnist"
+    r":1.0.0' \(split config.data.jft_style.eval_split='test'\)",
+  ):
+    eval_sets._classification(config, "validation")
+  with pytest.raises(ValueError, match=r"split config.data.jft_style.train_split='train'"):
+    eval_sets._classification(config, "train")
+  config.data.alt_text.files = "captions-*.tfrecord"
+  with pytest.raises(
+    ValueError, match=r"alt_text eval set is empty: config.data.alt_text.files='captions-\*"
+  ):
+    eval_sets._alt_text(config)
+
+
+@pytest.mark.parametrize("n", [-1, True])
+def test_num_examples_must_be_a_count(n):
+  """-1 read every row, then numpy's [:-1] dropped the last one."""
+  config = tiny.get_config()
+  config.eval.evals = "zero_shot"
+  config.eval.num_examples = n
+  with pytest.raises(ValueError, match=r"config.eval.num_examples=.* must be an integer >= 0"):
+    evaluate.suite.enabled_evals(config.eval)

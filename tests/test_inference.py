@@ -214,6 +214,13 @@ def test_a_sampled_caption_depends_on_the_seed_and_the_image_index_only(loaded, 
     tokens[batch_size] = predictor.caption_tokens(pixels, options, seed=5)[0]
   assert len(pixels) > 2 and len({t.tobytes() for t in tokens[4]}) > 1  # rows differ
   np.testing.assert_array_equal(tokens[4], tokens[1])
+  # A set captioned over several calls (the benchmark recipes, one call per batch) with
+  # first_row: as one call. Without it each call's rows took keys 0, 1, ... again.
+  parts = [
+    predictor.caption_tokens(pixels[i : i + 2], options, seed=5, first_row=i)[0]
+    for i in range(0, len(pixels), 2)
+  ]
+  np.testing.assert_array_equal(np.concatenate(parts), tokens[4])
 
 
 def test_buckets_pad_a_short_batch_to_a_power_of_two():

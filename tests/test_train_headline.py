@@ -52,6 +52,24 @@ def test_early_checks():
   train.check_headline(c)
 
 
+def test_a_held_out_top_k_that_is_never_reported_is_an_early_error():
+  """With k or fewer held-out classes, held_out/top<k> is always 1 and not reported: the
+  run failed at its very end, after training and the export, for want of the metric."""
+  c = _config({"truly_zero_shot": "eval/zero_shot/held_out/top1"})
+  c.eval.evals = "zero_shot"
+  c.data.jft_style.held_out_classes = ("bag",)
+  with pytest.raises(ValueError, match=r"held_out_classes=\('bag',\) holds 1 classes"):
+    train.check_headline(c)
+  c.data.jft_style.held_out_classes = ()
+  with pytest.raises(ValueError, match="holds 0 classes"):
+    train.check_headline(c)
+  c.data.jft_style.held_out_classes = ("bag", "sneaker")
+  train.check_headline(c)
+  c.eval.headline = {"x": "eval/zero_shot/held_out/top5"}
+  with pytest.raises(ValueError, match="top-5 among them is always 1"):
+    train.check_headline(c)
+
+
 def test_a_resume_that_changes_the_data_stream_is_named(caplog):
   c = _config({})
   stored = dict(step=30, seed=0, source="synthetic", global_batch_size=8, data_shards=2)

@@ -22,6 +22,7 @@ import importlib.resources
 from typing import Iterator
 
 import numpy as np
+from absl import logging
 
 NAMES_PACKAGE = "coca_jax.data"
 NAMES_FOLDER = "benchmark_names"  # see its README.md for the sources of each file
@@ -122,7 +123,8 @@ def _tfrecord_rows(benchmark: Benchmark, files: str):
 
 def batches(benchmark: Benchmark, config) -> Iterator[dict]:
   """Batches of config.eval.batch_size rows (the last may be smaller) of the first
-  config.eval.num_examples (0: all) rows of the split, in stored order:
+  config.eval.num_examples (0: all) rows of the split, in stored order (a caption
+  split's images without a non-blank caption skipped, with a warning that counts them):
     classification  {"image": [b, S, S, 3] float32, "label": [b] int64}
     captions        {"image": [b, S, S, 3] float32, "captions": b lists of strings}
   """
@@ -136,8 +138,23 @@ def batches(benchmark: Benchmark, config) -> Iterator[dict]:
     ds = _tfds_rows(benchmark, settings.tfds_data_dir)
   else:
     ds = _tfrecord_rows(benchmark, settings[f"{benchmark.name}_files"])
+  uncaptioned = []
   if benchmark.kind == "captions":
     ds = preprocess.caption_list(ds)  # coco_captions' captions/text or TFRecords' caption
+
+    # An image without a non-blank caption can be neither retrieved (a sure miss of
+    # image->text) nor scored (captioning's references): skipped, and counted.
+    def has_caption(captions) -> bool:
+      if any(c.strip() for c in captions):
+        return True
+      uncaptioned.append(1)
+      return False
+
+    def captioned(row):
+      kept = tf.numpy_function(has_caption, [row["caption"]], tf.bool, stateful=True)
+      return tf.ensure_shape(kept, [])
+
+    ds = ds.filter(captioned)
   if config.eval.num_examples:
     ds = ds.take(config.eval.num_examples)
   options = tasks.eval_image_options(config.data)  # the checkpoint's mean, std, resize
@@ -162,3 +179,10 @@ def batches(benchmark: Benchmark, config) -> Iterator[dict]:
     else:
       captions = [[c.decode().strip() for c in row] for row in batch["caption"]]
       yield {"image": batch["image"], "captions": [[c for c in cs if c] for cs in captions]}
+  if uncaptioned:
+    logging.warning(
+      "benchmark %s: %d images of split %r skipped, with no non-blank caption",
+      benchmark.name,
+      len(uncaptioned),
+      benchmark.split,
+    )

@@ -157,6 +157,33 @@ def class_names(config) -> list[str]:
   return tasks.label_names(config.data)
 
 
+def _describe(data_config, kind: str, split: str) -> str:
+  """Where the eval rows of source `kind` ("jft_style", "alt_text") come from, as the
+  config names them (seqio split "train" is the source's train_split, else eval_split)."""
+  section = data_config[kind]
+  if kind == "alt_text" and section.files:
+    key = "eval_files" if section.eval_files else "files"
+    return f"config.data.alt_text.{key}={section[key]!r}"
+  key = "train_split" if split == "train" else "eval_split"
+  return (
+    f"config.data.{kind}.tfds_name={section.tfds_name!r} "
+    f"(split config.data.{kind}.{key}={section[key]!r})"
+  )
+
+
+def _check_rows(count: int, config, kind: str, split: str) -> None:
+  """An eval set needs a row: an empty split (or one whose every row the eval
+  preprocessing rejects) otherwise reached the model as a [0]-shaped image batch."""
+  if not count:
+    from coca_jax.data import preprocess
+
+    raise ValueError(
+      f"the {kind} eval set is empty: {_describe(config.data, kind, split)} yields no row "
+      "whose image decodes and whose text is not blank (rows rejected in this process so "
+      f"far: {dict(preprocess.BAD_DATA)})"
+    )
+
+
 def _classification(config, split: str) -> ClassificationSet:
   """The first config.eval.num_examples rows of the JFT-style source's seqio `split`."""
   limit = config.eval.num_examples
@@ -166,6 +193,7 @@ def _classification(config, split: str) -> ClassificationSet:
     labels.append(int(row["label"]))
     if len(images) == limit:
       break
+  _check_rows(len(images), config, "jft_style", split)
   return ClassificationSet(
     np.asarray(images, np.float32),
     np.asarray(labels),
@@ -189,6 +217,7 @@ def _alt_text(config) -> CaptionSet:
     captions.append(references)
     if len(images) == limit:
       break
+  _check_rows(len(images), config, "alt_text", "validation")
   return CaptionSet(
     np.asarray(images, np.float32), captions, name=f"{config.data.alt_text.task_name}_eval"
   )

@@ -60,7 +60,10 @@ def _captions(predictor: predict.Predictor, config, benchmark) -> dict[str, floa
     embeddings.append(predictor.embed_images(batch["image"]))
     references.extend(batch["captions"])
     if caption_images:
-      predictions.extend(predictor.caption(batch["image"], seed=config.eval.decode.seed))
+      # Sampled captions key each image by its row in the split, as one call would.
+      predictions.extend(
+        predictor.caption(batch["image"], seed=config.eval.decode.seed, first_row=len(predictions))
+      )
   if not references:
     raise ValueError(f"benchmark {benchmark.name!r}: split {benchmark.split!r} has no rows")
   texts, owner = eval_sets.flat_texts(references)

@@ -61,10 +61,15 @@ SAMPLE_CAPTIONS = 4  # logged at each captioning eval
 
 
 def enabled_evals(eval_config) -> list[str]:
+  """The evals config.eval.evals names (a ValueError for an unknown one, or for a
+  config.eval.num_examples below 0: numpy's [:-1] dropped the last example)."""
   names = [n.strip() for n in str(eval_config.evals).split(",") if n.strip()]
   unknown = sorted(set(names) - set(EVALS))
   if unknown:
     raise ValueError(f"config.eval.evals names unknown evals {unknown}; known: {', '.join(EVALS)}")
+  n = eval_config.num_examples
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"config.eval.num_examples={n!r} must be an integer >= 0 (0: all)")
   return names
 
 
@@ -170,6 +175,14 @@ def _zero_shot_eval(predictor: predict.Predictor, data: eval_sets.Classification
   for group, classes in class_groups(config, data.class_names).items():
     scores = zero_shot.evaluate_among(embeddings, data.labels, classifier, classes, cfg.top_k)
     result.update({f"{group}/{k}": v for k, v in scores.items()})
+    if len(scores) < len(cfg.top_k):
+      logging.warning(
+        "zero_shot: %s/top-k for k >= %d is not reported: among the group's %d classes "
+        "it is always 1",
+        group,
+        len(classes),
+        len(classes),
+      )
   return result
 
 
