@@ -64,7 +64,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
     sys.exit(f"error: --export: {e}")
 
-  def caption(pixels):
+  def caption(pixels, first_row=0):
     return model.caption(
       pixels,
       f.method,  # unset: --beam > 0 picks beam search, sampling flags sampling
@@ -75,25 +75,31 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       top_p=f.top_p,
       prefix=f.prefix,
       seed=f.seed,
+      first_row=first_row,
       preprocessed=True,
     )
 
   size = model.config.model.vision.image_size
-  try:  # the decode options, checked before any image is read
+  try:  # the decode options and --prefix, checked before any image is read
     caption(np.zeros((0, size, size, 3), np.float32))
   except ValueError as e:
     raise app.UsageError(str(e)) from e
-  pixels, failures = model.read_images(paths, errors="collect")
-  try:
-    captions = iter(caption(pixels) if len(pixels) else [])
-  except ValueError as e:  # a --prefix the decoder has no room for
-    raise app.UsageError(str(e)) from e
-  for index, path in enumerate(paths):
-    if index in failures:
-      print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)
-    else:
-      print(f"{path}\t{next(captions)}", flush=True)
-  return 1 if failures else 0
+  failed = captioned = 0
+  # --batch_size images at a time: memory stays one batch of pixels whatever the number of
+  # paths, and lines come out as they are captioned. Sampling keys each image by its row
+  # among the images read (first_row), as one call over them all would.
+  for start in range(0, len(paths), f.batch_size):
+    chunk = paths[start : start + f.batch_size]
+    pixels, failures = model.read_images(chunk, errors="collect")
+    captions = iter(caption(pixels, captioned) if len(pixels) else [])
+    captioned += len(pixels)
+    failed += len(failures)
+    for index, path in enumerate(chunk):
+      if index in failures:
+        print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)
+      else:
+        print(f"{path}\t{next(captions)}", flush=True)
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -51,18 +51,29 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
     model = inference.load(f.export, batch_size=f.batch_size)
   except (FileNotFoundError, ValueError) as e:  # not an export, or no vocabulary in it
     sys.exit(f"error: --export: {e}")
-  pixels, failures = model.read_images(paths, errors="collect")
-  result = model.classify(pixels, classes, f.template, preprocessed=True) if len(pixels) else None
-  row = 0
-  for index, path in enumerate(paths):
-    if index in failures:
-      print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)
-      continue
-    probabilities = result.probabilities[row]
-    ranked = ",".join(f"{classes[c]}={probabilities[c]:.4f}" for c in probabilities.argsort()[::-1])
-    print(f"{path}\t{result.labels[row]}\t{probabilities.max():.4f}\t{ranked}", flush=True)
-    row += 1
-  return 1 if failures else 0
+  class_embeddings = model.class_embeddings(classes, f.template)  # once, for every batch
+  failed = 0
+  # --batch_size images at a time: memory stays one batch of pixels whatever the number of
+  # paths, and lines come out as they are classified.
+  for start in range(0, len(paths), f.batch_size):
+    chunk = paths[start : start + f.batch_size]
+    pixels, failures = model.read_images(chunk, errors="collect")
+    failed += len(failures)
+    result = model.classify(
+      pixels, classes, f.template, preprocessed=True, class_embeddings=class_embeddings
+    )
+    row = 0
+    for index, path in enumerate(chunk):
+      if index in failures:
+        print(f"{path}\tERROR: {failures[index]}", file=sys.stderr, flush=True)
+        continue
+      probabilities = result.probabilities[row]
+      ranked = ",".join(
+        f"{classes[c]}={probabilities[c]:.4f}" for c in probabilities.argsort()[::-1]
+      )
+      print(f"{path}\t{result.labels[row]}\t{probabilities.max():.4f}\t{ranked}", flush=True)
+      row += 1
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

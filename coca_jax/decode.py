@@ -36,6 +36,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from coca_jax import tokens as tokens_lib
@@ -228,10 +229,44 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
+def check_prefix(prefix, prefix_length, batch: int, max_length: int, pad_id: int):
+  """A prefix given on the host -> (prefix [batch, max_length] int32 padded with pad_id,
+  lengths [batch] int32), or a ValueError: the loop forces the FIRST prefix_length
+  tokens of each row, so a left-padded row (or one with a pad inside) would have its
+  pads forced and its last tokens dropped, and lengths past the row forced pads."""
+  prefix = np.asarray(prefix)
+  if prefix.ndim != 2 or len(prefix) != batch:
+    raise ValueError(f"prefix of shape {prefix.shape}: expected [{batch}, P] token ids")
+  if prefix.shape[1] > max_length:
+    raise ValueError(f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={max_length}")
+  if prefix_length is None:
+    real = prefix != pad_id
+    if np.any(real[:, 1:] & ~real[:, :-1]):
+      row = int(np.flatnonzero(np.any(real[:, 1:] & ~real[:, :-1], axis=1))[0])
+      raise ValueError(
+        f"prefix row {row} {prefix[row].tolist()} has a token after a pad (pad_id="
+        f"{pad_id}): rows must be right-padded, or give prefix_length"
+      )
+    lengths = real.sum(1)
+  else:
+    lengths = np.broadcast_to(np.asarray(prefix_length), (batch,))
+    if lengths.min(initial=0) < 0 or lengths.max(initial=0) > prefix.shape[1]:
+      raise ValueError(
+        f"prefix_length {lengths.tolist()}: each must be in [0, {prefix.shape[1]}], the "
+        "prefix's width"
+      )
+  padded = np.full((batch, max_length), pad_id, np.int32)
+  padded[:, : prefix.shape[1]] = prefix
+  return padded, lengths.astype(np.int32)
+
+
 def _prefix_table(prefix, prefix_length, batch: int, max_length: int, pad_id: int):
-  """-> prefix [B, L] int32 padded with pad_id, prefix_length [B] int32."""
+  """-> prefix [B, L] int32 padded with pad_id, prefix_length [B] int32 (checked by
+  `check_prefix` when both are concrete, i.e. outside jit)."""
   if prefix is None:
     return jnp.full((batch, max_length), pad_id, jnp.int32), jnp.zeros((batch,), jnp.int32)
+  if not any(isinstance(x, jax.core.Tracer) for x in (prefix, prefix_length)):
+    prefix, prefix_length = check_prefix(prefix, prefix_length, batch, max_length, pad_id)
   prefix = jnp.asarray(prefix, jnp.int32)
   if prefix.shape[1] > max_length:
     raise ValueError(f"prefix of length {prefix.shape[1]} exceeds decode max_length={max_length}")

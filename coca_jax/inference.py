@@ -151,6 +151,20 @@ class Model:
       )
     return self.predictor.embed_texts(texts)
 
+  def class_embeddings(
+    self, class_names: Sequence[str], templates: Sequence[str] | None = None
+  ) -> np.ndarray:
+    """The zero-shot classifier [C, E] float32 of `classify`: per class, the normalised
+    mean of its prompts' normalised text embeddings (arguments as for `classify`)."""
+    return self._class_embeddings(class_names, templates, stacklevel=5)
+
+  def _class_embeddings(self, class_names, templates, stacklevel: int) -> np.ndarray:
+    check_prompts(class_names, templates)
+    templates = templates or tuple(self.config.eval.zero_shot.templates)
+    # stacklevel: the text-length warning's frame, the public method's caller.
+    embed = functools.partial(self._embed_texts, stacklevel=stacklevel)
+    return zero_shot.class_embeddings(embed, class_names, templates)
+
   def classify(
     self,
     images,
@@ -158,6 +172,7 @@ class Model:
     templates: Sequence[str] | None = None,
     *,
     preprocessed: bool = False,
+    class_embeddings: np.ndarray | None = None,
   ) -> Classification:
     """Zero-shot: ranks `class_names` (through the prompt ensemble of config.eval) per image.
 
@@ -166,13 +181,21 @@ class Model:
     the class name (unset or empty: config.eval.zero_shot.templates). A string for
     `class_names` or `templates`, or a template without exactly one `{}`, is a ValueError
     (`check_prompts`). Prompts longer than the model's text tokens are cut, with one
-    warning (as `embed_texts`). preprocessed: as for `embed_images`.
+    warning (as `embed_texts`). preprocessed: as for `embed_images`. class_embeddings:
+    `self.class_embeddings(class_names, templates)`, computed once for images classified
+    over several calls (else each call embeds every prompt again).
     """
-    check_prompts(class_names, templates)
-    templates = templates or tuple(self.config.eval.zero_shot.templates)
-    # stacklevel: _embed_texts <- class_embeddings <- classify <- its caller.
-    embed = functools.partial(self._embed_texts, stacklevel=4)
-    classifier = zero_shot.class_embeddings(embed, class_names, templates)
+    if class_embeddings is None:
+      classifier = self._class_embeddings(class_names, templates, stacklevel=5)
+    else:
+      check_prompts(class_names, templates)
+      classifier = np.asarray(class_embeddings, np.float32)
+      want = (len(class_names), self.config.model.embed_dim)
+      if classifier.shape != want:
+        raise ValueError(
+          f"class_embeddings of shape {classifier.shape}; {len(class_names)} class names "
+          f"need {list(want)} (Model.class_embeddings)"
+        )
     embeddings = self.embed_images(images, preprocessed=preprocessed)
     logits = embeddings @ classifier.T / self.predictor.temperature
     logits = logits - logits.max(axis=1, keepdims=True)
@@ -194,6 +217,7 @@ class Model:
     top_p: float | None = None,
     prefix: str | Sequence[str] | None = None,
     seed: int | None = None,
+    first_row: int = 0,
     preprocessed: bool = False,
   ) -> list[str]:
     """Captions per image (none for no images); unset options come from config.eval.decode.
@@ -202,12 +226,15 @@ class Model:
     length_penalty: beam search; temperature, top_k or top_p: sampling), else the
     config's. An option that does not apply to the method raises ValueError, a seed
     without sampling too.
-    max_length: tokens to generate at most, 1 to config.model.text.max_len (the
-    decoder's positions; 0: the config's); outside that range a ValueError.
+    max_length: tokens of the caption at most, a prefix's included, 1 to
+    config.model.text.max_len (the decoder's positions; 0: the config's); outside that
+    range a ValueError.
     prefix: text the caption must continue (one for all images or one per image), e.g.
-    a question for "VQA as a prefix"; it is not repeated in the returned text.
-    seed: sampling seed (None: config.eval.decode.seed). preprocessed: as for
-    `embed_images`.
+    a question for "VQA as a prefix"; it is not repeated in the returned text, and its
+    tokens count in max_length.
+    seed: sampling seed (None: config.eval.decode.seed); image j samples with the keys of
+    row first_row + j (give the images' position in a set captioned over several calls,
+    so that the calls draw apart). preprocessed: as for `embed_images`.
     """
     capacity = self.config.model.text.max_len
     if max_length is not None and not 0 <= max_length <= capacity:
@@ -229,7 +256,7 @@ class Model:
     if seed is not None and options.method != "sample":
       raise ValueError(f"seed={seed} applies to sampling only; the method is {options.method!r}")
     pixels = self._pixels(images, preprocessed)
-    return self.predictor.caption(pixels, options, prefix=prefix, seed=seed)
+    return self.predictor.caption(pixels, options, prefix=prefix, seed=seed, first_row=first_row)
 
 
 def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -> None:
@@ -253,13 +280,13 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -
     raise ValueError(
       f"class names repeated: {repeated}; each copy would get a share of its probability"
     )
-  need = "it needs exactly one {} for the class name (literal braces: {{ }})"
+  need = "it needs exactly one {} (or {0}) for the class name (literal braces: {{ }})"
   for template in templates or ():
     try:
       fields = [field for _, field, _, _ in string.Formatter().parse(template) if field is not None]
     except ValueError as e:  # unmatched braces
       raise ValueError(f"template {template!r} is not a format string ({e}); {need}") from e
-    if fields != [""]:
+    if fields not in ([""], ["0"]):  # filled by template.format(name)
       found = " ".join("{" + field + "}" for field in fields) or "none"
       raise ValueError(f"template {template!r} has placeholders: {found}; {need}")
 

@@ -224,19 +224,9 @@ class Predictor:
     n = len(images)
     pad = options.contract.pad_id
     if prefix is None:
-      prefix = np.full((n, options.max_length), pad, np.int32)
-    prefix = np.asarray(prefix, np.int32)
-    if prefix.shape[1] > options.max_length:
-      raise ValueError(
-        f"prefix of {prefix.shape[1]} tokens exceeds decode max_length={options.max_length}"
-      )
-    prefix = np.pad(
-      prefix, ((0, 0), (0, options.max_length - prefix.shape[1])), constant_values=pad
-    )
-    if prefix_lengths is None:
-      lengths = (prefix != pad).sum(1).astype(np.int32)
+      prefix, lengths = np.full((n, options.max_length), pad, np.int32), np.zeros(n, np.int32)
     else:
-      lengths = np.broadcast_to(np.asarray(prefix_lengths, np.int32), (n,))
+      prefix, lengths = decode.check_prefix(prefix, prefix_lengths, n, options.max_length, pad)
     rows = first_row + np.arange(n)
 
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):
@@ -274,19 +264,23 @@ class Predictor:
     first_row: as for `caption_tokens`. No images return [] without running the decoder.
     """
     options = options or self.decode_options()
-    if not len(images):
-      return []
     prefix_tokens, prefix_lengths = None, 0
     if prefix is not None:
-      prefixes = [prefix] * len(images) if isinstance(prefix, str) else list(prefix)
-      if len(prefixes) != len(images):
-        raise ValueError(f"{len(prefixes)} prefixes for {len(images)} images")
-      encoded = [list(self.vocab.encode(p)) for p in prefixes]
-      too_long = [p for p, e in zip(prefixes, encoded) if len(e) >= options.max_length]
+      # Checked before the no-images return: the CLIs check their options with no images.
+      distinct = [prefix] if isinstance(prefix, str) else list(prefix)
+      encoded = [list(self.vocab.encode(p)) for p in distinct]
+      too_long = [p for p, e in zip(distinct, encoded) if len(e) >= options.max_length]
       if too_long:
         raise ValueError(
           f"prefix {too_long[0]!r} leaves no room within max_length={options.max_length}"
         )
+      if isinstance(prefix, str):
+        encoded = encoded * len(images)
+      elif len(encoded) != len(images):
+        raise ValueError(f"{len(encoded)} prefixes for {len(images)} images")
+    if not len(images):
+      return []
+    if prefix is not None:
       prefix_tokens = np.full((len(images), options.max_length), options.contract.pad_id, np.int32)
       for row, ids in enumerate(encoded):
         prefix_tokens[row, : len(ids)] = ids

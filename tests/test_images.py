@@ -78,6 +78,57 @@ def test_a_float_overshoot_up_to_1_5_clips_and_above_it_raises():
     images.read(np.asarray([[0.0, 1.6]], np.float32))
 
 
+@pytest.mark.parametrize("as_pil", [False, True], ids=["array", "pil_F"])
+def test_float_pixels_far_below_0_raise_as_normalised_pixels(as_pil):
+  """Pixels normalised with a mean and std, passed as an image, were clipped at 0: a dark
+  picture (here -2.1..0.06) turned black without a word. -0.5 is an overshoot, clipped."""
+  normalised = np.asarray([[-2.11, -1.0], [0.0, 0.06]], np.float32)
+  with pytest.raises(images.ImageError, match=r"minimum -2.11; .* preprocessed=True"):
+    images.read(Image.fromarray(normalised) if as_pil else normalised)
+  with pytest.raises(images.ImageError, match="minimum -0.51"):
+    images.read(np.asarray([[-0.51, 1.0]], np.float32))
+
+
+def _png_with_transparent_colour(pixels: np.ndarray, colour) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format="PNG", transparency=colour)
+  return buffer.getvalue()
+
+
+def test_a_transparent_colour_of_a_grey_or_rgb_png_is_white_like_an_alpha_channel():
+  """Only palette images had their tRNS colour composited: the same black-on-transparent
+  icon came out black saved as RGB or grey, white saved as RGBA or palette."""
+  rgb = np.zeros((2, 3, 3), np.uint8)
+  rgb[0, 0] = (200, 10, 10)  # one opaque red pixel, the rest transparent black
+  want = np.full((2, 3, 3), 255, np.uint8)
+  want[0, 0] = (200, 10, 10)
+  assert Image.open(io.BytesIO(_png_with_transparent_colour(rgb, (0, 0, 0)))).mode == "RGB"
+  np.testing.assert_array_equal(images.decode(_png_with_transparent_colour(rgb, (0, 0, 0))), want)
+  rgba = np.concatenate([rgb, np.zeros((2, 3, 1), np.uint8)], axis=-1)
+  rgba[0, 0, 3] = 255
+  np.testing.assert_array_equal(images.decode(_png(rgba)), want)
+  grey = np.asarray([[90, 0, 0], [0, 0, 0]], np.uint8)
+  got = images.decode(_png_with_transparent_colour(grey, 0))
+  np.testing.assert_array_equal(got[..., 0], [[90, 255, 255], [255, 255, 255]])
+
+
+def _pgm(maxval: int, values) -> bytes:
+  values = np.asarray(values)
+  data = values.astype(">u2" if maxval > 255 else "u1").tobytes()
+  return b"P5\n%d %d\n%d\n" % (values.shape[1], values.shape[0], maxval) + data
+
+
+def test_a_dark_16_bit_pgm_is_not_taken_for_8_bit():
+  """PIL opens a PGM of more than 8 bits as "I" (values scaled to 0..65535); one whose
+  values all lay in 0..255 was read as 8-bit, 257x too bright: 200 of 65535 became 200."""
+  assert Image.open(io.BytesIO(_pgm(65535, [[0, 200]]))).mode == "I"
+  np.testing.assert_array_equal(images.decode(_pgm(65535, [[0, 200]])), _grey([[0, 1]]))
+  np.testing.assert_array_equal(images.decode(_pgm(65535, [[0, 65535]])), _grey([[0, 255]]))
+  # 10-bit: PIL scales 1023 to 65535.
+  np.testing.assert_array_equal(images.decode(_pgm(1023, [[0, 1023]])), _grey([[0, 255]]))
+  np.testing.assert_array_equal(images.decode(_pgm(255, [[0, 200]])), _grey([[0, 200]]))
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 @pytest.mark.parametrize("as_pil", [False, True], ids=["array", "pil_F"])
 def test_nan_or_infinite_float_pixels_raise(bad, as_pil):

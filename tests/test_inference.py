@@ -362,6 +362,7 @@ def test_caption_cli_checks_its_decode_options_before_reading_images(
     (["--max_length=1000"], "max_length=1000"),
     (["--temperature=nan"], "temperature=nan must be a finite number"),  # empty captions
     (["--temperature=inf"], "temperature=inf must be a finite number"),  # uniform tokens
+    (["--prefix=" + "a red heart " * 4], "leaves no room within max_length=8"),
   ]:
     with pytest.raises(app.UsageError, match=message):
       run_main(caption, f"--export={export_dir}", *flags_given, "image.png")
@@ -382,6 +383,34 @@ def test_decode_options_must_be_integers_and_finite_numbers(loaded):
   ]:
     with pytest.raises(ValueError, match=message):
       loaded.caption(pixels, preprocessed=True, **options)
+
+
+def test_a_prefix_that_would_be_forced_wrong_is_an_error(loaded):
+  """The loop forces each row's FIRST prefix_length tokens, the length inferred as the
+  count of non-pad tokens: a left-padded row had its pads forced and its words dropped,
+  silently; a length past the row forced pads; a prefix of the wrong row count failed
+  deep in JAX ("Incompatible shapes for broadcasting")."""
+  pixels = np.zeros((2, 16, 16, 3), np.float32)
+  options = loaded.predictor.decode_options(method="greedy")
+  pad = options.contract.pad_id
+  word = 5 if pad != 5 else 6
+  for prefix, lengths, message in [
+    ([[pad, word], [word, pad]], None, r"prefix row 0 \[0, 5\] has a token after a pad"),
+    ([[word, pad, word], [word, pad, pad]], None, "row 0 .* has a token after a pad"),
+    ([[word, word], [word, pad]], [3, 1], r"prefix_length \[3, 1\]: each must be in \[0, 2\]"),
+    ([[word, word], [word, pad]], [-1, 1], "prefix_length"),
+    ([[word, word]], None, r"prefix of shape \(1, 2\): expected \[2, P\]"),
+    ([word, word], None, r"prefix of shape \(2,\): expected \[2, P\]"),
+  ]:
+    with pytest.raises(ValueError, match=message):
+      loaded.predictor.caption_tokens(pixels, options, prefix=prefix, prefix_lengths=lengths)
+  tokens_out, _ = loaded.predictor.caption_tokens(pixels, options, prefix=[[word], [word]])
+  assert (tokens_out[:, 0] == word).all()  # a right-padded prefix is forced as given
+  # With the lengths given, pad may be a real token of the prefix.
+  tokens_out, _ = loaded.predictor.caption_tokens(
+    pixels, options, prefix=[[pad, word], [word, pad]], prefix_lengths=[2, 2]
+  )
+  np.testing.assert_array_equal(tokens_out[:, :2], [[pad, word], [word, pad]])
 
 
 def test_the_clis_name_an_export_they_cannot_load(tmp_path, run_main):
@@ -482,6 +511,60 @@ def test_texts_cut_to_the_model_text_length_are_named_in_one_warning(loaded, ima
     loaded.classify(paths[:1], ["cat", "dog"], ["a {}", "a {} " + "a red heart " * 4])
   assert len(caught) == 1 and caught[0].filename == __file__
   assert str(caught[0].message).startswith("2 of 4 texts are longer than the model's 7 ")
+  with pytest.warns(UserWarning) as caught:
+    loaded.class_embeddings(["cat", "dog"], ["a {}", "a {} " + "a red heart " * 4])
+  assert len(caught) == 1 and caught[0].filename == __file__
+
+
+def test_class_embeddings_computed_once_classify_as_before(loaded, image_files):
+  paths, _, _ = image_files
+  templates = ["a {0}", "{}"]  # {0} is what str.format fills too
+  once = loaded.class_embeddings(["cat", "dog", "bird"], templates)
+  assert once.shape == (3, loaded.config.model.embed_dim)
+  np.testing.assert_allclose(np.linalg.norm(once, axis=1), 1, rtol=1e-5)
+  plain = loaded.classify(paths, ["cat", "dog", "bird"], templates)
+  reused = loaded.classify(paths, ["cat", "dog", "bird"], templates, class_embeddings=once)
+  assert reused.labels == plain.labels
+  np.testing.assert_allclose(reused.probabilities, plain.probabilities, rtol=1e-6)
+  with pytest.raises(ValueError, match=r"class_embeddings of shape \(3, .*2 class names need"):
+    loaded.classify(paths, ["cat", "dog"], templates, class_embeddings=once)
+
+
+@pytest.mark.slow  # two CLI runs, ~10 s
+def test_the_clis_work_through_the_paths_a_batch_at_a_time(
+  export_dir, loaded, image_files, run_main, monkeypatch
+):
+  """They read every image before the first batch ran: memory grew with the number of
+  paths (0.6 MB per 224-pixel image) and nothing was printed until all were done. Now a
+  batch of paths at a time; sampled captions stay those of one call over all images."""
+  paths, broken, missing = image_files
+  given = [paths[0], broken, paths[1], paths[2], missing, paths[0]]
+  reads = []
+  read_images = inference.Model.read_images
+
+  def counting(self, images, errors="raise"):
+    reads.append(len(images))
+    return read_images(self, images, errors)
+
+  monkeypatch.setattr(inference.Model, "read_images", counting)
+  sampled = ["--method=sample", "--temperature=3", "--seed=4"]
+  status, out, err = run_main(caption, f"--export={export_dir}", "--batch_size=2", *sampled, *given)
+  assert status == 1 and reads == [2, 2, 2], (reads, err)
+  lines = [line.split("\t") for line in out.strip().splitlines()]
+  assert [line[0] for line in lines] == [paths[0], paths[1], paths[2], paths[0]]
+  api = read_images(loaded, [paths[0], paths[1], paths[2], paths[0]])[0]
+  want = loaded.caption(api, "sample", temperature=3, seed=4, preprocessed=True)
+  assert [line[1].strip() for line in lines] == [c.strip() for c in want]
+  assert len(set(want)) > 1
+  assert err.count("ERROR") == 2
+  reads.clear()
+  status, out, err = run_main(
+    classify, f"--export={export_dir}", "--batch_size=4", "--classes=cat,dog", *given
+  )
+  assert status == 1 and reads == [4, 2]
+  api = loaded.classify([paths[0], paths[1], paths[2], paths[0]], ["cat", "dog"])
+  got = [line.split("\t")[1:3] for line in out.strip().splitlines()]
+  assert got == [[label, f"{p.max():.4f}"] for label, p in zip(api.labels, api.probabilities)]
 
 
 def test_caption_max_length_beyond_the_model_is_an_error(loaded):

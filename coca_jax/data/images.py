@@ -25,28 +25,34 @@ def to_rgb(image: Image.Image) -> np.ndarray:
   """[h, w, 3] uint8: grey and palette to RGB, alpha composited on white.
 
   Grey images of more than 8 bits are scaled to 8 bits first (PIL's own conversion clips
-  them at 255): 16-bit ("I;16", "I;16B", ...) by 255 / 65535; 32-bit integer ("I") as an
-  int32 array reads when its values lie in 0..255, else as 16-bit when they lie in
-  0..65535 (16-bit PNGs and PGMs may open as "I"), else an ImageError; float ("F") as a
-  float array reads (0..1, clipped; a maximum above 1.5 or NaN / inf is an ImageError).
+  them at 255): 16-bit ("I;16", "I;16B", ...) by 255 / 65535; 32-bit integer ("I") from a
+  PGM file as 16-bit (PIL opens a PGM of more than 8 bits as "I", scaled to 0..65535,
+  so a dark one must not pass for 8-bit); other "I" images as an int32 array reads when
+  their values lie in 0..255, else as 16-bit when they lie in 0..65535 (16-bit PNGs may
+  open as "I"), else an ImageError; float ("F") as a float array reads (0..1, clipped; a
+  maximum above 1.5, a minimum below -0.5 or NaN / inf is an ImageError). Transparency
+  (an alpha channel, or a PNG's transparent colour of a palette, grey or RGB image) is
+  composited on white.
   """
   if image.mode.startswith("I") or image.mode == "F":
-    image = Image.fromarray(_grey_to_8bit(np.asarray(image), image.mode))
-  if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    pixels = _grey_to_8bit(np.asarray(image), image.mode, sixteen_bit=image.format == "PPM")
+    image = Image.fromarray(pixels)
+  if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     image = Image.alpha_composite(white, rgba)
   return np.asarray(image.convert("RGB"), np.uint8)
 
 
-def _grey_to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
-  """A PIL "I*" or "F" image's pixels [h, w] -> [h, w] uint8 (see `to_rgb`)."""
+def _grey_to_8bit(pixels: np.ndarray, mode: str, sixteen_bit: bool = False) -> np.ndarray:
+  """A PIL "I*" or "F" image's pixels [h, w] -> [h, w] uint8 (see `to_rgb`); sixteen_bit:
+  an "I" image's values are 0..65535 whatever their range (a PGM file's)."""
   if mode == "F":
     return _from_float(pixels, "'F' image")
   low, high = int(pixels.min()), int(pixels.max())
   if low < 0 or high > 65535:
     raise ImageError(f"{mode!r} image with values in [{low}, {high}]; expected 0..65535")
-  if mode == "I" and high <= 255:  # the rule of integer arrays (`_to_uint8`)
+  if mode == "I" and high <= 255 and not sixteen_bit:  # integer arrays' rule (`_to_uint8`)
     return pixels.astype(np.uint8)
   return _from_16bit(pixels)
 
@@ -57,21 +63,30 @@ def _from_16bit(pixels: np.ndarray) -> np.ndarray:
 
 
 # Float pixels up to this are clipped to 1 (a resampling filter's overshoot); above it they
-# are taken for 0..255 values that were never divided by 255, an error.
+# are taken for 0..255 values that were never divided by 255, an error. The same overshoot
+# below 0 is clipped to 0; further below, they are taken for pixels already normalised
+# with a mean and std (whose dark half would turn black), an error too.
 _FLOAT_CLIP_LIMIT = 1.5
 
 
 def _from_float(pixels: np.ndarray, what: str) -> np.ndarray:
   """Float (or bool) pixels 0..1 -> uint8, x * 255 rounded, clipped into 0..1. `what`
-  names the image in errors: a maximum above _FLOAT_CLIP_LIMIT (0..255 floats) and NaN /
-  inf are ImageErrors, not guessed or clipped."""
+  names the image in errors: a maximum above _FLOAT_CLIP_LIMIT (0..255 floats), a minimum
+  below 1 - _FLOAT_CLIP_LIMIT (normalised pixels) and NaN / inf are ImageErrors, not
+  guessed or clipped."""
   if not np.isfinite(pixels).all():
     raise ImageError(f"{what} has NaN or infinite pixels; float pixels must be finite, 0..1")
   pixels = pixels.astype(np.float32)
-  high = float(pixels.max())
+  high, low = float(pixels.max()), float(pixels.min())
   if high > _FLOAT_CLIP_LIMIT:
     raise ImageError(
       f"{what} with maximum {high:g}; float pixels must be in [0, 1]: divide 0..255 values by 255"
+    )
+  if low < 1 - _FLOAT_CLIP_LIMIT:
+    raise ImageError(
+      f"{what} with minimum {low:g}; float pixels must be in [0, 1] (pixels already "
+      "normalised with a mean and std are not images: the inference API takes them with "
+      "preprocessed=True)"
     )
   return np.round(np.clip(pixels, 0.0, 1.0) * 255).astype(np.uint8)
 
