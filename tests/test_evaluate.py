@@ -203,6 +203,21 @@ PTB_CASES = [
   ),
   ("a --1 or +-1, 5-3 and 1.5-2", "a 1 or + -1 5-3 and 1.5-2"),
   ("what!? wow?! a !!? mark!", "what !? wow ?! a !!? mark"),
+  # Review helper-71's cases (fifteenth session): the jar's joins and abbreviations.
+  ("an AT&T phone, Q&A and R&B; a&b", "an at&t phone q&a and r&b a & b"),
+  (
+    "A man on a horse.The horse, node.js and v1.2 at www.x.com",
+    "a man on a horse.the horse node.js and v1 .2 at www.x.com",
+  ),
+  ("plan b. or the letter A. and x...y, a .. b", "plan b. or the letter a. and x. y a b"),
+  (
+    "a Ph.D. student on Jan. 3 at Mt. Fuji Inc., No. 5 and No.1 vs Gen. Lee",
+    "a ph.d. student on jan. 3 at mt. fuji inc. no. 5 and no. 1 vs gen. lee",
+  ),
+  (
+    "a \u2026 b, \u00abx\u00bb and a_b or x__y _z_ and a .5 ratio, dog.1",
+    "a b x and a_b or x __ y _ z _ and a .5 ratio dog .1",
+  ),
 ]
 
 

@@ -9,18 +9,26 @@ replaces it with a regex tokenizer that gives the toolkit's tokens (Stanford PTB
 3.4.1, lower case, its punctuation tokens dropped) on all 3,786 distinct emoji captions
 (training and validation) and on the cases in tests/test_evaluate.py, checked against
 the toolkit's jar:
-- words of any script, kept whole when joined by "-" or "/" ("t-shirt", "and/or") or by
-  an apostrophe that starts no clitic ("o'clock"); numbers with their separators ("3.5",
-  "1,000", "2:30"), a sign that starts one ("-1", "x +1");
+- words of any script, kept whole when joined by "-" or "/" ("t-shirt", "and/or"), by an
+  apostrophe that starts no clitic ("o'clock"), by single underscores ("a_b"), by periods
+  between letter-led pieces ("node.js", "horse.the") or by "&" between capitals ("AT&T",
+  "Q&A"; "a&b" splits); numbers with their separators ("3.5", "1,000", "2:30"), a sign
+  that starts one ("-1", "x +1"), a leading period (".5");
 - n't and the clitics 's 'd 'm 'll 're 've split off ("does n't", "man 's"), "cannot"
   -> "can not" and PTB's other split words ("gonna" -> "gon na");
-- letter-dot abbreviations ("e.u.", "p.m.") and common titles ("mr.", "st.") keep their dots;
-- punctuation (. , : ; ? ! quotes, dashes, "...") dropped; other symbols kept as tokens
-  ("%", "&", "$", "#", "**", "??", "!?", "✓"), with PTB's own spellings of brackets ("-lrb-",
-  which the toolkit's upper-case punctuation list misses), the euro ("$") and the pound
-  ("#"); characters outside Unicode's basic plane (emoji), which PTB deletes, dropped.
-Not covered: e-mail addresses and URLs (split at their symbols), a leading apostrophe
-kept on a word ("'90s", "rock 'n' roll"), and PTB's longer list of abbreviations.
+- dotted abbreviations ("e.u.", "p.m.", "ph.d."), a single letter's period ("plan b."),
+  and PTB's abbreviations that were checked against the jar (titles "mr." "gen.", months
+  "jan.", "inc.", "ave.", ...; "no." before a number) keep their dots;
+- punctuation (. , : ; ? ! quotes and guillemets, dashes, runs of periods, "…") dropped;
+  other symbols kept as tokens ("%", "&", "$", "#", "_", "**", "??", "!?", "✓"), with PTB's
+  own spellings of brackets ("-lrb-", which the toolkit's upper-case punctuation list
+  misses), the euro ("$") and the pound ("#"); characters outside Unicode's basic plane
+  (emoji), which PTB deletes, dropped.
+Not covered (each checked against the jar): e-mail addresses, URLs and "@user" / "#tag"
+(split at their symbols), a leading apostrophe kept on a word ("'90s", "rock 'n' roll"),
+emoticons (":-)" is ":--rrb-"), "C#" and "A++" ("c#", "a + +"), vulgar fractions ("½" is
+"1/2"), feet and inches ("5'10\"" is "5 10"), "y'all" ("y' all"), a period joining a
+number to letters ("3.5.x").
 """
 
 import base64
@@ -46,22 +54,41 @@ _ENDINGS = "s|d|m|ll|re|ve"  # PTB's clitics besides n't: 's 'd 'm 'll 're 've
 _NEGATION = re.compile(r"(?<=[^\W_])n" + _APOSTROPHE + r"t\b")
 _CLITIC = re.compile(r"(?<=[^\W_])" + _APOSTROPHE + rf"({_ENDINGS})\b")
 _CLITICS = {"n't", *("'" + ending for ending in _ENDINGS.split("|"))}
-# A word part: a number with its separators, or letters and digits of any script.
-_PART = r"(?:\d+(?:[.,:]\d+)+|[^\W_]+)"
+# A word part: a number with its separators; letters and digits of any script, joined by
+# single underscores ("a_b"), or by periods where each piece starts with a letter
+# ("node.js", "horse.the"; "v1.2" splits as "v1 .2").
+_LETTER_LED = r"[^\W\d_][^\W_]*"
+_PART = rf"(?:\d+(?:[.,:]\d+)+|[^\W_]+(?:_[^\W_]+)+|{_LETTER_LED}(?:\.{_LETTER_LED})+|[^\W_]+)"
 _SIGNED = r"[-+]\d+(?:[.,:]\d+)*"  # a sign that starts a number stays on it
+# Abbreviations that PTB keeps with their dot (checked against the toolkit's jar; not
+# "no.", which it keeps only before a number).
+_ABBREVIATIONS = (
+  "mrs? ms dr prof st jr sr vs etc cf al rev hon pres gen gov sen rep capt col lt sgt messrs "
+  "jan feb mar apr jun jul aug sept? oct nov dec mt ave blvd rd ft sq inc co corp ltd bros "
+  "dept univ est ph"
+).split()
+# "&" between capitals joins them ("AT&T", "Q&A"; "a&b" splits): marked before lower-casing.
+_CAPITALS_AMPERSAND = re.compile(r"(?<=[A-Z])&(?=[A-Z])")
+_JOINED_AMPERSAND = "\ue000"  # a private-use character, never in a caption
 _TOKEN = re.compile(
   rf"(?<!\S)(?:n't|'(?:{_ENDINGS}))(?![^\W_])"  # a clitic split off above
-  r"|(?:mrs?|ms|dr|prof|st|jr|sr|vs|etc)\.(?!\w)"  # titles PTB keeps with their dot
-  r"|(?:[^\W\d_]\.){2,}"  # letter-dot abbreviations: e.u., p.m.
+  rf"|(?:{'|'.join(_ABBREVIATIONS)})\.(?!\w)"  # titles, months, ... with their dot
+  r"|no\.(?=\s*\d)"  # "no. 5", "no.1"
+  r"|(?:[^\W_]+\.)+[^\W\d_]\.(?![^\W_])"  # dotted abbreviations: e.u., p.m., ph.d.
+  r"|(?<![^\W_])[^\W\d_]\.(?![^\W_])"  # a single letter's dot: "plan b.", "a."
+  rf"|[^\W_]+(?:{_JOINED_AMPERSAND}[^\W_]+)+"  # at&t
   rf"|{_PART}(?:[-/]{_PART}|{_APOSTROPHE}[^\W_]+)*"  # t-shirt, and/or, o'clock, 3.5
   rf"|{_SIGNED}"  # -1, +3.5
+  r"|\.\d+"  # .5
   r"|[?!]{2,}"  # ?!, !!?
+  r"|_+"  # underscores apart from a word
   r"|([^\w\s])\1*"  # a run of one symbol: %, &, **, ...
 )
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CURRENCIES = {"\u20ac": "$", "\u00a3": "#"}
-_DROPPED_FIRST = "'\"`\u2018\u2019\u201c\u201d-\u2013\u2014"  # quotes and dashes, any run
-_DROPPED = {".", "...", ",", ":", ";", "?", "!"}
+# Quotes (guillemets too) and dashes, any run.
+_DROPPED_FIRST = "'\"`\u2018\u2019\u201c\u201d\u00ab\u00bb-\u2013\u2014"
+_DROPPED = {"\u2026", ",", ":", ";", "?", "!"}
 
 
 def _token(token: str) -> str | None:
@@ -74,17 +101,18 @@ def _token(token: str) -> str | None:
     return token
   if token in _DROPPED or token[0] in _DROPPED_FIRST or ord(token[0]) > 0xFFFF:
     return None
-  if token[0] == "." and len(token) > 3:  # "...." is PTB's "..."
+  if set(token) == {"."}:  # any run of periods is PTB's "..." (or its ".")
     return None
   return _CURRENCIES.get(token, token)
 
 
 def normalize(text: str) -> str:
   """Lower-cased PTB tokens separated by single spaces, punctuation dropped (see above)."""
+  text = _CAPITALS_AMPERSAND.sub(_JOINED_AMPERSAND, text)
   text = _SPLIT_WORD.sub(lambda m: _SPLIT_WORDS[m.group()], text.lower())
   text = _CLITIC.sub(r" '\1", _NEGATION.sub(" n't", text))
   tokens = (_token(m.group()) for m in _TOKEN.finditer(text))
-  return " ".join(t for t in tokens if t)
+  return " ".join(t for t in tokens if t).replace(_JOINED_AMPERSAND, "&")
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
