@@ -1,6 +1,8 @@
 """Test setup: 8 forced host CPU devices, set before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 # Compilation dominates these tiny programs. XLA's CPU backend at optimisation level 0
@@ -18,10 +20,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # Tests compile the same tiny programs many times, in-process and in subprocesses (which
-# inherit these variables); JAX's persistent cache turns the repeats into loads.
-os.environ.setdefault(
-  "JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="coca_jax_test_xla_cache_")
-)
+# inherit these variables, pytest-xdist's workers too); JAX's persistent cache turns the
+# repeats into loads. The process that made the folder removes it at exit (every run
+# left one behind in /tmp).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="coca_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
