@@ -68,7 +68,10 @@ def write(
   # after this clean-up.
   if jax.process_index() == 0 and staging.exists():
     staging.rmtree()
-  cast = jax.tree.map(lambda x: x.astype(jnp.dtype(dtype)), params)
+  # Scalars stay float32 (a few bytes): the temperature, at its bound after training as
+  # often as not, rounded to bfloat16 could land outside config.model.temperature's range
+  # (min 0.05: log(1 / 0.05) = 2.9957 -> 3.0), and init_from refused the run's own export.
+  cast = jax.tree.map(lambda x: x.astype(jnp.float32 if x.ndim == 0 else jnp.dtype(dtype)), params)
   checkpoint.use_array_handler()
   checkpointer = ocp.StandardCheckpointer()
   try:
@@ -271,8 +274,28 @@ def export_from_workdir(
   if restored is None:
     raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
   state, data_position = restored
+  exported = int(data_position["step"])
+  trained_by = config_file_of_step(epath.Path(workdir), exported)
+  if trained_by.name != CONFIG_FILE:
+    # A resume changed the config after this step: the export describes the parameters
+    # with the config that trained them (a pooler mode, a text mask, a vocabulary...).
+    logging.info("checkpoint %d was trained under %s: the export's config", exported, trained_by)
+    config = read_config(trained_by)
+    config.mesh = config_lib.default_mesh()
+    check_vocab(vocab_file_of(config), config)
   write(state["params"], config, output, dtype, vocab_file_of(config))
-  return int(data_position["step"]), dtype
+  return exported, dtype
+
+
+def config_file_of_step(workdir: epath.Path, step: int) -> epath.Path:
+  """The config that trained checkpoint `step`: the earliest config.before_step_<N>.json
+  with N >= step (a resume at step N kept the config before it there), else config.json."""
+  kept = {}
+  for path in workdir.glob("config.before_step_*.json"):
+    number = path.name.removeprefix("config.before_step_").removesuffix(".json")
+    if number.isdigit() and int(number) >= step:
+      kept[int(number)] = path
+  return kept[min(kept)] if kept else workdir / CONFIG_FILE
 
 
 def load_vocab(export_dir: str, config):

@@ -22,7 +22,7 @@ import time
 import traceback
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from absl import app, flags, logging
 from etils import epath
 from flax import traverse_util
@@ -191,15 +191,33 @@ def describe_frozen(config, params) -> str:
   )
 
 
-def check_finite(metrics: dict, step: int, mngr) -> None:
-  """Stops before a non-finite state can be checkpointed (param_norm is of the new params)."""
-  bad = [k for k in ("loss", "param_norm") if not np.isfinite(metrics[k])]
-  if bad:
-    last = mngr.latest_step()
-    raise FloatingPointError(
-      f"{bad[0]} is {metrics[bad[0]]} at step {step}; stopping. The last good checkpoint "
-      f"({'none' if last is None else f'step {last}'}) is left as it was."
-    )
+# Metrics whose non-finite value stops the run: param_norm is of the new parameters; an
+# infinite grad_norm leaves finite parameters but an infinite Adafactor second moment,
+# which zeroes that parameter's updates from then on.
+FINITE_METRICS = ("loss", "param_norm", "grad_norm")
+
+
+@jax.jit
+def first_nonfinite(first: jax.Array | None, metrics: dict, step) -> jax.Array:
+  """The first step whose FINITE_METRICS were not all finite, -1 while none: updated on
+  the device after every step (no host sync), read where the loop fetches metrics."""
+  finite = jnp.all(jnp.asarray([jnp.isfinite(metrics[k]) for k in FINITE_METRICS]))
+  now = jnp.where(finite, -1, step).astype(jnp.int32)
+  return now if first is None else jnp.where(first >= 0, first, now)
+
+
+def check_finite(first_bad: int, metrics: dict, step: int, mngr) -> None:
+  """Stops before a non-finite state can be checkpointed or evaluated: `first_bad` is
+  `first_nonfinite`'s step (-1: none), `metrics` the fetched ones of `step`."""
+  if first_bad < 0:
+    return
+  values = ", ".join(f"{k} {metrics[k]}" for k in FINITE_METRICS)
+  last = mngr.latest_step()
+  raise FloatingPointError(
+    f"non-finite {'/'.join(FINITE_METRICS)} first at step {first_bad} (at step {step}: "
+    f"{values}); stopping. The last good checkpoint "
+    f"({'none' if last is None else f'step {last}'}) is left as it was."
+  )
 
 
 def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
@@ -352,6 +370,7 @@ def train(config, workdir: str) -> dict:
   preemption = Preemption()
   speed = Throughput(config, start_step)
   metrics, fetched, evaluated, at_start, preempted = None, {}, {}, {}, False
+  first_bad = None  # first_nonfinite's device scalar
   if config.eval.at_start and start_step == 0:
     measured = evaluate_state(
       config, state, run, eval_step, vocabulary, step=0, workdir=workdir, writer=writer
@@ -371,12 +390,15 @@ def train(config, workdir: str) -> dict:
     while step < config.train.steps:
       state, metrics = compiled_step(state, batch)
       step += 1
+      first_bad = first_nonfinite(first_bad, metrics, step)
       preempted = preemption.reached(mngr, step)
       last = step == config.train.steps
       saving = last or preempted or step % config.train.checkpoint_every == 0
-      if saving or step % config.train.log_every == 0:
-        fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        check_finite(fetched, step, mngr)
+      eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or last)
+      if saving or eval_due or step % config.train.log_every == 0:
+        fetched, bad = jax.device_get((metrics, first_bad))
+        fetched = {k: float(v) for k, v in fetched.items()}
+        check_finite(int(bad), fetched, step, mngr)
         if step % config.train.log_every == 0 or last:
           rates = speed.measure(step)
           logging.info("%s", console_line(step, config.train.steps, fetched, rates))
@@ -385,7 +407,6 @@ def train(config, workdir: str) -> dict:
         checkpoint.save(mngr, state, data_position(config, shard_count, step))
       # A preempted run leaves within its grace period: no evaluation (a finished run's
       # final one runs when it is started again).
-      eval_due = config.train.eval_every and (step % config.train.eval_every == 0 or last)
       if eval_due and not preempted:
         evaluated = evaluate_state(
           config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
@@ -398,8 +419,8 @@ def train(config, workdir: str) -> dict:
       if not last:
         batch = next(batches)
   finally:
+    writer.flush()  # what was logged reaches TensorBoard whatever stopped the loop
     checkpoint.finish(mngr)
-  writer.flush()
   # Preempted at the last step: the export, like the final evaluation, is the finished
   # run's, written when it is started again (not within the grace period).
   if step >= config.train.steps and not preempted:

@@ -1,11 +1,15 @@
 """export.write: what it replaces and what it refuses to touch."""
 
+import json
+
 import ml_collections
 import numpy as np
 import pytest
 from jax.experimental import multihost_utils
+from tiny_runs import tiny_config
 
-from coca_jax import export
+from coca_jax import checkpoint, export
+from coca_jax import state as state_lib
 from configs import tiny
 
 
@@ -185,3 +189,27 @@ def test_an_output_under_a_file_is_an_error_before_writing(tmp_path):
   with pytest.raises(FileExistsError, match=r"out: .*afile is a file, not a directory"):
     export.write(params, config, str(tmp_path / "afile" / "sub" / "out"), "float32", None)
   assert (tmp_path / "afile").read_text() == "keep"
+
+
+@pytest.mark.slow  # ~10 s
+def test_an_older_checkpoint_is_exported_with_the_config_that_trained_it(tmp_path):
+  """A resume at step 3 that changed the config kept the old one as
+  config.before_step_3.json; `--step=3` exported step 3's weights under the new
+  config.json (a changed pooler mode or text mask would then be silently wrong)."""
+  config = tiny_config(6)
+  state = state_lib.create(config, state_lib.setup(config))
+  mngr = checkpoint.manager(str(tmp_path), config.train)
+  for step in (3, 6):
+    checkpoint.save(mngr, dict(state, step=np.int32(step)), dict(step=step, seed=0))
+  mngr.wait_until_finished()
+  mngr.close()
+  before = json.loads(config.to_json_best_effort())
+  before["eval"]["decode"]["beam_size"] = 7  # the run's config until its resume at step 3
+  (tmp_path / "config.before_step_3.json").write_text(json.dumps(before))
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  for step, beam in ((3, 7), (6, config.eval.decode.beam_size)):
+    out = tmp_path / f"export_{step}"
+    assert export.export_from_workdir(str(tmp_path), str(out), "float32", step) == (step, "float32")
+    assert json.loads((out / "config.json").read_text())["eval"]["decode"]["beam_size"] == beam
+  assert export.config_file_of_step(tmp_path, 2).name == "config.before_step_3.json"
+  assert export.config_file_of_step(tmp_path, 4).name == "config.json"

@@ -468,6 +468,21 @@ def test_a_loaded_temperature_outside_the_configured_range_is_named(source):
   assert float(state["params"]["log_inv_temperature"]) == pytest.approx(np.log(1 / 0.2))
 
 
+@pytest.mark.slow  # ~10 s
+def test_a_bfloat16_export_keeps_a_temperature_at_its_bound(source, tmp_path):
+  """Rounded to bfloat16, log(1 / 0.05) = 2.9957 became 3.0, tau 0.0498 < min 0.05: a run
+  whose temperature trained to its bound could not init_from its own bfloat16 export."""
+  config = tiny_config(3)
+  config.model.temperature.update(init=0.05, min=0.05)
+  state = state_lib.create(config, state_lib.setup(config))
+  export.write(state["params"], config, str(tmp_path / "export"), "bfloat16", None)
+  model, _ = export.load_model(str(tmp_path / "export"))
+  assert float(model.log_inv_temperature[...]) == np.float32(np.log(1 / 0.05))
+  config.train.init_from = str(tmp_path / "export")
+  loaded, _ = init_from.create(config, state_lib.setup(config))
+  assert float(loaded["params"]["log_inv_temperature"]) == np.float32(np.log(1 / 0.05))
+
+
 @pytest.mark.slow
 def test_frozen_parameters_stay_bitwise_while_the_others_move(source):
   config = finetune(source["root"] / "export")

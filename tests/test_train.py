@@ -203,6 +203,34 @@ def test_nan_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path):
   )
 
 
+def test_a_non_finite_step_between_log_steps_is_named_and_never_evaluated(tmp_path, monkeypatch):
+  """The check ran only at log and save steps and named the step it ran at: with
+  log_every=10 up to 9 steps ran on (and an evaluation could score) a NaN state."""
+  evaluated = []
+  monkeypatch.setattr(train, "evaluate_state", lambda *a, step, **k: evaluated.append(step) or {})
+  exploding = tiny_config(
+    12,
+    optim=dict(lr=1e37, warmup_fraction=0.0),
+    train=dict(log_every=10, checkpoint_every=10, eval_every=5),
+  )
+  with pytest.raises(FloatingPointError, match=r"first at step 1 \(at step 5: loss "):
+    train.train(exploding, str(tmp_path))
+  assert evaluated == [] and latest_step(tmp_path) is None
+
+
+def test_an_infinite_gradient_norm_stops_the_run():
+  """It left the parameters finite but Adafactor's second moment infinite: every later
+  update of that parameter was 0, and neither loss nor param_norm showed it."""
+  finite = dict(loss=1.0, param_norm=2.0, grad_norm=3.0)
+  first = train.first_nonfinite(None, finite, 1)
+  first = train.first_nonfinite(first, dict(finite, grad_norm=float("inf")), 2)
+  first = train.first_nonfinite(first, finite, 3)  # finite again: the first bad step stays
+  assert int(first) == 2
+  train.check_finite(-1, finite, 3, None)
+  with pytest.raises(FloatingPointError, match="first at step 2 .*grad_norm 3.0"):
+    train.check_finite(int(first), finite, 3, type("M", (), {"latest_step": lambda self: 0})())
+
+
 # `python -c REFUSING_MKDIR PREFIX MODULE ARGS...` runs `python -m MODULE ARGS...` with the
 # file system refusing to create directories named PREFIX... (as a disk turned read-only
 # would): Orbax's temporary directory of the checkpoint or export it names.
