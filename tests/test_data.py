@@ -113,26 +113,48 @@ def source_of_rows(batch):
   return is_grey(batch["image"])
 
 
-# (jft_style rate, local batch, JFT-style rows of shard 1 of 2 worked by hand): the global
-# 14 rows x 0.75 = 10.5 and x 0.25 = 3.5 floor to 10 + 3; the row left goes to the first
-# source (remainders tie): 11 JFT-style rows at (2j + 1) / 22 and 3 alt-text rows at
-# 1/6, 1/2, 5/6 of the global batch, JJAJJJJ | AJJJAJJ, so shard 1 holds 5 of them.
-@pytest.mark.parametrize("jft_rate, batch_size, jft_rows", [(0.5, 8, 4), (0.75, 7, 5)])
+# (jft_style rate, local batch, JFT-style rows of shard 1 of 2 at steps 0, 1, worked by
+# hand): the global 14 rows x 0.75 = 10.5 and x 0.25 = 3.5 floor to 10 + 3; the row left
+# goes to the first source (remainders tie): 11 JFT-style rows at (2j + 1) / 22 and 3
+# alt-text rows at 1/6, 1/2, 5/6 of the global batch, JJAJJJJ | AJJJAJJ: shard 1 takes the
+# second slice at even steps (5 JFT-style rows) and the first at odd ones (6).
+@pytest.mark.parametrize("jft_rate, batch_size, jft_rows", [(0.5, 8, (4, 4)), (0.75, 7, (5, 6))])
 def test_every_batch_holds_the_configured_counts_also_after_resume(
   data_dir, jft_rate, batch_size, jft_rows
 ):
   config = make_config(data_dir, jft_style=jft_rate, alt_text=1 - jft_rate)
   kwargs = dict(shard_index=1, num_shards=2, local_batch_size=batch_size)
   full = take(pipeline.batches(config, "train", **kwargs), 6)
-  resumed = take(pipeline.batches(config, "train", start_step=4, **kwargs), 2)
-  for batch in full + resumed:
-    assert source_of_rows(batch).sum() == jft_rows
-  # Each source fills the same positions at every step.
-  layouts = {tuple(source_of_rows(b)) for b in full + resumed}
-  assert len(layouts) == 1, layouts
-  for a, b in zip(full[4:], resumed):
+  resumed = take(pipeline.batches(config, "train", start_step=3, **kwargs), 3)
+  for step, batch in [*enumerate(full), *enumerate(resumed, 3)]:
+    assert source_of_rows(batch).sum() == jft_rows[step % 2], step
+  # Each source fills the same positions at every step of a parity.
+  for parity in (0, 1):
+    layouts = {tuple(source_of_rows(b)) for b in full[parity::2]}
+    assert len(layouts) == 1, layouts
+  for a, b in zip(full[3:], resumed):  # from an odd step: the skip counts 5 + 6 + 5 rows
     np.testing.assert_array_equal(a["image"], b["image"])
     np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+
+
+def test_every_shard_reads_its_part_of_each_source_at_the_same_rate():
+  """A shard took the same slice of the global layout at every step: with rates 0.9 / 0.1
+  over 8 hosts of 4 rows, 5 of the 8 hosts took no alt-text row ever, and their parts of
+  the alt-text data (seqio shards them) were never read; 1:1 over 2 hosts of 3 rows read
+  one host's JFT-style part twice as fast as the other's. Each slice now goes to every
+  shard in turn: every step holds the global counts, every shard the same over 8 steps."""
+  rates = dict(jft_style=0.9, alt_text=0.1)
+  global_counts = pipeline.source_counts(rates, 32)
+  assert global_counts == dict(jft_style=29, alt_text=3)
+  counts = np.asarray(
+    [
+      [list(pipeline.shard_counts(rates, 4, shard, 8, step).values()) for step in range(8)]
+      for shard in range(8)
+    ]
+  )  # [shard, step, source]
+  assert (counts.sum(axis=0) == [29, 3]).all()  # every step: the global batch's counts
+  assert (counts.sum(axis=1) == [29, 3]).all()  # every shard over 8 steps: the same
+  assert (counts[:, :, 1] == 0).all(axis=1).sum() == 0  # no shard skips alt-text for good
 
 
 def test_source_counts_round_by_largest_remainder_and_rates_are_checked(data_dir):

@@ -15,22 +15,26 @@ batch of B = num_shards b rows holds exactly N_i rows of source i, N_i = B rate_
 sum(rates) rounded by largest remainder (`source_counts`: floors, then one more row to
 the largest remainders, ties to the source first in preprocess.KINDS), so the counts sum
 to B; a source with rate 0, or whose rate rounds to 0 rows, is not read. Shard s's host
-batch holds n_i(s) of them (`shard_counts`: the rows of source i among positions
-[s b, (s + 1) b) of the global layout below), the same at every step, and the n_i(s)
-sum to N_i over the shards: the proportions do not depend on the number of hosts.
-Which positions of the batch each source fills is the same at every step
-(`batch_layout`): each source's rows spread evenly over the batch, so that any contiguous
-or strided slice of it (a device's rows, a gradient-accumulation micro-batch) mixes the
-sources too; the losses do not depend on the order, and a fixed layout needs no seed.
+batch at step t holds n_i(s, t) of them (`shard_counts`: the rows of source i among the
+positions of slice (s + t) mod S of the global layout below, S = num_shards): at every
+step the shards take every slice once, so the n_i(s, t) sum to N_i over the shards and
+the proportions do not depend on the number of hosts; over S steps each shard takes
+every slice once, so every shard reads its part of each source at the same rate, N_i
+rows per S steps (where the slices hold equal counts, the n_i(s, t) are the same at every
+step). Which positions of a host batch each source fills (`batch_layout` of its counts)
+spreads each source's rows evenly over it, so that any contiguous or strided slice of
+it (a device's rows, a gradient-accumulation micro-batch) mixes the sources too; the
+losses do not depend on the order, and the layouts need no seed.
 
 The pipeline of shard s, seed σ (config.data.seed; σ + 1 for "eval"), resuming at step k:
 
   rows of each source      seqio row task (coca_jax/data/tasks.py): the shard's rows,
                            unprocessed (encoded image bytes, text features), repeated,
                            shuffled in a buffer (seed σ)
-  -> skip(k n_i)           the resume: source i supplied exactly n_i rows per batch
+  -> skip                  the resume: before batch k source i supplied the sum of
+                           n_i(s, t) over t < k rows
   -> records               one structure for every source (preprocess.to_records)
-  -> mixture               choose_from_datasets with the batch layout, repeated
+  -> mixture               choose_from_datasets with the batch layouts, repeated
   -> enumerate(start=k b)  p: the row's position in the shard's sequence
   -> examples              decode, text, SentencePiece ids, crop/flip/normalize
                            (tasks.record_examples), seeds derived from (σ, s, p)
@@ -38,9 +42,9 @@ The pipeline of shard s, seed σ (config.data.seed; σ + 1 for "eval"), resuming
                            the same source
 
 Determinism: every random choice has a fixed seed (the row shuffle buffers) or is a
-stateless function of the position (the text and image augmentation), the layout is
-fixed, and tf.data runs deterministically, so the batch sequence is a pure function of
-(σ, shard).
+stateless function of the position (the text and image augmentation), the layouts are
+a function of the step, and tf.data runs deterministically, so the batch sequence is a
+pure function of (σ, shard).
 
 Per-host augmentation: the example seeds fold in the shard index, so the k-th examples of
 two hosts draw independent crops, flips, templates and label orders. The row stage keeps
@@ -50,9 +54,10 @@ then permute each host's own, disjoint rows.
 
 Resume: batch k is a function of positions [k b, (k + 1) b) of the shard's sequence alone:
 nothing after the row stage carries state across positions (seeds come from positions,
-the layout is the same at every step, the buffers hold unprocessed rows, and a rejected
-row is replaced within its batch instead of pulling in the next row). Before step k
-source i has supplied exactly k n_i rows, so each source's row stream skips that many
+the layouts are a function of the step, the buffers hold unprocessed rows, and a
+rejected row is replaced within its batch instead of pulling in the next row). Before
+step k source i has supplied exactly the sum of n_i(s, t) over t < k rows ((k // S) N_i
+and the counts of the last k mod S steps), so each source's row stream skips that many
 before any per-row function runs: skipped rows are read and pass through the shuffle
 buffer (about 10 µs a row for the demo), never converted, decoded or augmented; the
 result is bitwise the uninterrupted sequence. Reading is still proportional to k (the
@@ -139,16 +144,22 @@ def source_counts(rates, batch_size: int) -> dict[str, int]:
   return dict(zip(kinds, counts))
 
 
-def shard_counts(rates, local_batch_size: int, shard_index: int, num_shards: int) -> dict:
-  """{source: rows of shard `shard_index`'s host batch}: the global batch's counts
-  (`source_counts` of num_shards * local_batch_size rows) laid out over the global batch
-  (`batch_layout`), then cut into num_shards contiguous host batches, this shard taking
-  the slice at its index. The counts over all shards sum to the global counts, so the
-  mixture's proportions do not depend on the number of shards (rates 1:1 over 2 hosts of
-  3 rows: 2 + 1 and 1 + 2 rows, 3:3 globally, where rounding per host gave 4:2)."""
+def shard_counts(
+  rates, local_batch_size: int, shard_index: int, num_shards: int, step: int = 0
+) -> dict:
+  """{source: rows of shard `shard_index`'s host batch at `step`}: the global batch's
+  counts (`source_counts` of num_shards * local_batch_size rows) laid out over the global
+  batch (`batch_layout`), then cut into num_shards contiguous slices, this shard taking
+  slice (shard_index + step) mod num_shards. At every step the shards take every slice
+  once, so each global batch holds the global counts exactly (rates 1:1 over 2 hosts of 3
+  rows: 2 + 1 and 1 + 2 rows, 3:3 globally, where rounding per host gave 4:2); over
+  num_shards steps each shard takes every slice once, so each reads its part of every
+  source at the same rate (a fixed slice read one shard's part of a source twice as
+  often as another's, and a shard whose slice held none of it never read its part)."""
   counts = source_counts(rates, local_batch_size * num_shards)
   layout = batch_layout(list(counts.values()))
-  mine = layout[shard_index * local_batch_size : (shard_index + 1) * local_batch_size]
+  start = (shard_index + step) % num_shards * local_batch_size
+  mine = layout[start : start + local_batch_size]
   return dict(zip(counts, np.bincount(mine, minlength=len(counts)).tolist()))
 
 
@@ -173,23 +184,30 @@ def records(
   start_step: int,
 ):
   """The shard's endless record sequence from batch `start_step` on, as (position,
-  record), and the batch layout: [b] index into `names` of each position's source (see
-  the module docstring)."""
-  counts = shard_counts(data_config.rates, local_batch_size, shard_index, num_shards)
+  record), and the batch layouts: layouts[t % num_shards] is batch t's, [b] index into
+  `names` of each position's source (see the module docstring)."""
+  # period[j]: the counts of the batches t with t % num_shards == j (`shard_counts`).
+  period = [
+    shard_counts(data_config.rates, local_batch_size, shard_index, num_shards, j)
+    for j in range(num_shards)
+  ]
+  totals = {kind: sum(c[kind] for c in period) for kind in period[0]}  # the global counts
   sources = [
-    (kind, task, counts[kind]) for kind, task, _ in tasks.row_tasks(data_config) if counts[kind]
+    (kind, task, totals[kind]) for kind, task, _ in tasks.row_tasks(data_config) if totals[kind]
   ]
   for kind, rate in dict(data_config.rates).items():
-    if rate > 0 and not counts[kind]:
+    if rate > 0 and not totals[kind]:
       logging.warning(
-        "config.data.rates gives %s (rate %s) 0 of the %d rows of shard %d's batch: not read",
+        "config.data.rates gives %s (rate %s) 0 of the %d rows of the global batch: not read",
         kind,
         rate,
-        local_batch_size,
-        shard_index,
+        local_batch_size * num_shards,
       )
   names = [kind for kind, _, _ in sources]
-  skips = [start_step * n for _, _, n in sources]
+  # Before batch k source i supplied N_i rows per num_shards batches, then the counts of
+  # the batches since the last whole period.
+  cycles, rest = divmod(start_step, num_shards)
+  skips = [cycles * n + sum(period[j][kind] for j in range(rest)) for kind, _, n in sources]
   if start_step:
     logging.info(
       "input pipeline: resuming at step %d of shard %d, skipping rows %s of %s",
@@ -211,10 +229,12 @@ def records(
       trim_output_features=False,
     )
     streams.append(preprocess.to_records(rows.skip(skip), kind))
-  layout = batch_layout([n for _, _, n in sources])
-  selector = tf.data.Dataset.from_tensor_slices(layout).repeat()
+  layouts = [batch_layout([counts[kind] for kind in names]) for counts in period]
+  # Batches start_step, start_step + 1, ...: the period's layouts from start_step's on.
+  order = [layouts[(start_step + t) % num_shards] for t in range(num_shards)]
+  selector = tf.data.Dataset.from_tensor_slices(np.concatenate(order)).repeat()
   ds = tf.data.Dataset.choose_from_datasets(streams, selector)
-  return ds.enumerate(start=start_step * local_batch_size), layout, names
+  return ds.enumerate(start=start_step * local_batch_size), layouts, names
 
 
 def _dataset(
@@ -227,13 +247,14 @@ def _dataset(
   start_step: int,
   contract: tokens.Contract = tokens.PAPER,
 ):
-  """(batched rows, the batch layout, the names of its sources)."""
+  """(batched rows, the batch layouts by step modulo num_shards, the names of its
+  sources)."""
   if data_config.data_dir == "":
     raise ValueError(
       "config.data.data_dir is empty: resolve the config first (coca_jax.data.loader.resolve)"
     )
   tf.config.set_visible_devices([], "GPU")  # tf.data only; accelerators belong to JAX
-  ds, layout, names = records(
+  ds, layouts, names = records(
     data_config, split, shard_index, num_shards, seed, local_batch_size, start_step
   )
   example = tasks.record_examples(data_config, train=split == "train")
@@ -249,7 +270,7 @@ def _dataset(
 
   ds = ds.map(to_row, num_parallel_calls=data_config.num_parallel_calls)
   ds = ds.batch(local_batch_size, drop_remainder=True)
-  return ds.with_options(tasks.dataset_options(data_config)).prefetch(2), layout, names
+  return ds.with_options(tasks.dataset_options(data_config)).prefetch(2), layouts, names
 
 
 def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
@@ -277,13 +298,13 @@ def _numpy_batches(
   ds: tf.data.Dataset,
   start_step: int,
   max_len: int,
-  layout: np.ndarray,
+  layouts: list[np.ndarray],
   names,
   contract: tokens.Contract = tokens.PAPER,
 ) -> Iterator[dict]:
   reported = dict(preprocess.BAD_DATA)
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
-    rows = replace_rejected(rows, step, layout, names)
+    rows = replace_rejected(rows, step, layouts[step % len(layouts)], names)
     text = tokens.model_text(rows["tokens"], rows["length"], max_len, contract)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
@@ -378,10 +399,10 @@ def batches(
   seqio_split, seed = (
     ("train", data_config.seed) if split == "train" else ("validation", data_config.seed + 1)
   )
-  ds, layout, names = _dataset(
+  ds, layouts, names = _dataset(
     data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, start_step, contract
   )
-  return _numpy_batches(ds, start_step, data_config.max_text_len, layout, names, contract)
+  return _numpy_batches(ds, start_step, data_config.max_text_len, layouts, names, contract)
 
 
 def bad_data_counts() -> dict:
