@@ -41,16 +41,18 @@ def caption(i: int) -> str:
   return f"emoji number {i} with a {['red', 'green', 'blue'][i % 3]} face"
 
 
+def _example(image_bytes: bytes | None, text: str) -> bytes:
+  """An alt-text tf.train.Example (without `image` for None)."""
+  feature = dict(caption=tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])))
+  if image_bytes is not None:
+    feature["image"] = tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes]))
+  return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
 def write_alt_text(path, rows):
   with tf.io.TFRecordWriter(path) as writer:
     for image_bytes, text in rows:
-      feature = dict(
-        image=tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_bytes])),
-        caption=tf.train.Feature(bytes_list=tf.train.BytesList(value=[text.encode()])),
-      )
-      writer.write(
-        tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-      )
+      writer.write(_example(image_bytes, text))
 
 
 @pytest.fixture(scope="module")
@@ -387,6 +389,55 @@ def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_
   assert captions == [f"good {i}" for i in range(5)]
   assert after.get(preprocess.UNDECODABLE, 0) - before.get(preprocess.UNDECODABLE, 0) == 2
   assert after.get(preprocess.EMPTY_TEXT, 0) - before.get(preprocess.EMPTY_TEXT, 0) == 1
+
+
+def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path, data_dir):
+  """Captions of no-break, zero-width or ideographic spaces passed the ASCII blank check
+  and trained as empty texts ([BOS] -> [EOS]); an Example without `image` stopped the
+  pipeline with an InvalidArgumentError."""
+  good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(3)]
+  invisible = [(good[0][0], text) for text in ("\u00a0", "\u200b", "\u3000 ", "\ufeff")]
+  with tf.io.TFRecordWriter(str(tmp_path / "bad.tfrecord")) as writer:
+    for image_bytes, text in good[:1] + invisible + good[1:]:
+      writer.write(_example(image_bytes, text))
+    writer.write(_example(None, "an example without its image"))
+  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.alt_text.files = str(tmp_path / "bad.tfrecord")
+  before = pipeline.bad_data_counts()
+  captions = shard_captions(config, 0, 1)
+  after = pipeline.bad_data_counts()
+  assert captions == [f"good {i}" for i in range(3)]
+  assert after.get(preprocess.EMPTY_TEXT, 0) - before.get(preprocess.EMPTY_TEXT, 0) == 4
+  assert after.get(preprocess.UNDECODABLE, 0) - before.get(preprocess.UNDECODABLE, 0) == 1
+  # Of an image's captions, an invisible one is never the one drawn.
+  captions = tf.constant(["\u00a0", "\u200b ", "a cat", "\u3000"])
+  drawn = {preprocess.alt_caption(captions, tf.constant([i, 7])).numpy() for i in range(20)}
+  assert drawn == {b"a cat"}
+
+
+@pytest.mark.parametrize(
+  "key, value, message",
+  [
+    ("jft_style.templates", ("a photo of the {}.", "a photo"), r"'a photo' needs exactly one \{\}"),
+    ("jft_style.templates", ("{} and {}",), "needs exactly one"),
+    ("jft_style.templates", (), "need a tuple of templates"),
+    ("image.crop_area", (1.0, 0.5), r"crop_area=\(1.0, 0.5\): need 0 < low <= high <= 1"),
+    ("image.crop_area", (0.0, 1.0), "crop_area"),
+    ("image.crop_aspect", (0.0, 1.0), "crop_aspect"),
+    ("image.std", (0.5, 0.0, 0.5), "every std must be > 0"),
+    ("image.mean", (0.5, 0.5), "need 3 finite numbers"),
+  ],
+)
+def test_augmentation_and_template_settings_are_checked_before_training(key, value, message):
+  """A template without {} failed inside TensorFlow at whichever step drew it; a reversed
+  crop_area turned cropping off silently; std 0 made every pixel infinite."""
+  from coca_jax import train
+
+  config = tiny.get_config()
+  section, name = key.split(".")
+  config.data[section][name] = value
+  with pytest.raises(ValueError, match=rf"config.data.{key}.*{message}|{message}"):
+    train.check_config(config)
 
 
 def test_decode_rgb_composites_alpha_on_white_and_expands_grey():

@@ -33,6 +33,7 @@ Every example, from a Task or from the pipeline, has the features
 
 import collections
 import logging
+import re
 
 import numpy as np
 import seqio
@@ -59,10 +60,22 @@ KINDS = ("jft_style", "alt_text")
 TEXT_KEYS = {"jft_style": "label_names", "alt_text": "caption"}
 
 
+# What a text may hold and still be blank: Unicode white space (no-break and ideographic
+# spaces too) and format characters (zero-width space and joiners, BOM, soft hyphen),
+# which SentencePiece's normalisation removes. Python's pattern, then RE2's (TensorFlow).
+_BLANK = re.compile(r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]*")
+_BLANK_RE2 = r"[\s\p{Z}\p{Cf}]*"
+
+
+def is_blank(text: bytes) -> bool:
+  """Whether a text (UTF-8 bytes) holds nothing but `_BLANK` characters."""
+  return bool(_BLANK.fullmatch(text.decode("utf-8", "replace")))
+
+
 def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:
   """numpy side of `decode`: (image or a 1x1 placeholder, keep?)."""
   CALLS["decode"] += 1
-  if not any(part.strip() for part in np.atleast_1d(text_parts)):
+  if all(is_blank(part) for part in np.atleast_1d(text_parts)):
     BAD_DATA[EMPTY_TEXT] += 1
     return np.zeros((1, 1, 3), np.uint8), False
   try:
@@ -133,7 +146,8 @@ def alt_caption(captions: tf.Tensor, seed=None) -> tf.Tensor:
   with `seed` one of the non-blank captions drawn uniformly; "" when all are blank (a
   row `decode` rejects)."""
   captions = tf.strings.strip(tf.reshape(captions, [-1]))
-  candidates = tf.boolean_mask(captions, tf.strings.length(captions) > 0)
+  blank = tf.strings.regex_full_match(captions, _BLANK_RE2)
+  candidates = tf.boolean_mask(captions, tf.logical_not(blank))
   count = tf.shape(candidates)[0]
   if seed is None:
     index = tf.constant(0, tf.int32)

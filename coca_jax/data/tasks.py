@@ -33,6 +33,7 @@ zero-shot eval can score classes the model never trained on.
 
 import functools
 import itertools
+import math
 import os
 from typing import Iterator
 
@@ -48,7 +49,8 @@ EVAL_MIXTURE = "coca_mixture_eval"
 EVAL_SUFFIX = "_eval"
 ROWS_SUFFIX = "_rows"
 TF_EXAMPLE_FEATURES = {
-  "image": tf.io.FixedLenFeature([], tf.string),
+  # A missing image reads as b"": an undecodable, counted row (it stopped the pipeline).
+  "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
   # One value per caption of the image: [n] strings (n may differ between Examples).
   "caption": tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
 }
@@ -116,6 +118,36 @@ def row_features(kind: str) -> dict:
       rank=1,  # label names / captions
     ),
   }
+
+
+def check_options(data_config) -> None:
+  """ValueError naming the config key for augmentation and text settings that TensorFlow
+  would reject only at a batch (a template drawn at random: any step) or accept silently:
+  a reversed crop_area turned cropping off, std 0 made every pixel inf."""
+  image = data_config.image
+  area, aspect = tuple(image.crop_area), tuple(image.crop_aspect)
+  if len(area) != 2 or not 0 < area[0] <= area[1] <= 1:
+    raise ValueError(f"config.data.image.crop_area={area}: need 0 < low <= high <= 1")
+  if len(aspect) != 2 or not 0 < aspect[0] <= aspect[1]:
+    raise ValueError(f"config.data.image.crop_aspect={aspect}: need 0 < low <= high")
+  for key in ("mean", "std"):
+    values = tuple(image[key])
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+      raise ValueError(f"config.data.image.{key}={values}: need 3 finite numbers (R, G, B)")
+  if min(image.std) <= 0:
+    raise ValueError(f"config.data.image.std={tuple(image.std)}: every std must be > 0")
+  templates = data_config.jft_style.templates
+  if isinstance(templates, str) or not templates:
+    raise ValueError(
+      f"config.data.jft_style.templates={templates!r}: need a tuple of templates, each with "
+      "one {} for the label names"
+    )
+  for template in templates:
+    if template.count("{}") != 1:
+      raise ValueError(
+        f"config.data.jft_style.templates: {template!r} needs exactly one {{}} for the label "
+        "names (the text is the template's text before it, the names, then the text after)"
+      )
 
 
 def train_image_options(data_config) -> dict:
@@ -320,6 +352,7 @@ def register(data_config) -> tuple[str, str]:
   key = data_config.to_json_best_effort(sort_keys=True)
   if _registered["config"] == key:
     return MIXTURE, EVAL_MIXTURE
+  check_options(data_config)
   check_held_out(data_config)
   features = output_features(data_config.vocab_path)
   train_tasks, eval_tasks = [], []

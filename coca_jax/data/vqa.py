@@ -51,8 +51,9 @@ DEMO_DIR = "vqa_demo"
 EVAL_ROWS = 512
 DEMO_SPLITS = {"train": "train.tfrecord", "validation": "validation.tfrecord"}
 FEATURES = {
-  "image": tf.io.FixedLenFeature([], tf.string),
-  "question": tf.io.FixedLenFeature([], tf.string),
+  # Missing: b"", a row the pipeline rejects and counts (it stopped the pipeline).
+  "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  "question": tf.io.FixedLenFeature([], tf.string, default_value=""),
   "answers": tf.io.VarLenFeature(tf.string),
 }
 FASHION_QUESTIONS = ("what is this?", "which category is this?")
