@@ -381,14 +381,21 @@ def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_
     good[:2] + [(bad_png, "broken image"), (good[2][0], "  "), (b"not an image", "junk")] + good[2:]
   )
   write_alt_text(str(tmp_path / "bad.tfrecord"), rows)
+  captions, rejected = captions_and_rejections(data_dir, str(tmp_path / "bad.tfrecord"))
+  assert captions == [f"good {i}" for i in range(5)]
+  assert rejected == {preprocess.UNDECODABLE: 2, preprocess.EMPTY_TEXT: 1}
+
+
+def captions_and_rejections(data_dir, files: str) -> tuple[list[str], dict]:
+  """The captions an alt-text-only Task keeps of `files`, and the rows it rejected (the
+  change of preprocess.BAD_DATA by reason)."""
   config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
-  config.alt_text.files = str(tmp_path / "bad.tfrecord")
+  config.alt_text.files = files
   before = pipeline.bad_data_counts()
   captions = shard_captions(config, 0, 1)
   after = pipeline.bad_data_counts()
-  assert captions == [f"good {i}" for i in range(5)]
-  assert after.get(preprocess.UNDECODABLE, 0) - before.get(preprocess.UNDECODABLE, 0) == 2
-  assert after.get(preprocess.EMPTY_TEXT, 0) - before.get(preprocess.EMPTY_TEXT, 0) == 1
+  reasons = (preprocess.UNDECODABLE, preprocess.EMPTY_TEXT)
+  return captions, {k: after.get(k, 0) - before.get(k, 0) for k in reasons}
 
 
 def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path, data_dir):
@@ -401,14 +408,9 @@ def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path
     for image_bytes, text in good[:1] + invisible + good[1:]:
       writer.write(_example(image_bytes, text))
     writer.write(_example(None, "an example without its image"))
-  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
-  config.alt_text.files = str(tmp_path / "bad.tfrecord")
-  before = pipeline.bad_data_counts()
-  captions = shard_captions(config, 0, 1)
-  after = pipeline.bad_data_counts()
+  captions, rejected = captions_and_rejections(data_dir, str(tmp_path / "bad.tfrecord"))
   assert captions == [f"good {i}" for i in range(3)]
-  assert after.get(preprocess.EMPTY_TEXT, 0) - before.get(preprocess.EMPTY_TEXT, 0) == 4
-  assert after.get(preprocess.UNDECODABLE, 0) - before.get(preprocess.UNDECODABLE, 0) == 1
+  assert rejected == {preprocess.UNDECODABLE: 1, preprocess.EMPTY_TEXT: 4}
   # Of an image's captions, an invisible one is never the one drawn.
   captions = tf.constant(["\u00a0", "\u200b ", "a cat", "\u3000"])
   drawn = {preprocess.alt_caption(captions, tf.constant([i, 7])).numpy() for i in range(20)}
