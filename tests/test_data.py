@@ -249,6 +249,26 @@ def shard_captions(config, index, num_shards):
   return [row["text_pretokenized"].decode() for row in ds.as_numpy_iterator()]
 
 
+def test_a_file_count_the_shards_do_not_divide_is_named(tmp_path, data_dir, caplog):
+  """seqio shards by whole files: 3 files over 2 hosts read one file's examples twice as
+  often as the other two's, silently."""
+  rows = [(png(np.full((8, 8, 3), 20 * i, np.uint8)), f"caption {i}") for i in range(6)]
+  for i in range(3):
+    write_alt_text(str(tmp_path / f"alt-{i}.tfrecord"), rows[2 * i : 2 * i + 2])
+  config = make_config(data_dir)
+  config.alt_text.files = str(tmp_path / "alt-*.tfrecord")
+  kwargs = dict(num_shards=2, local_batch_size=4)
+  with caplog.at_level("WARNING"):
+    next(pipeline.batches(config, "train", shard_index=0, **kwargs))
+  assert "alt_text_rows: 3 files over 2 data shards" in caplog.text
+  assert "jft_style_rows" not in caplog.text  # 1 file: seqio shards its rows instead
+  caplog.clear()
+  config.alt_text.files = str(tmp_path / "alt-[01].tfrecord")
+  with caplog.at_level("WARNING"):
+    next(pipeline.batches(config, "train", shard_index=0, **kwargs))
+  assert "files over" not in caplog.text
+
+
 @pytest.mark.parametrize("num_shards", [2, 3])
 def test_host_shards_are_disjoint_and_cover_the_data(data_dir, num_shards):
   config = make_config(data_dir)

@@ -204,6 +204,9 @@ def records(
         local_batch_size * num_shards,
       )
   names = [kind for kind, _, _ in sources]
+  if shard_index == 0 and num_shards > 1:
+    for _, task, _ in sources:
+      _warn_of_uneven_files(task, split, num_shards)
   # Before batch k source i supplied N_i rows per num_shards batches, then the counts of
   # the batches since the last whole period.
   cycles, rest = divmod(start_step, num_shards)
@@ -235,6 +238,25 @@ def records(
   selector = tf.data.Dataset.from_tensor_slices(np.concatenate(order)).repeat()
   ds = tf.data.Dataset.choose_from_datasets(streams, selector)
   return ds.enumerate(start=start_step * local_batch_size), layouts, names
+
+
+def _warn_of_uneven_files(task, split: str, num_shards: int) -> None:
+  """seqio shards a source by whole files when it has at least as many as there are data
+  shards: with a file count that num_shards does not divide, some shards hold one file
+  more than others, and every shard reads at the same rate, so the examples of the
+  smaller shards are read more often (3 files over 2 shards: one file's examples twice
+  as often as the other two's)."""
+  files = len(task.source.list_shards(split))
+  if files >= num_shards and files % num_shards:
+    logging.warning(
+      "%s: %d files over %d data shards; seqio shards by whole files, so %d shards hold "
+      "one file more, and the others' examples are read more often. A file count that "
+      "the number of data shards divides (or files of about equal size) evens it out",
+      task.name,
+      files,
+      num_shards,
+      files % num_shards,
+    )
 
 
 def _dataset(
