@@ -647,6 +647,32 @@ def test_held_out_classes_never_reach_training(data_dir):
     tasks.register(config)
 
 
+def test_a_classification_dataset_without_label_names_takes_its_class_label_names(data_dir):
+  """The JFT-style source needed the demo's own `label_names` feature: a plain TFDS
+  classification dataset (a `label` ClassLabel: cifar10, food101, ...) failed at the
+  first batch with seqio's "missing expected output feature ... label_names", and a
+  version-less tfds_name with held-out classes with "not enough values to unpack"."""
+  config = make_config(data_dir)
+  config.jft_style.tfds_name = "coca_fashion_mnist"  # no version: the newest prepared
+  names = tasks.label_names(config)
+  assert names[:2] == ["t-shirt", "trousers"] and len(names) == 10
+  rows = tf.data.Dataset.from_tensor_slices({"label": [1, 0, 9]})
+  got = [
+    r["label_names"].tolist() for r in tasks.with_label_names(rows, config).as_numpy_iterator()
+  ]
+  assert got == [[b"trousers"], [b"t-shirt"], [b"ankle boot"]]
+  multi = tf.data.Dataset.from_tensor_slices({"label": [[1, 9]]})  # Sequence(ClassLabel)
+  assert next(iter(tasks.with_label_names(multi, config)))["label_names"].numpy().tolist() == [
+    b"trousers",
+    b"ankle boot",
+  ]
+  named = tf.data.Dataset.from_tensor_slices({"label_names": [["a", "b"]]})
+  assert tasks.with_label_names(named, config) is named  # the source's own names
+  unlabelled = tf.data.Dataset.from_tensor_slices({"image": [b""], "caption": [b"x"]})
+  with pytest.raises(ValueError, match=r"tfds_name='coca_fashion_mnist' has neither"):
+    tasks.with_label_names(unlabelled, config)
+
+
 @pytest.mark.timeout(120)  # the stream it checks used to be endless: a hang, not a failure
 def test_a_shard_of_held_out_rows_only_ends_its_stream(data_dir, uniform_dir):
   """Every row of uniform_dir is class 0: holding that class out leaves the shard

@@ -35,12 +35,14 @@ import functools
 import itertools
 import math
 import os
+import re
 from typing import Iterator
 
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 from coca_jax.data import preprocess, vocab
 
@@ -211,20 +213,56 @@ def row_preprocessors(data_config, kind: str, *, train: bool) -> list:
   repeat would search an endless stream forever and hang every host."""
   if kind == "alt_text":
     return [preprocess.caption_list, seqio.CacheDatasetPlaceholder()]
+  names = functools.partial(with_label_names, data_config=data_config)
   held_out = tuple(data_config.jft_style.get("held_out_classes", ()))
   if train and held_out:
     return [
+      names,
       functools.partial(preprocess.drop_labels, names=held_out),
       seqio.CacheDatasetPlaceholder(),
     ]
-  return [seqio.CacheDatasetPlaceholder()]
+  return [names, seqio.CacheDatasetPlaceholder()]
+
+
+def with_label_names(dataset: tf.data.Dataset, data_config) -> tf.data.Dataset:
+  """JFT-style rows with `label_names` ([n] strings, the text's names): the source's own
+  (the demo's: a class and its category), else the name of the `label` ClassLabel of a
+  plain classification dataset (cifar10, food101, ... : [names[label]]); neither is an
+  error naming config.data.jft_style.tfds_name (it was seqio's "missing expected output
+  feature ... label_names" at the first batch)."""
+  spec = dataset.element_spec
+  if "label_names" in spec:
+    return dataset
+  key = f"config.data.jft_style.tfds_name={data_config.jft_style.tfds_name!r}"
+  if "label" not in spec:
+    raise ValueError(
+      f"{key} has neither `label_names` (strings) nor a `label` ClassLabel, one of which "
+      f"makes the JFT-style text; its features: {sorted(spec)}"
+    )
+  names = label_names(data_config)
+  logging.info("%s: texts from its `label` ClassLabel names (%s, ...)", key, names[:3])
+  table = tf.constant(names)
+  return dataset.map(
+    lambda row: {**row, "label_names": tf.reshape(tf.gather(table, row["label"]), [-1])},
+    num_parallel_calls=tf.data.AUTOTUNE,
+  )
 
 
 def label_names(data_config) -> list[str]:
-  """The ClassLabel names of the JFT-style source's `label` (a prepared TFDS dataset)."""
+  """The ClassLabel names of the JFT-style source's `label` (a prepared TFDS dataset;
+  `tfds_name` without ":version": its newest prepared version)."""
   c = data_config.jft_style
-  name, version = c.tfds_name.split(":")
-  builder = tfds.builder_from_directory(f"{tfds_data_dir(data_config, c)}/{name}/{version}")
+  name, _, version = c.tfds_name.partition(":")
+  root = epath.Path(tfds_data_dir(data_config, c)) / name
+  if not version:
+    listed = root.iterdir() if root.exists() else ()
+    versions = [p.name for p in listed if re.fullmatch(r"\d+\.\d+\.\d+", p.name)]
+    if not versions:
+      raise FileNotFoundError(
+        f"config.data.jft_style.tfds_name={c.tfds_name!r}: {root} holds no prepared version"
+      )
+    version = max(versions, key=lambda v: tuple(int(x) for x in v.split(".")))
+  builder = tfds.builder_from_directory(str(root / version))
   return list(builder.info.features["label"].names)
 
 
