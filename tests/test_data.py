@@ -800,3 +800,19 @@ def test_prepare_builds_under_the_lock(tmp_path, monkeypatch):
     prepare.prepare(str(root))
   with open(root / prepare.LOCK_FILE) as other:  # released on the way out
     fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_either_source_reading_a_demo_dataset_builds_the_demo_data():
+  """Only the JFT-style source decided: a run that replaced it (cifar10) and kept the
+  demo's alt-text source got no build on a fresh machine and failed on the missing
+  dataset; a version-less demo name was not recognised either."""
+  config = tiny.get_config().data
+  assert prepare.uses_demo_data(config)
+  config.jft_style.tfds_name = "cifar10"
+  assert prepare.uses_demo_data(config)  # the alt-text source is still coca_emoji
+  config.alt_text.files = "captions-*.tfrecord"
+  assert not prepare.uses_demo_data(config)
+  config.jft_style.tfds_name = "coca_fashion_mnist"  # any version
+  assert prepare.uses_demo_data(config)
+  config.jft_style.tfds_data_dir = "/elsewhere"
+  assert not prepare.uses_demo_data(config)

@@ -137,12 +137,16 @@ def _prepare(p: dict, vocab_size: int) -> None:
 
 
 def uses_demo_data(data_config) -> bool:
-  """Whether the config reads the demo's TFDS datasets from the default location."""
-  return (
-    data_config.jft_style.tfds_name in DEMO_DATASETS
-    and not data_config.jft_style.tfds_data_dir
-    and not data_config.alt_text.tfds_data_dir
-  )
+  """Whether either source reads one of the demo's TFDS datasets (any version) from the
+  default location (the JFT-style source alone decided: a run that replaced it and kept
+  the demo's alt-text source got no build, and failed on the missing dataset)."""
+  demo = {name.partition(":")[0] for name in DEMO_DATASETS}
+
+  def reads_demo(section, files=False) -> bool:
+    return not files and section.tfds_name.partition(":")[0] in demo and not section.tfds_data_dir
+
+  alt_text = data_config.alt_text
+  return reads_demo(data_config.jft_style) or reads_demo(alt_text, bool(alt_text.files))
 
 
 def ensure(data_config) -> None:
