@@ -24,8 +24,13 @@ def tpu_present() -> bool:
   return chips > 0
 
 
+def gpu_files() -> list[str]:
+  """This host's NVIDIA GPU device files (/dev/nvidia0, ...), one per GPU."""
+  return [path for pattern in GPU_FILES for path in glob.glob(pattern)]
+
+
 def present() -> bool:
   """Whether a TPU or GPU is attached, and JAX_PLATFORMS does not say cpu."""
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
     return False
-  return tpu_present() or any(glob.glob(pattern) for pattern in GPU_FILES)
+  return tpu_present() or bool(gpu_files())

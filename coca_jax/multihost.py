@@ -1,6 +1,7 @@
 """Multi-process start-up: `jax.distributed.initialize()` once, when the run spans processes."""
 
 import os
+import re
 
 import jax
 from absl import logging
@@ -8,22 +9,67 @@ from absl import logging
 from coca_jax import accelerators, console
 
 
+def _int_env(name: str) -> int:
+  return int(os.environ.get(name, "0") or 0)
+
+
 def _cluster_detected() -> bool:
-  """True on a TPU VM (TPU chips present) or in a multi-task SLURM job: JAX's own
-  auto-detection then finds the peers (TPU VM metadata, SLURM variables); on a
-  single-host TPU VM initialize() finds one process. libtpu alone proves nothing: it is
-  installed on CPU hosts too, to compile for TPU slices (coca_jax.aot)."""
+  """True on a TPU VM (TPU chips present), in a SLURM step of several tasks (srun) or an
+  Open MPI job of several ranks: JAX's own auto-detection then finds the peers (TPU VM
+  metadata, SLURM or Open MPI variables); on a single-host TPU VM initialize() finds one
+  process. libtpu alone proves nothing: it is installed on CPU hosts too, to compile for
+  TPU slices (coca_jax.aot). A SLURM allocation of several tasks whose process srun did
+  not start (python run in an `salloc` shell or an sbatch script) is one process, said
+  in a warning (JAX's detection failed there with "coordinator_address should be
+  defined"); MPICH-style launchers, which JAX does not detect, need the three flags."""
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1") or 1)
-  return len(tpu_hosts) > 1 or slurm_tasks > 1 or accelerators.tpu_present()
+  if _int_env("SLURM_NTASKS") > 1 and not _int_env("SLURM_STEP_NUM_TASKS"):
+    logging.warning(
+      "SLURM allocation of %s tasks, but srun did not start this process: it runs alone "
+      "(start the processes with srun or launch/gpu_multinode.sh)",
+      os.environ["SLURM_NTASKS"],
+    )
+  if _int_env("PMI_SIZE") > 1 and not _int_env("OMPI_COMM_WORLD_SIZE"):
+    raise ValueError(
+      f"launched as one of {os.environ['PMI_SIZE']} MPI ranks (PMI_SIZE), which JAX does not "
+      "detect: pass --coordinator_address, --num_processes and --process_id (every rank "
+      "would otherwise train alone into the same workdir)"
+    )
+  return (
+    len(tpu_hosts) > 1
+    or _int_env("SLURM_STEP_NUM_TASKS") > 1
+    or _int_env("OMPI_COMM_WORLD_SIZE") > 1
+    or accelerators.tpu_present()
+  )
+
+
+def slurm_local_device_ids() -> list[int] | None:
+  """The GPUs a process started by srun keeps: every GPU of its node when it is the only
+  task there (JAX's SLURM detection would keep GPU SLURM_LOCALID alone: `srun
+  --ntasks-per-node=1` trained on 1 of 8 GPUs per node, silently); None (JAX's choice,
+  one GPU per task) otherwise, or without GPUs."""
+  per_node = []
+  for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+    match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+    if match:
+      per_node += [int(match.group(1))] * int(match.group(2) or 1)
+  node = _int_env("SLURM_NODEID")
+  if node >= len(per_node) or per_node[node] != 1:
+    return None
+  visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+  gpus = len([g for g in visible.split(",") if g.strip()]) if visible else None
+  if gpus is None:
+    gpus = len(accelerators.gpu_files())
+  return list(range(gpus)) if gpus > 1 else None
 
 
 def initialize(
   coordinator_address: str | None, num_processes: int | None, process_id: int | None
 ) -> None:
   """Initialises JAX's distributed runtime from flags, or by auto-detection on TPU/SLURM."""
-  if coordinator_address or (num_processes or 1) > 1:
-    if coordinator_address is None or num_processes is None or process_id is None:
+  given = [coordinator_address, num_processes, process_id]
+  if any(flag is not None for flag in given):  # one alone was ignored
+    if any(flag is None for flag in given):
       raise ValueError("--coordinator_address, --num_processes and --process_id go together")
     # Explicit flags say everything: no cluster detection. Under SLURM it would also set
     # local_device_ids = [SLURM_LOCALID], one GPU per process whatever the launcher's
@@ -32,7 +78,7 @@ def initialize(
       coordinator_address, num_processes, process_id, cluster_detection_method="deactivate"
     )
   elif _cluster_detected():
-    jax.distributed.initialize()
+    jax.distributed.initialize(local_device_ids=slurm_local_device_ids())
   console.start_backends()
   logging.info(
     "process %d of %d; %d local devices, %d global devices (%s)",

@@ -11,6 +11,7 @@ import math
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -127,13 +128,53 @@ def mesh_shape(
   return tuple(sizes), f"config.mesh ({described}) over {num_devices} devices"
 
 
-def _lays_out(shape: tuple[int, ...], devices) -> bool:
-  """Whether `jax.make_mesh` can place `shape` on `devices` (their physical topology)."""
+def slice_count(devices) -> int:
+  """How many slices `devices` span: TPU slices joined over the data-centre network, or
+  the hosts of a multi-node GPU run (XLA gives each host its own slice index)."""
+  return len({getattr(d, "slice_index", 0) for d in devices})
+
+
+def device_array(shape: tuple[int, ...], devices, split_physical_axes: bool = False):
+  """`devices` as an array of `shape` ("data", "fsdp", "tensor") in the order of their
+  physical topology (jax.make_mesh's: ICI rings on a TPU slice; compile-only devices too).
+
+  Devices of several slices (multi-slice TPU, multi-node GPU), which jax.make_mesh
+  refuses ("does not support multi-slice topologies"): a hybrid mesh whose slice factor
+  lies on "data" (on "data" x "fsdp" where data alone is not a multiple of it), so that
+  only data parallelism crosses the slower network between slices. split_physical_axes:
+  lay out a shape whose axes are not products of whole physical axes (tensor=2 on a v4
+  slice), which jax.make_mesh refuses on v4, v5p and v6e (NotImplementedError otherwise).
+  """
+  from jax.experimental import mesh_utils
+
+  devices = list(devices)
+  slices = slice_count(devices)
+  if slices == 1:
+    if split_physical_axes:
+      return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.make_mesh(shape, MESH_AXES, devices=devices).devices
+  data, fsdp, tensor = shape
+  on_data = math.gcd(data, slices)
+  if fsdp % (slices // on_data):
+    raise MeshError(
+      f"mesh data={data} x fsdp={fsdp}: the {len(devices)} devices span {slices} slices "
+      f"(nodes), which data (or data x fsdp) must split into whole slices; set "
+      f"config.mesh.data to a multiple of {slices}"
+    )
+  dcn = (on_data, slices // on_data, 1)
+  ici = tuple(size // across for size, across in zip(shape, dcn))
+  return mesh_utils.create_hybrid_device_mesh(
+    ici, dcn, devices, allow_split_physical_axes=split_physical_axes
+  )
+
+
+def _lays_out(shape: tuple[int, ...], devices, split_physical_axes: bool = False) -> bool:
+  """Whether `device_array` can place `shape` on `devices` (their physical topology)."""
   if devices is None:
     return True
   try:
-    jax.make_mesh(shape, MESH_AXES, devices=list(devices))
-  except NotImplementedError:  # jax's words for "no assignment to the physical axes"
+    device_array(shape, devices, split_physical_axes)
+  except (NotImplementedError, MeshError):  # jax's words for "no physical assignment"
     return False
   return True
 
@@ -170,6 +211,9 @@ def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str, 
   # whatever the choice), the largest is kept and the batch check of the caller names the
   # batch size.
   candidates = [d for d in range(rest, 0, -1) if rest % d == 0]
+  # Devices of several slices (nodes): fsdp within one, data across them, where it can.
+  slices = 1 if devices is None else slice_count(devices)
+  candidates = [d for d in candidates if (rest // d) % slices == 0] or candidates
   dividing = [d for d in candidates if not needs.indivisible(shape(d))]
   if not dividing:  # only with rules splitting a parameter over "data" or several axes
     size, axes = needs.indivisible(shape(1))[0]
@@ -179,6 +223,10 @@ def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str, 
       f" split over mesh axes {axes}; set config.mesh.data, fsdp and tensor explicitly"
     )
   placed = [d for d in dividing if _lays_out((rest // d, d, tensor), devices)]
+  split = ""
+  if not placed:  # e.g. tensor=2 on a v4 slice, whose physical axes are 4 x 4 x 4
+    placed = [d for d in dividing if _lays_out((rest // d, d, tensor), devices, True)]
+    split = "; no split lays out on whole physical axes (an axis splits an ICI ring)"
   if not placed:
     raise MeshError(
       f"config.mesh ({described}): no data x fsdp split of {rest} devices lays out on their "
@@ -197,7 +245,7 @@ def _automatic(tensor: int, num_devices: int, needs: MeshNeeds, described: str, 
       f" and both lays out on the devices' topology and splits the batch of "
       f"{needs.batch_rows} rows into whole rows ({', '.join(map(str, skipped))} do not)"
     )
-  return (rest // fsdp, fsdp, tensor), why + f"; data={rest // fsdp} takes the rest"
+  return (rest // fsdp, fsdp, tensor), why + f"; data={rest // fsdp} takes the rest{split}"
 
 
 def make_mesh(mesh_config, devices=None, needs: MeshNeeds = MeshNeeds()) -> Mesh:
@@ -210,9 +258,16 @@ def make_mesh(mesh_config, devices=None, needs: MeshNeeds = MeshNeeds()) -> Mesh
   devices = jax.devices() if devices is None else list(devices)
   shape, _ = mesh_shape(mesh_config, len(devices), needs, devices)
   auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-  # jax.make_mesh orders the devices by the physical topology (ICI rings on TPU), also
-  # for the devices of a compile-only topology (AOT).
-  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  try:
+    array = device_array(shape, devices)
+  except NotImplementedError:  # not on whole physical axes: jax suggests splitting them
+    logging.warning(
+      "mesh %s: an axis is not a product of whole physical axes of the devices' topology; "
+      "laid out splitting a physical axis (its collectives cross ring segments)",
+      dict(zip(MESH_AXES, shape)),
+    )
+    array = device_array(shape, devices, split_physical_axes=True)
+  return Mesh(array, MESH_AXES, axis_types=auto)
 
 
 def check_divisible(params, shardings, mesh_config) -> None:

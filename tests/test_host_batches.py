@@ -7,6 +7,7 @@ are not contiguous; the expectations here come from the mesh's device array itse
 batch is split over ("data", "fsdp") in row-major order), not from the code under test.
 """
 
+import dataclasses
 import functools
 import importlib
 
@@ -209,3 +210,54 @@ def test_a_host_batch_the_mesh_cannot_split_is_named():
     sharding.global_batch(dict(x=np.zeros((12, 2))), mesh, SHARDING_RULES)
   with pytest.raises(ValueError, match="global batch 12 is not divisible by the 8 batch shards"):
     sharding.host_shard(mesh, SHARDING_RULES, 12)
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeGpu:
+  """A GPU of a multi-node run as XLA describes it: each host (boot id) is its own slice."""
+
+  id: int
+  process_index: int
+  slice_index: int
+  platform: str = "gpu"
+  device_kind: str = "NVIDIA H100 80GB HBM3"
+
+
+def test_a_multi_node_gpu_mesh_puts_the_nodes_on_data():
+  """jax.make_mesh refuses devices of several slices ("does not support multi-slice
+  topologies"), and XLA gives every GPU host its own slice: every multi-node GPU run
+  failed while building its mesh. Now a hybrid mesh, nodes along "data" (fsdp within a
+  node) where the sizes allow, data x fsdp where data alone cannot take them."""
+  devices = [FakeGpu(i, i // 8, i // 8) for i in range(16)]  # 2 nodes x 8 GPUs
+  shape, why = sharding.mesh_shape(mesh_config(-1, -1, 1), 16, sharding.MeshNeeds(), devices)
+  assert shape == (2, 8, 1), why  # the automatic mesh keeps fsdp inside a node
+  array = sharding.device_array((2, 8, 1), devices)
+  np.testing.assert_array_equal(
+    [[d.slice_index for d in row.ravel()] for row in array], [[0] * 8, [1] * 8]
+  )
+  # data=4: two data rows per node.
+  array = sharding.device_array((4, 4, 1), devices)
+  assert [{d.slice_index for d in row.ravel()} for row in array] == [{0}, {0}, {1}, {1}]
+  # data=1: fsdp spans both nodes (slower, but it runs).
+  array = sharding.device_array((1, 16, 1), devices)
+  assert [d.slice_index for d in array.ravel()] == [0] * 8 + [1] * 8
+  three = [FakeGpu(i, i // 4, i // 4) for i in range(12)]  # 3 nodes x 4 GPUs
+  with pytest.raises(
+    sharding.MeshError, match=r"span 3 slices .* config.mesh.data to a multiple of 3"
+  ):
+    sharding.device_array((2, 2, 3), three)
+
+
+@needs_libtpu
+def test_a_mesh_off_the_physical_axes_splits_them_with_a_warning(caplog):
+  """tensor=2 on a v4 slice (physical axes 4 x 4 x 4): the automatic mesh found no split
+  and said to set data and fsdp, which then raised jax's NotImplementedError (a traceback,
+  naming allow_split_physical_axes, which no config key sets)."""
+  devices = topology("v4:4x4x4")
+  shape, why = sharding.mesh_shape(mesh_config(-1, -1, 2), 64, sharding.MeshNeeds(), devices)
+  assert shape[2] == 2 and "splits an ICI ring" in why
+  with caplog.at_level("WARNING"):
+    mesh = sharding.make_mesh(mesh_config(2, 32, 1), devices)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 32, "tensor": 1}
+  assert "not a product of whole physical axes" in caplog.text
+  check_every_process(mesh, 128)

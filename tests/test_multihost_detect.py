@@ -3,6 +3,8 @@ never merely because libtpu is installed (CPU hosts install it to compile for po
 
 import glob
 
+import pytest
+
 from coca_jax import accelerators, multihost
 
 
@@ -34,9 +36,10 @@ def test_libtpu_alone_starts_no_cluster(tmp_path, monkeypatch):
 
 def test_slurm_job_or_tpu_worker_list(monkeypatch):
   monkeypatch.setattr(accelerators, "tpu_present", lambda: False)
-  monkeypatch.setenv("SLURM_NTASKS", "4")
+  monkeypatch.delenv("SLURM_NTASKS", raising=False)
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")  # a process srun started
   assert multihost._cluster_detected()
-  monkeypatch.setenv("SLURM_NTASKS", "1")
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
   assert multihost._cluster_detected()
   monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
@@ -64,3 +67,62 @@ def test_explicit_flags_under_slurm_keep_every_local_gpu(tmp_path):
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert "visible all" in out.stdout, out.stdout
+
+
+def slurm_env(monkeypatch, **values):
+  for name in (
+    "SLURM_NTASKS",
+    "SLURM_STEP_NUM_TASKS",
+    "SLURM_STEP_TASKS_PER_NODE",
+    "SLURM_NODEID",
+    "CUDA_VISIBLE_DEVICES",
+    "PMI_SIZE",
+    "OMPI_COMM_WORLD_SIZE",
+    "TPU_WORKER_HOSTNAMES",
+  ):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in values.items():
+    monkeypatch.setenv(name, value)
+
+
+def test_a_slurm_allocation_without_srun_runs_one_process(monkeypatch, caplog):
+  """In an `salloc -n 4` shell (or an sbatch script running python itself) SLURM_NTASKS
+  describes the allocation, not the processes started: JAX's detection then failed with
+  "coordinator_address should be defined"."""
+  monkeypatch.setattr(accelerators, "tpu_present", lambda: False)
+  slurm_env(monkeypatch, SLURM_NTASKS="4")
+  with caplog.at_level("WARNING"):
+    assert not multihost._cluster_detected()
+  assert "srun did not start this process: it runs alone" in caplog.text
+  slurm_env(monkeypatch, SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4")
+  assert multihost._cluster_detected()
+  slurm_env(monkeypatch, OMPI_COMM_WORLD_SIZE="16")  # JAX detects Open MPI itself
+  assert multihost._cluster_detected()
+  slurm_env(monkeypatch, PMI_SIZE="16")  # MPICH: every rank trained alone, same workdir
+  with pytest.raises(ValueError, match="16 MPI ranks .* pass --coordinator_address"):
+    multihost._cluster_detected()
+
+
+def test_srun_with_one_task_per_node_keeps_every_gpu(monkeypatch):
+  """JAX's SLURM detection narrows a process to GPU SLURM_LOCALID: `srun
+  --ntasks-per-node=1` on 8-GPU nodes trained on 1 GPU per node, silently."""
+  slurm_env(
+    monkeypatch,
+    SLURM_STEP_TASKS_PER_NODE="1(x4)",
+    SLURM_NODEID="2",
+    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
+  )
+  assert multihost.slurm_local_device_ids() == list(range(8))
+  slurm_env(monkeypatch, SLURM_STEP_TASKS_PER_NODE="8(x2)", SLURM_NODEID="1")
+  assert multihost.slurm_local_device_ids() is None  # one task per GPU: JAX's choice
+  slurm_env(monkeypatch, SLURM_STEP_TASKS_PER_NODE="2,1", SLURM_NODEID="1")
+  monkeypatch.setattr(accelerators, "gpu_files", lambda: [f"/dev/nvidia{i}" for i in range(4)])
+  assert multihost.slurm_local_device_ids() == [0, 1, 2, 3]
+  slurm_env(monkeypatch)  # not under srun
+  assert multihost.slurm_local_device_ids() is None
+
+
+def test_one_multi_process_flag_alone_is_an_error():
+  """--process_id=3 alone was ignored: the process ran as process 0 of 1."""
+  with pytest.raises(ValueError, match="go together"):
+    multihost.initialize(None, None, 3)
