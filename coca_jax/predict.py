@@ -146,7 +146,11 @@ class Predictor:
       jax.make_array_from_callback(x.shape, NamedSharding(self.mesh, spec), lambda i, x=x: x[i])
       for x, spec in zip(batch, specs)
     ]
-    return multihost_utils.process_allgather(fn(self.params, *placed), tiled=True)
+    # Traced (on the first call) under the rules, as the train step is: without them the
+    # model's sharding constraints on activations are no-ops (sharding.constrain).
+    with nnx.logical_axis_rules(self.config.sharding_rules):
+      out = fn(self.params, *placed)
+    return multihost_utils.process_allgather(out, tiled=True)
 
   def embed_images(self, images: np.ndarray) -> np.ndarray:
     """images [N, S, S, 3] float32 (preprocessed) -> L2-normalised [N, E] float32."""

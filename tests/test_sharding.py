@@ -190,3 +190,30 @@ def test_setup_resolves_the_automatic_mesh_from_the_model():
   run = state_lib.setup(c, jax.devices())
   assert dict(run.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   assert "gcd: 36" in run.mesh_reason
+
+
+def test_the_predictor_keeps_the_models_sharding_constraints_on_a_mesh(monkeypatch):
+  """Evaluations on the training mesh traced the model without the logical-axis rules,
+  so every activation constraint (sharding.constrain) was a no-op there, unlike in the
+  train step; the embeddings are the same either way."""
+  from coca_jax import predict
+  from coca_jax.models import coca
+
+  config = configured((2, 4, 1))
+  model = coca.build(config.model, seed=0)
+  images = np.random.default_rng(0).normal(size=(8, 16, 16, 3)).astype(np.float32)
+  plain = predict.Predictor(model, config, None, 8).embed_images(images)
+  active = []
+  constrain = sharding.constrain
+
+  def recording(x, logical_axes):
+    active.append(bool(sharding.flax_spmd.get_logical_axis_rules()))
+    return constrain(x, logical_axes)
+
+  monkeypatch.setattr(sharding, "constrain", recording)
+  predict._compiled.cache_clear()  # trace afresh
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    on_mesh = predict.Predictor(model, config, None, 8, mesh=mesh).embed_images(images)
+  assert active and all(active)
+  np.testing.assert_allclose(on_mesh, plain, atol=1e-5)
