@@ -327,15 +327,20 @@ def test_coco_and_flickr_recipes(run_main, bicubic_export, tmp_path):
 def test_an_image_without_a_caption_is_skipped_and_counted(tmp_path, caplog):
   """It was an image->text query with no possible match (a sure miss of R@K) and, with
   captioning on, "image 1 has no reference captions" after the whole split was decoded."""
-  files = _flickr_files(tmp_path, [["a cat"], ["", "  "], ["a dog", "dog"], ["a bird"]], seed=2)
+  captions = [["a cat"], ["", "  "], ["a dog", "dog", "\u200b"], ["\u00a0"], ["a bird"]]
+  files = _flickr_files(tmp_path, captions, seed=2)
   config = tiny.get_config()
   config.eval.benchmarks.flickr30k_files = files
-  config.eval.num_examples = 2  # the first two images that have a caption
+  config.eval.num_examples = 3  # the first three images that have a caption
   with caplog.at_level("WARNING"):
     batches = list(benchmarks.batches(benchmarks.BENCHMARKS["flickr30k"], config))
-  assert [c for b in batches for c in b["captions"]] == [["a cat"], ["a dog", "dog"]]
-  assert sum(len(b["image"]) for b in batches) == 2
-  assert "benchmark flickr30k: 1 images of split 'test' skipped" in caplog.text
+  # Blank by the rule that rejects a training row: a zero-width space is no reference,
+  # and an image with only a no-break space is skipped (it had passed as captioned and
+  # then held no reference).
+  want = [["a cat"], ["a dog", "dog"], ["a bird"]]
+  assert [c for b in batches for c in b["captions"]] == want
+  assert sum(len(b["image"]) for b in batches) == 3
+  assert "benchmark flickr30k: 2 images of split 'test' skipped" in caplog.text
 
 
 def test_unprepared_dataset_names_the_config_key(tmp_path):

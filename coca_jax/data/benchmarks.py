@@ -145,7 +145,7 @@ def batches(benchmark: Benchmark, config) -> Iterator[dict]:
     # An image without a non-blank caption can be neither retrieved (a sure miss of
     # image->text) nor scored (captioning's references): skipped, and counted.
     def has_caption(captions) -> bool:
-      if any(c.strip() for c in captions):
+      if not all(preprocess.is_blank(c) for c in captions):
         return True
       uncaptioned.append(1)
       return False
@@ -177,8 +177,11 @@ def batches(benchmark: Benchmark, config) -> Iterator[dict]:
     if benchmark.kind == "classification":
       yield {"image": batch["image"], "label": np.asarray(batch["label"])}
     else:
-      captions = [[c.decode().strip() for c in row] for row in batch["caption"]]
-      yield {"image": batch["image"], "captions": [[c for c in cs if c] for cs in captions]}
+      # The same rule as has_caption's: an image kept above keeps a reference.
+      captions = [
+        [c.decode().strip() for c in row if not preprocess.is_blank(c)] for row in batch["caption"]
+      ]
+      yield {"image": batch["image"], "captions": captions}
   if uncaptioned:
     logging.warning(
       "benchmark %s: %d images of split %r skipped, with no non-blank caption",

@@ -203,13 +203,14 @@ def _classification(config, split: str) -> ClassificationSet:
 
 
 def _alt_text(config) -> CaptionSet:
+  from coca_jax.data import preprocess
+
   limit = config.eval.num_examples
   images, captions, seen = [], [], set()
   for row in _rows(config, "alt_text"):
     # Every non-blank caption of the image is a reference (the eval task's `caption`:
-    # [n] strings, preprocess.caption_list).
-    references = [c.decode().strip() for c in row["caption"]]
-    references = [c for c in references if c]
+    # [n] strings, preprocess.caption_list), blank by the rule that rejects a row.
+    references = [c.decode().strip() for c in row["caption"] if not preprocess.is_blank(c)]
     if tuple(references) in seen:
       continue
     seen.add(tuple(references))
