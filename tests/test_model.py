@@ -8,7 +8,7 @@ from flax import nnx
 
 from coca_jax import decode, losses
 from coca_jax import params as params_lib
-from coca_jax.models import coca, layers, vit
+from coca_jax.models import coca, layers, text, vit
 from configs import base, large, tiny
 from configs import coca as coca_cfg
 
@@ -202,7 +202,8 @@ def test_xla_attention_kernel_matches_einsum():
 def test_cudnn_attention_takes_only_even_lengths(monkeypatch):
   """jax checks cuDNN's training kernels for even query and key lengths (0.11.2 on an H200
   refused the contrastive pooler's single query, unmasked): "cudnn" is asked for only
-  there, "xla" (the same math) elsewhere. Traced on CPU with jax's function recorded."""
+  there, "xla" (the same math) elsewhere; the unimodal stack's odd T + 1 is padded to
+  even instead. Traced on CPU with jax's function recorded."""
   calls = []
 
   def recording(q, k, v, *, mask, implementation):
@@ -218,7 +219,7 @@ def test_cudnn_attention_takes_only_even_lengths(monkeypatch):
     (16, 16, False, "cudnn"),  # image encoder self-attention
     (8, 16, False, "cudnn"),  # captioning pooler
     (1, 8, False, "xla"),  # contrastive pooler over the caption pooler's 8 (cascade)
-    (9, 9, True, "xla"),  # unimodal text with [CLS]
+    (10, 10, True, "cudnn"),  # unimodal text with [CLS], one token padded (text.pad_one_token)
     (8, 8, True, "cudnn"),  # multimodal self-attention
     (8, 8, False, "cudnn"),  # multimodal cross-attention to the 8 caption tokens
   }
@@ -306,3 +307,41 @@ def test_position_embedding_resampling_refuses_a_non_square_grid():
     vit.resize_pos_embedding(jnp.zeros((6, 2)), 16)
   with pytest.raises(ValueError, match="10 position embedding rows"):
     vit.resize_pos_embedding(jnp.zeros((4, 2)), 10)
+
+
+@pytest.mark.parametrize("mode", ["paper", "open_clip_legacy"])
+def test_a_padded_token_leaves_the_unimodal_outputs_unchanged(model, mode):
+  """text.pad_one_token (the unimodal stack's T + 1 made even for cuDNN): the first
+  T + 1 outputs equal the unpadded stack's, with a text that has padding of its own."""
+  batch = tiny_batch()
+  ids, mask = batch["text"]["ids"], batch["text"]["mask"]
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(B, T + 1, 32)), jnp.float32)
+  attn_mask = text.unimodal_mask(ids, mask, mode, 0)
+  padded_x, padded_mask = text.pad_one_token(x, attn_mask)
+  assert padded_x.shape == (B, T + 2, 32) and padded_mask.shape == (B, 1, T + 2, T + 2)
+  np.testing.assert_array_equal(padded_mask[:, :, : T + 1, T + 1], False)  # no one sees it
+  out = model.text.unimodal(x, attn_mask)
+  np.testing.assert_allclose(model.text.unimodal(padded_x, padded_mask)[:, : T + 1], out, atol=1e-6)
+
+
+def test_cudnn_model_pads_the_unimodal_stack_and_keeps_its_outputs(monkeypatch):
+  """With "cudnn" the unimodal stack runs T + 2 tokens; its outputs equal the unpadded
+  "xla" model's (same parameters). jax's cuDNN call is stood in for by its "xla" kernel."""
+  original = jax.nn.dot_product_attention
+  lengths = set()
+
+  def xla_instead(q, k, v, *, mask, implementation):
+    lengths.add(q.shape[1])
+    return original(q, k, v, mask=mask, implementation="xla")
+
+  batch = tiny_batch()
+  outputs = {}
+  for kernel in ("xla", "cudnn"):
+    config = tiny.get_config()
+    config.model.dtype, config.model.attention = "bfloat16", kernel
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_instead)
+    lengths.clear()
+    outputs[kernel] = coca.build(config.model, seed=5)(batch)
+    assert (T + 2 in lengths) == (kernel == "cudnn") and (T + 1 in lengths) == (kernel == "xla")
+  for key in ("text_embedding", "logits"):
+    np.testing.assert_allclose(outputs["cudnn"][key], outputs["xla"][key], atol=1e-6, rtol=0)

@@ -53,6 +53,19 @@ def unimodal_mask(ids: jax.Array, mask: jax.Array, mode: str, pad_id: int) -> ja
   return layers.causal_mask(length + 1, length + 1) & key_valid[:, None, None, :]
 
 
+def pad_one_token(x: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """x [B, S, D] and its causal self-attention mask [B, 1, S, S] with a zero token
+  appended: [B, S+1, D], [B, 1, S+1, S+1]. No earlier query sees the new key (nor could
+  it under a causal mask), and the new query sees only itself, so the first S outputs
+  are unchanged. cuDNN's fused training kernels take only even lengths
+  (`layers.dot_product_attention`): the unimodal stack's T + 1 tokens (64 + [CLS] in
+  CoCa-Base) ran XLA's attention instead. CoCa-Base on an H200, one run: 184.9 -> 182.2
+  ms per step (README, "On one GPU")."""
+  x = jnp.pad(x, ((0, 0), (0, 1), (0, 0)))
+  mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 1), (0, 1)))
+  return x, mask.at[..., -1, -1].set(True)
+
+
 class TextDecoder(nnx.Module):
   """Token embedding, unimodal stack with [CLS], multimodal stack, vocabulary logits."""
 
@@ -132,6 +145,8 @@ class TextDecoder(nnx.Module):
     cls = jnp.broadcast_to(cls.astype(self.dtype), (batch, 1, x.shape[-1]))
     x = jnp.concatenate([x, cls], axis=1)  # [B, T+1, D]; [CLS] at index T
     attn_mask = unimodal_mask(ids, mask, self.mask_mode, self.pad_id)
+    if (length + 1) % 2 and self.unimodal.layers.self_attention.implementation == "cudnn":
+      x, attn_mask = pad_one_token(x, attn_mask)
     x = self.unimodal(x, attn_mask)
     return x[:, :length], self.cls_norm(x[:, length])
 
