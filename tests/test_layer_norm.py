@@ -1,5 +1,6 @@
-"""layers.layer_norm: values and its written-out gradient against float64 NumPy (the
-forward formula, and central finite differences of it for the gradient)."""
+"""layers.layer_norm: values and gradients against float64 NumPy (the forward formula,
+and central finite differences of it for the gradient), with the written-out gradient
+of GPUs and with autodiff (elsewhere)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,9 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coca_jax.models import layers
+from coca_jax import losses
+from coca_jax.models import coca, layers
+from configs import tiny
 
 EPS = 1e-6
+
+
+@pytest.fixture(params=["written out (GPUs)", "autodiff"])
+def gradient(request, monkeypatch):
+  written_out = request.param == "written out (GPUs)"
+  monkeypatch.setattr(layers, "written_out_layer_norm_gradient", lambda: written_out)
 
 
 def np_layer_norm(x, scale, bias):
@@ -38,7 +47,7 @@ def finite_difference_grads(x, scale, bias, cotangent, h=1e-6):
 
 
 @pytest.mark.parametrize("shape", [(4, 6), (2, 3, 6)])
-def test_float32_values_and_gradients(shape):
+def test_float32_values_and_gradients(shape, gradient):
   rng = np.random.default_rng(0)
   x = rng.normal(1.0, 2.0, shape)
   scale, bias = rng.normal(1.0, 0.5, shape[-1]), rng.normal(0.0, 0.5, shape[-1])
@@ -53,7 +62,7 @@ def test_float32_values_and_gradients(shape):
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_bfloat16_input_gives_bfloat16_output_and_input_gradient():
+def test_bfloat16_input_gives_bfloat16_output_and_input_gradient(gradient):
   """The model's case: bfloat16 activations, float32 parameters and statistics. The
   reference is float64 on the bfloat16-rounded input and cotangent."""
   rng = np.random.default_rng(1)
@@ -80,7 +89,7 @@ def test_bfloat16_input_gives_bfloat16_output_and_input_gradient():
   np.testing.assert_allclose(dbias, want[2], atol=1e-4, rtol=1e-5)
 
 
-def test_gradient_flows_through_the_module_under_jit():
+def test_gradient_flows_through_the_module_under_jit(gradient):
   """LayerNorm's parameters get the custom gradient inside jit (the train step's path)."""
   with nnx.use_eager_sharding(False):
     norm = layers.LayerNorm(6, eps=EPS, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -95,3 +104,31 @@ def test_gradient_flows_through_the_module_under_jit():
   xhat = np_layer_norm(np.asarray(x, np.float64), 1.0, 0.0)
   np.testing.assert_allclose(grads["scale"][...], (xhat * np.arange(6.0)).sum(0), atol=1e-5)
   np.testing.assert_allclose(grads["bias"][...], np.full(6, 4.0) * np.arange(6.0), atol=1e-5)
+
+
+def test_the_model_gradient_is_the_same_either_way(monkeypatch):
+  """The tiny CoCa's training loss and gradient (scanned, rematerialised layers) with the
+  written-out LayerNorm gradient equal autodiff's to float32 rounding."""
+  config = tiny.get_config()
+  model = coca.build(config.model, seed=0)
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(3)
+  ids = rng.integers(3, 64, (3, 8)).astype(np.int32)
+  mask = (np.arange(8)[None] < np.array([[8], [5], [2]])).astype(np.int32)
+  data = dict(
+    image=jnp.asarray(rng.normal(size=(3, 16, 16, 3)), jnp.float32),
+    text=dict(ids=jnp.asarray(ids * mask), labels=jnp.asarray(ids * mask), mask=jnp.asarray(mask)),
+  )
+
+  def loss_fn(params):
+    return losses.total_loss(nnx.merge(graphdef, params)(data), data, config.loss)[0]
+
+  results = []
+  for written_out in (True, False):
+    monkeypatch.setattr(layers, "written_out_layer_norm_gradient", lambda w=written_out: w)
+    results.append(jax.jit(jax.value_and_grad(loss_fn))(params))
+  (loss, grads), (reference_loss, reference_grads) = results
+  np.testing.assert_allclose(loss, reference_loss, rtol=1e-6)
+  leaves, reference = jax.tree.leaves(grads), jax.tree.leaves(reference_grads)
+  diff = sum(float(jnp.sum((a - b) ** 2)) for a, b in zip(leaves, reference))
+  assert diff**0.5 <= 1e-5 * sum(float(jnp.sum(b**2)) for b in reference) ** 0.5

@@ -222,24 +222,36 @@ class LayerNorm(nnx.Module):
 def layer_norm(x: jax.Array, scale, bias, eps: float, dtype) -> jax.Array:
   """LayerNorm of x [..., D] over D, in float32, returned in `dtype`; scale, bias [D].
 
-  The gradient is written out (`_layer_norm`'s custom VJP) over x as [N, D] rows, as a
-  fused LayerNorm kernel computes it: two row means for dx, column sums for the scale
-  and bias. Autodiff of the same forward on XLA's GPU backend (jax 0.11.2) laid the
-  backward out as [B, D, T] (the scale and bias sums split into a sum over T, then B):
-  three float32 transposed copies of the activations per LayerNorm and a transpose back
-  before the next matmul, 25 of 197 ms per CoCa-Base step on an H200. Measured in one
-  run there (batch 256, unrolled, no remat): 197.3 ms with autodiff, 190.3 with autodiff
-  over [N, D] rows, 184.9 with this gradient (README, "On one GPU"). On this 2-core CPU
-  the demo's step went 617 -> 518-525 ms (two alternated runs each). Its residuals are
-  x (kept anyway by the matmul that reads the output) and two floats per row.
+  On GPUs the gradient is written out (`_layer_norm`'s custom VJP) over x as [N, D]
+  rows, as a fused LayerNorm kernel computes it: two row means for dx, column sums for
+  the scale and bias. Autodiff on XLA's GPU backend (jax 0.11.2) laid the backward out as
+  [B, D, T] (the scale and bias sums split into a sum over T, then B): three float32
+  transposed copies of the activations per LayerNorm and a transpose back before the
+  next matmul, 25 of 197 ms per CoCa-Base step on an H200. Measured in one run there
+  (batch 256, unrolled, no remat): 197.3 ms with autodiff, 190.3 with autodiff over
+  [N, D] rows, 184.9 with this gradient (README, "On one GPU"); its residuals are x
+  (kept anyway by the matmul that reads the output) and two floats per row.
+  Elsewhere autodiff takes the gradient: on the 2-core CPU the written-out one made the
+  Base-width bfloat16 step slower (1,818-1,991 vs 1,702-1,795 ms, four alternated pairs;
+  the [N, D] reshape alone 1,782-1,969; the same code differed by up to 14% between runs
+  that day) and the demo's step no faster, and TPUs were not measured. As in `_dot`, the
+  default backend decides when tracing (`coca_jax.aot`'s TPU programs, compiled on a CPU
+  host, take autodiff as TPUs would).
   """
+  dtype = jnp.dtype(dtype)
+  if not written_out_layer_norm_gradient():
+    return _normalized(eps, dtype, x, scale, bias)[0]
   shape = x.shape
-  y = _layer_norm(eps, jnp.dtype(dtype), x.reshape(-1, shape[-1]), scale, bias)
-  return y.reshape(shape)
+  return _layer_norm(eps, dtype, x.reshape(-1, shape[-1]), scale, bias).reshape(shape)
+
+
+def written_out_layer_norm_gradient() -> bool:
+  """Whether `layer_norm` takes its custom VJP (on GPUs)."""
+  return jax.default_backend() == "gpu"
 
 
 def _normalized(eps, dtype, x, scale, bias):
-  """x [N, D] -> (layer norm [N, D] in dtype, mean [N, 1], 1 / std [N, 1]), in float32."""
+  """x [..., D] -> (layer norm in dtype, mean [..., 1], 1 / std [..., 1]), in float32."""
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   inv_std = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + eps)
