@@ -19,6 +19,7 @@ compiles and fits in `train`.
 """
 
 import json
+import math
 import os
 import re
 import sys
@@ -64,6 +65,11 @@ TPU_GENERATIONS = {
   "v6e": {},
 }
 
+# v5e and v6e slices of up to 8 chips are one host (Cloud TPU's v5litepod-1/4/8, v6e-1/4/8),
+# larger ones hosts of 4 chips. libtpu's description assumes 2x2 chips per host for every
+# shape: it gave 2x4 two processes, as no such slice has, and refused 1x1.
+SINGLE_HOST_UP_TO_8 = ("v5e", "v6e")
+
 MEMORY_FIELDS = {
   "arguments": "argument_size_in_bytes",
   "outputs": "output_size_in_bytes",
@@ -97,13 +103,18 @@ def topology_devices(name: str) -> list:
     )
   from jax.experimental import topologies
 
+  options = dict(TPU_GENERATIONS[generation])
+  shape = [int(n) for n in match.group(2).split("x")]
+  if generation in SINGLE_HOST_UP_TO_8 and math.prod(shape) <= 8:
+    options["chips_per_host_bounds"] = (*shape, 1)[:3]
+
   # libtpu takes an exclusive lock (/tmp/libtpu_lockfile) for the chips it drives; a
   # description for compiling drives none, so a second report, or a report beside another
   # process with libtpu loaded, may share it (libtpu's own switch; tests set it too).
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   try:
     with console.libtpu_quiet():  # its failed TPU lookup on this CPU host is expected
-      description = topologies.get_topology_desc(name, "tpu", **TPU_GENERATIONS[generation])
+      description = topologies.get_topology_desc(name, "tpu", **options)
     return list(description.devices)
   except Exception as e:  # libtpu's own words on a shape it does not know
     raise TopologyError(f"--topology={name!r}: libtpu cannot describe this slice: {e}") from e

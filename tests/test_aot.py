@@ -284,3 +284,21 @@ def test_the_clis_without_config_name_the_flag():
       timeout=300,
     )
     assert done.returncode != 0 and "--config=FILE is required" in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.skipif(aot.xla_bridge.get_tpu_library_path() is None, reason="needs libtpu")
+@pytest.mark.parametrize(
+  "name, chips, processes",
+  [
+    ("v5e:1x1", 1, 1),  # libtpu's default 2x2 chips per host refused it
+    ("v5e:2x2", 4, 1),
+    ("v5e:2x4", 8, 1),  # v5litepod-8 is one host; the default described two
+    ("v6e:2x4", 8, 1),
+    ("v5e:4x4", 16, 4),  # from 16 chips on, hosts of 4 chips
+    ("v6e:16x16", 256, 64),
+  ],
+)
+def test_v5e_and_v6e_slices_of_up_to_8_chips_are_one_host(name, chips, processes):
+  devices = aot.topology_devices(name)
+  assert len(devices) == chips
+  assert len({d.process_index for d in devices}) == processes
