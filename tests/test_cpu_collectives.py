@@ -25,6 +25,7 @@ from coca_jax import accelerators, cpu_collectives
   ],
 )
 def test_flag_added_only_for_several_cpu_devices(monkeypatch, flags, added):
+  monkeypatch.setattr(cpu_collectives, "jax_platforms", lambda: "")
   monkeypatch.setattr(accelerators, "present", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", flags)
   assert cpu_collectives.keep_in_order() == added
@@ -32,10 +33,19 @@ def test_flag_added_only_for_several_cpu_devices(monkeypatch, flags, added):
   assert got == (f"{flags} {cpu_collectives.FLAG}".strip() if added else flags)
 
 
-def test_accelerator_hosts_keep_their_flags(monkeypatch):
+@pytest.mark.parametrize(
+  "platforms,added",
+  [("", False), ("cuda", False), ("tpu,cpu", False), ("cpu", True), ("cpu,cuda", True)],
+)
+def test_accelerator_hosts_keep_their_flags_unless_jax_runs_on_the_cpu(
+  monkeypatch, platforms, added
+):
+  """A GPU or TPU host keeps its flags, except where JAX_PLATFORMS puts JAX on the CPU
+  (the tests' setting): there the CPU devices' collectives hang as on any CPU host."""
+  monkeypatch.setattr(cpu_collectives, "jax_platforms", lambda: platforms)
   monkeypatch.setattr(accelerators, "present", lambda: True)
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-  assert not cpu_collectives.keep_in_order()
+  assert cpu_collectives.keep_in_order() == added
 
 
 @pytest.mark.parametrize("count,added", [("8", True), ("1", False)])
