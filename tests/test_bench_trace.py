@@ -2,6 +2,7 @@
 plane (one event per kernel on its streams) and a TPU plane ("XLA Ops" beside whole-program
 lines that must not be counted)."""
 
+import pytest
 from jax.profiler import ProfileData
 
 from coca_jax.bench import trace
@@ -63,3 +64,33 @@ def test_a_cpu_trace_has_no_device_kernels():
 
 def test_no_trace_file(tmp_path):
   assert trace.latest_trace(str(tmp_path)) is None
+
+
+def test_kernel_time_by_kind():
+  """Every kernel counts, by the words of its name: cuBLAS and Triton GEMMs, cuDNN's
+  attention (before "fusion" or "gemm" words it may also hold), XLA's fusions."""
+  names = {
+    1: "nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT",
+    2: "gemm_fusion_dot_354",
+    3: "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16",
+    4: "input_add_reduce_fusion_106",
+    5: "input_transpose_fusion_38",
+    6: "loop_convert_multiply_fusion_35",
+    7: "Memset 0",
+  }
+  events = [(k, 1000 * k, 100 * k) for k in names]  # kernel k takes 100 k us
+  data = xspace("/device:GPU:0", {"Stream #14(Compute)": events}, names)
+  assert trace.kinds(data, steps=2) == pytest.approx(
+    {
+      "matmul": 0.15,
+      "elementwise": 0.3,
+      "transpose/copy": 0.25,
+      "reduction": 0.2,
+      "attention": 0.15,
+      "other": 0.35,
+    }
+  )
+  assert list(trace.kinds(data, steps=2))[0] == "other"  # largest first
+  assert (
+    trace.kinds_line({"matmul": 3.0, "other": 1.0}) == "matmul 3.0 ms (75%), other 1.0 ms (25%)"
+  )

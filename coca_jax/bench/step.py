@@ -19,7 +19,8 @@ are its clips'); MFU needs the device's peak, from the table there or
 matmul, README "Training speed against open_clip").
 `--trace=DIR` records `--steps` more steps, after the timed ones, with jax.profiler
 (TensorBoard's profile plugin, or xprof, reads DIR) and prints the device kernels that
-took longest (coca_jax/bench/trace.py; none on a CPU). On a GPU the table also gives the
+took longest and their time by kind (matmul, attention, reduction, transpose or copy,
+elementwise; coca_jax/bench/trace.py; none on a CPU). On a GPU the table also gives the
 device's peak memory in use.
 Prints a table and a final JSON line; asserts nothing about time.
 
@@ -168,7 +169,7 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     state, metrics = compiled(state, batches[i % len(batches)])
   loss = float(metrics["loss"])  # waits for the last step
   step_s = (time.perf_counter() - start) / steps
-  top_ops = None
+  top_ops = kernel_kinds = None
   if trace_dir:  # `steps` more steps, so that the profiler's overhead is not timed
     jax.profiler.start_trace(trace_dir)
     for i in range(steps):
@@ -176,7 +177,9 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     jax.block_until_ready(state)
     jax.profiler.stop_trace()
     path = trace.latest_trace(trace_dir)
-    top_ops = trace.top_ops(jax.profiler.ProfileData.from_file(str(path)), steps) if path else []
+    data = jax.profiler.ProfileData.from_file(str(path)) if path else None
+    top_ops = [] if data is None else trace.top_ops(data, steps)
+    kernel_kinds = {} if data is None else trace.kinds(data, steps)
 
   global_batch = config.data.global_batch_size
   flops_per_step = flops.train_flops_per_example(config) * global_batch
@@ -210,7 +213,11 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     mfu=None if peak is None else achieved / (peak * jax.device_count()),
     peak_memory_bytes=peak_memory_bytes(jax.local_devices()[0]),
     loss=loss,
-    **({} if top_ops is None else dict(top_ops=[dataclasses.asdict(op) for op in top_ops])),
+    **(
+      {}
+      if top_ops is None
+      else dict(top_ops=[dataclasses.asdict(op) for op in top_ops], kernel_kinds=kernel_kinds)
+    ),
   )
 
 
@@ -280,6 +287,8 @@ def main(argv=None):
   if "top_ops" in result:
     print(f"\nlongest device kernels (--trace={args.trace}):")
     print(trace.table([trace.Op(**op) for op in result["top_ops"]]))
+    if result["kernel_kinds"]:
+      print(f"kernel time per step by kind: {trace.kinds_line(result['kernel_kinds'])}")
   print(json.dumps(result))
   return result
 
