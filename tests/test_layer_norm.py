@@ -106,6 +106,7 @@ def test_gradient_flows_through_the_module_under_jit(gradient):
   np.testing.assert_allclose(grads["bias"][...], np.full(6, 4.0) * np.arange(6.0), atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the tiny model's gradient twice (12 s)
 def test_the_model_gradient_is_the_same_either_way(monkeypatch):
   """The tiny CoCa's training loss and gradient (scanned, rematerialised layers) with the
   written-out LayerNorm gradient equal autodiff's to float32 rounding."""
