@@ -437,6 +437,22 @@ def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path
   assert drawn == {b"a cat"}
 
 
+def test_one_blank_rule_in_python_and_tensorflow():
+  """is_blank (the row rejection, eval references) and alt_caption's RE2 pattern (which
+  caption is drawn) call the same characters blank: str.isspace's and the format
+  characters SentencePiece removes, for every code point of the Basic Multilingual Plane
+  (surrogates aside) and some above. The RE2 pattern used to differ at the edges (NEL
+  and the information separators not blank there; every format character, bidi controls
+  too, blank)."""
+  removed = {0xAD, *range(0x200B, 0x2010), *range(0x2060, 0x2065), 0xFEFF}
+  points = [c for c in range(0x10000) if not 0xD800 <= c < 0xE000] + [0x110BD, 0xE0001]
+  texts = [chr(c).encode() for c in points]
+  expected = [chr(c).isspace() or c in removed for c in points]
+  assert [preprocess.is_blank(t) for t in texts] == expected
+  tensorflow = tf.strings.regex_full_match(tf.constant(texts), preprocess._BLANK_RE2).numpy()
+  assert tensorflow.tolist() == expected
+
+
 @pytest.mark.parametrize(
   "key, value, message",
   [

@@ -60,11 +60,27 @@ KINDS = ("jft_style", "alt_text")
 TEXT_KEYS = {"jft_style": "label_names", "alt_text": "caption"}
 
 
-# What a text may hold and still be blank: Unicode white space (no-break and ideographic
-# spaces too) and format characters (zero-width space and joiners, BOM, soft hyphen),
-# which SentencePiece's normalisation removes. Python's pattern, then RE2's (TensorFlow).
-_BLANK = re.compile(r"[\s\u00ad\u200b-\u200f\u2060-\u2064\ufeff]*")
-_BLANK_RE2 = r"[\s\p{Z}\p{Cf}]*"
+# What a text may hold and still be blank, as code point ranges: Unicode white space
+# (Python's \s: ASCII's, the information separators, NEL, no-break and ideographic spaces
+# too) and the format characters SentencePiece's normalisation removes (soft hyphen,
+# zero-width space and joiners, marks, word joiner, invisible operators, BOM). One table
+# for both engines: Python's pattern (`is_blank`) and RE2's (TensorFlow, `alt_caption`).
+_BLANK_RANGES = (
+  (0x09, 0x0D),
+  (0x1C, 0x20),
+  (0x85, 0x85),
+  (0xA0, 0xA0),
+  (0xAD, 0xAD),
+  (0x1680, 0x1680),
+  (0x2000, 0x200F),
+  (0x2028, 0x2029),
+  (0x202F, 0x202F),
+  (0x205F, 0x2064),
+  (0x3000, 0x3000),
+  (0xFEFF, 0xFEFF),
+)
+_BLANK = re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _BLANK_RANGES) + "]*")
+_BLANK_RE2 = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _BLANK_RANGES) + "]*"
 
 
 def is_blank(text: bytes) -> bool:
