@@ -142,11 +142,11 @@ def uses_demo_data(data_config) -> bool:
   the demo's alt-text source got no build, and failed on the missing dataset)."""
   demo = {name.partition(":")[0] for name in DEMO_DATASETS}
 
-  def reads_demo(section, files=False) -> bool:
-    return not files and section.tfds_name.partition(":")[0] in demo and not section.tfds_data_dir
+  def reads_demo(section) -> bool:
+    return section.tfds_name.partition(":")[0] in demo and not section.tfds_data_dir
 
-  alt_text = data_config.alt_text
-  return reads_demo(data_config.jft_style) or reads_demo(alt_text, bool(alt_text.files))
+  alt_text = data_config.alt_text  # its files, where given, replace its TFDS dataset
+  return reads_demo(data_config.jft_style) or (not alt_text.files and reads_demo(alt_text))
 
 
 def ensure(data_config) -> None:
