@@ -4,6 +4,7 @@ host_memory.tune_for_cpu)."""
 
 import glob
 import os
+import sys
 
 GPU_FILES = ("/dev/nvidia[0-9]*",)
 
@@ -29,8 +30,16 @@ def gpu_files() -> list[str]:
   return [path for pattern in GPU_FILES for path in glob.glob(pattern)]
 
 
+def jax_platforms() -> str:
+  """jax_platforms: jax's setting where jax is imported, else the JAX_PLATFORMS variable
+  (not importing jax, see `tpu_present`); "" where unset."""
+  jax = sys.modules.get("jax")
+  return (jax.config.jax_platforms if jax else os.environ.get("JAX_PLATFORMS")) or ""
+
+
 def present() -> bool:
-  """Whether a TPU or GPU is attached, and JAX_PLATFORMS does not say cpu."""
-  if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
+  """Whether a TPU or GPU is attached, and JAX will run on it: jax_platforms does not
+  name cpu first ("cpu", "cpu,cuda": JAX's default backend is the CPU)."""
+  if jax_platforms().split(",")[0].strip().lower() == "cpu":
     return False
   return tpu_present() or bool(gpu_files())

@@ -37,29 +37,13 @@ def cpu_device_count() -> int:
   return int(count.group(1)) if count else 1
 
 
-def jax_platforms() -> str:
-  """jax_platforms (the JAX_PLATFORMS variable, read as `cpu_device_count` reads its own),
-  "" where unset."""
-  jax = sys.modules.get("jax")
-  return (jax.config.jax_platforms if jax else os.environ.get("JAX_PLATFORMS")) or ""
-
-
-def runs_on_cpu() -> bool:
-  """Whether JAX will run on the CPU: JAX_PLATFORMS names cpu first, or, unset, the host
-  shows no accelerator. Tests on a GPU or TPU host run with JAX_PLATFORMS=cpu, and their
-  CPU programs need FLAG as much as a CPU-only host's."""
-  platforms = jax_platforms()
-  if platforms:
-    return platforms.split(",")[0].strip() == "cpu"
-  return not accelerators.present()
-
-
 def keep_in_order() -> bool:
-  """Adds FLAG to XLA_FLAGS when JAX will run on a CPU client of several devices
-  (`runs_on_cpu`) and the flags say nothing of the scheduler; returns whether it did.
-  Must run before JAX's CPU client exists (XLA reads the flags then)."""
+  """Adds FLAG to XLA_FLAGS when JAX will run on a CPU client of several devices (no
+  accelerator it would use: `accelerators.present`) and the flags say nothing of the
+  scheduler; returns whether it did. Must run before JAX's CPU client exists (XLA reads
+  the flags then)."""
   flags = os.environ.get("XLA_FLAGS", "")
-  if not runs_on_cpu() or cpu_device_count() < 2:
+  if accelerators.present() or cpu_device_count() < 2:
     return False
   if "xla_cpu_enable_concurrency_optimized_scheduler" in flags:
     return False

@@ -25,7 +25,6 @@ from coca_jax import accelerators, cpu_collectives
   ],
 )
 def test_flag_added_only_for_several_cpu_devices(monkeypatch, flags, added):
-  monkeypatch.setattr(cpu_collectives, "jax_platforms", lambda: "")
   monkeypatch.setattr(accelerators, "present", lambda: False)
   monkeypatch.setenv("XLA_FLAGS", flags)
   assert cpu_collectives.keep_in_order() == added
@@ -40,10 +39,12 @@ def test_flag_added_only_for_several_cpu_devices(monkeypatch, flags, added):
 def test_accelerator_hosts_keep_their_flags_unless_jax_runs_on_the_cpu(
   monkeypatch, platforms, added
 ):
-  """A GPU or TPU host keeps its flags, except where JAX_PLATFORMS puts JAX on the CPU
-  (the tests' setting): there the CPU devices' collectives hang as on any CPU host."""
-  monkeypatch.setattr(cpu_collectives, "jax_platforms", lambda: platforms)
-  monkeypatch.setattr(accelerators, "present", lambda: True)
+  """A GPU host keeps its flags, except where jax_platforms puts JAX on the CPU first
+  ("cpu" alone, the tests' setting, or first of a list: JAX's default backend is then
+  the CPU, whose devices' collectives hang as on any CPU host; accelerators.present)."""
+  monkeypatch.setattr(accelerators, "jax_platforms", lambda: platforms)
+  monkeypatch.setattr(accelerators, "tpu_present", lambda: False)
+  monkeypatch.setattr(accelerators, "gpu_files", lambda: ["/dev/nvidia0"])
   monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   assert cpu_collectives.keep_in_order() == added
 
