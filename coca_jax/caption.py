@@ -32,6 +32,12 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   flags.DEFINE_integer(
     "max_length", None, "Tokens to generate at most (default: config).", flag_values=flag_values
   )
+  flags.DEFINE_integer(
+    "min_length",
+    None,
+    "Tokens a caption holds at least, EOS included (default: config; open_clip uses 5).",
+    flag_values=flag_values,
+  )
   flags.DEFINE_float("temperature", None, "Sampling temperature.", flag_values=flag_values)
   flags.DEFINE_integer(
     "top_k", None, "Sampling: keep the k most likely tokens.", flag_values=flag_values
@@ -70,6 +76,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       f.method,  # unset: --beam > 0 picks beam search, sampling flags sampling
       beam_size=f.beam or None,
       max_length=f.max_length,
+      min_length=f.min_length,
       temperature=f.temperature,
       top_k=f.top_k,
       top_p=f.top_p,

@@ -413,6 +413,7 @@ def eval_config() -> ml_collections.ConfigDict:
         # vs 0.059) (README).
         method="beam",
         max_length=0,  # 0: config.model.text.max_len
+        min_length=0,  # no stop id before this many tokens (open_clip's generate: 5)
         beam_size=4,
         length_penalty=0.6,  # GNMT alpha
         temperature=1.0,

@@ -63,6 +63,9 @@ class DecodeOptions:
   config.eval.decode by `from_config`: the config holds the defaults.
 
   max_length: tokens to generate at most, EOS included (<= config.model.text.max_len).
+  min_length: tokens a caption holds at least, EOS and a prefix included: no stop id ends
+    it before (0 or 1: no minimum). open_clip's generate(min_seq_len=m) is min_length=m
+    (its count includes the start token, ours the EOS).
   length_penalty: GNMT's alpha for beam search, score = log p / ((5 + len) / 6)^alpha.
   temperature / top_k / top_p: sampling only; top_k=0 and top_p=1.0 disable the filter.
   contract: BOS, EOS, pad and stop ids (config.model.text).
@@ -75,12 +78,18 @@ class DecodeOptions:
   temperature: float
   top_k: int
   top_p: float
+  min_length: int = 0
   contract: tokens_lib.Contract = tokens_lib.PAPER
 
   def __post_init__(self):
     if self.method not in METHODS:
       raise ValueError(f"decode method={self.method!r}; use one of {METHODS}")
-    for name in ("max_length", "beam_size", "top_k"):  # shapes: a float fails deep in JAX
+    for name in (
+      "max_length",
+      "min_length",
+      "beam_size",
+      "top_k",
+    ):  # shapes: a float fails deep in JAX
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"decode {name}={value!r} must be an integer")
@@ -90,6 +99,11 @@ class DecodeOptions:
         raise ValueError(f"decode {name}={value!r} must be a finite number")
     if self.max_length < 1:
       raise ValueError(f"decode max_length={self.max_length} must be >= 1")
+    if not 0 <= self.min_length <= self.max_length:
+      raise ValueError(
+        f"decode min_length={self.min_length} must be in 0..max_length={self.max_length} "
+        "(a caption cannot be longer than max_length)"
+      )
     if self.method == "beam" and self.beam_size < 1:
       raise ValueError(f"decode beam_size={self.beam_size} must be >= 1")
     if self.method == "sample" and (
@@ -284,6 +298,12 @@ def _is_stop(token: jax.Array, contract: tokens_lib.Contract) -> jax.Array:
   return stop
 
 
+def _blocked_stops(vocab: int, i, min_length: int, contract: tokens_lib.Contract) -> jax.Array:
+  """bool [V]: the stop ids that may not be chosen at step i, where ending there would
+  leave fewer than min_length tokens (all False from step min_length - 1 on)."""
+  return _is_stop(jnp.arange(vocab), contract) & (i + 1 < min_length)
+
+
 def _map_batch(fn, tree, axes):
   """fn(leaf, batch_axis) over leaves with a batch axis; leaves with axis None pass."""
 
@@ -334,11 +354,15 @@ def sample_loop(
   prefix=None,
   prefix_length=None,
   contract: tokens_lib.Contract = tokens_lib.PAPER,
+  min_length: int = 0,
 ) -> DecodeOutput:
   """Greedy decoding (temperature 0) or ancestral sampling, one token per iteration.
 
   Each example stops at its first EOS (or stop id of the contract; later outputs are
   pad); the loop ends when every example has stopped or after `max_length` tokens.
+  Before min_length tokens the stop ids are excluded (the choice is made among the other
+  tokens, renormalised when sampling, as open_clip's min_seq_len does); scores stay the
+  model's log p of the chosen tokens.
   rng (sampling): one key, or one key per row [B]; one key gives row b fold_in(rng, b).
   Row b draws step i's token with fold_in(its key, i), so its sample depends on its key
   alone, not on the other rows or the batch size.
@@ -362,10 +386,14 @@ def sample_loop(
   def body(carry):
     i, inputs, tokens, done, scores, cache = carry
     logits, cache = step_model.step(inputs, cache, step_model.context)
+    allowed = logits
+    if min_length > 1:
+      blocked = _blocked_stops(logits.shape[-1], i, min_length, contract)
+      allowed = jnp.where(blocked, -jnp.inf, logits)
     if greedy:
-      chosen = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      chosen = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
     else:
-      filtered = filter_logits(logits / temperature, top_k, top_p)
+      filtered = filter_logits(allowed / temperature, top_k, top_p)
       chosen = jax.vmap(_draw, in_axes=(0, 0, None))(rng, filtered, i).astype(jnp.int32)
     forced = i < prefix_length
     chosen = jnp.where(forced, prefix[:, i], chosen)
@@ -400,6 +428,7 @@ def beam_search_loop(
   prefix=None,
   prefix_length=None,
   contract: tokens_lib.Contract = tokens_lib.PAPER,
+  min_length: int = 0,
 ) -> DecodeOutput:
   """Beam search with K live and K finished hypotheses per example (t5x's scheme).
 
@@ -410,6 +439,7 @@ def beam_search_loop(
   ends with a stop id of the contract (not one the prefix forces) or, at the last step, is
   cut off at max_length; cut-off hypotheses rank with ended ones by score (t5x returns them
   only where nothing ended). The K most likely extensions that do not end live on.
+  Before min_length tokens no stop id extends a hypothesis (log p unchanged otherwise).
 
   Early stop (t5x's bound): an example is done when its finished set is full and its best
   live hypothesis's log p, divided by the largest penalty a continuation can get, is below
@@ -448,6 +478,9 @@ def beam_search_loop(
     logits, cache = step_model.step(inputs.reshape(batch * k), cache, context)
     vocab = logits.shape[-1]
     token_log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
+    if min_length > 1:
+      blocked = _blocked_stops(vocab, i, min_length, contract)
+      token_log_probs = jnp.where(blocked, NEG, token_log_probs)
     forced = i < prefix_length  # [B]
     is_forced_token = jnp.arange(vocab)[None, None, :] == prefix[:, i][:, None, None]
     token_log_probs = jnp.where(
@@ -525,6 +558,7 @@ def run_loop(
       prefix=prefix,
       prefix_length=prefix_length,
       contract=options.contract,
+      min_length=options.min_length,
     )
   sampling = options.method == "sample"
   return sample_loop(
@@ -538,6 +572,7 @@ def run_loop(
     prefix=prefix,
     prefix_length=prefix_length,
     contract=options.contract,
+    min_length=options.min_length,
   )
 
 

@@ -211,6 +211,7 @@ class Model:
     *,
     beam_size: int | None = None,
     max_length: int | None = None,
+    min_length: int | None = None,
     length_penalty: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
@@ -231,7 +232,9 @@ class Model:
     range a ValueError.
     prefix: text the caption must continue (one for all images or one per image), e.g.
     a question for "VQA as a prefix"; it is not repeated in the returned text, and its
-    tokens count in max_length.
+    tokens count in max_length and min_length.
+    min_length: tokens a caption holds at least, EOS included (no stop id before them;
+    0: none), up to max_length; open_clip's generate uses 5.
     seed: sampling seed (None: config.eval.decode.seed); image j samples with the keys of
     row first_row + j (give the images' position in a set captioned over several calls,
     so that the calls draw apart). preprocessed: as for `embed_images`.
@@ -248,6 +251,7 @@ class Model:
       method=method,
       beam_size=beam_size,
       max_length=max_length,
+      min_length=min_length,
       length_penalty=length_penalty,
       temperature=temperature,
       top_k=top_k,

@@ -85,14 +85,16 @@ def random_tables(contract: tokens_lib.Contract, vocab: int) -> np.ndarray:
   return np.log(probs / probs.sum(-1, keepdims=True)).astype(np.float32)
 
 
+@pytest.mark.parametrize("min_length", [0, 3])
 @pytest.mark.parametrize("alpha", [0.6, 1.0])
 @pytest.mark.parametrize("contract", [PAPER, STOP_AT_PAD], ids=["paper", "stop_at_pad"])
-def test_beam_search_equals_enumeration_with_length_penalty(alpha, contract):
+def test_beam_search_equals_enumeration_with_length_penalty(alpha, contract, min_length):
   """Two tokens go on ("A", "B"), so 2^3 = 8 beams hold every live hypothesis up to
   length 3, and the 2K = 16 most likely extensions hold every one that ends before the
   last step: beam search must return the exhaustive optimum, whether it ends early or is
   cut off at max_length. A third of the examples have a forced one-token prefix "A", a
-  third a forced pad (with stop_at_pad, a forced pad does not end the caption)."""
+  third a forced pad (with stop_at_pad, a forced pad does not end the caption). With
+  min_length 3 no stop id ends a caption (prefix included) before its third token."""
   vocab = 4 if contract is PAPER else 5
   tables = random_tables(contract, vocab)
   real = tuple(t for t in range(4) if t != contract.bos_id)
@@ -106,15 +108,23 @@ def test_beam_search_equals_enumeration_with_length_penalty(alpha, contract):
     prefix=np.array([p or (contract.pad_id,) for p in prefixes], np.int32),
     prefix_length=np.array([len(p) for p in prefixes], np.int32),
     contract=contract,
+    min_length=min_length,
   )
-  refs = [enumerate_best(t, L, alpha, contract, real, p) for t, p in zip(tables, prefixes)]
+  refs = [
+    enumerate_best(t, L, alpha, contract, real, p, min_length) for t, p in zip(tables, prefixes)
+  ]
   # Float32 search, float64 reference: no near ties at the top.
   assert min(best - second for _, best, second in refs) > 1e-4
-  # The winners include captions that end early and ones cut off at max_length.
+  # The winners include captions cut off at max_length, and ones that end early or (with
+  # min_length) ones that the minimum kept from ending early.
   stops = {contract.eos_id, contract.pad_id} if contract.stop_at_pad else {contract.eos_id}
   generated = [tokens[len(p) :] for (tokens, _, _), p in zip(refs, prefixes)]
-  assert any(stops & set(g[:-1]) for g in generated)
   assert any(not stops & set(g) for g in generated)
+  if min_length:
+    free = [enumerate_best(t, L, alpha, contract, real, p) for t, p in zip(tables, prefixes)]
+    assert any(f[0] != r[0] for f, r in zip(free, refs))
+  else:
+    assert any(stops & set(g[:-1]) for g in generated)
   np.testing.assert_array_equal(np.asarray(out.tokens), [tokens for tokens, _, _ in refs])
   np.testing.assert_allclose(np.asarray(out.scores), [s for _, s, _ in refs], rtol=1e-5)
 

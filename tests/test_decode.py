@@ -229,6 +229,26 @@ def test_eos_stops_each_example():
   np.testing.assert_array_equal(np.asarray(out.tokens), [[1, 0, 0, 0, 0], [2, 2, 2, 2, 2]])
 
 
+def test_min_length_holds_back_every_stop_until_it_is_reached():
+  """Example 0 prefers EOS at every step (the context offset): with min_length 3 greedy
+  decoding takes the best other token twice, then EOS, the third token; example 1
+  never ends. Scores stay the model's log p of the chosen tokens (numpy by hand)."""
+  step_model = markov_step_model(2)
+  offset = np.array([[0.0, 5.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+  step_model = step_model._replace(context=jnp.asarray(offset))
+  out = decode.sample_loop(step_model, batch=2, max_length=5, min_length=3)
+  np.testing.assert_array_equal(np.asarray(out.tokens), [[2, 2, 1, 0, 0], [2, 2, 2, 2, 2]])
+  logits = TRANSITIONS.astype(np.float64) + offset[0]
+  log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+  np.testing.assert_allclose(
+    float(out.scores[0]), log_p[0, 2] + log_p[2, 2] + log_p[2, 1], rtol=1e-5
+  )
+  # min_length 0 and 1 hold nothing back.
+  for m in (0, 1):
+    out = decode.sample_loop(step_model, batch=2, max_length=5, min_length=m)
+    np.testing.assert_array_equal(np.asarray(out.tokens)[0], [1, 0, 0, 0, 0])
+
+
 def test_filter_logits_top_k_and_top_p_by_hand():
   logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
   kept = np.asarray(decode.filter_logits(logits, top_k=2)) > decode.NEG / 2

@@ -138,6 +138,36 @@ def test_sampled_sequences_follow_the_chain():
   assert tv < 3.5 * 0.5 * np.sqrt(joint * (1 - joint) / N).sum(), tv
 
 
+def test_min_length_samples_from_the_model_without_its_stops():
+  """min_length 2: the first token is drawn from p(. | BOS) without EOS, renormalised,
+  then filtered (top-p 0.9 over what is left); the second from the unconstrained
+  conditional, EOS included. Joint frequencies against the exact distribution."""
+  temperature, top_p = 1.2, 0.9
+  out = decode.sample_loop(
+    markov(N),
+    batch=N,
+    max_length=2,
+    min_length=2,
+    temperature=temperature,
+    top_p=top_p,
+    rng=jax.random.key(2),
+  )
+  tokens = np.asarray(out.tokens)
+  without_eos = TABLE[0].astype(np.float64)
+  without_eos[1] = -np.inf
+  first = exact_next(without_eos, temperature, 0, top_p)
+  assert first[1] == 0 and first[2] > 0
+  joint = first[:, None] * np.stack(
+    [exact_next(TABLE[a].astype(np.float64), temperature, 0, top_p) for a in range(5)]
+  )
+  assert joint[:, 1].sum() > 0.1  # EOS second is common: the test has teeth
+  drawn = np.zeros((5, 5))
+  np.add.at(drawn, (tokens[:, 0], tokens[:, 1]), 1.0 / N)
+  assert np.all(drawn[joint == 0] == 0)
+  tv = 0.5 * np.abs(drawn - joint).sum()
+  assert tv < 3.5 * 0.5 * np.sqrt(joint * (1 - joint) / N).sum(), tv
+
+
 def test_a_rows_sample_depends_on_its_key_only():
   """Row b decodes with its own key: alone or beside other rows, the same tokens; one
   key for the batch is the per-row keys fold_in(key, b)."""

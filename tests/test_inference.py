@@ -360,6 +360,7 @@ def test_caption_cli_checks_its_decode_options_before_reading_images(
     (["--beam=4", "--temperature=0.7"], "exclude each other"),
     (["--temperature=0"], "temperature"),
     (["--max_length=1000"], "max_length=1000"),
+    (["--min_length=9"], "min_length=9 must be in 0..max_length=8"),
     (["--temperature=nan"], "temperature=nan must be a finite number"),  # empty captions
     (["--temperature=inf"], "temperature=inf must be a finite number"),  # uniform tokens
     (["--prefix=" + "a red heart " * 4], "leaves no room within max_length=8"),
@@ -377,6 +378,9 @@ def test_decode_options_must_be_integers_and_finite_numbers(loaded):
     (dict(beam_size=2.0), "beam_size=2.0 must be an integer"),
     (dict(method="sample", top_k=2.0), "top_k=2.0 must be an integer"),
     (dict(max_length=3.0), "max_length=3.0 must be an integer"),
+    (dict(min_length=2.0), "min_length=2.0 must be an integer"),
+    (dict(max_length=3, min_length=4), r"min_length=4 must be in 0..max_length=3"),
+    (dict(min_length=-1), r"min_length=-1 must be in 0..max_length"),
     (dict(beam_size=2, length_penalty=float("nan")), "length_penalty=nan must be a finite"),
     (dict(method="sample", temperature=float("nan")), "temperature=nan must be a finite"),
     (dict(method="sample", top_p=float("inf")), "top_p=inf must be a finite"),
