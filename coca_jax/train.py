@@ -6,7 +6,8 @@
 
 Workdir layout: config.json, checkpoints/<step>/, TensorBoard events, eval/, export/.
 A restart with the same workdir resumes from the latest complete checkpoint. SIGTERM
-(TPU VM preemption) saves a checkpoint at the next step boundary and exits 0.
+(TPU VM preemption) saves a checkpoint at the next step boundary and exits 0; in one
+process it also cuts a periodic evaluation short.
 
 Settings that would fail late (at the first eval, at the export) are checked before
 anything is built or written (`check_config`); config.json is written only once the
@@ -15,6 +16,7 @@ export, load and evaluate rebuild the model from) as it was. An export directory
 refused as the workdir.
 """
 
+import contextlib
 import json
 import signal
 import sys
@@ -60,26 +62,46 @@ def define_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
 
 
+class Preempted(BaseException):
+  """SIGTERM during an `interruptible` block. A BaseException, as KeyboardInterrupt is, so
+  that no `except Exception` on the way (an evaluator's) takes it for an error."""
+
+
 class Preemption:
   """SIGTERM -> checkpoint and stop at the next step boundary, at the same step on every
   host.
 
-  One process: our own SIGTERM handler sets a flag. Several processes: JAX's
-  coordination service registers its own SIGTERM handler at jax.distributed.initialize
-  and agrees on a step every host reaches (`reached_preemption`); installing ours would
-  replace it, and each host would then stop at its own step and hang in the collective
-  save.
+  One process: our own SIGTERM handler sets a flag, and inside `interruptible()` (the
+  periodic evaluation, which can outlast a preemption's grace period) raises
+  Preempted at once. Several processes: JAX's coordination service registers its own
+  SIGTERM handler at jax.distributed.initialize and agrees on a step every host reaches
+  (`reached_preemption`); installing ours would replace it, and each host would then
+  stop at its own step and hang in the collective save. There an evaluation runs to its
+  end before the step is agreed: JAX tells a process of the signal only at a sync point.
   """
 
   def __init__(self):
     self.requested = False
+    self._interruptible = False
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: checkpointing at the next step boundary")
     self.requested = True
+    if self._interruptible:
+      logging.warning("SIGTERM received: leaving the evaluation to checkpoint")
+      raise Preempted
+    logging.warning("SIGTERM received: checkpointing at the next step boundary")
+
+  @contextlib.contextmanager
+  def interruptible(self):
+    """A SIGTERM inside the block raises Preempted there (one process; several: no-op)."""
+    self._interruptible = True
+    try:
+      yield
+    finally:
+      self._interruptible = False
 
   def reached(self, mngr, step: int) -> bool:
     if jax.process_count() == 1:
@@ -406,15 +428,26 @@ def train(config, workdir: str) -> dict:
       if saving:
         checkpoint.save(mngr, state, data_position(config, shard_count, step))
       # A preempted run leaves within its grace period: no evaluation (a finished run's
-      # final one runs when it is started again).
+      # final one runs when it is started again); one under way is cut short.
+      interrupted = False
       if eval_due and not preempted:
-        evaluated = evaluate_state(
-          config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
-        )
+        try:
+          with preemption.interruptible():
+            evaluated = evaluate_state(
+              config, state, run, eval_step, vocabulary, step=step, workdir=workdir, writer=writer
+            )
+        except Preempted:
+          interrupted = preempted = True
+          if not saving:
+            checkpoint.save(mngr, state, data_position(config, shard_count, step))
         speed.restart(step)
       if preempted:
-        skipped = " (its evaluation skipped)" if eval_due else ""
-        logging.warning("preempted: checkpoint at step %d written%s; exiting", step, skipped)
+        evaluation = f" (its evaluation {'interrupted' if interrupted else 'skipped'})"
+        logging.warning(
+          "preempted: checkpoint at step %d written%s; exiting",
+          step,
+          evaluation if eval_due else "",
+        )
         break
       if not last:
         batch = next(batches)

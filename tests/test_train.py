@@ -2,6 +2,7 @@
 restore onto another mesh, export, resolution change."""
 
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -379,6 +380,32 @@ def test_a_preempted_step_is_not_evaluated(tmp_path, monkeypatch, caplog):
     train.train(config, str(tmp_path))
   assert evaluated_at == [2]
   assert "preempted: checkpoint at step 4 written (its evaluation skipped)" in caplog.text
+
+
+def test_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_its_step(
+  tmp_path, monkeypatch, caplog
+):
+  """An evaluation can outlast a preemption's grace period: a SIGTERM during
+  one waited for its end and for the next step, and the process was killed before the
+  checkpoint. Now the evaluation stops at once and its step is saved, also where it is
+  not a checkpoint step; the metrics of the evaluation before it are kept."""
+  config = tiny_config(6, train=dict(eval_every=2, checkpoint_every=3))
+  real = train.evaluate_state
+
+  def evaluate(*args, step, **kwargs):
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(120)  # an evaluation longer than any grace period
+      raise AssertionError("the evaluation was not interrupted")
+    return real(*args, step=step, **kwargs)
+
+  monkeypatch.setattr(train, "evaluate_state", evaluate)
+  with caplog.at_level("WARNING"):
+    final = train.train(config, str(tmp_path))
+  assert final["step"] == 4 and np.isfinite(final["eval/loss"])  # step 2's evaluation
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]
+  assert "preempted: checkpoint at step 4 written (its evaluation interrupted)" in caplog.text
+  assert not (tmp_path / "export").exists()
 
 
 def test_preempted_at_the_last_step_exits_cleanly_and_finishes_when_started_again(
