@@ -48,12 +48,14 @@ def map_in_batches(
 ) -> list:
   """Applies fn(*batch) -> array or tuple of arrays over axis 0 of `arrays` in batches.
 
-  Every call sees exactly `batch_size` rows (the last batch is zero-padded), so fn
-  compiles once; with `bucket_multiple` m, a short last batch is padded only to
-  `bucket(rows, batch_size, m)` rows, so a few images cost a few rows rather than a whole
-  batch, and at most log2(batch_size / m) + 1 shapes compile. Returns the outputs
-  concatenated over axis 0, padding removed. With no rows, fn still runs once on a batch
-  of padding, for the empty outputs' shapes and dtypes.
+  Every call sees exactly `batch_size` rows, so fn compiles once; with `bucket_multiple`
+  m, a short last batch is padded only to `bucket(rows, batch_size, m)` rows, so a few
+  images cost a few rows rather than a whole batch, and at most log2(batch_size / m) + 1
+  shapes compile. Padding rows repeat the batch's last row (its image, prefix and row
+  index): decoding ends when every row has, and a copy ends with its original, where a
+  blank padding image's caption could run to max_length and hold the whole batch there.
+  Returns the outputs concatenated over axis 0, padding removed. With no rows, fn still
+  runs once on a batch of zeros, for the empty outputs' shapes and dtypes.
   """
   total = len(arrays[0])
   chunks = []
@@ -61,8 +63,10 @@ def map_in_batches(
     batch = [np.asarray(a[start : start + batch_size]) for a in arrays]
     real = len(batch[0])
     size = batch_size if bucket_multiple is None else bucket(real, batch_size, bucket_multiple)
-    if real < size:
-      batch = [np.concatenate([b, np.zeros((size - real,) + b.shape[1:], b.dtype)]) for b in batch]
+    if not real:
+      batch = [np.zeros((size,) + b.shape[1:], b.dtype) for b in batch]
+    elif real < size:
+      batch = [np.concatenate([b, np.repeat(b[-1:], size - real, axis=0)]) for b in batch]
     out = fn(*batch)
     out = out if isinstance(out, tuple) else (out,)
     chunks.append([np.asarray(o)[:real] for o in out])

@@ -236,6 +236,13 @@ def test_buckets_pad_a_short_batch_to_a_power_of_two():
     np.testing.assert_array_equal(out, np.arange(total) + 1)  # padding rows dropped
     expected = {(1, 8, None): [8], (1, 8, 1): [1], (3, 8, 1): [4], (5, 8, 1): [8]}
     assert seen == expected.get((total, batch, multiple), [8, 4])
+  # Padding repeats the last row (so a padded caption ends with its original).
+  batches = []
+  predict.map_in_batches(
+    lambda x, y: batches.append((x, y)) or x, [np.arange(3), -np.ones(3)], 8, 1
+  )
+  np.testing.assert_array_equal(batches[0][0], [0, 1, 2, 2])
+  np.testing.assert_array_equal(batches[0][1], [-1, -1, -1, -1])
   # On a mesh, buckets stay whole multiples of its batch shards (2 here), up to B = 6.
   assert [predict.bucket(n, 6, 2) for n in (1, 2, 3, 5, 6)] == [2, 2, 4, 6, 6]
 
