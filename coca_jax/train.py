@@ -46,7 +46,7 @@ from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax import step as step_lib
-from coca_jax.data import loader, tasks, vocab
+from coca_jax.data import loader, vocab
 
 
 def define_flags() -> None:
@@ -492,6 +492,10 @@ def check_config(config) -> None:
   for key in POSITIVE_TRAIN_KEYS:
     config_lib.check_positive(train_config[key], f"train.{key}")
   config_lib.check_positive(config.data.global_batch_size, "data.global_batch_size")
+  # Imported here, as loader imports it: tasks imports TensorFlow, which an entry point
+  # imports in console.quiet (its start-up notices filtered), after this module.
+  from coca_jax.data import tasks
+
   tasks.check_options(config.data)
   optim.check_schedule(config.optim)
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint

@@ -125,3 +125,45 @@ def test_backends_start_after_the_allocator_and_the_distributed_runtime(
   )
   assert done.returncode == 0, done.stderr[-2000:]
   assert done.stdout == expected
+
+
+# The `python -m` entry points. Each calls console.quiet() first in main(), which imports
+# TensorFlow with its start-up notices (a CUDA probe's "failed call to cuInit" error on a
+# GPU-less host) filtered; a module that imported TensorFlow itself printed them first.
+ENTRY_POINTS = (
+  "coca_jax.train",
+  "coca_jax.evaluate.__main__",
+  "coca_jax.export",
+  "coca_jax.caption",
+  "coca_jax.classify",
+  "coca_jax.aot",
+  "coca_jax.params",
+  "coca_jax.convert.__main__",
+  "coca_jax.data.prepare",
+  "coca_jax.bench.__main__",
+  "coca_jax.bench.step",
+  "coca_jax.bench.decode",
+  "coca_jax.bench.data",
+)
+
+
+@pytest.mark.slow  # interpreters importing JAX and TensorFlow
+def test_entry_points_leave_tensorflow_to_console_quiet(repo):
+  """coca_jax.train imported TensorFlow (through data.tasks) at import since 0675174, and
+  every training run began with TensorFlow's CUDA notices and a cuInit "error"."""
+  code = (
+    "import importlib, sys\n"
+    f"for module in {ENTRY_POINTS!r}:\n"
+    "  importlib.import_module(module)\n"
+    "  if 'tensorflow' in sys.modules:\n"
+    "    sys.exit(module + ' imports tensorflow')\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=repo
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  usage = subprocess.run(
+    [sys.executable, "-m", "coca_jax.train"], capture_output=True, text=True, timeout=120, cwd=repo
+  )
+  assert "--workdir is required" in usage.stderr
+  assert not console.TF_IMPORT_NOISE.search(usage.stderr), usage.stderr[:2000]
