@@ -119,12 +119,16 @@ class DecodeOptions:
   def from_config(cls, config, **overrides) -> "DecodeOptions":
     """From `config.eval.decode` (where the defaults live), with keyword overrides (None
     keeps the config's value). max_length 0, or beyond the model's text length, means
-    config.model.text.max_len."""
+    config.model.text.max_len; the config's min_length is capped at max_length (an
+    override's is not: out of range, it is an error)."""
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(config.eval.decode).items() if k in fields}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    values.update(given)
     max_len = config.model.text.max_len
     values["max_length"] = min(values["max_length"] or max_len, max_len)
+    if "min_length" in values and "min_length" not in given:
+      values["min_length"] = min(values["min_length"], values["max_length"])
     values.setdefault("contract", tokens_lib.Contract.from_config(config))
     return cls(**values)
 

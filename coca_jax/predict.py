@@ -11,8 +11,8 @@ width, L decode length, M image tokens, D width.
 
 Both the serving API (coca_jax/inference.py) and the evaluators (coca_jax/evaluate/) go
 through this module. Every function compiles once for a fixed batch B: inputs are cut
-into batches of B and the last one is padded (with zeros) to B, its padding rows dropped
-from the outputs (the serving API pads a short batch to a power-of-two bucket instead:
+into batches of B and the last one is padded to B (copies of its last row), the padding
+rows dropped from the outputs (the serving API pads a short batch to a power-of-two bucket instead:
 `Predictor(buckets=True)`). Jitted functions are cached per (model structure, kind, decode
 options) and jit caches per input shape, so periodic evaluation during training does not
 recompile.

@@ -90,15 +90,19 @@ class Preemption:
     del signum, frame
     self.requested = True
     if self._interruptible:
+      self._interruptible = False  # once: a second signal must not break the save
       logging.warning("SIGTERM received: leaving the evaluation to checkpoint")
       raise Preempted
     logging.warning("SIGTERM received: checkpointing at the next step boundary")
 
   @contextlib.contextmanager
   def interruptible(self):
-    """A SIGTERM inside the block raises Preempted there (one process; several: no-op)."""
+    """A SIGTERM inside the block raises Preempted there, and one received since the
+    step's check raises it on entry (one process; several: no-op)."""
     self._interruptible = True
     try:
+      if self.requested:
+        raise Preempted
       yield
     finally:
       self._interruptible = False
@@ -465,7 +469,8 @@ def train(config, workdir: str) -> dict:
       export.vocab_file_of(config),
     )
   mngr.close()
-  if evaluated and config.eval.evals and jax.process_index() == 0:
+  # A preempted run's latest evaluation is of an earlier step: no final report.
+  if evaluated and config.eval.evals and jax.process_index() == 0 and not preempted:
     from coca_jax import evaluate
     from coca_jax.data import eval_sets
 

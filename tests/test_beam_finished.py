@@ -129,6 +129,45 @@ def test_beam_search_equals_enumeration_with_length_penalty(alpha, contract, min
   np.testing.assert_allclose(np.asarray(out.scores), [s for _, s, _ in refs], rtol=1e-5)
 
 
+# ---- min_length where every stop is likely: the caption ends exactly there.
+def likely_stops(contract: tokens_lib.Contract, max_length: int) -> np.ndarray:
+  """[L, V, V]: after BOS "a" leads "b" and the stops (with stop_at_pad, pad the
+  likelier one); after "a" or "b" a stop is likelier than either, so the best caption is
+  the shortest one allowed: "a" up to the minimum, then a stop."""
+  vocab = 4 if contract is PAPER else 5
+  probs = np.full((vocab, vocab), 1e-9)
+  go = {2: 0.36, 3: 0.34} if contract is PAPER else {2: 0.34, 3: 0.31}
+  first = {1: 0.30} if contract is PAPER else {0: 0.30, 1: 0.05}
+  later = {1: 0.5, 2: 0.26, 3: 0.24} if contract is PAPER else {0: 0.45, 1: 0.1, 2: 0.24, 3: 0.21}
+  for token, p in {**go, **first}.items():
+    probs[contract.bos_id, token] = p
+  for previous in (2, 3):
+    for token, p in later.items():
+      probs[previous, token] = p
+  probs[[t for t in range(vocab) if t not in (2, 3, contract.bos_id)]] = 1.0 / vocab
+  return np.log(np.stack([probs / probs.sum(1, keepdims=True)] * max_length))
+
+
+@pytest.mark.parametrize("min_length", [2, 3, 4])
+@pytest.mark.parametrize("contract", [PAPER, STOP_AT_PAD], ids=["paper", "stop_at_pad"])
+def test_min_length_is_where_a_likely_stop_ends_the_caption(contract, min_length):
+  """Greedy decoding and beam search both end the caption with its min_length-th token
+  (every stop id held back before it), as exhaustive enumeration does."""
+  length = 5
+  tables = likely_stops(contract, length)
+  real = tuple(t for t in range(tables.shape[-1]) if t != contract.bos_id)
+  expected, score, _ = enumerate_best(tables, length, 0.0, contract, real, (), min_length)
+  stop = expected[min_length - 1]
+  assert expected[: min_length - 1] == [2] * (min_length - 1) and stop in contract.stop_ids
+  batch = np.stack([tables] * 2)
+  common = dict(batch=2, max_length=length, contract=contract, min_length=min_length)
+  greedy = decode.sample_loop(markov(batch), **common)
+  beam = decode.beam_search_loop(markov(batch), beam_size=2, alpha=0.0, **common)
+  for out in (greedy, beam):
+    np.testing.assert_array_equal(np.asarray(out.tokens), [expected] * 2)
+    np.testing.assert_allclose(np.asarray(out.scores), score, rtol=1e-5)
+
+
 def test_search_stops_once_no_live_hypothesis_can_win():
   """EOS is likely after every token: both finished slots fill within two steps, and the
   live hypotheses, even penalised at max_length, cannot beat them; the loop ends there."""

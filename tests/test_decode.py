@@ -249,6 +249,20 @@ def test_min_length_holds_back_every_stop_until_it_is_reached():
     np.testing.assert_array_equal(np.asarray(out.tokens)[0], [1, 0, 0, 0, 0])
 
 
+def test_the_configs_min_length_is_capped_at_max_length():
+  """A config's min_length above a call's max_length was an error about an option the
+  caller never set; one given with the call still is. An older config has none."""
+  config = tiny.get_config()
+  config.eval.decode.min_length = 6
+  assert decode.DecodeOptions.from_config(config, method="greedy", max_length=3).min_length == 3
+  assert decode.DecodeOptions.from_config(config, method="greedy").min_length == 6
+  with pytest.raises(ValueError, match=r"min_length=4 must be in 0..max_length=3"):
+    decode.DecodeOptions.from_config(config, method="greedy", max_length=3, min_length=4)
+  older = tiny.get_config()
+  older.eval.decode = {k: v for k, v in older.eval.decode.items() if k != "min_length"}
+  assert decode.DecodeOptions.from_config(older, method="greedy").min_length == 0
+
+
 def test_filter_logits_top_k_and_top_p_by_hand():
   logits = jnp.log(jnp.asarray([[0.1, 0.5, 0.15, 0.25]]))
   kept = np.asarray(decode.filter_logits(logits, top_k=2)) > decode.NEG / 2

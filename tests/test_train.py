@@ -408,6 +408,32 @@ def test_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_its_step(
   assert not (tmp_path / "export").exists()
 
 
+def test_sigterm_between_the_steps_check_and_its_evaluation_skips_the_evaluation(
+  tmp_path, monkeypatch, caplog
+):
+  """A signal after the step's preemption check (here while its metrics are fetched)
+  but before its evaluation began waited for the whole evaluation and one more step."""
+  config = tiny_config(6, train=dict(eval_every=2, checkpoint_every=3))
+  check, evaluate, evaluated_at = train.check_finite, train.evaluate_state, []
+
+  def signal_at_4(bad, fetched, step, mngr):
+    check(bad, fetched, step, mngr)
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(train, "check_finite", signal_at_4)
+  monkeypatch.setattr(
+    train,
+    "evaluate_state",
+    lambda *a, step, **k: evaluated_at.append(step) or evaluate(*a, step=step, **k),
+  )
+  with caplog.at_level("WARNING"):
+    final = train.train(config, str(tmp_path))
+  assert final["step"] == 4 and evaluated_at == [2]
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3", "4"]
+  assert "preempted: checkpoint at step 4 written (its evaluation interrupted)" in caplog.text
+
+
 def test_preempted_at_the_last_step_exits_cleanly_and_finishes_when_started_again(
   tmp_path, monkeypatch
 ):

@@ -20,7 +20,7 @@ does not. Steps:
    - greedy captions of 20 tokens: coca_jax's cached greedy decoding vs open_clip's
      `generate(generation_type="top_k", top_k=1, min_seq_len=0, seq_len=22)` (top-1
      sampling is argmax; seq_len 22 leaves the forced end-of-text at token 21, past the
-     20 compared; min_seq_len 0 leaves end-of-text unsuppressed, as coca_jax's greedy).
+     20 compared; min_seq_len 0 leaves end-of-text unsuppressed, as min_length 0 does).
 """
 
 import math
@@ -158,7 +158,9 @@ def run(
   reference_tokens = np.full((BATCH, DECODE_TOKENS), contract.pad_id, np.int64)
   body = generated[:, 1 : DECODE_TOKENS + 1]
   reference_tokens[:, : body.shape[1]] = body
-  options = decode.DecodeOptions.from_config(config, method="greedy", max_length=DECODE_TOKENS)
+  options = decode.DecodeOptions.from_config(
+    config, method="greedy", max_length=DECODE_TOKENS, min_length=0
+  )
   fn = decode.jit_generate(nnx.graphdef(model), options, cached=True)
   our_tokens = np.asarray(fn(nnx.state(model), jnp.asarray(batch["image"])).tokens)
   tokens_equal = bool(np.array_equal(our_tokens, reference_tokens))
