@@ -241,6 +241,9 @@ def test_video_eval_and_embed_videos(tmp_path, sentencepiece_model):
   ]
   in_parts = video_eval.evaluate(model.predictor, parts, ("a photo of {}.",), has_head=True)
   assert in_parts == pytest.approx(result)
+  # The k of config.eval.zero_shot.top_k (it was (1, 5) whatever the config), below C.
+  ks = video_eval.evaluate(model.predictor, parts, ("{}",), has_head=False, top_k=(1, 2, 3))
+  assert set(ks) == {"zero_shot/top1", "zero_shot/top2", "chance", "examples"}
 
 
 # ---- the demo config, on tiny shapes, from a tiny export ----

@@ -153,6 +153,16 @@ def test_question_prior_baseline_and_vocabulary():
   np.testing.assert_allclose(scores, [[2 / 3, 0, 1 / 3], [0, 1, 0]], rtol=1e-6)
 
 
+def test_baselines_break_ties_as_the_vocabulary_does_whatever_the_file_order():
+  """Counter.most_common broke ties by first appearance: the majority baseline changed
+  with the training files' order and could differ from the vocabulary's first answer."""
+  for train_a in ([["yes", "yes"], ["no", "no"]], [["no", "no"], ["yes", "yes"]]):
+    assert answers_lib.answer_vocabulary(train_a, 2) == ["no", "yes"]
+    assert vqa_eval.most_frequent_answer(train_a) == "no"
+    prior = vqa_eval.question_prior_baseline(["q?", "q?"], train_a, ["q?"], [["no"] * 3])
+    assert prior == 1.0  # "q?" tied between yes and no: answered "no"
+
+
 def test_what_the_processing_empties_is_no_answer():
   """ "?" and "the" normalise to "": it was the most frequent answer below, so it took a
   vocabulary slot, a full-credit training target, and an empty prediction scored."""

@@ -18,7 +18,7 @@ with n = 1 or 2, min(k / n, 1) (a correct single reference is full credit).
 import collections
 import itertools
 import re
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -142,11 +142,16 @@ def answer_counts(answers: Iterable[Sequence[str]]) -> collections.Counter:
   return collections.Counter(filter(None, normalized))
 
 
+def by_frequency(counts: Mapping[str, int]) -> list[str]:
+  """Answers, most frequent first, ties alphabetical: the one order of the answer
+  vocabulary and the VQA baselines (not the training files' order)."""
+  return sorted(counts, key=lambda answer: (-counts[answer], answer))
+
+
 def answer_vocabulary(answers: Iterable[Sequence[str]], size: int) -> list[str]:
-  """The `size` most frequent (normalised) training answers (ties: alphabetical), padded
+  """The `size` most frequent (normalised) training answers (`by_frequency`), padded
   with never-given placeholders "<unused k>" when fewer distinct answers exist."""
-  ranked = sorted(answer_counts(answers).items(), key=lambda item: (-item[1], item[0]))
-  vocabulary = [answer for answer, _ in ranked[:size]]
+  vocabulary = by_frequency(answer_counts(answers))[:size]
   return vocabulary + [f"<unused {k}>" for k in range(size - len(vocabulary))]
 
 

@@ -27,6 +27,7 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
   vqa/unscored_examples                     questions without answers, left out
   video/zero_shot/top1, video/zero_shot/top5  clips of the video task's eval files: the mean
                                             of the frame embeddings vs the class prompts
+                                            (the k of config.eval.zero_shot.top_k)
   video/top1                                the video head (a model with one)
   video/chance                              1 / classes
   video/examples                            clips scored
@@ -253,6 +254,7 @@ def _video_eval(predictor: predict.Predictor, config) -> dict:
     video.eval_sets(config),
     config.eval.zero_shot.templates,
     has_head=head is not None and head.num_classes > 0,
+    top_k=config.eval.zero_shot.top_k,
   )
 
 

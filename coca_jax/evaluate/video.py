@@ -8,7 +8,7 @@ Zero-shot: each clip's embedding is the mean of its frames' image embeddings
 model has one): the arg-max of its logits. Beside them chance, 1 / C.
 """
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -17,11 +17,16 @@ from coca_jax.evaluate import zero_shot
 
 
 def evaluate(
-  predictor: predict.Predictor, eval_sets: Iterable[dict], templates, has_head: bool
+  predictor: predict.Predictor,
+  eval_sets: Iterable[dict],
+  templates,
+  has_head: bool,
+  top_k: Sequence[int] = (1, 5),
 ) -> dict:
   """eval_sets: the eval split in parts (data.video.eval_sets), each {"clips"
   [n,F,S,S,3], "labels" [n], "class_names" [C]}, predicted one part at a time -> {
-  "zero_shot/top1", "zero_shot/top5", "top1" (with a head), "chance", "examples"}."""
+  "zero_shot/top{k}" for each k of top_k below C (config.eval.zero_shot.top_k; at C or
+  more always 1), "top1" (with a head), "chance" (1 / C), "examples"}."""
   names, classifier = None, None
   embeddings, predicted, labels = [], [], []
   for part in eval_sets:
@@ -33,7 +38,7 @@ def evaluate(
       predicted.append(np.argmax(predictor.video_logits(part["clips"]), axis=-1))
     labels.append(part["labels"])
   labels = np.concatenate(labels)
-  ks = (1, 5) if len(names) > 5 else (1,)
+  ks = [k for k in top_k if k < len(names)]
   scores = zero_shot.evaluate(np.concatenate(embeddings), labels, classifier, ks)
   result = {f"zero_shot/{k}": v for k, v in scores.items()}
   if has_head:

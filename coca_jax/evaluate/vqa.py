@@ -27,7 +27,13 @@ from absl import logging
 from flax import nnx
 
 from coca_jax import predict
-from coca_jax.data.answers import answer_counts, has_answers, normalize_answer, vqa_score
+from coca_jax.data.answers import (
+  answer_counts,
+  by_frequency,
+  has_answers,
+  normalize_answer,
+  vqa_score,
+)
 
 
 def answer_score(prediction: str, answers: Sequence[str]) -> float:
@@ -43,15 +49,16 @@ def answer_score(prediction: str, answers: Sequence[str]) -> float:
 
 
 def most_frequent_answer(train_answers: Sequence[Sequence[str]]) -> str:
-  """The most frequent (normalised, non-empty) training answer; a ValueError without any."""
-  ranked = answer_counts(train_answers).most_common(1)
+  """The most frequent (normalised, non-empty) training answer, ties alphabetical (the
+  answer vocabulary's first); a ValueError without any."""
+  ranked = by_frequency(answer_counts(train_answers))
   if not ranked:
     raise ValueError(
       f"no training answers ({len(train_answers)} training questions, none with an answer): "
       "the VQA baselines and the answer vocabulary (config.model.vqa.num_answers) come from "
       "the answers of the training files, config.data.vqa.files"
     )
-  return ranked[0][0]
+  return ranked[0]
 
 
 def soft_accuracy(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> float:
@@ -75,13 +82,14 @@ def question_prior_baseline(
   answers: Sequence[Sequence[str]],
 ) -> float:
   """Soft accuracy of answering each question string with its most frequent training
-  answer (blind to the image; an unseen question gets the overall majority answer)."""
+  answer (ties alphabetical; blind to the image; an unseen question gets the overall
+  majority answer)."""
   by_question = collections.defaultdict(collections.Counter)
   for question, given in zip(train_questions, train_answers):
     by_question[question].update(answer_counts([given]))
   overall = most_frequent_answer(train_answers)
   predictions = [
-    by_question[q].most_common(1)[0][0] if by_question.get(q) else overall for q in questions
+    by_frequency(by_question[q])[0] if by_question.get(q) else overall for q in questions
   ]
   return soft_accuracy(predictions, answers)
 
