@@ -14,6 +14,7 @@ nothing in it is touched.
 
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -122,7 +123,8 @@ def check_dtype(dtype: str) -> None:
 
 def check_output(output_dir: str) -> None:
   """Raises FileExistsError unless `output_dir` is absent, an empty directory or an export
-  (only EXPORT_ENTRIES): `write` replaces it whole, so anything else there would be lost.
+  (params/ and only other EXPORT_ENTRIES): `write` replaces it whole, so anything else
+  there would be lost.
   ValueError for a path without a name of its own ("", ".", ".."): `write` stages the
   export beside it, under its name."""
   output = epath.Path(output_dir)
@@ -138,11 +140,13 @@ def check_output(output_dir: str) -> None:
     return
   if not output.is_dir():
     raise FileExistsError(f"export output {output} is a file, not a directory")
-  other = sorted(p.name for p in output.iterdir() if p.name not in EXPORT_ENTRIES)
-  if other:
+  entries = sorted(p.name for p in output.iterdir())
+  other = [name for name in entries if name not in EXPORT_ENTRIES]
+  if other or (entries and "params" not in entries):  # a config.json alone is not an export
     raise FileExistsError(
-      f"export output {output} exists and is not a coca_jax export (it holds {other[:5]}); "
-      "an export replaces only an older export: pick a new directory or remove this one"
+      f"export output {output} exists and is not a coca_jax export (it holds "
+      f"{(other or entries)[:5]}{'' if other else ' and no params/'}); an export replaces "
+      "only an older export: pick a new directory or remove this one"
     )
 
 
@@ -254,37 +258,50 @@ def export_from_workdir(
   workdir: str, output: str, dtype: str | None = None, step: int | None = None
 ) -> tuple[int, str]:
   """Exports the params of a training checkpoint (default: the newest readable one, as a
-  resume would pick) as `dtype` (default: the run's config.train.export_dtype, what its
-  own final export has); returns the exported step and dtype."""
+  resume would pick) as `dtype` (default: config.train.export_dtype, what the run's own
+  final export has); returns the exported step and dtype. The checkpoint is restored and
+  described with the config that trained it (`config_file_of_step`): a resume may have
+  changed the model since (an image size, a pooler mode, a vocabulary)."""
   if dtype is not None:
     check_dtype(dtype)
   check_output(output)  # before the restore, which can take minutes
-  config = read_config(epath.Path(workdir) / CONFIG_FILE)
+  workdir_path = epath.Path(workdir)
+  run_config = read_config(workdir_path / CONFIG_FILE)
+  mngr = checkpoint.manager(workdir, run_config.train, read_only=True)
+  steps = mngr.all_steps()
+  if step is not None and step not in steps:
+    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
+  if not steps:
+    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+  target = max(steps) if step is None else step
+
+  def restore(at: int | None):
+    config = _config_of_step(workdir_path, target if at is None else at)
+    layout = state_lib.setup(config).layout
+    return config, checkpoint.restore(mngr, layout, at, params_only=True)
+
+  config, (state, data_position) = restore(step)
+  exported = int(data_position["step"])
+  if config_file_of_step(workdir_path, exported) != config_file_of_step(workdir_path, target):
+    # The newest step was unreadable, and the older one restored was trained otherwise.
+    config, (state, data_position) = restore(exported)
   if dtype is None:
     dtype = config.train.get("export_dtype", "bfloat16")  # configs from before the key
     check_dtype(dtype)
-  check_vocab(vocab_file_of(config), config)
-  # The run's own mesh may need more devices than this machine has; any mesh restores.
-  config.mesh = config_lib.default_mesh()
-  layout = state_lib.setup(config).layout
-  mngr = checkpoint.manager(workdir, config.train, read_only=True)
-  if step is not None and step not in mngr.all_steps():
-    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
-  restored = checkpoint.restore(mngr, layout, step, params_only=True)
-  if restored is None:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  state, data_position = restored
-  exported = int(data_position["step"])
-  trained_by = config_file_of_step(epath.Path(workdir), exported)
-  if trained_by.name != CONFIG_FILE:
-    # A resume changed the config after this step: the export describes the parameters
-    # with the config that trained them (a pooler mode, a text mask, a vocabulary...).
-    logging.info("checkpoint %d was trained under %s: the export's config", exported, trained_by)
-    config = read_config(trained_by)
-    config.mesh = config_lib.default_mesh()
-    check_vocab(vocab_file_of(config), config)
   write(state["params"], config, output, dtype, vocab_file_of(config))
   return exported, dtype
+
+
+def _config_of_step(workdir: epath.Path, step: int):
+  """The config that trained checkpoint `step`, its vocabulary checked, on a mesh this
+  machine has (the run's own may need more devices; any mesh restores)."""
+  path = config_file_of_step(workdir, step)
+  if path.name != CONFIG_FILE:
+    logging.info("checkpoint %d was trained under %s: the export's config", step, path)
+  config = read_config(path)
+  check_vocab(vocab_file_of(config), config)
+  config.mesh = config_lib.default_mesh()
+  return config
 
 
 def config_file_of_step(workdir: epath.Path, step: int) -> epath.Path:
@@ -300,7 +317,8 @@ def config_file_of_step(workdir: epath.Path, step: int) -> epath.Path:
 
 def load_vocab(export_dir: str, config):
   """The vocabulary of an export (coca_jax.data.vocab.load): its own vocabulary file, else
-  the run's config.data.vocab_path."""
+  the run's config.data.vocab_path. ValueError when it has more pieces than the model
+  has token embeddings (config.model.text.vocab_size): the ids past them embedded as NaN."""
   from coca_jax.data import vocab
 
   path = vocab_file_in(export_dir) or vocab_file_of(config)
@@ -310,7 +328,15 @@ def load_vocab(export_dir: str, config):
       "named none (config.data.vocab_path is empty, as in a run on synthetic data): put "
       f"one at {os.path.join(export_dir, VOCAB_FILE)}"
     )
-  return vocab.load(path)
+  vocabulary = vocab.load(path)
+  pieces, size = vocabulary.get_piece_size(), config.model.text.vocab_size
+  if pieces > size:
+    raise ValueError(
+      f"export {export_dir}: its vocabulary {path} has {pieces} pieces, more than the "
+      f"model's config.model.text.vocab_size={size} token embeddings; it belongs to another "
+      "model (for a converted checkpoint: the --config or --vocab of the conversion)"
+    )
+  return vocabulary
 
 
 def vocab_file_in(export_dir) -> str | None:
@@ -345,6 +371,8 @@ def main(argv):
     step, dtype = export_from_workdir(f.workdir, f.output, f.dtype, f.step)
   except checkpoint.SaveError as e:
     console.exit_now(str(e))
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # each names its path
+    sys.exit(f"error: {e}")
   print(json.dumps(dict(step=step, output=f.output, dtype=dtype)))
 
 

@@ -38,6 +38,20 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, other):
   np.testing.assert_array_equal(restored["w"], params["w"] + 1)
 
 
+def test_a_folder_with_a_config_but_no_params_is_not_an_export(tmp_path):
+  """A folder holding only config.json and vocab.model passed as an export and was
+  replaced whole: the user's vocab.model was lost, their config.json overwritten."""
+  out = tmp_path / "mine"
+  out.mkdir()
+  (out / "config.json").write_text("{}")
+  (out / "vocab.model").write_text("keep")
+  params = {"w": np.arange(4, dtype=np.float32)}
+  config = ml_collections.ConfigDict({"model": {"width": 4}})
+  with pytest.raises(FileExistsError, match=r"not a coca_jax export .* and no params/"):
+    export.write(params, config, str(out), "float32", None)
+  assert (out / "vocab.model").read_text() == "keep" and (out / "config.json").read_text() == "{}"
+
+
 def test_a_dtype_or_path_that_cannot_make_an_export_is_an_error_before_writing(
   tmp_path, monkeypatch
 ):
@@ -67,11 +81,11 @@ def test_a_missing_vocabulary_is_an_error_before_anything_is_written(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no staging
   # An older export at the path stays as it was.
   old = tmp_path / "old"
-  old.mkdir()
+  (old / "params").mkdir(parents=True)
   (old / "config.json").write_text("{}")
   with pytest.raises(FileNotFoundError, match="vocab_path"):
     export.write(params, config, str(old), "float32", gone)
-  assert [p.name for p in old.iterdir()] == ["config.json"]
+  assert sorted(p.name for p in old.iterdir()) == ["config.json", "params"]
   assert (old / "config.json").read_text() == "{}"
 
 
@@ -213,3 +227,25 @@ def test_an_older_checkpoint_is_exported_with_the_config_that_trained_it(tmp_pat
     assert json.loads((out / "config.json").read_text())["eval"]["decode"]["beam_size"] == beam
   assert export.config_file_of_step(tmp_path, 2).name == "config.before_step_3.json"
   assert export.config_file_of_step(tmp_path, 4).name == "config.json"
+
+
+@pytest.mark.slow  # ~10 s
+def test_a_checkpoint_from_before_an_image_size_change_exports_at_its_own_size(tmp_path):
+  """Step 2 trained at 16 px, then a resume at 32 px: the export of step 2 restored it
+  into the 32 px layout (the position embedding resampled) but wrote it with step 2's
+  config, an export that could not be loaded; a good export at --output was replaced."""
+  before, after = tiny_config(4), tiny_config(4)
+  after.model.vision.image_size = 2 * before.model.vision.image_size
+  mngr = checkpoint.manager(str(tmp_path), after.train)
+  for step, config in ((2, before), (4, after)):
+    state = state_lib.create(config, state_lib.setup(config))
+    checkpoint.save(mngr, dict(state, step=np.int32(step)), dict(step=step, seed=0))
+  mngr.wait_until_finished()
+  mngr.close()
+  (tmp_path / "config.before_step_2.json").write_text(before.to_json_best_effort())
+  (tmp_path / "config.json").write_text(after.to_json_best_effort())
+  for step, config in ((2, before), (4, after), (None, after)):
+    out = tmp_path / f"export_{step}"
+    export.export_from_workdir(str(tmp_path), str(out), "float32", step)
+    _, loaded = export.load_model(str(out))  # its params fit the model its config builds
+    assert loaded.model.vision.image_size == config.model.vision.image_size

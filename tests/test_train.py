@@ -184,6 +184,12 @@ def test_restore_onto_another_mesh_and_export(tmp_path, reference_run):
     np.testing.assert_allclose(
       exported.encode_image(image)[0], model.encode_image(image)[0], atol=atol
     )
+  # A step that is not there: one line naming it, exit 1 (it was a traceback).
+  missing = run([*command, f"--output={tmp_path / 'none'}", "--step=9999"])
+  assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-3000:]
+  assert (
+    missing.stderr.strip().splitlines()[-1] == f"error: no checkpoint 9999 in {ref_dir}/checkpoints"
+  )
 
 
 def test_export_of_a_missing_dir_names_the_path(tmp_path):

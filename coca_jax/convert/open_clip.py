@@ -60,6 +60,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Callable, Mapping
 
@@ -638,15 +639,23 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   f = flag_values
   if not f.model:
     raise app.UsageError("--model is required")
+  # Flags of the other mode were silently ignored.
+  unused = ("checkpoint", "vocab", "dtype") if f.random_init else ("seed",)
+  unused = [f"--{name}" for name in unused if f[name].present]
+  if unused:
+    mode = "with --random_init" if f.random_init else "without --random_init"
+    raise app.UsageError(f"{', '.join(unused)}: not used {mode}")
   if f.random_init:
     from coca_jax.convert import open_clip_parity
 
     summary = open_clip_parity.run(
       f.model, seed=f.seed, layers=f.layers or None, output=f.output, config_file=f.config
     )
-  else:
-    if not f.checkpoint or not f.output:
-      raise app.UsageError("--checkpoint and --output are required (or --random_init)")
+    print(json.dumps(summary))
+    return 0 if summary["parity"] else 1  # scripts see a failed parity check
+  if not f.checkpoint or not f.output:
+    raise app.UsageError("--checkpoint and --output are required (or --random_init)")
+  try:
     summary = convert_checkpoint(
       f.model,
       f.checkpoint,
@@ -656,5 +665,7 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
       config_file=f.config,
       layers=f.layers or None,
     )
+  except (FileNotFoundError, FileExistsError, ValueError) as e:  # ConversionError included
+    sys.exit(f"error: {e}")
   print(json.dumps(summary))
   return 0

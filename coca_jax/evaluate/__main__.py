@@ -15,6 +15,7 @@ table with chance levels, then, as the last line, the metrics as one JSON object
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -63,7 +64,10 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   from coca_jax import evaluate, export, predict
   from coca_jax.data import eval_sets
 
-  model, config = export.load_model(f.export)
+  try:
+    model, config = export.load_model(f.export)
+  except (FileNotFoundError, ValueError) as e:  # not an export, or one for another model
+    sys.exit(f"error: --export: {e}")
   # The eval sets are read with the export's own vocabulary (a converted open_clip export
   # holds CLIP's merges and names no config.data.vocab_path).
   config.data.vocab_path = export.vocab_file_in(f.export) or config.data.vocab_path
