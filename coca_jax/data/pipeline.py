@@ -22,15 +22,16 @@ the proportions do not depend on the number of hosts; over S steps each shard ta
 every slice once, so every shard reads its part of each source at the same rate, N_i
 rows per S steps (where the slices hold equal counts, the n_i(s, t) are the same at every
 step). Which positions of a host batch each source fills (`batch_layout` of its counts)
-spreads each source's rows evenly over it, so that any contiguous or strided slice of
-it (a device's rows, a gradient-accumulation micro-batch) mixes the sources too; the
-losses do not depend on the order, and the layouts need no seed.
+spreads each source's rows evenly over it, so that a contiguous slice of it (a device's
+rows) mixes the sources too (a strided one need not: rates 1:1 alternate the sources, so
+micro-batches of every second row hold one source each); the losses do not depend on the
+order (gradient accumulation is exact), and the layouts need no seed.
 
 The pipeline of shard s, seed σ (config.data.seed; σ + 1 for "eval"), resuming at step k:
 
   rows of each source      seqio row task (coca_jax/data/tasks.py): the shard's rows,
-                           unprocessed (encoded image bytes, text features), repeated,
-                           shuffled in a buffer (seed σ)
+                           unprocessed (encoded image bytes, text features), shuffled
+                           in a buffer (seed σ) one pass at a time, repeated
   -> skip                  the resume: before batch k source i supplied the sum of
                            n_i(s, t) over t < k rows
   -> records               one structure for every source (preprocess.to_records)
@@ -228,10 +229,13 @@ def records(
       shuffle=True,
       seed=seed,
       shard_info=seqio.ShardInfo(index=shard_index, num_shards=num_shards),
-      num_epochs=None,
+      num_epochs=1,
       trim_output_features=False,
     )
-    streams.append(preprocess.to_records(rows.skip(skip), kind))
+    # Repeated after seqio's shuffle, which reshuffles each pass (from seed σ): each pass
+    # holds every row once. seqio's own num_epochs=None repeats before its buffer, which
+    # mixes passes: 40 rows read from a 40-row eval split held 27 distinct ones.
+    streams.append(preprocess.to_records(rows.repeat().skip(skip), kind))
   layouts = [batch_layout([counts[kind] for kind in names]) for counts in period]
   # Batches start_step, start_step + 1, ...: the period's layouts from start_step's on.
   order = [layouts[(start_step + t) % num_shards] for t in range(num_shards)]

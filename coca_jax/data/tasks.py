@@ -27,7 +27,8 @@ coco_captions and datasets shaped like it, several captions per image) and gives
 image and pass (preprocess.alt_caption), evaluation scores against all of them.
 
 Held-out classes: the JFT-style rows naming a class of `jft_style.held_out_classes` are
-dropped from NAME and NAME_rows (what training reads) and kept in NAME_eval, so that the
+dropped from NAME and NAME_rows (what training reads, and what the held-out losses read:
+they are the trainer's batches of the eval split) and kept in NAME_eval, so that the
 zero-shot eval can score classes the model never trained on.
 """
 
