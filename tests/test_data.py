@@ -410,6 +410,35 @@ def test_rejected_rows_are_replaced_from_their_own_source(tmp_path, data_dir):
     next(pipeline.batches(config, "train", **kwargs))
 
 
+def test_a_batch_with_one_row_of_a_source_repeats_an_earlier_one_for_a_bad_image(
+  tmp_path, data_dir
+):
+  """Host batches of 2 rows, rates 1:1: each holds one alt-text row, and one undecodable
+  image stopped the run ("all 1 rows of source 'alt_text' rejected"). That row now
+  repeats the latest good alt-text row, and a resume after it stays exact."""
+  colours = [(10 * i + 5, 200 - 10 * i, 0) for i in range(12)]
+  rows = [(png(np.full((8, 8, 3), c, np.uint8)), f"good {i}") for i, c in enumerate(colours)]
+  rows[3] = (b"not an image", "junk")
+  write_alt_text(str(tmp_path / "one-bad.tfrecord"), rows)
+  config = make_config(data_dir)
+  config.alt_text.files = str(tmp_path / "one-bad.tfrecord")
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=2)
+  full = take(pipeline.batches(config, "train", **kwargs), 24)  # two passes
+  reds = []
+  for batch in full:
+    alt = ~source_of_rows(batch)
+    assert alt.sum() == 1
+    reds.append(int(np.round((batch["image"][alt, 0, 0, 0][0] * 0.5 + 0.5) * 255)))
+  assert set(reds) == {10 * i + 5 for i in range(12) if i != 3}
+  # The bad row's steps (one per pass) repeat the step before them.
+  repeats = [t for t in range(1, 24) if reds[t] == reds[t - 1]]
+  assert len(repeats) == 2, reds
+  resumed = take(pipeline.batches(config, "train", start_step=repeats[0] + 1, **kwargs), 3)
+  for a, b in zip(full[repeats[0] + 1 :], resumed):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["text"]["ids"], b["text"]["ids"])
+
+
 def test_corrupt_image_and_empty_caption_are_dropped_and_counted(tmp_path, data_dir):
   good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(5)]
   bad_png = png(np.zeros((8, 8, 3), np.uint8))[:30]  # truncated: header only

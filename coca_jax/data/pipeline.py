@@ -76,7 +76,10 @@ Rejected rows (undecodable image, empty text; counted in preprocess.BAD_DATA, lo
 these batches a rejected row is replaced by a copy of another row of its batch from the
 same source (the Tasks of coca_jax/data/tasks.py drop them instead), so that the batch
 boundaries stay put and the counts stay exact. A batch in which every row of a source is
-rejected is an error (the source is broken, or its n_i tiny).
+rejected repeats that source's rows of the latest batch that had good ones (a host batch
+may hold a single row of a source); only where no batch of the run had one yet (a broken
+source, or the first batch after a resume) is it an error. The repeat carries state from
+batch to batch: a resume is exact unless its first batch needed it, which is the error.
 """
 
 import hashlib
@@ -299,25 +302,47 @@ def _dataset(
   return ds.with_options(tasks.dataset_options(data_config)).prefetch(2), layouts, names
 
 
-def replace_rejected(rows: dict, step: int, layout: np.ndarray, names) -> dict:
+def replace_rejected(
+  rows: dict, step: int, layout: np.ndarray, names, spare: dict | None = None
+) -> dict:
   """Rows whose `keep` is False -> copies of kept rows of the same batch and source (the
-  source of position j is names[layout[j]]), in turn."""
+  source of position j is names[layout[j]]), in turn. A source none of whose rows in the
+  batch was kept takes them from `spare` (source index -> (an earlier batch's rows, the
+  indices of that source's kept ones)), where the mixture passes them: a host batch may
+  hold one or two rows of a source, and one bad image must not stop the run."""
   keep = rows.pop("keep")
   if keep.all():
     return rows
   index = np.arange(len(keep))
+  borrowed = {}
   for source in np.unique(layout[~keep]):
     mine = layout == source
     kept, rejected = np.flatnonzero(mine & keep), np.flatnonzero(mine & ~keep)
-    if not len(kept):
+    if len(kept):
+      index[rejected] = kept[np.arange(len(rejected)) % len(kept)]
+    elif spare and source in spare:
+      logging.warning(
+        "input batch of step %d: all %d rows of source %r rejected; filled with its rows of "
+        "an earlier batch",
+        step,
+        len(rejected),
+        names[source],
+      )
+      borrowed[source] = rejected
+    else:
       raise ValueError(
         f"input batch of step {step}: all {mine.sum()} rows of source {names[source]!r} "
-        f"rejected (undecodable images or empty texts; so far {dict(preprocess.BAD_DATA)}); "
-        "check the data (a source's rows are replaced only by its own rows, so that each "
-        "batch holds each source's share exactly)"
+        f"rejected (undecodable images or empty texts; so far {dict(preprocess.BAD_DATA)}), "
+        "and no earlier batch of this run holds one to repeat: check the data (a source's "
+        "rows are replaced only by its own rows, so that each batch holds each source's "
+        "share exactly)"
       )
-    index[rejected] = kept[np.arange(len(rejected)) % len(kept)]
-  return {k: v[index] for k, v in rows.items()}
+  out = {k: v[index] for k, v in rows.items()}
+  for source, positions in borrowed.items():
+    earlier, kept = spare[source]
+    for k in out:
+      out[k][positions] = earlier[k][kept[np.arange(len(positions)) % len(kept)]]
+  return out
 
 
 def _numpy_batches(
@@ -329,8 +354,13 @@ def _numpy_batches(
   contract: tokens.Contract = tokens.PAPER,
 ) -> Iterator[dict]:
   reported = dict(preprocess.BAD_DATA)
+  spare = {}  # source -> (its latest batch with a kept row of it, their indices)
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
-    rows = replace_rejected(rows, step, layouts[step % len(layouts)], names)
+    layout = layouts[step % len(layouts)]
+    keep = rows["keep"]
+    latest = {s: np.flatnonzero((layout == s) & keep) for s in np.unique(layout[keep])}
+    rows = replace_rejected(rows, step, layout, names, spare)
+    spare.update({s: (rows, kept) for s, kept in latest.items()})
     text = tokens.model_text(rows["tokens"], rows["length"], max_len, contract)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
