@@ -459,8 +459,9 @@ def captions_and_rejections(data_dir, files: str) -> tuple[list[str], dict]:
   before = pipeline.bad_data_counts()
   captions = shard_captions(config, 0, 1)
   after = pipeline.bad_data_counts()
-  reasons = (preprocess.UNDECODABLE, preprocess.EMPTY_TEXT)
-  return captions, {k: after.get(k, 0) - before.get(k, 0) for k in reasons}
+  reasons = (preprocess.UNDECODABLE, preprocess.EMPTY_TEXT, preprocess.MALFORMED)
+  changed = {k: after.get(k, 0) - before.get(k, 0) for k in reasons}
+  return captions, {k: v for k, v in changed.items() if v}
 
 
 def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path, data_dir):
@@ -480,6 +481,43 @@ def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path
   captions = tf.constant(["\u00a0", "\u200b ", "a cat", "\u3000"])
   drawn = {preprocess.alt_caption(captions, tf.constant([i, 7])).numpy() for i in range(20)}
   assert drawn == {b"a cat"}
+
+
+def test_records_that_are_not_alt_text_examples_are_dropped_and_counted(tmp_path, data_dir):
+  """An image of two values, captions stored as integers, bytes that are no Example:
+  tf.io.parse_single_example stopped the input pipeline (an InvalidArgumentError naming
+  neither file nor key) at whichever step reached them; a training batch and the eval
+  set now skip them."""
+  good = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(3)]
+
+  def feature(**values):
+    return tf.train.Feature(**{k: type_(value=v) for k, (type_, v) in values.items()})
+
+  two_images = dict(
+    image=feature(bytes_list=(tf.train.BytesList, [good[0][0], good[1][0]])),
+    caption=feature(bytes_list=(tf.train.BytesList, [b"two images"])),
+  )
+  int_caption = dict(
+    image=feature(bytes_list=(tf.train.BytesList, [good[0][0]])),
+    caption=feature(int64_list=(tf.train.Int64List, [7])),
+  )
+  with tf.io.TFRecordWriter(str(tmp_path / "bad.tfrecord")) as writer:
+    writer.write(_example(*good[0]))
+    for malformed in (two_images, int_caption):
+      example = tf.train.Example(features=tf.train.Features(feature=malformed))
+      writer.write(example.SerializeToString())
+    writer.write(b"\xff\x00 not a protocol buffer")
+    for image_bytes, text in good[1:]:
+      writer.write(_example(image_bytes, text))
+  captions, rejected = captions_and_rejections(data_dir, str(tmp_path / "bad.tfrecord"))
+  assert captions == [f"good {i}" for i in range(3)]
+  assert rejected == {preprocess.MALFORMED: 3}
+  config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.alt_text.files = str(tmp_path / "bad.tfrecord")
+  batches = take(
+    pipeline.batches(config, "train", shard_index=0, num_shards=1, local_batch_size=4), 3
+  )
+  assert all(b["image"].shape[0] == 4 for b in batches)
 
 
 def test_one_blank_rule_in_python_and_tensorflow():

@@ -117,8 +117,7 @@ def _tfrecord_rows(benchmark: Benchmark, files: str):
   paths = sorted(tf.io.gfile.glob(files))
   if not paths:
     raise FileNotFoundError(f"{key}={files!r} matches no file")
-  ds = tf.data.TFRecordDataset(paths)
-  return ds.map(lambda record: tf.io.parse_single_example(record, tasks.TF_EXAMPLE_FEATURES))
+  return tasks.read_alt_text_files(paths)
 
 
 def batches(benchmark: Benchmark, config) -> Iterator[dict]:

@@ -38,17 +38,19 @@ import re
 import numpy as np
 import seqio
 import tensorflow as tf
+from google.protobuf import message
 
 from coca_jax.data import images
 
 # Rows dropped (Tasks) or replaced (the training pipeline) because `decode` rejected
-# them, by reason, in this process. tf.data runs the check in its own threads;
-# increments happen under the GIL.
+# them, and TFRecord records dropped by `parse_alt_text`, by reason, in this process.
+# tf.data runs the checks in its own threads; increments happen under the GIL.
 BAD_DATA = collections.Counter()
-UNDECODABLE, WRONG_RANK, EMPTY_TEXT = (
+UNDECODABLE, WRONG_RANK, EMPTY_TEXT, MALFORMED = (
   "undecodable image",
   "image of wrong rank or size",
   "empty text",
+  "malformed record",
 )
 # Calls of the numpy side of `decode` in this process (CALLS["decode"]): the expensive
 # per-example work, counted so that tests can see what a resume decodes.
@@ -102,6 +104,41 @@ def _check(encoded: bytes, text_parts: np.ndarray) -> tuple[np.ndarray, bool]:
     logging.debug("dropping undecodable image: %s", e)
     BAD_DATA[UNDECODABLE] += 1
   return np.zeros((1, 1, 3), np.uint8), False
+
+
+def _parse_alt_text(record: bytes) -> tuple[bytes, np.ndarray, bool]:
+  """numpy side of `parse_alt_text`: (image bytes, captions [n] bytes, well-formed?)."""
+  try:
+    feature = tf.train.Example.FromString(record).features.feature
+  except message.DecodeError:  # not an Example at all
+    feature = None
+  if feature is not None:
+    image = feature["image"] if "image" in feature else None
+    caption = feature["caption"] if "caption" in feature else None
+    image_ok = image is None or (
+      image.WhichOneof("kind") == "bytes_list" and len(image.bytes_list.value) == 1
+    )
+    caption_ok = caption is None or caption.WhichOneof("kind") in (None, "bytes_list")
+    if image_ok and caption_ok:  # a missing image stays b"": `decode` rejects and counts it
+      encoded = image.bytes_list.value[0] if image is not None else b""
+      captions = list(caption.bytes_list.value) if caption is not None else []
+      return encoded, np.array(captions, dtype=object), True
+  BAD_DATA[MALFORMED] += 1
+  return b"", np.array([], dtype=object), False
+
+
+def parse_alt_text(record: tf.Tensor) -> tuple[dict, tf.Tensor]:
+  """A TFRecord record of the alt-text files -> ({"image": encoded bytes, "caption": [n]
+  strings}, well-formed). Not well-formed (counted in BAD_DATA): not an Example, an
+  image that is not one bytes value, captions that are not bytes. tf.io.parse_single_example
+  stopped the input pipeline on such a record, naming neither file nor config key."""
+  image, caption, ok = tf.numpy_function(
+    _parse_alt_text, [record], [tf.string, tf.string, tf.bool], stateful=False
+  )
+  image.set_shape([])
+  caption.set_shape([None])
+  ok.set_shape([])
+  return dict(image=image, caption=caption), ok
 
 
 def decode(encoded: tf.Tensor, text_parts: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

@@ -16,9 +16,10 @@ and the mixtures serve seqio users and the eval sets (coca_jax/data/eval_sets.py
 keep the source's other features (e.g. `label`).
 
 Sources: `seqio.TfdsDataSource` (image features read as encoded bytes and decoded by
-preprocess.decode), or, for alt-text with `alt_text.files` set, a
-`seqio.TFExampleDataSource` over TFRecord files of Examples with `image` (encoded bytes)
-and `caption` (one string, or several: a bytes_list with one value per caption).
+preprocess.decode), or, for alt-text with `alt_text.files` set, a `seqio.FileDataSource`
+over TFRecord files of Examples with `image` (encoded bytes) and `caption` (one string,
+or several: a bytes_list with one value per caption), read by `read_alt_text_files`: a
+record that is not such an Example is dropped and counted, not a stop of the pipeline.
 
 Alt-text layouts: every alt-text task starts with preprocess.caption_list, which reads the
 layout off the rows (`caption`: the demo's emoji, TFRecords; `captions/text`: TFDS
@@ -51,12 +52,6 @@ MIXTURE = "coca_mixture"
 EVAL_MIXTURE = "coca_mixture_eval"
 EVAL_SUFFIX = "_eval"
 ROWS_SUFFIX = "_rows"
-TF_EXAMPLE_FEATURES = {
-  # A missing image reads as b"": an undecodable, counted row (it stopped the pipeline).
-  "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
-  # One value per caption of the image: [n] strings (n may differ between Examples).
-  "caption": tf.io.FixedLenSequenceFeature([], tf.string, allow_missing=True),
-}
 
 
 def output_features(vocab_path: str) -> dict:
@@ -89,6 +84,17 @@ def split_files(key: str, files: str, eval_files: str) -> dict[str, str]:
   return dict(train=files, validation=eval_files or files)
 
 
+def read_alt_text_files(paths) -> tf.data.Dataset:
+  """TFRecord files of alt-text Examples -> rows {"image": encoded bytes (b"" when the
+  Example has none: an undecodable, counted row), "caption": [n] strings (one value per
+  caption; n may differ between Examples)}. Records that are not such an Example are
+  dropped and counted (preprocess.parse_alt_text)."""
+  rows = tf.data.TFRecordDataset(paths).map(
+    preprocess.parse_alt_text, num_parallel_calls=tf.data.AUTOTUNE
+  )
+  return rows.filter(lambda row, ok: ok).map(lambda row, ok: row)
+
+
 def tfds_data_dir(data_config, source_config) -> str:
   return source_config.tfds_data_dir or os.path.join(data_config.data_dir, "tfds")
 
@@ -97,9 +103,9 @@ def source(data_config, kind: str) -> seqio.DataSource:
   """The data source of `kind` ("jft_style" or "alt_text") as the config describes it."""
   c = data_config[kind]
   if kind == "alt_text" and c.files:
-    return seqio.TFExampleDataSource(
+    return seqio.FileDataSource(
+      read_file_fn=read_alt_text_files,
       split_to_filepattern=split_files("config.data.alt_text", c.files, c.eval_files),
-      feature_description=TF_EXAMPLE_FEATURES,
     )
   return seqio.TfdsDataSource(
     tfds_name=c.tfds_name,
