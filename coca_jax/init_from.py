@@ -33,6 +33,7 @@ from absl import logging
 from etils import epath
 
 from coca_jax import checkpoint, export, optim
+from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
 from coca_jax.models import coca, vit
@@ -233,6 +234,7 @@ def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   for line in report.log_lines():
     logging.info("%s", line)
   _warn_if_other_vocabulary(vocab_file, config)
+  _warn_if_other_layout(source, config)
   _check_head_labels(source, config, report)
   _check_temperature(loaded, config, source)
   return state_lib.create(config, run, loaded), report
@@ -411,6 +413,42 @@ def _check_head_labels(source: epath.Path, config, report: Report) -> None:
       f"{own[first] if first < len(own) else None!r} here), so its classifier rows would "
       f"score the wrong {unit}. Use the source's {unit}, or start the classifier fresh "
       f"with {EXCLUDE_KEY}=('^{head}/classifier/',)"
+    )
+
+
+def layout_differences(source_model, model) -> list[str]:
+  """The layout options (config.MODEL_OPTIONS, the attention kernel aside: it computes the
+  same function) where two model configs differ, as "model.KEY: SOURCE -> RUN"."""
+
+  def names(options, prefix=""):
+    for key, value in options.items():
+      if isinstance(value, dict):
+        yield from names(value, f"{prefix}{key}.")
+      elif prefix + key != "attention":
+        yield prefix + key
+
+  option = config_lib.model_option
+  return [
+    f"model.{name}: {option(source_model, name)!r} -> {option(model, name)!r}"
+    for name in names(config_lib.MODEL_OPTIONS)
+    if option(source_model, name) != option(model, name)
+  ]
+
+
+def _warn_if_other_layout(source: epath.Path, config) -> None:
+  """Layout options without parameters of their own (GELU's form, the text mask, the
+  token contract) load without a shape error, but the loaded weights then compute
+  another function than the one they learned: worth a warning naming them."""
+  path = source / export.CONFIG_FILE
+  if not path.exists():
+    return
+  changed = layout_differences(export.read_config(path).model, config.model)
+  if changed:
+    logging.warning(
+      "init_from: this run's model layout differs from the source's, so the loaded "
+      "weights compute another function than they learned: %s (config.open_clip_layout "
+      "sets open_clip's)",
+      "; ".join(changed),
     )
 
 

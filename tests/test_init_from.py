@@ -76,6 +76,7 @@ def test_export_loads_its_params_and_embeddings_in_the_state_shardings(source, c
   assert report.new == () and report.unused == () and report.resampled == ()
   assert len(report.loaded) == len(source["params"])
   assert f"init_from export {source['root'] / 'export'}: loaded {len(report.loaded)}" in caplog.text
+  assert "model layout differs" not in caplog.text
   # Every array in the layout's sharding; a fresh optimizer state (Adafactor's statistics
   # and momentum start at zero) at step 0.
   jax.tree.map(
@@ -94,6 +95,24 @@ def test_export_loads_its_params_and_embeddings_in_the_state_shardings(source, c
   mask = np.ones((2, 8), np.int32)
   np.testing.assert_allclose(model.encode_image(image)[0], exported.encode_image(image)[0])
   np.testing.assert_allclose(model.encode_text(ids, mask)[0], exported.encode_text(ids, mask)[0])
+
+
+def test_layout_options_without_parameters_that_differ_from_the_sources_are_named(source, caplog):
+  """GELU's form, the text mask or the token contract changed under init_from loaded
+  every parameter without a word, and the weights computed another function."""
+  config = finetune(source["root"] / "export")
+  config.model.gelu_approximate = False
+  config.model.text.mask_mode = "open_clip_legacy"
+  config.model.attention = "xla"  # the same function: not named
+  with caplog.at_level(logging.WARNING):
+    init_from._warn_if_other_layout(source["root"] / "export", config)
+  assert "model layout differs from the source's" in caplog.text
+  assert "model.gelu_approximate: True -> False" in caplog.text
+  assert "model.text.mask_mode: 'paper' -> 'open_clip_legacy'" in caplog.text
+  assert "attention" not in caplog.text.replace("attention_key_bias", "")
+  older = finetune(source["root"] / "export").model
+  del older.text["mask_mode"]  # a config from before the option: its default
+  assert init_from.layout_differences(older, finetune(source["root"]).model) == []
 
 
 def test_workdir_loads_the_newest_readable_checkpoint(source, tmp_path, caplog):
