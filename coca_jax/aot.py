@@ -349,7 +349,10 @@ def define_flags() -> None:
     "cpu_devices", None, "Compile for this many forced host CPU devices instead."
   )
   flags.DEFINE_float(
-    "hbm_gib", 0.0, "Memory per chip in GiB, for a device kind not in HBM_GIB_PER_CHIP."
+    "hbm_gib",
+    0.0,
+    "Memory per chip in GiB, for a device kind not in HBM_GIB_PER_CHIP (0: that table's).",
+    lower_bound=0.0,
   )
 
 

@@ -355,7 +355,10 @@ def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
     shape = stored_shapes.get(params_lib.path_names(path))
     if shape is None:
       raise ValueError(
-        f"checkpoint step {step} has no entry {'/'.join(params_lib.path_names(path))}"
+        f"checkpoint step {step} has no entry {'/'.join(params_lib.path_names(path))}: the "
+        "model, the optimizer or config.train.frozen changed since it was written. Resume "
+        "with the run's config, or start a new workdir with config.train.init_from to "
+        "reuse its weights"
       )
     if shape == tuple(target.shape):
       return target

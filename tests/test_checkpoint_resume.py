@@ -221,6 +221,27 @@ def test_a_config_with_fewer_state_entries_is_a_config_error_not_an_unreadable_s
   assert steps_in(run_dir / "checkpoints") == [3, 6]
 
 
+def test_a_config_with_more_state_entries_says_what_to_do(run6, tmp_path):
+  """A model that gained a parameter (a class token) failed with a bare 'has no entry';
+  unfreezing parameters names config.train.frozen (their optimizer state differs)."""
+  run_dir, _, _ = run6
+  grown = tiny_config(6)
+  grown.model.vision.class_token = True
+  with pytest.raises(
+    ValueError, match=r"no entry .*vision/class_embedding: .*Resume with the run's config"
+  ):
+    restore(run_dir, grown)
+  frozen = tiny_config(6)
+  frozen.train.frozen = ("vision/.*",)
+  state = state_lib.create(frozen, state_lib.setup(frozen))
+  mngr = checkpoint.manager(str(tmp_path), frozen.train)
+  checkpoint.save(mngr, dict(state, step=np.int32(2)), dict(step=2, seed=0))
+  mngr.wait_until_finished()
+  mngr.close()
+  with pytest.raises(ValueError, match=r"step 2 holds \d+ entries .*config\.train\.frozen"):
+    restore(tmp_path, tiny_config(6))
+
+
 def test_params_only_reads_the_parameters_alone(run6):
   """What an export reads: the parameters of the newest step, equal to a full restore's,
   and no optimizer state (half the memory or less)."""

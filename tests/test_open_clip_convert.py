@@ -154,6 +154,26 @@ def test_cli_safetensors_and_torch_files_give_the_same_export(tmp_path, run_main
   assert not any(p.name.startswith((".broken_export", "broken_export")) for p in tmp_path.iterdir())
 
 
+def test_a_bfloat16_safetensors_checkpoint_reads_as_float32(tmp_path, repo):
+  """safetensors' NumPy reader failed on bfloat16 tensors ("data type 'bfloat16' not
+  understood") unless something had imported ml_dtypes; a fresh interpreter shows it."""
+  import ml_dtypes
+  from safetensors.numpy import save_file
+
+  values = np.array([0.5, -2.0, 3.0], np.float32)
+  save_file({"w": values.astype(ml_dtypes.bfloat16)}, str(tmp_path / "bf16.safetensors"))
+  code = (
+    "from coca_jax.convert import open_clip; "
+    f"w = open_clip.read_checkpoint({str(tmp_path / 'bf16.safetensors')!r})['w']; "
+    "print(w.dtype, w.tolist())"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=repo
+  )
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout.split("\n")[-2] == "float32 [0.5, -2.0, 3.0]"
+
+
 SHAPES_SCRIPT = """
 import json, sys
 import open_clip, torch

@@ -494,6 +494,7 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} not found")
   if path.suffix == ".safetensors":
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: bf16 files read too)
     from safetensors.numpy import load_file
 
     state = load_file(os.fspath(path))
