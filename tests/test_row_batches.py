@@ -82,6 +82,16 @@ def test_vqa_resume_is_exact_and_decodes_no_skipped_row(vqa_config, monkeypatch)
   assert decoded and not skipped & set(decoded)
 
 
+def test_vqa_training_pass_reads_every_row_once(vqa_config):
+  """seqio's endless read repeated before its shuffle buffer, so a pass of 120 rows drew
+  some twice and missed others; now each pass is a shuffle of every row."""
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=BATCH)
+  first_pass = take(vqa.batches(vqa_config, "train", **kwargs), VQA_ROWS // BATCH)
+  ids = [i for b in first_pass for i in row_ids(b["image"], vqa_config.data, 2)]
+  # Row 7 does not decode: its place holds a copy of another row of its batch.
+  assert set(ids) == set(range(VQA_ROWS)) - {7}
+
+
 def test_vqa_undecodable_row_replaced_within_its_batch(vqa_config):
   config = vqa_config
   batches = vqa.batches(config, "eval", shard_index=0, num_shards=1, local_batch_size=BATCH)

@@ -214,10 +214,10 @@ def row_preprocessors(data_config, kind: str, *, train: bool) -> list:
   `jft_style.held_out_classes` dropped, so that zero-shot on those classes is zero-shot
   (the eval task NAME_eval keeps every class).
 
-  They end in seqio's cache placeholder, which makes them run before seqio repeats the
-  source (`num_epochs=None`): a shard that keeps no row of an epoch (all its rows held
-  out) then ends its stream, an error (loader.shard_batches), where a filter after the
-  repeat would search an endless stream forever and hang every host."""
+  They end in seqio's cache placeholder, which makes them run before the source is
+  repeated: a shard that keeps no row of an epoch (all its rows held out) then ends its
+  stream (tf.data's repeat of an empty pass ends), an error (loader.shard_batches), where
+  a filter after the repeat would search an endless stream forever and hang every host."""
   if kind == "alt_text":
     return [preprocess.caption_list, seqio.CacheDatasetPlaceholder()]
   names = functools.partial(with_label_names, data_config=data_config)
@@ -351,19 +351,22 @@ def read(
   preprocessed examples, or their NAME_rows tasks' unprocessed rows):
   split "train" shuffled (seed config.data.seed), any other split the task's "validation"
   rows in order; shard `shard_index` of `num_shards` (one shard reads every row and lists
-  no files: TFDS mock data has none); num_epochs None: endless. Not cached in memory
-  (clips are large; a TFDS dataset's size may be unknown)."""
+  no files: TFDS mock data has none); num_epochs None: endless, shuffled one pass at a
+  time (seqio's own repeat comes before its shuffle buffer and mixes passes; as
+  pipeline.records). Not cached in memory (clips are large; a TFDS dataset's size may be
+  unknown)."""
   train = split == "train"
-  return seqio.get_mixture_or_task(task_name).get_dataset(
+  rows = seqio.get_mixture_or_task(task_name).get_dataset(
     sequence_length=None,
     split="train" if train else "validation",
     shuffle=train,
     seed=data_config.seed + (not train),
     shard_info=seqio.ShardInfo(shard_index, num_shards) if num_shards > 1 else None,
-    num_epochs=num_epochs,
+    num_epochs=1 if num_epochs is None else num_epochs,
     use_cached=False,
     try_in_mem_cache=False,
   )
+  return rows.repeat() if num_epochs is None else rows
 
 
 def eval_parts(task_name: str, data_config, limit: int, size: int) -> Iterator[list[dict]]:
