@@ -329,8 +329,9 @@ def load_vocab(export_dir: str, config):
       f"one at {os.path.join(export_dir, VOCAB_FILE)}"
     )
   vocabulary = vocab.load(path)
-  pieces, size = vocabulary.get_piece_size(), config.model.text.vocab_size
-  if pieces > size:
+  pieces = vocabulary.get_piece_size()
+  size = ((config.get("model") or {}).get("text") or {}).get("vocab_size")
+  if size is not None and pieces > size:
     raise ValueError(
       f"export {export_dir}: its vocabulary {path} has {pieces} pieces, more than the "
       f"model's config.model.text.vocab_size={size} token embeddings; it belongs to another "

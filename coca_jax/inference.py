@@ -88,7 +88,13 @@ class Model:
     (pixels from `read_images`) only checked to be [N, S, S, 3]."""
     if not preprocessed:
       return self.read_images(images)[0]
-    pixels = np.asarray(images, np.float32)
+    pixels = np.asarray(images)
+    if len(pixels) and not np.issubdtype(pixels.dtype, np.floating):
+      raise ValueError(
+        f"preprocessed images are normalised float pixels (from read_images), got "
+        f"{pixels.dtype}: pass raw images without preprocessed=True"
+      )
+    pixels = pixels.astype(np.float32)
     size = self.image_size
     if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
       raise ValueError(
@@ -116,6 +122,13 @@ class Model:
       count, frames = clips.shape[:2]
       pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]), preprocessed)
     else:
+      for clip in clips:  # an image array's rows would read as 2-D grey "frames"
+        if not isinstance(clip, (list, tuple)) and np.ndim(clip) != 4:
+          raise ValueError(
+            f"each clip is a list of frames or an [F, H, W, C] array, got "
+            f"{type(clip).__name__} of shape {np.shape(clip)}; one clip of frames f1, f2 "
+            "is [[f1, f2]]"
+          )
       frame_lists = [list(clip) for clip in clips]
       if not frame_lists:  # no clips: no embeddings, as for images
         return np.zeros((0, self.config.model.embed_dim), np.float32)

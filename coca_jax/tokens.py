@@ -126,19 +126,23 @@ def tokenize(
 def detokenize(
   vocab, tokens: np.ndarray, skip: int | np.ndarray = 0, contract: Contract = PAPER
 ) -> list[str]:
-  """Decoded tokens [N, L] -> strings, cut at the first stop id (EOS; pad too with
-  `stop_at_pad`); `skip` leading tokens (per row or for all) are dropped (a prefix the
-  caller does not want echoed)."""
+  """Decoded tokens [N, L] -> strings without surrounding spaces, cut at the first stop
+  id (EOS; pad too with `stop_at_pad`); `skip` leading tokens (per row or for all) are
+  dropped (a prefix the caller does not want echoed). BOS, EOS, pad and SentencePiece's
+  unknown piece print nothing (it printed " ⁇ ")."""
   skip = np.broadcast_to(np.asarray(skip), (len(tokens),))
   # The model's vocabulary may be padded past the tokenizer's (e.g. to a multiple of
   # 128); ids beyond the tokenizer have no text and are dropped.
   size = vocab.get_piece_size() if hasattr(vocab, "get_piece_size") else vocab.vocab_size
   special = {contract.bos_id, contract.eos_id, contract.pad_id}
+  if hasattr(vocab, "unk_id"):  # SentencePiece (CLIP's BPE has no unknown token)
+    special.add(vocab.unk_id())
   texts = []
   for row, start in zip(np.asarray(tokens), skip):
     row = [int(t) for t in row[int(start) :]]
     stops = [row.index(s) for s in contract.stop_ids if s in row]
     if stops:
       row = row[: min(stops)]
-    texts.append(vocab.decode([t for t in row if t not in special and t < size]))
+    # strip: CLIP's BPE decode ends every word with a space, the last one too.
+    texts.append(vocab.decode([t for t in row if t not in special and t < size]).strip())
   return texts

@@ -169,6 +169,21 @@ def test_known_ids_and_round_trip(tokenizer):
     tokenizer.decode([clip_bpe.VOCAB_SIZE])
 
 
+def test_captions_have_no_trailing_space_nor_unknown_marks(tokenizer, sentencepiece_model):
+  """CLIP's decode ends every word with a space, so every caption of an imported
+  checkpoint ended with one; SentencePiece's unknown piece printed as " ⁇ "."""
+  from coca_jax import tokens
+
+  contract = tokens.Contract(bos_id=49406, eos_id=49407, pad_id=0, eos_input=True)
+  ids = [*tokenizer.encode("a dog on a couch"), 49407, 0]
+  assert tokens.detokenize(tokenizer, np.array([ids]), contract=contract) == ["a dog on a couch"]
+  skipped = tokens.detokenize(tokenizer, np.array([ids]), skip=2, contract=contract)
+  assert skipped == ["on a couch"]
+  spm = vocab.load(sentencepiece_model)
+  heart, unk = spm.encode("heart"), spm.unk_id()
+  assert tokens.detokenize(spm, np.array([[*heart, unk, *heart, 1]])) == ["heart heart"]
+
+
 def test_vocab_load_dispatches_on_the_file_and_checks_the_size(sentencepiece_model):
   assert isinstance(vocab.load(BPE_FILE), clip_bpe.ClipTokenizer)
   assert isinstance(vocab.load(sentencepiece_model), sentencepiece.SentencePieceProcessor)
