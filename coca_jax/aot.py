@@ -49,6 +49,7 @@ HBM_GIB_PER_CHIP = (
   ("TPU v5p", 95),
   ("TPU v5", 95),  # v5p reports "TPU v5"
   ("TPU v4", 32),
+  ("GH200", 0),  # 96 or 144 GiB by model ("H200" is a substring of its name): --hbm_gib
   ("H200", 141),
   ("H100", 80),
   ("A100-SXM4-80GB", 80),
@@ -143,14 +144,31 @@ def devices_per_chip(devices) -> int:
   return sum(1 for d in devices if getattr(d, "coords", None) == coords)
 
 
+def gpu_memory_fraction() -> float:
+  """The share of a GPU's memory JAX's allocator takes: XLA_CLIENT_MEM_FRACTION (or the
+  older XLA_PYTHON_CLIENT_MEM_FRACTION), else JAX's default 0.75."""
+  for name in ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION"):
+    if os.environ.get(name):
+      return float(os.environ[name])
+  return 0.75
+
+
 def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | None, str]:
-  """(bytes of memory one device may use, where the number comes from)."""
+  """(bytes of memory one device may use, where the number comes from). On a GPU, the
+  share of its HBM that JAX's allocator takes (`gpu_memory_fraction`): a step that fits
+  the whole HBM but not that share runs out of memory under JAX's default settings."""
   kind = devices[0].device_kind
   if hbm_gib_override > 0:
     return int(hbm_gib_override * GIB) // devices_per_chip(devices), "--hbm_gib"
   for name, gib in HBM_GIB_PER_CHIP:
-    if name in kind:
-      return gib * GIB // devices_per_chip(devices), f"{kind}: {gib} GiB HBM per chip"
+    if name not in kind:
+      continue
+    if not gib:
+      return None, f"{kind}: HBM size differs by model, pass --hbm_gib"
+    if devices[0].platform == "gpu":
+      share = gpu_memory_fraction()
+      return int(gib * GIB * share), f"{kind}: {share:.0%} of {gib} GiB HBM (JAX's allocator)"
+    return gib * GIB // devices_per_chip(devices), f"{kind}: {gib} GiB HBM per chip"
   if devices[0].platform == "cpu":
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host // len(

@@ -31,10 +31,11 @@ def cpu_device_count() -> int:
   )
   if configured >= 0:
     return configured
-  count = re.search(
+  # The last occurrence counts, as for XLA (tests/conftest.py appends one).
+  counts = re.findall(
     r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
   )
-  return int(count.group(1)) if count else 1
+  return int(counts[-1]) if counts else 1
 
 
 def keep_in_order() -> bool:

@@ -166,7 +166,7 @@ def test_indivisible_batch_is_named(make_config):
     aot.report(config, jax.devices())
 
 
-def test_memory_per_device_by_generation():
+def test_memory_per_device_by_generation(monkeypatch):
   def chip(kind, coords):
     return types.SimpleNamespace(device_kind=kind, coords=coords, platform="tpu")
 
@@ -177,7 +177,14 @@ def test_memory_per_device_by_generation():
   assert aot.memory_per_device([chip("TPU v5 lite", (0, 0, 0))])[0] == 16 * aot.GIB
   assert aot.memory_per_device([chip("TPU v5", (0, 0, 0))])[0] == 95 * aot.GIB
   gpu = types.SimpleNamespace(device_kind="NVIDIA A100-SXM4-80GB", platform="gpu")
-  assert aot.memory_per_device([gpu])[0] == 80 * aot.GIB
+  # JAX's allocator takes 75% of a GPU's memory unless told otherwise.
+  monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+  assert aot.memory_per_device([gpu])[0] == int(0.75 * 80 * aot.GIB)
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
+  assert aot.memory_per_device([gpu])[0] == int(0.9 * 80 * aot.GIB)
+  gh200 = types.SimpleNamespace(device_kind="NVIDIA GH200 480GB", platform="gpu")
+  assert aot.memory_per_device([gh200])[0] is None  # not an H200's 141 GiB
   unknown = types.SimpleNamespace(device_kind="Some NPU", platform="npu")
   assert aot.memory_per_device([unknown])[0] is None
   assert aot.memory_per_device([unknown], hbm_gib_override=24)[0] == 24 * aot.GIB

@@ -16,6 +16,8 @@ from coca_jax import accelerators, cpu_collectives
     ("--xla_force_host_platform_device_count=8", True),
     ("--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4", True),
     ("--xla_force_host_platform_device_count=1", False),
+    # XLA takes the last of a repeated flag (tests/conftest.py appends one).
+    ("--xla_force_host_platform_device_count=1 --xla_force_host_platform_device_count=4", True),
     ("", False),
     (
       "--xla_force_host_platform_device_count=8 "

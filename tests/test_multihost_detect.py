@@ -126,3 +126,18 @@ def test_one_multi_process_flag_alone_is_an_error():
   """--process_id=3 alone was ignored: the process ran as process 0 of 1."""
   with pytest.raises(ValueError, match="go together"):
     multihost.initialize(None, None, 3)
+
+
+def test_srun_with_slurms_pmi2_plugin_is_a_slurm_launch(monkeypatch):
+  """Slurm's pmi2 plugin sets PMI_SIZE on every task srun starts: that was taken for an
+  MPI launch JAX does not detect, and the run stopped with an error."""
+  monkeypatch.setattr(accelerators, "tpu_present", lambda: False)
+  monkeypatch.delenv("OMPI_COMM_WORLD_SIZE", raising=False)
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+  monkeypatch.setenv("PMI_SIZE", "2")
+  assert multihost._cluster_detected()
+  monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
+  monkeypatch.delenv("SLURM_NTASKS")
+  with pytest.raises(ValueError, match="PMI_SIZE"):  # MPICH's mpirun alone: still the error
+    multihost._cluster_detected()
