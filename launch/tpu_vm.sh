@@ -31,7 +31,8 @@
 #            `stop`; 75 (EX_TEMPFAIL) worth retrying: the trainer was preempted, the ssh
 #            connection or log stream was lost, `create` failed (no capacity), or the slice
 #            was preempted during setup or train; any other status is a failure that
-#            retrying will not fix (trainer error, setup failure on a live slice)
+#            retrying will not fix (trainer error, setup failure on a live slice, a
+#            `create` that gcloud refused for another reason: type, zone, quota, access)
 #
 # Options (each also read from the environment variable in brackets)
 #   --project=P            [PROJECT, else gcloud's configured project]
@@ -84,6 +85,9 @@ STOP_TIMEOUT="${STOP_TIMEOUT:-900}"
 
 # `all`'s exit status when another try may succeed (sysexits.h EX_TEMPFAIL).
 EX_TEMPFAIL=75
+# gcloud's errors of a create that another try may get past: the zone out of capacity
+# (RESOURCE_EXHAUSTED, code 8; Spot above all) or the service briefly unavailable.
+CAPACITY_ERRORS='no more capacity|RESOURCE_EXHAUSTED|"code": 8|resource pool|insufficient capacity|stockout|UNAVAILABLE|try again later'
 
 # Paths on each worker; the ~ expands there, in the worker's shell.
 # shellcheck disable=SC2088
@@ -379,12 +383,24 @@ run_step() {
 cmd_all() {
   # Check what train needs before spending money on a slice.
   [[ "$WORKDIR" == gs://* ]] || die "WORKDIR must be a gs:// path (got '${WORKDIR}'); set --workdir=gs://BUCKET/RUN"
-  # A failed create is most often a zone out of capacity (Spot above all). A slice in a
-  # state create will not touch stops it with `die` (status 2): no retry.
-  if ! cmd_create; then
-    echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME (no capacity?): exit $EX_TEMPFAIL, worth retrying" >&2
-    exit "$EX_TEMPFAIL"
+  # A create that failed for capacity is worth retrying; any other failure (a wrong
+  # accelerator type, zone or runtime, quota, permissions, credentials) would fail every
+  # time: exit 1. A slice in a state create will not touch stops it with `die` (status 2).
+  local errors
+  errors="$(mktemp "${TMPDIR:-/tmp}/coca_tpu_create.XXXXXX")"
+  if ! cmd_create 2> >(tee "$errors" >&2); then
+    wait "$!" || true  # tee has written everything
+    if grep -qiE "$CAPACITY_ERRORS" "$errors"; then
+      rm -f "$errors"
+      echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME: no capacity: exit $EX_TEMPFAIL, worth retrying" >&2
+      exit "$EX_TEMPFAIL"
+    fi
+    rm -f "$errors"
+    echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME, and not for capacity (gcloud's error above): exit 1, not retried" >&2
+    exit 1
   fi
+  wait "$!" || true
+  rm -f "$errors"
   local step
   for step in cmd_setup cmd_train; do
     run_step "$step"

@@ -138,14 +138,15 @@ exit 0
 """
 
 # gcloud on PATH: logs its arguments; describe prints $FAKE_STATE (fails when it is empty, as
-# for a slice that does not exist), create exits $FAKE_CREATE_RC, scp copies the archive to
+# for a slice that does not exist), create prints $FAKE_CREATE_ERR on stderr and exits
+# $FAKE_CREATE_RC, scp copies the archive to
 # shipped.tar.gz, ssh runs --command here in the fake home (setup's pip install excepted;
 # the log stream exits $FAKE_LOGS_RC instead when it is set: a dropped connection).
 GCLOUD_STUB = """#!/bin/bash
 echo "$*" >>{tmp}/gcloud.log
 case "$4" in
   describe) if [ -n "${{FAKE_STATE:-}}" ]; then echo "$FAKE_STATE"; else exit 1; fi ;;
-  create) exit "${{FAKE_CREATE_RC:-0}}" ;;
+  create) echo "${{FAKE_CREATE_ERR:-}}" >&2; exit "${{FAKE_CREATE_RC:-0}}" ;;
   scp) echo "$5" >>{tmp}/archives.log; cp "$5" {tmp}/shipped.tar.gz ;;
   ssh)
     for arg; do case "$arg" in --command=*) command="${{arg#--command=}}" ;; esac; done
@@ -390,6 +391,13 @@ def test_tpu_vm_create_replaces_only_a_preempted_or_terminated_slice(tmp_path, s
     assert verbs == ["describe"]
 
 
+# What gcloud says when a zone has no TPU left (RESOURCE_EXHAUSTED).
+NO_CAPACITY = (
+  'ERROR: (gcloud.compute.tpus.tpu-vm.create) {"code": 8, "message": "There is no more '
+  'capacity in the zone \\"us-central2-b\\""}'
+)
+
+
 @pytest.mark.parametrize(
   "trainer, env, status",
   [
@@ -397,7 +405,18 @@ def test_tpu_vm_create_replaces_only_a_preempted_or_terminated_slice(tmp_path, s
     ("preempted", {}, 75),  # exit 0 after the preempted line: worth retrying
     ("error", {}, 3),  # the trainer's own failure: not retried
     ("finished", {"FAKE_LOGS_RC": "255"}, 75),  # the ssh connection dropped
-    ("finished", {"FAKE_STATE": "", "FAKE_CREATE_RC": "1"}, 75),  # no capacity
+    ("finished", {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": NO_CAPACITY}, 75),
+    # Any other refusal fails every time: a retry loop on 75 looped forever on it.
+    (
+      "finished",
+      {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": "ERROR: PERMISSION_DENIED"},
+      1,
+    ),
+    (
+      "finished",
+      {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": "ERROR: INVALID_ARGUMENT v4-33"},
+      1,
+    ),
     ("finished", {"FAKE_SETUP_RC": "1"}, 1),  # setup failed on a live slice: not retried
     # setup's ssh failed because the slice was preempted under it: retried
     ("finished", {"FAKE_SETUP_RC": "1", "FAKE_STATE": "PREEMPTED"}, 75),
