@@ -20,8 +20,8 @@
 # task i runs
 #   python -m coca_jax.train --config=CONFIG --workdir=WORKDIR OVERRIDES \
 #       --coordinator_address=FIRST_NODE:PORT --num_processes=$SLURM_NTASKS --process_id=$SLURM_PROCID
-# With more than one task per node each task sees one GPU (the $SLURM_LOCALID-th, or the one
-# SLURM bound to it with --gpus-per-task=1).
+# With more than one task per node each task sees one GPU (the $SLURM_LOCALID-th), or the
+# GPUs SLURM bound to it (--gpus-per-task).
 #
 # Without SLURM run the same command on every node, torchrun-style:
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/gpu_multinode.sh --workdir=/shared/run1   # on node0
@@ -131,11 +131,16 @@ cd "$REPO_ROOT"
 if [[ "$TASK" == 1 ]]; then
   # One SLURM task: its rank comes from srun.
   [[ -n "$COORDINATOR" ]] || die "--task needs --coordinator=HOST:PORT"
+  ((SLURM_NTASKS % SLURM_NNODES == 0)) \
+    || die "SLURM_NTASKS=$SLURM_NTASKS tasks on SLURM_NNODES=$SLURM_NNODES nodes: give every node the same number of tasks (--ntasks-per-node)"
   tasks_per_node=$((SLURM_NTASKS / SLURM_NNODES))
   IFS=, read -r -a visible <<<"${CUDA_VISIBLE_DEVICES:-}"
-  # One visible GPU: SLURM bound it to this task already (--gpus-per-task=1, --gpu-bind),
-  # often renumbered 0, so SLURM_LOCALID would name a GPU the task cannot see.
-  if ((tasks_per_node > 1 && ${#visible[@]} != 1)); then
+  # One visible GPU, or --gpus-per-task (SLURM_GPUS_PER_TASK): SLURM bound this task's
+  # GPUs already (--gpu-bind), often renumbered from 0, so SLURM_LOCALID would name a GPU
+  # of another task, or one the task cannot see.
+  if ((tasks_per_node > 1 && ${#visible[@]} != 1)) && [[ -z "${SLURM_GPUS_PER_TASK:-}" ]]; then
+    ((${#visible[@]} == 0 || SLURM_LOCALID < ${#visible[@]})) \
+      || die "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES lists ${#visible[@]} GPU(s) for $tasks_per_node tasks per node: bind GPUs per task (--gpus-per-task) or list one per task"
     CUDA_VISIBLE_DEVICES="$(gpu_of "$SLURM_LOCALID")"
     export CUDA_VISIBLE_DEVICES
   fi
@@ -154,6 +159,8 @@ if [[ -n "${SLURM_JOB_ID:-}" ]]; then
   mapfile -t hosts < <(node_hostnames)
   ((${#hosts[@]})) || die "no hosts in SLURM_JOB_NODELIST=${SLURM_JOB_NODELIST:-}"
   num_processes="${SLURM_NTASKS:-${#hosts[@]}}"
+  ((num_processes % ${#hosts[@]} == 0)) \
+    || die "SLURM_NTASKS=$num_processes tasks on ${#hosts[@]} nodes: give every node the same number of tasks (--ntasks-per-node)"
   tasks_per_node=$((num_processes / ${#hosts[@]}))
   coordinator="${hosts[0]}:$PORT"
   srun=(srun --kill-on-bad-exit=1 --ntasks="$num_processes" --ntasks-per-node="$tasks_per_node"

@@ -643,6 +643,31 @@ def test_gpu_task_mode_execs_trainer(tmp_path):
     env={**env, "CUDA_VISIBLE_DEVICES": "0"},
   ).stdout.split()
   assert bound[0] == "CUDA_VISIBLE_DEVICES=0"
+  # --gpus-per-task=2: the task's two GPUs stay (SLURM_LOCALID 1 took GPU 5, another's).
+  pair = run(
+    "gpu_multinode.sh",
+    "--task",
+    "--coordinator=gpu-01:12345",
+    f"--python={python}",
+    "--workdir=/w",
+    env={**env, "CUDA_VISIBLE_DEVICES": "4,5", "SLURM_GPUS_PER_TASK": "2"},
+  ).stdout.split()
+  assert pair[0] == "CUDA_VISIBLE_DEVICES=4,5"
+  # Tasks that do not split over the nodes, or more tasks than listed GPUs: an error.
+  for more, message in (
+    (dict(SLURM_NTASKS="3"), "same number of tasks"),
+    (dict(SLURM_NTASKS="8", SLURM_LOCALID="2"), "lists 2 GPU"),
+  ):
+    failed = run(
+      "gpu_multinode.sh",
+      "--task",
+      "--coordinator=gpu-01:12345",
+      f"--python={python}",
+      "--workdir=/w",
+      env={**env, **more},
+      check=False,
+    )
+    assert failed.returncode != 0 and message in failed.stderr, failed.stderr
   assert out[1:] == [
     "-m",
     "coca_jax.train",
