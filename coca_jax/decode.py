@@ -69,6 +69,9 @@ class DecodeOptions:
   length_penalty: GNMT's alpha for beam search, score = log p / ((5 + len) / 6)^alpha.
   temperature / top_k / top_p: sampling only; top_k=0 and top_p=1.0 disable the filter.
   contract: BOS, EOS, pad and stop ids (config.model.text).
+  num_tokens: the tokenizer's ids (0: every logit's): ids at or past it, rows of a
+    vocabulary padded past the tokenizer's (e.g. to a multiple of 128), are never chosen;
+    they have no text, and the caption went on from an untrained embedding.
   """
 
   method: str
@@ -80,6 +83,7 @@ class DecodeOptions:
   top_p: float
   min_length: int = 0
   contract: tokens_lib.Contract = tokens_lib.PAPER
+  num_tokens: int = 0
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -89,6 +93,7 @@ class DecodeOptions:
       "min_length",
       "beam_size",
       "top_k",
+      "num_tokens",
     ):  # shapes: a float fails deep in JAX
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -302,10 +307,14 @@ def _is_stop(token: jax.Array, contract: tokens_lib.Contract) -> jax.Array:
   return stop
 
 
-def _blocked_stops(vocab: int, i, min_length: int, contract: tokens_lib.Contract) -> jax.Array:
-  """bool [V]: the stop ids that may not be chosen at step i, where ending there would
-  leave fewer than min_length tokens (all False from step min_length - 1 on)."""
-  return _is_stop(jnp.arange(vocab), contract) & (i + 1 < min_length)
+def _blocked(
+  vocab: int, i, min_length: int, contract: tokens_lib.Contract, num_tokens: int
+) -> jax.Array:
+  """bool [V]: the ids that may not be chosen at step i: the stop ids where ending there
+  would leave fewer than min_length tokens, and ids at or past num_tokens (when set)."""
+  ids = jnp.arange(vocab)
+  blocked = _is_stop(ids, contract) & (i + 1 < min_length)
+  return blocked | (ids >= num_tokens) if num_tokens else blocked
 
 
 def _map_batch(fn, tree, axes):
@@ -359,6 +368,7 @@ def sample_loop(
   prefix_length=None,
   contract: tokens_lib.Contract = tokens_lib.PAPER,
   min_length: int = 0,
+  num_tokens: int = 0,
 ) -> DecodeOutput:
   """Greedy decoding (temperature 0) or ancestral sampling, one token per iteration.
 
@@ -366,7 +376,7 @@ def sample_loop(
   pad); the loop ends when every example has stopped or after `max_length` tokens.
   Before min_length tokens the stop ids are excluded (the choice is made among the other
   tokens, renormalised when sampling, as open_clip's min_seq_len does); scores stay the
-  model's log p of the chosen tokens.
+  model's log p of the chosen tokens. Ids at or past num_tokens (when set) are never chosen.
   rng (sampling): one key, or one key per row [B]; one key gives row b fold_in(rng, b).
   Row b draws step i's token with fold_in(its key, i), so its sample depends on its key
   alone, not on the other rows or the batch size.
@@ -391,8 +401,8 @@ def sample_loop(
     i, inputs, tokens, done, scores, cache = carry
     logits, cache = step_model.step(inputs, cache, step_model.context)
     allowed = logits
-    if min_length > 1:
-      blocked = _blocked_stops(logits.shape[-1], i, min_length, contract)
+    if min_length > 1 or num_tokens:
+      blocked = _blocked(logits.shape[-1], i, min_length, contract, num_tokens)
       allowed = jnp.where(blocked, -jnp.inf, logits)
     if greedy:
       chosen = jnp.argmax(allowed, axis=-1).astype(jnp.int32)
@@ -433,6 +443,7 @@ def beam_search_loop(
   prefix_length=None,
   contract: tokens_lib.Contract = tokens_lib.PAPER,
   min_length: int = 0,
+  num_tokens: int = 0,
 ) -> DecodeOutput:
   """Beam search with K live and K finished hypotheses per example (t5x's scheme).
 
@@ -443,7 +454,8 @@ def beam_search_loop(
   ends with a stop id of the contract (not one the prefix forces) or, at the last step, is
   cut off at max_length; cut-off hypotheses rank with ended ones by score (t5x returns them
   only where nothing ended). The K most likely extensions that do not end live on.
-  Before min_length tokens no stop id extends a hypothesis (log p unchanged otherwise).
+  Before min_length tokens no stop id extends a hypothesis (log p unchanged otherwise);
+  nor does an id at or past num_tokens (when set), ever.
 
   Early stop (t5x's bound): an example is done when its finished set is full and its best
   live hypothesis's log p, divided by the largest penalty a continuation can get, is below
@@ -482,8 +494,8 @@ def beam_search_loop(
     logits, cache = step_model.step(inputs.reshape(batch * k), cache, context)
     vocab = logits.shape[-1]
     token_log_probs = jax.nn.log_softmax(logits, axis=-1).reshape(batch, k, vocab)
-    if min_length > 1:
-      blocked = _blocked_stops(vocab, i, min_length, contract)
+    if min_length > 1 or num_tokens:
+      blocked = _blocked(vocab, i, min_length, contract, num_tokens)
       token_log_probs = jnp.where(blocked, NEG, token_log_probs)
     forced = i < prefix_length  # [B]
     is_forced_token = jnp.arange(vocab)[None, None, :] == prefix[:, i][:, None, None]
@@ -563,6 +575,7 @@ def run_loop(
       prefix_length=prefix_length,
       contract=options.contract,
       min_length=options.min_length,
+      num_tokens=options.num_tokens,
     )
   sampling = options.method == "sample"
   return sample_loop(
@@ -577,6 +590,7 @@ def run_loop(
     prefix_length=prefix_length,
     contract=options.contract,
     min_length=options.min_length,
+    num_tokens=options.num_tokens,
   )
 
 

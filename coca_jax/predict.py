@@ -132,6 +132,9 @@ class Predictor:
     self.max_text_len = config.model.text.max_len
     # BOS / EOS / pad ids and the row layout (the paper's or open_clip's).
     self.contract = tokens.Contract.from_config(config)
+    # A vocabulary padded past the tokenizer's: decoding never picks the padding ids.
+    pieces = config.model.text.vocab_size if vocab is None else tokens.piece_count(vocab)
+    self.num_tokens = pieces if pieces < config.model.text.vocab_size else 0
     self.temperature = float(model.temperature())
     self.mesh = mesh
     ways = 1 if mesh is None else sharding.batch_ways(mesh, config.sharding_rules)
@@ -204,7 +207,9 @@ class Predictor:
       other = {"greedy": beam + sample, "beam": sample, "sample": beam}.get(method, [])
       if other:
         raise ValueError(f"decode option {', '.join(other)} does not apply to method={method!r}")
-    return decode.DecodeOptions.from_config(self.config, method=method, **overrides)
+    return decode.DecodeOptions.from_config(
+      self.config, method=method, num_tokens=self.num_tokens or None, **overrides
+    )
 
   def caption_tokens(
     self,

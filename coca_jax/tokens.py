@@ -123,6 +123,11 @@ def tokenize(
   return model_text(tokens, np.asarray([len(ids) for ids in encoded], np.int64), max_len, contract)
 
 
+def piece_count(vocab) -> int:
+  """The ids a tokenizer has: a SentencePiece or CLIP BPE tokenizer, or a seqio vocabulary."""
+  return vocab.get_piece_size() if hasattr(vocab, "get_piece_size") else vocab.vocab_size
+
+
 def detokenize(
   vocab, tokens: np.ndarray, skip: int | np.ndarray = 0, contract: Contract = PAPER
 ) -> list[str]:
@@ -133,7 +138,7 @@ def detokenize(
   skip = np.broadcast_to(np.asarray(skip), (len(tokens),))
   # The model's vocabulary may be padded past the tokenizer's (e.g. to a multiple of
   # 128); ids beyond the tokenizer have no text and are dropped.
-  size = vocab.get_piece_size() if hasattr(vocab, "get_piece_size") else vocab.vocab_size
+  size = piece_count(vocab)
   special = {contract.bos_id, contract.eos_id, contract.pad_id}
   if hasattr(vocab, "unk_id"):  # SentencePiece (CLIP's BPE has no unknown token)
     special.add(vocab.unk_id())

@@ -396,6 +396,19 @@ def test_decode_options_must_be_integers_and_finite_numbers(loaded):
       loaded.caption(pixels, preprocessed=True, **options)
 
 
+def test_decoding_is_limited_to_the_tokenizers_ids(loaded):
+  """A tokenizer with fewer ids than the model's vocabulary: decode options carry it."""
+
+  class Fewer:
+    def get_piece_size(self):
+      return 50
+
+  config = loaded.config
+  assert predict.Predictor(loaded.module, config, Fewer(), 4).decode_options().num_tokens == 50
+  pieces = loaded.vocab.get_piece_size()  # the tiny test tokenizer's 37 of 64 rows
+  assert loaded.predictor.decode_options().num_tokens == pieces < config.model.text.vocab_size
+
+
 def test_raw_pixels_as_preprocessed_and_a_clip_as_frames_are_errors(loaded):
   """uint8 pixels with preprocessed=True were captioned as 0..255 normalised values; a
   clip given as a list of frames [f1, f2] (one clip is [[f1, f2]]) had each frame's rows
