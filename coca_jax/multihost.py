@@ -37,6 +37,19 @@ def _cluster_detected() -> bool:
       "detect: pass --coordinator_address, --num_processes and --process_id (every rank "
       "would otherwise train alone into the same workdir)"
     )
+  # jax 0.10's Open MPI detection reads OMPI_MCA_orte_hnp_uri, which only Open MPI 4 and
+  # earlier (ORTE) set: Open MPI 5's mpirun failed in JAX with "coordinator_address should
+  # be defined".
+  ompi = _int_env("OMPI_COMM_WORLD_SIZE")
+  if (
+    ompi > 1 and "OMPI_MCA_orte_hnp_uri" not in os.environ and not _int_env("SLURM_STEP_NUM_TASKS")
+  ):
+    raise ValueError(
+      f"launched as one of {ompi} Open MPI ranks (OMPI_COMM_WORLD_SIZE) without "
+      "OMPI_MCA_orte_hnp_uri, as Open MPI 5's mpirun starts them, which JAX detects only "
+      "for Open MPI 4 and earlier: pass --coordinator_address, --num_processes and "
+      "--process_id (OMPI_COMM_WORLD_RANK)"
+    )
   return (
     len(tpu_hosts) > 1
     or _int_env("SLURM_STEP_NUM_TASKS") > 1

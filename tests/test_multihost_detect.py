@@ -78,6 +78,7 @@ def slurm_env(monkeypatch, **values):
     "CUDA_VISIBLE_DEVICES",
     "PMI_SIZE",
     "OMPI_COMM_WORLD_SIZE",
+    "OMPI_MCA_orte_hnp_uri",
     "TPU_WORKER_HOSTNAMES",
   ):
     monkeypatch.delenv(name, raising=False)
@@ -96,7 +97,8 @@ def test_a_slurm_allocation_without_srun_runs_one_process(monkeypatch, caplog):
   assert "srun did not start this process: it runs alone" in caplog.text
   slurm_env(monkeypatch, SLURM_NTASKS="4", SLURM_STEP_NUM_TASKS="4")
   assert multihost._cluster_detected()
-  slurm_env(monkeypatch, OMPI_COMM_WORLD_SIZE="16")  # JAX detects Open MPI itself
+  # JAX detects Open MPI 4 itself (test_open_mpi_5_ranks_are_named_not_left_to_jax).
+  slurm_env(monkeypatch, OMPI_COMM_WORLD_SIZE="16", OMPI_MCA_orte_hnp_uri="1.0;tcp://a:1")
   assert multihost._cluster_detected()
   slurm_env(monkeypatch, PMI_SIZE="16")  # MPICH: every rank trained alone, same workdir
   with pytest.raises(ValueError, match="16 MPI ranks .* pass --coordinator_address"):
@@ -141,3 +143,16 @@ def test_srun_with_slurms_pmi2_plugin_is_a_slurm_launch(monkeypatch):
   monkeypatch.delenv("SLURM_NTASKS")
   with pytest.raises(ValueError, match="PMI_SIZE"):  # MPICH's mpirun alone: still the error
     multihost._cluster_detected()
+
+
+def test_open_mpi_5_ranks_are_named_not_left_to_jax(monkeypatch):
+  """Open MPI 5's mpirun sets no OMPI_MCA_orte_hnp_uri, which jax 0.10's detection needs:
+  the run failed inside JAX with "coordinator_address should be defined"."""
+  monkeypatch.setattr(accelerators, "tpu_present", lambda: False)
+  for name in ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS", "PMI_SIZE", "OMPI_MCA_orte_hnp_uri"):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+  with pytest.raises(ValueError, match="Open MPI 5's mpirun .* --coordinator_address"):
+    multihost._cluster_detected()
+  monkeypatch.setenv("OMPI_MCA_orte_hnp_uri", "1531576320.0;tcp://10.96.0.1:34911")
+  assert multihost._cluster_detected()  # Open MPI 4: JAX's own detection
