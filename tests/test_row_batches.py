@@ -92,6 +92,24 @@ def test_vqa_training_pass_reads_every_row_once(vqa_config):
   assert set(ids) == set(range(VQA_ROWS)) - {7}
 
 
+def test_vqa_records_that_are_not_examples_are_skipped(vqa_config, tmp_path):
+  """A record that is no Example (or has a question of two values) stopped the VQA input
+  pipeline with TensorFlow's parse error at whichever step reached it."""
+  import tensorflow as tf
+
+  path = str(tmp_path / "vqa_bad.tfrecord")
+  with tf.io.TFRecordWriter(path) as writer:
+    for i in range(8):
+      writer.write(vqa._example(png(2 * i), "what is this?", ["yes"] * 3))
+      if i == 3:
+        writer.write(b"\xff not an Example")
+  vqa_config.data.vqa.update(files=path, eval_files=path)
+  kwargs = dict(shard_index=0, num_shards=1, local_batch_size=BATCH)
+  batches = take(vqa.batches(vqa_config, "eval", **kwargs), 2)  # the 8 good rows, in order
+  ids = [i for b in batches for i in row_ids(b["image"], vqa_config.data, 2)]
+  assert ids == list(range(8))
+
+
 def test_vqa_undecodable_row_replaced_within_its_batch(vqa_config):
   config = vqa_config
   batches = vqa.batches(config, "eval", shard_index=0, num_shards=1, local_batch_size=BATCH)

@@ -92,7 +92,37 @@ def read_alt_text_files(paths) -> tf.data.Dataset:
   rows = tf.data.TFRecordDataset(paths).map(
     preprocess.parse_alt_text, num_parallel_calls=tf.data.AUTOTUNE
   )
-  return rows.filter(lambda row, ok: ok).map(lambda row, ok: row)
+
+  def well_formed(row, ok):
+    del row
+    return ok
+
+  def row_of(row, ok):
+    del ok
+    return row
+
+  return rows.filter(well_formed).map(row_of)
+
+
+def read_tf_examples(paths, features: dict) -> tf.data.Dataset:
+  """Examples of TFRecord files parsed with `features` (tf.io.parse_single_example's
+  spec), the VQA and video sources: a record that does not parse (not an Example, a
+  feature of another type or length) is dropped; it stopped the input pipeline with
+  TensorFlow's parse error, naming neither file nor config key."""
+
+  def parse(record):
+    return tf.io.parse_single_example(record, features)
+
+  parsed = tf.data.TFRecordDataset(paths).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+  return parsed.ignore_errors()
+
+
+def tf_example_source(split_to_filepattern: dict, features: dict) -> seqio.FileDataSource:
+  """A seqio source over TFRecord files of Examples (`read_tf_examples`)."""
+  return seqio.FileDataSource(
+    read_file_fn=functools.partial(read_tf_examples, features=features),
+    split_to_filepattern=split_to_filepattern,
+  )
 
 
 def tfds_data_dir(data_config, source_config) -> str:

@@ -206,9 +206,7 @@ def source(data_config) -> seqio.DataSource:
       splits=dict(train=v.train_split, validation=v.eval_split),
       decoders={"video": tfds.decode.SkipDecoding()},
     )
-  return seqio.TFExampleDataSource(
-    split_to_filepattern=files(data_config), feature_description=FEATURES
-  )
+  return tasks.tf_example_source(files(data_config), FEATURES)
 
 
 def class_names(data_config) -> list[str]:

@@ -191,11 +191,10 @@ def read_answers(pattern: str) -> tuple[list[str], list[list[str]]]:
   """(questions, answers) of every example of the files (images are not decoded)."""
   features = {"question": FEATURES["question"], "answers": FEATURES["answers"]}
 
-  def parse(record):
-    row = tf.io.parse_single_example(record, features)
+  def dense(row):
     return dict(question=row["question"], answers=tf.sparse.to_dense(row["answers"]))
 
-  ds = tf.data.TFRecordDataset(tf.io.gfile.glob(pattern)).map(parse)
+  ds = tasks.read_tf_examples(tf.io.gfile.glob(pattern), features).map(dense)
   questions, answers = [], []
   for row in ds.as_numpy_iterator():
     questions.append(row["question"].decode())
@@ -315,9 +314,7 @@ def register(data_config) -> tuple[str, str]:
   """Registers NAME and NAME_eval over the VQA files, and NAME_rows (the rows
   unprocessed, which `batches` reads); -> (train, eval) task names."""
   name = data_config.vqa.task_name
-  source = seqio.TFExampleDataSource(
-    split_to_filepattern=files(data_config), feature_description=FEATURES
-  )
+  source = tasks.tf_example_source(files(data_config), FEATURES)
   features = output_features(data_config.vocab_path)
   passthrough = seqio.PassThroughVocabulary(size=0)
   row_features = {
