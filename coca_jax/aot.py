@@ -158,17 +158,19 @@ def memory_per_device(devices, hbm_gib_override: float = 0.0) -> tuple[int | Non
   share of its HBM that JAX's allocator takes (`gpu_memory_fraction`): a step that fits
   the whole HBM but not that share runs out of memory under JAX's default settings."""
   kind = devices[0].device_kind
+  gpu = devices[0].platform == "gpu"
+  share = gpu_memory_fraction() if gpu else 1.0
+  allocator = f"{share:.0%} of " if gpu else ""
   if hbm_gib_override > 0:
-    return int(hbm_gib_override * GIB) // devices_per_chip(devices), "--hbm_gib"
+    usable = int(hbm_gib_override * GIB * share) // devices_per_chip(devices)
+    return usable, f"{allocator}--hbm_gib={hbm_gib_override:g}"
   for name, gib in HBM_GIB_PER_CHIP:
     if name not in kind:
       continue
     if not gib:
       return None, f"{kind}: HBM size differs by model, pass --hbm_gib"
-    if devices[0].platform == "gpu":
-      share = gpu_memory_fraction()
-      return int(gib * GIB * share), f"{kind}: {share:.0%} of {gib} GiB HBM (JAX's allocator)"
-    return gib * GIB // devices_per_chip(devices), f"{kind}: {gib} GiB HBM per chip"
+    usable = int(gib * GIB * share) // devices_per_chip(devices)
+    return usable, f"{kind}: {allocator}{gib} GiB HBM per chip"
   if devices[0].platform == "cpu":
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host // len(

@@ -89,7 +89,8 @@ class Model:
     if not preprocessed:
       return self.read_images(images)[0]
     pixels = np.asarray(images)
-    if len(pixels) and not np.issubdtype(pixels.dtype, np.floating):
+    floating = np.issubdtype(pixels.dtype, np.floating) or pixels.dtype.name == "bfloat16"
+    if pixels.size and not floating:
       raise ValueError(
         f"preprocessed images are normalised float pixels (from read_images), got "
         f"{pixels.dtype}: pass raw images without preprocessed=True"
@@ -122,6 +123,7 @@ class Model:
       count, frames = clips.shape[:2]
       pixels = self._pixels(clips.reshape(count * frames, *clips.shape[2:]), preprocessed)
     else:
+      clips = list(clips)  # a generator, read once
       for clip in clips:  # an image array's rows would read as 2-D grey "frames"
         if not isinstance(clip, (list, tuple)) and np.ndim(clip) != 4:
           raise ValueError(

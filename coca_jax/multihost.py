@@ -29,9 +29,12 @@ def _cluster_detected() -> bool:
       "(start the processes with srun or launch/gpu_multinode.sh)",
       os.environ["SLURM_NTASKS"],
     )
-  # srun with Slurm's pmi2 plugin sets PMI_SIZE too; JAX's SLURM detection covers it.
-  mpi_only = not _int_env("OMPI_COMM_WORLD_SIZE") and not _int_env("SLURM_STEP_NUM_TASKS")
-  if _int_env("PMI_SIZE") > 1 and mpi_only:
+  # srun with Slurm's pmi2 plugin sets PMI_SIZE to the step's task count; JAX's SLURM
+  # detection covers it. MPICH's mpiexec inside a job runs its ranks under a step of one
+  # helper per node: PMI_SIZE differs from that step's task count.
+  pmi = _int_env("PMI_SIZE")
+  srun_ranks = pmi == _int_env("SLURM_STEP_NUM_TASKS")
+  if pmi > 1 and not _int_env("OMPI_COMM_WORLD_SIZE") and not srun_ranks:
     raise ValueError(
       f"launched as one of {os.environ['PMI_SIZE']} MPI ranks (PMI_SIZE), which JAX does not "
       "detect: pass --coordinator_address, --num_processes and --process_id (every rank "

@@ -140,8 +140,9 @@ def detokenize(
   # 128); ids beyond the tokenizer have no text and are dropped.
   size = piece_count(vocab)
   special = {contract.bos_id, contract.eos_id, contract.pad_id}
-  if hasattr(vocab, "unk_id"):  # SentencePiece (CLIP's BPE has no unknown token)
-    special.add(vocab.unk_id())
+  unk = getattr(vocab, "unk_id", None)  # SentencePiece's method, seqio's property; CLIP none
+  if unk is not None:
+    special.add(unk() if callable(unk) else unk)
   texts = []
   for row, start in zip(np.asarray(tokens), skip):
     row = [int(t) for t in row[int(start) :]]

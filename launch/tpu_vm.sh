@@ -86,8 +86,11 @@ STOP_TIMEOUT="${STOP_TIMEOUT:-900}"
 # `all`'s exit status when another try may succeed (sysexits.h EX_TEMPFAIL).
 EX_TEMPFAIL=75
 # gcloud's errors of a create that another try may get past: the zone out of capacity
-# (RESOURCE_EXHAUSTED, code 8; Spot above all) or the service briefly unavailable.
-CAPACITY_ERRORS='no more capacity|RESOURCE_EXHAUSTED|"code": 8|resource pool|insufficient capacity|stockout|UNAVAILABLE|try again later'
+# (RESOURCE_EXHAUSTED, code 8; Spot above all) or the service briefly unavailable
+# (UNAVAILABLE, code 14). A quota refusal is RESOURCE_EXHAUSTED too, but another try
+# gets the same quota: QUOTA_ERRORS wins.
+CAPACITY_ERRORS='no more capacity|RESOURCE_EXHAUSTED|"code": 8|"code": 14|UNAVAILABLE|[Ii]nsufficient capacity|[Ss]tockout|try again later'
+QUOTA_ERRORS='[Qq]uota'
 
 # Paths on each worker; the ~ expands there, in the worker's shell.
 # shellcheck disable=SC2088
@@ -386,20 +389,22 @@ cmd_all() {
   # A create that failed for capacity is worth retrying; any other failure (a wrong
   # accelerator type, zone or runtime, quota, permissions, credentials) would fail every
   # time: exit 1. A slice in a state create will not touch stops it with `die` (status 2).
-  local errors
+  # create's stderr goes on to the terminal and into a file (a pipeline: its status is
+  # create's under pipefail; a die in it, status 2, ends the subshell).
+  local errors status=0
   errors="$(mktemp "${TMPDIR:-/tmp}/coca_tpu_create.XXXXXX")"
-  if ! cmd_create 2> >(tee "$errors" >&2); then
-    wait "$!" || true  # tee has written everything
-    if grep -qiE "$CAPACITY_ERRORS" "$errors"; then
+  { cmd_create 2>&1 1>&3 3>&- | tee "$errors" >&2; } 3>&1 || status=$?
+  if ((status != 0)); then
+    if grep -qE "$CAPACITY_ERRORS" "$errors" && ! grep -qE "$QUOTA_ERRORS" "$errors"; then
       rm -f "$errors"
       echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME: no capacity: exit $EX_TEMPFAIL, worth retrying" >&2
       exit "$EX_TEMPFAIL"
     fi
     rm -f "$errors"
+    ((status == 2)) && exit 2  # create stopped at a slice it will not touch (its message above)
     echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME, and not for capacity (gcloud's error above): exit 1, not retried" >&2
     exit 1
   fi
-  wait "$!" || true
   rm -f "$errors"
   local step
   for step in cmd_setup cmd_train; do

@@ -183,6 +183,7 @@ def test_memory_per_device_by_generation(monkeypatch):
   assert aot.memory_per_device([gpu])[0] == int(0.75 * 80 * aot.GIB)
   monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")
   assert aot.memory_per_device([gpu])[0] == int(0.9 * 80 * aot.GIB)
+  assert aot.memory_per_device([gpu], hbm_gib_override=96)[0] == int(0.9 * 96 * aot.GIB)
   gh200 = types.SimpleNamespace(device_kind="NVIDIA GH200 480GB", platform="gpu")
   assert aot.memory_per_device([gh200])[0] is None  # not an H200's 141 GiB
   unknown = types.SimpleNamespace(device_kind="Some NPU", platform="npu")

@@ -182,6 +182,8 @@ def test_captions_have_no_trailing_space_nor_unknown_marks(tokenizer, sentencepi
   spm = vocab.load(sentencepiece_model)
   heart, unk = spm.encode("heart"), spm.unk_id()
   assert tokens.detokenize(spm, np.array([[*heart, unk, *heart, 1]])) == ["heart heart"]
+  seqio_vocab = vocab.seqio_vocabulary(sentencepiece_model)  # unk_id a property there
+  assert tokens.detokenize(seqio_vocab, np.array([[*heart, unk, *heart, 1]])) == ["heart heart"]
 
 
 def test_vocab_load_dispatches_on_the_file_and_checks_the_size(sentencepiece_model):

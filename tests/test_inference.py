@@ -420,6 +420,7 @@ def test_raw_pixels_as_preprocessed_and_a_clip_as_frames_are_errors(loaded):
   with pytest.raises(ValueError, match=r"each clip is a list of frames .* shape \(20, 24, 3\)"):
     loaded.embed_videos(frames)
   assert loaded.embed_videos([frames]).shape == (1, 16)
+  assert loaded.embed_videos(frame for frame in [frames]).shape == (1, 16)  # a generator
 
 
 def test_a_prefix_that_would_be_forced_wrong_is_an_error(loaded):

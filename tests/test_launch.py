@@ -391,6 +391,11 @@ def test_tpu_vm_create_replaces_only_a_preempted_or_terminated_slice(tmp_path, s
     assert verbs == ["describe"]
 
 
+# A quota refusal is RESOURCE_EXHAUSTED too, but another try gets the same quota.
+NO_QUOTA = (
+  'ERROR: {"code": 8, "message": "Quota limit \'TPUV6EPreemptiblePerProjectPerRegionForTPUAPI\' '
+  'has been exceeded. Limit: 0 in region us-east5."}'
+)
 # What gcloud says when a zone has no TPU left (RESOURCE_EXHAUSTED).
 NO_CAPACITY = (
   'ERROR: (gcloud.compute.tpus.tpu-vm.create) {"code": 8, "message": "There is no more '
@@ -412,6 +417,7 @@ NO_CAPACITY = (
       {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": "ERROR: PERMISSION_DENIED"},
       1,
     ),
+    ("finished", {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": NO_QUOTA}, 1),
     (
       "finished",
       {"FAKE_STATE": "", "FAKE_CREATE_RC": "1", "FAKE_CREATE_ERR": "ERROR: INVALID_ARGUMENT v4-33"},

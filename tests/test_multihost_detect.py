@@ -139,6 +139,10 @@ def test_srun_with_slurms_pmi2_plugin_is_a_slurm_launch(monkeypatch):
   monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
   monkeypatch.setenv("PMI_SIZE", "2")
   assert multihost._cluster_detected()
+  # MPICH's mpiexec inside a job: one srun helper per node (2), 8 ranks: the error.
+  monkeypatch.setenv("PMI_SIZE", "8")
+  with pytest.raises(ValueError, match="PMI_SIZE"):
+    multihost._cluster_detected()
   monkeypatch.delenv("SLURM_STEP_NUM_TASKS")
   monkeypatch.delenv("SLURM_NTASKS")
   with pytest.raises(ValueError, match="PMI_SIZE"):  # MPICH's mpirun alone: still the error
