@@ -77,9 +77,11 @@ these batches a rejected row is replaced by a copy of another row of its batch f
 same source (the Tasks of coca_jax/data/tasks.py drop them instead), so that the batch
 boundaries stay put and the counts stay exact. A batch in which every row of a source is
 rejected repeats that source's rows of the latest batch that had good ones (a host batch
-may hold a single row of a source); only where no batch of the run had one yet (a broken
-source, or the first batch after a resume) is it an error. The repeat carries state from
-batch to batch: a resume is exact unless its first batch needed it, which is the error.
+may hold a single row of a source); only where no batch had one yet (a broken source) is
+it an error. The repeat carries state from
+batch to batch: a resume that needs it before its own batches supply it reads back up to
+SPARE_LOOKBACK batches before its start (decoding them, the one case where a resume
+decodes rows it skips), so it stays exact.
 """
 
 import hashlib
@@ -345,6 +347,17 @@ def replace_rejected(
   return out
 
 
+# Batches a resume reads back (decoding them) when a batch needs a source's rows of an
+# earlier batch that this process has not read (`_numpy_batches`).
+SPARE_LOOKBACK = 16
+
+
+def _kept_by_source(rows: dict, layout: np.ndarray) -> dict:
+  """Source index -> (rows, indices of that source's kept rows) for sources with any."""
+  keep = rows["keep"]
+  return {s: (rows, np.flatnonzero((layout == s) & keep)) for s in np.unique(layout[keep])}
+
+
 def _numpy_batches(
   ds: tf.data.Dataset,
   start_step: int,
@@ -352,15 +365,28 @@ def _numpy_batches(
   layouts: list[np.ndarray],
   names,
   contract: tokens.Contract = tokens.PAPER,
+  rows_from=None,
 ) -> Iterator[dict]:
+  """rows_from(step): the batched rows from `step` on (a resume reads back up to
+  SPARE_LOOKBACK batches with it when a batch needs a source's rows of an earlier batch,
+  so that it gets those of the uninterrupted run)."""
   reported = dict(preprocess.BAD_DATA)
   spare = {}  # source -> (its latest batch with a kept row of it, their indices)
+  looked_back = rows_from is None or start_step == 0
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
     layout = layouts[step % len(layouts)]
-    keep = rows["keep"]
-    latest = {s: np.flatnonzero((layout == s) & keep) for s in np.unique(layout[keep])}
+    latest = _kept_by_source(rows, layout)
+    if not looked_back and set(np.unique(layout[~rows["keep"]])) - set(latest) - set(spare):
+      # Read back the batches before the resume; this run's own are newer and win.
+      looked_back = True
+      back, older = max(0, start_step - SPARE_LOOKBACK), {}
+      for earlier_step, earlier in zip(
+        range(back, start_step), rows_from(back).as_numpy_iterator()
+      ):
+        older.update(_kept_by_source(earlier, layouts[earlier_step % len(layouts)]))
+      spare = {**older, **spare}
     rows = replace_rejected(rows, step, layout, names, spare)
-    spare.update({s: (rows, kept) for s, kept in latest.items()})
+    spare.update({s: (rows, kept) for s, (_, kept) in latest.items()})
     text = tokens.model_text(rows["tokens"], rows["length"], max_len, contract)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
@@ -455,10 +481,17 @@ def batches(
   seqio_split, seed = (
     ("train", data_config.seed) if split == "train" else ("validation", data_config.seed + 1)
   )
+
+  def rows_from(step: int) -> tf.data.Dataset:
+    return _dataset(
+      data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, step, contract
+    )[0]
+
   ds, layouts, names = _dataset(
     data_config, seqio_split, shard_index, num_shards, local_batch_size, seed, start_step, contract
   )
-  return _numpy_batches(ds, start_step, data_config.max_text_len, layouts, names, contract)
+  max_len = data_config.max_text_len
+  return _numpy_batches(ds, start_step, max_len, layouts, names, contract, rows_from)
 
 
 def bad_data_counts() -> dict:
