@@ -23,7 +23,8 @@ def _cluster_detected() -> bool:
   in a warning (JAX's detection failed there with "coordinator_address should be
   defined"); MPICH-style launchers, which JAX does not detect, need the three flags."""
   tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
-  if _int_env("SLURM_NTASKS") > 1 and not _int_env("SLURM_STEP_NUM_TASKS"):
+  step_tasks, ompi = _int_env("SLURM_STEP_NUM_TASKS"), _int_env("OMPI_COMM_WORLD_SIZE")
+  if _int_env("SLURM_NTASKS") > 1 and not step_tasks:
     logging.warning(
       "SLURM allocation of %s tasks, but srun did not start this process: it runs alone "
       "(start the processes with srun or launch/gpu_multinode.sh)",
@@ -33,32 +34,23 @@ def _cluster_detected() -> bool:
   # detection covers it. MPICH's mpiexec inside a job runs its ranks under a step of one
   # helper per node: PMI_SIZE differs from that step's task count.
   pmi = _int_env("PMI_SIZE")
-  srun_ranks = pmi == _int_env("SLURM_STEP_NUM_TASKS")
-  if pmi > 1 and not _int_env("OMPI_COMM_WORLD_SIZE") and not srun_ranks:
+  if pmi > 1 and not ompi and pmi != step_tasks:
     raise ValueError(
-      f"launched as one of {os.environ['PMI_SIZE']} MPI ranks (PMI_SIZE), which JAX does not "
+      f"launched as one of {pmi} MPI ranks (PMI_SIZE), which JAX does not "
       "detect: pass --coordinator_address, --num_processes and --process_id (every rank "
       "would otherwise train alone into the same workdir)"
     )
   # jax 0.10's Open MPI detection reads OMPI_MCA_orte_hnp_uri, which only Open MPI 4 and
   # earlier (ORTE) set: Open MPI 5's mpirun failed in JAX with "coordinator_address should
   # be defined".
-  ompi = _int_env("OMPI_COMM_WORLD_SIZE")
-  if (
-    ompi > 1 and "OMPI_MCA_orte_hnp_uri" not in os.environ and not _int_env("SLURM_STEP_NUM_TASKS")
-  ):
+  if ompi > 1 and "OMPI_MCA_orte_hnp_uri" not in os.environ and not step_tasks:
     raise ValueError(
       f"launched as one of {ompi} Open MPI ranks (OMPI_COMM_WORLD_SIZE) without "
       "OMPI_MCA_orte_hnp_uri, as Open MPI 5's mpirun starts them, which JAX detects only "
       "for Open MPI 4 and earlier: pass --coordinator_address, --num_processes and "
       "--process_id (OMPI_COMM_WORLD_RANK)"
     )
-  return (
-    len(tpu_hosts) > 1
-    or _int_env("SLURM_STEP_NUM_TASKS") > 1
-    or _int_env("OMPI_COMM_WORLD_SIZE") > 1
-    or accelerators.tpu_present()
-  )
+  return len(tpu_hosts) > 1 or step_tasks > 1 or ompi > 1 or accelerators.tpu_present()
 
 
 def slurm_local_device_ids() -> list[int] | None:

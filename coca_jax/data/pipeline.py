@@ -352,10 +352,9 @@ def replace_rejected(
 SPARE_LOOKBACK = 16
 
 
-def _kept_by_source(rows: dict, layout: np.ndarray) -> dict:
-  """Source index -> (rows, indices of that source's kept rows) for sources with any."""
-  keep = rows["keep"]
-  return {s: (rows, np.flatnonzero((layout == s) & keep)) for s in np.unique(layout[keep])}
+def _kept_by_source(keep: np.ndarray, layout: np.ndarray) -> dict:
+  """Source index -> the indices of its kept rows, for sources with any."""
+  return {s: np.flatnonzero((layout == s) & keep) for s in np.unique(layout[keep])}
 
 
 def _numpy_batches(
@@ -375,7 +374,7 @@ def _numpy_batches(
   looked_back = rows_from is None or start_step == 0
   for step, rows in enumerate(ds.as_numpy_iterator(), start_step):
     layout = layouts[step % len(layouts)]
-    latest = _kept_by_source(rows, layout)
+    latest = _kept_by_source(rows["keep"], layout)
     if not looked_back and set(np.unique(layout[~rows["keep"]])) - set(latest) - set(spare):
       # Read back the batches before the resume; this run's own are newer and win.
       looked_back = True
@@ -383,10 +382,11 @@ def _numpy_batches(
       for earlier_step, earlier in zip(
         range(back, start_step), rows_from(back).as_numpy_iterator()
       ):
-        older.update(_kept_by_source(earlier, layouts[earlier_step % len(layouts)]))
+        kept = _kept_by_source(earlier["keep"], layouts[earlier_step % len(layouts)])
+        older.update({s: (earlier, indices) for s, indices in kept.items()})
       spare = {**older, **spare}
     rows = replace_rejected(rows, step, layout, names, spare)
-    spare.update({s: (rows, kept) for s, (_, kept) in latest.items()})
+    spare.update({s: (rows, indices) for s, indices in latest.items()})
     text = tokens.model_text(rows["tokens"], rows["length"], max_len, contract)
     batch = dict(image=rows["image"], text=text)
     if dict(preprocess.BAD_DATA) != reported:
