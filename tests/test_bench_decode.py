@@ -59,7 +59,7 @@ def test_open_clip_section_prints_its_table(capsys):
     ]
   )
   out = capsys.readouterr().out
-  assert "weight MB/step" in out and "copy bandwidth" in out
+  assert "weight MB/step" in out and "setup s" in out and "Copy bandwidth" in out
   assert "bfloat16 vs float32 greedy tokens" in out
   rows = results["open_clip"]["rows"]
   assert [(r["dtype"], r["method"], r["batch"]) for r in rows] == [
@@ -69,6 +69,16 @@ def test_open_clip_section_prints_its_table(capsys):
   ]
   # bfloat16 weights are half the bytes of float32's.
   assert rows[2]["weight_bytes_per_step"] * 2 == rows[0]["weight_bytes_per_step"]
+  # The setup (encoding, layer slices, image keys/values) is timed alone, and the loop's
+  # step time and bandwidth exclude it: NaN only where noise put the setup above the call.
+  for r in rows:
+    assert r["setup_seconds"] > 0
+    loop = r["seconds"] - r["setup_seconds"]
+    if loop > 0:
+      assert r["step_ms"] == pytest.approx(loop / 4 * 1e3)
+      assert r["gb_per_s"] == pytest.approx(r["weight_bytes_per_step"] * 4 / loop / 1e9)
+    else:
+      assert np.isnan(r["step_ms"]) and np.isnan(r["gb_per_s"])
   assert 0 <= results["open_clip"]["bf16_agreement"]["token_agreement"] <= 1
 
 

@@ -20,12 +20,15 @@ open_clip: exactly open_clip coca_ViT-B-32's shapes (configs/open_clip/coca_vit_
   49,408, context 76), greedy and beam-search rows in float32 and bfloat16 (weights
   stored in bfloat16, bfloat16 compute), image encoding included as open_clip's
   `generate` includes it. EOS (and pad, a stop id of open_clip's contract) is held back
-  (min_length) so every run decodes exactly `tokens` tokens. Per row: tokens/s, ms per decode step,
-  decoder weights read per step (every step reads each decoder weight once, whatever the
-  batch; the token embedding table only one row per token, the cross-attention key/value
-  projections not at all: they run once per image) and that over the step time, against
-  this machine's copy bandwidth measured in the same run. Then the quality cost of
-  bfloat16: its greedy tokens against float32's on the same images.
+  (min_length) so every run decodes exactly `tokens` tokens. Per row: seconds and
+  tokens/s of the whole call; the setup's seconds (image encoding, decoder layers sliced
+  out, image keys/values: timed alone); ms per decode step of the token loop (the call
+  minus the setup); decoder weights read per step (every step reads each decoder weight
+  once, whatever the batch; the token embedding table only one row per token, the
+  cross-attention key/value projections not at all: they run once per image) and that
+  over the loop's step time, against this machine's copy bandwidth measured in the same
+  run. Then the quality cost of bfloat16: its greedy tokens against float32's on the same
+  images.
 demo: a trained export (the demo run's, real weights; skipped when absent) on real
   images (the demo's emoji validation split, raw 64px RGBA PNG pixels): captions/s through
   `coca_jax.load(export).caption` at batch 32 against the benchmark loop (the same
@@ -102,6 +105,22 @@ def make_decoder(
     return decode.sample_loop(step_model, **common).tokens
 
   return run
+
+
+def make_setup(graphdef, length: int) -> Callable:
+  """-> jitted fn(params, images [B, S, S, 3]) -> what a cached decode call of `length`
+  steps computes before its first step: the image encoding, the decoder's layers sliced
+  out of their stacks, the image keys/values and the empty KV caches. Timed on its own so
+  that the token loop's time (the call's minus this) gives the step time and bandwidth."""
+
+  @jax.jit
+  def setup(params, images):
+    model = nnx.merge(graphdef, params)
+    _, caption_tokens = model.encode_image(images)
+    step_model = decode.cached_step_model(model, caption_tokens, length)
+    return step_model.cache, step_model.context
+
+  return setup
 
 
 def time_call(fn, *args, repeats: int) -> float:
@@ -283,8 +302,11 @@ def open_clip_rows(
   log=print,
 ) -> dict:
   """coca_jax's decoding at `config`'s shapes (random init); -> dict with "rows" (one per
-  dtype x method x batch: seconds, tokens_per_s, step_ms, weight_bytes_per_step, gb_per_s),
-  "copy_gb_per_s" and "bf16_agreement" (greedy tokens of the largest greedy batch)."""
+  dtype x method x batch: seconds and tokens_per_s of the whole call; setup_seconds, the
+  image encoding and decoder setup timed alone; step_ms and gb_per_s of the token loop,
+  the call minus its setup; weight_bytes_per_step), "copy_gb_per_s" and "bf16_agreement"
+  (greedy tokens of the largest greedy batch). step_ms and gb_per_s are NaN when noise
+  makes the setup's median reach the call's."""
   contract = tokens_lib.Contract.from_config(config)
   graphdef, params = nnx.split(coca.build(config.model, seed=0))
   models = {"float32": (graphdef, params)}
@@ -297,11 +319,14 @@ def open_clip_rows(
     graphdef, params = models[dtype]
     greedy = make_decoder(graphdef, tokens, contract=contract)
     beam = make_decoder(graphdef, tokens, beam_size=beam_size, contract=contract)
+    setup = make_setup(graphdef, tokens)
     for method, batch in runs:
       images = jnp.asarray(random_images(batch, size))
       fn = beam if method == "beam" else greedy
       log(f"  coca_jax {dtype} {method} batch {batch} ...")
       seconds = time_call(fn, params, images, repeats=repeats)
+      setup_seconds = time_call(setup, params, images, repeats=repeats)
+      loop_seconds = seconds - setup_seconds if seconds > setup_seconds else float("nan")
       if method == "greedy":
         greedy_tokens[dtype, batch] = np.asarray(fn(params, images))
       sequences = batch * (beam_size if method == "beam" else 1)
@@ -313,9 +338,10 @@ def open_clip_rows(
           batch=batch,
           seconds=seconds,
           tokens_per_s=batch * tokens / seconds,
-          step_ms=seconds / tokens * 1e3,
+          setup_seconds=setup_seconds,
+          step_ms=loop_seconds / tokens * 1e3,
           weight_bytes_per_step=weight_bytes,
-          gb_per_s=weight_bytes * tokens / seconds / 1e9,
+          gb_per_s=weight_bytes * tokens / loop_seconds / 1e9,
         )
       )
   result = dict(rows=rows, copy_gb_per_s=copy_bandwidth(copy_megabytes), tokens=tokens)
@@ -342,20 +368,23 @@ def print_open_clip_rows(result: dict) -> None:
   """The open_clip section's table (coca_jax's side alone)."""
   copy = result["copy_gb_per_s"]
   header = (
-    f"{'dtype':<9} {'method':<7} {'batch':>5} {'seconds':>8} {'tokens/s':>9} {'ms/step':>8} "
-    f"{'weight MB/step':>15} {'GB/s':>6} {'of copy':>8}"
+    f"{'dtype':<9} {'method':<7} {'batch':>5} {'seconds':>8} {'tokens/s':>9} {'setup s':>8} "
+    f"{'ms/step':>8} {'weight MB/step':>15} {'GB/s':>6} {'of copy':>8}"
   )
   print(header)
   print("-" * len(header))
   for r in result["rows"]:
     print(
       f"{r['dtype']:<9} {r['method']:<7} {r['batch']:>5} {r['seconds']:>8.2f} "
-      f"{r['tokens_per_s']:>9.1f} {r['step_ms']:>8.1f} {r['weight_bytes_per_step'] / 1e6:>15.1f} "
-      f"{r['gb_per_s']:>6.1f} {r['gb_per_s'] / copy:>7.0%}"
+      f"{r['tokens_per_s']:>9.1f} {r['setup_seconds']:>8.2f} {r['step_ms']:>8.1f} "
+      f"{r['weight_bytes_per_step'] / 1e6:>15.1f} {r['gb_per_s']:>6.1f} "
+      f"{r['gb_per_s'] / copy:>7.0%}"
     )
   print(
-    f"copy bandwidth of this machine (read + write, measured now): {copy:.1f} GB/s; "
-    f"{result['tokens']} tokens per caption, image encoding included"
+    f"{result['tokens']} tokens per caption. seconds, tokens/s: the whole call, image "
+    "encoding included (as open_clip's generate). setup s: the image encoding and decoder "
+    "setup alone; ms/step and GB/s: the token loop (the call minus its setup). Copy "
+    f"bandwidth of this machine (read + write, measured now): {copy:.1f} GB/s"
   )
   agreement = result.get("bf16_agreement")
   if agreement:
