@@ -54,22 +54,29 @@ def _cluster_detected() -> bool:
 
 
 def slurm_local_device_ids() -> list[int] | None:
-  """The GPUs a process started by srun keeps: every GPU of its node when it is the only
-  task there (JAX's SLURM detection would keep GPU SLURM_LOCALID alone: `srun
-  --ntasks-per-node=1` trained on 1 of 8 GPUs per node, silently); None (JAX's choice,
-  one GPU per task) otherwise, or without GPUs."""
+  """The GPUs a process started by srun keeps, where JAX's SLURM detection (GPU
+  SLURM_LOCALID alone) would be wrong: every GPU of its node when it is the only task
+  there (`srun --ntasks-per-node=1` trained on 1 of 8 GPUs per node, silently); every GPU
+  the task sees when srun bound GPUs to tasks (`--gpus-per-task`: CUDA_VISIBLE_DEVICES
+  lists the task's own, numbered from 0 inside it, so GPU SLURM_LOCALID did not exist,
+  CUDA_ERROR_INVALID_DEVICE, or was 1 of the task's 4). None (JAX's choice) otherwise,
+  or without GPUs."""
   per_node = []
   for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
     match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
     if match:
       per_node += [int(match.group(1))] * int(match.group(2) or 1)
   node = _int_env("SLURM_NODEID")
-  if node >= len(per_node) or per_node[node] != 1:
+  if node >= len(per_node):
     return None
   visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-  gpus = len([g for g in visible.split(",") if g.strip()]) if visible else None
-  if gpus is None:
-    gpus = len(accelerators.gpu_files())
+  visible = [g for g in visible.split(",") if g.strip()] if visible else None
+  if per_node[node] != 1:
+    bound = visible and (
+      "SLURM_GPUS_PER_TASK" in os.environ or len(visible) < len(accelerators.gpu_files())
+    )
+    return list(range(len(visible))) if bound else None
+  gpus = len(accelerators.gpu_files()) if visible is None else len(visible)
   return list(range(gpus)) if gpus > 1 else None
 
 

@@ -6,6 +6,7 @@ import math
 import pathlib
 import shutil
 import subprocess
+import unicodedata
 
 import numpy as np
 import pytest
@@ -218,6 +219,15 @@ PTB_CASES = [
     "a \u2026 b, \u00abx\u00bb and a_b or x__y _z_ and a .5 ratio, dog.1",
     "a b x and a_b or x __ y _ z _ and a .5 ratio dog .1",
   ),
+  # Review helper-84's cases (eighteenth session): invisible characters of web alt-text,
+  # emoji sequences, HTML entities, a decomposed accent (the jar echoes it decomposed:
+  # compared in NFC).
+  ("a dog\u200bsitting\u200b", "a dog sitting"),
+  ("a dog\xadsitting\ufeff and a\u200ecat\u2060", "a dogsitting and a cat"),
+  ("a family \U0001f468\u200d\U0001f469\u200d\U0001f467 photo", "a family photo"),
+  ("i \u2764\ufe0f you, press 1\ufe0f\u20e3 now", "i \u2764 you press 1 now"),
+  ("Tom &amp; Jerry say &quot;hi&quot; &lt;3", "tom & jerry say hi < 3"),
+  ("a cafe\u0301 sign", "a caf\u00e9 sign"),
 ]
 
 
@@ -244,7 +254,10 @@ def test_normalize_equals_the_coco_toolkits_tokenizer_run_by_java(tmp_path):
     check=True,
   ).stdout.splitlines()
   toolkit = [
-    " ".join(w for w in line.split() if w not in ptbtokenizer.PUNCTUATIONS) for line in out
+    " ".join(
+      w for w in unicodedata.normalize("NFC", line).split() if w not in ptbtokenizer.PUNCTUATIONS
+    )
+    for line in out
   ]
   assert [captioning.normalize(text) for text, _ in PTB_CASES] == toolkit
 

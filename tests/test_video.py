@@ -128,8 +128,13 @@ def test_clip_pixels_pick_and_pad_frames():
   assert keep and pixels.shape == (3, 8, 8, 3)
   for got, i in zip(pixels, (0, 2, 4)):  # evenly spaced
     np.testing.assert_allclose(got, images.eval_pixels(frames[i], 8, mean, std))
-  pixels, keep = video.clip_pixels(encoded[:2], 4, 8, mean, std)  # the last frame repeated
-  np.testing.assert_allclose(pixels[3], pixels[1])
+  # Fewer frames than F: each repeated in turn, evenly (the last alone weighed 3/4 before).
+  pixels, keep = video.clip_pixels(encoded[:2], 4, 8, mean, std)
+  for got, i in zip(pixels, (0, 0, 1, 1)):
+    np.testing.assert_allclose(got, images.eval_pixels(frames[i], 8, mean, std))
+  pixels, _ = video.clip_pixels(encoded[:3], 8, 8, mean, std)
+  for got, i in zip(pixels, (0, 0, 0, 1, 1, 1, 2, 2)):
+    np.testing.assert_allclose(got, images.eval_pixels(frames[i], 8, mean, std))
   _, keep = video.clip_pixels(np.asarray([b"not an image"], object), 2, 8, mean, std)
   assert not keep
 

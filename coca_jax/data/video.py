@@ -240,13 +240,15 @@ def output_features() -> dict:
 
 def clip_pixels(encoded: np.ndarray, frames: int, size: int, mean, std, resize="bilinear"):
   """numpy: F' encoded frames -> ([F, S, S, 3] float32 eval pixels, keep). F evenly spaced
-  frames of F' >= F; the last repeated when F' < F; keep False (zeros) when a frame does
-  not decode or there is none. Each frame: images.eval_pixels (`resize` its method)."""
+  frames of F' >= F; when F' < F, each frame repeated in turn, evenly ([a, a, b, b] of
+  [a, b] for F=4), so that none weighs more than another; keep False (zeros) when a
+  frame does not decode or there is none. Each frame: images.eval_pixels (`resize` its
+  method)."""
   encoded = list(encoded)
   if not encoded:
     return np.zeros((frames, size, size, 3), np.float32), False
   if len(encoded) < frames:
-    picks = np.minimum(np.arange(frames), len(encoded) - 1)
+    picks = np.arange(frames) * len(encoded) // frames
   else:
     picks = np.linspace(0, len(encoded) - 1, frames).round().astype(int)
   try:

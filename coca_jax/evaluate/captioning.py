@@ -23,7 +23,10 @@ the toolkit's jar:
   other symbols kept as tokens ("%", "&", "$", "#", "_", "**", "??", "!?", "✓"), with PTB's
   own spellings of brackets ("-lrb-", which the toolkit's upper-case punctuation list
   misses), the euro ("$") and the pound ("#"); characters outside Unicode's basic plane
-  (emoji), which PTB deletes, dropped.
+  (emoji), which PTB deletes, dropped; so are invisible format characters (zero-width
+  spaces and joiners, direction marks, the soft hyphen, which joins its word) and emoji
+  variation selectors; HTML entities are decoded; text is compared in NFC (the jar echoes
+  a decomposed accent as it came).
 Not covered (each checked against the jar): e-mail addresses, URLs and "@user" / "#tag"
 (split at their symbols), a leading apostrophe kept on a word ("'90s", "rock 'n' roll"),
 emoticons (":-)" is ":--rrb-"), "C#" and "A++" ("c#", "a + +"), vulgar fractions ("½" is
@@ -36,6 +39,7 @@ import html
 import io
 import os
 import re
+import unicodedata
 from typing import Sequence
 
 import numpy as np
@@ -89,6 +93,8 @@ _CURRENCIES = {"\u20ac": "$", "\u00a3": "#"}
 # Quotes (guillemets too) and dashes, any run.
 _DROPPED_FIRST = "'\"`\u2018\u2019\u201c\u201d\u00ab\u00bb-\u2013\u2014"
 _DROPPED = {"\u2026", ",", ":", ";", "?", "!"}
+# Variation selectors (U+FE0F makes "\u2764\ufe0f" an emoji) and the combining keycap.
+_EMOJI_MARKS = {chr(c) for c in range(0xFE00, 0xFE10)} | {"\u20e3"}
 
 
 def _token(token: str) -> str | None:
@@ -106,9 +112,23 @@ def _token(token: str) -> str | None:
   return _CURRENCIES.get(token, token)
 
 
+def _visible(text: str) -> str:
+  """text with HTML entities decoded ("&amp;" is "&", as the toolkit reads it), the soft
+  hyphen deleted (it joins the word), other invisible format characters (zero-width
+  spaces and joiners, direction marks, BOM) and emoji variation selectors and keycap
+  marks as spaces (the toolkit drops them), then NFC: a combining accent stays on its
+  letter."""
+  text = html.unescape(text)
+  text = "".join(
+    "" if c == "\xad" else " " if unicodedata.category(c) == "Cf" or c in _EMOJI_MARKS else c
+    for c in text
+  )
+  return unicodedata.normalize("NFC", text)
+
+
 def normalize(text: str) -> str:
   """Lower-cased PTB tokens separated by single spaces, punctuation dropped (see above)."""
-  text = _CAPITALS_AMPERSAND.sub(_JOINED_AMPERSAND, text)
+  text = _CAPITALS_AMPERSAND.sub(_JOINED_AMPERSAND, _visible(text))
   text = _SPLIT_WORD.sub(lambda m: _SPLIT_WORDS[m.group()], text.lower())
   text = _CLITIC.sub(r" '\1", _NEGATION.sub(" n't", text))
   tokens = (_token(m.group()) for m in _TOKEN.finditer(text))
