@@ -130,39 +130,26 @@ def test_srun_with_gpus_bound_to_tasks_keeps_the_tasks_gpus(monkeypatch):
   """srun --gpus-per-task gives each task its own GPUs in CUDA_VISIBLE_DEVICES, numbered
   from 0 in the task: JAX's [SLURM_LOCALID] named GPU 3 of a task that has one GPU
   (CUDA_ERROR_INVALID_DEVICE), or drove 1 of a task's 4 (review helper-83)."""
-  monkeypatch.setattr(accelerators, "gpu_files", lambda: [f"/dev/nvidia{i}" for i in range(8)])
-  # --ntasks-per-node=8 --gpus-per-task=1: the task of SLURM_LOCALID 3 sees one GPU.
-  slurm_env(
-    monkeypatch,
-    SLURM_STEP_TASKS_PER_NODE="8(x2)",
-    SLURM_NODEID="1",
-    SLURM_LOCALID="3",
-    CUDA_VISIBLE_DEVICES="3",
-  )
-  assert multihost.slurm_local_device_ids() == [0]
-  # --ntasks-per-node=2 --gpus-per-task=4: all four of the task's GPUs.
-  slurm_env(
-    monkeypatch,
-    SLURM_STEP_TASKS_PER_NODE="2(x2)",
-    SLURM_NODEID="0",
-    SLURM_LOCALID="1",
-    CUDA_VISIBLE_DEVICES="4,5,6,7",
-  )
-  assert multihost.slurm_local_device_ids() == [0, 1, 2, 3]
+  eight = [f"/dev/nvidia{i}" for i in range(8)]
+
+  def task(tasks_per_node, localid, visible, gpu_files=eight, **more):
+    monkeypatch.setattr(accelerators, "gpu_files", lambda: gpu_files)
+    slurm_env(
+      monkeypatch,
+      SLURM_STEP_TASKS_PER_NODE=f"{tasks_per_node}(x2)",
+      SLURM_NODEID="1",
+      SLURM_LOCALID=str(localid),
+      CUDA_VISIBLE_DEVICES=visible,
+      **more,
+    )
+    return multihost.slurm_local_device_ids()
+
+  assert task(8, 3, "3") == [0]  # --ntasks-per-node=8 --gpus-per-task=1
+  assert task(2, 1, "4,5,6,7") == [0, 1, 2, 3]  # --ntasks-per-node=2 --gpus-per-task=4
   # Slurm says so itself where the node's GPU files are not visible (a container).
-  monkeypatch.setattr(accelerators, "gpu_files", lambda: [])
-  monkeypatch.setenv("SLURM_GPUS_PER_TASK", "4")
-  assert multihost.slurm_local_device_ids() == [0, 1, 2, 3]
+  assert task(2, 1, "4,5,6,7", gpu_files=[], SLURM_GPUS_PER_TASK="4") == [0, 1, 2, 3]
   # No binding (--gpus-per-node=8, every task sees all 8): JAX's one GPU per task.
-  monkeypatch.setattr(accelerators, "gpu_files", lambda: [f"/dev/nvidia{i}" for i in range(8)])
-  slurm_env(
-    monkeypatch,
-    SLURM_STEP_TASKS_PER_NODE="8(x2)",
-    SLURM_NODEID="1",
-    SLURM_LOCALID="3",
-    CUDA_VISIBLE_DEVICES="0,1,2,3,4,5,6,7",
-  )
-  assert multihost.slurm_local_device_ids() is None
+  assert task(8, 3, "0,1,2,3,4,5,6,7") is None
 
 
 def test_one_multi_process_flag_alone_is_an_error():
