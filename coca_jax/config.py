@@ -54,6 +54,12 @@ CONTRASTIVE_ONLY = (
   "^text/cls_",
 )
 
+# Substrings of parameter paths that get no weight decay (config.optim.no_decay): every
+# vector, and the position tables (class_embedding: open_clip's layout's ViT class
+# token). They cover every layout coca_jax builds, so one of them may match nothing in
+# a given model; any other pattern must match (optim.decay_mask).
+NO_DECAY = ("bias", "scale", "temperature", "pos_embedding", "cls_embedding", "class_embedding")
+
 # Templates of the JFT-style text (Section 4.1); the demo vocabulary is trained on them.
 JFT_TEMPLATES = (
   "a photo of the {}.",
@@ -214,17 +220,8 @@ def coca_config(
       beta1=0.9,
       beta2=0.999,
       weight_decay=0.01,
-      # Substrings of parameter paths that get no weight decay: every vector, and the
-      # position tables (class_embedding: open_clip's layout's ViT class token).
-      no_decay=(
-        "bias",
-        "scale",
-        "temperature",
-        "pos_embedding",
-        "cls_embedding",
-        "class_embedding",
-      ),
-      update_clip=1.0,  # Adafactor's update clipping threshold
+      no_decay=NO_DECAY,  # substrings of parameter paths (above)
+      update_clip=1.0,  # Adafactor's update clipping threshold; 0 disables
       grad_clip_norm=0.0,  # global-norm gradient clipping; 0 disables
       factored_min_dim=128,
     )

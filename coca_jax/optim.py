@@ -35,18 +35,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from coca_jax import config as config_lib
+
 SECOND_MOMENT_EXPONENT = 0.8  # Adafactor's decay 1 - t^-0.8 (Shazeer & Stern 2018)
 
 
-def check_schedule(optim_config) -> None:
-  """ValueError naming the key of a schedule setting outside its range: a negative lr
-  would train by gradient ascent, a warmup fraction above 1 never reach the peak, an end
-  fraction above 1 climb past it."""
-  if not optim_config.lr > 0:
-    raise ValueError(f"config.optim.lr={optim_config.lr!r} must be > 0")
-  for key in ("warmup_fraction", "end_lr_fraction"):
-    if not 0 <= optim_config[key] <= 1:
-      raise ValueError(f"config.optim.{key}={optim_config[key]!r} must be in [0, 1]")
+# config.optim key -> (whether a value is in range, the range in words).
+RANGES = {
+  "lr": (lambda v: v > 0, "> 0"),
+  "warmup_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+  "end_lr_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+  "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+  "beta2": (lambda v: 0 < v <= 1, "in (0, 1]"),
+  "weight_decay": (lambda v: v >= 0, ">= 0 (0: off)"),
+  "update_clip": (lambda v: v >= 0, ">= 0 (0: off)"),
+  "grad_clip_norm": (lambda v: v >= 0, ">= 0 (0: off)"),
+}
+
+
+def check(optim_config) -> None:
+  """ValueError naming the key of an optimizer setting outside its range (RANGES): a
+  negative lr would train by gradient ascent, a warmup fraction above 1 never reach the
+  peak, an end fraction above 1 climb past it, beta1 >= 1 diverge; a negative weight
+  decay or clipping threshold had meant "off" silently."""
+  for key, (in_range, words) in RANGES.items():
+    value = optim_config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
+      raise ValueError(f"config.optim.{key}={value!r} must be {words}")
 
 
 def lr_multiplier(optim_config, total_steps: int) -> optax.Schedule:
@@ -66,7 +81,22 @@ def lr_multiplier(optim_config, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params, no_decay: tuple[str, ...]):
-  """True for parameters that get weight decay: no path component contains a no_decay substring."""
+  """True for parameters that get weight decay: no path component contains a no_decay
+  substring. A pattern that no component contains (but config.NO_DECAY's, written for
+  every layout), or an empty one (in every name), is an error naming
+  config.optim.no_decay: PyTorch's "LayerNorm.weight" matched nothing here, and every
+  norm scale and the temperature were decayed, silently."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  names = {str(getattr(k, "key", k)) for path, _ in flat for k in path}
+  for pattern in no_decay:
+    if pattern and (pattern in config_lib.NO_DECAY or any(pattern in n for n in names)):
+      continue
+    problem = "is in no parameter's name" if pattern else "is empty: it exempts every parameter"
+    raise ValueError(
+      f"config.optim.no_decay pattern {pattern!r} {problem}; the patterns are substrings "
+      "of path components ('bias', 'scale' of the norms, 'pos_embedding'); names here: "
+      f"{', '.join(sorted(names)[:12])}, ..."
+    )
 
   def wants_decay(path, _):
     names = [str(getattr(k, "key", k)) for k in path]
@@ -88,11 +118,13 @@ def is_stacked(path) -> bool:
 
 
 def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
-  """Adafactor's update clipping: update / max(1, RMS(update) / threshold).
+  """Adafactor's update clipping: update / max(1, RMS(update) / threshold); threshold 0:
+  no clipping (the chain keeps this transform, so a resume may turn clipping on or off).
 
   The RMS is per parameter, and per layer for stacked parameters (`is_stacked`): over
   every axis but the leading layers axis, each layer's slice clipped on its own.
   """
+  threshold = threshold or float("inf")  # 0 had divided every update by infinity
 
   def clip(path, update):
     axes = tuple(range(1, update.ndim)) if is_stacked(path) else None

@@ -315,6 +315,27 @@ def check_data_position(config, shard_count: int, stored: dict) -> None:
     )
 
 
+def restore_or_create(config, run, mngr, shard_count: int) -> tuple[dict, int, bool]:
+  """(state, start step, resumed): the latest checkpoint of `mngr`, else a new state
+  (from config.train.init_from where set, which a resume ignores)."""
+  restored = checkpoint.restore(mngr, run.layout)
+  if restored is None:
+    if config.train.init_from:
+      state, _ = init_from.create(config, run)  # logs loaded / new / unused parameters
+      return state, 0, False
+    return state_lib.create(config, run), 0, False
+  state, stored_position = restored
+  start_step = int(stored_position["step"])
+  logging.info("resumed from checkpoint step %d", start_step)
+  check_data_position(config, shard_count, stored_position)
+  if config.train.init_from:
+    logging.info(
+      "config.train.init_from=%s ignored: the run resumes its own checkpoint",
+      config.train.init_from,
+    )
+  return state, start_step, True
+
+
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
   workdir_path = epath.Path(workdir)
@@ -348,24 +369,12 @@ def train(config, workdir: str) -> dict:
     logging.info("%s", describe_frozen(config, run.layout.abstract["params"]))
 
   mngr = checkpoint.manager(workdir, config.train)
-  checkpoint.check_writable(mngr, params_lib.nbytes(run.layout.abstract))
-  restored = checkpoint.restore(mngr, run.layout)
-  if restored is None:
-    if config.train.init_from:
-      state, _ = init_from.create(config, run)  # logs loaded / new / unused parameters
-    else:
-      state = state_lib.create(config, run)
-    start_step = 0
-  else:
-    state, stored_position = restored
-    start_step = int(stored_position["step"])
-    logging.info("resumed from checkpoint step %d", start_step)
-    check_data_position(config, shard_count, stored_position)
-    if config.train.init_from:
-      logging.info(
-        "config.train.init_from=%s ignored: the run resumes its own checkpoint",
-        config.train.init_from,
-      )
+  try:
+    checkpoint.check_writable(mngr, params_lib.nbytes(run.layout.abstract))
+    state, start_step, resumed = restore_or_create(config, run, mngr, shard_count)
+  except BaseException:  # init_from's errors: the manager's threads had outlived them,
+    mngr.close()  # and their traceback followed the error now and then
+    raise
   train_step = step_lib.make_train_step(config, run)
   eval_step = step_lib.make_eval_step(config, run.layout)
   # The eval suite tokenizes class prompts and captions: its vocabulary, read once.
@@ -386,7 +395,7 @@ def train(config, workdir: str) -> dict:
   # nothing, a step that does not compile) must leave it as it was.
   if jax.process_index() == 0:
     workdir_path.mkdir(parents=True, exist_ok=True)
-    if restored is not None:
+    if resumed:
       keep_changed_config(workdir_path, config, start_step)
     (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
 
@@ -502,7 +511,13 @@ def check_config(config) -> None:
   from coca_jax.data import tasks
 
   tasks.check_options(config.data)
-  optim.check_schedule(config.optim)
+  optim.check(config.optim)
+  weights = dict(config.loss)
+  for key, value in weights.items():  # negative: gradient ascent on that loss
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+      raise ValueError(f"config.loss.{key}={value!r} must be a number >= 0")
+  if not any(weights.values()):
+    raise ValueError(f"config.loss: every weight is 0 ({weights}): nothing would be trained")
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
   frozen = state_lib.frozen_patterns(config)
   if frozen and not train_config.init_from:
@@ -526,6 +541,9 @@ def check_config(config) -> None:
     if value not in export.DTYPES:
       raise ValueError(f"config.{key}={value!r}; expected one of {export.DTYPES}")
   if suite_evals(config):  # names checked by enabled_evals, in suite_evals
+    from coca_jax.evaluate import suite
+
+    suite.check(config)
     try:
       decode.DecodeOptions.from_config(config)
     except (ValueError, TypeError, KeyError) as e:

@@ -243,6 +243,16 @@ def test_update_clipping_is_per_layer_for_stacked_params():
   np.testing.assert_allclose(clipped["bias"], block["bias"], rtol=1e-6)
 
 
+def test_update_clip_zero_turns_clipping_off():
+  """config.optim.update_clip=0 (as grad_clip_norm=0 means "off") divided every update by
+  infinity: the run trained nothing, and exited 0 (review helper-85)."""
+  updates = {"kernel": np.full((4, 3), 5.0, np.float32), "bias": np.arange(3.0, dtype=np.float32)}
+  clip = optim.clip_by_layer_rms(0.0)
+  clipped, _ = clip.update(updates, clip.init(updates))
+  np.testing.assert_array_equal(clipped["kernel"], updates["kernel"])
+  np.testing.assert_array_equal(clipped["bias"], updates["bias"])
+
+
 def test_optimizer_clips_each_layer_of_a_stack():
   """First Adafactor step, unfactored: second-moment decay 0, so the scaled update is
   sign(gradient) (0 where the gradient is 0). Layer 0 has RMS 1 and is clipped to 0.5;

@@ -110,6 +110,49 @@ def test_a_final_export_that_would_fail_fails_before_training(tmp_path):
       lambda c: evaluating(c).eval.update(headline={"cider": "eval/captioning/cider"}),
       r"config\.eval\.headline\['cider'\]=.*'captioning' is not among",
     ),
+    # Review helper-85 (eighteenth session): accepted, then wrong or late.
+    (lambda c: c.optim.update(update_clip=-1.0), r"config\.optim\.update_clip=-1\.0 must be >= 0"),
+    (lambda c: c.optim.update(weight_decay=-0.01), r"config\.optim\.weight_decay=-0\.01 "),
+    (lambda c: c.optim.update(grad_clip_norm=-1.0), r"config\.optim\.grad_clip_norm=-1\.0 "),
+    (lambda c: c.optim.update(beta1=1.0), r"config\.optim\.beta1=1\.0 must be in \[0, 1\)"),
+    (lambda c: c.optim.update(beta2=0.0), r"config\.optim\.beta2=0\.0 must be in \(0, 1\]"),
+    (lambda c: c.loss.update(caption_weight=-1.0), r"config\.loss\.caption_weight=-1\.0 "),
+    (
+      lambda c: c.loss.update(
+        contrastive_weight=0.0, caption_weight=0.0, vqa_weight=0.0, video_weight=0.0
+      ),
+      r"config\.loss: every weight is 0",
+    ),
+    (
+      lambda c: c.optim.update(no_decay=("bias", "LayerNorm.weight")),
+      r"config\.optim\.no_decay pattern 'LayerNorm\.weight' is in no parameter's name",
+    ),
+    (
+      lambda c: c.optim.update(no_decay=("bias", "")),
+      r"config\.optim\.no_decay pattern '' is empty",
+    ),
+    (lambda c: evaluating(c).eval.update(batch_size=0), r"config\.eval\.batch_size=0 "),
+    (
+      lambda c: evaluating(c).eval.zero_shot.update(templates=("a photo of a thing",)),
+      r"config\.eval\.zero_shot\.templates: 'a photo of a thing' needs exactly one \{\}",
+    ),
+    (
+      lambda c: evaluating(c).eval.zero_shot.update(templates=("a photo of a {name}",)),
+      r"config\.eval\.zero_shot\.templates: 'a photo of a \{name\}' needs exactly one",
+    ),
+    (
+      lambda c: evaluating(c).eval.zero_shot.update(top_k=(0, 1)),
+      r"config\.eval\.zero_shot\.top_k ",
+    ),
+    (
+      lambda c: evaluating(c).eval.retrieval.update(recall_at=()),
+      r"config\.eval\.retrieval\.recall_at=\(\)",
+    ),
+    (lambda c: evaluating(c, "vqa"), r"config\.eval\.evals names vqa, but the model has no VQA"),
+    (
+      lambda c: c.data.video.update(eval_files="/clips/val-*.tfrecord"),
+      r"config\.data\.video\.eval_files='/clips/val-\*\.tfrecord' needs config\.data\.video\.files",
+    ),
   ],
 )
 def test_a_wrong_setting_fails_before_anything_is_written(tmp_path, change, message):
@@ -118,6 +161,47 @@ def test_a_wrong_setting_fails_before_anything_is_written(tmp_path, change, mess
   with pytest.raises(ValueError, match=message):
     train.train(config, str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
+
+
+def test_a_benchmark_without_its_data_fails_before_anything_is_written(tmp_path):
+  """A benchmark eval whose TFDS data is not prepared (or whose TFRecords match nothing)
+  stopped the run at its first evaluation, after its steps and a checkpoint."""
+  config = evaluating(tiny_config(3), "zero_shot,cifar10")
+  config.eval.benchmarks.tfds_data_dir = str(tmp_path / "tfds")
+  with pytest.raises(FileNotFoundError, match=r"benchmark 'cifar10': TFDS cifar10 is not prepared"):
+    train.train(config, str(tmp_path / "run"))
+  config = evaluating(tiny_config(3), "flickr30k")
+  config.eval.benchmarks.flickr30k_files = str(tmp_path / "none-*.tfrecord")
+  with pytest.raises(
+    FileNotFoundError, match=r"config\.eval\.benchmarks\.flickr30k_files=.* matches no file"
+  ):
+    train.train(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_init_from_error_closes_the_checkpoint_manager(tmp_path, monkeypatch):
+  """init_from's errors come after the checkpoint manager starts: it is closed, or its
+  threads outlived the error and their traceback followed it (review helper-85)."""
+  closed = []
+
+  def manager(*args, **kwargs):
+    mngr = real_manager(*args, **kwargs)
+    real_close = mngr.close
+    monkeypatch.setattr(mngr, "close", lambda: closed.append(1) or real_close())
+    return mngr
+
+  def source_error(config, run):
+    raise ValueError("the source's VQA answers differ")
+
+  real_manager = checkpoint.manager
+  monkeypatch.setattr(checkpoint, "manager", manager)
+  monkeypatch.setattr(init_from, "check_source", lambda config: None)
+  monkeypatch.setattr(init_from, "create", source_error)
+  config = tiny_config(3)
+  config.train.init_from = str(tmp_path / "source")
+  with pytest.raises(ValueError, match="answers differ"):
+    train.train(config, str(tmp_path / "run"))
+  assert closed == [1]
 
 
 def test_a_config_written_before_init_exclude_existed_passes_the_checks():

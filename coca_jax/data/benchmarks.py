@@ -79,6 +79,31 @@ def templates(benchmark: Benchmark, choice: str = "") -> list[str]:
   return read_lines(f"templates_{choice}")
 
 
+def check_available(benchmark: Benchmark, settings) -> None:
+  """FileNotFoundError or ValueError naming the config key when the benchmark cannot read
+  its data (a TFDS dataset not prepared, its TFRecords unset or matching no file) or its
+  templates (settings: config.eval.benchmarks); reads metadata only. The trainer calls it
+  before its first step, not to stop at its first evaluation."""
+  if benchmark.kind == "classification":
+    templates(benchmark, settings.templates)
+  if not benchmark.tfds_name:
+    _tfrecord_paths(benchmark, settings[f"{benchmark.name}_files"])
+    return
+  import tensorflow_datasets as tfds
+
+  builder = tfds.builder(benchmark.tfds_name, data_dir=settings.tfds_data_dir or None)
+  if not builder.is_prepared():
+    raise FileNotFoundError(_not_prepared(benchmark, builder))
+
+
+def _not_prepared(benchmark: Benchmark, builder) -> str:
+  return (
+    f"benchmark {benchmark.name!r}: TFDS {benchmark.tfds_name} is not prepared in "
+    f"{builder.data_dir!r} (config.eval.benchmarks.tfds_data_dir); prepare it with "
+    f"`tfds build {benchmark.tfds_name}` (ImageNet: --manual_dir with the ILSVRC2012 tars)"
+  )
+
+
 def _tfds_rows(benchmark: Benchmark, tfds_data_dir: str):
   """The split's rows with images as encoded bytes, in stored order."""
   import tensorflow_datasets as tfds
@@ -89,11 +114,7 @@ def _tfds_rows(benchmark: Benchmark, tfds_data_dir: str):
       split=benchmark.split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
     )
   except AssertionError as e:  # TFDS's "could not find data in DIR ..."
-    raise FileNotFoundError(
-      f"benchmark {benchmark.name!r}: TFDS {benchmark.tfds_name} is not prepared in "
-      f"{builder.data_dir!r} (config.eval.benchmarks.tfds_data_dir); prepare it with "
-      f"`tfds build {benchmark.tfds_name}` (ImageNet: --manual_dir with the ILSVRC2012 tars)"
-    ) from e
+    raise FileNotFoundError(_not_prepared(benchmark, builder)) from e
   if benchmark.kind == "classification":
     classes = builder.info.features["label"].num_classes
     names = class_names(benchmark)
@@ -105,11 +126,10 @@ def _tfds_rows(benchmark: Benchmark, tfds_data_dir: str):
   return ds
 
 
-def _tfrecord_rows(benchmark: Benchmark, files: str):
-  """Rows of own TFRecords: `image` (encoded bytes), `caption` ([n] strings)."""
+def _tfrecord_paths(benchmark: Benchmark, files: str) -> list[str]:
+  """The sorted files of config.eval.benchmarks.<name>_files (an error naming the key when
+  it is unset or matches nothing)."""
   import tensorflow as tf
-
-  from coca_jax.data import tasks
 
   key = f"config.eval.benchmarks.{benchmark.name}_files"
   if not files:
@@ -117,7 +137,14 @@ def _tfrecord_rows(benchmark: Benchmark, files: str):
   paths = sorted(tf.io.gfile.glob(files))
   if not paths:
     raise FileNotFoundError(f"{key}={files!r} matches no file")
-  return tasks.read_alt_text_files(paths)
+  return paths
+
+
+def _tfrecord_rows(benchmark: Benchmark, files: str):
+  """Rows of own TFRecords: `image` (encoded bytes), `caption` ([n] strings)."""
+  from coca_jax.data import tasks
+
+  return tasks.read_alt_text_files(_tfrecord_paths(benchmark, files))
 
 
 def batches(benchmark: Benchmark, config) -> Iterator[dict]:

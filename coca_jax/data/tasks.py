@@ -175,17 +175,30 @@ def check_options(data_config) -> None:
       raise ValueError(f"config.data.image.{key}={values}: need 3 finite numbers (R, G, B)")
   if min(image.std) <= 0:
     raise ValueError(f"config.data.image.std={tuple(image.std)}: every std must be > 0")
-  templates = data_config.jft_style.templates
+  check_templates(data_config.jft_style.templates, "data.jft_style.templates")
+  for section in ("alt_text", "vqa", "video"):
+    files, eval_files = data_config[section].files, data_config[section].eval_files
+    if eval_files and not files:  # the source was the demo's (or TFDS's), its eval split too
+      raise ValueError(
+        f"config.data.{section}.eval_files={eval_files!r} needs config.data.{section}.files "
+        "(the training files): without them the source is the demo's or TFDS's, and the "
+        "evaluation read its split, not these files"
+      )
+
+
+def check_templates(templates, key: str) -> None:
+  """ValueError naming config.<key> unless `templates` is a tuple of prompt templates,
+  each with exactly one {} for a class name (no other braces)."""
   if isinstance(templates, str) or not templates:
     raise ValueError(
-      f"config.data.jft_style.templates={templates!r}: need a tuple of templates, each with "
-      "one {} for the label names"
+      f"config.{key}={templates!r}: need a tuple of templates, each with one {{}} for the "
+      "class names"
     )
   for template in templates:
-    if template.count("{}") != 1:
+    if template.count("{}") != 1 or template.replace("{}", "").count("{"):
       raise ValueError(
-        f"config.data.jft_style.templates: {template!r} needs exactly one {{}} for the label "
-        "names (the text is the template's text before it, the names, then the text after)"
+        f"config.{key}: {template!r} needs exactly one {{}} for the class names, and no "
+        "other braces (without it every class gets the same text)"
       )
 
 

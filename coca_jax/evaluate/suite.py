@@ -74,6 +74,34 @@ def enabled_evals(eval_config) -> list[str]:
   return names
 
 
+def check(config) -> None:
+  """ValueError (FileNotFoundError for missing benchmark data) naming the config key for
+  eval settings that would otherwise stop a training run at its first evaluation, after
+  its compile, its steps and a checkpoint, and again at every resume."""
+  from coca_jax.data import benchmarks as benchmark_data
+  from coca_jax.data import tasks
+
+  names = enabled_evals(config.eval)
+  config_lib.check_positive(config.eval.batch_size, "eval.batch_size")
+  for key in ("zero_shot.top_k", "retrieval.recall_at"):
+    section, leaf = key.split(".")
+    ks = config.eval[section][leaf]
+    if isinstance(ks, (str, int)) or not ks:
+      raise ValueError(f"config.eval.{key}={ks!r}: need a tuple of integers >= 1")
+    for k in ks:
+      config_lib.check_positive(k, f"eval.{key} entry")
+  if "zero_shot" in names or "video" in names:
+    tasks.check_templates(config.eval.zero_shot.templates, "eval.zero_shot.templates")
+  if "vqa" in names and not config.model.vqa.num_answers > 0:
+    raise ValueError(
+      "config.eval.evals names vqa, but the model has no VQA head "
+      f"(config.model.vqa.num_answers={config.model.vqa.num_answers})"
+    )
+  for name in names:
+    if name in benchmarks.NAMES:
+      benchmark_data.check_available(benchmark_data.BENCHMARKS[name], config.eval.benchmarks)
+
+
 def run(
   predictor: predict.Predictor,
   config,
