@@ -30,6 +30,7 @@ from coca_jax import checkpoint, console
 from coca_jax import config as config_lib
 from coca_jax import params as params_lib
 from coca_jax import state as state_lib
+from coca_jax import tokens as tokens_lib
 from coca_jax.models import coca
 
 CONFIG_FILE = "config.json"
@@ -331,11 +332,19 @@ def load_vocab(export_dir: str, config):
   vocabulary = vocab.load(path)
   pieces = vocabulary.get_piece_size()
   size = ((config.get("model") or {}).get("text") or {}).get("vocab_size")
-  if size is not None and pieces > size:
+  contract = tokens_lib.Contract.from_config(config)
+  special = max(contract.bos_id, contract.eos_id, contract.pad_id)
+  if (size is not None and pieces > size) or special >= pieces:
     raise ValueError(
-      f"export {export_dir}: its vocabulary {path} has {pieces} pieces, more than the "
-      f"model's config.model.text.vocab_size={size} token embeddings; it belongs to another "
-      "model (for a converted checkpoint: the --config or --vocab of the conversion)"
+      f"export {export_dir}: its vocabulary {path} has {pieces} pieces, "
+      + (
+        f"more than the model's config.model.text.vocab_size={size} token embeddings"
+        if size is not None and pieces > size
+        else f"too few for the model's special ids (start {contract.bos_id}, end "
+        f"{contract.eos_id}, pad {contract.pad_id})"
+      )
+      + "; it belongs to another model (for a converted checkpoint: the --config or --vocab "
+      "of the conversion)"
     )
   return vocabulary
 

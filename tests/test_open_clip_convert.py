@@ -154,6 +154,65 @@ def test_cli_safetensors_and_torch_files_give_the_same_export(tmp_path, run_main
   assert not any(p.name.startswith((".broken_export", "broken_export")) for p in tmp_path.iterdir())
 
 
+@needs_open_clip  # the package's BPE file; a torch pickle
+def test_a_wrong_vocabulary_or_an_unreadable_checkpoint_is_named_and_nothing_written(
+  tmp_path, repo, config, sentencepiece_model
+):
+  """Review helper-87: a SentencePiece model as --vocab converted, and the export loaded
+  with it (captions of noise); a truncated merges file failed only at load; a truncated
+  or foreign checkpoint file ended in the reader's own error ("KeyError: 101")."""
+  import gzip
+
+  from safetensors.numpy import save_file
+
+  save_file(random_state(config.model), str(tmp_path / "ok.safetensors"))
+  config_file = os.fspath(repo / "configs" / "open_clip" / "tiny.py")
+  output = tmp_path / "export"
+
+  def convert(checkpoint, vocab=None):
+    convert_lib.convert_checkpoint(
+      "coca_ViT-B-32", str(checkpoint), str(output), vocab=vocab, config_file=config_file
+    )
+
+  with pytest.raises(convert_lib.ConversionError, match=r"read CLIP's BPE merges"):
+    convert(tmp_path / "ok.safetensors", vocab=sentencepiece_model)
+  cut_merges = tmp_path / "cut" / convert_lib.BPE_FILE
+  cut_merges.parent.mkdir()
+  with gzip.open(cut_merges, "wt", encoding="utf-8") as f:
+    f.write("#version: 0.2\ni n\nt h\n")
+  with pytest.raises(ValueError, match=r"is not CLIP's BPE merges file: 3 lines"):
+    convert(tmp_path / "ok.safetensors", vocab=str(cut_merges))
+  data = (tmp_path / "ok.safetensors").read_bytes()
+  (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+  (tmp_path / "notes.bin").write_text("not a checkpoint")
+  for name in ("cut.safetensors", "notes.bin"):
+    with pytest.raises(
+      convert_lib.ConversionError, match=rf"{name} is not a readable open_clip checkpoint"
+    ):
+      convert(tmp_path / name)
+  assert not output.exists()
+  # The config files' switches after a colon (they document `:bf16`).
+  bf16 = convert_lib.load_config("coca_ViT-B-32", f"{config_file}:bf16")
+  assert bf16.model.dtype == "bfloat16"
+
+
+def test_an_export_whose_vocabulary_lacks_the_models_special_ids_is_refused(
+  tmp_path, sentencepiece_model
+):
+  """An open_clip-layout export (start 49406, end 49407) with a small SentencePiece
+  vocabulary loaded, and decoded ids no piece has."""
+  import ml_collections
+
+  config = ml_collections.ConfigDict(
+    dict(model=dict(text=dict(vocab_size=49408, bos_id=49406, eos_id=49407, pad_id=0)))
+  )
+  (tmp_path / export.VOCAB_FILE).write_bytes(open(sentencepiece_model, "rb").read())
+  with pytest.raises(
+    ValueError, match=r"has \d+ pieces, too few for the model's special ids \(start 49406"
+  ):
+    export.load_vocab(str(tmp_path), config)
+
+
 def test_a_bfloat16_safetensors_checkpoint_reads_as_float32(tmp_path, repo):
   """safetensors' NumPy reader failed on bfloat16 tensors ("data type 'bfloat16' not
   understood") unless something had imported ml_dtypes; a fresh interpreter shows it."""

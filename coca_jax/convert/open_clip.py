@@ -68,6 +68,8 @@ import numpy as np
 from absl import flags
 
 from coca_jax import config as config_lib
+from coca_jax.data import clip_bpe
+from coca_jax.data import vocab as vocab_lib
 
 # open_clip model name -> config file under <repo>/configs/open_clip/.
 MODELS = {"coca_ViT-B-32": "coca_vit_b32.py", "coca_ViT-L-14": "coca_vit_l14.py"}
@@ -87,11 +89,15 @@ class ConversionError(ValueError):
 
 def load_config(model: str, config_file: str | None = None, layers: int | None = None):
   """The coca_jax config of an open_clip model (configs/open_clip/<model>.py, or
-  `config_file`); `layers` replaces the depth of the ViT, text tower and decoder (tests)."""
+  `config_file`, which takes the config files' switches after a colon, FILE:bf16);
+  `layers` replaces the depth of the ViT, text tower and decoder (tests)."""
+  arg = None
   if config_file is None:
     if model not in MODELS:
       raise ValueError(f"unknown open_clip model {model!r}; known: {sorted(MODELS)}")
     config_file = CONFIG_DIR / MODELS[model]
+  elif ":" in os.fspath(config_file):
+    config_file, arg = os.fspath(config_file).split(":", 1)
   path = pathlib.Path(config_file)
   if not path.exists():
     raise FileNotFoundError(
@@ -101,7 +107,7 @@ def load_config(model: str, config_file: str | None = None, layers: int | None =
   spec = importlib.util.spec_from_file_location(f"open_clip_config_{path.stem}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config(arg)
   if layers:
     config.model.vision.layers = layers
     config.model.text.unimodal_layers = layers
@@ -493,22 +499,32 @@ def read_checkpoint(path: str) -> dict[str, np.ndarray]:
     path = found[0]
   if not path.exists():
     raise FileNotFoundError(f"checkpoint {path} not found")
-  if path.suffix == ".safetensors":
-    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: bf16 files read too)
-    from safetensors.numpy import load_file
-
-    state = load_file(os.fspath(path))
-  else:
-    import torch  # only for torch pickles
-
-    state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-      state = state["state_dict"]
-    state = {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
+  try:
+    state = _read_state(path)
+  except Exception as e:  # safetensors', torch's and pickle's errors name neither file nor cause
+    raise ConversionError(
+      f"{path} is not a readable open_clip checkpoint ({type(e).__name__}: {e}); a truncated "
+      "download or another kind of file"
+    ) from e
   # Checkpoints saved from DistributedDataParallel prefix every key with "module.".
   if state and all(k.startswith("module.") for k in state):
     state = {k[len("module.") :]: v for k, v in state.items()}
   return {k: np.asarray(v, np.float32) for k, v in state.items()}
+
+
+def _read_state(path: pathlib.Path) -> dict:
+  """The state dict of a `.safetensors` file or a torch pickle, as NumPy arrays."""
+  if path.suffix == ".safetensors":
+    import ml_dtypes  # noqa: F401  (registers bfloat16 with NumPy: bf16 files read too)
+    from safetensors.numpy import load_file
+
+    return load_file(os.fspath(path))
+  import torch  # only for torch pickles
+
+  state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+  if isinstance(state, dict) and "state_dict" in state:
+    state = state["state_dict"]
+  return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 
 def find_vocab(checkpoint: str | None, vocab: str | None = None) -> str:
@@ -560,6 +576,15 @@ def convert_checkpoint(
   export.check_dtype(dtype)
   config = load_config(model, config_file, layers)
   vocab_file = find_vocab(checkpoint, vocab)
+  # open_clip's CoCa reads CLIP's BPE; any other file had been copied into the export,
+  # which then loaded with the wrong tokenizer (a SentencePiece model: captions of noise)
+  # or failed only when loaded (a truncated merges file).
+  if not vocab_lib.is_clip_bpe(vocab_file):
+    raise ConversionError(
+      f"vocabulary {vocab_file}: open_clip's models read CLIP's BPE merges ({BPE_FILE}, "
+      "a .txt.gz file, in the open_clip package), not this file"
+    )
+  clip_bpe.read_merges(vocab_file)
   export.check_destination(output, vocab_file, config)  # before reading the checkpoint
   state = read_checkpoint(checkpoint)
   params = convert(state, config.model)
