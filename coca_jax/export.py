@@ -47,7 +47,31 @@ def read_config(path) -> ml_collections.ConfigDict:
   path = epath.Path(path)
   if not path.exists():
     raise FileNotFoundError(f"no config at {path}")
-  return config_lib.with_current_rules(ml_collections.ConfigDict(json.loads(path.read_text())))
+  return config_lib.with_current_rules(ml_collections.ConfigDict(read_json(path)))
+
+
+def read_json(path) -> dict:
+  """A config.json's values as stored; a file that is not JSON is a ValueError naming it
+  (JSON's own message named neither the file nor the fix)."""
+  path = epath.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(
+      f"{path} is not valid JSON ({e}); a process killed while writing it, before writes "
+      "were atomic, left it so: copy a config.before_step_N.json of the workdir, or the "
+      "run's config, over it"
+    ) from e
+
+
+def write_text(path, text: str) -> None:
+  """Writes config.json (or a copy of one) whole or not at all: to a temporary file, then
+  renamed over it. Written in place, a kill during the write left an empty file, and
+  every restart then failed reading it."""
+  path = epath.Path(path)
+  staging = path.parent / f".{path.name}.tmp"
+  staging.write_text(text)
+  staging.replace(path)
 
 
 def write(

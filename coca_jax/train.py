@@ -73,27 +73,44 @@ class Preemption:
 
   One process: our own SIGTERM handler sets a flag, and inside `interruptible()` (the
   periodic evaluation, which can outlast a preemption's grace period) raises
-  Preempted at once. Several processes: JAX's coordination service registers its own
-  SIGTERM handler at jax.distributed.initialize and agrees on a step every host reaches
+  Preempted at once. Ctrl-C (SIGINT) does the same; a second one stops at once, without a
+  checkpoint. (A KeyboardInterrupt raised inside Orbax's wait for the previous save had
+  left that save uncommitted, and the next start deleted it.)
+
+  Several processes: JAX's coordination service registers its own SIGTERM handler at
+  jax.distributed.initialize and agrees on a step every host reaches
   (`reached_preemption`); installing ours would replace it, and each host would then
   stop at its own step and hang in the collective save. There an evaluation runs to its
   end before the step is agreed: JAX tells a process of the signal only at a sync point.
+  Ctrl-C stays Python's there.
   """
 
   def __init__(self):
     self.requested = False
     self._interruptible = False
+    self._sigint = None
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._handle)
+      self._sigint = signal.signal(signal.SIGINT, self._handle)
+
+  def close(self):
+    """Ctrl-C raises KeyboardInterrupt again (the final evaluation and export, and the
+    caller of train.train, e.g. a notebook); SIGTERM keeps our handler to the end."""
+    if self._sigint is not None:
+      signal.signal(signal.SIGINT, self._sigint)
 
   def _handle(self, signum, frame):
-    del signum, frame
+    del frame
+    name = signal.Signals(signum).name
+    if signum == signal.SIGINT and self.requested:
+      raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
     self.requested = True
     if self._interruptible:
       self._interruptible = False  # once: a second signal must not break the save
-      logging.warning("SIGTERM received: leaving the evaluation to checkpoint")
+      logging.warning("%s received: leaving the evaluation to checkpoint", name)
       raise Preempted
-    logging.warning("SIGTERM received: checkpointing at the next step boundary")
+    again = " (Ctrl-C again: stop now, without one)" if signum == signal.SIGINT else ""
+    logging.warning("%s received: checkpointing at the next step boundary%s", name, again)
 
   @contextlib.contextmanager
   def interruptible(self):
@@ -260,12 +277,12 @@ def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   source = kept if kept.exists() else path
   if not source.exists():
     return []
-  before = traverse_util.flatten_dict(json.loads(source.read_text()), sep=".")
+  before = traverse_util.flatten_dict(export.read_json(source), sep=".")
   now = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
   changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
   if changed:
     if not kept.exists():
-      path.copy(kept)
+      export.write_text(kept, path.read_text())
     shown = "; ".join(
       f"{k}: {before.get(k, '(none)')} -> {now.get(k, '(none)')}" for k in changed[:8]
     )
@@ -397,12 +414,11 @@ def train(config, workdir: str) -> dict:
     workdir_path.mkdir(parents=True, exist_ok=True)
     if resumed:
       keep_changed_config(workdir_path, config, start_step)
-    (workdir_path / export.CONFIG_FILE).write_text(config.to_json_best_effort(indent=2))
+    export.write_text(workdir_path / export.CONFIG_FILE, config.to_json_best_effort(indent=2))
 
   from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  preemption = Preemption()
   speed = Throughput(config, start_step)
   metrics, fetched, evaluated, at_start, preempted = None, {}, {}, {}, False
   first_bad = None  # first_nonfinite's device scalar
@@ -421,6 +437,7 @@ def train(config, workdir: str) -> dict:
     )
   # A save is asynchronous: whatever stops the loop (an error in an evaluation, a
   # non-finite loss) first lets the checkpoints already started finish.
+  preemption = Preemption()
   try:
     while step < config.train.steps:
       state, metrics = compiled_step(state, batch)
@@ -467,6 +484,7 @@ def train(config, workdir: str) -> dict:
   finally:
     writer.flush()  # what was logged reaches TensorBoard whatever stopped the loop
     checkpoint.finish(mngr)
+    preemption.close()
   # Preempted at the last step: the export, like the final evaluation, is the finished
   # run's, written when it is started again (not within the grace period).
   if step >= config.train.steps and not preempted:

@@ -13,6 +13,20 @@ from coca_jax import state as state_lib
 from configs import tiny
 
 
+def test_config_json_is_written_whole_and_a_torn_one_is_named(tmp_path):
+  """config.json was written in place: a kill during the write left it empty, and every
+  restart failed with JSON's "Expecting value: line 1 column 1", naming no file (review
+  helper-86). It is staged and renamed over the old one; an empty one is named."""
+  path = tmp_path / export.CONFIG_FILE
+  path.write_text('{"old": 1}')
+  export.write_text(path, '{"new": 2}')
+  assert export.read_json(path) == {"new": 2}
+  assert sorted(p.name for p in tmp_path.iterdir()) == [export.CONFIG_FILE]  # no staging left
+  path.write_text("")
+  with pytest.raises(ValueError, match=rf"{path} is not valid JSON .*config\.before_step_N"):
+    export.read_config(path)
+
+
 @pytest.mark.parametrize("other", ["checkpoints", "notes.md"])
 def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, other):
   """--output=WORKDIR (or any folder with other files) is an error, and nothing in it is

@@ -440,6 +440,38 @@ def test_sigterm_between_the_steps_check_and_its_evaluation_skips_the_evaluation
   assert "preempted: checkpoint at step 4 written (its evaluation interrupted)" in caplog.text
 
 
+def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
+  tmp_path, monkeypatch, caplog
+):
+  """Ctrl-C raised KeyboardInterrupt wherever it landed: inside Orbax's wait for the
+  previous save it left that save uncommitted, and the next start deleted it (review
+  helper-86). Now it is a SIGTERM: the step is checkpointed and the run stops; Ctrl-C is
+  Python's own again after training; a second Ctrl-C stops at once."""
+  config = tiny_config(6, train=dict(checkpoint_every=4, log_every=1))
+  check = train.check_finite
+
+  def ctrl_c_at_2(bad, fetched, step, mngr):
+    check(bad, fetched, step, mngr)
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(train, "check_finite", ctrl_c_at_2)
+  with caplog.at_level("WARNING"):
+    final = train.train(config, str(tmp_path))
+  assert final["step"] == 3  # the signal came after step 2's check: the next boundary
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+  assert "SIGINT received: checkpointing at the next step boundary" in caplog.text
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  preemption = train.Preemption()
+  try:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert preemption.requested
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)
+  finally:
+    preemption.close()
+
+
 def test_preempted_at_the_last_step_exits_cleanly_and_finishes_when_started_again(
   tmp_path, monkeypatch
 ):
