@@ -170,7 +170,11 @@ def save_failed(mngr: ocp.CheckpointManager, error: Exception, limit: int = 1000
   names the cause and the complete steps on disk, which a rerun resumes from."""
   reason = short_reason(error, limit)
   directory = epath.Path(mngr.directory)
-  kept = sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  # On gs:// a step is written under its final name, and only Orbax's commit marker says
+  # it is complete: the failed step was listed as intact.
+  kept = sorted(
+    int(p.name) for p in directory.iterdir() if p.name.isdigit() and ocp.step.is_path_finalized(p)
+  )
   intact = (
     f"The checkpoints written before it are intact (steps {kept}): a rerun resumes from "
     f"step {kept[-1]}"

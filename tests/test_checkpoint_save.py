@@ -44,3 +44,20 @@ def test_saving_a_state_replicated_over_8_devices_compiles_nothing(tmp_path):
     jax.device_get(restored["params"]),
     jax.device_get(state["params"]),
   )
+
+
+def test_a_failed_saves_message_lists_committed_steps_only(tmp_path, monkeypatch):
+  """On gs:// Orbax writes a step under its final name and marks it complete with a
+  commit file: the step whose save failed was named intact, and "a rerun resumes from"
+  it, where the rerun resumed from the one before (review helper-86)."""
+  import orbax.checkpoint as ocp
+
+  for step in (2, 4):
+    (tmp_path / str(step)).mkdir()
+  monkeypatch.setattr(ocp.step, "is_path_finalized", lambda path: path.name != "4")
+
+  class Manager:
+    directory = tmp_path
+
+  error = checkpoint.save_failed(Manager(), OSError("no space left on device"))
+  assert "(steps [2]): a rerun resumes from step 2" in str(error)
