@@ -419,6 +419,7 @@ def train(config, workdir: str) -> dict:
   from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  preemption = Preemption()  # before the evaluations below: a SIGTERM there exits 0 too
   speed = Throughput(config, start_step)
   metrics, fetched, evaluated, at_start, preempted = None, {}, {}, {}, False
   first_bad = None  # first_nonfinite's device scalar
@@ -437,7 +438,6 @@ def train(config, workdir: str) -> dict:
     )
   # A save is asynchronous: whatever stops the loop (an error in an evaluation, a
   # non-finite loss) first lets the checkpoints already started finish.
-  preemption = Preemption()
   try:
     while step < config.train.steps:
       state, metrics = compiled_step(state, batch)
