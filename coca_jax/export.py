@@ -354,21 +354,20 @@ def load_vocab(export_dir: str, config):
       f"one at {os.path.join(export_dir, VOCAB_FILE)}"
     )
   vocabulary = vocab.load(path)
-  pieces = vocabulary.get_piece_size()
+  pieces = tokens_lib.piece_count(vocabulary)
   size = ((config.get("model") or {}).get("text") or {}).get("vocab_size")
-  contract = tokens_lib.Contract.from_config(config)
-  special = max(contract.bos_id, contract.eos_id, contract.pad_id)
-  if (size is not None and pieces > size) or special >= pieces:
+  c = tokens_lib.Contract.from_config(config)
+  problem = None
+  if size is not None and pieces > size:
+    problem = f"more than the model's config.model.text.vocab_size={size} token embeddings"
+  elif max(c.bos_id, c.eos_id, c.pad_id) >= pieces:
+    problem = (
+      f"too few for the model's special ids (start {c.bos_id}, end {c.eos_id}, pad {c.pad_id})"
+    )
+  if problem:
     raise ValueError(
-      f"export {export_dir}: its vocabulary {path} has {pieces} pieces, "
-      + (
-        f"more than the model's config.model.text.vocab_size={size} token embeddings"
-        if size is not None and pieces > size
-        else f"too few for the model's special ids (start {contract.bos_id}, end "
-        f"{contract.eos_id}, pad {contract.pad_id})"
-      )
-      + "; it belongs to another model (for a converted checkpoint: the --config or --vocab "
-      "of the conversion)"
+      f"export {export_dir}: its vocabulary {path} has {pieces} pieces, {problem}; it belongs "
+      "to another model (for a converted checkpoint: the --config or --vocab of the conversion)"
     )
   return vocabulary
 

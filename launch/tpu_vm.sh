@@ -394,18 +394,20 @@ cmd_all() {
   local errors status=0
   errors="$(mktemp "${TMPDIR:-/tmp}/coca_tpu_create.XXXXXX")"
   { cmd_create 2>&1 1>&3 3>&- | tee "$errors" >&2; } 3>&1 || status=$?
+  local capacity=0
+  if ((status != 0)) && grep -qE "$CAPACITY_ERRORS" "$errors" && ! grep -qE "$QUOTA_ERRORS" "$errors"; then
+    capacity=1
+  fi
+  rm -f "$errors"
+  if ((capacity)); then
+    echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME: no capacity: exit $EX_TEMPFAIL, worth retrying" >&2
+    exit "$EX_TEMPFAIL"
+  fi
   if ((status != 0)); then
-    if grep -qE "$CAPACITY_ERRORS" "$errors" && ! grep -qE "$QUOTA_ERRORS" "$errors"; then
-      rm -f "$errors"
-      echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME: no capacity: exit $EX_TEMPFAIL, worth retrying" >&2
-      exit "$EX_TEMPFAIL"
-    fi
-    rm -f "$errors"
     ((status == 2)) && exit 2  # create stopped at a slice it will not touch (its message above)
     echo "$LAUNCH_NAME: could not create TPU VM $TPU_NAME, and not for capacity (gcloud's error above): exit 1, not retried" >&2
     exit 1
   fi
-  rm -f "$errors"
   local step
   for step in cmd_setup cmd_train; do
     run_step "$step"
