@@ -40,6 +40,7 @@ EXPORT_ENTRIES = ("params", CONFIG_FILE, VOCAB_FILE, CLIP_VOCAB_FILE)
 # The dtypes an export's parameters can have (config.train.export_dtype, --dtype of this
 # CLI and of coca_jax.convert); config.model.dtype takes the same.
 DTYPES = ("bfloat16", "float32")
+LISTINGS = 3  # of a workdir whose run deletes checkpoints while they are read
 
 
 def read_config(path) -> ml_collections.ConfigDict:
@@ -293,23 +294,48 @@ def export_from_workdir(
   workdir_path = epath.Path(workdir)
   run_config = read_config(workdir_path / CONFIG_FILE)
   mngr = checkpoint.manager(workdir, run_config.train, read_only=True)
-  steps = mngr.all_steps()
-  if step is not None and step not in steps:
-    raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
-  if not steps:
-    raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-  target = max(steps) if step is None else step
 
-  def restore(at: int | None):
+  def restore(target: int, at: int | None):
+    """Checkpoint `at` (None: the newest readable) with the config of `target`."""
     config = _config_of_step(workdir_path, target if at is None else at)
     layout = state_lib.setup(config).layout
     return config, checkpoint.restore(mngr, layout, at, params_only=True)
 
-  config, (state, data_position) = restore(step)
+  for listing in range(LISTINGS):
+    steps = mngr.all_steps()
+    if step is not None and step not in steps:
+      raise FileNotFoundError(f"no checkpoint {step} in {workdir}/checkpoints")
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    target = max(steps) if step is None else step
+    try:
+      config, (state, data_position) = restore(target, step)
+      break
+    except checkpoint.UnreadableCheckpointError:
+      # A run still training deletes its oldest checkpoints as it saves new ones: a step
+      # listed here can vanish while it is read. That is no damage to report.
+      gone = [s for s in steps if not checkpoint.step_path(mngr, s).exists()]
+      if not gone:
+        raise
+      if step is not None:
+        raise FileNotFoundError(
+          f"checkpoint {step} in {workdir}/checkpoints was deleted while it was read: the "
+          f"run writing there keeps only its last {run_config.train.keep_checkpoints} "
+          "(config.train.keep_checkpoints). Export a newer step"
+        ) from None
+      if listing == LISTINGS - 1:
+        raise
+      logging.warning(
+        "checkpoints %s were deleted while they were read (the run is still saving and "
+        "keeps its last %d): listing the steps again",
+        gone,
+        run_config.train.keep_checkpoints,
+      )
+      mngr.reload()
   exported = int(data_position["step"])
   if config_file_of_step(workdir_path, exported) != config_file_of_step(workdir_path, target):
     # The newest step was unreadable, and the older one restored was trained otherwise.
-    config, (state, data_position) = restore(exported)
+    config, (state, data_position) = restore(exported, exported)
   if dtype is None:
     dtype = config.train.get("export_dtype", "bfloat16")  # configs from before the key
     check_dtype(dtype)

@@ -263,3 +263,37 @@ def test_a_checkpoint_from_before_an_image_size_change_exports_at_its_own_size(t
     export.export_from_workdir(str(tmp_path), str(out), "float32", step)
     _, loaded = export.load_model(str(out))  # its params fit the model its config builds
     assert loaded.model.vision.image_size == config.model.vision.image_size
+
+
+@pytest.mark.slow  # ~10 s
+def test_a_checkpoint_deleted_by_the_run_while_it_is_read_is_no_damage(tmp_path, monkeypatch):
+  """A run still training (keeping its last checkpoint) saves a new step and deletes the
+  one the export is reading: the export lists the steps again and exports the new one; an
+  explicit --step says what happened. Both had called the step unreadable and told the
+  user to delete or repair the run's checkpoints."""
+  config = tiny_config(6)
+  config.train.keep_checkpoints = 1
+  state = state_lib.create(config, state_lib.setup(config))
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  mngr = checkpoint.manager(str(tmp_path), config.train)
+  checkpoint.save(mngr, dict(state, step=np.int32(3)), dict(step=3, seed=0))
+  mngr.wait_until_finished()
+  read, overtaken = checkpoint._restore_step, {3}  # the step the run deletes while read
+
+  def training_meanwhile(m, layout, step, **kwargs):
+    if step in overtaken:
+      overtaken.remove(step)
+      checkpoint.save(mngr, dict(state, step=np.int32(step + 3)), dict(step=step + 3, seed=0))
+      mngr.wait_until_finished()
+      assert not (tmp_path / "checkpoints" / str(step)).exists()  # kept: the last 1
+    return read(m, layout, step, **kwargs)
+
+  monkeypatch.setattr(checkpoint, "_restore_step", training_meanwhile)
+  monkeypatch.setattr(checkpoint, "RETRY_S", 0.0)
+  exported = export.export_from_workdir(str(tmp_path), str(tmp_path / "newest"), "float32")
+  assert exported == (6, "float32")
+  overtaken.add(6)
+  with pytest.raises(FileNotFoundError, match="checkpoint 6 .* was deleted while it was read"):
+    export.export_from_workdir(str(tmp_path), str(tmp_path / "six"), "float32", 6)
+  mngr.close()
+  assert not (tmp_path / "six").exists()
