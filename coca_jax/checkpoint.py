@@ -6,13 +6,15 @@ writes each step to a temporary directory and renames it when complete, so a sav
 was killed half-way is never listed by `latest_step` (and is cleaned up on the next
 start).
 
-A complete step can still be unreadable (a file overwritten or truncated later). Resuming
-reads such a step a second time (`RETRY_S` later: a passing storage error), then skips it,
-newest first, with a warning naming it, and restores the newest step that every process
-can read; the skipped steps stay where they are until the resumed run saves: its first
-save moves every step at or above the one it writes to `<workdir>/skipped_checkpoints/`
-(Orbax would not overwrite them, and they must not count towards the checkpoints kept),
-then writes.
+A complete step can still be unreadable (a file overwritten or truncated later), or read
+well and hold other values than were saved: each save records a fingerprint of every
+array in `data` (`fingerprint.of`), and a restore compares them (`check_values`). Resuming
+reads an unreadable step a second time (`RETRY_S` later: a passing storage error), then
+skips it (a damaged one at once), newest first, with a warning naming it, and restores
+the newest step that every process can read; the skipped steps stay where they are
+until the resumed run saves: its first save moves every step at or above the one it
+writes to `<workdir>/skipped_checkpoints/` (Orbax would not overwrite them, and they
+must not count towards the checkpoints kept), then writes.
 
 A save that fails (a full disk, a read-only file system) stops the run with a SaveError
 naming the cause and the steps still intact; `check_writable` refuses a checkpoint
@@ -33,12 +35,14 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from coca_jax import config as config_lib
+from coca_jax import fingerprint
 from coca_jax import params as params_lib
 from coca_jax.models import vit
 from coca_jax.state import StateLayout
 
 POS_EMBEDDING = ("params", *vit.POS_EMBEDDING_PATH)
 STATE, DATA = "state", "data"  # the items of a step
+FINGERPRINTS = "fingerprints"  # the data item's record of the state's values (`fingerprint`)
 SKIPPED_DIR = "skipped_checkpoints"  # in the workdir, next to `checkpoints`
 RETRY_S = 2.0  # before reading an unreadable step a second time
 # Orbax writes an array replicated over R devices in R slices, one per replica ("replica
@@ -145,11 +149,12 @@ def save(mngr: ocp.CheckpointManager, state: dict, data_position: dict) -> None:
   skipped = [s for s in mngr.all_steps() if s >= step]
   if skipped:
     _set_aside(mngr, skipped, step)
+  data = dict(data_position, **{FINGERPRINTS: fingerprint.of(state)})
   try:  # also raises the error of the previous (asynchronous) save
     mngr.save(
       step,
       args=ocp.args.Composite(
-        **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data_position)}
+        **{STATE: ocp.args.StandardSave(state), DATA: ocp.args.JsonSave(data)}
       ),
       force=True,
     )
@@ -244,11 +249,16 @@ def restore(
   them. An explicit `step` that cannot be read raises UnreadableCheckpointError.
   """
   if step is not None:
-    return _restore_step(mngr, layout, step, params_only=params_only)
+    return _verified(mngr, layout, step, _restore_step(mngr, layout, step, params_only=params_only))
   failures = {}
   for candidate in sorted(mngr.all_steps(), reverse=True):
     restored, error = _restore_with_one_retry(mngr, layout, candidate, params_only)
     failing = failing_processes(candidate, error is not None)
+    if not failing:
+      try:  # the same verdict on every process: the fingerprints are of the global arrays
+        restored = _verified(mngr, layout, candidate, restored)
+      except UnreadableCheckpointError as e:
+        error, failing = e, list(range(jax.process_count()))
     if not failing:
       if failures:
         logging.warning(
@@ -285,8 +295,9 @@ def _restore_with_one_retry(mngr, layout: StateLayout, step: int, params_only: b
 def _restore_step(
   mngr: ocp.CheckpointManager, layout: StateLayout, step: int, *, params_only: bool = False
 ):
-  """(state, data_position) of `step`; UnreadableCheckpointError if a file of it cannot be
-  read, ValueError if it does not fit the config.
+  """(state, data_position, mismatched) of `step` as stored (`_verified` checks and
+  reshapes them); UnreadableCheckpointError if a file of it cannot be read, ValueError if
+  it does not fit the config.
 
   Reads through the item handlers rather than `mngr.restore`: the manager's restore ends
   in a barrier of all processes, which a process whose read failed would never reach."""
@@ -313,9 +324,35 @@ def _restore_step(
       raise unreadable(path, e) from e
   finally:
     state_handler.close()
+  return state, data, mismatched
+
+
+def _verified(mngr: ocp.CheckpointManager, layout: StateLayout, step: int, read) -> tuple:
+  """(state, data_position) of `step` from `_restore_step`'s `read`, its values checked
+  against the fingerprints saved with them (steps saved before fingerprints: unchecked),
+  then reshaped to the layout (`_adapt_shapes`). UnreadableCheckpointError when a value
+  differs. Every process must call this for the same step (a reduction over the arrays)."""
+  state, data, mismatched = read
+  data = dict(data)
+  check_values(step_path(mngr, step), data.pop(FINGERPRINTS, None), state)
   if mismatched:
     state = _adapt_shapes(state, layout, mismatched)
   return state, data
+
+
+def check_values(path: epath.Path, recorded: dict | None, tree) -> None:
+  """UnreadableCheckpointError unless each array of `tree` (entries named as in the state:
+  "params/...") read from the checkpoint at `path` has the fingerprint `recorded` at its
+  save; `recorded` None (a step saved before fingerprints): unchecked. Every process must
+  call this with the same tree (a reduction over the global arrays)."""
+  changed = fingerprint.differing(recorded, tree) if recorded is not None else []
+  if changed:
+    reason = (
+      f"{len(changed)} arrays hold other values than were saved (e.g. "
+      f"{', '.join(changed[:3])}): its files changed after they were written (a storage "
+      "fault or an overwrite)"
+    )
+    raise UnreadableCheckpointError(f"checkpoint {path} is damaged: {reason}", reason)
 
 
 def _restore_params(item: epath.Path, target: dict) -> dict:

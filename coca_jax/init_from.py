@@ -335,18 +335,45 @@ def _read_newest_checkpoint(workdir: epath.Path, target: dict, run, train_config
     try:
       source = f"checkpoint step {step} of {workdir}"
       result = _read(item, ("params",), target, run, source, frozen, excluded)
+      recorded = _recorded(item.parent)
       error = None
     except checkpoint.UnreadableCheckpointError as e:
       result, error = None, e
     # Every process must take the same step: the resume's agreement (one all-gather).
     if not checkpoint.failing_processes(step, error is not None):
-      return result
+      try:  # then every process compares the same global values
+        _check_values(item.parent, recorded, *result)
+        return result
+      except checkpoint.UnreadableCheckpointError as e:
+        error = e
     logging.warning("init_from: skipping unreadable checkpoint %s: %s", item, error)
     failures.append(str(error))
   raise FileNotFoundError(
     f"config.train.init_from={workdir} has no readable checkpoint in {workdir / 'checkpoints'}"
     + (": " + "; ".join(failures) if failures else "")
   )
+
+
+def _recorded(step_dir: epath.Path) -> dict | None:
+  """The fingerprints saved with the checkpoint step at `step_dir` (None: from before
+  them); UnreadableCheckpointError if its data item cannot be read."""
+  try:
+    data = ocp.JsonCheckpointHandler().restore(step_dir / checkpoint.DATA)
+  except Exception as e:  # any failure to read or parse it
+    raise checkpoint.unreadable(step_dir, e) from e
+  return data.get(checkpoint.FINGERPRINTS)
+
+
+def _check_values(step_dir: epath.Path, recorded, loaded: dict, report: Report) -> None:
+  """checkpoint.check_values of the parameters `_read` loaded from the checkpoint step at
+  `step_dir`, except those it resampled (their stored values are gone); those stored in
+  another dtype than the float32 read are not compared."""
+  tree = {
+    "/".join(("params", *path)): value
+    for path, value in loaded.items()
+    if "/".join(path) not in report.resampled
+  }
+  checkpoint.check_values(step_dir, recorded, tree)
 
 
 def _nest(flat: dict) -> dict:

@@ -27,8 +27,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def corrupt(step_dir: pathlib.Path, what: str) -> pathlib.Path:
-  """Overwrites one file of the step's `state`; -> that file."""
+  """Overwrites one file of the step's `state` (with "values": all of them, with another
+  step's, files that read well); -> that file (or folder)."""
   state = step_dir / "state"
+  if what == "values":  # what only the fingerprints saved with the step tell
+    shutil.rmtree(state)
+    shutil.copytree(step_dir.parent / "3" / "state", state)
+    return state
   if what == "sharding":  # the issue's case: Orbax then fails with "Invalid JSON"
     path = state / "_sharding"
   elif what == "metadata":  # the tree metadata
@@ -71,7 +76,7 @@ def copy_of(run_dir, tmp_path) -> pathlib.Path:
   return workdir
 
 
-@pytest.mark.parametrize("what", ["sharding", "metadata", "arrays"])
+@pytest.mark.parametrize("what", ["sharding", "metadata", "arrays", "values"])
 def test_restore_skips_an_unreadable_newest_step(tmp_path, run6, caplog, what):
   run_dir, config, intact = run6
   workdir = copy_of(run_dir, tmp_path)
@@ -85,6 +90,8 @@ def test_restore_skips_an_unreadable_newest_step(tmp_path, run6, caplog, what):
   assert skipped and "left on disk" in skipped[0], caplog.text
   if what == "sharding":
     assert "Invalid JSON" in skipped[0]
+  if what == "values":  # restored as step 6 before: a wrong state, trained on
+    assert "hold other values than were saved (e.g. opt_state/" in skipped[0]
   assert bad_file.exists() and steps_in(workdir / "checkpoints") == [3, 6]
   # An explicit step (as export asks for) is not replaced by another one.
   with pytest.raises(checkpoint.UnreadableCheckpointError, match=re.escape(bad_step)):

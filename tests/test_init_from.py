@@ -5,6 +5,7 @@ import logging
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jaxpr_dots import dot_generals
@@ -131,6 +132,23 @@ def test_workdir_loads_the_newest_readable_checkpoint(source, tmp_path, caplog):
     state, report = init_from.create(config, run)
   assert report.source == f"checkpoint step 3 of {workdir}"
   assert "skipping unreadable checkpoint" in caplog.text and "6" in caplog.text
+  assert_params_equal(flat(state["params"]), source["params"])
+
+  # Step 6's files replaced by other, readable ones (a storage fault): its fingerprints
+  # tell, and step 3 is loaded. Before, step 6 was loaded with the wrong values.
+  shutil.rmtree(workdir / "checkpoints" / "6" / "state")
+  other = tmp_path / "other"
+  mngr = checkpoint.manager(str(other), config.train)
+  state6 = jax.tree.map(lambda x: x + 1 if x.dtype == jnp.float32 else x, state)
+  checkpoint.save(mngr, dict(state6, step=np.int32(6)), dict(step=6, seed=0))
+  mngr.wait_until_finished()
+  mngr.close()
+  shutil.copytree(other / "checkpoints" / "6" / "state", workdir / "checkpoints" / "6" / "state")
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    state, report = init_from.create(config, run)
+  assert report.source == f"checkpoint step 3 of {workdir}"
+  assert "hold other values than were saved (e.g. params/" in caplog.text
   assert_params_equal(flat(state["params"]), source["params"])
 
 

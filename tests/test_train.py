@@ -322,7 +322,10 @@ def test_preempted_then_finished_then_started_again(tmp_path, monkeypatch, caplo
   finished = train.train(config, str(tmp_path))
   assert finished["step"] == 6 and finished["final/loss"] == finished["eval/loss"]
   data = json.loads((tmp_path / "checkpoints" / "6" / "data" / "metadata").read_text())
+  fingerprints = data.pop(checkpoint.FINGERPRINTS)  # one per state array
   assert data == dict(step=6, seed=0, source="synthetic", global_batch_size=8, data_shards=1)
+  state_arrays = len(jax.tree.leaves(state_lib.setup(config).layout.abstract))
+  assert len(fingerprints) == state_arrays and fingerprints["step"] == "int32:00000006"
   (tmp_path / "export" / "config.json").unlink()
   with caplog.at_level("INFO"):
     again = train.train(config, str(tmp_path))
