@@ -57,7 +57,7 @@ CONTRASTIVE_ONLY = (
 # Substrings of parameter paths that get no weight decay (config.optim.no_decay): every
 # vector, and the position tables (class_embedding: open_clip's layout's ViT class
 # token). They cover every layout coca_jax builds, so one of them may match nothing in
-# a given model; any other pattern must match (optim.decay_mask).
+# a given model; any other pattern must match (optim.check_no_decay).
 NO_DECAY = ("bias", "scale", "temperature", "pos_embedding", "cls_embedding", "class_embedding")
 
 # Templates of the JFT-style text (Section 4.1); the demo vocabulary is trained on them.

@@ -80,12 +80,11 @@ def lr_multiplier(optim_config, total_steps: int) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, 1.0, warmup), decay], [warmup])
 
 
-def decay_mask(params, no_decay: tuple[str, ...]):
-  """True for parameters that get weight decay: no path component contains a no_decay
-  substring. A pattern that no component contains (but config.NO_DECAY's, written for
-  every layout), or an empty one (in every name), is an error naming
-  config.optim.no_decay: PyTorch's "LayerNorm.weight" matched nothing here, and every
-  norm scale and the temperature were decayed, silently."""
+def check_no_decay(params, no_decay: tuple[str, ...]) -> None:
+  """ValueError naming config.optim.no_decay for a pattern that no path component of
+  `params` (all of them, frozen ones included) contains, but config.NO_DECAY's, written
+  for every layout, or for an empty one (in every name): PyTorch's "LayerNorm.weight"
+  matched nothing here, and every norm scale and the temperature were decayed, silently."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   names = {str(getattr(k, "key", k)) for path, _ in flat for k in path}
   for pattern in no_decay:
@@ -97,6 +96,12 @@ def decay_mask(params, no_decay: tuple[str, ...]):
       "of path components ('bias', 'scale' of the norms, 'pos_embedding'); names here: "
       f"{', '.join(sorted(names)[:12])}, ..."
     )
+
+
+def decay_mask(params, no_decay: tuple[str, ...]):
+  """True for parameters that get weight decay: no path component contains a no_decay
+  substring (`check_no_decay` checks the patterns once, against every parameter: inside
+  `freeze`'s partition this sees the trained ones alone)."""
 
   def wants_decay(path, _):
     names = [str(getattr(k, "key", k)) for k in path]

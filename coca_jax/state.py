@@ -58,7 +58,7 @@ def setup(config, devices=None) -> Setup:
   abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
   optimizer = optim.freeze(optimizer, abstract_params, frozen_patterns(config))
   if config.optim.weight_decay > 0:  # no_decay's pattern errors now, not at the compile
-    optim.decay_mask(abstract_params, tuple(config.optim.no_decay))
+    optim.check_no_decay(abstract_params, tuple(config.optim.no_decay))
   accum = config.train.grad_accum_steps
   batch = config.data.global_batch_size
   needs = sharding.MeshNeeds.of(

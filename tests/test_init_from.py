@@ -524,7 +524,14 @@ def test_a_bfloat16_export_keeps_a_temperature_at_its_bound(source, tmp_path):
 def test_frozen_parameters_stay_bitwise_while_the_others_move(source):
   config = finetune(source["root"] / "export")
   config.train.frozen = ("^vision/", "caption_pooler")
+  # A no_decay pattern for frozen parameters alone (helper-88): the step's decay mask sees
+  # the trained ones only, and it had failed the first step as "in no parameter's name".
+  config.optim.no_decay = (*config.optim.no_decay, "patch")
+  assert config.optim.weight_decay > 0
   run = state_lib.setup(config)
+  names = params_lib.count_by_path(run.layout.abstract["params"])
+  assert {n.split("/")[0] for n in names if "patch" in n} == {"vision"}
+
   state, _ = init_from.create(config, run)
   before = flat(state["params"])
   train_step = step_lib.make_train_step(config, run)
