@@ -195,7 +195,8 @@ def save_failed(mngr: ocp.CheckpointManager, error: Exception, limit: int = 1000
 def check_writable(mngr: ocp.CheckpointManager, state_bytes: int) -> None:
   """OSError, on every process, unless each process can create a file in the checkpoint
   directory and, where it is a local disk, the disk has room for one checkpoint
-  (`state_bytes`, the state's size). Found here, before the first step, a full or
+  (`state_bytes`, the state's size; a killed save's files, which the manager deletes,
+  count as room). Found here, before the first step, a full or
   read-only disk costs no compile and no training, and no wait on Orbax's background
   threads (a failed asynchronous save leaves them waiting for signals)."""
   directory = epath.Path(mngr.directory)
@@ -208,7 +209,7 @@ def check_writable(mngr: ocp.CheckpointManager, state_bytes: int) -> None:
     error = OSError(f"checkpoint directory {directory} does not take a file ({e})")
   local = "://" not in os.fspath(directory)
   if error is None and local and jax.process_index() == 0:
-    free = shutil.disk_usage(directory).free
+    free = shutil.disk_usage(directory).free + _unfinished_bytes(directory)
     if free < state_bytes:
       error = OSError(
         f"checkpoint directory {directory} has {free / 2**20:.1f} MiB free; one "
@@ -290,6 +291,16 @@ def _restore_with_one_retry(mngr, layout: StateLayout, step: int, params_only: b
     return _restore_step(mngr, layout, step, params_only=params_only), None
   except UnreadableCheckpointError as e:
     return None, e
+
+
+def _unfinished_bytes(directory: epath.Path) -> int:
+  """Bytes of the unfinished saves (a run killed while saving) under `directory`: the
+  manager deletes them, but in the background, after `check_writable` has looked."""
+  total = 0
+  for name in ocp.step.tmp_checkpoints(directory):
+    for root, _, files in os.walk(directory / name):
+      total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
 
 
 def _restore_step(
