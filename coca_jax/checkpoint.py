@@ -92,6 +92,13 @@ def unreadable(path: epath.Path, error: Exception, limit: int = 2000) -> Excepti
   return UnreadableCheckpointError(f"checkpoint {path} cannot be read: {reason}", reason)
 
 
+def absolute(path) -> epath.Path:
+  """`path` as Orbax takes it: a local path made absolute (Orbax refuses relative ones:
+  `--workdir=run` had failed at the first checkpoint save), a URL (gs://...) as it is."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.CheckpointManager:
   """A CheckpointManager over `<workdir>/checkpoints`, async, keeping the last
   config.train.keep_checkpoints (>= 1, `check_keep`) steps."""
@@ -106,7 +113,7 @@ def manager(workdir: str, train_config, *, read_only: bool = False) -> ocp.Check
     read_only=read_only,
   )
   return ocp.CheckpointManager(
-    epath.Path(workdir) / "checkpoints",
+    absolute(workdir) / "checkpoints",
     options=options,
     # Handlers named up front so a fresh manager can read item metadata before restoring.
     item_handlers={STATE: ocp.StandardCheckpointHandler(), DATA: ocp.JsonCheckpointHandler()},

@@ -89,7 +89,7 @@ def write(
   before anything is written."""
   check_dtype(dtype)
   check_destination(output_dir, vocab_file, config)
-  output = epath.Path(output_dir)
+  output = checkpoint.absolute(output_dir)
   staging = output.parent / f".{output.name}.partial"
   # Orbax's save starts with a barrier, so the others look at the staging folder only
   # after this clean-up.
@@ -217,7 +217,7 @@ def check_destination(output_dir: str, vocab_file: str | None, config) -> None:
 
 def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   """Loads an export: (CoCa with float32 params, config). Errors name the missing path."""
-  export = epath.Path(export_dir)
+  export = checkpoint.absolute(export_dir)
   if not (export / "params").exists():
     hint = ""
     if (export / "checkpoints").exists():  # a training workdir
@@ -238,6 +238,8 @@ def load_model(export_dir: str) -> tuple[coca.CoCa, ml_collections.ConfigDict]:
   graphdef, abstract_params = nnx.split(abstract_model)
   stored = ocp.StandardCheckpointer().metadata(export / "params")
   stored = getattr(stored, "item_metadata", stored)
+  if stored is None:  # Orbax warns and returns no tree where it cannot read one
+    raise ValueError(f"{export / 'params'} holds no parameter metadata Orbax can read")
   check_params_match(export, abstract_params.to_pure_dict(), stored)
   replicated = jax.sharding.NamedSharding(
     jax.sharding.Mesh(jax.devices()[:1], ("x",)), jax.sharding.PartitionSpec()

@@ -217,7 +217,7 @@ def check_source(config) -> str:
 def create(config, run: state_lib.Setup) -> tuple[dict, Report]:
   """The initial state of `run` with the parameters of `config.train.init_from`, in the
   layout's shardings, its optimizer state initialised from them; logs the Report."""
-  source = epath.Path(config.train.init_from)
+  source = checkpoint.absolute(config.train.init_from)
   abstract = run.layout.abstract["params"]
   target = {
     params_lib.path_names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract)[0]

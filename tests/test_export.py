@@ -8,7 +8,7 @@ import pytest
 from jax.experimental import multihost_utils
 from tiny_runs import tiny_config
 
-from coca_jax import checkpoint, export
+from coca_jax import checkpoint, export, train
 from coca_jax import state as state_lib
 from configs import tiny
 
@@ -297,3 +297,17 @@ def test_a_checkpoint_deleted_by_the_run_while_it_is_read_is_no_damage(tmp_path,
     export.export_from_workdir(str(tmp_path), str(tmp_path / "six"), "float32", 6)
   mngr.close()
   assert not (tmp_path / "six").exists()
+
+
+@pytest.mark.slow  # ~25 s: two tiny runs
+def test_relative_paths_work_for_training_export_loading_and_init_from(tmp_path, monkeypatch):
+  """Orbax refuses relative paths: `--workdir=run` failed at the first checkpoint save,
+  `--output=exp` at the export, and coca_jax.load("exp") with a TypeError (helper-89)."""
+  monkeypatch.chdir(tmp_path)
+  assert train.train(tiny_config(2), "run")["step"] == 2
+  assert export.export_from_workdir("run", "exp", "float32") == (2, "float32")
+  model, config = export.load_model("exp")
+  assert config.model.width == tiny_config(2).model.width
+  finetune = train.train(tiny_config(2, train=dict(init_from="exp")), "finetune")
+  assert finetune["step"] == 2
+  assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
