@@ -252,11 +252,15 @@ def length_penalty(length: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def check_prefix(prefix, prefix_length, batch: int, max_length: int, pad_id: int):
+def check_prefix(
+  prefix, prefix_length, batch: int, max_length: int, pad_id: int, vocab_size: int | None = None
+):
   """A prefix given on the host -> (prefix [batch, max_length] int32 padded with pad_id,
   lengths [batch] int32), or a ValueError: the loop forces the FIRST prefix_length
   tokens of each row, so a left-padded row (or one with a pad inside) would have its
-  pads forced and its last tokens dropped, and lengths past the row forced pads."""
+  pads forced and its last tokens dropped, and lengths past the row forced pads. With
+  `vocab_size`, a forced id outside [0, vocab_size) is an error too (it gathered a
+  clamped or wrapped embedding row, and beam search, never matching it, scored -1e9)."""
   prefix = np.asarray(prefix)
   if prefix.ndim != 2 or len(prefix) != batch:
     raise ValueError(f"prefix of shape {prefix.shape}: expected [{batch}, P] token ids")
@@ -278,6 +282,13 @@ def check_prefix(prefix, prefix_length, batch: int, max_length: int, pad_id: int
         f"prefix_length {lengths.tolist()}: each must be in [0, {prefix.shape[1]}], the "
         "prefix's width"
       )
+  forced = np.arange(prefix.shape[1]) < lengths[:, None]
+  if vocab_size is not None and np.any(forced & ((prefix < 0) | (prefix >= vocab_size))):
+    row = int(np.flatnonzero(np.any(forced & ((prefix < 0) | (prefix >= vocab_size)), 1))[0])
+    raise ValueError(
+      f"prefix row {row} {prefix[row].tolist()} forces a token id outside the model's "
+      f"vocabulary [0, {vocab_size})"
+    )
   padded = np.full((batch, max_length), pad_id, np.int32)
   padded[:, : prefix.shape[1]] = prefix
   return padded, lengths.astype(np.int32)

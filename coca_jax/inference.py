@@ -97,6 +97,8 @@ class Model:
       )
     pixels = pixels.astype(np.float32)
     size = self.image_size
+    if pixels.size == 0:  # no images: empty results, as for raw images
+      return np.zeros((0, size, size, 3), np.float32)
     if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
       raise ValueError(
         f"preprocessed images must be [N, {size}, {size}, 3] (from read_images), got shape "
@@ -289,6 +291,7 @@ def check_prompts(class_names: Sequence[str], templates: Sequence[str] | None) -
   ):
     if isinstance(value, str):
       raise ValueError(f"{name}={value!r} is a string; pass a list, e.g. {example}")
+  class_names = list(class_names)  # a NumPy array's truth value is an error of its own
   if not class_names:
     raise ValueError("classify needs at least one class name")
   blank = [i for i, name in enumerate(class_names) if not str(name).strip()]

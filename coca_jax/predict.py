@@ -239,7 +239,9 @@ class Predictor:
     if prefix is None:
       prefix, lengths = np.full((n, options.max_length), pad, np.int32), np.zeros(n, np.int32)
     else:
-      prefix, lengths = decode.check_prefix(prefix, prefix_lengths, n, options.max_length, pad)
+      prefix, lengths = decode.check_prefix(
+        prefix, prefix_lengths, n, options.max_length, pad, self.config.model.text.vocab_size
+      )
     rows = first_row + np.arange(n)
 
     def run(batch_images, batch_prefix, batch_lengths, batch_rows):

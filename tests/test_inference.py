@@ -112,6 +112,10 @@ def test_classify_and_embed_texts(loaded, image_files):
   np.testing.assert_allclose(result.probabilities.sum(1), 1.0, rtol=1e-5)
   assert result.labels == [["cat", "dog", "red heart"][i] for i in result.probabilities.argmax(1)]
   assert loaded.embed_texts(["a cat", "a dog"]).shape == (2, 16)
+  # Class names as a NumPy array: NumPy's "truth value ... is ambiguous" before (helper-89).
+  as_array = loaded.classify(paths, np.array(["cat", "dog", "red heart"]))
+  assert as_array.labels == result.labels
+  np.testing.assert_array_equal(as_array.probabilities, result.probabilities)
 
 
 def test_caption_with_a_prefix_continues_it(loaded, image_files):
@@ -270,6 +274,10 @@ def test_no_images_give_empty_results(loaded):
   assert isinstance(result, inference.Classification) and result.labels == []
   assert result.probabilities.shape == (0, 3) and result.probabilities.dtype == np.float32
   assert loaded.embed_texts([]).shape == (0, 16)
+  # No preprocessed images either (np.asarray([]) is [0], not [0, S, S, 3]; helper-89).
+  assert loaded.caption([], preprocessed=True) == []
+  assert loaded.embed_images(np.zeros((0,)), preprocessed=True).shape == (0, 16)
+  assert loaded.classify([], ["cat", "dog"], preprocessed=True).labels == []
   doubled, sums = predict.map_in_batches(
     lambda x: (2 * x, x.sum(1)), [np.zeros((0, 3), np.int32)], 4
   )
@@ -439,6 +447,9 @@ def test_a_prefix_that_would_be_forced_wrong_is_an_error(loaded):
     ([[word, word], [word, pad]], [-1, 1], "prefix_length"),
     ([[word, word]], None, r"prefix of shape \(1, 2\): expected \[2, P\]"),
     ([word, word], None, r"prefix of shape \(2,\): expected \[2, P\]"),
+    # Ids outside the vocabulary (64): NaN scores, or beam rows all -1e9 (helper-89).
+    ([[word, 64], [word, pad]], None, r"row 0 \[5, 64\] forces a token id outside .*\[0, 64\)"),
+    ([[word, word], [-3, pad]], None, r"row 1 \[-3, 0\] forces a token id outside"),
   ]:
     with pytest.raises(ValueError, match=message):
       loaded.predictor.caption_tokens(pixels, options, prefix=prefix, prefix_lengths=lengths)
