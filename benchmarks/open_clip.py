@@ -36,7 +36,11 @@ with the project's Python 3.11, printing the command:
 PyTorch side is benchmarks/open_clip_worker.py, run there as a subprocess that prints
 one JSON line; the JAX side runs in this process with the trainer's own step.
 
-The two models are the same size, not the same architecture (parameter counts printed):
+With `--layout=open_clip` (the default) coca_jax builds open_clip's own architecture
+(config.open_clip_layout; parameter counts printed, equal but for one text position row:
+open_clip's unimodal tower holds T + 2 positions, [BOS, l1..lT] and [CLS]). With
+`--layout=paper` the models are the same size, not the same architecture (~7% fewer
+FLOPs on coca_jax's side):
 - open_clip's vision tower has one 256-query (here `caption_queries`) attentional pooler;
   its token 0 goes to the contrastive loss and all tokens to the decoder. coca_jax has the
   paper's two poolers, a 1-query contrastive pooler reading the caption pooler ("cascade").
@@ -47,6 +51,7 @@ The two models are the same size, not the same architecture (parameter counts pr
   on both sides).
 - open_clip's text input is [BOS, l1..lT] (T + 1 ids, so its caption loss covers T tokens
   like coca_jax's); its unimodal tower sees T + 2 positions with [CLS], coca_jax's T + 1.
+Either way:
 - Optimizer: torch AdamW (open_clip's training default) vs coca_jax's Adafactor with
   decoupled weight decay (the paper's); Adafactor keeps factored second moments.
 - Loss: open_clip's CoCaLoss vs coca_jax's total loss, the same objective: open_clip's

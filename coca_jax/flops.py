@@ -22,7 +22,8 @@ PEAK_FLOPS = (
   ("TPU v4", 275e12),
   ("TPU v3", 61.5e12),
   ("TPU v2", 22.5e12),
-  ("H200", 989e12),
+  ("H200 NVL", 835e12),
+  ("H200", 989e12),  # SXM
   ("H100 PCIe", 756e12),
   ("H100 NVL", 835e12),
   ("H100", 989e12),  # SXM
@@ -33,15 +34,27 @@ PEAK_FLOPS = (
 )
 
 
-def peak_flops_per_device(device, override: float = 0.0) -> float | None:
-  """Peak FLOP/s of `device` from the table, `override` when > 0, None when unknown (CPU)."""
+def peak_flops_per_device(device, dtype: str = "bfloat16", override: float = 0.0) -> float | None:
+  """Peak FLOP/s of `device` for matmuls in `dtype` (config.model.dtype) from the table,
+  `override` when > 0, None when unknown (CPU).
+
+  float32 at JAX's default precision runs as one bfloat16 pass on a TPU (the bfloat16
+  peak) and as TF32 on these GPUs, whose dense TF32 peak is half the bfloat16 one (A100
+  156, H100 SXM 495 TFLOP/s): against the bfloat16 peak, a float32 run's MFU read half
+  what it is."""
   if override > 0:
     return override
   kind = getattr(device, "device_kind", "")
   for name, peak in PEAK_FLOPS:
     if name in kind:
-      return peak
+      return peak / 2 if dtype == "float32" and not name.startswith("TPU") else peak
   return None
+
+
+def peak_precision(device, dtype: str) -> str:
+  """The precision `peak_flops_per_device` rates `dtype` matmuls on `device` against."""
+  gpu = "TPU" not in getattr(device, "device_kind", "")
+  return "TF32" if dtype == "float32" and gpu else "bfloat16"
 
 
 def _attention_macs(queries: int, keys: int, width: int, kv_width: int | None = None) -> int:

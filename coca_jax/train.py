@@ -192,7 +192,9 @@ class Throughput:
   def __init__(self, config, start_step: int):
     self.examples_per_step = config.data.global_batch_size
     self.flops_per_step = flops.train_flops_per_example(config) * self.examples_per_step
-    peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
+    peak = flops.peak_flops_per_device(
+      jax.devices()[0], config.model.dtype, config.train.peak_flops
+    )
     self.peak_total = None if peak is None else peak * jax.device_count()
     self.total_steps = config.train.steps
     self.restart(start_step)

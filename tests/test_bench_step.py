@@ -173,8 +173,8 @@ def test_peak_memory_row_where_the_backend_keeps_statistics():
     model="m", params=1, devices=1, device_kind="gpu", mesh={}, global_batch=8, batch={},
     source="synthetic", frozen=[], compile_s=1.0, step_s=0.5, steps=2, warmup=1,
     examples_per_s=16.0, model_flops_per_step=1e9, achieved_flops_per_s=2e9, mfu=0.25,
-    peak_memory_bytes=int(1.5 * 2**30),
+    peak_flops_per_s=8e9, peak_of="dense TF32 peak", peak_memory_bytes=int(1.5 * 2**30),
   )  # fmt: skip
   rows = dict(line.split("  ", 1) for line in step_bench.table(result).splitlines())
   assert rows["peak device memory"].strip() == "1.5 GiB"
-  assert rows["MFU"].strip() == "25.0%"
+  assert rows["MFU"].strip() == "25.0% (of 8e+09 FLOP/s, the dense TF32 peak)"

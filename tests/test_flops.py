@@ -140,6 +140,8 @@ def test_a_frozen_image_encoder_counts_its_forward_only():
     ("NVIDIA L4", 121e12),
     ("NVIDIA H100 PCIe", 756e12),
     ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H200", 989e12),
+    ("NVIDIA H200 NVL", 835e12),  # matched "H200" (the SXM part's 989e12) before
     ("TPU v3", 61.5e12),  # one of a chip's two TensorCores: 123e12 / 2
     ("TPU v4", 275e12),
     ("cpu", None),
@@ -151,3 +153,8 @@ def test_peak_flops_per_jax_device(kind, peak):
   device = type("Device", (), {"device_kind": kind})()
   assert flops.peak_flops_per_device(device) == peak
   assert flops.peak_flops_per_device(device, override=1e9) == 1e9
+  # float32: TF32 on a GPU, half the bfloat16 peak (H100 SXM 494.7 TFLOP/s on its data
+  # sheet); one bfloat16 pass on a TPU. It had been rated against the bfloat16 peak.
+  float32 = flops.peak_flops_per_device(device, "float32")
+  if peak is not None:
+    assert float32 == (peak if kind.startswith("TPU") else peak / 2)

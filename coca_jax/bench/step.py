@@ -183,7 +183,7 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
 
   global_batch = config.data.global_batch_size
   flops_per_step = flops.train_flops_per_example(config) * global_batch
-  peak = flops.peak_flops_per_device(jax.devices()[0], config.train.peak_flops)
+  peak = flops.peak_flops_per_device(jax.devices()[0], config.model.dtype, config.train.peak_flops)
   achieved = flops_per_step / step_s
   m = config.model
   return dict(
@@ -211,6 +211,11 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
     achieved_flops_per_s=achieved,
     peak_flops_per_s=None if peak is None else peak * jax.device_count(),
     mfu=None if peak is None else achieved / (peak * jax.device_count()),
+    peak_of=(
+      "config.train.peak_flops"
+      if config.train.peak_flops > 0
+      else f"dense {flops.peak_precision(jax.devices()[0], config.model.dtype)} peak"
+    ),
     peak_memory_bytes=peak_memory_bytes(jax.local_devices()[0]),
     loss=loss,
     **(
@@ -222,7 +227,12 @@ def run(config, *, steps: int, warmup: int, trace_dir: str | None = None) -> dic
 
 
 def table(result: dict) -> str:
-  mfu = "n/a (peak unknown)" if result["mfu"] is None else f"{result['mfu'] * 100:.1f}%"
+  mfu = (
+    "n/a (peak unknown)"
+    if result["mfu"] is None
+    else f"{result['mfu'] * 100:.1f}% (of {result['peak_flops_per_s']:.4g} FLOP/s, the "
+    f"{result['peak_of']})"
+  )
   rows = [
     ("model", result["model"]),
     ("parameters", f"{result['params']:,}"),
