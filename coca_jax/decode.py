@@ -282,13 +282,15 @@ def check_prefix(
         f"prefix_length {lengths.tolist()}: each must be in [0, {prefix.shape[1]}], the "
         "prefix's width"
       )
-  forced = np.arange(prefix.shape[1]) < lengths[:, None]
-  if vocab_size is not None and np.any(forced & ((prefix < 0) | (prefix >= vocab_size))):
-    row = int(np.flatnonzero(np.any(forced & ((prefix < 0) | (prefix >= vocab_size)), 1))[0])
-    raise ValueError(
-      f"prefix row {row} {prefix[row].tolist()} forces a token id outside the model's "
-      f"vocabulary [0, {vocab_size})"
-    )
+  if vocab_size is not None:
+    forced = np.arange(prefix.shape[1]) < lengths[:, None]
+    outside = forced & ((prefix < 0) | (prefix >= vocab_size))
+    if outside.any():
+      row = int(np.flatnonzero(outside.any(1))[0])
+      raise ValueError(
+        f"prefix row {row} {prefix[row].tolist()} forces a token id outside the model's "
+        f"vocabulary [0, {vocab_size})"
+      )
   padded = np.full((batch, max_length), pad_id, np.int32)
   padded[:, : prefix.shape[1]] = prefix
   return padded, lengths.astype(np.int32)
