@@ -10,13 +10,14 @@ import sys
 
 import numpy as np
 import pytest
+import sentencepiece
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
 from coca_jax.config import JFT_TEMPLATES
-from coca_jax.data import builders, images, pipeline, prepare, preprocess, raw, tasks, vocab
+from coca_jax.data import builders, images, loader, pipeline, prepare, preprocess, raw, tasks, vocab
 from configs import tiny
 
 N_TRAIN, N_TEST, N_CAPTIONS = 300, 40, 60
@@ -486,6 +487,32 @@ def test_invisible_captions_and_a_missing_image_are_dropped_and_counted(tmp_path
   assert drawn == {b"a cat"}
 
 
+def test_a_broken_off_file_gives_its_records_and_a_file_that_is_no_tfrecord_is_named(
+  tmp_path, data_dir
+):
+  """A truncated shard (a half-finished upload) stopped the pipeline with a DataLossError
+  naming neither file nor config key whenever the reader reached it; now its records up to
+  the break are read and the other files go on. A file that is not TFRecords at all (a
+  PNG) is named, with the config key, before the run builds anything (helper-91)."""
+  rows = [(png(np.full((8, 8, 3), 40 * i, np.uint8)), f"good {i}") for i in range(6)]
+  write_alt_text(str(tmp_path / "a.tfrecord"), rows[:3])
+  write_alt_text(str(tmp_path / "b.tfrecord"), rows[3:])
+  whole = (tmp_path / "b.tfrecord").read_bytes()
+  (tmp_path / "b.tfrecord").write_bytes(whole[:-10])  # the last record breaks off
+  captions, _ = captions_and_rejections(data_dir, str(tmp_path / "*.tfrecord"))
+  assert sorted(captions) == [f"good {i}" for i in range(5)]
+  config = tiny.get_config()
+  config.data = make_config(data_dir, alt_text=1.0, jft_style=0.0)
+  config.data.alt_text.files = str(tmp_path / "*.tfrecord")
+  loader.check_files(config)
+  (tmp_path / "image.png").write_bytes(rows[0][0])
+  config.data.alt_text.eval_files = str(tmp_path / "image.png")
+  with pytest.raises(
+    ValueError, match=r"config\.data\.alt_text\.eval_files=.*image\.png.*record 1"
+  ):
+    loader.check_files(config)
+
+
 def test_records_that_are_not_alt_text_examples_are_dropped_and_counted(tmp_path, data_dir):
   """An image of two values, captions stored as integers, bytes that are no Example:
   tf.io.parse_single_example stopped the input pipeline (an InvalidArgumentError naming
@@ -523,20 +550,26 @@ def test_records_that_are_not_alt_text_examples_are_dropped_and_counted(tmp_path
   assert all(b["image"].shape[0] == 4 for b in batches)
 
 
-def test_one_blank_rule_in_python_and_tensorflow():
+def test_one_blank_rule_in_python_and_tensorflow(sentencepiece_model):
   """is_blank (the row rejection, eval references) and alt_caption's RE2 pattern (which
-  caption is drawn) call the same characters blank: str.isspace's and the format
-  characters SentencePiece removes, for every code point of the Basic Multilingual Plane
-  (surrogates aside) and some above. The RE2 pattern used to differ at the edges (NEL
-  and the information separators not blank there; every format character, bidi controls
-  too, blank)."""
+  caption is drawn) call the same characters blank: str.isspace's and those SentencePiece
+  removes, for every code point of the Basic Multilingual Plane (surrogates aside) and
+  some above. The RE2 pattern used to differ at the edges (NEL and the information
+  separators not blank there; every format character, bidi controls too, blank). And a
+  character not called blank makes at least one token: U+FFFD, the controls and U+2581
+  made none, and such a caption trained as [BOS, EOS] (helper-91)."""
   removed = {0xAD, *range(0x200B, 0x2010), *range(0x2060, 0x2065), 0xFEFF}
+  removed |= {*range(0x01, 0x20), *range(0x7F, 0xA0), 0x061C, 0x2581, 0xFFFD}
   points = [c for c in range(0x10000) if not 0xD800 <= c < 0xE000] + [0x110BD, 0xE0001]
   texts = [chr(c).encode() for c in points]
   expected = [chr(c).isspace() or c in removed for c in points]
   assert [preprocess.is_blank(t) for t in texts] == expected
   tensorflow = tf.strings.regex_full_match(tf.constant(texts), preprocess._BLANK_RE2).numpy()
   assert tensorflow.tolist() == expected
+  processor = sentencepiece.SentencePieceProcessor(model_file=sentencepiece_model)
+  tokenless = [c for c, blank in zip(points, expected, strict=True) if not blank]
+  tokenless = [hex(c) for c in tokenless if not processor.encode(chr(c))]
+  assert tokenless == []
 
 
 @pytest.mark.parametrize(

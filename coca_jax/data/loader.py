@@ -85,7 +85,9 @@ def describe_split(data_config, source: str, split: str) -> str:
 
 
 def check_files(config) -> None:
-  """The VQA or video source's files of a resolved `config` must each hold an example the
+  """The alt-text files of the mixture must start with a TFRecord of an Example (a file
+  that is not TFRecords at all, found now, not at the first batch with a DataLossError
+  naming no file), and the VQA or video source's files must each hold an example the
   pipeline keeps, found now: an empty split (or one whose every row is rejected) otherwise
   surfaced as a bare StopIteration at the first batch, or as numpy's "need at least one
   array to stack" at the first evaluation, after training. The trainer calls this before
@@ -94,6 +96,23 @@ def check_files(config) -> None:
   are TFDS's."""
   data = config.data
   source = data.source
+  if source == "mixture" and data.alt_text.files:
+    from coca_jax.data import tasks
+
+    patterns = tasks.split_files(
+      "config.data.alt_text", data.alt_text.files, data.alt_text.eval_files
+    )
+    for split in ("train", "validation"):
+      if split == "train" or patterns[split] != patterns["train"]:
+        where = "config.data.alt_text." + ("files" if split == "train" else "eval_files")
+        _check_file(
+          patterns[split],
+          f"{where}={patterns[split]!r}",
+          f"the alt-text {'train' if split == 'train' else 'eval'} split",
+          tasks.ALT_TEXT_FEATURES,
+          lambda row: True,
+          "an image and a caption",
+        )
   if source not in ("vqa", "video"):
     return
   section = data[source]

@@ -64,22 +64,26 @@ TEXT_KEYS = {"jft_style": "label_names", "alt_text": "caption"}
 
 # What a text may hold and still be blank, as code point ranges: Unicode white space
 # (Python's \s: ASCII's, the information separators, NEL, no-break and ideographic spaces
-# too) and the format characters SentencePiece's normalisation removes (soft hyphen,
-# zero-width space and joiners, marks, word joiner, invisible operators, BOM). One table
-# for both engines: Python's pattern (`is_blank`) and RE2's (TensorFlow, `alt_caption`).
+# too) and what SentencePiece's normalisation removes: the other C0 and C1 controls and
+# DEL, the format characters (soft hyphen, zero-width space and joiners, marks, Arabic
+# letter mark, word joiner, invisible operators, BOM), its own word-boundary mark U+2581,
+# and U+FFFD, the replacement character of mojibake alt-text. A text of these alone
+# tokenized to nothing and trained as [BOS, EOS] (helper-91). One table for both engines:
+# Python's pattern (`is_blank`) and RE2's (TensorFlow, `alt_caption`).
 _BLANK_RANGES = (
-  (0x09, 0x0D),
-  (0x1C, 0x20),
-  (0x85, 0x85),
-  (0xA0, 0xA0),
+  (0x01, 0x20),
+  (0x7F, 0xA0),
   (0xAD, 0xAD),
+  (0x061C, 0x061C),
   (0x1680, 0x1680),
   (0x2000, 0x200F),
   (0x2028, 0x2029),
   (0x202F, 0x202F),
   (0x205F, 0x2064),
+  (0x2581, 0x2581),
   (0x3000, 0x3000),
   (0xFEFF, 0xFEFF),
+  (0xFFFD, 0xFFFD),
 )
 _BLANK = re.compile("[" + "".join(f"{chr(a)}-{chr(b)}" for a, b in _BLANK_RANGES) + "]*")
 _BLANK_RE2 = "[" + "".join(f"\\x{{{a:x}}}-\\x{{{b:x}}}" for a, b in _BLANK_RANGES) + "]*"

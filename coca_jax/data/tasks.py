@@ -84,14 +84,22 @@ def split_files(key: str, files: str, eval_files: str) -> dict[str, str]:
   return dict(train=files, validation=eval_files or files)
 
 
+ALT_TEXT_FEATURES = {  # what `loader.check_files` reads the first record as
+  "image": tf.io.FixedLenFeature([], tf.string, default_value=""),
+  "caption": tf.io.VarLenFeature(tf.string),
+}
+
+
 def read_alt_text_files(paths) -> tf.data.Dataset:
   """TFRecord files of alt-text Examples -> rows {"image": encoded bytes (b"" when the
   Example has none: an undecodable, counted row), "caption": [n] strings (one value per
   caption; n may differ between Examples)}. Records that are not such an Example are
-  dropped and counted (preprocess.parse_alt_text)."""
-  rows = tf.data.TFRecordDataset(paths).map(
-    preprocess.parse_alt_text, num_parallel_calls=tf.data.AUTOTUNE
-  )
+  dropped and counted (preprocess.parse_alt_text). A file that breaks off (a truncated
+  or corrupted record) gives the records before the break, with TensorFlow's warning:
+  one damaged shard of a web-scale set had stopped the run whenever the reader reached
+  it, hours in, with an error naming neither file nor config key (helper-91)."""
+  records = tf.data.TFRecordDataset(paths).ignore_errors(log_warning=True)
+  rows = records.map(preprocess.parse_alt_text, num_parallel_calls=tf.data.AUTOTUNE)
 
   def well_formed(row, ok):
     del row
