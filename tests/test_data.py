@@ -951,3 +951,22 @@ def test_either_source_reading_a_demo_dataset_builds_the_demo_data():
   assert prepare.uses_demo_data(config)
   config.jft_style.tfds_data_dir = "/elsewhere"
   assert not prepare.uses_demo_data(config)
+
+
+@pytest.mark.slow  # a subprocess: ~10 s
+def test_a_process_holding_a_batch_generator_exits(repo):
+  """A generator suspended over a tf.data iterator, kept in a script's global (or a
+  notebook's), hung the process at interpreter exit, forever (helper-91)."""
+  script = (  # whether the exit hung depended on the names and imports (the GC order)
+    "import sys, time\n"
+    "from configs import demo\n"
+    "from coca_jax.data import loader, pipeline\n"
+    "cfg = loader.resolve(demo.get_config())\n"
+    "it = pipeline.batches(cfg.data, 'train', shard_index=0, num_shards=1, local_batch_size=4)\n"
+    "next(it)\n"
+    "print('taken', flush=True)\n"
+  )
+  done = subprocess.run(
+    [sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, timeout=60
+  )
+  assert done.returncode == 0 and "taken" in done.stdout, done.stderr[-2000:]

@@ -84,9 +84,12 @@ SPARE_LOOKBACK batches before its start (decoding them, the one case where a res
 decodes rows it skips), so it stays exact.
 """
 
+import atexit
+import functools
 import hashlib
 import logging
 import math
+import weakref
 from fractions import Fraction
 from typing import Iterator
 
@@ -357,6 +360,30 @@ def _kept_by_source(keep: np.ndarray, layout: np.ndarray) -> dict:
   return {s: np.flatnonzero((layout == s) & keep) for s in np.unique(layout[keep])}
 
 
+_OPEN = weakref.WeakSet()  # batch generators started and not yet finished
+
+
+def _closed_at_exit(generator_function):
+  """`generator_function`, each generator it starts closed at interpreter exit if still
+  open: one suspended over a tf.data iterator (a notebook's or script's global) had hung
+  the process at exit, forever (helper-91)."""
+
+  @functools.wraps(generator_function)
+  def start(*args, **kwargs):
+    generator = generator_function(*args, **kwargs)
+    _OPEN.add(generator)
+    return generator
+
+  return start
+
+
+@atexit.register
+def _close_open_generators() -> None:
+  for generator in list(_OPEN):
+    generator.close()
+
+
+@_closed_at_exit
 def _numpy_batches(
   ds: tf.data.Dataset,
   start_step: int,
@@ -399,6 +426,7 @@ def _numpy_batches(
     yield batch
 
 
+@_closed_at_exit
 def row_batches(
   data_config,
   rows_task: str,
