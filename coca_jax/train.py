@@ -265,6 +265,20 @@ def check_finite(first_bad: int, metrics: dict, step: int, mngr) -> None:
   )
 
 
+def keep_run_answers(workdir: epath.Path, config) -> None:
+  """A resume of a VQA run takes the run's answer vocabulary (config.json's
+  data.vqa.answers) where `config` names none: the restored classifier's rows mean those
+  answers. Rebuilt from the training files instead, a file added to them could reorder
+  it, and row 0, trained as "blue", went on as "green" (helper-92)."""
+  path = workdir / export.CONFIG_FILE
+  if config.data.source != "vqa" or config.data.vqa.get("answers") or not path.exists():
+    return
+  answers = export.read_json(path).get("data", {}).get("vqa", {}).get("answers")
+  if answers:
+    config.data.vqa.answers = tuple(answers)
+    logging.info("resuming with the run's %d VQA answers (%s)", len(answers), path)
+
+
 def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   """A resume whose config differs from the run's config.json (the optimizer, the
   schedule's train.steps, the model...) is allowed but not silent: a warning names the
@@ -368,6 +382,8 @@ def train(config, workdir: str) -> dict:
   resumes = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
   if config.train.init_from and not resumes:
     init_from.check_source(config)
+  if resumes:
+    keep_run_answers(workdir_path, config)
   config = loader.resolve(config)
   loader.check_files(config)
   # The final export's destination and vocabulary, checked before the run, not after it.

@@ -1,5 +1,6 @@
 """VQA (Section 4.3): soft accuracy, the loss, the head, the data and the demo config."""
 
+import json
 import re
 
 import jax
@@ -452,6 +453,29 @@ def test_the_run_fills_in_its_answer_vocabulary_and_an_export_keeps_its_own(
   resolved.data.vqa.answers = ()
   with pytest.raises(ValueError, match=r"config.data.vqa.files='.*moved.*' matches no"):
     vqa.answer_vocabulary(resolved.data, 4)
+
+
+@pytest.mark.slow  # two tiny runs
+def test_a_resume_keeps_the_runs_answers_when_the_training_files_change(
+  tmp_path, sentencepiece_model
+):
+  """The answers were rebuilt from the files at the resume: one file more reordered
+  them, and the restored classifier rows trained on as other answers (helper-92)."""
+  first = _write(
+    tmp_path / "a.tfrecord",
+    [(_png(), "what?", ["blue"] * 3), (_png(), "which?", ["green", "blue"])],
+  )
+  config = _files_config(tmp_path, sentencepiece_model, first, first)
+  config.train.steps = 2
+  train.train(config, str(tmp_path / "run"))
+  run_answers = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["vqa"]
+  assert run_answers["answers"][:2] == ["blue", "green"]
+  _write(tmp_path / "b.tfrecord", [(_png(), "how?", ["green"] * 5)])  # green now first
+  config = _files_config(tmp_path, sentencepiece_model, str(tmp_path / "*.tfrecord"), first)
+  config.train.steps = 4
+  assert train.train(config, str(tmp_path / "run"))["step"] == 4
+  resumed = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["vqa"]
+  assert resumed["answers"] == run_answers["answers"]
 
 
 @pytest.mark.parametrize(
