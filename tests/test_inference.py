@@ -1,6 +1,7 @@
 """Inference API and CLIs on an export of the tiny config (random init)."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -521,6 +522,26 @@ def test_evaluate_cli_prints_a_final_json_line(export_dir, tmp_path, run_main, r
   )
   assert "chance" in out
   assert (tmp_path / "eval" / "captions_0.html").exists()
+
+
+@pytest.mark.parametrize(
+  "override, message",
+  [
+    ("--config.eval.retrieval.recall_at=(0,)", r"config\.eval\.retrieval\.recall_at"),
+    ("--config.eval.zero_shot.top_k=(0,)", r"config\.eval\.zero_shot\.top_k"),
+    ("--config.eval.evals=vqa", "the model has no VQA"),
+  ],
+)
+def test_evaluate_cli_checks_the_eval_config_as_training_does(
+  export_dir, run_main, repo, override, message
+):
+  """It printed recall at 0 and top-0 accuracy as 0.0, and answered a model without a
+  VQA head with an error about an empty answer vocabulary (helper-92)."""
+  status, out, err = run_main(
+    evaluate_main, f"--export={export_dir}", f"--config={repo / 'configs' / 'tiny.py'}", override
+  )
+  assert re.match(rf"error: --config: .*{message}", str(status)), (status, err[-2000:])
+  assert not out.strip()
 
 
 def test_evaluate_cli_refuses_overrides_outside_eval(export_dir, run_main, repo):

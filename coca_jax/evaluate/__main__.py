@@ -73,6 +73,12 @@ def main(argv, flag_values: flags.FlagValues = flags.FLAGS):
   config.data.vocab_path = export.vocab_file_in(f.export) or config.data.vocab_path
   if f.config is not None:
     config.eval = f.config.eval
+  from coca_jax.evaluate import suite
+
+  try:  # what training refuses before it starts (a k of 0, no VQA head, missing data)
+    suite.check(config)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: --config: {e}")
   predictor = predict.Predictor(
     model, config, export.load_vocab(f.export, config), config.eval.batch_size
   )
