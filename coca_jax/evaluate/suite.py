@@ -74,10 +74,12 @@ def enabled_evals(eval_config) -> list[str]:
   return names
 
 
-def check(config) -> None:
+def check(config, *, data: bool = True) -> None:
   """ValueError (FileNotFoundError for missing benchmark data) naming the config key for
   eval settings that would otherwise stop a training run at its first evaluation, after
-  its compile, its steps and a checkpoint, and again at every resume."""
+  its compile, its steps and a checkpoint, and again at every resume. data=False leaves
+  the benchmark data to the caller (the evaluate CLI reads it at once, and names what is
+  missing there)."""
   from coca_jax.data import benchmarks as benchmark_data
   from coca_jax.data import tasks
 
@@ -97,7 +99,7 @@ def check(config) -> None:
       "config.eval.evals names vqa, but the model has no VQA head "
       f"(config.model.vqa.num_answers={config.model.vqa.num_answers})"
     )
-  for name in names:
+  for name in names if data else ():
     if name in benchmarks.NAMES:
       benchmark_data.check_available(benchmark_data.BENCHMARKS[name], config.eval.benchmarks)
 
