@@ -513,6 +513,18 @@ def test_a_broken_off_file_gives_its_records_and_a_file_that_is_no_tfrecord_is_n
     loader.check_files(config)
 
 
+def test_a_split_the_tfds_dataset_lacks_is_named_with_its_key(data_dir):
+  """`train_split=trian` failed at the first batch with TFDS's "Unknown split", naming
+  no config key (helper-91); TFDS's slicing syntax is a split too."""
+  config = tiny.get_config()
+  config.data = make_config(data_dir, alt_text=0.0, jft_style=1.0)
+  config.data.jft_style.train_split = "train[:50%]"
+  loader.check_files(config)
+  config.data.jft_style.train_split = "trian"
+  with pytest.raises(ValueError, match=r"config\.data\.jft_style\.train_split='trian' is not"):
+    loader.check_files(config)
+
+
 def test_records_that_are_not_alt_text_examples_are_dropped_and_counted(tmp_path, data_dir):
   """An image of two values, captions stored as integers, bytes that are no Example:
   tf.io.parse_single_example stopped the input pipeline (an InvalidArgumentError naming

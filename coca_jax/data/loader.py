@@ -92,27 +92,31 @@ def check_files(config) -> None:
   surfaced as a bare StopIteration at the first batch, or as numpy's "need at least one
   array to stack" at the first evaluation, after training. The trainer calls this before
   it builds anything; the evaluations do not (eval_set guards its own split; an export
-  evaluated elsewhere need not have its run's training files). A TFDS dataset's splits
-  are TFDS's."""
+  evaluated elsewhere need not have its run's training files). The mixture's prepared
+  TFDS datasets must have the splits the config names (`tasks.check_splits`)."""
   data = config.data
   source = data.source
-  if source == "mixture" and data.alt_text.files:
+  if source == "mixture":
     from coca_jax.data import tasks
 
-    patterns = tasks.split_files(
-      "config.data.alt_text", data.alt_text.files, data.alt_text.eval_files
-    )
-    for split in ("train", "validation"):
-      if split == "train" or patterns[split] != patterns["train"]:
-        where = "config.data.alt_text." + ("files" if split == "train" else "eval_files")
-        _check_file(
-          patterns[split],
-          f"{where}={patterns[split]!r}",
-          f"the alt-text {'train' if split == 'train' else 'eval'} split",
-          tasks.ALT_TEXT_FEATURES,
-          lambda row: True,
-          "an image and a caption",
-        )
+    for kind in ("jft_style", "alt_text"):
+      if data.rates[kind] > 0 and not (kind == "alt_text" and data.alt_text.files):
+        tasks.check_splits(data, kind)
+    if data.alt_text.files:
+      patterns = tasks.split_files(
+        "config.data.alt_text", data.alt_text.files, data.alt_text.eval_files
+      )
+      for split in ("train", "validation"):
+        if split == "train" or patterns[split] != patterns["train"]:
+          where = "config.data.alt_text." + ("files" if split == "train" else "eval_files")
+          _check_file(
+            patterns[split],
+            f"{where}={patterns[split]!r}",
+            f"the alt-text {'train' if split == 'train' else 'eval'} split",
+            tasks.ALT_TEXT_FEATURES,
+            lambda row: True,
+            "an image and a caption",
+          )
   if source not in ("vqa", "video"):
     return
   section = data[source]

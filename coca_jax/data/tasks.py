@@ -153,6 +153,28 @@ def source(data_config, kind: str) -> seqio.DataSource:
   )
 
 
+def check_splits(data_config, kind: str) -> None:
+  """ValueError naming config.data.<kind>.train_split / eval_split when the source's
+  prepared TFDS dataset has no such split (TFDS slicing like "train[:90%]" allowed): a
+  typo had surfaced at the first batch as TFDS's "Unknown split", naming no key. A
+  dataset TFDS cannot find or that is not prepared is left to the reader's own error."""
+  c = data_config[kind]
+  try:
+    builder = tfds.builder(c.tfds_name, data_dir=tfds_data_dir(data_config, c))
+    prepared = builder.is_prepared()
+  except Exception:  # any failure to find it: the reader names it
+    return
+  if not prepared:
+    return
+  for key in ("train_split", "eval_split"):
+    try:
+      builder.info.splits[c[key]]
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+        f"config.data.{kind}.{key}={c[key]!r} is not a split of {c.tfds_name}: {e}"
+      ) from e
+
+
 def row_features(kind: str) -> dict:
   """Output features of the row task of `kind`: the source's encoded image and text."""
   passthrough = seqio.PassThroughVocabulary(size=0)
