@@ -47,7 +47,7 @@ def peak_flops_per_device(device, dtype: str = "bfloat16", override: float = 0.0
   kind = getattr(device, "device_kind", "")
   for name, peak in PEAK_FLOPS:
     if name in kind:
-      return peak / 2 if dtype == "float32" and not name.startswith("TPU") else peak
+      return peak / 2 if peak_precision(device, dtype) == "TF32" else peak
   return None
 
 
