@@ -247,10 +247,13 @@ def test_a_disk_without_room_for_one_checkpoint_fails_before_anything_is_written
   assert not any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
   # The space of a save killed half-way counts as free: Orbax deletes it in the background
   # once the manager starts, and the check had refused the disk before that (helper-86).
-  killed = tmp_path / "checkpoints" / "3.orbax-checkpoint-tmp-1796100000000000" / "state"
+  # Another workdir: the run's manager above may still be deleting unfinished saves of its
+  # own in the background, this one's included (the check then failed now and then).
+  other = tmp_path / "other"
+  killed = other / "checkpoints" / "3.orbax-checkpoint-tmp-1796100000000000" / "state"
   killed.mkdir(parents=True)
   (killed / "d").write_bytes(b"\0" * 16)
-  reader = checkpoint.manager(str(tmp_path), config.train, read_only=True)  # deletes nothing
+  reader = checkpoint.manager(str(other), config.train, read_only=True)  # deletes nothing
   checkpoint.check_writable(reader, n_bytes + 15)
   with pytest.raises(OSError, match="MiB free"):
     checkpoint.check_writable(reader, n_bytes + 16)
