@@ -490,6 +490,13 @@ def with_current_rules(config: ml_collections.ConfigDict) -> ml_collections.Conf
   return config
 
 
+def check_number(value, path: str, in_range, words: str) -> None:
+  """ValueError unless `value` (config.<path>) is a number (not a bool) for which
+  `in_range` holds; `words` says the range in the message ("must be <words>")."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
+    raise ValueError(f"config.{path}={value!r} must be {words}")
+
+
 def check_positive(value, path: str, why: str = "") -> None:
   """ValueError unless `value` (config.<path>) is an integer >= 1; `why` follows the
   message."""

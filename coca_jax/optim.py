@@ -59,9 +59,7 @@ def check(optim_config) -> None:
   peak, an end fraction above 1 climb past it, beta1 >= 1 diverge; a negative weight
   decay or clipping threshold had meant "off" silently."""
   for key, (in_range, words) in RANGES.items():
-    value = optim_config[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not in_range(value):
-      raise ValueError(f"config.optim.{key}={value!r} must be {words}")
+    config_lib.check_number(optim_config[key], f"optim.{key}", in_range, words)
 
 
 def lr_multiplier(optim_config, total_steps: int) -> optax.Schedule:

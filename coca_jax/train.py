@@ -550,8 +550,7 @@ def check_config(config) -> None:
   optim.check(config.optim)
   weights = dict(config.loss)
   for key, value in weights.items():  # negative: gradient ascent on that loss
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-      raise ValueError(f"config.loss.{key}={value!r} must be a number >= 0")
+    config_lib.check_number(value, f"loss.{key}", lambda v: v >= 0, "a number >= 0")
   if not any(weights.values()):
     raise ValueError(f"config.loss: every weight is 0 ({weights}): nothing would be trained")
   checkpoint.check_keep(train_config)  # Orbax's max_to_keep: 0 deletes every checkpoint
