@@ -101,12 +101,12 @@ def start_backends() -> None:
   accelerator device files, stderr is captured meanwhile and libtpu's start-up noise
   dropped; elsewhere (TPU and GPU hosts: a start that waits for other hosts or fails must
   print as it happens) nothing is captured. Call it after jax.distributed.initialize and
-  host_memory.tune_for_cpu, which must precede the backends. First it sets the XLA flag
-  that keeps a multi-device CPU program's collectives in order (`cpu_collectives`), which
-  XLA reads when the CPU client starts."""
+  host_memory.tune_for_cpu, which must precede the backends. First it sets what keeps a
+  multi-device CPU program's collectives from deadlocking (`cpu_collectives`: an XLA flag
+  and the size of XLA's CPU thread pools), which XLA reads when the CPU client starts."""
   import jax
 
-  cpu_collectives.keep_in_order()
+  cpu_collectives.avoid_deadlocks()
   with libtpu_quiet():
     jax.devices()
 

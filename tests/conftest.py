@@ -30,12 +30,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
-# The scheduler flag of coca_jax/cpu_collectives.py: entry points add it in
-# console.start_backends, and tests build meshes without them. After the variables
+# The scheduler flag and thread-pool size of coca_jax/cpu_collectives.py: entry points set
+# them in console.start_backends, and tests build meshes without them. After the variables
 # above: JAX reads its JAX_* variables when it is imported.
 from coca_jax import cpu_collectives  # noqa: E402
 
-cpu_collectives.keep_in_order()
+cpu_collectives.avoid_deadlocks()
 
 import pathlib  # noqa: E402  (after the environment above, like every import of JAX)
 import sys  # noqa: E402
