@@ -35,7 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from coca_jax import config as config_lib
-from coca_jax import fingerprint
+from coca_jax import fingerprint, optim
 from coca_jax import params as params_lib
 from coca_jax.models import vit
 from coca_jax.state import StateLayout
@@ -330,11 +330,16 @@ def _restore_step(
       }
     except Exception as e:  # any failure to read or parse the metadata
       raise unreadable(path, e) from e
+    renamed = _old_optimizer_layout(layout, stored_shapes, step)
+    if renamed:
+      stored_shapes = {new: stored_shapes[old] for new, old in renamed.items()}
     target, mismatched = _restore_target(layout, stored_shapes, step)
     _check_mismatched(mismatched, step)
     try:
       if params_only:
         state = _restore_params(path / STATE, target["params"])
+      elif renamed:
+        state = _restore_renamed(state_handler, path / STATE, stored, target, renamed)
       else:
         state = state_handler.restore(path / STATE, args=ocp.args.StandardRestore(target))
       data = ocp.JsonCheckpointHandler().restore(path / DATA)
@@ -342,7 +347,57 @@ def _restore_step(
       raise unreadable(path, e) from e
   finally:
     state_handler.close()
+  if renamed and FINGERPRINTS in data:  # recorded under the names the values were saved at
+    recorded = data[FINGERPRINTS]
+    data[FINGERPRINTS] = {
+      "/".join(new): recorded["/".join(old)]
+      for new, old in renamed.items()
+      if "/".join(old) in recorded
+    }
   return state, data, mismatched
+
+
+def _old_optimizer_layout(layout: StateLayout, stored_shapes: dict, step: int) -> dict | None:
+  """{entry name in `layout`: its name in the checkpoint} where the checkpoint's
+  optimizer state is in the chain layout before it was fixed (`optim.legacy_names`),
+  else None."""
+  expected = {
+    params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
+  }
+  if set(stored_shapes) == expected:
+    return None
+  renamed = optim.legacy_names(expected, set(stored_shapes))
+  if renamed:
+    logging.info(
+      "Checkpoint step %d keeps its optimizer state in the layout before 2026-12-01 (the "
+      "chain's elements depended on grad_clip_norm and weight_decay); reading it into "
+      "today's",
+      step,
+    )
+  return renamed
+
+
+def _restore_renamed(handler, item: epath.Path, stored, target: dict, renamed: dict) -> dict:
+  """The state saved at `item` under other entry names (`_old_optimizer_layout`), read
+  into `target`'s shapes and shardings and returned in its structure. `stored`: the
+  item's tree metadata."""
+  names = params_lib.path_names
+  by_name = {names(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(target)[0]}
+  target_of = {old: by_name[new] for new, old in renamed.items()}
+  read = jax.tree_util.tree_map_with_path(lambda p, _: target_of[names(p)], stored)
+  restored = handler.restore(item, args=ocp.args.StandardRestore(read))
+  values = {names(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  placed = set()
+
+  def place(path, _):
+    old = renamed[names(path)]
+    value = values[old]
+    if old in placed:  # one array in two places of the state, which the step donates
+      value = jnp.copy(value)
+    placed.add(old)
+    return value
+
+  return jax.tree_util.tree_map_with_path(place, target)
 
 
 def _verified(mngr: ocp.CheckpointManager, layout: StateLayout, step: int, read) -> tuple:

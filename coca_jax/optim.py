@@ -38,6 +38,9 @@ import optax
 from coca_jax import config as config_lib
 
 SECOND_MOMENT_EXPONENT = 0.8  # Adafactor's decay 1 - t^-0.8 (Shazeer & Stern 2018)
+# make_optimizer's chain, in order; a state path names an element by its index
+# (opt_state/<i>/...), and these are the same whatever the settings (`legacy_names`).
+CHAIN = ("second_moment", "clip_by_layer_rms", "momentum", "lr", "weight_decay", "keep_in_range")
 
 
 # config.optim key -> (whether a value is in range, the range in words).
@@ -122,7 +125,7 @@ def is_stacked(path) -> bool:
 
 def clip_by_layer_rms(threshold: float) -> optax.GradientTransformation:
   """Adafactor's update clipping: update / max(1, RMS(update) / threshold); threshold 0:
-  no clipping (the chain keeps this transform, so a resume may turn clipping on or off).
+  no clipping (the element stays in the chain: a resume may turn clipping on or off).
 
   The RMS is per parameter, and per layer for stacked parameters (`is_stacked`): over
   every axis but the leading layers axis, each layer's slice clipped on its own.
@@ -186,16 +189,33 @@ def decoupled_weight_decay(
     return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
 
   def update(updates, state, params):
-    factor = rate * learning_rate(state.count)
-    updates = jax.tree.map(
-      lambda u, p, m: u - factor * p if m else u,
-      updates,
-      params,
-      mask(params) if callable(mask) else mask,
-    )
+    if rate > 0:  # rate 0 keeps its step count: a resume may turn the decay on
+      factor = rate * learning_rate(state.count)
+      updates = jax.tree.map(
+        lambda u, p, m: u - factor * p if m else u,
+        updates,
+        params,
+        mask(params) if callable(mask) else mask,
+      )
     return updates, optax.ScaleByScheduleState(count=optax.safe_increment(state.count))
 
   return optax.GradientTransformation(init, update)
+
+
+def after_global_norm_clip(
+  max_norm: float, transform: optax.GradientTransformation
+) -> optax.GradientTransformation:
+  """`transform` on the gradients clipped to global norm `max_norm`
+  (optax.clip_by_global_norm; 0: not clipped). The state is `transform`'s alone, the same
+  with clipping on or off, so that a resume may turn it on (optax.chain would give the
+  clipping an element of its own, which shifts the index of every later one)."""
+  clip = optax.clip_by_global_norm(max_norm) if max_norm > 0 else optax.identity()
+
+  def update(updates, state, params=None):
+    updates, _ = clip.update(updates, clip.init(updates), params)
+    return transform.update(updates, state, params)
+
+  return optax.GradientTransformation(transform.init, update)
 
 
 def make_optimizer(
@@ -218,28 +238,62 @@ def make_optimizer(
   def second_moment_decay(step, exponent):
     return jnp.minimum(1.0 - (step + 1.0) ** -exponent, beta2_cap)
 
-  parts = []
-  if cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
-  parts += [
-    optax.scale_by_factored_rms(
-      factored=True,
-      decay_rate=SECOND_MOMENT_EXPONENT,
-      min_dim_size_to_factor=cfg.factored_min_dim,
-      decay_rate_fn=second_moment_decay,
+  # The same elements at the same places (CHAIN) whatever the settings: the state's paths
+  # name an element by its place, and a resume may turn clipping or weight decay on or off.
+  parts = [
+    after_global_norm_clip(
+      cfg.grad_clip_norm,
+      optax.scale_by_factored_rms(
+        factored=True,
+        decay_rate=SECOND_MOMENT_EXPONENT,
+        min_dim_size_to_factor=cfg.factored_min_dim,
+        decay_rate_fn=second_moment_decay,
+      ),
     ),
     clip_by_layer_rms(cfg.update_clip),
     optax.ema(cfg.beta1, debias=False),  # momentum on the clipped update
     optax.scale_by_learning_rate(schedule),
+    decoupled_weight_decay(
+      cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))
+    ),
+    keep_in_range("log_inv_temperature", *log_inv_temperature_range),
   ]
-  if cfg.weight_decay > 0:
-    parts.append(
-      decoupled_weight_decay(
-        cfg.weight_decay, schedule, lambda p: decay_mask(p, tuple(cfg.no_decay))
-      )
-    )
-  parts.append(keep_in_range("log_inv_temperature", *log_inv_temperature_range))
+  assert len(parts) == len(CHAIN)
   return optax.chain(*parts), schedule
+
+
+def legacy_names(expected: set, stored: set) -> dict | None:
+  """How to read the optimizer state of a checkpoint written before the chain's layout
+  was fixed (CHAIN, 2026-12-01). That chain began with optax.clip_by_global_norm's empty
+  state where grad_clip_norm > 0 (every later index one higher), and had no weight decay
+  element where weight_decay was 0. `expected`, `stored`: the state's entry names (tuples
+  of path components) in today's layout and in the checkpoint. Returns {expected name:
+  stored name} for the old layout whose names are exactly `stored`, the weight decay's
+  step count read from the learning rate's where the checkpoint has none (both count the
+  optimizer's updates); None when `stored` is no old layout (or today's)."""
+  decay, lr = CHAIN.index("weight_decay"), CHAIN.index("lr")
+
+  def index_at(name) -> int | None:  # where the chain index is in an opt_state name
+    if name[0] != "opt_state":
+      return None
+    return next((at for at, part in enumerate(name) if part.isdigit()), None)
+
+  for shift, had_decay in ((1, True), (0, False), (1, False)):
+    mapping = {}
+    for name in expected:
+      at = index_at(name)
+      if at is None:
+        mapping[name] = name
+        continue
+      i = int(name[at])
+      if not had_decay and i == decay:
+        i = lr
+      elif not had_decay and i > decay:
+        i -= 1
+      mapping[name] = (*name[:at], str(i + shift), *name[at + 1 :])
+    if set(mapping.values()) == stored:
+      return mapping
+  return None
 
 
 FROZEN, TRAINED = "frozen", "trained"  # the labels of `freeze`'s partition

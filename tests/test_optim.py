@@ -398,3 +398,26 @@ def test_loss_gradient_reaches_the_temperature_inside_and_on_the_bounds(where):
   ) / (2 * h)
   assert abs(reference) > 1e-3
   np.testing.assert_allclose(grad, reference, rtol=1e-3)
+
+
+def test_legacy_names_recognise_only_the_old_layouts():
+  """Checkpoints of the chain before its layout was fixed (tests/test_optim_layout.py
+  resumes them): global-norm clipping's element shifted the rest by one; without weight
+  decay its count is the learning rate's."""
+  expected = {("params", "w"), ("opt_state", "0", "v", "w"), ("opt_state", "3", "count")}
+  expected.add(("opt_state", "4", "count"))
+  shifted = {("params", "w"), ("opt_state", "1", "v", "w"), ("opt_state", "4", "count")}
+  assert optim.legacy_names(expected, shifted | {("opt_state", "5", "count")}) == {
+    ("params", "w"): ("params", "w"),
+    ("opt_state", "0", "v", "w"): ("opt_state", "1", "v", "w"),
+    ("opt_state", "3", "count"): ("opt_state", "4", "count"),
+    ("opt_state", "4", "count"): ("opt_state", "5", "count"),
+  }
+  # No decay element: its count is read from the learning rate's.
+  assert optim.legacy_names(expected, shifted)[("opt_state", "4", "count")] == (
+    "opt_state",
+    "4",
+    "count",
+  )
+  assert optim.legacy_names(expected, expected) is None
+  assert optim.legacy_names(expected, {("params", "w"), ("opt_state", "0", "v", "w")}) is None
