@@ -103,8 +103,9 @@ MODEL_OPTIONS = dict(
     final_norm=True,  # LayerNorm over the output tokens
     patch_bias=True,  # bias of the patch embedding
   ),
-  # pooler.mode (above) also takes "single": ONE attentional pooler whose output 0 is the
-  # image embedding (after image_projection) and outputs 1.. the caption tokens.
+  # pooler.mode (set in coca_config, below) also takes "single": ONE attentional pooler
+  # whose output 0 is the image embedding (after image_projection) and outputs 1.. the
+  # caption tokens.
   pooler=dict(
     heads=0,  # 0: model.heads
   ),
@@ -185,7 +186,7 @@ def coca_config(
       mlp_dim=text_mlp,
     )
   )
-  # Layout options (MODEL_OPTIONS below): the paper's CoCa by default; open_clip's CoCa
+  # Layout options (MODEL_OPTIONS above): the paper's CoCa by default; open_clip's CoCa
   # (configs/open_clip/) sets them with `open_clip_layout`.
   _set_options(m, MODEL_OPTIONS)
   # Learnable temperature tau, stored as log(1/tau); the optimizer clamps it after each

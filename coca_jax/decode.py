@@ -43,10 +43,6 @@ from coca_jax import tokens as tokens_lib
 
 METHODS = ("greedy", "beam", "sample")
 
-# The paper's ids (tokens_lib.PAPER), the loops' defaults; a model's own come with
-# DecodeOptions.contract.
-BOS_ID, EOS_ID, PAD_ID = tokens_lib.BOS_ID, tokens_lib.EOS_ID, tokens_lib.PAD_ID
-
 # A very negative score for impossible hypotheses; finite, so sums and divisions of it
 # never make NaN (-inf - -inf would).
 NEG = -1e9

@@ -148,12 +148,23 @@ def total_loss(outputs: dict, batch: dict, loss_config) -> tuple[jax.Array, dict
     outputs["image_embedding"], outputs["text_embedding"], outputs["temperature"]
   )
   cap = captioning_loss(outputs["logits"], batch["text"]["labels"], batch["text"]["mask"])
-  loss = loss_config.contrastive_weight * con + loss_config.caption_weight * cap
   terms = dict(contrastive_loss=con, captioning_loss=cap, contrastive_accuracy=accuracy)
   if "vqa_logits" in outputs:
-    vqa = vqa_loss(outputs["vqa_logits"], batch["answer_scores"])
-    loss = loss + loss_config.vqa_weight * vqa
     terms.update(
-      vqa_loss=vqa, vqa_accuracy=vqa_accuracy(outputs["vqa_logits"], batch["answer_scores"])
+      vqa_loss=vqa_loss(outputs["vqa_logits"], batch["answer_scores"]),
+      vqa_accuracy=vqa_accuracy(outputs["vqa_logits"], batch["answer_scores"]),
     )
+  loss = weighted_total(terms, loss_config)
   return loss, dict(loss=loss, **terms)
+
+
+def weighted_total(terms: dict, loss_config) -> jax.Array:
+  """L = contrastive_weight * contrastive_loss + caption_weight * captioning_loss, plus
+  vqa_weight * vqa_loss where `terms` has one (scalars; `config.loss`'s weights)."""
+  loss = (
+    loss_config.contrastive_weight * terms["contrastive_loss"]
+    + loss_config.caption_weight * terms["captioning_loss"]
+  )
+  if "vqa_loss" in terms:
+    loss = loss + loss_config.vqa_weight * terms["vqa_loss"]
+  return loss

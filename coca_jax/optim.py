@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 
 from coca_jax import config as config_lib
+from coca_jax import params as params_lib
 
 SECOND_MOMENT_EXPONENT = 0.8  # Adafactor's decay 1 - t^-0.8 (Shazeer & Stern 2018)
 # make_optimizer's chain, in order; a state path names an element by its index
@@ -87,7 +88,7 @@ def check_no_decay(params, no_decay: tuple[str, ...]) -> None:
   for every layout, or for an empty one (in every name): PyTorch's "LayerNorm.weight"
   matched nothing here, and every norm scale and the temperature were decayed, silently."""
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  names = {str(getattr(k, "key", k)) for path, _ in flat for k in path}
+  names = {name for path, _ in flat for name in params_lib.path_names(path)}
   for pattern in no_decay:
     if pattern and (pattern in config_lib.NO_DECAY or any(pattern in n for n in names)):
       continue
@@ -105,7 +106,7 @@ def decay_mask(params, no_decay: tuple[str, ...]):
   `freeze`'s partition this sees the trained ones alone)."""
 
   def wants_decay(path, _):
-    names = [str(getattr(k, "key", k)) for k in path]
+    names = params_lib.path_names(path)
     return not any(pattern in name for name in names for pattern in no_decay)
 
   return jax.tree_util.tree_map_with_path(wants_decay, params)
@@ -300,7 +301,7 @@ FROZEN, TRAINED = "frozen", "trained"  # the labels of `freeze`'s partition
 
 
 def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", k)) for k in path)
+  return "/".join(params_lib.path_names(path))
 
 
 def _matches(pattern: str, name: str) -> bool:

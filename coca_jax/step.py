@@ -93,12 +93,10 @@ def _full_batch_terms(loss_config, contrastive, accuracy, temperature, parts, to
   `_micro_batch_parts`: the caption loss is their token sums over the batch's `tokens`,
   the VQA terms the mean of the micro-batches' means (micro-batches of equal size)."""
   cap = jnp.sum(parts["caption"]) / tokens
-  loss = loss_config.contrastive_weight * contrastive + loss_config.caption_weight * cap
   terms = dict(contrastive_loss=contrastive, captioning_loss=cap, contrastive_accuracy=accuracy)
   if "vqa_loss" in parts:
     terms.update(vqa_loss=jnp.mean(parts["vqa_loss"]), vqa_accuracy=jnp.mean(parts["vqa_accuracy"]))
-    loss += loss_config.vqa_weight * terms["vqa_loss"]
-  return dict(terms, loss=loss, temperature=temperature)
+  return dict(terms, loss=losses.weighted_total(terms, loss_config), temperature=temperature)
 
 
 def _real_tokens(batch) -> jax.Array:

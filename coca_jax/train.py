@@ -269,7 +269,7 @@ def keep_run_answers(workdir: epath.Path, config) -> None:
   """A resume of a VQA run takes the run's answer vocabulary (config.json's
   data.vqa.answers) where `config` names none: the restored classifier's rows mean those
   answers. Rebuilt from the training files instead, a file added to them could reorder
-  it, and row 0, trained as "blue", went on as "green" (helper-92)."""
+  it, and row 0, trained as "blue", went on as "green"."""
   path = workdir / export.CONFIG_FILE
   if config.data.source != "vqa" or config.data.vqa.get("answers") or not path.exists():
     return

@@ -23,7 +23,7 @@ from configs import demo
 # ---- the numbers ----
 # Section 4.3.3 finetunes COCO captioning with the captioning loss only but states no
 # learning rate. Ours: 0.3x the demo's pretraining peak (1e-3), 5% warmup, cosine decay
-# to 0 (the "small learning rates and cosine decay"). Measured on the demo
+# to 0 (small learning rates and cosine decay, as finetuning usually has them). Measured on the demo
 # (README): 1e-4 left CIDEr-D where the export had it (0.136 vs 0.141), 3e-4 raised it
 # to 0.167.
 LEARNING_RATE = 3e-4

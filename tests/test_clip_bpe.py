@@ -21,9 +21,10 @@ import pytest
 import sentencepiece
 from etils import epath
 
-from coca_jax import export
+from coca_jax import export, tokens
 from coca_jax.config import JFT_TEMPLATES
 from coca_jax.data import clip_bpe, prepare, raw, vocab
+from configs.open_clip import coca_vit_b32 as open_clip_b32
 
 _SPEC = importlib.util.find_spec("open_clip")
 pytestmark = pytest.mark.skipif(_SPEC is None, reason="open_clip is not installed ([open_clip])")
@@ -135,7 +136,9 @@ def test_ids_and_rows_equal_open_clip(tokenizer, texts, reference):
   encoded = tokenizer.encode_batch(texts)
   differ = [t for t, ours, theirs in zip(texts, encoded, reference["encoded"]) if ours != theirs]
   assert not differ, differ[:5]
-  rows = tokenizer.context_rows(texts, CONTEXT)
+  # The rows training and inference build (tokens.tokenize, open_clip's contract).
+  contract = tokens.Contract.from_config(open_clip_b32.get_config())
+  rows = tokens.tokenize(tokenizer, texts, CONTEXT, contract)["ids"]
   np.testing.assert_array_equal(rows, np.asarray(reference["rows"]))
   # Texts longer than the context end in <end_of_text>, as open_clip forces it.
   long = [i for i, ids in enumerate(encoded) if len(ids) > CONTEXT - 2]

@@ -368,9 +368,9 @@ def test_rejected_rows_are_replaced_within_their_batch_and_resume_exactly(tmp_pa
   config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
   config.alt_text.files = str(tmp_path / "some-bad.tfrecord")
   kwargs = dict(shard_index=0, num_shards=1, local_batch_size=4)
-  before = pipeline.bad_data_counts()
+  before = dict(preprocess.BAD_DATA)
   full = take(pipeline.batches(config, "train", **kwargs), 9)
-  after = pipeline.bad_data_counts()
+  after = dict(preprocess.BAD_DATA)
   assert after.get(preprocess.UNDECODABLE, 0) > before.get(preprocess.UNDECODABLE, 0)
   assert after.get(preprocess.EMPTY_TEXT, 0) > before.get(preprocess.EMPTY_TEXT, 0)
   # Every row is a good one (each image is flat, its grey level names its row): neither
@@ -460,9 +460,9 @@ def captions_and_rejections(data_dir, files: str) -> tuple[list[str], dict]:
   change of preprocess.BAD_DATA by reason)."""
   config = make_config(data_dir, alt_text=1.0, jft_style=0.0)
   config.alt_text.files = files
-  before = pipeline.bad_data_counts()
+  before = dict(preprocess.BAD_DATA)
   captions = shard_captions(config, 0, 1)
-  after = pipeline.bad_data_counts()
+  after = dict(preprocess.BAD_DATA)
   reasons = (preprocess.UNDECODABLE, preprocess.EMPTY_TEXT, preprocess.MALFORMED)
   changed = {k: after.get(k, 0) - before.get(k, 0) for k in reasons}
   return captions, {k: v for k, v in changed.items() if v}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from coca_jax import decode
+from coca_jax import decode, tokens
 from coca_jax.models import coca
 from configs import tiny
 
@@ -77,7 +77,7 @@ def reference_greedy(model, images, length, prefix=None):
       if t < len(prefix[b]):
         chosen[b] = prefix[b][t]
     out[:, t] = np.where(done, 0, chosen)
-    done |= out[:, t] == decode.EOS_ID
+    done |= out[:, t] == tokens.EOS_ID
   return out
 
 
@@ -135,11 +135,11 @@ def test_beam_one_and_top_k_one_equal_greedy(graphdef_params, images):
   )
   np.testing.assert_array_equal(np.asarray(sample.tokens), np.asarray(greedy.tokens))
   greedy_tokens, beam_tokens = np.asarray(greedy.tokens), np.asarray(beam.tokens)
-  stops = greedy_tokens == decode.EOS_ID
+  stops = greedy_tokens == tokens.EOS_ID
   lengths = np.where(stops.any(1), stops.argmax(1) + 1, L)
   greedy_scores = np.asarray(greedy.scores) / ((5 + lengths) / 6) ** options.length_penalty
   assert np.all(np.asarray(beam.scores) >= greedy_scores - 1e-5)
-  neither_stops = ~stops.any(1) & ~(beam_tokens == decode.EOS_ID).any(1)
+  neither_stops = ~stops.any(1) & ~(beam_tokens == tokens.EOS_ID).any(1)
   assert neither_stops.sum() >= 2
   np.testing.assert_array_equal(beam_tokens[neither_stops], greedy_tokens[neither_stops])
 

@@ -51,6 +51,7 @@ from flax import nnx
 
 from coca_jax import config as config_lib
 from coca_jax import decode
+from coca_jax import params as params_lib
 from coca_jax import tokens as tokens_lib
 from coca_jax.models import coca
 
@@ -238,7 +239,7 @@ def weight_bytes_per_step(params, batch: int) -> int:
   total = 0
   flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(params["text"]))[0]
   for path, leaf in flat:
-    name = "/".join(str(getattr(p, "key", p)) for p in path)
+    name = "/".join(params_lib.path_names(path))
     nbytes = leaf.size * jnp.dtype(leaf.dtype).itemsize
     if name in ("token_embedding", "pos_embedding"):
       rows = min(batch, leaf.shape[0]) if name == "token_embedding" else 1

@@ -137,7 +137,7 @@ def device_batches(config, mesh, count: int) -> list:
 def shapes(batch) -> dict:
   """{"video": [B, F, S, S, 3], "label": [B]} or {"image": ..., "text/ids": ..., ...}."""
   leaves = jax.tree_util.tree_flatten_with_path(batch)[0]
-  return {"/".join(k.key for k in path): list(x.shape) for path, x in leaves}
+  return {"/".join(params_lib.path_names(path)): list(x.shape) for path, x in leaves}
 
 
 def peak_memory_bytes(device) -> int | None:

@@ -30,7 +30,6 @@ import os
 import zlib
 
 import ftfy
-import numpy as np
 import regex
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers
@@ -157,15 +156,3 @@ class ClipTokenizer:
       raise ValueError(f"ids {bad[:5]} are outside the CLIP vocabulary [0, {VOCAB_SIZE})")
     text = self._tokenizer.decode(ids, skip_special_tokens=False)
     return text.replace(END_OF_WORD, " ")
-
-  def context_rows(self, texts: list[str], context_length: int) -> np.ndarray:
-    """open_clip's text input: per text, <start_of_text>, its ids, <end_of_text>, cut to
-    `context_length` with <end_of_text> kept last, then padded with 0.
-
-    Returns [N, C] int32.
-    """
-    rows = np.full((len(texts), context_length), PAD_ID, np.int32)
-    for row, ids in zip(rows, self.encode_batch(texts)):
-      ids = [SOT_ID, *ids[: context_length - 2], EOT_ID]
-      row[: len(ids)] = ids
-    return rows

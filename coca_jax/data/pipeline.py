@@ -366,7 +366,7 @@ _OPEN = weakref.WeakSet()  # batch generators started and not yet finished
 def _closed_at_exit(generator_function):
   """`generator_function`, each generator it starts closed at interpreter exit if still
   open: one suspended over a tf.data iterator (a notebook's or script's global) had hung
-  the process at exit, forever (helper-91)."""
+  the process at exit, forever."""
 
   @functools.wraps(generator_function)
   def start(*args, **kwargs):
@@ -520,8 +520,3 @@ def batches(
   )
   max_len = data_config.max_text_len
   return _numpy_batches(ds, start_step, max_len, layouts, names, contract, rows_from)
-
-
-def bad_data_counts() -> dict:
-  """Rows rejected so far in this process, by reason."""
-  return dict(preprocess.BAD_DATA)

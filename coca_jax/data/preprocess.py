@@ -68,7 +68,7 @@ TEXT_KEYS = {"jft_style": "label_names", "alt_text": "caption"}
 # DEL, the format characters (soft hyphen, zero-width space and joiners, marks, Arabic
 # letter mark, word joiner, invisible operators, BOM), its own word-boundary mark U+2581,
 # and U+FFFD, the replacement character of mojibake alt-text. A text of these alone
-# tokenized to nothing and trained as [BOS, EOS] (helper-91). One table for both engines:
+# tokenized to nothing and trained as [BOS, EOS]. One table for both engines:
 # Python's pattern (`is_blank`) and RE2's (TensorFlow, `alt_caption`).
 _BLANK_RANGES = (
   (0x01, 0x20),

@@ -97,7 +97,7 @@ def read_alt_text_files(paths) -> tf.data.Dataset:
   dropped and counted (preprocess.parse_alt_text). A file that breaks off (a truncated
   or corrupted record) gives the records before the break, with TensorFlow's warning:
   one damaged shard of a web-scale set had stopped the run whenever the reader reached
-  it, hours in, with an error naming neither file nor config key (helper-91)."""
+  it, hours in, with an error naming neither file nor config key."""
   records = tf.data.TFRecordDataset(paths).ignore_errors(log_warning=True)
   rows = records.map(preprocess.parse_alt_text, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -30,12 +30,10 @@ resume at step k skips k b rows undecoded (pipeline.row_batches), and the shuffl
 holds encoded images.
 """
 
-import atexit
 import functools
 import json
 import os
 import tarfile
-import weakref
 
 import numpy as np
 import seqio
@@ -347,30 +345,13 @@ def _text(question_ids: list[np.ndarray], max_len: int, contract) -> dict[str, n
   return tokens.model_text(padded, lengths, max_len, contract)
 
 
-# Batch generators still open. A live tf.data iterator over this pipeline (PIL decoding in
-# tf.numpy_function under a parallel map) can hang the interpreter's exit (seen: a script
-# that read 20 batches never exited; the trainer took 55 s), so they are closed at exit.
-_open_batches = weakref.WeakSet()
-
-
-@atexit.register
-def _close_open_batches():
-  for generator in list(_open_batches):
-    generator.close()
-
-
-def batches(config, split: str, **kwargs):
-  """Endless host batches of the VQA task (see `_batches`); closed at interpreter exit."""
-  generator = _batches(config, split, **kwargs)
-  _open_batches.add(generator)
-  return generator
-
-
-def _batches(
+def batches(
   config, split: str, *, shard_index: int, num_shards: int, local_batch_size: int, start_step=0
 ):
   """Endless host batches of the VQA task: {"image" [b,S,S,3], "text" (the question),
-  "answer_scores" [b,A]}; split "train" (shuffled, augmented) or "eval" (held-out files)."""
+  "answer_scores" [b,A]}; split "train" (shuffled, augmented) or "eval" (held-out files).
+  Its rows come from `pipeline.row_batches`, whose generators are closed at interpreter
+  exit (a suspended one had hung it)."""
   data = config.data
   name, _ = register(data)
   vocabulary = answer_vocabulary(data, config.model.vqa.num_answers)

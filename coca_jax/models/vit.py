@@ -28,7 +28,10 @@ from coca_jax.models import layers
 def sincos_2d(grid: int, width: int) -> np.ndarray:
   """Fixed 2-D sine-cosine position embedding: [grid * grid, width] float32."""
   if width % 4:
-    raise ValueError(f"config.model.width={width} must be divisible by 4 for sincos positions")
+    raise ValueError(
+      f"the image encoder's width {width} (config.model.vision.width, or config.model.width "
+      "where that is 0) must be divisible by 4 for sincos positions"
+    )
   y, x = np.mgrid[:grid, :grid]
   omega = 1.0 / 10_000 ** (np.arange(width // 4) / (width // 4 - 1 or 1))
   y = y.reshape(-1)[:, None] * omega[None]
