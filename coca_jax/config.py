@@ -192,11 +192,11 @@ def coca_config(
   # Learnable temperature tau, stored as log(1/tau); the optimizer clamps it after each
   # update so tau stays in [1/100, 1] (CLIP clamps its logit scale at 100).
   m.temperature = ml_collections.ConfigDict(dict(init=0.07, min=0.01, max=1.0))
-  # VQA head (Section 4.3; coca_jax/models/vqa.py): a new 1-query attentional pooler over
+  # VQA head (Section 4.3; coca_jax/models/heads.py): a new 1-query attentional pooler over
   # the multimodal decoder's outputs + a linear classifier over the top-`num_answers`
   # training answers. 0 = no head (pretraining).
   m.vqa = ml_collections.ConfigDict(dict(num_answers=0))
-  # Video head (Section 4.2; coca_jax/models/video.py): a new 1-query attentional pooler
+  # Video head (Section 4.2; coca_jax/models/heads.py): a new 1-query attentional pooler
   # over all frames' image tokens (space x time) + a linear classifier over
   # `num_classes` classes. 0 = no head (pretraining); zero-shot video needs none.
   m.video = ml_collections.ConfigDict(dict(num_classes=0))

@@ -113,7 +113,7 @@ def forward_macs(model_config) -> int:
   )
   logits = t * d * m.text.vocab_size
   projections = 2 * d * m.embed_dim
-  # models/vqa.py: a 1-query pooler over the multimodal decoder's T outputs + classifier
+  # models/heads.py: a 1-query pooler over the multimodal decoder's T outputs + classifier
   # (configs written before the head existed have no `vqa` block).
   answers = int(m.vqa.num_answers) if m.get("vqa") is not None else 0
   vqa_head = _attention_macs(1, t, d) + d * answers if answers else 0
@@ -121,7 +121,7 @@ def forward_macs(model_config) -> int:
 
 
 def video_forward_macs(model_config, frames: int) -> int:
-  """Multiply-adds of one video clip's forward pass (models/video.py): the ViT on each
+  """Multiply-adds of one video clip's forward pass (models/heads.py): the ViT on each
   of `frames` frames, the head's 1-query pooler over all their tokens, its classifier.
   No poolers, no text: a video batch runs the video head alone."""
   m = model_config

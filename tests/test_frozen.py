@@ -32,6 +32,7 @@ def probe(train_labels_of=lambda labels: labels) -> dict[str, float]:
     test_labels,
     num_classes=CLASSES,
     heads=2,
+    eps=1e-6,
     steps=300,
     batch_size=64,
   )

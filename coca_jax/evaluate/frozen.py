@@ -15,21 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from coca_jax.models import layers
-from coca_jax.models.pooler import AttentionalPooler
-
-
-class Probe(nnx.Module):
-  """tokens [B, M, D] -> class logits [B, C] through a fresh 1-query pooler."""
-
-  def __init__(self, width: int, heads: int, num_classes: int, *, rngs: nnx.Rngs):
-    self.pooler = AttentionalPooler(1, width, heads, eps=1e-6, dtype=jnp.float32, rngs=rngs)
-    self.classifier = layers.Dense(
-      width, num_classes, ("embed", "classes"), dtype=jnp.float32, rngs=rngs
-    )
-
-  def __call__(self, tokens: jax.Array) -> jax.Array:
-    return self.classifier(self.pooler(tokens)[:, 0])
+from coca_jax.models.heads import PooledClassifier
 
 
 def train_and_score(
@@ -40,17 +26,21 @@ def train_and_score(
   *,
   num_classes: int,
   heads: int,
+  eps: float,
   lr: float = 5e-4,
   steps: int = 300,
   batch_size: int = 64,
   weight_decay: float = 0.0,
   seed: int = 0,
 ) -> dict[str, float]:
-  """Trains a probe on frozen tokens [N, M, D] with labels [N]; returns
-  {"accuracy": test top-1, "train_accuracy": top-1 on the training tokens}."""
+  """Trains a probe (a fresh `PooledClassifier` in float32: `heads` heads, LayerNorm
+  epsilon `eps`) on frozen tokens [N, M, D] with labels [N]; returns {"accuracy": test
+  top-1, "train_accuracy": top-1 on the training tokens}."""
   width = train_tokens.shape[-1]
   with nnx.use_eager_sharding(False):
-    probe = Probe(width, heads, num_classes, rngs=nnx.Rngs(seed))
+    probe = PooledClassifier(
+      width, heads, num_classes, eps=eps, dtype=jnp.float32, rngs=nnx.Rngs(seed)
+    )
   graphdef, params = nnx.split(probe)
   optimizer = optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
   opt_state = optimizer.init(params)

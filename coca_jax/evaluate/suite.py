@@ -238,6 +238,7 @@ def _frozen_eval(predictor: predict.Predictor, datasets: eval_sets.EvalSets, con
     num_classes=len(test.class_names),
     # The probe pools the image encoder's tokens: the vision tower's head count.
     heads=config_lib.model_option(config.model, "vision.heads") or config.model.heads,
+    eps=config.model.layer_norm_eps,
     lr=cfg.lr,
     steps=cfg.steps,
     batch_size=cfg.batch_size,

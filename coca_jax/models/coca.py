@@ -27,11 +27,10 @@ from flax import nnx
 
 from coca_jax import config as config_lib
 from coca_jax.models import layers
+from coca_jax.models.heads import PooledClassifier
 from coca_jax.models.pooler import AttentionalPooler
 from coca_jax.models.text import TextDecoder
-from coca_jax.models.video import VideoHead
 from coca_jax.models.vit import VisionEncoder
-from coca_jax.models.vqa import VqaHead
 
 POOLER_MODES = ("cascade", "parallel", "single")
 
@@ -114,21 +113,24 @@ class CoCa(nnx.Module):
       use_bias=False,
       f32_output=True,
     )
-    # Section 4.3: a new pooler + classifier over the multimodal decoder's outputs.
+    # Section 4.3: a new pooler + classifier over the multimodal decoder's outputs
+    # (models/heads.py).
     # Absent (None) unless asked for, so pretraining models and exports are unchanged;
     # configs written before the key existed (old exports) have no `vqa` block.
     vqa = cfg.get("vqa")
     num_answers = int(vqa.num_answers) if vqa is not None else 0
     self.vqa_head = (
-      VqaHead(width, heads, num_answers, eps=eps, dtype=dtype, rngs=rngs) if num_answers else None
+      PooledClassifier(width, heads, num_answers, eps=eps, dtype=dtype, rngs=rngs)
+      if num_answers
+      else None
     )
-    # Section 4.2: a new pooler over all frames' tokens + classifier (models/video.py);
+    # Section 4.2: a new pooler over all frames' tokens + classifier (models/heads.py);
     # absent unless config.model.video.num_classes > 0, as the VQA head.
     video = cfg.get("video")
     num_classes = int(video.num_classes) if video is not None else 0
     vision_heads = option("vision.heads") or heads
     self.video_head = (
-      VideoHead(vision_width, vision_heads, num_classes, eps=eps, dtype=dtype, rngs=rngs)
+      PooledClassifier(vision_width, vision_heads, num_classes, eps=eps, dtype=dtype, rngs=rngs)
       if num_classes
       else None
     )
@@ -194,8 +196,8 @@ class CoCa(nnx.Module):
     if self.video_head is None:
       raise ValueError("this model has no video head: set config.model.video.num_classes > 0")
     batch, frames = clips.shape[:2]
-    tokens = self.vision(clips.reshape(batch * frames, *clips.shape[2:]))
-    return self.video_head(tokens.reshape(batch, frames, *tokens.shape[1:]))
+    tokens = self.vision(clips.reshape(batch * frames, *clips.shape[2:]))  # [B F, N, D]
+    return self.video_head(tokens.reshape(batch, frames * tokens.shape[1], tokens.shape[2]))
 
   def __call__(self, batch: dict) -> dict:
     """batch: {"image": [B,H,W,3], "text": {"ids", "mask": [B,T]}} -> model outputs.
