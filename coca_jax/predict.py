@@ -86,6 +86,10 @@ def _compiled(graphdef, kind: str, options: decode.DecodeOptions | None = None):
     return jax.jit(lambda params, clips: nnx.merge(graphdef, params).encode_video(clips))
   if kind == "video_logits":
     return jax.jit(lambda params, clips: nnx.merge(graphdef, params).video_logits(clips))
+  if kind == "vqa_logits":
+    return jax.jit(
+      lambda params, images, ids, mask: nnx.merge(graphdef, params).vqa_logits(images, ids, mask)
+    )
   if kind == "caption":
     return decode.jit_generate(graphdef, options)
   raise ValueError(f"unknown prediction kind {kind!r}")
@@ -186,6 +190,12 @@ class Predictor:
     """clips [N, F, S, S, 3] -> the video head's class logits [N, C] float32."""
     fn = _compiled(self.graphdef, "video_logits")
     return self._map(lambda x: self._call(fn, x), [clips])[0]
+
+  def vqa_logits(self, images: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """images [N, S, S, 3], the questions' ids and mask [N, T] -> the VQA head's answer
+    logits [N, A] float32."""
+    fn = _compiled(self.graphdef, "vqa_logits")
+    return self._map(lambda x, i, m: self._call(fn, x, i, m), [images, ids, mask])[0]
 
   def decode_options(self, method: str | None = None, **overrides) -> decode.DecodeOptions:
     """config.eval.decode with keyword overrides (None keeps the config's value).

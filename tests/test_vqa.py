@@ -277,10 +277,7 @@ def test_no_training_answers_or_vocabulary_is_a_value_error_naming_the_config(mo
   with pytest.raises(ValueError, match="no training answers"):
     vqa_eval.question_prior_baseline([], [], ["what?"], [["red"]])
 
-  monkeypatch.setattr(
-    vqa_eval.predict, "map_in_batches", lambda fn, arrays, size: (np.zeros((1, 5), np.float32),)
-  )
-  predictor = types.SimpleNamespace(graphdef="tiny", batch_size=1, _call=None)
+  predictor = types.SimpleNamespace(vqa_logits=lambda *arrays: np.zeros((1, 5), np.float32))
   with pytest.raises(ValueError, match="head scores 5 answers but the answer vocabulary has 3"):
     predict_answers(predictor, eval_set["images"], eval_set["text"], ["red", "dog", "cat"])
 

@@ -18,15 +18,11 @@ evaluation leaves it out of the accuracy and the baselines and counts it.
 """
 
 import collections
-import functools
 from typing import Iterable, Sequence
 
-import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
-from coca_jax import predict
 from coca_jax.data.answers import (
   answer_counts,
   by_frequency,
@@ -94,23 +90,10 @@ def question_prior_baseline(
   return soft_accuracy(predictions, answers)
 
 
-@functools.lru_cache(maxsize=8)
-def _answer_logits_fn(graphdef):
-  return jax.jit(
-    lambda params, images, ids, mask: nnx.merge(graphdef, params).vqa_logits(images, ids, mask)
-  )
-
-
 def predict_answers(predictor, images: np.ndarray, text: dict, vocabulary: Sequence[str]):
   """images [N, S, S, 3], the questions' text arrays {"ids", "mask"} [N, T] -> N answers:
   the arg-max of the model's VQA head over `vocabulary`."""
-  fn = _answer_logits_fn(predictor.graphdef)
-  (logits,) = predict.map_in_batches(
-    lambda x, i, m: predictor._call(fn, x, i, m),
-    [images, text["ids"], text["mask"]],
-    predictor.batch_size,
-  )
-  logits = np.asarray(logits)
+  logits = predictor.vqa_logits(images, text["ids"], text["mask"])
   if logits.shape[-1] != len(vocabulary):
     raise ValueError(
       f"the VQA head scores {logits.shape[-1]} answers but the answer vocabulary has "
