@@ -95,7 +95,8 @@ def vqa_loss(logits: jax.Array, scores: jax.Array) -> jax.Array:
 
 
 def vqa_accuracy(logits: jax.Array, scores: jax.Array) -> jax.Array:
-  """Mean VQA score of the arg-max answer: the soft accuracy within the vocabulary."""
+  """logits, scores [B, A] -> the mean VQA score of each row's arg-max answer (a scalar):
+  the soft accuracy within the vocabulary."""
   best = jnp.argmax(logits, axis=-1)
   return jnp.mean(jnp.take_along_axis(scores, best[:, None], axis=-1))
 
@@ -109,7 +110,7 @@ def video_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def classification_accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Fraction of rows whose arg-max is the label."""
+  """logits [B, C], labels [B] -> the fraction of rows whose arg-max is the label."""
   return jnp.mean((jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32))
 
 

@@ -36,6 +36,8 @@ POOLER_MODES = ("cascade", "parallel", "single")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  """[..., E] -> [..., E] of unit L2 norm over the last axis (a norm below eps divides
+  by eps: a zero vector stays zero)."""
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), eps * eps))
 
 
@@ -171,7 +173,8 @@ class CoCa(nnx.Module):
     return l2_normalize(self.text_projection(cls)), text_tokens
 
   def caption_logits(self, unimodal_tokens, caption_tokens, text_mask) -> jax.Array:
-    """Multimodal decoder: -> next-token logits [B, T, V] float32."""
+    """Multimodal decoder: unimodal tokens [B, T, D], caption tokens [B, Q, D], text mask
+    [B, T] -> next-token logits [B, T, V] float32."""
     return self.text.multimodal_forward(unimodal_tokens, caption_tokens, text_mask)
 
   def vqa_logits(self, image: jax.Array, question_ids, question_mask) -> jax.Array:

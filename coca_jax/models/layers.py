@@ -388,9 +388,11 @@ class Attention(nnx.Module):
     self.implementation = "einsum"
 
   def _project(self, x, kernel, bias=None):
-    return matmul(
+    """[B, S, D] -> [B, S, H, K], split over the batch and (tensor parallelism) heads."""
+    y = matmul(
       "bsd,dhk->bshk", x, kernel[...], self.dtype, bias=None if bias is None else bias[...]
     )
+    return sharding.constrain(y, ("batch", "length", "heads", "kv"))
 
   def project_kv(self, kv_inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[B, S, D_kv] -> keys, values [B, S, H, K]."""
@@ -404,6 +406,7 @@ class Attention(nnx.Module):
     [B, H, S, K] when heads_first) -> [B, T, D]."""
     q = self._project(inputs, self.query, self.query_bias)
     out = dot_product_attention(q, keys, values, mask, heads_first, self.implementation)
+    out = sharding.constrain(out, ("batch", "length", "heads", "kv"))  # [B, T, H, K]
     return matmul("bthk,hkd->btd", out, self.out[...], self.dtype, bias=self.out_bias[...])
 
   def __call__(self, inputs: jax.Array, kv_inputs: jax.Array, mask=None) -> jax.Array:

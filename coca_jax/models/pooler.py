@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from coca_jax import sharding
 from coca_jax.models import layers
 
 
@@ -59,4 +60,4 @@ class AttentionalPooler(nnx.Module):
     # mask [B, N] -> [B, 1 head, 1 query, N keys]; every row needs one token set.
     attn_mask = None if mask is None else mask.astype(bool)[:, None, None, :]
     pooled = self.attention(queries, self.input_norm(tokens), attn_mask)
-    return self.norm(pooled)
+    return sharding.constrain(self.norm(pooled), ("batch", "queries", "activation_embed"))
