@@ -467,6 +467,29 @@ def dataset_options(data_config) -> tf.data.Options:
   return options
 
 
+def register_tasks(
+  name: str, task_source, data_config, *, train, held_out, features, rows, row_features
+) -> tuple[str, str]:
+  """Registers (anew) a source's three seqio tasks over `task_source`: `name`
+  (preprocessors `train`) and name + EVAL_SUFFIX (`held_out`), both with `features`, and
+  name + ROWS_SUFFIX (`rows`, `row_features`: the rows undecoded, which the row batches
+  read); -> (train, eval) task names."""
+  for task_name, preps, task_features in (
+    (name, train, features),
+    (name + EVAL_SUFFIX, held_out, features),
+    (name + ROWS_SUFFIX, rows, row_features),
+  ):
+    seqio.TaskRegistry.remove(task_name)
+    seqio.TaskRegistry.add(
+      task_name,
+      source=task_source,
+      preprocessors=preps,
+      output_features=task_features,
+      shuffle_buffer_size=data_config.shuffle_buffer,
+    )
+  return name, name + EVAL_SUFFIX
+
+
 def register(data_config) -> tuple[str, str]:
   """Registers the tasks and mixtures of `data_config` (again only when it changed);
   -> (train, eval) mixture names."""
@@ -483,19 +506,16 @@ def register(data_config) -> tuple[str, str]:
     # Every source's tasks are registered (so that the eval sets can read a source the
     # run does not train on); the mixtures hold those with a positive rate.
     name = data_config[kind].task_name
-    for task_name, preps, task_features in (
-      (name, preprocessors(data_config, kind, train=True), features),
-      (name + EVAL_SUFFIX, preprocessors(data_config, kind, train=False), features),
-      (name + ROWS_SUFFIX, row_preprocessors(data_config, kind, train=True), row_features(kind)),
-    ):
-      seqio.TaskRegistry.remove(task_name)
-      seqio.TaskRegistry.add(
-        task_name,
-        source=source(data_config, kind),
-        preprocessors=preps,
-        output_features=task_features,
-        shuffle_buffer_size=data_config.shuffle_buffer,
-      )
+    register_tasks(
+      name,
+      source(data_config, kind),
+      data_config,
+      train=preprocessors(data_config, kind, train=True),
+      held_out=preprocessors(data_config, kind, train=False),
+      features=features,
+      rows=row_preprocessors(data_config, kind, train=True),
+      row_features=row_features(kind),
+    )
     if rate > 0:
       train_tasks.append((name, rate))
       eval_tasks.append((name + EVAL_SUFFIX, rate))

@@ -323,20 +323,16 @@ def register(data_config) -> tuple[str, str]:
     "frames": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
     "label": seqio.Feature(passthrough, add_eos=False, dtype=tf.int32, rank=0),
   }
-  for task_name, preprocessors, features in (
-    (name, _preprocessors(data_config), output_features()),
-    (name + tasks.EVAL_SUFFIX, _preprocessors(data_config), output_features()),
-    (name + tasks.ROWS_SUFFIX, [_rows], row_features),
-  ):
-    seqio.TaskRegistry.remove(task_name)
-    seqio.TaskRegistry.add(
-      task_name,
-      source=clips,
-      preprocessors=preprocessors,
-      output_features=features,
-      shuffle_buffer_size=data_config.shuffle_buffer,
-    )
-  return name, name + tasks.EVAL_SUFFIX
+  return tasks.register_tasks(
+    name,
+    clips,
+    data_config,
+    train=_preprocessors(data_config),
+    held_out=_preprocessors(data_config),
+    features=output_features(),
+    rows=[_rows],
+    row_features=row_features,
+  )
 
 
 def check_labels(labels: np.ndarray, classes: int, data_config, split: str) -> None:

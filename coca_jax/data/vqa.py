@@ -320,20 +320,16 @@ def register(data_config) -> tuple[str, str]:
     "question": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=0),
     "answers": seqio.Feature(passthrough, add_eos=False, dtype=tf.string, rank=1),
   }
-  for task_name, preprocessors, task_features in (
-    (name, _preprocessors(data_config, train=True), features),
-    (name + tasks.EVAL_SUFFIX, _preprocessors(data_config, train=False), features),
-    (name + tasks.ROWS_SUFFIX, [_rows], row_features),
-  ):
-    seqio.TaskRegistry.remove(task_name)
-    seqio.TaskRegistry.add(
-      task_name,
-      source=source,
-      preprocessors=preprocessors,
-      output_features=task_features,
-      shuffle_buffer_size=data_config.shuffle_buffer,
-    )
-  return name, name + tasks.EVAL_SUFFIX
+  return tasks.register_tasks(
+    name,
+    source,
+    data_config,
+    train=_preprocessors(data_config, train=True),
+    held_out=_preprocessors(data_config, train=False),
+    features=features,
+    rows=[_rows],
+    row_features=row_features,
+  )
 
 
 def _text(question_ids: list[np.ndarray], max_len: int, contract) -> dict[str, np.ndarray]:
