@@ -91,6 +91,11 @@ class Preemption:
     self._sigint = None
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._handle)
+
+  def catch_sigint(self):
+    """Ctrl-C checkpoints from here on, as SIGTERM does (one process). Before, during the
+    setup and compilation, it stops the run at once: there is nothing to save."""
+    if jax.process_count() == 1:
       self._sigint = signal.signal(signal.SIGINT, self._handle)
 
   def close(self):
@@ -313,6 +318,36 @@ def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   return changed
 
 
+def set_aside_earlier_configs(workdir: epath.Path) -> None:
+  """A run that starts afresh in a workdir whose checkpoints were deleted (as the
+  unreadable-checkpoint error advises) moves the earlier run's config.before_step_<N>.json
+  to earlier_runs/<time>/: they would be taken for this run's (an export of its step N
+  rebuilt the model from the earlier run's config, and a resume compared against it)."""
+  earlier = sorted(workdir.glob("config.before_step_*.json"))
+  if not earlier:
+    return
+  folder = workdir / "earlier_runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+  folder.mkdir(parents=True, exist_ok=True)
+  for path in earlier:
+    path.rename(folder / path.name)
+  logging.warning(
+    "starting afresh: the earlier run's %s moved to %s",
+    ", ".join(p.name for p in earlier),
+    folder,
+  )
+
+
+def check_steps(config, start_step: int, workdir: epath.Path) -> None:
+  """ValueError when the checkpoint is past config.train.steps: the run would count as
+  finished and export the later step's parameters under a config that says fewer steps."""
+  if start_step > config.train.steps:
+    raise ValueError(
+      f"config.train.steps={config.train.steps} is below step {start_step} of the checkpoint "
+      f"in {workdir}: give train.steps >= {start_step} to resume (or to evaluate and export "
+      "the finished run), or start in a new workdir"
+    )
+
+
 def data_position(config, shard_count: int, step: int) -> dict:
   """What a checkpoint records of the data stream: the step, and what must not change for
   a resume at that step to continue the same stream (each host skips step x its batch
@@ -375,6 +410,10 @@ def train(config, workdir: str) -> dict:
   # Config errors now, before anything is built, read or written, not hours into the run.
   check_config(config)
   check_workdir(workdir_path)
+  # From the start: a SIGTERM during the setup (a restore, the first compilation: minutes
+  # on a pod) had killed the process with a stack trace and exit status 134, which the
+  # retry loop of launch/tpu_vm.sh takes for a failure.
+  preemption = Preemption()
   # A run that resumes ignores init_from; one that starts from it needs the source, named
   # before anything is written (an error after the checkpoint manager's threads started
   # ended in their traceback).
@@ -407,6 +446,7 @@ def train(config, workdir: str) -> dict:
   try:
     checkpoint.check_writable(mngr, params_lib.nbytes(run.layout.abstract))
     state, start_step, resumed = restore_or_create(config, run, mngr, shard_count)
+    check_steps(config, start_step, workdir_path)
   except BaseException:  # init_from's errors: the manager's threads had outlived them,
     mngr.close()  # and their traceback followed the error now and then
     raise
@@ -425,6 +465,14 @@ def train(config, workdir: str) -> dict:
     with jax.set_mesh(run.mesh):
       compiled_step = train_step.jitted.lower(run.layout.abstract, batch).compile()
     log_memory(compiled_step)
+  if preemption.requested:  # SIGTERM above: leave as a preempted run, nothing written
+    mngr.close()
+    logging.warning(
+      "preempted: checkpoint at step %d %s; exiting before the first step",
+      start_step,
+      "kept" if resumed else "not needed (nothing trained yet)",
+    )
+    return dict(step=start_step)
   # Only now: export, load and evaluate rebuild the model from config.json, so an
   # invocation that fails above (a wrong override, a wrong --workdir, data files that match
   # nothing, a step that does not compile) must leave it as it was.
@@ -432,12 +480,14 @@ def train(config, workdir: str) -> dict:
     workdir_path.mkdir(parents=True, exist_ok=True)
     if resumed:
       keep_changed_config(workdir_path, config, start_step)
+    else:
+      set_aside_earlier_configs(workdir_path)
     export.write_text(workdir_path / export.CONFIG_FILE, config.to_json_best_effort(indent=2))
 
   from clu import metric_writers  # imports TensorFlow: after console.quiet()
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  preemption = Preemption()  # before the evaluations below: a SIGTERM there exits 0 too
+  preemption.catch_sigint()  # before the evaluations below: a Ctrl-C there checkpoints too
   speed = Throughput(config, start_step)
   metrics, fetched, evaluated, at_start, preempted = None, {}, {}, {}, False
   first_bad = None  # first_nonfinite's device scalar
