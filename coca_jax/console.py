@@ -67,9 +67,9 @@ def _stderr_without(noise: re.Pattern):
       sys.stderr.flush()
 
 
-def exit_now(message: str) -> NoReturn:
+def exit_now(message: str, status: int = 1) -> NoReturn:
   """Ends the process at once with `message` as its last line (stderr and log), exit
-  status 1, skipping the normal exit's joins: Orbax's threads of a failed save wait out
+  `status`, skipping the normal exit's joins: Orbax's threads of a failed save wait out
   its 5-minute coordination timeout for signals that will not come, and jax.distributed's
   shutdown barrier waits 5 minutes for processes still inside a collective (then aborts
   them all)."""
@@ -80,7 +80,7 @@ def exit_now(message: str) -> NoReturn:
   absl_logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
-  os._exit(1)
+  os._exit(status)
 
 
 def import_tensorflow() -> None:

@@ -327,8 +327,13 @@ def frozen_mask(params, patterns, key: str = "config.train.frozen"):
       )
     if not any(_matches(pattern, name) for name in names):
       tops = sorted({name.split("/")[0] for name in names})
+      try:
+        re.compile(pattern)
+        invalid = ""
+      except re.error as e:  # then read as a plain substring, which matched nothing either
+        invalid = f" (not a valid regular expression: {e})"
       raise ValueError(
-        f"{key} pattern {pattern!r} matches no parameter; paths are "
+        f"{key} pattern {pattern!r} matches no parameter{invalid}; paths are "
         f"'/'-joined, e.g. {names[0]!r}, under: {', '.join(tops)}"
       )
   return jax.tree_util.tree_map_with_path(

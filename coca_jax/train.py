@@ -17,8 +17,11 @@ refused as the workdir.
 """
 
 import contextlib
+import fcntl
 import json
+import os
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -318,6 +321,52 @@ def keep_changed_config(workdir: epath.Path, config, step: int) -> list[str]:
   return changed
 
 
+LOCK_FILE = ".lock"  # in the workdir, held by the training process (`workdir_lock`)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: epath.Path):
+  """Holds `<workdir>/.lock` (an flock, released when the process ends however it ends)
+  for the block, on process 0 of a run in a local workdir. A second trainer started in
+  the same workdir (another terminal, a retry loop overlapping a live run) had resumed
+  from the first's checkpoints and written the same steps and export as it: now it stops,
+  naming the process that holds the workdir. Paths like gs:// are not locked."""
+  if jax.process_index() != 0 or "://" in str(workdir):
+    yield
+    return
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / LOCK_FILE
+  with open(str(path), "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      holder = lock.read().strip() or "unknown"
+      error = RuntimeError(
+        f"--workdir={workdir} is in use by another training process ({holder}, holding "
+        f"{path}): two runs in one workdir would write the same checkpoint steps. Wait for "
+        "it or stop it, or train in another workdir"
+      )
+      error.refused_before_start = True
+      raise error from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
+def refused_before_start():
+  """Marks a ValueError or FileNotFoundError of the block, a check before the run builds
+  or writes anything (a config key, a file, the mesh), so that the command line prints its
+  message alone (`main`), as for a misspelt override, instead of a traceback."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    e.refused_before_start = True
+    raise
+
+
 def set_aside_earlier_configs(workdir: epath.Path) -> None:
   """A run that starts afresh in a workdir whose checkpoints were deleted (as the
   unreadable-checkpoint error advises) moves the earlier run's config.before_step_<N>.json
@@ -406,33 +455,42 @@ def restore_or_create(config, run, mngr, shard_count: int) -> tuple[dict, int, b
 
 def train(config, workdir: str) -> dict:
   """Runs training in `workdir`; returns the last fetched metrics."""
+  with contextlib.ExitStack() as held:  # the workdir's lock, taken once the checks pass
+    return _train(config, workdir, held)
+
+
+def _train(config, workdir: str, held: contextlib.ExitStack) -> dict:
   workdir_path = epath.Path(workdir)
   # Config errors now, before anything is built, read or written, not hours into the run.
-  check_config(config)
-  check_workdir(workdir_path)
+  with refused_before_start():
+    check_config(config)
+    check_workdir(workdir_path)
   # From the start: a SIGTERM during the setup (a restore, the first compilation: minutes
   # on a pod) had killed the process with a stack trace and exit status 134, which the
   # retry loop of launch/tpu_vm.sh takes for a failure.
   preemption = Preemption()
-  # A run that resumes ignores init_from; one that starts from it needs the source, named
-  # before anything is written (an error after the checkpoint manager's threads started
-  # ended in their traceback).
-  checkpoints = workdir_path / "checkpoints"
-  resumes = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
-  if config.train.init_from and not resumes:
-    init_from.check_source(config)
-  if resumes:
-    keep_run_answers(workdir_path, config)
-  config = loader.resolve(config)
-  loader.check_files(config)
-  # The final export's destination and vocabulary, checked before the run, not after it.
-  export.check_destination(str(workdir_path / "export"), export.vocab_file_of(config), config)
-  logging.info("config:\n%s", config)
+  with refused_before_start():
+    # A run that resumes ignores init_from; one that starts from it needs the source,
+    # named before anything is written (an error after the checkpoint manager's threads
+    # started ended in their traceback).
+    checkpoints = workdir_path / "checkpoints"
+    resumes = checkpoints.exists() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    if config.train.init_from and not resumes:
+      init_from.check_source(config)
+    if resumes:
+      keep_run_answers(workdir_path, config)
+    config = loader.resolve(config)
+    loader.check_files(config)
+    # The final export's destination and vocabulary, checked before the run, not after it.
+    export.check_destination(str(workdir_path / "export"), export.vocab_file_of(config), config)
+    logging.info("config:\n%s", config)
 
-  run = state_lib.setup(config)
-  logging.info("mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason)
-  # Batch errors now, not after a restore (raises naming the processes' rows if no split).
-  step_lib.check_batch_size(config, run.mesh)
+    run = state_lib.setup(config)
+    logging.info(
+      "mesh %s over %d devices: %s", dict(run.mesh.shape), run.mesh.size, run.mesh_reason
+    )
+    # Batch errors now, not after a restore (raises naming the processes' rows if no split).
+    step_lib.check_batch_size(config, run.mesh)
   shard_count = sharding.host_shard(
     run.mesh, config.sharding_rules, config.data.global_batch_size
   ).count
@@ -442,11 +500,13 @@ def train(config, workdir: str) -> dict:
   if config.train.frozen:
     logging.info("%s", describe_frozen(config, run.layout.abstract["params"]))
 
+  held.enter_context(workdir_lock(workdir_path))
   mngr = checkpoint.manager(workdir, config.train)
   try:
     checkpoint.check_writable(mngr, params_lib.nbytes(run.layout.abstract))
     state, start_step, resumed = restore_or_create(config, run, mngr, shard_count)
-    check_steps(config, start_step, workdir_path)
+    with refused_before_start():
+      check_steps(config, start_step, workdir_path)
   except BaseException:  # init_from's errors: the manager's threads had outlived them,
     mngr.close()  # and their traceback followed the error now and then
     raise
@@ -647,8 +707,11 @@ def suite_evals(config) -> list[str]:
 
 
 def check_workdir(workdir: epath.Path) -> None:
-  """Refuses an export directory (params/, no checkpoints/) as the workdir: training would
-  replace its config.json, from which coca_jax.export, .load and .evaluate rebuild it."""
+  """Refuses a file as the workdir, and an export directory (params/, no checkpoints/):
+  training would replace its config.json, from which coca_jax.export, .load and
+  .evaluate rebuild it."""
+  if workdir.exists() and not workdir.is_dir():
+    raise ValueError(f"--workdir={workdir} is a file, not a directory")
   if (workdir / "params").exists() and not (workdir / "checkpoints").exists():
     raise ValueError(
       f"--workdir={workdir} is a coca_jax export (it holds params/ and no checkpoints/), not "
@@ -732,13 +795,19 @@ def main(argv):
   multihost.initialize(f.coordinator_address, f.num_processes, f.process_id)
   try:
     final = train(f.config, f.workdir)
+  except KeyboardInterrupt:  # Ctrl-C in the setup, or a second one (Preemption)
+    # At once: the interpreter's exit after a compilation cut short had ended in a
+    # segmentation fault (exit status 139).
+    console.exit_now("interrupted (Ctrl-C); the checkpoints already written are kept", 130)
   except FloatingPointError as e:
     logging.error("%s", e)
     print(str(e), file=sys.stderr)
     sys.exit(1)
   except checkpoint.SaveError as e:
     console.exit_now(str(e))
-  except Exception:
+  except Exception as e:
+    if getattr(e, "refused_before_start", False):  # the same on every process
+      sys.exit(f"error: {e}")
     if jax.process_count() == 1:
       raise
     # One process's error (a bad record in its data shard) leaves the others inside a

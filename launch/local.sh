@@ -8,7 +8,7 @@
 # The first run prepares the demo data; a second run with the same WORKDIR resumes from its
 # latest checkpoint (SIGTERM, `kill PID`, checkpoints and stops). Examples:
 #   launch/local.sh --config.train.steps=100
-#   WORKDIR=/tmp/coca_tiny CONFIG=configs/tiny.py launch/local.sh
+#   WORKDIR=/tmp/coca_tiny CONFIG=configs/tiny.py launch/local.sh --config.data.source=synthetic
 #
 # Environment: WORKDIR (default /tmp/coca_demo), CONFIG (default configs/demo.py),
 # PYTHON (default .venv/bin/python; when it cannot import coca_jax, because there is no

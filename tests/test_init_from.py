@@ -429,6 +429,8 @@ def test_a_frozen_pattern_that_matches_nothing_is_an_error_naming_it():
     optim.frozen_mask(params, ("^vision/", "^visoin/"))
   with pytest.raises(ValueError, match="^config.train.frozen=.*empty pattern, which would match"):
     optim.frozen_mask(params, ("",))  # what `--config.train.frozen=` parses to
+  with pytest.raises(ValueError, match=r"no parameter \(not a valid regular expression: "):
+    optim.frozen_mask(params, ("^vision/[",))  # a typo: was 'matches no parameter' alone
   mask = optim.frozen_mask(params, ("^vision/", "unimodal/layers/mlp/"))
   frozen = {k for k, f in flat(mask).items() if f}
   assert frozen == {k for k in flat(params) if k.startswith("vision/")} | {

@@ -2,8 +2,12 @@
 built or written (config.json included), naming the config key or the directory; a resume
 with another optimizer is refused instead of zeroing its moments."""
 
+import fcntl
+import pathlib
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -57,6 +61,54 @@ def test_an_export_as_workdir_is_refused_naming_it(tmp_path):
     train.train(tiny_config(3), str(export_dir))
   assert (export_dir / "config.json").read_bytes() == ORIGINAL
   assert sorted(p.name for p in export_dir.iterdir()) == ["config.json", "params"]
+
+
+def test_a_file_as_workdir_is_refused_naming_it(tmp_path):
+  path = tmp_path / "afile"
+  path.write_bytes(ORIGINAL)
+  with pytest.raises(ValueError, match=f"--workdir={path} is a file, not a directory"):
+    train.train(tiny_config(3), str(path))
+  assert path.read_bytes() == ORIGINAL
+
+
+def test_a_workdir_in_use_by_another_trainer_is_refused_naming_it(tmp_path):
+  """Two trainers in one workdir had both resumed from its checkpoints and written the
+  same steps and export; the lock is the trainer's own (an flock on <workdir>/.lock),
+  here held by another open file as another process's would be."""
+  workdir = with_config_json(tmp_path / "run")
+  with open(workdir / train.LOCK_FILE, "w") as held:
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write("pid 4242 on elsewhere\n")
+    held.flush()
+    with pytest.raises(RuntimeError, match=r"in use by another training process \(pid 4242"):
+      train.train(tiny_config(3), str(workdir))
+  assert (workdir / "config.json").read_bytes() == ORIGINAL
+  assert not (workdir / "checkpoints").exists()
+  final = train.train(tiny_config(3), str(workdir))  # free again: it trains
+  assert final["step"] == 3
+
+
+def test_command_line_config_errors_are_one_line(tmp_path):
+  """The trainer's checks before the run printed a 23-line traceback; now one line, as
+  for a misspelt override, exit status 1, nothing written."""
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "coca_jax.train",
+      "--config=configs/tiny.py",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.optim.lr=-1",
+    ],
+    cwd=pathlib.Path(__file__).parents[1],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1] == "error: config.optim.lr=-1.0 must be > 0"
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
 
 
 def test_a_final_export_that_would_fail_fails_before_training(tmp_path):

@@ -44,6 +44,31 @@ def test_sigterm_during_the_setup_exits_as_a_preemption(tmp_path):
   assert (tmp_path / "config.json").read_text() == config_before  # steps=600 not recorded
 
 
+def test_ctrl_c_during_the_setup_stops_at_once(tmp_path):
+  """Ctrl-C before the first step (here as the state is set up): exit status 130 and one
+  line, nothing written; after a compilation cut short it had ended in a segmentation
+  fault (status 139)."""
+  proc = subprocess.Popen(
+    cli(tmp_path, 600), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  lines = []
+  try:
+    for line in proc.stderr:
+      lines.append(line)
+      if "parameters:" in line:
+        proc.send_signal(signal.SIGINT)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  err = "".join(lines) + err
+  assert proc.returncode == 130, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+    "interrupted (Ctrl-C); the checkpoints already written are kept"
+  )
+  assert latest_step(tmp_path) is None and not (tmp_path / "config.json").exists()
+
+
 def test_a_checkpoint_past_train_steps_is_a_config_error(tmp_path):
   """A finished 6-step run started again with train.steps=4 'finished' at step 6 and
   exported it under a config.json that said 4 steps."""
