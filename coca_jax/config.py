@@ -363,7 +363,8 @@ def coca_config(
         demo_fashion_train=3_000,
         demo_fashion_eval=500,
       ),
-      # Decode/augment parallelism of tf.data (AUTOTUNE = -1).
+      # Parallel calls of the per-example decode/augment map, the costly one (AUTOTUNE =
+      # -1); the record parsing and tokenizing maps before it take AUTOTUNE.
       num_parallel_calls=-1,
       # Keep tf.data from taking every core of a small host away from JAX.
       max_intra_op_parallelism=1,

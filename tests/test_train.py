@@ -466,6 +466,7 @@ def test_ctrl_c_checkpoints_at_the_next_step_and_a_second_one_stops_at_once(
   assert "SIGINT received: checkpointing at the next step boundary" in caplog.text
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
   preemption = train.Preemption()
+  preemption.catch_sigint()  # as the trainer does once the setup is done
   try:
     os.kill(os.getpid(), signal.SIGINT)
     assert preemption.requested
