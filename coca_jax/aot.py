@@ -235,6 +235,18 @@ def check_host_batches(mesh, rules, global_batch: int) -> tuple[int | None, str 
   return len(next(iter(shards.values())).rows), None
 
 
+def shared_shards(processes: int, shards: int) -> str:
+  """A note when fewer data shards than processes: each of `shards` is read by
+  processes / shards hosts (their devices all lie in one batch shard group: e.g. a data
+  axis inside each host and a tensor axis across them), which multiplies the input work."""
+  if shards >= processes:
+    return ""
+  return (
+    f" ({shards} distinct shard(s): {processes // shards} hosts read each, the same rows; "
+    "a mesh whose batch axes span the hosts splits the input work)"
+  )
+
+
 def report(config, devices, *, topology: str | None = None, hbm_gib: float = 0.0) -> dict:
   """Compiles config's train step for `devices` (not run) and returns the compile report."""
   run = state_lib.setup(config, devices)
@@ -334,6 +346,7 @@ def table(rep: dict) -> str:
     (
       "host batches",
       f"{rep['processes']} process(es) x {rep['local_batch']:,} rows: ok"
+      + shared_shards(rep["processes"], rep["global_batch"] // rep["local_batch"])
       if rep["host_batches_ok"]
       else f"{rep['processes']} process(es): FAILED: {rep['host_batches_error']}",
     ),

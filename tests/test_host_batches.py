@@ -145,6 +145,21 @@ def test_tensor_parallel_groups_across_hosts_share_a_shard(name, shape):
 
 
 @needs_libtpu
+def test_the_aot_report_says_when_hosts_read_the_same_rows():
+  """v4-32 (4 hosts) with a data axis inside each host and tensor=8 across them: one data
+  shard, which all 4 hosts read (4x the input work); the report's host-batches line said
+  only 'ok' (helper-93). The count comes from the processes' row sets."""
+  devices = topology("v4:2x2x4")
+  mesh = sharding.make_mesh(mesh_config(2, 1, 8), devices)
+  _, rows = check_every_process(mesh, 64)
+  distinct = len({tuple(r) for r in rows.values()})
+  assert (len(rows), distinct) == (4, 1)
+  note = aot.shared_shards(len(rows), distinct)
+  assert note.startswith(" (1 distinct shard(s): 4 hosts read each, the same rows")
+  assert aot.shared_shards(4, 4) == ""
+
+
+@needs_libtpu
 def test_rows_that_cannot_be_split_name_the_process():
   # v5e:4x4: 4 processes of 4 chips. Lay the mesh out by hand (data=1, fsdp=8, tensor=2):
   # each batch block is held by the two devices of its tensor pair.
