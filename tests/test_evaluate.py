@@ -353,6 +353,16 @@ def test_run_all_evals_on_a_tiny_model(tmp_path, vocab):
   assert "zero_shot/top1" in text and "0.1000" in text
 
 
+def test_the_report_puts_an_evals_own_chance_beside_its_top_k():
+  """The video eval reports "video/chance" (1 / C): its top-k rows showed "-" in the chance
+  column (helper-94). C = 10 here."""
+  metrics = {"video/chance": 0.1, "video/top1": 0.5, "video/zero_shot/top5": 0.7}
+  rows = {line.split()[0]: line.split()[1:] for line in evaluate.report(metrics).splitlines()}
+  assert rows["video/top1"] == ["0.5000", "0.1000"]
+  assert rows["video/zero_shot/top5"] == ["0.7000", "0.5000"]
+  assert rows["video/chance"] == ["0.1000", "-"]
+
+
 def test_an_empty_eval_split_is_an_error_naming_the_source(monkeypatch):
   """No row (an empty split, or every row rejected) reached the model as [0]-shaped
   images: "image of shape (8,) does not match config image_size"."""

@@ -43,6 +43,7 @@ Metric names (all in [0, 1] except CIDEr-D, on pycocoevalcap's x10 scale, and th
 
 import dataclasses
 import os
+import re
 import time
 
 import numpy as np
@@ -337,8 +338,17 @@ def chance_levels(config, datasets: eval_sets.EvalSets) -> dict[str, float]:
 
 def report(metrics: dict[str, float], chance: dict[str, float] | None = None) -> str:
   """A table of metrics with chance levels beside them ("-" where none is defined:
-  CIDEr-D and BLEU-4 have no meaningful chance level)."""
-  chance = chance or {}
+  CIDEr-D and BLEU-4 have no meaningful chance level). An eval that reports its own
+  "<eval>/chance" (top-1 of a random guess among its C classes: the video eval) gives its
+  top-k metrics k / C."""
+  chance = dict(chance or {})
+  for key, level in metrics.items():
+    if key.endswith("/chance"):
+      prefix = key.removesuffix("chance")
+      for other in metrics:
+        top = re.search(r"top(\d+)$", other)
+        if other.startswith(prefix) and top:
+          chance.setdefault(other, min(1.0, int(top.group(1)) * level))
   width = max([len(k) for k in metrics] + [6])
   lines = [f"{'metric':<{width}}  {'value':>8}  {'chance':>8}"]
   for key in sorted(metrics):
