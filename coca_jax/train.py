@@ -806,8 +806,14 @@ def main(argv):
   except checkpoint.SaveError as e:
     console.exit_now(str(e))
   except Exception as e:
-    if getattr(e, "refused_before_start", False):  # the same on every process
-      sys.exit(f"error: {e}")
+    if getattr(e, "refused_before_start", False):
+      if jax.process_count() == 1:
+        sys.exit(f"error: {e}")
+      # At once, as below: a check may fail on one process only (the workdir's lock is
+      # process 0's, a local file may be missing on one host); a normal exit waited 5
+      # minutes at jax.distributed's shutdown barrier while the others went on into the
+      # checkpoint manager's collectives, then aborted them all.
+      console.exit_now(f"error: {e}")
     if jax.process_count() == 1:
       raise
     # One process's error (a bad record in its data shard) leaves the others inside a

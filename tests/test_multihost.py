@@ -4,6 +4,7 @@ the processes' devices (as a TPU slice does) and shards the parameters over both
 SIGTERM to one process of two (contiguous devices) checkpoints the same step on both; an
 error on one process (interleaved devices) stops both at once."""
 
+import fcntl
 import json
 import pathlib
 import re
@@ -229,3 +230,26 @@ def test_an_error_on_one_process_stops_both_at_once(tmp_path):
   assert "process 1 of 2 stopped on this error, without waiting for the others" in err1
   assert err1.rstrip().endswith("ValueError: corrupt record in process 1's shard"), err1[-2000:]
   assert "process 0 of 2 stopped on this error" in err0  # its collective failed
+
+
+def test_a_workdir_in_use_stops_every_process_at_once(tmp_path):
+  """The workdir's lock is process 0's: its refusal had been a normal exit, which waited
+  5 minutes at jax.distributed's shutdown barrier while process 1 went on into the
+  checkpoint manager's collective, then aborted both (SIGABRT; helper-97)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with open(workdir / ".lock", "w") as held:  # a live run's lock (train.workdir_lock)
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    held.write("pid 4242 on elsewhere\n")
+    held.flush()
+    start = time.time()
+    procs = start_processes(TRAIN, [*FLAGS, *INTERLEAVED_2X4], workdir, free_port())
+    (_, err0), (_, err1) = finish(procs, timeout=200)
+  assert time.time() - start < 150, "a process waited for the other"
+  assert [p.returncode for p in procs] == [1, 1], (err0[-2000:], err1[-2000:])
+  assert err0.rstrip().endswith(
+    f"error: --workdir={workdir} is in use by another training process (pid 4242 on "
+    f"elsewhere, holding {workdir}/.lock): two runs in one workdir would write the same "
+    "checkpoint steps. Wait for it or stop it, or train in another workdir"
+  ), err0[-2000:]
+  assert not (workdir / "checkpoints").exists() or not any((workdir / "checkpoints").iterdir())
