@@ -246,7 +246,10 @@ def test_a_workdir_in_use_stops_every_process_at_once(tmp_path):
     procs = start_processes(TRAIN, [*FLAGS, *INTERLEAVED_2X4], workdir, free_port())
     (_, err0), (_, err1) = finish(procs, timeout=200)
   assert time.time() - start < 150, "a process waited for the other"
-  assert [p.returncode for p in procs] == [1, 1], (err0[-2000:], err1[-2000:])
+  # Process 1 stops on the failed collective (1), or, still starting when process 0 left,
+  # by jax.distributed's coordination agent (SIGABRT): either way at once.
+  codes = [p.returncode for p in procs]
+  assert codes[0] == 1 and codes[1] != 0, (codes, err0[-2000:], err1[-2000:])
   assert err0.rstrip().endswith(
     f"error: --workdir={workdir} is in use by another training process (pid 4242 on "
     f"elsewhere, holding {workdir}/.lock): two runs in one workdir would write the same "
