@@ -357,13 +357,18 @@ def _restore_step(
   return state, data, mismatched
 
 
+def _entry_names(layout: StateLayout) -> set[tuple[str, ...]]:
+  """The names (path components) of the entries of the layout's state."""
+  return {
+    params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
+  }
+
+
 def _old_optimizer_layout(layout: StateLayout, stored_shapes: dict, step: int) -> dict | None:
   """{entry name in `layout`: its name in the checkpoint} where the checkpoint's
   optimizer state is in the chain layout before it was fixed (`optim.legacy_names`),
   else None."""
-  expected = {
-    params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
-  }
+  expected = _entry_names(layout)
   if set(stored_shapes) == expected:
     return None
   renamed = optim.legacy_names(expected, set(stored_shapes))
@@ -453,9 +458,7 @@ def _restore_target(layout: StateLayout, stored_shapes: dict, step: int):
   the config disagree on which entries there are."""
   replicated = jax.sharding.NamedSharding(layout.mesh, jax.sharding.PartitionSpec())
   mismatched = {}
-  expected = {
-    params_lib.path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(layout.abstract)[0]
-  }
+  expected = _entry_names(layout)
   extra = sorted("/".join(p) for p in set(stored_shapes) - expected)
   if extra:
     raise ValueError(

@@ -461,15 +461,14 @@ def train(config, workdir: str) -> dict:
 
 def _train(config, workdir: str, held: contextlib.ExitStack) -> dict:
   workdir_path = epath.Path(workdir)
-  # Config errors now, before anything is built, read or written, not hours into the run.
-  with refused_before_start():
-    check_config(config)
-    check_workdir(workdir_path)
   # From the start: a SIGTERM during the setup (a restore, the first compilation: minutes
   # on a pod) had killed the process with a stack trace and exit status 134, which the
   # retry loop of launch/tpu_vm.sh takes for a failure.
   preemption = Preemption()
   with refused_before_start():
+    # Config errors now, before anything is built, read or written, not hours into the run.
+    check_config(config)
+    check_workdir(workdir_path)
     # A run that resumes ignores init_from; one that starts from it needs the source,
     # named before anything is written (an error after the checkpoint manager's threads
     # started ended in their traceback).

@@ -16,6 +16,23 @@ from coca_jax import export, train
 pytestmark = pytest.mark.slow  # trainer subprocesses
 
 
+def signalled(args: list[str], line: str, signum: int) -> tuple[int, str, str]:
+  """Runs the trainer `args`, sends it `signum` when its log shows `line`; -> (exit
+  status, stdout, stderr)."""
+  proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  lines = []
+  try:
+    for text in proc.stderr:
+      lines.append(text)
+      if line in text:
+        proc.send_signal(signum)
+        break
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  return proc.returncode, out, "".join(lines) + err
+
+
 def test_sigterm_during_the_setup_exits_as_a_preemption(tmp_path):
   """SIGTERM while a resumed run compiles: exit 0 and 'preempted: checkpoint at step', the
   checkpoints and config.json as they were (it was SIGABRT from absl's signal handler,
@@ -23,21 +40,9 @@ def test_sigterm_during_the_setup_exits_as_a_preemption(tmp_path):
   first = run(cli(tmp_path, 3))
   assert first.returncode == 0, first.stderr[-3000:]
   config_before = (tmp_path / "config.json").read_text()
-  proc = subprocess.Popen(
-    cli(tmp_path, 600), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  lines = []
-  try:
-    for line in proc.stderr:  # until the restore is done: the setup goes on after it
-      lines.append(line)
-      if "resumed from checkpoint step 3" in line:
-        proc.send_signal(signal.SIGTERM)
-        break
-    out, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-  err = "".join(lines) + err
-  assert proc.returncode == 0, err[-3000:]
+  # After the restore: the setup goes on after it.
+  status, out, err = signalled(cli(tmp_path, 600), "resumed from checkpoint step 3", signal.SIGTERM)
+  assert status == 0, err[-3000:]
   assert re.search(r"preempted: checkpoint at step 3 kept; exiting before the first step", err)
   assert json.loads(out.strip().splitlines()[-1]) == {"step": 3}
   assert latest_step(tmp_path) == 3
@@ -48,21 +53,8 @@ def test_ctrl_c_during_the_setup_stops_at_once(tmp_path):
   """Ctrl-C before the first step (here as the state is set up): exit status 130 and one
   line, nothing written; after a compilation cut short it had ended in a segmentation
   fault (status 139)."""
-  proc = subprocess.Popen(
-    cli(tmp_path, 600), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-  )
-  lines = []
-  try:
-    for line in proc.stderr:
-      lines.append(line)
-      if "parameters:" in line:
-        proc.send_signal(signal.SIGINT)
-        break
-    out, err = proc.communicate(timeout=120)
-  finally:
-    proc.kill()
-  err = "".join(lines) + err
-  assert proc.returncode == 130, err[-3000:]
+  status, _, err = signalled(cli(tmp_path, 600), "parameters:", signal.SIGINT)
+  assert status == 130, err[-3000:]
   assert err.strip().splitlines()[-1] == (
     "interrupted (Ctrl-C); the checkpoints already written are kept"
   )
