@@ -83,8 +83,8 @@ def save(workdir, config, params, opt_state, step):
   mngr.close()
 
 
-def restore(workdir, config):
-  run = state_lib.setup(config)
+def restore(workdir, config, devices=None):
+  run = state_lib.setup(config, devices)
   mngr = checkpoint.manager(str(workdir), config.train, read_only=True)
   state, _ = checkpoint.restore(mngr, run.layout)
   return run, state
@@ -99,14 +99,16 @@ def assert_close(a, b):
   [(0.5, 0.01, ()), (0.0, 0.0, ()), (0.5, 0.0, ("vision",))],
 )
 def test_old_layouts_resume_as_the_old_chain_continues(tmp_path, clip, decay, frozen):
-  """Two updates of the old chain, saved; restored by today's code; its third update is
-  the old chain's third (clipping binding: gradient norms are ~30, the clip 0.5)."""
+  """Two updates of the old chain, saved; restored by today's code onto a mesh whose
+  device order is a permutation (as a TPU slice's is); its third update is the old
+  chain's third (clipping binding: gradient norms are ~30, the clip 0.5)."""
   config = config_with(clip, decay, frozen)
   state = state_lib.create(config, state_lib.setup(config))
   old = old_chain(config)
   params, opt_state = train(old, state["params"], old.init(state["params"]), [1, 2])
   save(tmp_path, config, params, opt_state, step=2)
-  run, restored = restore(tmp_path, config)
+  permuted = [jax.devices()[i] for i in (5, 2, 7, 0, 3, 6, 1, 4)]
+  run, restored = restore(tmp_path, config, permuted)
   assert_close(restored["params"], params)
   expected, _ = train(old, params, opt_state, [3])
   got, _ = train(run.optimizer, restored["params"], restored["opt_state"], [3])
